@@ -1,0 +1,202 @@
+//! Assembles the agent from its parts and returns the bound addresses, so tests can bind port 0.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, error, info, info_span};
+
+use crate::api::{self, Account, Ops, Quotas};
+use crate::config::ServeConfig;
+use crate::store::{self, Store};
+use crate::xds::{self, Ads};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Store(#[from] store::Error),
+    #[error("--resources: {0}")]
+    Resources(#[source] api::Error),
+    #[error("cannot bind the API address {addr}: {source}")]
+    BindApi {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Xds(#[from] xds::Error),
+}
+
+/// A running agent.
+#[derive(Debug)]
+pub struct Bound {
+    pub api_addr: SocketAddr,
+    pub xds_socket: PathBuf,
+    pub xds_addr: Option<SocketAddr>,
+    pub store: Arc<Store>,
+    cancel: CancellationToken,
+    tasks: JoinSet<(&'static str, Result<(), String>)>,
+}
+
+pub async fn build(cfg: ServeConfig) -> Result<Bound, Error> {
+    let store = Arc::new(Store::open(&cfg.data_dir)?);
+    let ops = Arc::new(Ops {
+        account: Account {
+            account_id: cfg.account_id.clone(),
+            region: cfg.region.clone(),
+        },
+        quotas: Quotas {
+            meshes: cfg.quota_meshes,
+            virtual_nodes_per_mesh: cfg.quota_virtual_nodes,
+            virtual_services_per_mesh: cfg.quota_virtual_services,
+            backends_per_virtual_node: cfg.quota_backends,
+            ..Quotas::default()
+        },
+    });
+    if let Some(path) = &cfg.resources {
+        let n = tokio::task::block_in_place(|| api::apply_resources_file(&ops, &store, path))
+            .map_err(Error::Resources)?;
+        info!(file = %path.display(), resources = n, "applied resources file");
+    }
+    let cancel = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+
+    let listener = tokio::net::TcpListener::bind(cfg.api_addr)
+        .await
+        .map_err(|source| Error::BindApi {
+            addr: cfg.api_addr,
+            source,
+        })?;
+    let api_addr = listener.local_addr().map_err(|source| Error::BindApi {
+        addr: cfg.api_addr,
+        source,
+    })?;
+    let router = api::router(ops, store.clone());
+    let c = cancel.clone();
+    tasks.spawn(
+        async move {
+            let r = axum::serve(listener, router)
+                .with_graceful_shutdown(c.cancelled_owned())
+                .await;
+            ("api", r.map_err(|e| e.to_string()))
+        }
+        .instrument(info_span!("api")),
+    );
+
+    let ads = Ads::new(store.subscribe(), cancel.clone());
+    let unix = xds::bind_unix(&cfg.xds_socket)?;
+    tasks.spawn(
+        {
+            let ads = ads.clone();
+            async move {
+                (
+                    "xds-unix",
+                    xds::serve_unix(ads, unix).await.map_err(|e| e.to_string()),
+                )
+            }
+        }
+        .instrument(info_span!("xds_unix")),
+    );
+    let xds_addr = match cfg.xds_addr {
+        None => None,
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| xds::Error::BindTcp {
+                    addr: addr.to_string(),
+                    source,
+                })?;
+            let bound = l.local_addr().map_err(|source| xds::Error::BindTcp {
+                addr: addr.to_string(),
+                source,
+            })?;
+            tasks.spawn(
+                async move {
+                    (
+                        "xds-tcp",
+                        xds::serve_tcp(ads, l).await.map_err(|e| e.to_string()),
+                    )
+                }
+                .instrument(info_span!("xds_tcp")),
+            );
+            Some(bound)
+        }
+    };
+    info!(api = %api_addr, xds_socket = %cfg.xds_socket.display(), xds_tcp = ?xds_addr, "agent ready");
+    Ok(Bound {
+        api_addr,
+        xds_socket: cfg.xds_socket,
+        xds_addr,
+        store,
+        cancel,
+        tasks,
+    })
+}
+
+impl Bound {
+    /// Stops every task (also when one of them fails) and waits up to `deadline` for them.
+    pub async fn shutdown(mut self, deadline: Duration) -> Result<(), String> {
+        self.cancel.cancel();
+        let drain = async {
+            let mut first_err = None;
+            while let Some(res) = self.tasks.join_next().await {
+                match res {
+                    Ok((_, Ok(()))) => {}
+                    Ok((name, Err(e))) => {
+                        first_err.get_or_insert(format!("{name}: {e}"));
+                    }
+                    Err(e) => {
+                        first_err.get_or_insert(format!("task panicked: {e}"));
+                    }
+                }
+            }
+            first_err
+        };
+        match tokio::time::timeout(deadline, drain).await {
+            Ok(None) => Ok(()),
+            Ok(Some(e)) => Err(e),
+            Err(_) => Err("tasks did not stop within the deadline".into()),
+        }
+    }
+
+    /// Runs until SIGINT/SIGTERM or until any task ends, then shuts everything down.
+    pub async fn wait_termination(mut self) -> Result<(), String> {
+        let failed = tokio::select! {
+            () = shutdown_signal() => None,
+            res = self.tasks.join_next() => Some(match res {
+                Some(Ok((name, Ok(())))) => format!("{name} stopped unexpectedly"),
+                Some(Ok((name, Err(e)))) => format!("{name}: {e}"),
+                Some(Err(e)) => format!("task panicked: {e}"),
+                None => "no tasks".to_string(),
+            }),
+        };
+        if let Some(e) = &failed {
+            error!(error = %e, "a component failed; shutting down");
+        } else {
+            info!("shutting down");
+        }
+        let res = self.shutdown(Duration::from_secs(10)).await;
+        match failed {
+            Some(e) => Err(e),
+            None => res,
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
+}

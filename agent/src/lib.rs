@@ -1,0 +1,15 @@
+//! trellis-agent: the App Mesh API, the store, translation to Envoy, and the ADS server.
+//!
+//! Data flows one way: `api` → `store` → `translate` → `xds`. See ARCHITECTURE.md.
+
+pub mod api;
+pub mod app;
+pub mod bootstrap;
+pub mod config;
+pub mod model;
+pub mod store;
+pub mod translate;
+pub mod xds;
+
+#[cfg(any(test, feature = "testing"))]
+pub mod test_helpers;

@@ -1,0 +1,62 @@
+//! The `trellis-agent` binary: parse, set up logging, run.
+
+use std::io::Write;
+
+use anyhow::Context;
+use clap::Parser;
+use trellis_agent::bootstrap::{EnvoySettings, ProcessEnv};
+use trellis_agent::config::{BootstrapArgs, Cli, Command};
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(cfg) => {
+            init_tracing(&cfg.log_format);
+            tracing::info!(config = %serde_json::to_string(&cfg).unwrap_or_default(), "starting");
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .thread_name("trellis-agent")
+                .build()
+                .context("cannot start the runtime")?;
+            rt.block_on(async {
+                let bound = trellis_agent::app::build(cfg).await?;
+                bound.wait_termination().await.map_err(anyhow::Error::msg)
+            })
+        }
+        Command::Bootstrap(args) => bootstrap(args),
+    }
+}
+
+fn bootstrap(args: BootstrapArgs) -> anyhow::Result<()> {
+    let settings = EnvoySettings::from_vars(&ProcessEnv)?;
+    let doc = serde_json::to_string_pretty(&settings.bootstrap())?;
+    match &args.output {
+        None => {
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "{doc}")?;
+        }
+        Some(path) => std::fs::write(path, doc + "\n")
+            .with_context(|| format!("cannot write the bootstrap to {}", path.display()))?,
+    }
+    if let (Some(envoy), Some(path)) = (&args.exec, &args.output) {
+        use std::os::unix::process::CommandExt;
+        let err = std::process::Command::new(envoy)
+            .args(settings.envoy_args(&path.to_string_lossy()))
+            .exec();
+        return Err(err).with_context(|| format!("cannot exec Envoy at {}", envoy.display()));
+    }
+    Ok(())
+}
+
+fn init_tracing(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TRELLIS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}

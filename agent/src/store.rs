@@ -1,0 +1,211 @@
+//! The embedded store: the whole App Mesh state in memory, persisted to one file, published to
+//! watchers after every committed write.
+//!
+//! A write runs against a copy of the state; only if it succeeds and the copy is durably on disk
+//! (temporary file, fsync, rename, fsync of the directory) does it become current. A rejected write
+//! therefore changes nothing, and a crash mid-write leaves the previous file in place.
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::watch;
+
+use crate::model::State;
+
+const STATE_FILE: &str = "state.json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot create data directory {path}: {source}")]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is not a Trellis state file: {source}")]
+    Corrupt {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("cannot persist state to {path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot encode state: {0}")]
+    Encode(#[source] serde_json::Error),
+}
+
+/// The embedded, single-agent store.
+#[derive(Debug)]
+pub struct Store {
+    dir: PathBuf,
+    /// Serialises writers; readers never take it.
+    write_lock: Mutex<()>,
+    tx: watch::Sender<Arc<State>>,
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir`, loading the last committed state.
+    pub fn open(dir: &Path) -> Result<Self, Error> {
+        fs::create_dir_all(dir).map_err(|source| Error::CreateDir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let path = dir.join(STATE_FILE);
+        let state = match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| Error::Corrupt {
+                path: path.clone(),
+                source,
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => State::default(),
+            Err(source) => return Err(Error::Read { path, source }),
+        };
+        let (tx, _) = watch::channel(Arc::new(state));
+        Ok(Store {
+            dir: dir.to_path_buf(),
+            write_lock: Mutex::new(()),
+            tx,
+        })
+    }
+
+    /// The current committed state.
+    pub fn current(&self) -> Arc<State> {
+        self.tx.borrow().clone()
+    }
+
+    /// A receiver that sees every committed state (only the newest, if it falls behind).
+    pub fn subscribe(&self) -> watch::Receiver<Arc<State>> {
+        self.tx.subscribe()
+    }
+
+    /// Runs `f` on a copy of the state and commits the copy if `f` succeeds and changed something.
+    ///
+    /// Blocking (it fsyncs); async callers should run it with `block_in_place`.
+    pub fn write<T, E>(&self, f: impl FnOnce(&mut State) -> Result<T, E>) -> Result<T, E>
+    where
+        E: From<Error>,
+    {
+        // A poisoned lock only means another writer panicked; the committed state is still whole.
+        let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let current = self.current();
+        let mut next = (*current).clone();
+        let out = f(&mut next)?;
+        if next == *current {
+            return Ok(out);
+        }
+        next.generation = current.generation + 1;
+        self.persist(&next)?;
+        self.tx.send_replace(Arc::new(next));
+        Ok(out)
+    }
+
+    fn persist(&self, state: &State) -> Result<(), Error> {
+        let path = self.dir.join(STATE_FILE);
+        let tmp = self.dir.join(format!("{STATE_FILE}.tmp"));
+        let bytes = serde_json::to_vec_pretty(state).map_err(Error::Encode)?;
+        let write_err = |source| Error::Write {
+            path: path.clone(),
+            source,
+        };
+        let mut file = File::create(&tmp).map_err(write_err)?;
+        file.write_all(&bytes).map_err(write_err)?;
+        file.sync_all().map_err(write_err)?;
+        drop(file);
+        fs::rename(&tmp, &path).map_err(write_err)?;
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(write_err)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_helpers::{TempDir, mesh_resource};
+
+    #[derive(Debug)]
+    enum TestError {
+        Store(#[allow(dead_code)] Error),
+        Rejected,
+    }
+    impl From<Error> for TestError {
+        fn from(e: Error) -> Self {
+            TestError::Store(e)
+        }
+    }
+
+    #[test]
+    fn committed_writes_survive_reopen_and_bump_the_generation() {
+        let dir = TempDir::new("store-reopen");
+        let store = Store::open(dir.path()).unwrap();
+        store
+            .write(|s| {
+                s.meshes.insert("m".into(), mesh_resource("m"));
+                Ok::<_, TestError>(())
+            })
+            .unwrap();
+        assert_eq!(store.current().generation, 1);
+        drop(store);
+        let reopened = Store::open(dir.path()).unwrap();
+        assert!(reopened.current().meshes.contains_key("m"));
+        assert_eq!(reopened.current().generation, 1);
+    }
+
+    #[test]
+    fn a_rejected_write_changes_nothing_in_memory_or_on_disk() {
+        let dir = TempDir::new("store-reject");
+        let store = Store::open(dir.path()).unwrap();
+        let mut rx = store.subscribe();
+        rx.mark_unchanged();
+        let res: Result<(), TestError> = store.write(|s| {
+            s.meshes.insert("m".into(), mesh_resource("m"));
+            Err(TestError::Rejected)
+        });
+        assert!(matches!(res, Err(TestError::Rejected)));
+        assert!(store.current().meshes.is_empty());
+        assert!(!rx.has_changed().unwrap());
+        assert!(!dir.path().join(STATE_FILE).exists());
+    }
+
+    #[test]
+    fn a_leftover_temporary_file_from_a_crash_does_not_replace_the_last_good_state() {
+        let dir = TempDir::new("store-crash");
+        let store = Store::open(dir.path()).unwrap();
+        store
+            .write(|s| {
+                s.meshes.insert("m".into(), mesh_resource("m"));
+                Ok::<_, TestError>(())
+            })
+            .unwrap();
+        drop(store);
+        // A crash between writing the temporary file and the rename.
+        fs::write(
+            dir.path().join("state.json.tmp"),
+            b"{\"generation\": 9, \"mes",
+        )
+        .unwrap();
+        let reopened = Store::open(dir.path()).unwrap();
+        assert_eq!(reopened.current().generation, 1);
+        assert!(reopened.current().meshes.contains_key("m"));
+    }
+
+    #[test]
+    fn a_corrupt_state_file_is_an_error_naming_the_file_not_an_empty_mesh() {
+        let dir = TempDir::new("store-corrupt");
+        fs::write(dir.path().join(STATE_FILE), b"not json").unwrap();
+        let err = Store::open(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("state.json"), "{err}");
+    }
+}

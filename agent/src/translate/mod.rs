@@ -1,0 +1,281 @@
+//! Pure translation: (App Mesh state, endpoints) → the Envoy resources one proxy needs.
+//!
+//! No I/O, no clocks, no randomness: the same input always yields the same output, which is what
+//! lets the xDS layer version resources by content hash. Names follow App Mesh's
+//! (`lds_ingress_0.0.0.0_15000`, `cds_egress_MESH_NODE_PROTO_PORT`, …) so dashboards carry over.
+
+mod envoy;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+use envoy_types::pb::envoy::config::listener::v3::{FilterChain, Listener};
+use envoy_types::pb::envoy::config::route::v3::{RouteConfiguration, VirtualHost};
+
+use crate::model::{
+    DnsResponseType, EgressFilterType, MeshState, PortProtocol, ProxyIdentity, ProxyKind, State,
+    VirtualNodeSpec,
+};
+
+/// Envoy's ingress and egress ports in a meshed task (fixed by the App Mesh contract).
+pub const INGRESS_PORT: u32 = 15000;
+pub const EGRESS_PORT: u32 = 15001;
+
+/// Endpoints found by discovery, by Envoy cluster name. Empty until Cloud Map discovery lands.
+pub type Endpoints = BTreeMap<String, ClusterLoadAssignment>;
+
+/// Everything one Envoy is sent.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Resources {
+    pub clusters: Vec<Cluster>,
+    pub endpoints: Vec<ClusterLoadAssignment>,
+    pub listeners: Vec<Listener>,
+    pub routes: Vec<RouteConfiguration>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Error {
+    #[error("mesh {0} not found")]
+    MeshNotFound(String),
+    #[error("virtual node {name} not found in mesh {mesh}")]
+    VirtualNodeNotFound { mesh: String, name: String },
+    #[error("virtual gateway {name} not found in mesh {mesh}")]
+    VirtualGatewayNotFound { mesh: String, name: String },
+}
+
+/// Builds the configuration of the proxy `who` from the whole state.
+pub fn translate(
+    state: &State,
+    who: &ProxyIdentity,
+    endpoints: &Endpoints,
+) -> Result<Resources, Error> {
+    let mesh = state
+        .meshes
+        .get(&who.mesh)
+        .ok_or_else(|| Error::MeshNotFound(who.mesh.clone()))?;
+    match who.kind {
+        ProxyKind::VirtualNode => {
+            let node =
+                mesh.virtual_nodes
+                    .get(&who.name)
+                    .ok_or_else(|| Error::VirtualNodeNotFound {
+                        mesh: who.mesh.clone(),
+                        name: who.name.clone(),
+                    })?;
+            Ok(virtual_node(
+                &who.mesh, mesh, &who.name, &node.spec, endpoints,
+            ))
+        }
+        // Gateways arrive with their own issue; until then no gateway can exist.
+        ProxyKind::VirtualGateway => Err(Error::VirtualGatewayNotFound {
+            mesh: who.mesh.clone(),
+            name: who.name.clone(),
+        }),
+    }
+}
+
+fn virtual_node(
+    mesh_name: &str,
+    mesh: &MeshState,
+    node_name: &str,
+    spec: &VirtualNodeSpec,
+    endpoints: &Endpoints,
+) -> Resources {
+    let mut out = Resources::default();
+    ingress(mesh_name, node_name, spec, &mut out);
+    egress(mesh_name, mesh, spec, endpoints, &mut out);
+    out.clusters.sort_by(|a, b| a.name.cmp(&b.name));
+    out.clusters.dedup_by(|a, b| a.name == b.name);
+    out.endpoints
+        .sort_by(|a, b| a.cluster_name.cmp(&b.cluster_name));
+    out.endpoints
+        .dedup_by(|a, b| a.cluster_name == b.cluster_name);
+    out.routes.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
+/// One filter chain per listener port on `lds_ingress_0.0.0.0_15000`, each to the local app.
+fn ingress(mesh: &str, node: &str, spec: &VirtualNodeSpec, out: &mut Resources) {
+    let mut chains = Vec::new();
+    for l in &spec.listeners {
+        let Ok(port) = u32::try_from(l.port_mapping.port) else {
+            continue;
+        };
+        let proto = l.port_mapping.protocol;
+        let cluster = format!("cds_ingress_{mesh}_{node}_{}_{port}", proto.as_str());
+        out.clusters
+            .push(envoy::static_cluster(&cluster, "127.0.0.1", port, proto));
+        let filter = if proto == PortProtocol::Tcp {
+            envoy::tcp_proxy("ingress", &cluster)
+        } else {
+            let route_name = format!("rds_ingress_{}_{port}", proto.as_str());
+            out.routes.push(envoy::route_config(
+                &route_name,
+                vec![envoy::virtual_host("ingress", vec!["*".into()], &cluster)],
+            ));
+            envoy::http_connection_manager("ingress", &route_name)
+        };
+        chains.push(envoy::filter_chain(Some(port), filter));
+    }
+    if !chains.is_empty() {
+        out.listeners.push(envoy::listener(
+            &format!("lds_ingress_0.0.0.0_{INGRESS_PORT}"),
+            INGRESS_PORT,
+            chains,
+            None,
+        ));
+    }
+}
+
+/// The egress listener: one filter chain per destination port that some backend listens on; HTTP
+/// ports route by Host to one virtual host per virtual service.
+fn egress(
+    mesh_name: &str,
+    mesh: &MeshState,
+    spec: &VirtualNodeSpec,
+    endpoints: &Endpoints,
+    out: &mut Resources,
+) {
+    let allow_all = mesh.mesh.spec.egress_filter_type() == EgressFilterType::AllowAll;
+    // (protocol family, port) → virtual hosts / the tcp cluster
+    let mut http_hosts: BTreeMap<u32, Vec<VirtualHost>> = BTreeMap::new();
+    let mut tcp_clusters: BTreeMap<u32, String> = BTreeMap::new();
+    let backends: BTreeSet<&str> = spec
+        .backends
+        .iter()
+        .filter_map(|b| b.virtual_service.as_ref())
+        .map(|vs| vs.virtual_service_name.as_str())
+        .collect();
+    for service in backends {
+        // A backend may name a service that does not exist (yet); it gets no route.
+        let Some(vs) = mesh.virtual_services.get(service) else {
+            continue;
+        };
+        let Some(provider) = vs
+            .spec
+            .provider
+            .as_ref()
+            .and_then(|p| p.virtual_node.as_ref())
+        else {
+            continue;
+        };
+        let Some(target) = mesh.virtual_nodes.get(&provider.virtual_node_name) else {
+            continue;
+        };
+        for l in &target.spec.listeners {
+            let Ok(port) = u32::try_from(l.port_mapping.port) else {
+                continue;
+            };
+            let proto = l.port_mapping.protocol;
+            let cluster = format!(
+                "cds_egress_{mesh_name}_{}_{}_{port}",
+                provider.virtual_node_name,
+                proto.as_str()
+            );
+            let Some(c) = upstream_cluster(&cluster, &target.spec, port, proto, endpoints, out)
+            else {
+                continue;
+            };
+            out.clusters.push(c);
+            if proto == PortProtocol::Tcp {
+                // One tcp service per port: the first (by name) wins, as only the port tells them apart.
+                tcp_clusters.entry(port).or_insert(cluster);
+            } else {
+                http_hosts
+                    .entry(port)
+                    .or_default()
+                    .push(envoy::virtual_host(
+                        service,
+                        vec![service.to_string(), format!("{service}:{port}")],
+                        &cluster,
+                    ));
+            }
+        }
+    }
+    let passthrough = format!("cds_egress_{mesh_name}_allow_all");
+    let mut chains = Vec::new();
+    for (port, mut hosts) in http_hosts {
+        if tcp_clusters.contains_key(&port) {
+            continue;
+        }
+        if allow_all {
+            hosts.push(envoy::virtual_host(
+                "allow_all",
+                vec!["*".into()],
+                &passthrough,
+            ));
+        }
+        let route_name = format!("rds_egress_http_{port}");
+        out.routes.push(envoy::route_config(&route_name, hosts));
+        chains.push(envoy::filter_chain(
+            Some(port),
+            envoy::http_connection_manager("egress", &route_name),
+        ));
+    }
+    for (port, cluster) in tcp_clusters {
+        chains.push(envoy::filter_chain(
+            Some(port),
+            envoy::tcp_proxy("egress", &cluster),
+        ));
+    }
+    let default_chain = if allow_all {
+        out.clusters.push(envoy::original_dst_cluster(&passthrough));
+        Some(envoy::filter_chain(
+            None,
+            envoy::tcp_proxy("egress", &passthrough),
+        ))
+    } else {
+        None
+    };
+    // Envoy rejects a listener with no filter chains; with nothing to route to there is no listener,
+    // and DROP_ALL then means connections to the egress port are refused.
+    if !chains.is_empty() || default_chain.is_some() {
+        out.listeners.push(envoy::listener(
+            &format!("lds_egress_0.0.0.0_{EGRESS_PORT}"),
+            EGRESS_PORT,
+            chains,
+            default_chain,
+        ));
+    }
+}
+
+/// The caller-side cluster for one listener of a backend's provider node.
+fn upstream_cluster(
+    name: &str,
+    target: &VirtualNodeSpec,
+    port: u32,
+    proto: PortProtocol,
+    endpoints: &Endpoints,
+    out: &mut Resources,
+) -> Option<Cluster> {
+    let sd = target.service_discovery.as_ref()?;
+    if let Some(dns) = &sd.dns {
+        let strict = dns.response_type == Some(DnsResponseType::Endpoints);
+        return Some(envoy::dns_cluster(name, &dns.hostname, port, proto, strict));
+    }
+    sd.aws_cloud_map.as_ref()?;
+    let assignment = endpoints
+        .get(name)
+        .cloned()
+        .unwrap_or_else(|| ClusterLoadAssignment {
+            cluster_name: name.to_string(),
+            ..Default::default()
+        });
+    out.endpoints.push(assignment);
+    Some(envoy::eds_cluster(name, proto))
+}
+
+/// Names of the filter chains of a listener, for tests and the debug endpoint.
+pub fn chain_ports(l: &Listener) -> Vec<Option<u32>> {
+    let port = |c: &FilterChain| {
+        c.filter_chain_match
+            .as_ref()
+            .and_then(|m| m.destination_port.as_ref())
+            .map(|p| p.value)
+    };
+    l.filter_chains.iter().map(port).collect()
+}
+
+#[cfg(test)]
+mod tests;

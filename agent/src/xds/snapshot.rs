@@ -1,0 +1,123 @@
+//! Immutable per-proxy snapshots with content-derived versions, cached per (proxy, generation).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use envoy_types::pb::google::protobuf::Any;
+use envoy_types::util::pack_any;
+use prost::Message;
+use sha2::{Digest, Sha256};
+
+use crate::model::{ProxyIdentity, State};
+use crate::translate::{self, Endpoints, Resources};
+
+pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+pub const ENDPOINT: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+pub const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+pub const ROUTE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+
+/// Make-before-break push order: clusters, endpoints, listeners, routes.
+pub const PUSH_ORDER: [&str; 4] = [CLUSTER, ENDPOINT, LISTENER, ROUTE];
+
+/// Whether an empty `resource_names` means "everything" for this type (SotW wildcard).
+pub fn is_wildcard_type(type_url: &str) -> bool {
+    type_url == CLUSTER || type_url == LISTENER
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TypeSnapshot {
+    /// Hash over the (name, resource version) pairs: unchanged output, unchanged version.
+    pub version: String,
+    pub resources: BTreeMap<String, Any>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Snapshot {
+    pub generation: u64,
+    pub types: BTreeMap<&'static str, TypeSnapshot>,
+}
+
+impl Snapshot {
+    pub fn from_resources(generation: u64, r: Resources) -> Self {
+        let mut types = BTreeMap::new();
+        types.insert(
+            CLUSTER,
+            typed(
+                r.clusters
+                    .into_iter()
+                    .map(|c| (c.name.clone(), pack_any(c))),
+            ),
+        );
+        types.insert(
+            ENDPOINT,
+            typed(
+                r.endpoints
+                    .into_iter()
+                    .map(|e| (e.cluster_name.clone(), pack_any(e))),
+            ),
+        );
+        types.insert(
+            LISTENER,
+            typed(
+                r.listeners
+                    .into_iter()
+                    .map(|l| (l.name.clone(), pack_any(l))),
+            ),
+        );
+        types.insert(
+            ROUTE,
+            typed(
+                r.routes
+                    .into_iter()
+                    .map(|rc| (rc.name.clone(), pack_any(rc))),
+            ),
+        );
+        Snapshot { generation, types }
+    }
+
+    pub fn get(&self, type_url: &str) -> Option<&TypeSnapshot> {
+        self.types.get(type_url)
+    }
+}
+
+fn typed(items: impl Iterator<Item = (String, Any)>) -> TypeSnapshot {
+    let resources: BTreeMap<String, Any> = items.collect();
+    let mut h = Sha256::new();
+    for (name, any) in &resources {
+        h.update(name.as_bytes());
+        h.update([0]);
+        h.update(Sha256::digest(any.encode_to_vec()));
+    }
+    let digest = h.finalize();
+    let version = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    TypeSnapshot { version, resources }
+}
+
+/// Builds each proxy's snapshot once per store generation and shares it between its streams.
+#[derive(Debug, Default)]
+pub struct Snapshots {
+    cache: Mutex<HashMap<ProxyIdentity, Arc<Snapshot>>>,
+}
+
+impl Snapshots {
+    pub fn get(
+        &self,
+        state: &State,
+        who: &ProxyIdentity,
+    ) -> Result<Arc<Snapshot>, translate::Error> {
+        if let Some(s) = self.lock().get(who)
+            && s.generation == state.generation
+        {
+            return Ok(s.clone());
+        }
+        // Built outside the lock: two streams of one proxy may both build once, never block each other.
+        let resources = translate::translate(state, who, &Endpoints::new())?;
+        let snap = Arc::new(Snapshot::from_resources(state.generation, resources));
+        self.lock().insert(who.clone(), snap.clone());
+        Ok(snap)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ProxyIdentity, Arc<Snapshot>>> {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}

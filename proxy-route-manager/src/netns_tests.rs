@@ -1,0 +1,624 @@
+//! Tests that install the rules for real in throwaway network namespaces and push TCP connections
+//! through them: the iptables text the kernel ends up with, convergence, cleanup, rollback, and that
+//! every redirect and every exemption holds on actual packets. They need root (see `test_support`).
+
+use std::collections::HashMap;
+use std::io::ErrorKind;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use nix::sys::socket::{getsockopt, sockopt};
+
+use crate::config::{Cli, Config};
+use crate::error::Error;
+use crate::iptables::{Backend, Family, Iptables};
+use crate::plan::Plan;
+use crate::run::{Outcome, install, run};
+use crate::test_support::{TestNetns, can_run_privileged_test, on_new_thread};
+
+/// What the lead's end-to-end test passes.
+const E2E_ENV: &[(&str, &str)] = &[
+    ("APPMESH_START_ENABLED", "1"),
+    ("APPMESH_IGNORE_UID", "1337"),
+    ("APPMESH_APP_PORTS", "8080"),
+    ("APPMESH_ENVOY_INGRESS_PORT", "15000"),
+    ("APPMESH_ENVOY_EGRESS_PORT", "15001"),
+    ("APPMESH_EGRESS_IGNORED_IP", "169.254.170.2,169.254.169.254"),
+];
+
+const BASE_CHAINS: [&str; 4] = [
+    ":PREROUTING ACCEPT [0:0]",
+    ":INPUT ACCEPT [0:0]",
+    ":OUTPUT ACCEPT [0:0]",
+    ":POSTROUTING ACCEPT [0:0]",
+];
+
+fn env_map(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+/// Runs the binary's logic with `--netns` pointing at `ns`, on a thread of its own.
+fn run_in(ns: &TestNetns, cli: Cli, pairs: &[(&str, &str)]) -> crate::Result<Outcome> {
+    let cli = Cli {
+        netns: Some(ns.path.clone()),
+        ..cli
+    };
+    let env = env_map(pairs);
+    on_new_thread(|| run(&cli, &env))
+}
+
+fn cleanup_cli() -> Cli {
+    Cli {
+        cleanup: true,
+        ..Cli::default()
+    }
+}
+
+fn status_cli() -> Cli {
+    Cli {
+        status: true,
+        ..Cli::default()
+    }
+}
+
+fn plan(pairs: &[(&str, &str)]) -> Plan {
+    let (config, _) = Config::from_sources(&Cli::default(), &env_map(pairs)).unwrap();
+    Plan::new(&config)
+}
+
+fn ours(lines: &[String]) -> Vec<String> {
+    lines
+        .iter()
+        .filter(|l| l.contains("APPMESH"))
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn e2e_configuration_installs_exactly_app_mesh_rules_reapply_converges_and_cleanup_removes_them() {
+    if !can_run_privileged_test("e2e_configuration_installs_exactly_app_mesh_rules") {
+        return;
+    }
+    let ns = TestNetns::new();
+    assert_eq!(
+        run_in(&ns, Cli::default(), E2E_ENV).unwrap(),
+        Outcome::Installed
+    );
+    let installed = ns.nat(Family::V4);
+    let expected: Vec<String> = BASE_CHAINS
+        .iter()
+        .copied()
+        .chain([
+            ":APPMESH_EGRESS - [0:0]",
+            ":APPMESH_INGRESS - [0:0]",
+            "-A PREROUTING -p tcp -m addrtype ! --src-type LOCAL -j APPMESH_INGRESS",
+            "-A OUTPUT -p tcp -m addrtype ! --dst-type LOCAL -j APPMESH_EGRESS",
+            "-A APPMESH_EGRESS -m owner --uid-owner 1337 -j RETURN",
+            "-A APPMESH_EGRESS -d 169.254.170.2/32 -p tcp -j RETURN",
+            "-A APPMESH_EGRESS -d 169.254.169.254/32 -p tcp -j RETURN",
+            "-A APPMESH_EGRESS -p tcp -j REDIRECT --to-ports 15001",
+            "-A APPMESH_INGRESS -p tcp -m multiport --dports 8080 -j REDIRECT --to-ports 15000",
+        ])
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(installed, expected);
+    assert!(ours(&ns.nat(Family::V6)).is_empty(), "IPv6 is off");
+    assert_eq!(
+        run_in(&ns, status_cli(), E2E_ENV).unwrap(),
+        Outcome::Status {
+            in_place: true,
+            report: "ipv4: in place\nipv6: none configured, none present\n".into()
+        }
+    );
+
+    assert_eq!(
+        run_in(&ns, Cli::default(), E2E_ENV).unwrap(),
+        Outcome::Installed
+    );
+    assert_eq!(ns.nat(Family::V4), expected, "re-running changes nothing");
+
+    assert_eq!(run_in(&ns, cleanup_cli(), &[]).unwrap(), Outcome::CleanedUp);
+    assert_eq!(ns.nat(Family::V4), BASE_CHAINS);
+    assert_eq!(
+        run_in(&ns, cleanup_cli(), &[]).unwrap(),
+        Outcome::CleanedUp,
+        "cleanup of nothing"
+    );
+    assert_eq!(
+        run_in(&ns, status_cli(), E2E_ENV).unwrap(),
+        Outcome::Status {
+            in_place: false,
+            report: "ipv4: absent\nipv6: none configured, none present\n".into()
+        }
+    );
+}
+
+#[test]
+fn cleanup_in_a_namespace_that_never_had_rules_succeeds() {
+    if !can_run_privileged_test("cleanup_in_a_namespace_that_never_had_rules_succeeds") {
+        return;
+    }
+    let ns = TestNetns::new();
+    assert_eq!(run_in(&ns, cleanup_cli(), &[]).unwrap(), Outcome::CleanedUp);
+    assert!(ours(&ns.nat(Family::V4)).is_empty());
+}
+
+#[test]
+fn apply_twice_then_cleanup_leaves_other_rules_exactly_as_they_were() {
+    if !can_run_privileged_test("apply_twice_then_cleanup_leaves_other_rules_exactly_as_they_were")
+    {
+        return;
+    }
+    let ns = TestNetns::new();
+    ns.exec("iptables", &["-t", "nat", "-N", "OTHER"]);
+    ns.exec(
+        "iptables",
+        &["-t", "nat", "-A", "OTHER", "-p", "udp", "-j", "RETURN"],
+    );
+    ns.exec(
+        "iptables",
+        &["-t", "nat", "-A", "OUTPUT", "-d", "10.9.9.9", "-j", "OTHER"],
+    );
+    ns.exec(
+        "iptables",
+        &["-t", "nat", "-A", "PREROUTING", "-p", "udp", "-j", "OTHER"],
+    );
+    let before = ns.nat(Family::V4);
+
+    run_in(&ns, Cli::default(), E2E_ENV).unwrap();
+    run_in(&ns, Cli::default(), E2E_ENV).unwrap();
+    let installed = ns.nat(Family::V4);
+    assert!(
+        before.iter().all(|line| installed.contains(line)),
+        "other rules kept: {installed:#?}"
+    );
+    assert_eq!(
+        installed
+            .iter()
+            .filter(|l| l.ends_with("-j APPMESH_EGRESS"))
+            .count(),
+        1
+    );
+    assert_eq!(
+        installed
+            .iter()
+            .filter(|l| l.ends_with("-j APPMESH_INGRESS"))
+            .count(),
+        1
+    );
+
+    run_in(&ns, cleanup_cli(), &[]).unwrap();
+    assert_eq!(ns.nat(Family::V4), before);
+}
+
+#[test]
+fn duplicate_jumps_added_by_someone_else_are_collapsed_to_one() {
+    if !can_run_privileged_test("duplicate_jumps_added_by_someone_else_are_collapsed_to_one") {
+        return;
+    }
+    let ns = TestNetns::new();
+    run_in(&ns, Cli::default(), E2E_ENV).unwrap();
+    let jump = "-p tcp -m addrtype ! --dst-type LOCAL -j APPMESH_EGRESS";
+    let mut args = vec!["-t", "nat", "-A", "OUTPUT"];
+    args.extend(jump.split(' '));
+    ns.exec("iptables", &args);
+    let count = |ns: &TestNetns| {
+        ns.nat(Family::V4)
+            .iter()
+            .filter(|l| l.ends_with(jump))
+            .count()
+    };
+    assert_eq!(count(&ns), 2);
+    assert!(matches!(
+        run_in(&ns, status_cli(), E2E_ENV).unwrap(),
+        Outcome::Status {
+            in_place: false,
+            ..
+        }
+    ));
+
+    run_in(&ns, Cli::default(), E2E_ENV).unwrap();
+    assert_eq!(count(&ns), 1);
+}
+
+#[test]
+fn changed_configuration_replaces_the_rules_and_drops_ingress_when_no_app_ports() {
+    if !can_run_privileged_test("changed_configuration_replaces_the_rules") {
+        return;
+    }
+    let ns = TestNetns::new();
+    run_in(&ns, Cli::default(), E2E_ENV).unwrap();
+    let egress_only = [
+        ("APPMESH_START_ENABLED", "1"),
+        ("APPMESH_IGNORE_GID", "1338"),
+        ("APPMESH_ENVOY_EGRESS_PORT", "16001"),
+    ];
+    run_in(&ns, Cli::default(), &egress_only).unwrap();
+    assert_eq!(
+        ours(&ns.nat(Family::V4)),
+        [
+            ":APPMESH_EGRESS - [0:0]",
+            "-A OUTPUT -p tcp -m addrtype ! --dst-type LOCAL -j APPMESH_EGRESS",
+            "-A APPMESH_EGRESS -m owner --gid-owner 1338 -j RETURN",
+            "-A APPMESH_EGRESS -d 169.254.169.254/32 -p tcp -j RETURN",
+            "-A APPMESH_EGRESS -d 169.254.170.2/32 -p tcp -j RETURN",
+            "-A APPMESH_EGRESS -p tcp -j REDIRECT --to-ports 16001",
+        ]
+    );
+}
+
+#[test]
+fn ipv6_rules_hold_only_ipv6_addresses_and_are_removed_when_ipv6_is_turned_off() {
+    if !can_run_privileged_test("ipv6_rules_hold_only_ipv6_addresses") {
+        return;
+    }
+    let ns = TestNetns::new();
+    let mut with_v6 = E2E_ENV.to_vec();
+    with_v6.push(("APPMESH_ENABLE_IPV6", "1"));
+    with_v6.retain(|(k, _)| *k != "APPMESH_EGRESS_IGNORED_IP");
+    with_v6.push(("APPMESH_EGRESS_IGNORED_IP", "fd00:ec2::254,10.0.0.0/8"));
+    run_in(&ns, Cli::default(), &with_v6).unwrap();
+
+    let v6 = ours(&ns.nat(Family::V6));
+    assert!(
+        v6.contains(&"-A APPMESH_EGRESS -d fd00:ec2::254/128 -p tcp -j RETURN".to_owned()),
+        "{v6:#?}"
+    );
+    assert!(
+        v6.iter()
+            .all(|l| !l.contains("10.0.0.0") && !l.contains("169.254")),
+        "{v6:#?}"
+    );
+    let v4 = ours(&ns.nat(Family::V4));
+    assert!(
+        v4.contains(&"-A APPMESH_EGRESS -d 10.0.0.0/8 -p tcp -j RETURN".to_owned()),
+        "{v4:#?}"
+    );
+    assert!(v4.iter().all(|l| !l.contains("fd00")), "{v4:#?}");
+
+    run_in(&ns, Cli::default(), E2E_ENV).unwrap();
+    assert!(
+        ours(&ns.nat(Family::V6)).is_empty(),
+        "IPv6 leftovers removed"
+    );
+    run_in(&ns, Cli::default(), &with_v6).unwrap();
+    run_in(&ns, cleanup_cli(), &[]).unwrap();
+    assert!(ours(&ns.nat(Family::V4)).is_empty() && ours(&ns.nat(Family::V6)).is_empty());
+}
+
+#[test]
+fn failing_ipv6_apply_rolls_ipv4_back_to_its_previous_rules() {
+    if !can_run_privileged_test("failing_ipv6_apply_rolls_ipv4_back_to_its_previous_rules") {
+        return;
+    }
+    let ns = TestNetns::new();
+    let mut new_config = vec![("APPMESH_IGNORE_UID", "7"), ("APPMESH_ENABLE_IPV6", "1")];
+    let broken_ip6tables = Iptables::default().replacing(Family::V6, "restore", "false");
+
+    // From nothing: nothing is left.
+    let err = ns
+        .run_in(|| install(&plan(&new_config), broken_ip6tables))
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::Command { ref program, .. } if program == "false"),
+        "{err}"
+    );
+    assert!(ours(&ns.nat(Family::V4)).is_empty());
+
+    // From an older configuration: that configuration is back.
+    ns.run_in(|| install(&plan(&E2E_ENV[1..]), Iptables::default()))
+        .unwrap();
+    let before = ns.nat(Family::V4);
+    new_config.push(("APPMESH_APP_PORTS", "9000"));
+    ns.run_in(|| install(&plan(&new_config), broken_ip6tables))
+        .unwrap_err();
+    assert_eq!(ns.nat(Family::V4), before);
+}
+
+#[test]
+fn legacy_backend_installs_and_cleans_up_without_touching_nft_tables() {
+    if !can_run_privileged_test("legacy_backend_installs_and_cleans_up") {
+        return;
+    }
+    let ns = TestNetns::new();
+    let legacy = || Cli {
+        iptables_backend: Backend::Legacy,
+        ..Cli::default()
+    };
+    run_in(&ns, legacy(), E2E_ENV).unwrap();
+    let legacy_nat = ns.exec("iptables-legacy-save", &["-t", "nat"]);
+    assert!(
+        legacy_nat.contains("-A OUTPUT -p tcp -m addrtype ! --dst-type LOCAL -j APPMESH_EGRESS")
+    );
+    assert!(
+        ours(&ns.nat(Family::V4)).is_empty(),
+        "nothing written with nft"
+    );
+    assert!(matches!(
+        run_in(
+            &ns,
+            Cli {
+                status: true,
+                ..legacy()
+            },
+            E2E_ENV
+        )
+        .unwrap(),
+        Outcome::Status { in_place: true, .. }
+    ));
+    run_in(&ns, legacy(), E2E_ENV).unwrap();
+    let again = ns.exec("iptables-legacy-save", &["-t", "nat"]);
+    assert_eq!(again.matches("-j APPMESH_EGRESS").count(), 1, "{again}");
+    run_in(
+        &ns,
+        Cli {
+            cleanup: true,
+            ..legacy()
+        },
+        &[],
+    )
+    .unwrap();
+    assert!(
+        !ns.exec("iptables-legacy-save", &["-t", "nat"])
+            .contains("APPMESH")
+    );
+}
+
+#[test]
+fn missing_netns_is_reported_before_any_iptables_call() {
+    if !can_run_privileged_test("missing_netns_is_reported_before_any_iptables_call") {
+        return;
+    }
+    let cli = Cli {
+        netns: Some("/var/run/netns/trellis-prm-missing".into()),
+        ..Cli::default()
+    };
+    let env = env_map(E2E_ENV);
+    let err = on_new_thread(|| run(&cli, &env)).unwrap_err();
+    assert!(matches!(err, Error::NetnsOpen { .. }), "{err}");
+}
+
+// ---- traffic ----
+
+const SHORT: Duration = Duration::from_millis(300);
+const LONG: Duration = Duration::from_secs(3);
+
+/// A namespace whose default routes lead into a veth pair whose other end answers nothing (no address,
+/// no forwarding): remote addresses are routable but silent, so a connection either reaches a local
+/// listener via REDIRECT or times out.
+fn routed_namespace() -> TestNetns {
+    let ns = TestNetns::new();
+    ns.ip(&["link", "add", "d0", "type", "veth", "peer", "name", "d1"]);
+    ns.ip(&["addr", "add", "10.200.0.1/24", "dev", "d0"]);
+    ns.ip(&[
+        "-6",
+        "addr",
+        "add",
+        "2001:db8:1::1/64",
+        "dev",
+        "d0",
+        "nodad",
+    ]);
+    ns.ip(&["link", "set", "d0", "up"]);
+    ns.ip(&["link", "set", "d1", "up"]);
+    ns.ip(&["route", "add", "default", "dev", "d0"]);
+    ns.ip(&["-6", "route", "add", "default", "dev", "d0"]);
+    ns
+}
+
+fn listen(addr: &str) -> TcpListener {
+    let listener = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+    listener.set_nonblocking(true).unwrap();
+    listener
+}
+
+fn accept_within(listener: &TcpListener, within: Duration) -> Option<TcpStream> {
+    let deadline = Instant::now() + within;
+    loop {
+        match listener.accept() {
+            Ok((stream, _)) => return Some(stream),
+            Err(e) if e.kind() == ErrorKind::WouldBlock && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return None,
+            Err(e) => panic!("accept: {e}"),
+        }
+    }
+}
+
+/// The destination the client asked for, as the kernel kept it across the REDIRECT.
+fn original_dst(stream: &TcpStream) -> SocketAddr {
+    match stream.local_addr().unwrap() {
+        SocketAddr::V4(_) => {
+            let sa = getsockopt(stream, sockopt::OriginalDst).unwrap();
+            let ip = Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr));
+            SocketAddr::new(IpAddr::V4(ip), u16::from_be(sa.sin_port))
+        }
+        SocketAddr::V6(_) => {
+            let sa = getsockopt(stream, sockopt::Ip6tOriginalDst).unwrap();
+            SocketAddr::new(
+                IpAddr::V6(Ipv6Addr::from(sa.sin6_addr.s6_addr)),
+                u16::from_be(sa.sin6_port),
+            )
+        }
+    }
+}
+
+/// Connecting to `addr` lands on `proxy`, which sees `addr` as the original destination.
+fn assert_redirected(proxy: &TcpListener, addr: &str) {
+    let addr: SocketAddr = addr.parse().unwrap();
+    let _client = TcpStream::connect_timeout(&addr, LONG)
+        .unwrap_or_else(|e| panic!("{addr} should have been redirected to the proxy: {e}"));
+    let accepted = accept_within(proxy, LONG).unwrap_or_else(|| panic!("proxy did not get {addr}"));
+    assert_eq!(original_dst(&accepted), addr);
+}
+
+/// Connecting to `addr` does not reach the proxy: the packet went to the real (silent) destination.
+fn assert_bypassed(proxy: &TcpListener, addr: &str) {
+    let addr: SocketAddr = addr.parse().unwrap();
+    let result = TcpStream::connect_timeout(&addr, SHORT);
+    assert!(
+        result.is_err(),
+        "{addr} should have bypassed the proxy but connected"
+    );
+    assert!(
+        accept_within(proxy, Duration::ZERO).is_none(),
+        "proxy got a connection to {addr}"
+    );
+}
+
+/// Whether a shell running as `uid`/`gid` manages to open a TCP connection to `ip:port` within a second.
+fn connects_as(uid: u32, gid: u32, ip: &str, port: u16) -> bool {
+    let mut child = Command::new("bash")
+        .args(["-c", &format!("exec 3<>/dev/tcp/{ip}/{port}")])
+        .uid(uid)
+        .gid(gid)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status.success();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    false
+}
+
+#[test]
+fn outbound_tcp_reaches_the_egress_port_with_its_original_destination_and_every_exemption_holds() {
+    if !can_run_privileged_test("outbound_tcp_reaches_the_egress_port") {
+        return;
+    }
+    let ns = routed_namespace();
+    let ignored_ports: Vec<String> = (1000..1020).map(|p| p.to_string()).collect();
+    let ignored_ports = format!("22,{}", ignored_ports.join(","));
+    let env = [
+        ("APPMESH_IGNORE_UID", "1337"),
+        ("APPMESH_IGNORE_GID", "1338"),
+        ("APPMESH_EGRESS_IGNORED_IP", "198.51.100.0/24"),
+        ("APPMESH_EGRESS_IGNORED_PORTS", ignored_ports.as_str()),
+    ];
+    ns.run_in(|| {
+        let proxy = listen("0.0.0.0:15001");
+        install(&plan(&env), Iptables::default()).unwrap();
+
+        assert_redirected(&proxy, "203.0.113.7:80");
+        assert_redirected(&proxy, "10.200.0.99:8080");
+        // Ignored addresses, including the metadata endpoints that are always ignored.
+        for addr in ["198.51.100.9:80", "169.254.169.254:80", "169.254.170.2:80"] {
+            assert_bypassed(&proxy, addr);
+        }
+        // Ignored ports, including ones past the first 15 (a second multiport rule).
+        for port in [22, 1000, 1014, 1015, 1019] {
+            assert_bypassed(&proxy, &format!("203.0.113.7:{port}"));
+        }
+        assert_redirected(&proxy, "203.0.113.7:1020");
+        // A local destination is never redirected: nothing listens on 10.200.0.1:9, so it is refused.
+        let err = TcpStream::connect_timeout(&"10.200.0.1:9".parse().unwrap(), LONG).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::ConnectionRefused);
+
+        // The proxy's own uid and gid bypass; anyone else is redirected.
+        assert!(
+            !connects_as(1337, 1337, "203.0.113.7", 80),
+            "ignored uid was redirected"
+        );
+        assert!(
+            !connects_as(4242, 1338, "203.0.113.7", 80),
+            "ignored gid was redirected"
+        );
+        assert!(accept_within(&proxy, Duration::ZERO).is_none());
+        assert!(
+            connects_as(4242, 4242, "203.0.113.7", 80),
+            "other uid was not redirected"
+        );
+        assert!(accept_within(&proxy, LONG).is_some());
+    });
+}
+
+#[test]
+fn outbound_ipv6_reaches_the_egress_port_and_ignored_ipv6_ranges_bypass() {
+    if !can_run_privileged_test("outbound_ipv6_reaches_the_egress_port") {
+        return;
+    }
+    let ns = routed_namespace();
+    let env = [
+        ("APPMESH_IGNORE_UID", "1337"),
+        ("APPMESH_ENABLE_IPV6", "1"),
+        ("APPMESH_EGRESS_IGNORED_IP", "2001:db8:3::/48"),
+        ("APPMESH_EGRESS_IGNORED_PORTS", "22"),
+    ];
+    ns.run_in(|| {
+        let proxy6 = listen("[::]:15001");
+        install(&plan(&env), Iptables::default()).unwrap();
+        assert_redirected(&proxy6, "[2001:db8:2::7]:80");
+        assert_bypassed(&proxy6, "[2001:db8:3::9]:80");
+        assert_bypassed(&proxy6, "[2001:db8:2::7]:22");
+        assert!(
+            !connects_as(1337, 1337, "2001:db8:2::7", 80),
+            "ignored uid was redirected"
+        );
+        assert!(accept_within(&proxy6, Duration::ZERO).is_none());
+    });
+}
+
+#[test]
+fn inbound_tcp_to_an_app_port_reaches_the_ingress_port_and_other_ports_do_not() {
+    if !can_run_privileged_test("inbound_tcp_to_an_app_port_reaches_the_ingress_port") {
+        return;
+    }
+    let app = TestNetns::new();
+    let client = TestNetns::new();
+    app.ip(&[
+        "link",
+        "add",
+        "va",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "vc",
+        "netns",
+        &client.name,
+    ]);
+    app.ip(&["addr", "add", "10.201.0.2/24", "dev", "va"]);
+    app.ip(&["link", "set", "va", "up"]);
+    client.ip(&["addr", "add", "10.201.0.1/24", "dev", "vc"]);
+    client.ip(&["link", "set", "vc", "up"]);
+
+    let (ingress, other) = app.run_in(|| {
+        let listeners = (listen("0.0.0.0:15000"), listen("0.0.0.0:9090"));
+        let env = [
+            ("APPMESH_IGNORE_UID", "1337"),
+            ("APPMESH_APP_PORTS", "8080"),
+        ];
+        install(&plan(&env), Iptables::default()).unwrap();
+        // From inside the task (a local source) the app port is not redirected.
+        let err =
+            TcpStream::connect_timeout(&"10.201.0.2:8080".parse().unwrap(), LONG).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::ConnectionRefused);
+        listeners
+    });
+
+    client.run_in(|| {
+        assert_redirected(&ingress, "10.201.0.2:8080");
+        let _direct =
+            TcpStream::connect_timeout(&"10.201.0.2:9090".parse().unwrap(), LONG).unwrap();
+        assert!(
+            accept_within(&other, LONG).is_some(),
+            "port 9090 reached its own listener"
+        );
+        assert!(
+            accept_within(&ingress, Duration::ZERO).is_none(),
+            "port 9090 was redirected"
+        );
+    });
+}

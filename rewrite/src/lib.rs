@@ -1,0 +1,39 @@
+//! `trellis-rewrite` turns an ECS task definition into a Trellis-meshed one: it adds the Envoy sidecar
+//! (pointed at the agent's ADS socket), the redirect (route manager init container or ECS's native
+//! `proxyConfiguration`) and the `dependsOn` ordering, and keeps every field it does not own verbatim and
+//! in order. The core never does IO (architecture invariant): [`parse`] and [`rewrite`] work on strings
+//! and JSON values; the binary reads files and prints.
+
+mod error;
+mod json;
+mod options;
+mod settings;
+mod transform;
+mod validate;
+
+pub use error::Error;
+pub use options::{
+    ALWAYS_IGNORED_IPS, DEFAULT_ENVOY_IMAGE, DEFAULT_IGNORED_UID, DEFAULT_ROUTE_MANAGER_IMAGE,
+    DEFAULT_SOCKET_HOST_PATH, ENVOY_ADMIN_PORT, ENVOY_CONTAINER, ENVOY_EGRESS_PORT,
+    ENVOY_INGRESS_PORT, Options, ROUTE_MANAGER_CONTAINER, Redirect, SOCKET_CONTAINER_PATH,
+    SOCKET_FILE, SOCKET_VOLUME, Target,
+};
+
+use serde_json::Value;
+
+/// Parses task-definition JSON text; a syntax error reports its line and column.
+pub fn parse(text: &str) -> Result<Value, Error> {
+    serde_json::from_str(text).map_err(|e| Error::from_json(&e))
+}
+
+/// Meshes a task definition.
+///
+/// `input` is a `RegisterTaskDefinition` request or `DescribeTaskDefinition` output (with or without the
+/// `{"taskDefinition": ...}` wrapper); the result is a `RegisterTaskDefinition` request. Rewriting the
+/// result again with the same options returns it unchanged.
+pub fn rewrite(input: Value, opts: &Options) -> Result<Value, Error> {
+    transform::rewrite(input, opts)
+}
+
+#[cfg(test)]
+mod tests;

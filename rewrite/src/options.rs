@@ -1,0 +1,124 @@
+//! What the operator can choose when meshing a task definition, with App Mesh's defaults. The CLI maps
+//! its flags onto [`Options`]; the library never reads flags or the environment itself.
+
+/// Name of the Envoy container the tool owns.
+pub const ENVOY_CONTAINER: &str = "envoy";
+/// Name of the route manager container the tool owns.
+pub const ROUTE_MANAGER_CONTAINER: &str = "proxy-route-manager";
+/// Name of the host volume that carries the agent's ADS socket.
+pub const SOCKET_VOLUME: &str = "trellis-agent-socket";
+/// Where the socket directory is mounted inside the Envoy container.
+pub const SOCKET_CONTAINER_PATH: &str = "/var/run/trellis";
+/// File name of the agent's ADS socket inside the socket directory.
+pub const SOCKET_FILE: &str = "xds.sock";
+
+pub const DEFAULT_ENVOY_IMAGE: &str = "trellis-envoy:0.1.0";
+pub const DEFAULT_ROUTE_MANAGER_IMAGE: &str = "trellis-proxy-route-manager:0.1.0";
+pub const DEFAULT_SOCKET_HOST_PATH: &str = "/var/run/trellis";
+/// Envoy's UID; the redirect ignores its traffic so Envoy's own egress is not looped back into it.
+pub const DEFAULT_IGNORED_UID: u32 = 1337;
+pub const ENVOY_INGRESS_PORT: u16 = 15000;
+pub const ENVOY_EGRESS_PORT: u16 = 15001;
+pub const ENVOY_ADMIN_PORT: u16 = 9901;
+/// The ECS task metadata/credentials endpoint and the EC2 instance metadata service: always bypass Envoy.
+pub const ALWAYS_IGNORED_IPS: [&str; 2] = ["169.254.170.2", "169.254.169.254"];
+pub(crate) const ENVOY_NOFILE: u32 = 15000;
+
+/// Which App Mesh resource the Envoy in this task represents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// An application task: Envoy sidecar plus transparent redirect.
+    VirtualNode(String),
+    /// An Envoy-only ingress task: no redirect, no route manager.
+    VirtualGateway(String),
+}
+
+/// How traffic is redirected into Envoy for a virtual node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Redirect {
+    /// The `proxy-route-manager` init container programs iptables (works on any ECS agent).
+    RouteManager,
+    /// ECS's native `proxyConfiguration` (type APPMESH): the ECS agent's CNI plugin programs iptables.
+    ProxyConfiguration,
+}
+
+/// Everything [`crate::rewrite`] needs besides the task definition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Options {
+    pub mesh: String,
+    pub target: Target,
+    pub redirect: Redirect,
+    pub envoy_image: String,
+    pub route_manager_image: String,
+    /// Host directory holding the agent's `xds.sock`.
+    pub socket_host_path: String,
+    /// `host:port` of an agent reachable over TCP; replaces the socket mount (needed on Fargate).
+    pub xds_endpoint: Option<String>,
+    /// `None`: keep the task's existing redirect setting, else the app containers' container ports.
+    pub app_ports: Option<Vec<u16>>,
+    /// `None`: keep the existing setting, else [`DEFAULT_IGNORED_UID`].
+    pub ignored_uid: Option<u32>,
+    pub ignored_gid: Option<u32>,
+    /// Added to [`ALWAYS_IGNORED_IPS`] and to whatever the task already ignores.
+    pub egress_ignored_ips: Vec<String>,
+    /// Added to whatever the task already ignores.
+    pub egress_ignored_ports: Vec<u16>,
+    pub enable_ipv6: bool,
+    pub envoy_log_level: Option<String>,
+    pub envoy_cpu: Option<u32>,
+    /// Hard memory limit of the Envoy container, MiB.
+    pub envoy_memory: Option<u32>,
+    /// Extra Envoy variables (`ENABLE_ENVOY_STATS_TAGS`, `ENABLE_ENVOY_XRAY_TRACING`, ...).
+    pub envoy_env: Vec<(String, String)>,
+}
+
+// === impl Options ===
+
+impl Options {
+    /// Options with every default, for `target` in `mesh`.
+    pub fn new(mesh: impl Into<String>, target: Target) -> Self {
+        Self {
+            mesh: mesh.into(),
+            target,
+            redirect: Redirect::RouteManager,
+            envoy_image: DEFAULT_ENVOY_IMAGE.to_string(),
+            route_manager_image: DEFAULT_ROUTE_MANAGER_IMAGE.to_string(),
+            socket_host_path: DEFAULT_SOCKET_HOST_PATH.to_string(),
+            xds_endpoint: None,
+            app_ports: None,
+            ignored_uid: None,
+            ignored_gid: None,
+            egress_ignored_ips: Vec::new(),
+            egress_ignored_ports: Vec::new(),
+            enable_ipv6: false,
+            envoy_log_level: None,
+            envoy_cpu: None,
+            envoy_memory: None,
+            envoy_env: Vec::new(),
+        }
+    }
+
+    /// `mesh/M/virtualNode/N` or `mesh/M/virtualGateway/N`: the Envoy node id the agent expects.
+    pub fn resource_arn(&self) -> String {
+        match &self.target {
+            Target::VirtualNode(n) => format!("mesh/{}/virtualNode/{n}", self.mesh),
+            Target::VirtualGateway(n) => format!("mesh/{}/virtualGateway/{n}", self.mesh),
+        }
+    }
+
+    pub fn xds_endpoint_value(&self) -> String {
+        match &self.xds_endpoint {
+            Some(e) => e.clone(),
+            None => format!("unix://{SOCKET_CONTAINER_PATH}/{SOCKET_FILE}"),
+        }
+    }
+
+    pub fn is_gateway(&self) -> bool {
+        matches!(self.target, Target::VirtualGateway(_))
+    }
+
+    /// The redirect in use, or `None` for a gateway (which has none).
+    pub fn redirect(&self) -> Option<Redirect> {
+        (!self.is_gateway()).then_some(self.redirect)
+    }
+}

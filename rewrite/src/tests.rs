@@ -1,0 +1,1010 @@
+//! Behaviour tests for the rewrite: one small fixture per behaviour, whole-output comparisons (as pretty
+//! JSON text, so field order is asserted too) and exact `Err` values for every rule.
+
+use serde_json::{Value, json};
+
+use crate::{Error, Options, Redirect, Target, parse, rewrite};
+
+fn node() -> Options {
+    Options::new("m", Target::VirtualNode("web".into()))
+}
+
+fn gateway() -> Options {
+    Options::new("m", Target::VirtualGateway("gw".into()))
+}
+
+fn pretty(v: &Value) -> String {
+    serde_json::to_string_pretty(v).expect("a Value always serialises")
+}
+
+/// Rewrites `input` and compares the whole output, field order included; then checks the fixed point.
+#[track_caller]
+fn check(input: Value, opts: &Options, expected: Value) {
+    let out = rewrite(input, opts).expect("rewrite should succeed");
+    assert_same(&out, &expected);
+    let again = rewrite(out.clone(), opts).expect("rewriting the output should succeed");
+    assert_same(&again, &out);
+}
+
+/// Compares as pretty text (so order counts) and reports the first differing line, not two walls of JSON.
+#[track_caller]
+fn assert_same(actual: &Value, expected: &Value) {
+    let (a, e) = (pretty(actual), pretty(expected));
+    if a == e {
+        return;
+    }
+    let line = a
+        .lines()
+        .zip(e.lines())
+        .position(|(x, y)| x != y)
+        .unwrap_or(a.lines().count().min(e.lines().count()));
+    let window = |s: &str| {
+        s.lines()
+            .skip(line.saturating_sub(3))
+            .take(6)
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    panic!(
+        "output differs at line {}:\n--- actual\n{}\n--- expected\n{}\n--- full actual\n{a}",
+        line + 1,
+        window(&a),
+        window(&e)
+    );
+}
+
+#[track_caller]
+fn check_err(input: Value, opts: &Options, expected: &str) {
+    match rewrite(input, opts) {
+        Ok(out) => panic!("expected error {expected:?}, got output {}", pretty(&out)),
+        Err(e) => assert_eq!(e.to_string(), expected),
+    }
+}
+
+/// Looks up a container by name in an output.
+fn container<'a>(out: &'a Value, name: &str) -> &'a Value {
+    out["containerDefinitions"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["name"] == name))
+        .unwrap_or_else(|| panic!("no container {name} in {}", pretty(out)))
+}
+
+fn env(c: &Value) -> Vec<(String, String)> {
+    c["environment"]
+        .as_array()
+        .map(|list| {
+            list.iter()
+                .map(|e| {
+                    (
+                        e["name"].as_str().unwrap().to_string(),
+                        e["value"].as_str().unwrap().to_string(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn env_var(c: &Value, name: &str) -> Option<String> {
+    env(c).into_iter().find(|(n, _)| n == name).map(|(_, v)| v)
+}
+
+fn names(out: &Value) -> Vec<&str> {
+    out["containerDefinitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect()
+}
+
+fn one_app() -> Value {
+    json!({
+        "family": "web",
+        "networkMode": "awsvpc",
+        "containerDefinitions": [
+            {"name": "app", "image": "nginx", "memory": 256, "portMappings": [{"containerPort": 8080, "protocol": "tcp"}]}
+        ],
+        "requiresCompatibilities": ["EC2"]
+    })
+}
+
+fn health_check() -> Value {
+    json!({
+        "command": ["CMD-SHELL", "curl -s http://localhost:9901/server_info | grep state | grep -q LIVE"],
+        "interval": 5,
+        "timeout": 2,
+        "retries": 3,
+        "startPeriod": 10
+    })
+}
+
+fn envoy_mount() -> Value {
+    json!([{"sourceVolume": "trellis-agent-socket", "containerPath": "/var/run/trellis", "readOnly": true}])
+}
+
+fn nofile() -> Value {
+    json!([{"name": "nofile", "softLimit": 15000, "hardLimit": 15000}])
+}
+
+fn socket_volume() -> Value {
+    json!({"name": "trellis-agent-socket", "host": {"sourcePath": "/var/run/trellis"}})
+}
+
+fn route_manager_env(app_ports: &str, ips: &str) -> Value {
+    json!([
+        {"name": "APPMESH_APP_PORTS", "value": app_ports},
+        {"name": "APPMESH_EGRESS_IGNORED_IP", "value": ips},
+        {"name": "APPMESH_ENVOY_EGRESS_PORT", "value": "15001"},
+        {"name": "APPMESH_ENVOY_INGRESS_PORT", "value": "15000"},
+        {"name": "APPMESH_IGNORE_UID", "value": "1337"},
+        {"name": "APPMESH_START_ENABLED", "value": "1"}
+    ])
+}
+
+const DEFAULT_IPS: &str = "169.254.170.2,169.254.169.254";
+
+#[test]
+fn plain_one_app_awsvpc() {
+    check(
+        one_app(),
+        &node(),
+        json!({
+            "family": "web",
+            "networkMode": "awsvpc",
+            "containerDefinitions": [
+                {
+                    "name": "app", "image": "nginx", "memory": 256,
+                    "portMappings": [{"containerPort": 8080, "protocol": "tcp"}],
+                    "dependsOn": [{"containerName": "envoy", "condition": "HEALTHY"}]
+                },
+                {
+                    "name": "envoy",
+                    "image": "trellis-envoy:0.1.0",
+                    "essential": true,
+                    "user": "1337",
+                    "memoryReservation": 128,
+                    "environment": [
+                        {"name": "APPMESH_RESOURCE_ARN", "value": "mesh/m/virtualNode/web"},
+                        {"name": "APPMESH_XDS_ENDPOINT", "value": "unix:///var/run/trellis/xds.sock"}
+                    ],
+                    "mountPoints": envoy_mount(),
+                    "ulimits": nofile(),
+                    "healthCheck": health_check(),
+                    "dependsOn": [{"containerName": "proxy-route-manager", "condition": "SUCCESS"}]
+                },
+                {
+                    "name": "proxy-route-manager",
+                    "image": "trellis-proxy-route-manager:0.1.0",
+                    "essential": false,
+                    "memoryReservation": 32,
+                    "linuxParameters": {"capabilities": {"add": ["NET_ADMIN"]}},
+                    "environment": route_manager_env("8080", DEFAULT_IPS)
+                }
+            ],
+            "requiresCompatibilities": ["EC2"],
+            "volumes": [socket_volume()]
+        }),
+    );
+}
+
+#[test]
+fn options_reach_the_owned_containers() {
+    let mut opts = node();
+    opts.envoy_image = "registry/envoy:1".into();
+    opts.route_manager_image = "registry/prm:1".into();
+    opts.socket_host_path = "/run/agent".into();
+    opts.app_ports = Some(vec![8080, 8443]);
+    opts.ignored_uid = Some(2000);
+    opts.egress_ignored_ips = vec!["10.0.0.0/8".into()];
+    opts.egress_ignored_ports = vec![22, 5432];
+    opts.envoy_log_level = Some("debug".into());
+    opts.envoy_cpu = Some(128);
+    opts.envoy_memory = Some(512);
+    opts.envoy_env = vec![("ENABLE_ENVOY_STATS_TAGS".into(), "1".into())];
+    let mut input = one_app();
+    input["memory"] = json!("1024");
+    let out = rewrite(input, &opts).unwrap();
+    let envoy = container(&out, "envoy");
+    assert_eq!(envoy["image"], "registry/envoy:1");
+    assert_eq!(envoy["user"], "2000");
+    assert_eq!(envoy["cpu"], 128);
+    assert_eq!(envoy["memory"], 512);
+    assert!(
+        envoy.get("memoryReservation").is_none(),
+        "task memory is set, so no default reservation"
+    );
+    assert_eq!(
+        env(envoy),
+        [
+            ("APPMESH_RESOURCE_ARN", "mesh/m/virtualNode/web"),
+            ("APPMESH_XDS_ENDPOINT", "unix:///var/run/trellis/xds.sock"),
+            ("ENABLE_ENVOY_STATS_TAGS", "1"),
+            ("ENVOY_LOG_LEVEL", "debug"),
+        ]
+        .map(|(n, v)| (n.to_string(), v.to_string()))
+    );
+    let rm = container(&out, "proxy-route-manager");
+    assert_eq!(rm["image"], "registry/prm:1");
+    assert_eq!(
+        env_var(rm, "APPMESH_APP_PORTS").as_deref(),
+        Some("8080,8443")
+    );
+    assert_eq!(env_var(rm, "APPMESH_IGNORE_UID").as_deref(), Some("2000"));
+    assert_eq!(
+        env_var(rm, "APPMESH_EGRESS_IGNORED_IP").as_deref(),
+        Some("169.254.170.2,169.254.169.254,10.0.0.0/8")
+    );
+    assert_eq!(
+        env_var(rm, "APPMESH_EGRESS_IGNORED_PORTS").as_deref(),
+        Some("22,5432")
+    );
+    assert_eq!(
+        out["volumes"],
+        json!([{"name": "trellis-agent-socket", "host": {"sourcePath": "/run/agent"}}])
+    );
+    let again = rewrite(out.clone(), &opts).unwrap();
+    assert_eq!(pretty(&again), pretty(&out));
+}
+
+#[test]
+fn describe_output_is_unwrapped_and_read_only_fields_dropped() {
+    let mut td = one_app();
+    let obj = td.as_object_mut().unwrap();
+    obj.insert(
+        "taskDefinitionArn".into(),
+        json!("arn:aws:ecs:us-east-1:111122223333:task-definition/web:3"),
+    );
+    obj.insert("revision".into(), json!(3));
+    obj.insert("status".into(), json!("ACTIVE"));
+    obj.insert(
+        "requiresAttributes".into(),
+        json!([{"name": "com.amazonaws.ecs.capability.task-eni"}]),
+    );
+    obj.insert("compatibilities".into(), json!(["EC2"]));
+    obj.insert("registeredAt".into(), json!("2024-05-01T10:00:00Z"));
+    obj.insert(
+        "registeredBy".into(),
+        json!("arn:aws:iam::111122223333:user/ops"),
+    );
+    obj.insert("deregisteredAt".into(), json!("2024-06-01T10:00:00Z"));
+    let tags = json!([{"key": "team", "value": "payments"}]);
+    let wrapped = json!({"taskDefinition": td.clone(), "tags": tags});
+
+    let expected = rewrite(one_app(), &node()).unwrap();
+    assert_same(&rewrite(td, &node()).unwrap(), &expected);
+    // The wrapper's tags become the request's tags, where a request would carry them.
+    let mut tagged = one_app();
+    tagged["tags"] = json!([{"key": "team", "value": "payments"}]);
+    check(wrapped, &node(), rewrite(tagged, &node()).unwrap());
+    // Empty tags are not worth a field.
+    let out = rewrite(json!({"taskDefinition": one_app(), "tags": []}), &node()).unwrap();
+    assert!(out.get("tags").is_none());
+}
+
+#[test]
+fn rewrite_is_idempotent() {
+    let migrated = app_mesh_definition();
+    let mut pc = node();
+    pc.redirect = Redirect::ProxyConfiguration;
+    let mut tcp = node();
+    tcp.xds_endpoint = Some("agent.local:15100".into());
+    let cases = [
+        (one_app(), node()),
+        (one_app(), gateway()),
+        (one_app(), pc.clone()),
+        (one_app(), tcp),
+        (migrated.clone(), node()),
+        (migrated, pc),
+        (with_init_and_deps(), node()),
+    ];
+    for (input, opts) in cases {
+        let once = pretty(&rewrite(input, &opts).unwrap());
+        let twice = pretty(&rewrite(parse(&once).unwrap(), &opts).unwrap());
+        assert_eq!(once, twice, "options {opts:?}");
+    }
+}
+
+fn with_init_and_deps() -> Value {
+    json!({
+        "family": "web",
+        "networkMode": "awsvpc",
+        "memory": "1 GB",
+        "containerDefinitions": [
+            {"name": "migrate", "image": "flyway", "essential": false},
+            {
+                "name": "app", "image": "nginx",
+                "portMappings": [{"containerPort": 8080}],
+                "dependsOn": [
+                    {"containerName": "migrate", "condition": "SUCCESS"},
+                    {"containerName": "envoy", "condition": "START"}
+                ]
+            },
+            {
+                "name": "envoy", "image": "old-envoy", "essential": true,
+                "dependsOn": [{"containerName": "migrate", "condition": "SUCCESS"}],
+                "logConfiguration": {"logDriver": "awslogs", "options": {"awslogs-group": "envoy"}}
+            }
+        ]
+    })
+}
+
+#[test]
+fn existing_depends_on_is_merged() {
+    let out = rewrite(with_init_and_deps(), &node()).unwrap();
+    assert_eq!(
+        names(&out),
+        ["migrate", "app", "envoy", "proxy-route-manager"]
+    );
+    // The app's own dependency stays first; its START on Envoy becomes HEALTHY in place.
+    assert_eq!(
+        container(&out, "app")["dependsOn"],
+        json!([
+            {"containerName": "migrate", "condition": "SUCCESS"},
+            {"containerName": "envoy", "condition": "HEALTHY"}
+        ])
+    );
+    // Envoy keeps waiting for the init container and also waits for the route manager.
+    let envoy = container(&out, "envoy");
+    assert_eq!(
+        envoy["dependsOn"],
+        json!([
+            {"containerName": "migrate", "condition": "SUCCESS"},
+            {"containerName": "proxy-route-manager", "condition": "SUCCESS"}
+        ])
+    );
+    assert_eq!(
+        envoy["logConfiguration"]["options"]["awslogs-group"], "envoy",
+        "user settings on Envoy are kept"
+    );
+    // Envoy waits for the init container, so the init container must not wait for Envoy.
+    assert!(container(&out, "migrate").get("dependsOn").is_none());
+}
+
+#[test]
+fn bridge_mode_is_refused_naming_the_field() {
+    let mut input = one_app();
+    input["networkMode"] = json!("bridge");
+    check_err(
+        input,
+        &node(),
+        r#"networkMode: "bridge" is not supported: transparent redirect needs awsvpc (one network namespace per task)"#,
+    );
+    let mut input = one_app();
+    input.as_object_mut().unwrap().remove("networkMode");
+    check_err(
+        input,
+        &node(),
+        r#"networkMode: missing (ECS defaults to "bridge") is not supported: transparent redirect needs awsvpc (one network namespace per task)"#,
+    );
+}
+
+#[test]
+fn app_ports_default_to_the_app_containers_ports() {
+    let input = json!({
+        "networkMode": "awsvpc",
+        "memory": "2048",
+        "containerDefinitions": [
+            {"name": "api", "image": "api", "portMappings": [{"containerPort": 8080}, {"containerPort": 8443}]},
+            {"name": "metrics", "image": "exporter", "portMappings": [{"containerPort": 9100}, {"containerPort": 8080}]},
+            {"name": "worker", "image": "worker"}
+        ]
+    });
+    let out = rewrite(input.clone(), &node()).unwrap();
+    let rm = container(&out, "proxy-route-manager");
+    assert_eq!(
+        env_var(rm, "APPMESH_APP_PORTS").as_deref(),
+        Some("8080,8443,9100")
+    );
+    for app in ["api", "metrics", "worker"] {
+        assert_eq!(
+            container(&out, app)["dependsOn"],
+            json!([{"containerName": "envoy", "condition": "HEALTHY"}])
+        );
+    }
+    // A flag wins, and its value then survives a re-run without the flag.
+    let mut opts = node();
+    opts.app_ports = Some(vec![8080]);
+    let out = rewrite(input, &opts).unwrap();
+    let again = rewrite(out, &node()).unwrap();
+    assert_eq!(
+        env_var(
+            container(&again, "proxy-route-manager"),
+            "APPMESH_APP_PORTS"
+        )
+        .as_deref(),
+        Some("8080")
+    );
+}
+
+#[test]
+fn field_order_and_unknown_fields_are_preserved() {
+    let input = json!({
+        "zzFirst": {"b": 1, "a": 2},
+        "containerDefinitions": [
+            {
+                "secrets": [{"name": "DB", "valueFrom": "arn:aws:ssm:us-east-1:1:parameter/db"}],
+                "name": "app",
+                "environment": [{"name": "Z", "value": "1"}, {"name": "A", "value": "2"}],
+                "image": "nginx",
+                "memoryReservation": 64,
+                "futureField": [3, 2, 1]
+            }
+        ],
+        "family": "web",
+        "networkMode": "awsvpc",
+        "volumes": [{"name": "data", "efsVolumeConfiguration": {"fileSystemId": "fs-1"}}],
+        "cpu": "512"
+    });
+    let out = rewrite(input, &node()).unwrap();
+    let top: Vec<&String> = out.as_object().unwrap().keys().collect();
+    assert_eq!(
+        top,
+        [
+            "zzFirst",
+            "containerDefinitions",
+            "family",
+            "networkMode",
+            "volumes",
+            "cpu"
+        ]
+    );
+    assert_eq!(out["zzFirst"], json!({"b": 1, "a": 2}));
+    let app = container(&out, "app");
+    let keys: Vec<&String> = app.as_object().unwrap().keys().collect();
+    assert_eq!(
+        keys,
+        [
+            "secrets",
+            "name",
+            "environment",
+            "image",
+            "memoryReservation",
+            "futureField",
+            "dependsOn"
+        ]
+    );
+    // The app's own environment is not the tool's: not sorted, not touched.
+    assert_eq!(
+        app["environment"],
+        json!([{"name": "Z", "value": "1"}, {"name": "A", "value": "2"}])
+    );
+    assert_eq!(
+        out["volumes"],
+        json!([{"name": "data", "efsVolumeConfiguration": {"fileSystemId": "fs-1"}}, socket_volume()])
+    );
+}
+
+#[test]
+fn virtual_gateway_is_envoy_only() {
+    let input = json!({
+        "family": "gw",
+        "networkMode": "bridge",
+        "memory": "512",
+        "containerDefinitions": [
+            {"name": "envoy", "image": "public.ecr.aws/appmesh/aws-appmesh-envoy:v1.29", "user": "1337",
+             "portMappings": [{"containerPort": 8443, "hostPort": 443}]}
+        ]
+    });
+    check(
+        input,
+        &gateway(),
+        json!({
+            "family": "gw",
+            "networkMode": "bridge",
+            "memory": "512",
+            "containerDefinitions": [
+                {
+                    "name": "envoy",
+                    "image": "trellis-envoy:0.1.0",
+                    "portMappings": [{"containerPort": 8443, "hostPort": 443}],
+                    "essential": true,
+                    "environment": [
+                        {"name": "APPMESH_RESOURCE_ARN", "value": "mesh/m/virtualGateway/gw"},
+                        {"name": "APPMESH_XDS_ENDPOINT", "value": "unix:///var/run/trellis/xds.sock"}
+                    ],
+                    "mountPoints": envoy_mount(),
+                    "ulimits": nofile(),
+                    "healthCheck": health_check()
+                }
+            ],
+            "volumes": [socket_volume()]
+        }),
+    );
+}
+
+#[test]
+fn node_task_turned_gateway_loses_its_redirect() {
+    let meshed = rewrite(one_app(), &node()).unwrap();
+    let out = rewrite(meshed, &gateway()).unwrap();
+    assert_eq!(names(&out), ["app", "envoy"]);
+    let envoy = container(&out, "envoy");
+    assert!(envoy.get("user").is_none());
+    assert!(envoy.get("dependsOn").is_none());
+}
+
+/// An App Mesh-era definition: AWS's Envoy image and ECS's proxyConfiguration.
+fn app_mesh_definition() -> Value {
+    json!({
+        "family": "colorteller",
+        "networkMode": "awsvpc",
+        "cpu": "256",
+        "memory": "512",
+        "proxyConfiguration": {
+            "type": "APPMESH",
+            "containerName": "envoy-sidecar",
+            "properties": [
+                {"name": "IgnoredUID", "value": "1337"},
+                {"name": "ProxyIngressPort", "value": "15000"},
+                {"name": "ProxyEgressPort", "value": "15001"},
+                {"name": "AppPorts", "value": "9080"},
+                {"name": "EgressIgnoredIPs", "value": "169.254.170.2,169.254.169.254,10.1.0.0/16"},
+                {"name": "EgressIgnoredPorts", "value": "22"}
+            ]
+        },
+        "containerDefinitions": [
+            {
+                "name": "app", "image": "colorteller", "essential": true,
+                "portMappings": [{"containerPort": 9080}, {"containerPort": 9081}],
+                "dependsOn": [{"containerName": "envoy-sidecar", "condition": "HEALTHY"}]
+            },
+            {
+                "name": "envoy-sidecar",
+                "image": "840364872350.dkr.ecr.us-west-2.amazonaws.com/aws-appmesh-envoy:v1.27.0.0-prod",
+                "essential": true,
+                "user": "1337",
+                "environment": [
+                    {"name": "APPMESH_VIRTUAL_NODE_NAME", "value": "mesh/old/virtualNode/colorteller"},
+                    {"name": "ENABLE_ENVOY_XRAY_TRACING", "value": "1"}
+                ],
+                "healthCheck": {"command": ["CMD-SHELL", "curl -s http://localhost:9901/server_info | grep state | grep -q LIVE"],
+                                "interval": 5, "timeout": 2, "retries": 3, "startPeriod": 10}
+            }
+        ]
+    })
+}
+
+#[test]
+fn app_mesh_definition_migrates_to_the_route_manager() {
+    let out = rewrite(app_mesh_definition(), &node()).unwrap();
+    assert!(out.get("proxyConfiguration").is_none());
+    assert_eq!(names(&out), ["app", "envoy", "proxy-route-manager"]);
+    assert_eq!(
+        container(&out, "app")["dependsOn"],
+        json!([{"containerName": "envoy", "condition": "HEALTHY"}])
+    );
+    let envoy = container(&out, "envoy");
+    assert_eq!(envoy["image"], "trellis-envoy:0.1.0");
+    assert_eq!(
+        env_var(envoy, "APPMESH_VIRTUAL_NODE_NAME"),
+        None,
+        "the stale identity is dropped"
+    );
+    assert_eq!(
+        env_var(envoy, "ENABLE_ENVOY_XRAY_TRACING").as_deref(),
+        Some("1"),
+        "user variables are kept"
+    );
+    let rm = container(&out, "proxy-route-manager");
+    // The user's ports (9080 only, not 9081) and exceptions carry over.
+    assert_eq!(env_var(rm, "APPMESH_APP_PORTS").as_deref(), Some("9080"));
+    assert_eq!(
+        env_var(rm, "APPMESH_EGRESS_IGNORED_IP").as_deref(),
+        Some("169.254.170.2,169.254.169.254,10.1.0.0/16")
+    );
+    assert_eq!(
+        env_var(rm, "APPMESH_EGRESS_IGNORED_PORTS").as_deref(),
+        Some("22")
+    );
+}
+
+#[test]
+fn proxy_configuration_mode() {
+    let mut opts = node();
+    opts.redirect = Redirect::ProxyConfiguration;
+    let out = rewrite(app_mesh_definition(), &opts).unwrap();
+    assert_eq!(names(&out), ["app", "envoy"]);
+    let top: Vec<&String> = out.as_object().unwrap().keys().collect();
+    assert_eq!(
+        top,
+        [
+            "family",
+            "networkMode",
+            "cpu",
+            "memory",
+            "proxyConfiguration",
+            "containerDefinitions",
+            "volumes"
+        ]
+    );
+    assert_eq!(
+        out["proxyConfiguration"],
+        json!({
+            "type": "APPMESH",
+            "containerName": "envoy",
+            "properties": [
+                {"name": "AppPorts", "value": "9080"},
+                {"name": "EgressIgnoredIPs", "value": "169.254.170.2,169.254.169.254,10.1.0.0/16"},
+                {"name": "EgressIgnoredPorts", "value": "22"},
+                {"name": "IgnoredUID", "value": "1337"},
+                {"name": "ProxyEgressPort", "value": "15001"},
+                {"name": "ProxyIngressPort", "value": "15000"}
+            ]
+        })
+    );
+    assert!(container(&out, "envoy").get("dependsOn").is_none());
+    // Switching back to the route manager keeps the settings.
+    let back = rewrite(out, &node()).unwrap();
+    assert!(back.get("proxyConfiguration").is_none());
+    let rm = container(&back, "proxy-route-manager");
+    assert_eq!(env_var(rm, "APPMESH_APP_PORTS").as_deref(), Some("9080"));
+    assert_eq!(
+        env_var(rm, "APPMESH_EGRESS_IGNORED_PORTS").as_deref(),
+        Some("22")
+    );
+}
+
+#[test]
+fn tcp_endpoint_drops_the_socket_and_allows_fargate() {
+    let mut opts = node();
+    opts.redirect = Redirect::ProxyConfiguration;
+    opts.xds_endpoint = Some("10.0.0.5:15100".into());
+    let mut input = one_app();
+    input["requiresCompatibilities"] = json!(["FARGATE"]);
+    input["cpu"] = json!("512");
+    input["memory"] = json!("1024");
+    let out = rewrite(input.clone(), &opts).unwrap();
+    let envoy = container(&out, "envoy");
+    assert_eq!(
+        env_var(envoy, "APPMESH_XDS_ENDPOINT").as_deref(),
+        Some("10.0.0.5:15100")
+    );
+    assert!(envoy.get("mountPoints").is_none());
+    assert!(out.get("volumes").is_none());
+
+    check_err(
+        input.clone(),
+        &node(),
+        r#"requiresCompatibilities[0]: "FARGATE" is not valid: Fargate has no host volumes for the agent socket; pass --xds-endpoint HOST:PORT"#,
+    );
+    let mut tcp_only = node();
+    tcp_only.xds_endpoint = Some("10.0.0.5:15100".into());
+    check_err(
+        input,
+        &tcp_only,
+        r#"requiresCompatibilities[0]: "FARGATE" is not valid: Fargate does not grant NET_ADMIN to the route manager; pass --proxy-configuration"#,
+    );
+}
+
+#[test]
+fn malformed_json_reports_line_and_column() {
+    let err = parse("{\n  \"family\": \"web\",\n  \"networkMode\": awsvpc\n}").unwrap_err();
+    assert_eq!(
+        err,
+        Error::Json {
+            line: 3,
+            column: 18,
+            message: "expected value".into()
+        }
+    );
+    assert_eq!(
+        err.to_string(),
+        "input is not valid JSON at line 3, column 18: expected value"
+    );
+}
+
+#[test]
+fn rule_violations_name_the_field() {
+    let with = |patch: &dyn Fn(&mut Value)| {
+        let mut v = one_app();
+        patch(&mut v);
+        v
+    };
+    let cases: Vec<(Value, &str)> = vec![
+        (
+            json!(["not", "a", "task"]),
+            "(top level): expected an object (a task definition), found an array",
+        ),
+        (
+            with(&|v| {
+                v["containerDefinitions"][0]["portMappings"][0]["containerPort"] = json!(15000)
+            }),
+            "containerDefinitions[0].portMappings[0].containerPort: port 15000 is reserved for Envoy's ingress listener; move the application off it",
+        ),
+        (
+            with(&|v| {
+                v["containerDefinitions"][0]["portMappings"] =
+                    json!([{"containerPort": 80}, {"containerPort": 9901}])
+            }),
+            "containerDefinitions[0].portMappings[1].containerPort: port 9901 is reserved for Envoy's admin interface; move the application off it",
+        ),
+        (
+            with(&|v| {
+                v["containerDefinitions"][0]["portMappings"][0] =
+                    json!({"containerPortRange": "14000-16000"})
+            }),
+            "containerDefinitions[0].portMappings[0].containerPortRange: port 15000 is reserved for Envoy's ingress listener; move the application off it",
+        ),
+        (
+            with(&|v| v["containerDefinitions"][0]["portMappings"][0]["hostPort"] = json!(80)),
+            "containerDefinitions[0].portMappings[0].hostPort: 80 is not valid: in awsvpc mode hostPort must be absent or equal containerPort 8080",
+        ),
+        (
+            with(&|v| {
+                v["containerDefinitions"][0]["portMappings"][0]["containerPort"] = json!("8080")
+            }),
+            r#"containerDefinitions[0].portMappings[0].containerPort: expected a non-negative integer, found string "8080""#,
+        ),
+        (
+            with(&|v| {
+                v["containerDefinitions"]
+                    .as_array_mut()
+                    .unwrap()
+                    .push(json!({"name": "app", "image": "x"}))
+            }),
+            r#"containerDefinitions[1].name: "app" is also the name of containerDefinitions[0]; container names must be unique"#,
+        ),
+        (
+            with(&|v| {
+                v["containerDefinitions"][0]
+                    .as_object_mut()
+                    .unwrap()
+                    .remove("image")
+                    .map(drop)
+                    .unwrap_or(())
+            }),
+            "containerDefinitions[0].image: missing; ECS requires an image for every container",
+        ),
+        (
+            with(&|v| {
+                v["containerDefinitions"][0]
+                    .as_object_mut()
+                    .unwrap()
+                    .remove("name")
+                    .map(drop)
+                    .unwrap_or(())
+            }),
+            "containerDefinitions[0].name: missing; ECS requires a name for every container",
+        ),
+        (
+            with(&|v| {
+                v["containerDefinitions"][0]["dependsOn"] =
+                    json!([{"containerName": "db", "condition": "START"}])
+            }),
+            r#"containerDefinitions[0].dependsOn[0].containerName: no container is named "db""#,
+        ),
+        (
+            with(&|v| {
+                v["containerDefinitions"]
+                    .as_array_mut()
+                    .unwrap()
+                    .push(json!({"name": "db", "image": "pg", "memory": 64}));
+                v["containerDefinitions"][0]["dependsOn"] =
+                    json!([{"containerName": "db", "condition": "READY"}]);
+            }),
+            r#"containerDefinitions[0].dependsOn[0].condition: "READY" is not valid: must be one of START, COMPLETE, SUCCESS, HEALTHY"#,
+        ),
+        (
+            with(&|v| {
+                v["containerDefinitions"]
+                    .as_array_mut()
+                    .unwrap()
+                    .push(json!({"name": "db", "image": "pg", "memory": 64}));
+                v["containerDefinitions"][0]["dependsOn"] =
+                    json!([{"containerName": "db", "condition": "HEALTHY"}]);
+            }),
+            r#"containerDefinitions[0].dependsOn[0].condition: "HEALTHY" is not valid: "db" has no healthCheck, so it never becomes HEALTHY"#,
+        ),
+        (
+            with(&|v| {
+                v["containerDefinitions"]
+                    .as_array_mut()
+                    .unwrap()
+                    .push(json!({
+                        "name": "sidecar", "image": "x", "memory": 32,
+                        "dependsOn": [{"containerName": "app", "condition": "SUCCESS"}]
+                    }))
+            }),
+            r#"containerDefinitions[1].dependsOn[0].condition: "SUCCESS" is not valid: "app" is essential; ECS allows COMPLETE and SUCCESS only on non-essential containers"#,
+        ),
+        (
+            with(&|v| {
+                v["containerDefinitions"]
+                    .as_array_mut()
+                    .unwrap()
+                    .push(json!({
+                        "name": "cache", "image": "x", "memory": 32,
+                        "dependsOn": [{"containerName": "cache", "condition": "START"}]
+                    }))
+            }),
+            "containerDefinitions[1].dependsOn[0].containerName: dependsOn cycle cache -> cache",
+        ),
+        (
+            with(&|v| v["memory"] = json!("200")),
+            "memory: 200 MiB is too small: the containers (Envoy included) need 256 MiB for containerDefinitions[0].memory",
+        ),
+        (
+            with(&|v| v["memory"] = json!("300")),
+            "memory: 300 MiB is too small: the containers (Envoy included) need 256 MiB plus at least 64 MiB left for Envoy (or set --envoy-memory)",
+        ),
+        (
+            with(&|v| v["memory"] = json!("lots")),
+            r#"memory: "lots" is not valid: expected MiB, or GB with the unit, e.g. "512" or "1 GB""#,
+        ),
+        (
+            with(&|v| {
+                v["containerDefinitions"][0]
+                    .as_object_mut()
+                    .unwrap()
+                    .remove("memory");
+            }),
+            "containerDefinitions[0].memory: missing; without a task-level memory ECS needs memory or memoryReservation on every container",
+        ),
+        (
+            with(&|v| {
+                v["proxyConfiguration"] = json!({"type": "APPMESH",
+                "properties": [{"name": "ProxyIngressPort", "value": "15500"}]})
+            }),
+            r#"proxyConfiguration.properties[0].value: "15500" is not valid: ProxyIngressPort must be 15000: Trellis Envoy's ingress listener is fixed at that port"#,
+        ),
+        (
+            with(&|v| {
+                v["proxyConfiguration"] = json!({"type": "APPMESH", "containerName": "proxy"})
+            }),
+            r#"proxyConfiguration.containerName: no container is named "proxy""#,
+        ),
+    ];
+    for (input, expected) in cases {
+        check_err(input, &node(), expected);
+    }
+}
+
+#[test]
+fn a_cycle_through_envoy_is_reported() {
+    // The app waits for Envoy and Envoy waits for the app: the input itself can never start.
+    let input = json!({
+        "networkMode": "awsvpc",
+        "memory": "1024",
+        "containerDefinitions": [
+            {"name": "app", "image": "nginx", "essential": false,
+             "dependsOn": [{"containerName": "envoy", "condition": "HEALTHY"}]},
+            {"name": "envoy", "image": "x", "dependsOn": [{"containerName": "app", "condition": "COMPLETE"}]}
+        ]
+    });
+    check_err(
+        input,
+        &node(),
+        "containerDefinitions[0].dependsOn: dependsOn cycle app -> envoy -> app",
+    );
+}
+
+#[test]
+fn memory_that_cannot_fit_envoy_is_refused() {
+    let mut input = one_app();
+    input["memory"] = json!("512");
+    let mut opts = node();
+    opts.envoy_memory = Some(300);
+    check_err(
+        input,
+        &opts,
+        "memory: 512 MiB is too small: the containers (Envoy included) need 556 MiB in total",
+    );
+}
+
+#[test]
+fn bad_options_are_refused() {
+    type Patch = Box<dyn Fn(&mut Options)>;
+    let cases: Vec<(Patch, &str)> = vec![
+        (
+            Box::new(|o| o.mesh = String::new()),
+            r#"--mesh: "" is not valid: App Mesh names are 1 to 255 characters without '/' or spaces"#,
+        ),
+        (
+            Box::new(|o| o.target = Target::VirtualNode("a/b".into())),
+            r#"--virtual-node: "a/b" is not valid: App Mesh names are 1 to 255 characters without '/' or spaces"#,
+        ),
+        (
+            Box::new(|o| o.app_ports = Some(vec![15001])),
+            r#"--app-ports: "15001" is not valid: port 15001 is reserved for Envoy's egress listener"#,
+        ),
+        (
+            Box::new(|o| o.egress_ignored_ips = vec!["10.0.0.0/33".into()]),
+            r#"--egress-ignored-ips: "10.0.0.0/33" is not valid: expected an IP address or CIDR block"#,
+        ),
+        (
+            Box::new(|o| o.envoy_log_level = Some("loud".into())),
+            r#"--envoy-log-level: "loud" is not valid: must be one of trace, debug, info, warn, warning, error, critical, off"#,
+        ),
+        (
+            Box::new(|o| o.socket_host_path = "run/trellis".into()),
+            r#"--socket-host-path: "run/trellis" is not valid: must be an absolute path"#,
+        ),
+        (
+            Box::new(|o| o.xds_endpoint = Some("agent".into())),
+            r#"--xds-endpoint: "agent" is not valid: expected unix:///absolute/path or HOST:PORT"#,
+        ),
+        (
+            Box::new(|o| o.envoy_env = vec![("APPMESH_RESOURCE_ARN".into(), "x".into())]),
+            r#"--envoy-env: "APPMESH_RESOURCE_ARN" is not valid: this variable is set by the tool; use its own flag"#,
+        ),
+    ];
+    for (patch, expected) in cases {
+        let mut opts = node();
+        patch(&mut opts);
+        check_err(one_app(), &opts, expected);
+    }
+}
+
+/// Validates outputs against botocore's own `RegisterTaskDefinition` input shape. The Rust assertions
+/// above are the main ones; this guards against emitting something real ECS would reject by shape.
+#[test]
+fn outputs_match_the_ecs_register_task_definition_shape() {
+    let python = std::env::var("TRELLIS_BOTOCORE_PYTHON")
+        .unwrap_or_else(|_| "/tmp/venvtest/bin/python".into());
+    if !std::path::Path::new(&python).exists() {
+        assert!(
+            std::env::var_os("TRELLIS_REQUIRE_BOTOCORE").is_none(),
+            "TRELLIS_REQUIRE_BOTOCORE is set but {python} is missing"
+        );
+        eprintln!(
+            "skipping botocore shape validation: {python} not found (set TRELLIS_BOTOCORE_PYTHON)"
+        );
+        return;
+    }
+    let mut pc = node();
+    pc.redirect = Redirect::ProxyConfiguration;
+    let mut full = node();
+    full.envoy_cpu = Some(64);
+    full.envoy_memory = Some(128);
+    full.egress_ignored_ports = vec![22];
+    let outputs: Vec<Value> = [
+        (one_app(), node()),
+        (one_app(), gateway()),
+        (one_app(), full),
+        (app_mesh_definition(), node()),
+        (app_mesh_definition(), pc),
+        (with_init_and_deps(), node()),
+    ]
+    .into_iter()
+    .map(|(input, opts)| rewrite(input, &opts).unwrap())
+    .collect();
+    let script = r#"
+import json, sys
+import botocore.session
+from botocore.validate import validate_parameters
+shape = botocore.session.get_session().get_service_model("ecs").operation_model("RegisterTaskDefinition").input_shape
+for i, params in enumerate(json.load(sys.stdin)):
+    try:
+        validate_parameters(params, shape)
+    except Exception as e:
+        print(f"output {i}: {e}")
+        sys.exit(1)
+"#;
+    let mut child = std::process::Command::new(&python)
+        .args(["-c", script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    serde_json::to_writer(child.stdin.take().unwrap(), &outputs).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "botocore rejected an output: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn ignored_gid_and_ipv6_reach_envoy_and_the_route_manager() {
+    let mut opts = node();
+    opts.ignored_gid = Some(1338);
+    opts.enable_ipv6 = true;
+    let out = rewrite(one_app(), &opts).unwrap();
+    assert_eq!(container(&out, "envoy")["user"], "1337:1338");
+    let rm = container(&out, "proxy-route-manager");
+    assert_eq!(env_var(rm, "APPMESH_IGNORE_GID").as_deref(), Some("1338"));
+    assert_eq!(env_var(rm, "APPMESH_ENABLE_IPV6").as_deref(), Some("1"));
+    // Both are the task's settings now: a plain re-run keeps them.
+    assert_same(&rewrite(out.clone(), &node()).unwrap(), &out);
+}

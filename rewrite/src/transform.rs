@@ -1,0 +1,575 @@
+//! The rewrite itself: find or add the containers the tool owns, set exactly the fields it owns, merge
+//! `dependsOn`, and leave every other byte of the task definition alone. Pure: no IO, so it is tested
+//! with plain JSON values and re-running it on its own output is a fixed point.
+
+use std::collections::HashSet;
+
+use serde_json::{Value, json};
+
+use crate::Error;
+use crate::json::{self, Object};
+use crate::options::{
+    ENVOY_ADMIN_PORT, ENVOY_CONTAINER, ENVOY_NOFILE, Options, ROUTE_MANAGER_CONTAINER, Redirect,
+    SOCKET_CONTAINER_PATH, SOCKET_VOLUME,
+};
+use crate::settings::{self, Existing, Settings};
+use crate::validate;
+
+/// Fields of `DescribeTaskDefinition` output that `RegisterTaskDefinition` does not accept.
+const READ_ONLY: [&str; 9] = [
+    "taskDefinitionArn",
+    "revision",
+    "status",
+    "requiresAttributes",
+    "compatibilities",
+    "registeredAt",
+    "registeredBy",
+    "deregisteredAt",
+    "deleteRequestedAt",
+];
+
+/// Image names of AWS's App Mesh containers, to recognise an App Mesh-era definition.
+const AWS_ENVOY_IMAGE: &str = "aws-appmesh-envoy";
+const AWS_ROUTE_MANAGER_IMAGE: &str = "aws-appmesh-proxy-route-manager";
+/// Envoy identity variables of the App Mesh image that would contradict `APPMESH_RESOURCE_ARN`.
+const STALE_IDENTITY_VARS: [&str; 2] = ["APPMESH_RESOURCE_NAME", "APPMESH_VIRTUAL_NODE_NAME"];
+const ENV_RESOURCE_ARN: &str = "APPMESH_RESOURCE_ARN";
+const ENV_XDS_ENDPOINT: &str = "APPMESH_XDS_ENDPOINT";
+const ENV_LOG_LEVEL: &str = "ENVOY_LOG_LEVEL";
+const ENV_ADMIN_PORT: &str = "ENVOY_ADMIN_ACCESS_PORT";
+/// Memory reservations given to owned containers only when ECS needs one (no task-level memory).
+const ENVOY_DEFAULT_RESERVATION: u64 = 128;
+const ROUTE_MANAGER_DEFAULT_RESERVATION: u64 = 32;
+
+/// See [`crate::rewrite`].
+pub(crate) fn rewrite(input: Value, opts: &Options) -> Result<Value, Error> {
+    validate::options(opts)?;
+    let mut td = task_definition(input)?;
+    validate::network_mode(&td, opts)?;
+    validate::launch_type(&td, opts)?;
+    let awsvpc = td.get("networkMode").and_then(Value::as_str) == Some("awsvpc");
+
+    let mut containers = take_containers(&mut td)?;
+    validate::names(&containers)?;
+    let envoy = find_envoy(&td, &containers)?;
+    if let Some(i) = envoy {
+        rename(&mut containers, i, ENVOY_CONTAINER)?;
+    }
+    let route_manager = find_by_name_or_image(
+        &containers,
+        ROUTE_MANAGER_CONTAINER,
+        AWS_ROUTE_MANAGER_IMAGE,
+    );
+    if let Some(i) = route_manager {
+        rename(&mut containers, i, ROUTE_MANAGER_CONTAINER)?;
+    }
+
+    // Settings the task already carries, from either redirect mechanism.
+    let mut existing = Existing::default();
+    if let Some(pc) = td.get("proxyConfiguration").filter(|v| !v.is_null()) {
+        let pc = json::object(pc, "proxyConfiguration")?;
+        match json::str_field(pc, "type", "proxyConfiguration")? {
+            None | Some("APPMESH") => {}
+            Some(other) => {
+                return Err(Error::invalid(
+                    "proxyConfiguration.type",
+                    format!("{other:?}"),
+                    "only APPMESH is supported",
+                ));
+            }
+        }
+        existing.read_proxy_configuration(&json::name_values(
+            pc,
+            "properties",
+            "proxyConfiguration",
+        )?)?;
+    }
+    if let Some(i) = route_manager {
+        let path = format!("containerDefinitions[{i}]");
+        existing.read_route_manager(&json::name_values(&containers[i], "environment", &path)?)?;
+    }
+
+    // Containers Envoy itself waits for (init containers, log routers) must not wait for Envoy.
+    let mut before_envoy = HashSet::new();
+    for i in envoy.iter().chain(route_manager.iter()) {
+        reachable(&containers, *i, &mut before_envoy);
+    }
+    let owned = |i: usize| Some(i) == envoy || Some(i) == route_manager;
+    let apps: Vec<usize> = (0..containers.len())
+        .filter(|&i| !owned(i) && !before_envoy.contains(&i))
+        .collect();
+
+    let admin = match envoy {
+        Some(i) => admin_port(
+            Some(&containers[i]),
+            &format!("containerDefinitions[{i}]"),
+            opts,
+        )?,
+        None => admin_port(None, "", opts)?,
+    };
+    let mut derived_ports = Vec::new();
+    for i in (0..containers.len()).filter(|&i| !owned(i)) {
+        let path = format!("containerDefinitions[{i}]");
+        validate::app_container(&containers[i], &path, awsvpc, admin, opts.is_gateway())?;
+        if apps.contains(&i) {
+            for (j, pm) in json::array_field(&containers[i], "portMappings", &path)?
+                .iter()
+                .enumerate()
+            {
+                let pm_path = format!("{path}.portMappings[{j}]");
+                let port =
+                    validate::port_field(json::object(pm, &pm_path)?, "containerPort", &pm_path)?;
+                if let Some(p) = port.and_then(|p| u16::try_from(p).ok())
+                    && !derived_ports.contains(&p)
+                {
+                    derived_ports.push(p);
+                }
+            }
+        }
+    }
+    let settings = Settings::resolve(opts, existing, derived_ports);
+    // Without a task-level memory, ECS needs a memory value on every container, ours included.
+    let needs_memory = validate::task_memory(&td)?.is_none();
+    if opts.redirect() == Some(Redirect::ProxyConfiguration) && settings.app_ports.is_empty() {
+        return Err(Error::option(
+            "app-ports",
+            "",
+            "ECS's APPMESH proxyConfiguration needs AppPorts and no app container declares a containerPort",
+        ));
+    }
+
+    // The Envoy container.
+    let envoy_idx = match envoy {
+        Some(i) => i,
+        None => {
+            containers.push(Object::new());
+            containers.len() - 1
+        }
+    };
+    envoy_container(
+        &mut containers[envoy_idx],
+        envoy_idx,
+        opts,
+        &settings,
+        needs_memory,
+    )?;
+
+    // The route manager, or ECS's proxyConfiguration, or neither for a gateway.
+    let mut remove = None;
+    match opts.redirect() {
+        Some(Redirect::RouteManager) => {
+            let i = match route_manager {
+                Some(i) => i,
+                None => {
+                    containers.push(Object::new());
+                    containers.len() - 1
+                }
+            };
+            route_manager_container(&mut containers[i], i, opts, &settings, needs_memory)?;
+            depend(
+                &mut containers[envoy_idx],
+                envoy_idx,
+                ROUTE_MANAGER_CONTAINER,
+                "SUCCESS",
+            )?;
+            td.shift_remove("proxyConfiguration");
+        }
+        Some(Redirect::ProxyConfiguration) => {
+            remove = route_manager;
+            proxy_configuration(&mut td, &settings)?;
+        }
+        None => {
+            remove = route_manager;
+            td.shift_remove("proxyConfiguration");
+        }
+    }
+    for &i in &apps {
+        depend(&mut containers[i], i, ENVOY_CONTAINER, "HEALTHY")?;
+    }
+    if let Some(r) = remove {
+        containers.remove(r);
+        for (i, c) in containers.iter_mut().enumerate() {
+            undepend(c, i, ROUTE_MANAGER_CONTAINER)?;
+        }
+    }
+
+    socket_volume(&mut td, opts)?;
+    validate::resources(&td, &containers)?;
+    validate::depends_on(&containers)?;
+
+    td.insert(
+        "containerDefinitions".into(),
+        Value::Array(containers.into_iter().map(Value::Object).collect()),
+    );
+    Ok(Value::Object(td))
+}
+
+/// Unwraps `DescribeTaskDefinition` output and drops its read-only fields; carries its `tags` over.
+fn task_definition(input: Value) -> Result<Object, Error> {
+    let mut top = match input {
+        Value::Object(m) => m,
+        other => {
+            return Err(json::wrong(
+                "(top level)",
+                "an object (a task definition)",
+                &other,
+            ));
+        }
+    };
+    let mut td = match top.shift_remove("taskDefinition") {
+        Some(Value::Object(inner)) => {
+            let mut inner = inner;
+            let tags = top.shift_remove("tags");
+            if let Some(tags) = tags.filter(|t| t.as_array().is_some_and(|a| !a.is_empty())) {
+                inner.entry("tags").or_insert(tags);
+            }
+            inner
+        }
+        Some(other) => return Err(json::wrong("taskDefinition", "an object", &other)),
+        None => top,
+    };
+    for field in READ_ONLY {
+        td.shift_remove(field);
+    }
+    Ok(td)
+}
+
+/// Takes the container list out (leaving its key in place, so the field keeps its position).
+fn take_containers(td: &mut Object) -> Result<Vec<Object>, Error> {
+    let list = match td.get_mut("containerDefinitions") {
+        Some(Value::Array(a)) => std::mem::take(a),
+        Some(other) => return Err(json::wrong("containerDefinitions", "an array", other)),
+        None => {
+            td.insert("containerDefinitions".into(), Value::Array(Vec::new()));
+            Vec::new()
+        }
+    };
+    list.into_iter()
+        .enumerate()
+        .map(|(i, c)| match c {
+            Value::Object(m) => Ok(m),
+            other => Err(json::wrong(
+                &format!("containerDefinitions[{i}]"),
+                "an object",
+                &other,
+            )),
+        })
+        .collect()
+}
+
+fn name_of(c: &Object) -> &str {
+    c.get("name").and_then(Value::as_str).unwrap_or_default()
+}
+
+/// The Envoy container: named `envoy`, or the one an App Mesh `proxyConfiguration` names, or the only
+/// container running AWS's Envoy image.
+fn find_envoy(td: &Object, containers: &[Object]) -> Result<Option<usize>, Error> {
+    if let Some(i) = containers
+        .iter()
+        .position(|c| name_of(c) == ENVOY_CONTAINER)
+    {
+        return Ok(Some(i));
+    }
+    if let Some(pc) = td.get("proxyConfiguration").and_then(Value::as_object)
+        && let Some(name) = json::str_field(pc, "containerName", "proxyConfiguration")?
+    {
+        return match containers.iter().position(|c| name_of(c) == name) {
+            Some(i) => Ok(Some(i)),
+            None => Err(Error::UnknownDependency {
+                path: "proxyConfiguration.containerName".into(),
+                name: name.to_string(),
+            }),
+        };
+    }
+    Ok(find_by_name_or_image(
+        containers,
+        ENVOY_CONTAINER,
+        AWS_ENVOY_IMAGE,
+    ))
+}
+
+fn find_by_name_or_image(containers: &[Object], name: &str, image: &str) -> Option<usize> {
+    if let Some(i) = containers.iter().position(|c| name_of(c) == name) {
+        return Some(i);
+    }
+    let mut by_image = containers.iter().enumerate().filter(|(_, c)| {
+        c.get("image")
+            .and_then(Value::as_str)
+            .is_some_and(|im| im.contains(image))
+    });
+    match (by_image.next(), by_image.next()) {
+        (Some((i, _)), None) => Some(i),
+        _ => None,
+    }
+}
+
+/// Renames container `i` and every reference to it (`dependsOn`, `volumesFrom`).
+fn rename(containers: &mut [Object], i: usize, to: &str) -> Result<(), Error> {
+    let from = name_of(&containers[i]).to_string();
+    if from == to {
+        return Ok(());
+    }
+    if let Some(j) = containers.iter().position(|c| name_of(c) == to) {
+        return Err(Error::DuplicateName {
+            path: format!("containerDefinitions[{j}].name"),
+            name: to.to_string(),
+            first: format!(
+                "containerDefinitions[{i}] (the Trellis-owned container {from:?} becomes {to:?})"
+            ),
+        });
+    }
+    containers[i].insert("name".into(), json!(to));
+    for c in containers.iter_mut() {
+        for key in ["dependsOn", "volumesFrom"] {
+            let field = if key == "dependsOn" {
+                "containerName"
+            } else {
+                "sourceContainer"
+            };
+            if let Some(Value::Array(list)) = c.get_mut(key) {
+                for entry in list.iter_mut().filter_map(Value::as_object_mut) {
+                    if entry.get(field).and_then(Value::as_str) == Some(from.as_str()) {
+                        entry.insert(field.into(), json!(to));
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Adds to `seen` every container that `start` waits for, directly or not.
+fn reachable(containers: &[Object], start: usize, seen: &mut HashSet<usize>) {
+    let mut stack = vec![start];
+    while let Some(i) = stack.pop() {
+        let deps = containers[i].get("dependsOn").and_then(Value::as_array);
+        for d in deps.into_iter().flatten() {
+            let Some(target) = d.get("containerName").and_then(Value::as_str) else {
+                continue;
+            };
+            if let Some(t) = containers.iter().position(|c| name_of(c) == target)
+                && seen.insert(t)
+            {
+                stack.push(t);
+            }
+        }
+    }
+}
+
+/// The admin port the health check probes: the user's `ENVOY_ADMIN_ACCESS_PORT` if set, else 9901.
+fn admin_port(envoy: Option<&Object>, path: &str, opts: &Options) -> Result<u16, Error> {
+    if let Some((_, v)) = opts.envoy_env.iter().find(|(n, _)| n == ENV_ADMIN_PORT) {
+        return v.parse().map_err(|_| {
+            Error::option(
+                "envoy-env",
+                format!("{ENV_ADMIN_PORT}={v}"),
+                "must be a port number",
+            )
+        });
+    }
+    let Some(envoy) = envoy else {
+        return Ok(ENVOY_ADMIN_PORT);
+    };
+    for nv in json::name_values(envoy, "environment", path)? {
+        if nv.name == ENV_ADMIN_PORT {
+            return nv.value.trim().parse().map_err(|_| {
+                Error::invalid(nv.path, format!("{:?}", nv.value), "must be a port number")
+            });
+        }
+    }
+    Ok(ENVOY_ADMIN_PORT)
+}
+
+fn envoy_container(
+    c: &mut Object,
+    i: usize,
+    opts: &Options,
+    settings: &Settings,
+    needs_memory: bool,
+) -> Result<(), Error> {
+    let path = format!("containerDefinitions[{i}]");
+    let admin = admin_port(Some(c), &path, opts)?;
+    c.insert("name".into(), json!(ENVOY_CONTAINER));
+    c.insert("image".into(), json!(opts.envoy_image));
+    c.insert("essential".into(), json!(true));
+    if opts.is_gateway() {
+        c.shift_remove("user");
+    } else {
+        c.insert("user".into(), json!(settings.envoy_user()));
+    }
+    if let Some(cpu) = opts.envoy_cpu {
+        c.insert("cpu".into(), json!(cpu));
+    }
+    if let Some(memory) = opts.envoy_memory {
+        c.insert("memory".into(), json!(memory));
+    }
+    default_reservation(c, needs_memory, ENVOY_DEFAULT_RESERVATION);
+
+    let mut env = vec![
+        (ENV_RESOURCE_ARN.to_string(), opts.resource_arn()),
+        (ENV_XDS_ENDPOINT.to_string(), opts.xds_endpoint_value()),
+    ];
+    if let Some(level) = &opts.envoy_log_level {
+        env.push((ENV_LOG_LEVEL.to_string(), level.clone()));
+    }
+    env.extend(opts.envoy_env.iter().cloned());
+    json::set_name_values(c, "environment", &path, &env, &STALE_IDENTITY_VARS)?;
+
+    // The socket mount (or none when Envoy reaches the agent over TCP).
+    let mount = json!({"sourceVolume": SOCKET_VOLUME, "containerPath": SOCKET_CONTAINER_PATH, "readOnly": true});
+    if opts.xds_endpoint.is_none() {
+        let mounts = json::array_field_mut(c, "mountPoints", &path)?;
+        match position_by(mounts, "sourceVolume", SOCKET_VOLUME) {
+            Some(p) => mounts[p] = mount,
+            None => mounts.push(mount),
+        }
+    } else if let Some(Value::Array(mounts)) = c.get_mut("mountPoints")
+        && let Some(p) = position_by(mounts, "sourceVolume", SOCKET_VOLUME)
+    {
+        mounts.remove(p);
+        if mounts.is_empty() {
+            c.shift_remove("mountPoints");
+        }
+    }
+
+    // Envoy holds a socket per connection; keep the user's nofile limit if they set one.
+    let ulimits = json::array_field_mut(c, "ulimits", &path)?;
+    if !ulimits
+        .iter()
+        .any(|u| u.get("name").and_then(Value::as_str) == Some("nofile"))
+    {
+        ulimits
+            .push(json!({"name": "nofile", "softLimit": ENVOY_NOFILE, "hardLimit": ENVOY_NOFILE}));
+    }
+
+    c.insert(
+        "healthCheck".into(),
+        json!({
+            "command": [
+                "CMD-SHELL",
+                format!("curl -s http://localhost:{admin}/server_info | grep state | grep -q LIVE"),
+            ],
+            "interval": 5,
+            "timeout": 2,
+            "retries": 3,
+            "startPeriod": 10,
+        }),
+    );
+    if opts.redirect() != Some(Redirect::RouteManager) {
+        undepend(c, i, ROUTE_MANAGER_CONTAINER)?;
+    }
+    Ok(())
+}
+
+fn route_manager_container(
+    c: &mut Object,
+    i: usize,
+    opts: &Options,
+    settings: &Settings,
+    needs_memory: bool,
+) -> Result<(), Error> {
+    let path = format!("containerDefinitions[{i}]");
+    c.insert("name".into(), json!(ROUTE_MANAGER_CONTAINER));
+    c.insert("image".into(), json!(opts.route_manager_image));
+    // It exits once the rules are in; an essential container exiting would stop the task.
+    c.insert("essential".into(), json!(false));
+    default_reservation(c, needs_memory, ROUTE_MANAGER_DEFAULT_RESERVATION);
+
+    let lp_path = format!("{path}.linuxParameters");
+    let lp = json::object_mut(
+        c.entry("linuxParameters").or_insert_with(|| json!({})),
+        &lp_path,
+    )?;
+    let caps_path = format!("{lp_path}.capabilities");
+    let caps = json::object_mut(
+        lp.entry("capabilities").or_insert_with(|| json!({})),
+        &caps_path,
+    )?;
+    let add = json::array_field_mut(caps, "add", &caps_path)?;
+    if !add.iter().any(|a| a.as_str() == Some("NET_ADMIN")) {
+        add.push(json!("NET_ADMIN"));
+    }
+
+    json::set_name_values(
+        c,
+        "environment",
+        &path,
+        &settings.route_manager_env(),
+        &settings::ROUTE_MANAGER_VARS,
+    )
+}
+
+fn default_reservation(c: &mut Object, needs_memory: bool, mib: u64) {
+    let unset = |k: &str| c.get(k).is_none_or(Value::is_null);
+    if needs_memory && unset("memory") && unset("memoryReservation") {
+        c.insert("memoryReservation".into(), json!(mib));
+    }
+}
+
+/// Sets ECS's native redirect, keeping any property the tool does not own.
+fn proxy_configuration(td: &mut Object, settings: &Settings) -> Result<(), Error> {
+    let pc = json::object_mut(
+        td.entry("proxyConfiguration").or_insert_with(|| json!({})),
+        "proxyConfiguration",
+    )?;
+    pc.insert("type".into(), json!("APPMESH"));
+    pc.insert("containerName".into(), json!(ENVOY_CONTAINER));
+    json::set_name_values(
+        pc,
+        "properties",
+        "proxyConfiguration",
+        &settings.proxy_properties(),
+        &settings::PROXY_PROPERTIES,
+    )
+}
+
+/// Adds (or fixes the condition of) a dependency, keeping every other entry in place.
+fn depend(c: &mut Object, i: usize, target: &str, condition: &str) -> Result<(), Error> {
+    let path = format!("containerDefinitions[{i}]");
+    let deps = json::array_field_mut(c, "dependsOn", &path)?;
+    for (j, d) in deps.iter_mut().enumerate() {
+        let d = json::object_mut(d, &format!("{path}.dependsOn[{j}]"))?;
+        if d.get("containerName").and_then(Value::as_str) == Some(target) {
+            d.insert("condition".into(), json!(condition));
+            return Ok(());
+        }
+    }
+    deps.push(json!({"containerName": target, "condition": condition}));
+    Ok(())
+}
+
+fn undepend(c: &mut Object, i: usize, target: &str) -> Result<(), Error> {
+    let path = format!("containerDefinitions[{i}]");
+    if let Some(Value::Array(deps)) = c.get_mut("dependsOn") {
+        let before = deps.len();
+        deps.retain(|d| d.get("containerName").and_then(Value::as_str) != Some(target));
+        if deps.is_empty() && before > 0 {
+            c.shift_remove("dependsOn");
+        }
+    } else if let Some(other) = c.get("dependsOn").filter(|v| !v.is_null()) {
+        return Err(json::wrong(&format!("{path}.dependsOn"), "an array", other));
+    }
+    Ok(())
+}
+
+/// The host volume carrying the agent socket (removed when Envoy uses a TCP endpoint).
+fn socket_volume(td: &mut Object, opts: &Options) -> Result<(), Error> {
+    let volume = json!({"name": SOCKET_VOLUME, "host": {"sourcePath": opts.socket_host_path}});
+    if opts.xds_endpoint.is_none() {
+        let volumes = json::array_field_mut(td, "volumes", "")?;
+        match position_by(volumes, "name", SOCKET_VOLUME) {
+            Some(p) => volumes[p] = volume,
+            None => volumes.push(volume),
+        }
+    } else if let Some(Value::Array(volumes)) = td.get_mut("volumes")
+        && let Some(p) = position_by(volumes, "name", SOCKET_VOLUME)
+    {
+        volumes.remove(p);
+    }
+    Ok(())
+}
+
+fn position_by(list: &[Value], key: &str, value: &str) -> Option<usize> {
+    list.iter()
+        .position(|v| v.get(key).and_then(Value::as_str) == Some(value))
+}

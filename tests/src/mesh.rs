@@ -1,0 +1,449 @@
+//! A local stand-in for an ECS VPC: a bridge in its own namespace, one namespace per awsvpc task,
+//! a resolver (dnsmasq) for service names, and the agent. Tasks run exactly the containers that
+//! `trellis-rewrite` put in their task definition: the route manager, then Envoy (as its `user`,
+//! with its `environment`), health-checked with the definition's own command.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::{Proc, Workdir, bin, check, eventually, free_port, run};
+
+/// A bridge in its own namespace, with dnsmasq on the bridge address.
+#[derive(Debug)]
+pub struct Vpc {
+    pub ns: String,
+    pub prefix: String,
+    hosts_file: PathBuf,
+    dns: Option<Proc>,
+    tasks: Vec<String>,
+}
+
+impl Vpc {
+    /// `id` keeps names short and unique (interface names are limited to 15 bytes).
+    pub fn new(work: &Workdir, id: u8) -> Self {
+        let ns = format!("trv{}-{id}", std::process::id() % 100_000);
+        let prefix = format!("10.213.{id}");
+        check(Command::new("ip").args(["netns", "add", &ns]));
+        let vpc = Vpc {
+            ns: ns.clone(),
+            prefix: prefix.clone(),
+            hosts_file: work.join("vpc-hosts"),
+            dns: None,
+            tasks: vec![],
+        };
+        vpc.exec(&["ip", "link", "set", "lo", "up"]);
+        vpc.exec(&["ip", "link", "add", "br0", "type", "bridge"]);
+        vpc.exec(&["ip", "addr", "add", &format!("{prefix}.1/24"), "dev", "br0"]);
+        vpc.exec(&["ip", "link", "set", "br0", "up"]);
+        vpc
+    }
+
+    fn exec(&self, args: &[&str]) -> String {
+        check(
+            Command::new("ip")
+                .args(["netns", "exec", &self.ns])
+                .args(args),
+        )
+    }
+
+    pub fn resolver(&self) -> String {
+        format!("{}.1", self.prefix)
+    }
+
+    /// Starts the resolver stand-in with `hosts` lines (`IP NAME...`), as Cloud Map private DNS would answer.
+    pub fn start_dns(&mut self, work: &Workdir, hosts: &[(&str, &str)]) {
+        let text: String = hosts
+            .iter()
+            .map(|(ip, names)| format!("{ip} {names}\n"))
+            .collect();
+        fs::write(&self.hosts_file, text).expect("write hosts");
+        let mut cmd = Command::new("ip");
+        cmd.args([
+            "netns",
+            "exec",
+            &self.ns,
+            "dnsmasq",
+            "--keep-in-foreground",
+            "--no-resolv",
+            "--no-hosts",
+        ])
+        .arg(format!("--addn-hosts={}", self.hosts_file.display()))
+        .args(["--bind-interfaces", "--user=root", "--log-facility=-"])
+        .arg(format!("--listen-address={}", self.resolver()))
+        .arg(format!("--pid-file={}", work.join("dnsmasq.pid").display()));
+        self.dns = Some(Proc::spawn("dnsmasq", &mut cmd, work.join("dnsmasq.log")));
+    }
+
+    /// A task namespace with address `PREFIX.host` on the bridge, resolving through the VPC resolver.
+    pub fn task(&mut self, name: &str, host: u8) -> Task {
+        let ns = format!("{}-{name}", self.ns);
+        let ip = format!("{}.{host}", self.prefix);
+        let (inside, outside) = (
+            format!("e{host}i{}", self.ns.len()),
+            format!("trh{}-{host}", std::process::id() % 10_000),
+        );
+        check(Command::new("ip").args(["netns", "add", &ns]));
+        self.tasks.push(ns.clone());
+        let etc = PathBuf::from(format!("/etc/netns/{ns}"));
+        fs::create_dir_all(&etc).expect("create /etc/netns dir");
+        fs::write(
+            etc.join("resolv.conf"),
+            format!("nameserver {}\n", self.resolver()),
+        )
+        .expect("resolv.conf");
+        // veth: one end in the task, the other on the VPC bridge.
+        check(Command::new("ip").args([
+            "link", "add", &outside, "type", "veth", "peer", "name", &inside,
+        ]));
+        check(Command::new("ip").args(["link", "set", &inside, "netns", &ns]));
+        check(Command::new("ip").args(["link", "set", &outside, "netns", &self.ns]));
+        self.exec(&["ip", "link", "set", &outside, "master", "br0"]);
+        self.exec(&["ip", "link", "set", &outside, "up"]);
+        let task = Task { ns, ip: ip.clone() };
+        task.exec(&["ip", "link", "set", "lo", "up"]);
+        task.exec(&["ip", "link", "set", &inside, "name", "eth0"]);
+        task.exec(&["ip", "addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+        task.exec(&["ip", "link", "set", "eth0", "up"]);
+        task.exec(&["ip", "route", "add", "default", "via", &self.resolver()]);
+        task
+    }
+}
+
+impl Drop for Vpc {
+    fn drop(&mut self) {
+        self.dns.take();
+        for ns in self.tasks.iter().chain(std::iter::once(&self.ns)) {
+            let _ = run(Command::new("ip").args(["netns", "del", ns]));
+            let _ = fs::remove_dir_all(format!("/etc/netns/{ns}"));
+        }
+    }
+}
+
+/// One awsvpc task's network namespace.
+#[derive(Debug)]
+pub struct Task {
+    pub ns: String,
+    pub ip: String,
+}
+
+impl Task {
+    pub fn netns_path(&self) -> String {
+        format!("/var/run/netns/{}", self.ns)
+    }
+
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.ns]).args(args);
+        c
+    }
+
+    pub fn exec(&self, args: &[&str]) -> String {
+        check(&mut self.cmd(args))
+    }
+
+    /// Runs `args` in the task as `uid` (what an ECS container `user` does).
+    pub fn cmd_as(&self, uid: &str, args: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.ns, "setpriv"])
+            .arg(format!("--reuid={uid}"))
+            .arg(format!("--regid={uid}"))
+            .args(["--clear-groups", "--"])
+            .args(args);
+        c
+    }
+
+    /// An HTTP GET from inside the task: `Ok(body)` or `Err(curl's complaint)`.
+    pub fn http_get(&self, uid: Option<&str>, url: &str) -> Result<String, String> {
+        let args = ["curl", "-sS", "--fail", "-m", "3", url];
+        let mut cmd = match uid {
+            Some(u) => self.cmd_as(u, &args),
+            None => self.cmd(&args),
+        };
+        let out = run(&mut cmd);
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(format!(
+                "{} {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    }
+
+    /// A counter from the Envoy admin `/stats` inside the task (0 when absent).
+    pub fn envoy_stat(&self, admin_port: u16, name: &str) -> u64 {
+        let url = format!(
+            "http://127.0.0.1:{admin_port}/stats?filter=^{}$",
+            name.replace('.', "\\.")
+        );
+        self.http_get(None, &url)
+            .ok()
+            .and_then(|text| {
+                text.lines().find_map(|l| {
+                    l.strip_prefix(&format!("{name}: "))
+                        .and_then(|v| v.trim().parse().ok())
+                })
+            })
+            .unwrap_or(0)
+    }
+
+    /// A small HTTP app answering `body` on `port`.
+    pub fn start_http_app(&self, work: &Workdir, port: u16, body: &str) -> Proc {
+        let script = format!(
+            "import http.server\n\
+             class H(http.server.BaseHTTPRequestHandler):\n\
+             \x20   def do_GET(self):\n\
+             \x20       b = {body:?}.encode()\n\
+             \x20       self.send_response(200)\n\
+             \x20       self.send_header('Content-Length', str(len(b)))\n\
+             \x20       self.end_headers()\n\
+             \x20       self.wfile.write(b)\n\
+             \x20   def log_message(self, *a):\n\
+             \x20       pass\n\
+             http.server.ThreadingHTTPServer(('0.0.0.0', {port}), H).serve_forever()\n"
+        );
+        let path = work.join(&format!("app-{}.py", self.ns));
+        fs::write(&path, script).expect("write app");
+        let path_s = path.display().to_string();
+        let proc = Proc::spawn(
+            &format!("app in {}", self.ns),
+            &mut self.cmd(&["/usr/bin/python3", &path_s]),
+            work.join(&format!("app-{}.log", self.ns)),
+        );
+        eventually("app listening", Duration::from_secs(10), || {
+            self.http_get(None, &format!("http://127.0.0.1:{port}/"))
+                .map(|_| ())
+        });
+        proc
+    }
+}
+
+/// A running `trellis-agent serve`.
+#[derive(Debug)]
+pub struct Agent {
+    pub proc: Proc,
+    pub api: String,
+    pub socket_dir: PathBuf,
+}
+
+impl Agent {
+    pub fn start(work: &Workdir, resources: Option<&Path>) -> Self {
+        let port = free_port();
+        let socket_dir = work.join("agent-socket");
+        let mut cmd = Command::new(bin("trellis-agent"));
+        cmd.arg("serve")
+            .arg("--data-dir")
+            .arg(work.join("agent-data"))
+            .arg("--api-addr")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--xds-socket")
+            .arg(socket_dir.join("xds.sock"))
+            .env("TRELLIS_LOG", "info,trellis_agent=debug");
+        if let Some(r) = resources {
+            cmd.arg("--resources").arg(r);
+        }
+        let mut proc = Proc::spawn("trellis-agent", &mut cmd, work.join("agent.log"));
+        let api = format!("http://127.0.0.1:{port}");
+        eventually("agent API up", Duration::from_secs(20), || {
+            if !proc.is_running() {
+                panic!("trellis-agent exited:\n{}", proc.log_text());
+            }
+            let out = run(Command::new("curl").args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                &format!("{api}/v20190125/meshes"),
+            ]));
+            match String::from_utf8_lossy(&out.stdout).as_ref() {
+                "200" => Ok(()),
+                other => Err(format!("status {other}")),
+            }
+        });
+        Agent {
+            proc,
+            api,
+            socket_dir,
+        }
+    }
+
+    /// The real AWS CLI pointed at this agent.
+    pub fn aws(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(crate::aws());
+        c.args(args)
+            .args(["--endpoint-url", &self.api, "--output", "json"])
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .env("AWS_DEFAULT_REGION", "us-west-2")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("AWS_CONFIG_FILE", "/dev/null")
+            .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+            .env("AWS_MAX_ATTEMPTS", "1");
+        c
+    }
+
+    /// Runs an `aws appmesh` command that must succeed and returns its JSON output.
+    pub fn appmesh(&self, args: &[&str]) -> Value {
+        let mut full = vec!["appmesh"];
+        full.extend_from_slice(args);
+        let out = check(&mut self.aws(&full));
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("aws output is not JSON ({e}): {out}"))
+    }
+
+    /// Runs an `aws appmesh` command that must fail; returns its stderr.
+    pub fn appmesh_err(&self, args: &[&str]) -> String {
+        let mut full = vec!["appmesh"];
+        full.extend_from_slice(args);
+        let out = run(&mut self.aws(&full));
+        assert!(
+            !out.status.success(),
+            "aws {full:?} unexpectedly succeeded: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+}
+
+/// The task definition `trellis-rewrite` makes of `input` for a virtual node.
+pub fn rewrite(
+    work: &Workdir,
+    input: &Value,
+    mesh: &str,
+    node: &str,
+    socket_host_path: &Path,
+) -> Value {
+    let path = work.join(&format!("taskdef-{node}.json"));
+    fs::write(&path, serde_json::to_vec_pretty(input).expect("encode")).expect("write taskdef");
+    let out = check(
+        Command::new(bin("trellis-rewrite"))
+            .args(["--mesh", mesh, "--virtual-node", node, "--socket-host-path"])
+            .arg(socket_host_path)
+            .arg(&path),
+    );
+    serde_json::from_str(&out).expect("rewrite output is JSON")
+}
+
+pub fn container<'a>(taskdef: &'a Value, name: &str) -> &'a Value {
+    taskdef["containerDefinitions"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["name"] == name))
+        .unwrap_or_else(|| panic!("task definition has no container {name}"))
+}
+
+pub fn env_of(c: &Value) -> Vec<(String, String)> {
+    c["environment"]
+        .as_array()
+        .map(|vars| {
+            vars.iter()
+                .map(|v| {
+                    (
+                        v["name"].as_str().unwrap_or_default().to_string(),
+                        v["value"].as_str().unwrap_or_default().to_string(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Runs the task's route manager container: its environment, against the task's namespace.
+pub fn run_route_manager(task: &Task, taskdef: &Value) -> String {
+    let c = container(taskdef, "proxy-route-manager");
+    let mut cmd = Command::new(bin("trellis-proxy-route-manager"));
+    cmd.arg("--netns")
+        .arg(task.netns_path())
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default());
+    for (k, v) in env_of(c) {
+        cmd.env(k, v);
+    }
+    check(&mut cmd)
+}
+
+/// Starts the task's Envoy container as the definition says: `trellis-agent bootstrap` from its
+/// environment (the socket path mapped from the container mount to the host directory), then
+/// Envoy as its `user`, and waits until the definition's own health check passes.
+pub fn start_envoy(work: &Workdir, task: &Task, taskdef: &Value, base_id: u32) -> Proc {
+    let c = container(taskdef, "envoy");
+    let user = c["user"]
+        .as_str()
+        .expect("envoy container has a user")
+        .to_string();
+    let mut env = env_of(c);
+    // The container sees the host socket directory at its mount's containerPath.
+    let mount = &c["mountPoints"][0];
+    let volume = taskdef["volumes"]
+        .as_array()
+        .and_then(|vs| vs.iter().find(|v| v["name"] == mount["sourceVolume"]))
+        .expect("socket volume");
+    let host_dir = volume["host"]["sourcePath"].as_str().expect("host path");
+    let container_dir = mount["containerPath"].as_str().expect("container path");
+    for (k, v) in env.iter_mut() {
+        if k == "APPMESH_XDS_ENDPOINT" {
+            *v = v.replacen(container_dir, host_dir, 1);
+        }
+    }
+    let bootstrap_path = work.join(&format!("bootstrap-{}.json", task.ns));
+    let mut boot = Command::new(bin("trellis-agent"));
+    boot.args(["bootstrap", "--output"])
+        .arg(&bootstrap_path)
+        .env_clear();
+    for (k, v) in &env {
+        boot.env(k, v);
+    }
+    boot.env("ENVOY_ADMIN_ACCESS_LOG_FILE", "/dev/null");
+    check(&mut boot);
+    let envoy = work.stage(&crate::envoy());
+    let log_level = env
+        .iter()
+        .find(|(k, _)| k == "ENVOY_LOG_LEVEL")
+        .map(|(_, v)| v.clone())
+        .unwrap_or("info".into());
+    let boot_s = bootstrap_path.display().to_string();
+    let envoy_s = envoy.display().to_string();
+    let base = base_id.to_string();
+    let mut cmd = task.cmd_as(
+        &user,
+        &[
+            &envoy_s,
+            "-c",
+            &boot_s,
+            "-l",
+            &log_level,
+            "--base-id",
+            &base,
+            "--concurrency",
+            "1",
+        ],
+    );
+    let proc = Proc::spawn(
+        &format!("envoy in {}", task.ns),
+        &mut cmd,
+        work.join(&format!("envoy-{}.log", task.ns)),
+    );
+    let health = c["healthCheck"]["command"]
+        .as_array()
+        .and_then(|cmd| cmd.get(1))
+        .and_then(Value::as_str)
+        .expect("CMD-SHELL health check")
+        .to_string();
+    eventually(
+        "envoy health check (from the task definition)",
+        Duration::from_secs(30),
+        || {
+            let out = run(&mut task.cmd(&["sh", "-c", &health]));
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(format!("health check {health:?} failed"))
+            }
+        },
+    );
+    proc
+}

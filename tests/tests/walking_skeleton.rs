@@ -1,0 +1,91 @@
+//! One HTTP request crosses the mesh: App Mesh resources → trellis-agent → ADS → real Envoy in a
+//! task namespace whose traffic the route manager redirects → the other task's app.
+
+use std::time::Duration;
+
+use trellis_tests::scenario::{
+    ADMIN_PORT, BACK_BODY, BACK_URL, EGRESS_CLUSTER, INGRESS_CLUSTER, two_tasks,
+};
+use trellis_tests::{Workdir, can_run_privileged, eventually};
+
+#[test]
+fn an_http_request_crosses_two_envoys_and_drop_all_refuses_it_once_the_backend_is_removed() {
+    if !can_run_privileged("walking skeleton") {
+        return;
+    }
+    let work = Workdir::new("skeleton");
+    let mesh = two_tasks(&work, &|_| {});
+    let (front, back, agent) = (&mesh.front, &mesh.back, &mesh.agent);
+
+    // Front's app (root, not the Envoy uid) calls the virtual service by name.
+    let body = eventually(
+        "front reaches back through the mesh",
+        Duration::from_secs(20),
+        || front.http_get(None, BACK_URL),
+    );
+    assert_eq!(body, BACK_BODY);
+    assert!(
+        front.envoy_stat(ADMIN_PORT, EGRESS_CLUSTER) >= 1,
+        "front's egress cluster saw no request"
+    );
+    assert!(front.envoy_stat(ADMIN_PORT, "http.egress.downstream_rq_total") >= 1);
+    assert!(
+        back.envoy_stat(ADMIN_PORT, INGRESS_CLUSTER) >= 1,
+        "back's ingress cluster saw no request"
+    );
+    assert!(back.envoy_stat(ADMIN_PORT, "http.ingress.downstream_rq_total") >= 1);
+
+    // The Envoy uid bypasses the egress redirect: front's Envoy sees nothing more, back's ingress
+    // (which redirects every non-local source) still answers.
+    let egress_before = front.envoy_stat(ADMIN_PORT, "http.egress.downstream_rq_total");
+    let ingress_before = back.envoy_stat(ADMIN_PORT, "http.ingress.downstream_rq_total");
+    let direct = front
+        .http_get(Some("1337"), BACK_URL)
+        .expect("uid 1337 reaches back directly");
+    assert_eq!(direct, BACK_BODY);
+    assert_eq!(
+        front.envoy_stat(ADMIN_PORT, "http.egress.downstream_rq_total"),
+        egress_before
+    );
+    eventually(
+        "back's ingress counted the direct request",
+        Duration::from_secs(5),
+        || {
+            let now = back.envoy_stat(ADMIN_PORT, "http.ingress.downstream_rq_total");
+            if now > ingress_before {
+                Ok(())
+            } else {
+                Err(format!("still {now}"))
+            }
+        },
+    );
+
+    // Remove the backend through the REST API: DROP_ALL (the default) must refuse the request.
+    agent.appmesh(&[
+        "update-virtual-node",
+        "--mesh-name",
+        "m",
+        "--virtual-node-name",
+        "front-vn",
+        "--spec",
+        "{}",
+    ]);
+    let refusal = eventually(
+        "request refused after the backend is removed",
+        Duration::from_secs(10),
+        || match front.http_get(None, BACK_URL) {
+            Ok(body) => Err(format!("still answered: {body}")),
+            Err(e) => Ok(e),
+        },
+    );
+    assert!(refusal.contains("exit status"), "{refusal}");
+    // Envoy accepted every configuration it was sent.
+    assert!(
+        !agent
+            .proc
+            .log_text()
+            .contains("envoy rejected configuration"),
+        "{}",
+        agent.proc.log_text()
+    );
+}
