@@ -61,3 +61,103 @@ pub fn mesh_resource(name: &str) -> MeshState {
         virtual_services: Default::default(),
     }
 }
+
+/// A scripted Envoy: the client side of one ADS stream.
+pub mod ads {
+    use std::time::Duration;
+
+    use envoy_types::pb::envoy::config::core::v3::Node;
+    use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+    use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+    use envoy_types::pb::google::rpc;
+    use tokio::sync::mpsc;
+    use tokio_stream::wrappers::ReceiverStream;
+    use tonic::Streaming;
+
+    #[derive(Debug)]
+    pub struct FakeEnvoy {
+        pub node_id: String,
+        tx: mpsc::Sender<DiscoveryRequest>,
+        rx: Streaming<DiscoveryResponse>,
+    }
+
+    impl FakeEnvoy {
+        /// Opens a stream and sends the first request (which carries the node).
+        pub async fn connect(
+            addr: std::net::SocketAddr,
+            node_id: &str,
+            first: DiscoveryRequest,
+        ) -> Result<Self, tonic::Status> {
+            let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}"))
+                .await
+                .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+            let (tx, rx) = mpsc::channel(16);
+            let mut first = first;
+            first.node = Some(Node {
+                id: node_id.to_string(),
+                ..Default::default()
+            });
+            tx.send(first).await.expect("queue first request");
+            let rx = client
+                .stream_aggregated_resources(ReceiverStream::new(rx))
+                .await?
+                .into_inner();
+            Ok(FakeEnvoy {
+                node_id: node_id.to_string(),
+                tx,
+                rx,
+            })
+        }
+
+        pub async fn send(&self, req: DiscoveryRequest) {
+            self.tx.send(req).await.expect("stream open");
+        }
+
+        /// The next response, or the stream's error status.
+        pub async fn recv(&mut self) -> Result<DiscoveryResponse, tonic::Status> {
+            match tokio::time::timeout(Duration::from_secs(5), self.rx.message()).await {
+                Ok(Ok(Some(r))) => Ok(r),
+                Ok(Ok(None)) => Err(tonic::Status::aborted("stream ended")),
+                Ok(Err(status)) => Err(status),
+                Err(_) => Err(tonic::Status::deadline_exceeded("no response within 5 s")),
+            }
+        }
+
+        /// Asserts nothing arrives within `wait`.
+        pub async fn expect_silence(&mut self, wait: Duration) {
+            if let Ok(r) = tokio::time::timeout(wait, self.rx.message()).await {
+                panic!("expected no response, got {r:?}");
+            }
+        }
+
+        pub async fn ack(&self, resp: &DiscoveryResponse, names: &[&str]) {
+            self.send(request(
+                &resp.type_url,
+                names,
+                &resp.version_info,
+                &resp.nonce,
+            ))
+            .await;
+        }
+
+        pub async fn nack(&self, resp: &DiscoveryResponse, names: &[&str], message: &str) {
+            let mut r = request(&resp.type_url, names, "", &resp.nonce);
+            r.error_detail = Some(rpc::Status {
+                code: 3,
+                message: message.to_string(),
+                details: vec![],
+            });
+            self.send(r).await;
+        }
+    }
+
+    pub fn request(type_url: &str, names: &[&str], version: &str, nonce: &str) -> DiscoveryRequest {
+        DiscoveryRequest {
+            type_url: type_url.to_string(),
+            resource_names: names.iter().map(|s| s.to_string()).collect(),
+            version_info: version.to_string(),
+            response_nonce: nonce.to_string(),
+            ..Default::default()
+        }
+    }
+}

@@ -288,6 +288,41 @@ impl Agent {
         c
     }
 
+    /// A raw HTTP request to the API: (status, `x-amzn-ErrorType` header, body).
+    pub fn raw(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> (u16, Option<String>, String) {
+        let mut cmd = Command::new("curl");
+        cmd.args([
+            "-s",
+            "-D",
+            "-",
+            "-X",
+            method,
+            &format!("{}{path}", self.api),
+        ]);
+        if let Some(b) = body {
+            cmd.args(["-H", "content-type: application/json", "--data-binary", b]);
+        }
+        let out = String::from_utf8_lossy(&run(&mut cmd).stdout).into_owned();
+        let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+        let status = head
+            .lines()
+            .next()
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let error_type = head.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("x-amzn-errortype")
+                .then(|| v.trim().to_string())
+        });
+        (status, error_type, body.to_string())
+    }
+
     /// Runs an `aws appmesh` command that must succeed and returns its JSON output.
     pub fn appmesh(&self, args: &[&str]) -> Value {
         let mut full = vec!["appmesh"];

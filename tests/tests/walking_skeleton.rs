@@ -60,6 +60,46 @@ fn an_http_request_crosses_two_envoys_and_drop_all_refuses_it_once_the_backend_i
         },
     );
 
+    // DROP_ALL (the default): a destination that is no virtual service gets nothing, even on a
+    // port the egress listener serves. ALLOW_ALL passes it through to the original destination.
+    let by_ip = format!("http://{}:8080/", back.ip);
+    assert!(
+        front.http_get(None, &by_ip).is_err(),
+        "DROP_ALL let an unknown destination through"
+    );
+    agent.appmesh(&[
+        "update-mesh",
+        "--mesh-name",
+        "m",
+        "--spec",
+        r#"{"egressFilter": {"type": "ALLOW_ALL"}}"#,
+    ]);
+    let passed = eventually(
+        "ALLOW_ALL passes traffic to an unknown destination",
+        Duration::from_secs(10),
+        || front.http_get(None, &by_ip),
+    );
+    assert_eq!(passed, BACK_BODY);
+    assert!(
+        front.envoy_stat(
+            ADMIN_PORT,
+            "cluster.cds_egress_m_allow_all.upstream_rq_total"
+        ) >= 1
+    );
+    agent.appmesh(&[
+        "update-mesh",
+        "--mesh-name",
+        "m",
+        "--spec",
+        r#"{"egressFilter": {"type": "DROP_ALL"}}"#,
+    ]);
+    eventually("DROP_ALL again", Duration::from_secs(10), || {
+        match front.http_get(None, &by_ip) {
+            Ok(body) => Err(format!("still passed through: {body}")),
+            Err(_) => Ok(()),
+        }
+    });
+
     // Remove the backend through the REST API: DROP_ALL (the default) must refuse the request.
     agent.appmesh(&[
         "update-virtual-node",

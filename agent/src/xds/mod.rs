@@ -329,3 +329,6 @@ impl Stream<'_> {
             .map_err(|_| Status::cancelled("envoy went away"))
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,255 @@
+//! The ADS protocol rules, scripted with a fake Envoy over a real gRPC stream.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use super::snapshot::{CLUSTER, LISTENER, ROUTE};
+use super::*;
+use crate::api::ops::{self, Account, Ops, Quotas};
+use crate::store::Store;
+use crate::test_helpers::TempDir;
+use crate::test_helpers::ads::{FakeEnvoy, request};
+
+const FRONT: &str = "mesh/m/virtualNode/front";
+const QUIET: Duration = Duration::from_millis(300);
+
+struct Harness {
+    _dir: TempDir,
+    store: Arc<Store>,
+    ops: Ops,
+    addr: std::net::SocketAddr,
+    cancel: CancellationToken,
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+async fn harness() -> Harness {
+    let dir = TempDir::new("xds");
+    let store = Arc::new(Store::open(dir.path()).unwrap());
+    let ops = Ops {
+        account: Account {
+            account_id: "000000000000".into(),
+            region: "us-west-2".into(),
+        },
+        quotas: Quotas::default(),
+    };
+    ops.create_mesh(
+        &store,
+        serde_json::from_value(json!({"meshName": "m"})).unwrap(),
+    )
+    .unwrap();
+    let back = json!({"virtualNodeName": "back", "spec": {
+        "listeners": [{"portMapping": {"port": 8080, "protocol": "http"}}],
+        "serviceDiscovery": {"dns": {"hostname": "back.internal"}}}});
+    ops.create_virtual_node(&store, "m", None, serde_json::from_value(back).unwrap())
+        .unwrap();
+    let svc = json!({"virtualServiceName": "back.local",
+        "spec": {"provider": {"virtualNode": {"virtualNodeName": "back"}}}});
+    ops.create_virtual_service(&store, "m", None, serde_json::from_value(svc).unwrap())
+        .unwrap();
+    let front = json!({"virtualNodeName": "front", "spec": {
+        "backends": [{"virtualService": {"virtualServiceName": "back.local"}}]}});
+    ops.create_virtual_node(&store, "m", None, serde_json::from_value(front).unwrap())
+        .unwrap();
+
+    let cancel = CancellationToken::new();
+    let ads = Ads::new(store.subscribe(), cancel.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(serve_tcp(ads, listener));
+    Harness {
+        _dir: dir,
+        store,
+        ops,
+        addr,
+        cancel,
+    }
+}
+
+fn set_front_backends(h: &Harness, backends: serde_json::Value) {
+    let upd: ops::UpdateVirtualNode =
+        serde_json::from_value(json!({"spec": {"backends": backends}})).unwrap();
+    h.ops
+        .update_virtual_node(&h.store, "m", None, "front", upd)
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_subscribe_gets_the_snapshot_and_an_ack_gets_no_push() {
+    let h = harness().await;
+    let mut envoy = FakeEnvoy::connect(h.addr, FRONT, request(CLUSTER, &[], "", ""))
+        .await
+        .unwrap();
+    let cds = envoy.recv().await.unwrap();
+    assert_eq!(cds.type_url, CLUSTER);
+    assert_eq!(cds.resources.len(), 1);
+    assert!(!cds.version_info.is_empty() && !cds.nonce.is_empty());
+    envoy.ack(&cds, &[]).await;
+    envoy.expect_silence(QUIET).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_is_pushed_and_a_nack_is_not_answered_by_resending_the_same_version() {
+    let h = harness().await;
+    let mut envoy = FakeEnvoy::connect(h.addr, FRONT, request(LISTENER, &[], "", ""))
+        .await
+        .unwrap();
+    let lds = envoy.recv().await.unwrap();
+    envoy.ack(&lds, &[]).await;
+
+    // Removing the backend removes the egress listener: a push with a new version.
+    set_front_backends(&h, json!([]));
+    let pushed = envoy.recv().await.unwrap();
+    assert_ne!(pushed.version_info, lds.version_info);
+    assert!(pushed.resources.is_empty());
+
+    envoy.nack(&pushed, &[], "listener rejected").await;
+    envoy.expect_silence(QUIET).await;
+    // A committed write that does not change this proxy's output pushes nothing either.
+    let generation = h.store.current().generation;
+    h.ops
+        .create_mesh(
+            &h.store,
+            serde_json::from_value(json!({"meshName": "other"})).unwrap(),
+        )
+        .unwrap();
+    assert!(h.store.current().generation > generation);
+    envoy.expect_silence(QUIET).await;
+    // New input that changes the output is pushed again.
+    set_front_backends(
+        &h,
+        json!([{"virtualService": {"virtualServiceName": "back.local"}}]),
+    );
+    let again = envoy.recv().await.unwrap();
+    assert_eq!(
+        again.version_info, lds.version_info,
+        "same input, same content version"
+    );
+    assert_eq!(again.resources.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_with_a_stale_nonce_is_ignored() {
+    let h = harness().await;
+    let mut envoy = FakeEnvoy::connect(h.addr, FRONT, request(CLUSTER, &[], "", ""))
+        .await
+        .unwrap();
+    let first = envoy.recv().await.unwrap();
+    set_front_backends(&h, json!([]));
+    let second = envoy.recv().await.unwrap();
+    // An ACK of the first response arrives late: it must not trigger anything.
+    envoy.ack(&first, &[]).await;
+    envoy.expect_silence(QUIET).await;
+    envoy.ack(&second, &[]).await;
+    envoy.expect_silence(QUIET).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn named_subscriptions_get_exactly_the_requested_routes_and_again_when_the_names_change() {
+    let h = harness().await;
+    let mut envoy = FakeEnvoy::connect(
+        h.addr,
+        FRONT,
+        request(ROUTE, &["rds_egress_http_8080"], "", ""),
+    )
+    .await
+    .unwrap();
+    let rds = envoy.recv().await.unwrap();
+    assert_eq!(rds.resources.len(), 1);
+    envoy.ack(&rds, &["rds_egress_http_8080"]).await;
+    envoy.expect_silence(QUIET).await;
+    envoy
+        .ack(&rds, &["rds_egress_http_8080", "rds_egress_http_9999"])
+        .await;
+    let subset = envoy.recv().await.unwrap();
+    assert_eq!(subset.resources.len(), 1, "only names that exist are sent");
+    assert_ne!(subset.nonce, rds.nonce);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnecting_envoy_with_the_current_version_gets_nothing_resent() {
+    let h = harness().await;
+    let mut envoy = FakeEnvoy::connect(h.addr, FRONT, request(CLUSTER, &[], "", ""))
+        .await
+        .unwrap();
+    let cds = envoy.recv().await.unwrap();
+    drop(envoy);
+    let mut again = FakeEnvoy::connect(h.addr, FRONT, request(CLUSTER, &[], &cds.version_info, ""))
+        .await
+        .unwrap();
+    again.expect_silence(QUIET).await;
+    // But it still gets later changes.
+    set_front_backends(&h, json!([]));
+    assert!(again.recv().await.unwrap().resources.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_and_malformed_identities_are_refused_with_clear_statuses() {
+    let h = harness().await;
+    let mut ghost = FakeEnvoy::connect(
+        h.addr,
+        "mesh/m/virtualNode/ghost",
+        request(CLUSTER, &[], "", ""),
+    )
+    .await
+    .unwrap();
+    let status = ghost.recv().await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::NotFound);
+    assert!(
+        status
+            .message()
+            .contains("virtual node ghost not found in mesh m"),
+        "{}",
+        status.message()
+    );
+
+    let mut bad = FakeEnvoy::connect(h.addr, "front", request(CLUSTER, &[], "", ""))
+        .await
+        .unwrap();
+    let status = bad.recv().await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(
+        status.message().starts_with("node.id:"),
+        "{}",
+        status.message()
+    );
+}
+
+#[test]
+fn versions_depend_only_on_content() {
+    let dir = TempDir::new("xds-versions");
+    let store = Store::open(dir.path()).unwrap();
+    let ops = Ops {
+        account: Account {
+            account_id: "000000000000".into(),
+            region: "us-west-2".into(),
+        },
+        quotas: Quotas::default(),
+    };
+    ops.create_mesh(
+        &store,
+        serde_json::from_value(json!({"meshName": "m"})).unwrap(),
+    )
+    .unwrap();
+    let who = crate::model::ProxyIdentity::parse("mesh/m/virtualNode/n").unwrap();
+    let node = json!({"virtualNodeName": "n", "spec": {
+        "listeners": [{"portMapping": {"port": 80, "protocol": "http"}}],
+        "serviceDiscovery": {"dns": {"hostname": "n.internal"}}}});
+    ops.create_virtual_node(&store, "m", None, serde_json::from_value(node).unwrap())
+        .unwrap();
+    let a = Snapshots::default().get(&store.current(), &who).unwrap();
+    // Another agent (fresh cache, different generation) with the same resources.
+    let mut later = (*store.current()).clone();
+    later.generation += 10;
+    let b = Snapshots::default().get(&later, &who).unwrap();
+    for t in [CLUSTER, LISTENER, ROUTE] {
+        assert_eq!(a.get(t).unwrap().version, b.get(t).unwrap().version, "{t}");
+    }
+}
