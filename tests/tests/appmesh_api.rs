@@ -23,10 +23,10 @@ fn assert_shape(operation: &str, body: &str) {
     child
         .stdin
         .take()
-        .unwrap()
+        .expect("piped stdin")
         .write_all(body.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+        .expect("write the body to check_shape.py");
+    let out = child.wait_with_output().expect("check_shape.py ran");
     assert!(
         out.status.success(),
         "{operation} response does not fit the botocore model:\n{}{}\nbody: {body}",
