@@ -22,6 +22,18 @@ pub enum Command {
     Serve(ServeConfig),
     /// Print the Envoy bootstrap built from the App Mesh Envoy variables (APPMESH_RESOURCE_ARN, …).
     Bootstrap(BootstrapArgs),
+    /// Print every resource (of the given meshes) as a `--resources` file.
+    Export(ExportArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ExportArgs {
+    /// Directory of the embedded store (safe to read while the agent runs).
+    #[arg(long, env = "TRELLIS_DATA_DIR", default_value = "/var/lib/trellis")]
+    pub data_dir: PathBuf,
+    /// Only these meshes (repeatable); all when absent.
+    #[arg(long = "mesh")]
+    pub meshes: Vec<String>,
 }
 
 #[derive(Debug, Clone, Args, serde::Serialize)]

@@ -5,7 +5,7 @@ use std::io::Write;
 use anyhow::Context;
 use clap::Parser;
 use trellis_agent::bootstrap::{EnvoySettings, ProcessEnv};
-use trellis_agent::config::{BootstrapArgs, Cli, Command};
+use trellis_agent::config::{BootstrapArgs, Cli, Command, ExportArgs};
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -24,7 +24,16 @@ fn main() -> anyhow::Result<()> {
             })
         }
         Command::Bootstrap(args) => bootstrap(args),
+        Command::Export(args) => export(args),
     }
+}
+
+fn export(args: ExportArgs) -> anyhow::Result<()> {
+    let store = trellis_agent::store::Store::open(&args.data_dir)?;
+    let doc = trellis_agent::api::export(&store.current(), &args.meshes);
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{}", serde_json::to_string_pretty(&doc)?)?;
+    Ok(())
 }
 
 fn bootstrap(args: BootstrapArgs) -> anyhow::Result<()> {

@@ -55,11 +55,7 @@ pub fn resource<S>(arn: &str, spec: S) -> Resource<S> {
 }
 
 pub fn mesh_resource(name: &str) -> MeshState {
-    MeshState {
-        mesh: resource(&format!("mesh/{name}"), MeshSpec::default()),
-        virtual_nodes: Default::default(),
-        virtual_services: Default::default(),
-    }
+    MeshState::new(resource(&format!("mesh/{name}"), MeshSpec::default()))
 }
 
 /// A scripted Envoy: the client side of one ADS stream.

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use crate::cidr::Cidr;
 use crate::error::{Error, Result};
-use crate::iptables::Backend;
+use crate::iptables::BackendChoice;
 
 /// The default port of the proxy's ingress listener (App Mesh's Envoy).
 pub const DEFAULT_INGRESS_PORT: u16 = 15000;
@@ -43,9 +43,10 @@ pub struct Cli {
     #[arg(long)]
     pub status: bool,
 
-    /// Which iptables programs to run: the ones on PATH, or explicitly the nft or legacy variants.
-    #[arg(long, value_enum, default_value_t = Backend::Path)]
-    pub iptables_backend: Backend,
+    /// Which iptables programs to run: auto picks nft or legacy by which already has rules in the
+    /// namespace; path runs iptables-restore etc. from PATH; nft and legacy name the variant.
+    #[arg(long, value_enum, value_name = "BACKEND", default_value_t = BackendChoice::Auto)]
+    pub iptables_backend: BackendChoice,
 
     /// Install only when "1" [env: APPMESH_START_ENABLED]
     #[arg(long, value_name = "VALUE")]
@@ -640,7 +641,8 @@ mod tests {
         .unwrap();
         assert_eq!(cli.ignored_uid.as_deref(), Some("1337"));
         assert!(cli.enable_ipv6);
-        assert_eq!(cli.iptables_backend, Backend::Legacy);
+        assert_eq!(cli.iptables_backend, BackendChoice::Legacy);
+        assert_eq!(Cli::default().iptables_backend, BackendChoice::Auto);
         assert!(Cli::try_parse_from(["x", "--cleanup", "--dry-run"]).is_err());
     }
 }

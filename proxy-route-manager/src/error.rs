@@ -3,6 +3,8 @@
 
 use std::path::PathBuf;
 
+use crate::iptables::{Backend, Family};
+
 /// Everything that can stop the route manager. Configuration errors are reported before anything is
 /// touched; the others come from the environment the container runs in.
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +92,33 @@ pub enum Error {
         program: String,
         #[source]
         source: std::io::Error,
+    },
+
+    /// The backend to use is known, but its programs are not installed.
+    #[error(
+        "the {backend} iptables backend was chosen ({why}) but {program} is not on PATH: install the iptables package (with its {backend} programs) in the route manager image, or choose another with --iptables-backend"
+    )]
+    BackendMissing {
+        backend: Backend,
+        why: String,
+        program: String,
+    },
+
+    /// Neither the nft nor the legacy programs can read the namespace's tables.
+    #[error(
+        "no iptables backend can be used here (nft: {nft}; legacy: {legacy}): the route manager image needs the iptables package"
+    )]
+    NoUsableBackend { nft: String, legacy: String },
+
+    /// `iptables-restore` refused the input; being one transaction, none of it was applied.
+    #[error(
+        "{program} rejected the {family} nat rules ({status}), so none of them were applied: {stderr}"
+    )]
+    Rejected {
+        program: String,
+        family: Family,
+        status: std::process::ExitStatus,
+        stderr: String,
     },
 
     /// An iptables program ran and failed.

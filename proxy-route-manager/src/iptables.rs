@@ -3,6 +3,8 @@
 
 use std::fmt;
 use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 use crate::error::{Error, Result};
@@ -25,10 +27,25 @@ impl fmt::Display for Family {
     }
 }
 
-/// Which iptables programs to run.
+/// `--iptables-backend`: how to pick the iptables programs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
-pub enum Backend {
+pub enum BackendChoice {
+    /// Look at the namespace: the backend that already has rules there (see [`crate::detect`]).
+    #[default]
+    Auto,
     /// `iptables-restore` etc. from PATH: whatever the image's alternatives point at.
+    Path,
+    /// `iptables-nft-restore` etc.
+    Nft,
+    /// `iptables-legacy-restore` etc.
+    Legacy,
+}
+
+/// A set of iptables programs: the ones every call of a run goes through, so the nft and legacy
+/// backends are never mixed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Backend {
+    /// `iptables-restore` etc. from PATH.
     #[default]
     Path,
     /// `iptables-nft-restore` etc.
@@ -37,13 +54,20 @@ pub enum Backend {
     Legacy,
 }
 
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Backend::Path => "path",
+            Backend::Nft => "nft",
+            Backend::Legacy => "legacy",
+        })
+    }
+}
+
 /// Runs the iptables programs of one backend.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Iptables {
     backend: Backend,
-    /// Tests replace one program (e.g. with `false`) to exercise failure handling.
-    #[cfg(test)]
-    replaced: Option<(Family, &'static str, &'static str)>,
 }
 
 /// How long `iptables-restore` waits for the legacy xtables lock before failing.
@@ -52,36 +76,16 @@ const LOCK_WAIT_SECONDS: &str = "10";
 impl Iptables {
     /// Programs of the given backend.
     pub fn new(backend: Backend) -> Iptables {
-        Iptables {
-            backend,
-            #[cfg(test)]
-            replaced: None,
-        }
+        Iptables { backend }
     }
 
-    /// Runs `program` instead of the backend's `tool` for `family`.
-    #[cfg(test)]
-    pub(crate) fn replacing(
-        self,
-        family: Family,
-        tool: &'static str,
-        program: &'static str,
-    ) -> Iptables {
-        Iptables {
-            replaced: Some((family, tool, program)),
-            ..self
-        }
+    /// The backend whose programs are run.
+    pub fn backend(&self) -> Backend {
+        self.backend
     }
 
     /// The program name for a family and tool (`save` or `restore`).
     pub fn program(&self, family: Family, tool: &str) -> String {
-        #[cfg(test)]
-        if let Some((f, t, program)) = self.replaced
-            && f == family
-            && t == tool
-        {
-            return program.to_owned();
-        }
         let base = match family {
             Family::V4 => "iptables",
             Family::V6 => "ip6tables",
@@ -95,9 +99,19 @@ impl Iptables {
 
     /// `iptables-save -t nat` output.
     pub fn save_nat(&self, family: Family) -> Result<String> {
+        self.save(family, &["-t", "nat"])
+    }
+
+    /// `iptables-save` output for every table the backend has in the namespace. Unlike `-t TABLE`,
+    /// this creates no table, so looking does not change what the next look sees.
+    pub fn save_all(&self, family: Family) -> Result<String> {
+        self.save(family, &[])
+    }
+
+    fn save(&self, family: Family, args: &[&str]) -> Result<String> {
         let program = self.program(family, "save");
         let output = Command::new(&program)
-            .args(["-t", "nat"])
+            .args(args)
             .stdin(Stdio::null())
             .output()
             .map_err(|source| Error::Spawn {
@@ -112,6 +126,15 @@ impl Iptables {
             });
         }
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    /// The first of the IPv4 save/restore programs that is not on PATH, if any: the backend cannot
+    /// be used without both.
+    pub fn missing_program(&self) -> Option<String> {
+        ["save", "restore"]
+            .into_iter()
+            .map(|tool| self.program(Family::V4, tool))
+            .find(|program| find_on_path(program).is_none())
     }
 
     /// `iptables-restore --noflush` with `input` on stdin: all of it or none of it.
@@ -136,14 +159,27 @@ impl Iptables {
             source,
         })?;
         if !output.status.success() {
-            return Err(Error::Command {
+            return Err(Error::Rejected {
                 program,
+                family,
                 status: output.status,
                 stderr: one_line(&output.stderr),
             });
         }
         written.map_err(|source| Error::Spawn { program, source })
     }
+}
+
+/// Where PATH finds `program`, if anywhere (an executable regular file, as `execvp` would run).
+pub fn find_on_path(program: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|candidate| {
+            candidate
+                .metadata()
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
 }
 
 /// Stderr folded onto one line for a log message.

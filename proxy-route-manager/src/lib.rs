@@ -5,6 +5,7 @@
 
 pub mod cidr;
 pub mod config;
+pub mod detect;
 pub mod error;
 pub mod iptables;
 pub mod netns;

@@ -12,10 +12,12 @@ use std::time::{Duration, Instant};
 use nix::sys::socket::{getsockopt, sockopt};
 
 use crate::config::{Cli, Config};
+use crate::detect;
 use crate::error::Error;
-use crate::iptables::{Backend, Family, Iptables};
+use crate::iptables::{Backend, BackendChoice, Family, Iptables};
 use crate::plan::Plan;
 use crate::run::{Outcome, install, run};
+use crate::state::{Jump, NatState, converge};
 use crate::test_support::{TestNetns, can_run_privileged_test, on_new_thread};
 
 /// What the lead's end-to-end test passes.
@@ -291,82 +293,134 @@ fn ipv6_rules_hold_only_ipv6_addresses_and_are_removed_when_ipv6_is_turned_off()
     assert!(ours(&ns.nat(Family::V4)).is_empty() && ours(&ns.nat(Family::V6)).is_empty());
 }
 
+/// `plan` with one more rule at the very end of its `family` transaction that the kernel refuses when
+/// the table is committed: an owner match in PREROUTING (owner matches only work on locally generated
+/// packets). Everything before it in the same `iptables-restore` input is valid.
+fn with_rejected_last_rule(mut plan: Plan, family: Family) -> Plan {
+    let state = match family {
+        Family::V4 => &mut plan.ipv4,
+        Family::V6 => &mut plan.ipv6,
+    };
+    state.jumps.push(Jump {
+        chain: "PREROUTING".into(),
+        spec: "-m owner --uid-owner 4242 -j RETURN".into(),
+    });
+    plan
+}
+
+/// Foreign rules (ours must not disturb them) plus an older configuration of ours, in both families.
+fn populate_for_failure(ns: &TestNetns, backend: Backend) {
+    for family in [Family::V4, Family::V6] {
+        let program = Iptables::new(backend)
+            .program(family, "save")
+            .replace("-save", "");
+        ns.exec(&program, &["-t", "nat", "-N", "OTHER"]);
+        ns.exec(
+            &program,
+            &["-t", "nat", "-A", "OTHER", "-p", "udp", "-j", "RETURN"],
+        );
+        ns.exec(
+            &program,
+            &["-t", "nat", "-A", "OUTPUT", "-p", "udp", "-j", "OTHER"],
+        );
+    }
+    let mut old = E2E_ENV[1..].to_vec();
+    old.push(("APPMESH_ENABLE_IPV6", "1"));
+    ns.run_in(|| install(&plan(&old), Iptables::new(backend)))
+        .unwrap();
+}
+
+/// A configuration that differs from the old one in every chain and jump.
+const NEW_CONFIG: &[(&str, &str)] = &[
+    ("APPMESH_IGNORE_GID", "7"),
+    ("APPMESH_APP_PORTS", "9000,9001"),
+    ("APPMESH_EGRESS_IGNORED_PORTS", "22"),
+    ("APPMESH_ENVOY_EGRESS_PORT", "16001"),
+    ("APPMESH_ENABLE_IPV6", "1"),
+];
+
 #[test]
-fn failing_ipv6_apply_rolls_ipv4_back_to_its_previous_rules() {
-    if !can_run_privileged_test("failing_ipv6_apply_rolls_ipv4_back_to_its_previous_rules") {
+fn failing_ipv4_apply_leaves_the_nat_tables_byte_for_byte_as_they_were() {
+    if !can_run_privileged_test("failing_ipv4_apply_leaves_the_nat_tables_byte_for_byte") {
         return;
     }
-    let ns = TestNetns::new();
-    let mut new_config = vec![("APPMESH_IGNORE_UID", "7"), ("APPMESH_ENABLE_IPV6", "1")];
-    let broken_ip6tables = Iptables::default().replacing(Family::V6, "restore", "false");
+    for backend in [Backend::Nft, Backend::Legacy] {
+        let ns = TestNetns::new();
+        populate_for_failure(&ns, backend);
+        let before_v4 = ns.saved_nat(backend, Family::V4);
+        let before_v6 = ns.saved_nat(backend, Family::V6);
+        assert!(before_v4.contains("-j APPMESH_INGRESS") && before_v4.contains("-j OTHER"));
 
-    // From nothing: nothing is left.
-    let err = ns
-        .run_in(|| install(&plan(&new_config), broken_ip6tables))
-        .unwrap_err();
-    assert!(
-        matches!(err, Error::Command { ref program, .. } if program == "false"),
-        "{err}"
-    );
-    assert!(ours(&ns.nat(Family::V4)).is_empty());
+        let broken = with_rejected_last_rule(plan(NEW_CONFIG), Family::V4);
+        // The rejected rule comes last, after deletions, chain flushes and new rules.
+        let input = converge(&broken.ipv4, &NatState::from_save(&before_v4)).unwrap();
+        let lines: Vec<&str> = input.lines().collect();
+        assert_eq!(
+            lines[lines.len() - 2..],
+            [
+                "-A PREROUTING -m owner --uid-owner 4242 -j RETURN",
+                "COMMIT"
+            ]
+        );
+        assert!(input.contains("-A APPMESH_EGRESS -p tcp -j REDIRECT --to-ports 16001\n"));
 
-    // From an older configuration: that configuration is back.
-    ns.run_in(|| install(&plan(&E2E_ENV[1..]), Iptables::default()))
-        .unwrap();
-    let before = ns.nat(Family::V4);
-    new_config.push(("APPMESH_APP_PORTS", "9000"));
-    ns.run_in(|| install(&plan(&new_config), broken_ip6tables))
-        .unwrap_err();
-    assert_eq!(ns.nat(Family::V4), before);
+        let err = ns
+            .run_in(|| install(&broken, Iptables::new(backend)))
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Rejected {
+                    family: Family::V4,
+                    ..
+                }
+            ),
+            "{backend}: {err}"
+        );
+        assert!(
+            err.to_string().contains("none of them were applied"),
+            "{err}"
+        );
+        assert_eq!(ns.saved_nat(backend, Family::V4), before_v4, "{backend}");
+        assert_eq!(ns.saved_nat(backend, Family::V6), before_v6, "{backend}");
+    }
 }
 
 #[test]
-fn legacy_backend_installs_and_cleans_up_without_touching_nft_tables() {
-    if !can_run_privileged_test("legacy_backend_installs_and_cleans_up") {
+fn failing_ipv6_apply_rolls_ipv4_back_byte_for_byte() {
+    if !can_run_privileged_test("failing_ipv6_apply_rolls_ipv4_back_byte_for_byte") {
         return;
     }
-    let ns = TestNetns::new();
-    let legacy = || Cli {
-        iptables_backend: Backend::Legacy,
-        ..Cli::default()
-    };
-    run_in(&ns, legacy(), E2E_ENV).unwrap();
-    let legacy_nat = ns.exec("iptables-legacy-save", &["-t", "nat"]);
-    assert!(
-        legacy_nat.contains("-A OUTPUT -p tcp -m addrtype ! --dst-type LOCAL -j APPMESH_EGRESS")
-    );
-    assert!(
-        ours(&ns.nat(Family::V4)).is_empty(),
-        "nothing written with nft"
-    );
-    assert!(matches!(
-        run_in(
-            &ns,
-            Cli {
-                status: true,
-                ..legacy()
-            },
-            E2E_ENV
-        )
-        .unwrap(),
-        Outcome::Status { in_place: true, .. }
-    ));
-    run_in(&ns, legacy(), E2E_ENV).unwrap();
-    let again = ns.exec("iptables-legacy-save", &["-t", "nat"]);
-    assert_eq!(again.matches("-j APPMESH_EGRESS").count(), 1, "{again}");
-    run_in(
-        &ns,
-        Cli {
-            cleanup: true,
-            ..legacy()
-        },
-        &[],
-    )
-    .unwrap();
-    assert!(
-        !ns.exec("iptables-legacy-save", &["-t", "nat"])
-            .contains("APPMESH")
-    );
+    for backend in [Backend::Nft, Backend::Legacy] {
+        let iptables = Iptables::new(backend);
+        let broken = with_rejected_last_rule(plan(NEW_CONFIG), Family::V6);
+
+        // From nothing: nothing is left.
+        let ns = TestNetns::new();
+        let empty_v4 = ns.saved_nat(backend, Family::V4);
+        let err = ns.run_in(|| install(&broken, iptables)).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Rejected {
+                    family: Family::V6,
+                    ..
+                }
+            ),
+            "{backend}: {err}"
+        );
+        assert_eq!(ns.saved_nat(backend, Family::V4), empty_v4, "{backend}");
+        assert!(!ns.saved_nat(backend, Family::V6).contains("APPMESH"));
+
+        // From an older configuration: that configuration is back, exactly.
+        let ns = TestNetns::new();
+        populate_for_failure(&ns, backend);
+        let before_v4 = ns.saved_nat(backend, Family::V4);
+        let before_v6 = ns.saved_nat(backend, Family::V6);
+        ns.run_in(|| install(&broken, iptables)).unwrap_err();
+        assert_eq!(ns.saved_nat(backend, Family::V4), before_v4, "{backend}");
+        assert_eq!(ns.saved_nat(backend, Family::V6), before_v6, "{backend}");
+    }
 }
 
 #[test]
@@ -621,4 +675,138 @@ fn inbound_tcp_to_an_app_port_reaches_the_ingress_port_and_other_ports_do_not() 
             "port 9090 was redirected"
         );
     });
+}
+
+// ---- backend detection ----
+
+/// Which legacy tables exist in the namespace: merely looking with `iptables-legacy-save -t nat`
+/// would create one, so an empty list means legacy was never touched.
+fn legacy_table_names(ns: &TestNetns) -> String {
+    ns.exec(
+        "cat",
+        &["/proc/net/ip_tables_names", "/proc/net/ip6_tables_names"],
+    )
+}
+
+#[test]
+fn auto_detection_picks_legacy_when_it_has_more_rules_and_leaves_nft_untouched() {
+    if !can_run_privileged_test("auto_detection_picks_legacy_when_it_has_more_rules") {
+        return;
+    }
+    let ns = TestNetns::new();
+    // Two legacy rules against one nft rule: legacy is what this namespace uses.
+    for port in ["9", "10"] {
+        ns.exec(
+            "iptables-legacy",
+            &["-A", "INPUT", "-p", "udp", "--dport", port, "-j", "ACCEPT"],
+        );
+    }
+    ns.exec(
+        "iptables-nft",
+        &["-A", "INPUT", "-p", "udp", "--dport", "11", "-j", "ACCEPT"],
+    );
+    let nft_before = ns.exec("nft", &["list", "ruleset"]);
+    assert_eq!(
+        ns.run_in(|| detect::resolve(BackendChoice::Auto))
+            .unwrap()
+            .backend(),
+        Backend::Legacy
+    );
+
+    assert_eq!(
+        run_in(&ns, Cli::default(), E2E_ENV).unwrap(),
+        Outcome::Installed
+    );
+    let legacy_nat = ns.saved_nat(Backend::Legacy, Family::V4);
+    assert!(
+        legacy_nat.contains("-A OUTPUT -p tcp -m addrtype ! --dst-type LOCAL -j APPMESH_EGRESS\n"),
+        "{legacy_nat}"
+    );
+    assert!(matches!(
+        run_in(&ns, status_cli(), E2E_ENV).unwrap(),
+        Outcome::Status { in_place: true, .. }
+    ));
+    run_in(&ns, Cli::default(), E2E_ENV).unwrap();
+    assert_eq!(
+        ns.saved_nat(Backend::Legacy, Family::V4),
+        legacy_nat,
+        "re-running changes nothing"
+    );
+    assert_eq!(ns.exec("nft", &["list", "ruleset"]), nft_before);
+
+    assert_eq!(run_in(&ns, cleanup_cli(), &[]).unwrap(), Outcome::CleanedUp);
+    assert!(
+        !ns.saved_nat(Backend::Legacy, Family::V4)
+            .contains("APPMESH")
+    );
+    assert_eq!(
+        ns.exec("nft", &["list", "ruleset"]),
+        nft_before,
+        "nft untouched throughout"
+    );
+}
+
+#[test]
+fn auto_detection_picks_nft_when_it_has_rules_and_never_creates_a_legacy_table() {
+    if !can_run_privileged_test("auto_detection_picks_nft_when_it_has_rules") {
+        return;
+    }
+    let ns = TestNetns::new();
+    ns.exec(
+        "iptables-nft",
+        &["-A", "INPUT", "-p", "udp", "--dport", "9", "-j", "ACCEPT"],
+    );
+    assert_eq!(legacy_table_names(&ns), "");
+    assert_eq!(
+        ns.run_in(|| detect::resolve(BackendChoice::Auto))
+            .unwrap()
+            .backend(),
+        Backend::Nft
+    );
+
+    let mut with_v6 = E2E_ENV.to_vec();
+    with_v6.push(("APPMESH_ENABLE_IPV6", "1"));
+    run_in(&ns, Cli::default(), &with_v6).unwrap();
+    for family in [Family::V4, Family::V6] {
+        assert!(
+            ns.saved_nat(Backend::Nft, family)
+                .contains("-j APPMESH_EGRESS\n"),
+            "{family}"
+        );
+    }
+    assert!(matches!(
+        run_in(&ns, status_cli(), &with_v6).unwrap(),
+        Outcome::Status { in_place: true, .. }
+    ));
+    run_in(&ns, cleanup_cli(), &[]).unwrap();
+    for family in [Family::V4, Family::V6] {
+        assert!(!ns.saved_nat(Backend::Nft, family).contains("APPMESH"));
+    }
+    assert_eq!(legacy_table_names(&ns), "", "legacy untouched throughout");
+}
+
+#[test]
+fn auto_detection_in_a_fresh_namespace_follows_the_iptables_on_path() {
+    if !can_run_privileged_test("auto_detection_in_a_fresh_namespace_follows_the_iptables_on_path")
+    {
+        return;
+    }
+    let ns = TestNetns::new();
+    let version = crate::test_support::sh("iptables", &["--version"]);
+    let expected = detect::parse_version(&version).unwrap_or(Backend::Nft);
+    let chosen = ns
+        .run_in(|| detect::resolve(BackendChoice::Auto))
+        .unwrap()
+        .backend();
+    assert_eq!(chosen, expected, "{version}");
+    assert_eq!(
+        legacy_table_names(&ns),
+        "",
+        "looking created no legacy table"
+    );
+    assert_eq!(
+        ns.exec("nft", &["list", "ruleset"]),
+        "",
+        "looking created no nft table"
+    );
 }

@@ -2,14 +2,15 @@
 //! nat tables and converge them. IPv4 and IPv6 are separate transactions, so a failed IPv6 apply rolls
 //! IPv4 back to what it was: a failing apply leaves no partial rules.
 
-use std::path::Path;
-
 use caps::{CapSet, Capability};
 use tracing::{debug, info, warn};
 
 use crate::config::{self, Cli, EnvSource, Loaded};
+use crate::detect;
 use crate::error::{Error, Result};
-use crate::iptables::{Family, Iptables, other_backend_present, saved_backend};
+use crate::iptables::{
+    Backend, BackendChoice, Family, Iptables, other_backend_present, saved_backend,
+};
 use crate::netns;
 use crate::plan::Plan;
 use crate::state::{NatState, Status, converge};
@@ -31,9 +32,8 @@ pub enum Outcome {
 
 /// Runs the mode the command line asks for.
 pub fn run(cli: &Cli, env: &dyn EnvSource) -> Result<Outcome> {
-    let iptables = Iptables::new(cli.iptables_backend);
     if cli.cleanup {
-        prepare(cli.netns.as_deref())?;
+        let iptables = prepare(cli)?;
         cleanup(iptables)?;
         return Ok(Outcome::CleanedUp);
     }
@@ -66,10 +66,13 @@ pub fn run(cli: &Cli, env: &dyn EnvSource) -> Result<Outcome> {
     };
 
     if cli.dry_run {
-        return Ok(Outcome::DryRun(dry_run_text(plan.as_ref())));
+        return Ok(Outcome::DryRun(dry_run_text(
+            plan.as_ref(),
+            cli.iptables_backend,
+        )));
     }
     if cli.status {
-        prepare(cli.netns.as_deref())?;
+        let iptables = prepare(cli)?;
         let plan = plan.unwrap_or_default();
         let statuses = status(&plan, iptables)?;
         let in_place = statuses.iter().all(|(_, s)| *s == Status::InPlace);
@@ -87,34 +90,41 @@ pub fn run(cli: &Cli, env: &dyn EnvSource) -> Result<Outcome> {
     let Some(plan) = plan else {
         return Ok(Outcome::Disabled);
     };
-    prepare(cli.netns.as_deref())?;
+    let iptables = prepare(cli)?;
     install(&plan, iptables)?;
     Ok(Outcome::Installed)
 }
 
-/// What `--dry-run` prints: each family's restore input for a namespace without our rules.
-pub fn dry_run_text(plan: Option<&Plan>) -> String {
+/// What `--dry-run` prints: each family's restore input for a namespace without our rules. With
+/// `--iptables-backend auto` the program is named generically: the backend is chosen at run time.
+pub fn dry_run_text(plan: Option<&Plan>, choice: BackendChoice) -> String {
     let Some(plan) = plan else {
         return "# APPMESH_START_ENABLED is not \"1\": nothing would be installed\n".to_owned();
     };
     let mut text = String::new();
     for family in [Family::V4, Family::V6] {
         if let Some(input) = plan.fresh_install(family) {
-            let program = Iptables::default().program(family, "restore");
+            let backend = match choice {
+                BackendChoice::Auto | BackendChoice::Path => Backend::Path,
+                BackendChoice::Nft => Backend::Nft,
+                BackendChoice::Legacy => Backend::Legacy,
+            };
+            let program = Iptables::new(backend).program(family, "restore");
             text.push_str(&format!("# {family}: {program} --noflush\n{input}"));
         }
     }
     text
 }
 
-/// Checks the capability and enters the namespace: everything before the first iptables call.
-fn prepare(netns_path: Option<&Path>) -> Result<()> {
+/// Checks the capability, enters the namespace and chooses the iptables backend there: everything
+/// before the first change. The returned programs are used for every later call of the run.
+fn prepare(cli: &Cli) -> Result<Iptables> {
     require_net_admin()?;
-    if let Some(path) = netns_path {
+    if let Some(path) = cli.netns.as_deref() {
         netns::enter(path)?;
         debug!(netns = %path.display(), "entered network namespace");
     }
-    Ok(())
+    detect::resolve(cli.iptables_backend)
 }
 
 /// Fails with an actionable message unless CAP_NET_ADMIN is in the effective set.

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use crate::iptables::Family;
+use crate::iptables::{Backend, Family, Iptables};
 use crate::netns;
 
 /// Whether a privileged test can run: true as root; otherwise prints why it is skipped, or panics
@@ -84,6 +84,17 @@ impl TestNetns {
             .lines()
             .filter(|l| l.starts_with(':') || l.starts_with('-'))
             .map(str::to_owned)
+            .collect()
+    }
+
+    /// `iptables-save -t nat` (or the ip6tables / nft / legacy twin) byte for byte, without the
+    /// `#` comment lines, which carry the time.
+    pub(crate) fn saved_nat(&self, backend: Backend, family: Family) -> String {
+        let program = Iptables::new(backend).program(family, "save");
+        self.exec(&program, &["-t", "nat"])
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| format!("{l}\n"))
             .collect()
     }
 

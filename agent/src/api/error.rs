@@ -54,6 +54,12 @@ impl Error {
     }
 }
 
+impl From<crate::model::FieldError> for Error {
+    fn from(e: crate::model::FieldError) -> Self {
+        Error::BadRequest(e.to_string())
+    }
+}
+
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
         let kind = self.type_name();

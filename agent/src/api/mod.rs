@@ -1,23 +1,29 @@
-//! The App Mesh REST API (`/v20190125/...`): routes, body parsing with field paths, and the
-//! start-up `--resources` loader. The rules live in [`ops`].
+//! The App Mesh REST API (`/v20190125/...`): all 38 operations, body parsing with field paths, and
+//! the `--resources` import / `export` pair. The rules live in [`ops`] and [`kinds`].
 
 mod error;
+pub mod kinds;
 pub mod ops;
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path as UriPath, Query, State as AxState};
+use axum::extract::{Path as UriPath, Query as UriQuery, State as AxState};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, put};
 use serde::de::DeserializeOwned;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 pub use error::Error;
-pub use ops::{Account, Ops, Quotas};
+use kinds::{
+    GatewayRoutes, Kind, Routes, VirtualGateways, VirtualNodes, VirtualRouters, VirtualServices,
+};
+pub use ops::{Account, Ops, Place, Query, Quotas};
 
+use crate::model::State;
 use crate::store::Store;
 
 #[derive(Clone)]
@@ -26,37 +32,37 @@ struct Ctx {
     store: Arc<Store>,
 }
 
+type Params = HashMap<String, String>;
+
 /// The REST router, ready to be served.
 pub fn router(ops: Arc<Ops>, store: Arc<Store>) -> Router {
-    let prefix = "/v20190125/meshes";
-    Router::new()
-        .route(prefix, get(list_meshes).put(create_mesh))
+    let m = "/v20190125/meshes";
+    let r = Router::new()
+        .route(m, get(list_meshes).put(create_mesh))
         .route(
-            &format!("{prefix}/{{mesh}}"),
+            &format!("{m}/{{mesh}}"),
             get(describe_mesh).put(update_mesh).delete(delete_mesh),
         )
-        .route(
-            &format!("{prefix}/{{mesh}}/virtualNodes"),
-            get(list_virtual_nodes).put(create_virtual_node),
-        )
-        .route(
-            &format!("{prefix}/{{mesh}}/virtualNodes/{{name}}"),
-            get(describe_virtual_node)
-                .put(update_virtual_node)
-                .delete(delete_virtual_node),
-        )
-        .route(
-            &format!("{prefix}/{{mesh}}/virtualServices"),
-            get(list_virtual_services).put(create_virtual_service),
-        )
-        .route(
-            &format!("{prefix}/{{mesh}}/virtualServices/{{name}}"),
-            get(describe_virtual_service)
-                .put(update_virtual_service)
-                .delete(delete_virtual_service),
-        )
-        .fallback(unknown_operation)
-        .with_state(Ctx { ops, store })
+        .route("/v20190125/tags", get(list_tags))
+        .route("/v20190125/tag", put(tag_resource))
+        .route("/v20190125/untag", put(untag_resource));
+    let r = kind_routes::<VirtualNodes>(r, &format!("{m}/{{mesh}}/virtualNodes"));
+    let r = kind_routes::<VirtualServices>(r, &format!("{m}/{{mesh}}/virtualServices"));
+    let r = kind_routes::<VirtualRouters>(r, &format!("{m}/{{mesh}}/virtualRouters"));
+    let r = kind_routes::<VirtualGateways>(r, &format!("{m}/{{mesh}}/virtualGateways"));
+    let r = kind_routes::<Routes>(r, &format!("{m}/{{mesh}}/virtualRouter/{{parent}}/routes"));
+    let r = kind_routes::<GatewayRoutes>(
+        r,
+        &format!("{m}/{{mesh}}/virtualGateway/{{parent}}/gatewayRoutes"),
+    );
+    r.fallback(unknown_operation).with_state(Ctx { ops, store })
+}
+
+fn kind_routes<K: Kind>(r: Router<Ctx>, collection: &str) -> Router<Ctx> {
+    r.route(collection, get(list::<K>).put(create::<K>)).route(
+        &format!("{collection}/{{name}}"),
+        get(describe::<K>).put(update::<K>).delete(delete::<K>),
+    )
 }
 
 /// Parses a JSON body; a failure names the field path (`spec.listeners[0].portMapping.port`).
@@ -80,6 +86,32 @@ pub fn parse_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Error> {
     })
 }
 
+/// Names in the URI obey the model's ResourceName rule (1–255 characters) too.
+fn uri_name<'p>(p: &'p Params, key: &str, field: &str) -> Result<&'p str, Error> {
+    let v = p.get(key).map(String::as_str).unwrap_or_default();
+    let n = v.chars().count();
+    if !(1..=255).contains(&n) {
+        return Err(Error::bad(
+            field,
+            format!("length {n} is out of range: must be between 1 and 255"),
+        ));
+    }
+    Ok(v)
+}
+
+fn place<'a, K: Kind>(p: &'a Params, q: &'a Query) -> Result<Place<'a>, Error> {
+    let mesh = uri_name(p, "mesh", "meshName")?;
+    let parent = match K::PARENT {
+        Some(kind) => Some(uri_name(p, "parent", kind.name_key())?),
+        None => None,
+    };
+    Ok(Place {
+        mesh,
+        parent,
+        owner: q.mesh_owner.as_deref(),
+    })
+}
+
 /// Runs a store write off the async worker (it fsyncs).
 fn blocking<T>(f: impl FnOnce() -> Result<T, Error>) -> Result<T, Error> {
     tokio::task::block_in_place(f)
@@ -96,8 +128,8 @@ async fn unknown_operation() -> Response {
     Error::NotFound("no App Mesh operation at this path and method".into()).into_response()
 }
 
-async fn list_meshes(AxState(c): AxState<Ctx>, Query(page): Query<ops::Page>) -> Response {
-    reply(c.ops.list_meshes(&c.store.current(), &page))
+async fn list_meshes(AxState(c): AxState<Ctx>, UriQuery(q): UriQuery<Query>) -> Response {
+    reply(c.ops.list_meshes(&c.store.current(), &q))
 }
 
 async fn create_mesh(AxState(c): AxState<Ctx>, body: Bytes) -> Response {
@@ -106,150 +138,149 @@ async fn create_mesh(AxState(c): AxState<Ctx>, body: Bytes) -> Response {
 
 async fn describe_mesh(
     AxState(c): AxState<Ctx>,
-    UriPath(mesh): UriPath<String>,
-    Query(page): Query<ops::Page>,
+    UriPath(p): UriPath<Params>,
+    UriQuery(q): UriQuery<Query>,
 ) -> Response {
-    reply(
+    reply(uri_name(&p, "mesh", "meshName").and_then(|m| {
         c.ops
-            .describe_mesh(&c.store.current(), &mesh, page.mesh_owner.as_deref()),
-    )
+            .describe_mesh(&c.store.current(), m, q.mesh_owner.as_deref())
+    }))
 }
 
 async fn update_mesh(
     AxState(c): AxState<Ctx>,
-    UriPath(mesh): UriPath<String>,
+    UriPath(p): UriPath<Params>,
     body: Bytes,
 ) -> Response {
-    reply(parse_body(&body).and_then(|req| blocking(|| c.ops.update_mesh(&c.store, &mesh, req))))
-}
-
-async fn delete_mesh(AxState(c): AxState<Ctx>, UriPath(mesh): UriPath<String>) -> Response {
-    reply(blocking(|| c.ops.delete_mesh(&c.store, &mesh)))
-}
-
-async fn list_virtual_nodes(
-    AxState(c): AxState<Ctx>,
-    UriPath(mesh): UriPath<String>,
-    Query(page): Query<ops::Page>,
-) -> Response {
-    reply(c.ops.list_virtual_nodes(&c.store.current(), &mesh, &page))
-}
-
-async fn create_virtual_node(
-    AxState(c): AxState<Ctx>,
-    UriPath(mesh): UriPath<String>,
-    Query(q): Query<ops::Page>,
-    body: Bytes,
-) -> Response {
-    reply(parse_body(&body).and_then(|req| {
-        blocking(|| {
-            c.ops
-                .create_virtual_node(&c.store, &mesh, q.mesh_owner.as_deref(), req)
-        })
+    reply(uri_name(&p, "mesh", "meshName").and_then(|m| {
+        let req = parse_body(&body)?;
+        blocking(|| c.ops.update_mesh(&c.store, m, req))
     }))
 }
 
-async fn describe_virtual_node(
-    AxState(c): AxState<Ctx>,
-    UriPath((mesh, name)): UriPath<(String, String)>,
-    Query(q): Query<ops::Page>,
-) -> Response {
+async fn delete_mesh(AxState(c): AxState<Ctx>, UriPath(p): UriPath<Params>) -> Response {
     reply(
-        c.ops
-            .describe_virtual_node(&c.store.current(), &mesh, q.mesh_owner.as_deref(), &name),
+        uri_name(&p, "mesh", "meshName").and_then(|m| blocking(|| c.ops.delete_mesh(&c.store, m))),
     )
 }
 
-async fn update_virtual_node(
+async fn list<K: Kind>(
     AxState(c): AxState<Ctx>,
-    UriPath((mesh, name)): UriPath<(String, String)>,
-    Query(q): Query<ops::Page>,
+    UriPath(p): UriPath<Params>,
+    UriQuery(q): UriQuery<Query>,
+) -> Response {
+    reply(place::<K>(&p, &q).and_then(|at| c.ops.list::<K>(&c.store.current(), at, &q)))
+}
+
+async fn create<K: Kind>(
+    AxState(c): AxState<Ctx>,
+    UriPath(p): UriPath<Params>,
+    UriQuery(q): UriQuery<Query>,
     body: Bytes,
 ) -> Response {
-    reply(parse_body(&body).and_then(|req| {
-        blocking(|| {
-            c.ops
-                .update_virtual_node(&c.store, &mesh, q.mesh_owner.as_deref(), &name, req)
-        })
+    reply(place::<K>(&p, &q).and_then(|at| {
+        let req: K::Create = parse_body(&body)?;
+        blocking(|| c.ops.create::<K>(&c.store, at, req))
     }))
 }
 
-async fn delete_virtual_node(
+async fn describe<K: Kind>(
     AxState(c): AxState<Ctx>,
-    UriPath((mesh, name)): UriPath<(String, String)>,
-    Query(q): Query<ops::Page>,
+    UriPath(p): UriPath<Params>,
+    UriQuery(q): UriQuery<Query>,
 ) -> Response {
-    reply(blocking(|| {
-        c.ops
-            .delete_virtual_node(&c.store, &mesh, q.mesh_owner.as_deref(), &name)
+    reply(place::<K>(&p, &q).and_then(|at| {
+        let name = uri_name(&p, "name", K::NAME_KEY)?;
+        c.ops.describe::<K>(&c.store.current(), at, name)
     }))
 }
 
-async fn list_virtual_services(
+async fn update<K: Kind>(
     AxState(c): AxState<Ctx>,
-    UriPath(mesh): UriPath<String>,
-    Query(page): Query<ops::Page>,
-) -> Response {
-    reply(
-        c.ops
-            .list_virtual_services(&c.store.current(), &mesh, &page),
-    )
-}
-
-async fn create_virtual_service(
-    AxState(c): AxState<Ctx>,
-    UriPath(mesh): UriPath<String>,
-    Query(q): Query<ops::Page>,
+    UriPath(p): UriPath<Params>,
+    UriQuery(q): UriQuery<Query>,
     body: Bytes,
 ) -> Response {
-    reply(parse_body(&body).and_then(|req| {
-        blocking(|| {
-            c.ops
-                .create_virtual_service(&c.store, &mesh, q.mesh_owner.as_deref(), req)
-        })
+    reply(place::<K>(&p, &q).and_then(|at| {
+        let name = uri_name(&p, "name", K::NAME_KEY)?;
+        let req: K::Update = parse_body(&body)?;
+        blocking(|| c.ops.update::<K>(&c.store, at, name, req))
     }))
 }
 
-async fn describe_virtual_service(
+async fn delete<K: Kind>(
     AxState(c): AxState<Ctx>,
-    UriPath((mesh, name)): UriPath<(String, String)>,
-    Query(q): Query<ops::Page>,
+    UriPath(p): UriPath<Params>,
+    UriQuery(q): UriQuery<Query>,
 ) -> Response {
-    reply(
-        c.ops
-            .describe_virtual_service(&c.store.current(), &mesh, q.mesh_owner.as_deref(), &name),
-    )
+    reply(place::<K>(&p, &q).and_then(|at| {
+        let name = uri_name(&p, "name", K::NAME_KEY)?;
+        blocking(|| c.ops.delete::<K>(&c.store, at, name))
+    }))
 }
 
-async fn update_virtual_service(
+async fn list_tags(AxState(c): AxState<Ctx>, UriQuery(q): UriQuery<Query>) -> Response {
+    reply(c.ops.list_tags(&c.store.current(), &q))
+}
+
+async fn tag_resource(
     AxState(c): AxState<Ctx>,
-    UriPath((mesh, name)): UriPath<(String, String)>,
-    Query(q): Query<ops::Page>,
+    UriQuery(q): UriQuery<Query>,
     body: Bytes,
 ) -> Response {
-    reply(parse_body(&body).and_then(|req| {
-        blocking(|| {
-            c.ops
-                .update_virtual_service(&c.store, &mesh, q.mesh_owner.as_deref(), &name, req)
-        })
-    }))
+    reply(parse_body(&body).and_then(|req| blocking(|| c.ops.tag_resource(&c.store, &q, req))))
 }
 
-async fn delete_virtual_service(
+async fn untag_resource(
     AxState(c): AxState<Ctx>,
-    UriPath((mesh, name)): UriPath<(String, String)>,
-    Query(q): Query<ops::Page>,
+    UriQuery(q): UriQuery<Query>,
+    body: Bytes,
 ) -> Response {
-    reply(blocking(|| {
-        c.ops
-            .delete_virtual_service(&c.store, &mesh, q.mesh_owner.as_deref(), &name)
-    }))
+    reply(parse_body(&body).and_then(|req| blocking(|| c.ops.untag_resource(&c.store, &q, req))))
+}
+
+// === --resources and export ===
+
+/// The kinds in dependency order: what a resource references is applied before it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum FileKind {
+    Mesh,
+    VirtualNode,
+    VirtualRouter,
+    VirtualGateway,
+    VirtualService,
+    Route,
+    GatewayRoute,
+}
+
+impl FileKind {
+    /// Which create operation a `--cli-input-json` body is for, from the name keys present.
+    fn of(item: &Value) -> Option<FileKind> {
+        let has = |k: &str| item.get(k).is_some();
+        Some(if has("gatewayRouteName") {
+            FileKind::GatewayRoute
+        } else if has("routeName") {
+            FileKind::Route
+        } else if has("virtualGatewayName") {
+            FileKind::VirtualGateway
+        } else if has("virtualRouterName") {
+            FileKind::VirtualRouter
+        } else if has("virtualNodeName") {
+            FileKind::VirtualNode
+        } else if has("virtualServiceName") {
+            FileKind::VirtualService
+        } else if has("meshName") {
+            FileKind::Mesh
+        } else {
+            return None;
+        })
+    }
 }
 
 /// Applies a `--resources` file: a JSON list of create-request bodies in the form
-/// `aws appmesh create-* --cli-input-json` takes. Idempotent: an existing resource with a different
-/// spec is updated, an identical one is left alone. Meshes go first, then nodes, then services, so
-/// the file's order does not matter for references.
+/// `aws appmesh create-* --cli-input-json` takes (`meshName`, the parent's name for routes and
+/// gateway routes, the resource's name, `spec`, `tags`). Idempotent: an existing resource with a
+/// different spec is updated, an identical one is left alone. The file's order does not matter.
 pub fn apply_resources_file(ops: &Ops, store: &Store, path: &Path) -> Result<usize, Error> {
     let bytes = std::fs::read(path).map_err(|e| {
         Error::BadRequest(format!(
@@ -259,90 +290,177 @@ pub fn apply_resources_file(ops: &Ops, store: &Store, path: &Path) -> Result<usi
     })?;
     let items: Vec<Value> =
         parse_body(&bytes).map_err(|e| Error::BadRequest(format!("{}: {e}", path.display())))?;
-    let mut ordered: Vec<(u8, usize, &Value)> = Vec::new();
+    let mut ordered = Vec::new();
     for (i, item) in items.iter().enumerate() {
-        let rank = if item.get("virtualNodeName").is_some() {
-            1
-        } else if item.get("virtualServiceName").is_some() {
-            2
-        } else if item.get("meshName").is_some() {
-            0
-        } else {
-            return Err(Error::bad(
-                &format!("[{i}]"),
-                "names no resource: expected meshName, and virtualNodeName or virtualServiceName",
-            ));
-        };
-        ordered.push((rank, i, item));
+        let kind = FileKind::of(item).ok_or_else(|| {
+            Error::bad(
+                &format!("{}[{i}]", path.display()),
+                "names no resource: expected meshName and a resource name",
+            )
+        })?;
+        ordered.push((kind, i, item));
     }
-    ordered.sort_by_key(|(rank, i, _)| (*rank, *i));
-    let mut applied = 0;
-    for (rank, i, item) in ordered {
-        let at = |e: Error| match e {
+    ordered.sort_by_key(|(kind, i, _)| (*kind, *i));
+    for (kind, i, item) in &ordered {
+        let at_item = |e: Error| match e {
             Error::BadRequest(m) => Error::BadRequest(format!("{}[{i}]: {m}", path.display())),
             other => other,
         };
-        let bytes = serde_json::to_vec(item).map_err(|e| Error::BadRequest(e.to_string()))?;
-        let mesh = item
-            .get("meshName")
-            .and_then(Value::as_str)
-            .ok_or_else(|| Error::bad(&format!("[{i}].meshName"), "is required"))
-            .map_err(at)?
-            .to_string();
-        let state = store.current();
-        let result = match rank {
-            0 => {
-                let req: ops::CreateMesh = parse_body(&bytes).map_err(at)?;
-                if state.meshes.contains_key(&mesh) {
-                    ops.update_mesh(
-                        store,
-                        &mesh,
-                        ops::UpdateMesh {
-                            spec: req.spec,
-                            client_token: None,
-                        },
-                    )
-                } else {
-                    ops.create_mesh(store, req)
-                }
-            }
-            1 => {
-                let req: ops::CreateVirtualNode = parse_body(&bytes).map_err(at)?;
-                let exists = state
-                    .meshes
-                    .get(&mesh)
-                    .is_some_and(|m| m.virtual_nodes.contains_key(&req.virtual_node_name));
-                if exists {
-                    let name = req.virtual_node_name.clone();
-                    let upd = ops::UpdateVirtualNode {
-                        spec: req.spec,
-                        client_token: None,
-                    };
-                    ops.update_virtual_node(store, &mesh, None, &name, upd)
-                } else {
-                    ops.create_virtual_node(store, &mesh, None, req)
-                }
-            }
-            _ => {
-                let req: ops::CreateVirtualService = parse_body(&bytes).map_err(at)?;
-                let exists = state
-                    .meshes
-                    .get(&mesh)
-                    .is_some_and(|m| m.virtual_services.contains_key(&req.virtual_service_name));
-                if exists {
-                    let name = req.virtual_service_name.clone();
-                    let upd = ops::UpdateVirtualService {
-                        spec: req.spec,
-                        client_token: None,
-                    };
-                    ops.update_virtual_service(store, &mesh, None, &name, upd)
-                } else {
-                    ops.create_virtual_service(store, &mesh, None, req)
-                }
-            }
-        };
-        result.map_err(at)?;
-        applied += 1;
+        apply_item(ops, store, *kind, item).map_err(at_item)?;
     }
-    Ok(applied)
+    Ok(ordered.len())
+}
+
+fn apply_item(ops: &Ops, store: &Store, kind: FileKind, item: &Value) -> Result<(), Error> {
+    let bytes = serde_json::to_vec(item).map_err(|e| Error::BadRequest(e.to_string()))?;
+    let text = |k: &str| {
+        item.get(k)
+            .and_then(Value::as_str)
+            .ok_or_else(|| Error::bad(k, "is required"))
+    };
+    let mesh = text("meshName")?;
+    if kind == FileKind::Mesh {
+        if store.current().meshes.contains_key(mesh) {
+            ops.update_mesh(store, mesh, parse_body(&bytes)?)?;
+        } else {
+            ops.create_mesh(store, parse_body(&bytes)?)?;
+        }
+        return Ok(());
+    }
+    fn upsert<K: Kind>(
+        ops: &Ops,
+        store: &Store,
+        at: Place<'_>,
+        name: &str,
+        bytes: &[u8],
+    ) -> Result<(), Error> {
+        let state = store.current();
+        let exists = ops
+            .mesh(&state, at.mesh, None)
+            .ok()
+            .and_then(|m| K::map(m, at.mesh, at.parent).ok())
+            .is_some_and(|map| map.contains_key(name));
+        if exists {
+            ops.update::<K>(store, at, name, parse_body(bytes)?)?;
+        } else {
+            ops.create::<K>(store, at, parse_body(bytes)?)?;
+        }
+        Ok(())
+    }
+    let top = Place {
+        mesh,
+        parent: None,
+        owner: None,
+    };
+    match kind {
+        FileKind::Mesh => Ok(()),
+        FileKind::VirtualNode => {
+            upsert::<VirtualNodes>(ops, store, top, text("virtualNodeName")?, &bytes)
+        }
+        FileKind::VirtualService => {
+            upsert::<VirtualServices>(ops, store, top, text("virtualServiceName")?, &bytes)
+        }
+        FileKind::VirtualRouter => {
+            upsert::<VirtualRouters>(ops, store, top, text("virtualRouterName")?, &bytes)
+        }
+        FileKind::VirtualGateway => {
+            upsert::<VirtualGateways>(ops, store, top, text("virtualGatewayName")?, &bytes)
+        }
+        FileKind::Route => {
+            let at = Place {
+                parent: Some(text("virtualRouterName")?),
+                ..top
+            };
+            upsert::<Routes>(ops, store, at, text("routeName")?, &bytes)
+        }
+        FileKind::GatewayRoute => {
+            let at = Place {
+                parent: Some(text("virtualGatewayName")?),
+                ..top
+            };
+            upsert::<GatewayRoutes>(ops, store, at, text("gatewayRouteName")?, &bytes)
+        }
+    }
+}
+
+/// Every resource of `meshes` (all when empty) as create-request bodies that `--resources`
+/// re-imports to the same specs and tags, in dependency order.
+pub fn export(state: &State, meshes: &[String]) -> Value {
+    let mut out = Vec::new();
+    for (name, m) in &state.meshes {
+        if !meshes.is_empty() && !meshes.contains(name) {
+            continue;
+        }
+        let item = |extra: Value, spec: Value, tags: &Vec<crate::model::TagRef>| {
+            let mut v = json!({"meshName": name});
+            if let Value::Object(e) = extra {
+                for (k, x) in e {
+                    v[k] = x;
+                }
+            }
+            v["spec"] = spec;
+            if !tags.is_empty() {
+                v["tags"] = json!(tags);
+            }
+            v
+        };
+        let spec = |s: &dyn erased::Spec| s.to_json();
+        out.push(item(json!({}), spec(&m.mesh.spec), &m.mesh.tags));
+        for (n, r) in &m.virtual_nodes {
+            out.push(item(json!({"virtualNodeName": n}), spec(&r.spec), &r.tags));
+        }
+        for (n, r) in &m.virtual_routers {
+            out.push(item(
+                json!({"virtualRouterName": n}),
+                spec(&r.spec),
+                &r.tags,
+            ));
+        }
+        for (n, r) in &m.virtual_gateways {
+            out.push(item(
+                json!({"virtualGatewayName": n}),
+                spec(&r.spec),
+                &r.tags,
+            ));
+        }
+        for (n, r) in &m.virtual_services {
+            out.push(item(
+                json!({"virtualServiceName": n}),
+                spec(&r.spec),
+                &r.tags,
+            ));
+        }
+        for (router, routes) in &m.routes {
+            for (n, r) in routes {
+                out.push(item(
+                    json!({"virtualRouterName": router, "routeName": n}),
+                    spec(&r.spec),
+                    &r.tags,
+                ));
+            }
+        }
+        for (gateway, routes) in &m.gateway_routes {
+            for (n, r) in routes {
+                out.push(item(
+                    json!({"virtualGatewayName": gateway, "gatewayRouteName": n}),
+                    spec(&r.spec),
+                    &r.tags,
+                ));
+            }
+        }
+    }
+    Value::Array(out)
+}
+
+mod erased {
+    /// Any spec, as JSON (specs always serialize).
+    pub(super) trait Spec {
+        fn to_json(&self) -> serde_json::Value;
+    }
+
+    impl<T: serde::Serialize> Spec for T {
+        fn to_json(&self) -> serde_json::Value {
+            serde_json::to_value(self).unwrap_or_default()
+        }
+    }
 }

@@ -1,15 +1,18 @@
-//! The App Mesh operations as plain functions over the store: validation, App Mesh's semantic
-//! rules, metadata. The HTTP layer and the `--resources` loader both call these.
+//! The App Mesh operations as plain functions over the store: model validation, App Mesh's
+//! semantic rules (in [`super::kinds`]), metadata, idempotency, pagination. The HTTP layer and the
+//! `--resources` loader both call these.
 
+use std::collections::BTreeMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::Error;
+use super::kinds::{Check, Kind};
 use crate::model::{
-    EgressFilter, MeshSpec, MeshState, Metadata, Resource, State, Tag, VirtualNodeSpec,
-    VirtualServiceSpec,
+    CreateMeshBody, EgressFilter, EgressFilterType, MeshSpec, MeshState, Metadata, Resource, State,
+    TagRef, TagResourceBody, UntagResourceBody, UpdateMeshBody, Validate,
 };
 use crate::store::Store;
 
@@ -19,7 +22,12 @@ pub struct Quotas {
     pub meshes: usize,
     pub virtual_nodes_per_mesh: usize,
     pub virtual_services_per_mesh: usize,
+    pub virtual_routers_per_mesh: usize,
+    pub routes_per_router: usize,
+    pub weighted_targets_per_route: usize,
     pub backends_per_virtual_node: usize,
+    pub virtual_gateways_per_mesh: usize,
+    pub gateway_routes_per_gateway: usize,
     pub tags_per_resource: usize,
 }
 
@@ -29,7 +37,12 @@ impl Default for Quotas {
             meshes: 15,
             virtual_nodes_per_mesh: 200,
             virtual_services_per_mesh: 200,
+            virtual_routers_per_mesh: 200,
+            routes_per_router: 50,
+            weighted_targets_per_route: 10,
             backends_per_virtual_node: 50,
+            virtual_gateways_per_mesh: 3,
+            gateway_routes_per_gateway: 10,
             tags_per_resource: 50,
         }
     }
@@ -48,77 +61,18 @@ pub struct Ops {
     pub quotas: Quotas,
 }
 
-// === Request bodies (the payload members of the botocore input shapes) ===
-
-#[derive(Clone, Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct CreateMesh {
-    pub mesh_name: String,
-    #[serde(default)]
-    pub spec: Option<MeshSpec>,
-    #[serde(default)]
-    pub tags: Vec<Tag>,
-    #[serde(default)]
-    pub client_token: Option<String>,
-}
-
-#[derive(Clone, Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct UpdateMesh {
-    #[serde(default)]
-    pub spec: Option<MeshSpec>,
-    #[serde(default)]
-    pub client_token: Option<String>,
-}
-
-#[derive(Clone, Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct CreateVirtualNode {
-    pub virtual_node_name: String,
-    pub spec: VirtualNodeSpec,
-    #[serde(default)]
-    pub tags: Vec<Tag>,
-    #[serde(default)]
-    pub client_token: Option<String>,
-}
-
-#[derive(Clone, Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct UpdateVirtualNode {
-    pub spec: VirtualNodeSpec,
-    #[serde(default)]
-    pub client_token: Option<String>,
-}
-
-#[derive(Clone, Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct CreateVirtualService {
-    pub virtual_service_name: String,
-    pub spec: VirtualServiceSpec,
-    #[serde(default)]
-    pub tags: Vec<Tag>,
-    #[serde(default)]
-    pub client_token: Option<String>,
-}
-
-#[derive(Clone, Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct UpdateVirtualService {
-    pub spec: VirtualServiceSpec,
-    #[serde(default)]
-    pub client_token: Option<String>,
-}
-
-/// `limit` and `nextToken` of the list operations.
+/// `limit`, `nextToken` and `meshOwner` from the query string.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Page {
+pub struct Query {
     #[serde(default)]
     pub limit: Option<String>,
     #[serde(default)]
     pub next_token: Option<String>,
     #[serde(default)]
     pub mesh_owner: Option<String>,
+    #[serde(default)]
+    pub resource_arn: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -136,38 +90,76 @@ impl Status {
     }
 }
 
-// === Operations ===
+/// What a create request carries, whatever the kind.
+#[derive(Debug)]
+pub struct CreateParts<S> {
+    pub name: String,
+    pub spec: S,
+    pub tags: Vec<TagRef>,
+    pub client_token: Option<String>,
+}
+
+/// Where a resource lives: its mesh and, for routes and gateway routes, its router or gateway.
+#[derive(Clone, Copy, Debug)]
+pub struct Place<'a> {
+    pub mesh: &'a str,
+    pub parent: Option<&'a str>,
+    pub owner: Option<&'a str>,
+}
+
+/// Finds the tags of the resource at a resolved ARN path: shared (`get`) or mutable (`get_mut, mut`).
+macro_rules! tags_lookup {
+    ($state:expr, $path:expr, $arn:expr, $get:ident $(, $mut:tt)?) => {{
+        let p = &$path;
+        let name = |i: usize| p.get(i).map(String::as_str).unwrap_or_default();
+        let m = $state.meshes.$get(name(1)).ok_or_else(|| arn_not_found($arn))?;
+        let tags = match (p.len(), name(2)) {
+            (2, _) => Some(&$($mut)? m.mesh.tags),
+            (4, "virtualNode") => m.virtual_nodes.$get(name(3)).map(|r| &$($mut)? r.tags),
+            (4, "virtualService") => m.virtual_services.$get(name(3)).map(|r| &$($mut)? r.tags),
+            (4, "virtualRouter") => m.virtual_routers.$get(name(3)).map(|r| &$($mut)? r.tags),
+            (4, _) => m.virtual_gateways.$get(name(3)).map(|r| &$($mut)? r.tags),
+            (_, "virtualRouter") => m
+                .routes
+                .$get(name(3))
+                .and_then(|routes| routes.$get(name(5)))
+                .map(|r| &$($mut)? r.tags),
+            _ => m
+                .gateway_routes
+                .$get(name(3))
+                .and_then(|routes| routes.$get(name(5)))
+                .map(|r| &$($mut)? r.tags),
+        };
+        tags.ok_or_else(|| arn_not_found($arn))
+    }};
+}
+
+// === Meshes ===
 
 impl Ops {
-    pub fn create_mesh(&self, store: &Store, req: CreateMesh) -> Result<Value, Error> {
-        check_name("meshName", &req.mesh_name)?;
-        self.check_tags(&req.tags)?;
+    pub fn create_mesh(&self, store: &Store, req: CreateMeshBody) -> Result<Value, Error> {
+        req.validate("")?;
         let mut spec = req.spec.unwrap_or_default();
         normalize_mesh_spec(&mut spec);
+        let name = req.mesh_name;
+        let tags = req.tags.unwrap_or_default();
         store.write(|state| {
-            if let Some(existing) = state.meshes.get(&req.mesh_name) {
-                return idempotent_or_conflict(&existing.mesh, &spec, &req.client_token, || {
-                    format!("mesh {} already exists", req.mesh_name)
-                })
-                .map(|()| mesh_data(&req.mesh_name, &existing.mesh, Status::Active));
+            if let Some(existing) = state.meshes.get(&name) {
+                idempotent_or_conflict(&existing.mesh, &spec, &tags, &req.client_token, || {
+                    format!("mesh {name} already exists")
+                })?;
+                return Ok(mesh_data(&name, &existing.mesh, Status::Active));
             }
             if state.meshes.len() >= self.quotas.meshes {
                 return Err(Error::LimitExceeded(format!(
-                    "meshes: the limit of {} meshes per account is reached",
+                    "meshName: the limit of {} meshes per account is reached",
                     self.quotas.meshes
                 )));
             }
-            let arn = self.arn(&format!("mesh/{}", req.mesh_name));
-            let resource = self.new_resource(arn, spec, req.tags, req.client_token);
-            let data = mesh_data(&req.mesh_name, &resource, Status::Active);
-            state.meshes.insert(
-                req.mesh_name.clone(),
-                MeshState {
-                    mesh: resource,
-                    virtual_nodes: Default::default(),
-                    virtual_services: Default::default(),
-                },
-            );
+            let arn = self.arn(&format!("mesh/{name}"));
+            let resource = self.new_resource(arn, spec, tags, req.client_token);
+            let data = mesh_data(&name, &resource, Status::Active);
+            state.meshes.insert(name.clone(), MeshState::new(resource));
             Ok(data)
         })
     }
@@ -182,12 +174,18 @@ impl Ops {
         Ok(mesh_data(mesh, &m.mesh, Status::Active))
     }
 
-    pub fn update_mesh(&self, store: &Store, mesh: &str, req: UpdateMesh) -> Result<Value, Error> {
+    pub fn update_mesh(
+        &self,
+        store: &Store,
+        mesh: &str,
+        req: UpdateMeshBody,
+    ) -> Result<Value, Error> {
+        req.validate("")?;
         let mut spec = req.spec.unwrap_or_default();
         normalize_mesh_spec(&mut spec);
         store.write(|state| {
             let m = self.mesh_mut(state, mesh, None)?;
-            touch(&mut m.mesh, spec);
+            apply_update(&mut m.mesh, spec, req.client_token);
             Ok(mesh_data(mesh, &m.mesh, Status::Active))
         })
     }
@@ -195,14 +193,10 @@ impl Ops {
     pub fn delete_mesh(&self, store: &Store, mesh: &str) -> Result<Value, Error> {
         store.write(|state| {
             let m = self.mesh(state, mesh, None)?;
-            if let Some(vn) = m.virtual_nodes.keys().next() {
+            if !m.is_empty() {
+                let what = first_resource(m);
                 return Err(Error::ResourceInUse(format!(
-                    "mesh {mesh} still has resources (virtual node {vn}); delete them first"
-                )));
-            }
-            if let Some(vs) = m.virtual_services.keys().next() {
-                return Err(Error::ResourceInUse(format!(
-                    "mesh {mesh} still has resources (virtual service {vs}); delete them first"
+                    "mesh {mesh} still has resources ({what}); delete them first"
                 )));
             }
             let removed = state
@@ -213,242 +207,283 @@ impl Ops {
         })
     }
 
-    pub fn list_meshes(&self, state: &State, page: &Page) -> Result<Value, Error> {
+    pub fn list_meshes(&self, state: &State, q: &Query) -> Result<Value, Error> {
         let items = state.meshes.iter().map(|(name, m)| {
+            let md = &m.mesh.metadata;
             (
                 name.as_str(),
                 json!({
-                    "arn": m.mesh.metadata.arn,
-                    "createdAt": m.mesh.metadata.created_at,
-                    "lastUpdatedAt": m.mesh.metadata.last_updated_at,
+                    "arn": md.arn,
+                    "createdAt": md.created_at,
+                    "lastUpdatedAt": md.last_updated_at,
                     "meshName": name,
-                    "meshOwner": m.mesh.metadata.mesh_owner,
-                    "resourceOwner": m.mesh.metadata.resource_owner,
-                    "version": m.mesh.metadata.version,
+                    "meshOwner": md.mesh_owner,
+                    "resourceOwner": md.resource_owner,
+                    "version": md.version,
                 }),
             )
         });
-        paginate("meshes", items, page)
+        paginate("meshes", items, q, 100)
     }
+}
 
-    pub fn create_virtual_node(
+// === Everything that lives in a mesh, generically ===
+
+impl Ops {
+    pub fn create<K: Kind>(
         &self,
         store: &Store,
-        mesh: &str,
-        owner: Option<&str>,
-        req: CreateVirtualNode,
+        at: Place<'_>,
+        body: K::Create,
     ) -> Result<Value, Error> {
-        check_name("virtualNodeName", &req.virtual_node_name)?;
-        self.check_tags(&req.tags)?;
-        self.check_virtual_node_spec(&req.spec)?;
+        body.validate("")?;
+        let CreateParts {
+            name,
+            spec,
+            tags,
+            client_token,
+        } = K::create_parts(body);
         store.write(|state| {
-            let m = self.mesh_mut(state, mesh, owner)?;
-            let name = &req.virtual_node_name;
-            if let Some(existing) = m.virtual_nodes.get(name) {
-                return idempotent_or_conflict(existing, &req.spec, &req.client_token, || {
-                    format!("virtual node {name} already exists in mesh {mesh}")
-                })
-                .map(|()| virtual_node_data(mesh, name, existing, Status::Active));
+            let m = self.mesh_mut(state, at.mesh, at.owner)?;
+            K::check(
+                &Check {
+                    mesh_name: at.mesh,
+                    mesh: m,
+                    parent: at.parent,
+                    name: &name,
+                    quotas: &self.quotas,
+                },
+                &spec,
+            )?;
+            let map = K::map(m, at.mesh, at.parent)?;
+            if let Some(existing) = map.get(&name) {
+                idempotent_or_conflict(existing, &spec, &tags, &client_token, || {
+                    format!("{} {name} already exists in {}", K::HUMAN, where_::<K>(at))
+                })?;
+                return Ok(data::<K>(at, &name, existing, Status::Active));
             }
-            if m.virtual_nodes.len() >= self.quotas.virtual_nodes_per_mesh {
+            let (limit, scope) = K::quota(&self.quotas);
+            if map.len() >= limit {
                 return Err(Error::LimitExceeded(format!(
-                    "virtualNodes: the limit of {} virtual nodes per mesh is reached in mesh {mesh}",
-                    self.quotas.virtual_nodes_per_mesh
+                    "{}: the limit of {limit} {}s per {scope} is reached in {}",
+                    K::NAME_KEY,
+                    K::HUMAN,
+                    where_::<K>(at)
                 )));
             }
-            let arn = self.arn(&format!("mesh/{mesh}/virtualNode/{name}"));
-            let resource = self.new_resource(arn, req.spec, req.tags, req.client_token);
-            let data = virtual_node_data(mesh, name, &resource, Status::Active);
-            m.virtual_nodes.insert(name.clone(), resource);
-            Ok(data)
+            let arn = self.arn(&arn_path::<K>(at, &name));
+            let resource = self.new_resource(arn, spec, tags, client_token);
+            let out = data::<K>(at, &name, &resource, Status::Active);
+            K::map_mut(m, at.mesh, at.parent)?.insert(name, resource);
+            Ok(out)
         })
     }
 
-    pub fn describe_virtual_node(
+    pub fn describe<K: Kind>(
         &self,
         state: &State,
-        mesh: &str,
-        owner: Option<&str>,
+        at: Place<'_>,
         name: &str,
     ) -> Result<Value, Error> {
-        let m = self.mesh(state, mesh, owner)?;
-        let vn = m
-            .virtual_nodes
+        let m = self.mesh(state, at.mesh, at.owner)?;
+        let r = K::map(m, at.mesh, at.parent)?
             .get(name)
-            .ok_or_else(|| not_found("virtual node", name, mesh))?;
-        Ok(virtual_node_data(mesh, name, vn, Status::Active))
+            .ok_or_else(|| not_found::<K>(at, name))?;
+        Ok(data::<K>(at, name, r, Status::Active))
     }
 
-    pub fn update_virtual_node(
+    pub fn update<K: Kind>(
         &self,
         store: &Store,
-        mesh: &str,
-        owner: Option<&str>,
+        at: Place<'_>,
         name: &str,
-        req: UpdateVirtualNode,
+        body: K::Update,
     ) -> Result<Value, Error> {
-        self.check_virtual_node_spec(&req.spec)?;
+        body.validate("")?;
+        let (spec, client_token) = K::update_parts(body);
         store.write(|state| {
-            let m = self.mesh_mut(state, mesh, owner)?;
-            let vn = m
-                .virtual_nodes
+            let m = self.mesh_mut(state, at.mesh, at.owner)?;
+            if !K::map(m, at.mesh, at.parent)?.contains_key(name) {
+                return Err(not_found::<K>(at, name));
+            }
+            K::check(
+                &Check {
+                    mesh_name: at.mesh,
+                    mesh: m,
+                    parent: at.parent,
+                    name,
+                    quotas: &self.quotas,
+                },
+                &spec,
+            )?;
+            let r = K::map_mut(m, at.mesh, at.parent)?
                 .get_mut(name)
-                .ok_or_else(|| not_found("virtual node", name, mesh))?;
-            touch(vn, req.spec);
-            Ok(virtual_node_data(mesh, name, vn, Status::Active))
+                .ok_or_else(|| not_found::<K>(at, name))?;
+            apply_update(r, spec, client_token);
+            Ok(data::<K>(at, name, r, Status::Active))
         })
     }
 
-    pub fn delete_virtual_node(
+    pub fn delete<K: Kind>(
         &self,
         store: &Store,
-        mesh: &str,
-        owner: Option<&str>,
+        at: Place<'_>,
         name: &str,
     ) -> Result<Value, Error> {
         store.write(|state| {
-            let m = self.mesh_mut(state, mesh, owner)?;
-            if !m.virtual_nodes.contains_key(name) {
-                return Err(not_found("virtual node", name, mesh));
+            let m = self.mesh_mut(state, at.mesh, at.owner)?;
+            if !K::map(m, at.mesh, at.parent)?.contains_key(name) {
+                return Err(not_found::<K>(at, name));
             }
-            if let Some((vs, _)) = m.virtual_services.iter().find(|(_, vs)| {
-                vs.spec
-                    .provider
-                    .as_ref()
-                    .and_then(|p| p.virtual_node.as_ref())
-                    .is_some_and(|p| p.virtual_node_name == name)
-            }) {
+            if let Some(user) = K::in_use(m, at.parent, name) {
                 return Err(Error::ResourceInUse(format!(
-                    "virtual node {name} provides virtual service {vs}; change or delete that virtual service first"
+                    "{} {name} is in use: {user}; change or delete that first",
+                    K::HUMAN
                 )));
             }
-            let removed = m
-                .virtual_nodes
+            let removed = K::map_mut(m, at.mesh, at.parent)?
                 .remove(name)
-                .ok_or_else(|| not_found("virtual node", name, mesh))?;
-            Ok(virtual_node_data(mesh, name, &removed, Status::Deleted))
+                .ok_or_else(|| not_found::<K>(at, name))?;
+            K::after_delete(m, name);
+            Ok(data::<K>(at, name, &removed, Status::Deleted))
         })
     }
 
-    pub fn list_virtual_nodes(
-        &self,
-        state: &State,
-        mesh: &str,
-        page: &Page,
-    ) -> Result<Value, Error> {
-        let m = self.mesh(state, mesh, page.mesh_owner.as_deref())?;
-        let items = m.virtual_nodes.iter().map(|(name, r)| {
-            (
-                name.as_str(),
-                resource_ref(mesh, "virtualNodeName", name, &r.metadata),
-            )
-        });
-        paginate("virtualNodes", items, page)
+    pub fn list<K: Kind>(&self, state: &State, at: Place<'_>, q: &Query) -> Result<Value, Error> {
+        let m = self.mesh(state, at.mesh, at.owner)?;
+        let items = K::map(m, at.mesh, at.parent)?
+            .iter()
+            .map(|(name, r)| (name.as_str(), reference::<K>(at, name, &r.metadata)));
+        paginate(K::LIST_KEY, items, q, 100)
+    }
+}
+
+// === Tags ===
+
+impl Ops {
+    pub fn list_tags(&self, state: &State, q: &Query) -> Result<Value, Error> {
+        let arn = q
+            .resource_arn
+            .as_deref()
+            .ok_or_else(|| Error::bad("resourceArn", "is required"))?;
+        let tags = self.tags_of(state, arn)?;
+        let items = tags
+            .iter()
+            .map(|t| (t.key.as_str(), json!({"key": t.key, "value": t.value})));
+        paginate("tags", items, q, 50)
     }
 
-    pub fn create_virtual_service(
+    pub fn tag_resource(
         &self,
         store: &Store,
-        mesh: &str,
-        owner: Option<&str>,
-        req: CreateVirtualService,
+        q: &Query,
+        body: TagResourceBody,
     ) -> Result<Value, Error> {
-        check_name("virtualServiceName", &req.virtual_service_name)?;
-        self.check_tags(&req.tags)?;
+        body.validate("")?;
+        let arn = q
+            .resource_arn
+            .as_deref()
+            .ok_or_else(|| Error::bad("resourceArn", "is required"))?;
         store.write(|state| {
-            let m = self.mesh_mut(state, mesh, owner)?;
-            check_virtual_service_spec(m, mesh, &req.spec)?;
-            let name = &req.virtual_service_name;
-            if let Some(existing) = m.virtual_services.get(name) {
-                return idempotent_or_conflict(existing, &req.spec, &req.client_token, || {
-                    format!("virtual service {name} already exists in mesh {mesh}")
-                })
-                .map(|()| virtual_service_data(mesh, name, existing, Status::Active));
+            let tags = self.tags_of_mut(state, arn)?;
+            let mut merged: BTreeMap<String, String> = tags
+                .iter()
+                .map(|t| (t.key.clone(), t.value.clone()))
+                .collect();
+            for t in &body.tags {
+                merged.insert(t.key.clone(), t.value.clone());
             }
-            if m.virtual_services.len() >= self.quotas.virtual_services_per_mesh {
-                return Err(Error::LimitExceeded(format!(
-                    "virtualServices: the limit of {} virtual services per mesh is reached in mesh {mesh}",
-                    self.quotas.virtual_services_per_mesh
+            if merged.len() > self.quotas.tags_per_resource {
+                return Err(Error::TooManyTags(format!(
+                    "tags: {} tags after this request, at most {} are allowed per resource",
+                    merged.len(),
+                    self.quotas.tags_per_resource
                 )));
             }
-            let arn = self.arn(&format!("mesh/{mesh}/virtualService/{name}"));
-            let resource = self.new_resource(arn, req.spec, req.tags, req.client_token);
-            let data = virtual_service_data(mesh, name, &resource, Status::Active);
-            m.virtual_services.insert(name.clone(), resource);
-            Ok(data)
+            *tags = merged
+                .into_iter()
+                .map(|(key, value)| TagRef { key, value })
+                .collect();
+            Ok(json!({}))
         })
     }
 
-    pub fn describe_virtual_service(
-        &self,
-        state: &State,
-        mesh: &str,
-        owner: Option<&str>,
-        name: &str,
-    ) -> Result<Value, Error> {
-        let m = self.mesh(state, mesh, owner)?;
-        let vs = m
-            .virtual_services
-            .get(name)
-            .ok_or_else(|| not_found("virtual service", name, mesh))?;
-        Ok(virtual_service_data(mesh, name, vs, Status::Active))
-    }
-
-    pub fn update_virtual_service(
+    pub fn untag_resource(
         &self,
         store: &Store,
-        mesh: &str,
-        owner: Option<&str>,
-        name: &str,
-        req: UpdateVirtualService,
+        q: &Query,
+        body: UntagResourceBody,
     ) -> Result<Value, Error> {
+        body.validate("")?;
+        let arn = q
+            .resource_arn
+            .as_deref()
+            .ok_or_else(|| Error::bad("resourceArn", "is required"))?;
         store.write(|state| {
-            let m = self.mesh_mut(state, mesh, owner)?;
-            check_virtual_service_spec(m, mesh, &req.spec)?;
-            let vs = m
-                .virtual_services
-                .get_mut(name)
-                .ok_or_else(|| not_found("virtual service", name, mesh))?;
-            touch(vs, req.spec);
-            Ok(virtual_service_data(mesh, name, vs, Status::Active))
+            let tags = self.tags_of_mut(state, arn)?;
+            tags.retain(|t| !body.tag_keys.contains(&t.key));
+            Ok(json!({}))
         })
     }
 
-    pub fn delete_virtual_service(
-        &self,
-        store: &Store,
-        mesh: &str,
-        owner: Option<&str>,
-        name: &str,
-    ) -> Result<Value, Error> {
-        store.write(|state| {
-            let m = self.mesh_mut(state, mesh, owner)?;
-            let removed = m
-                .virtual_services
-                .remove(name)
-                .ok_or_else(|| not_found("virtual service", name, mesh))?;
-            Ok(virtual_service_data(mesh, name, &removed, Status::Deleted))
-        })
+    fn tags_of<'s>(&self, state: &'s State, arn: &str) -> Result<&'s Vec<TagRef>, Error> {
+        let path = self.resolve_arn(arn)?;
+        tags_lookup!(state, path, arn, get)
     }
 
-    pub fn list_virtual_services(
+    fn tags_of_mut<'s>(
         &self,
-        state: &State,
-        mesh: &str,
-        page: &Page,
-    ) -> Result<Value, Error> {
-        let m = self.mesh(state, mesh, page.mesh_owner.as_deref())?;
-        let items = m.virtual_services.iter().map(|(name, r)| {
-            (
-                name.as_str(),
-                resource_ref(mesh, "virtualServiceName", name, &r.metadata),
-            )
-        });
-        paginate("virtualServices", items, page)
+        state: &'s mut State,
+        arn: &str,
+    ) -> Result<&'s mut Vec<TagRef>, Error> {
+        let path = self.resolve_arn(arn)?;
+        tags_lookup!(state, path, arn, get_mut, mut)
     }
 
-    // === helpers ===
+    /// `arn:aws:appmesh:REGION:ACCOUNT:mesh/M[/kind/N[/child/C]]` → the path segments.
+    fn resolve_arn(&self, arn: &str) -> Result<Vec<String>, Error> {
+        let prefix = format!(
+            "arn:aws:appmesh:{}:{}:",
+            self.account.region, self.account.account_id
+        );
+        let rest = arn.strip_prefix(&prefix).ok_or_else(|| {
+            if arn.starts_with("arn:") {
+                arn_not_found(arn)
+            } else {
+                Error::bad("resourceArn", format!("{arn:?} is not an ARN"))
+            }
+        })?;
+        let path: Vec<String> = rest.split('/').map(str::to_string).collect();
+        let valid = match path
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .as_slice()
+        {
+            ["mesh", m] => !m.is_empty(),
+            [
+                "mesh",
+                _,
+                "virtualNode" | "virtualService" | "virtualRouter" | "virtualGateway",
+                n,
+            ] => !n.is_empty(),
+            ["mesh", _, "virtualRouter", _, "route", n] => !n.is_empty(),
+            ["mesh", _, "virtualGateway", _, "gatewayRoute", n] => !n.is_empty(),
+            _ => false,
+        };
+        if !valid {
+            return Err(Error::bad(
+                "resourceArn",
+                format!("{arn:?} is not the ARN of an App Mesh resource"),
+            ));
+        }
+        Ok(path)
+    }
+}
 
+// === Shared helpers ===
+
+impl Ops {
     fn arn(&self, resource: &str) -> String {
         format!(
             "arn:aws:appmesh:{}:{}:{resource}",
@@ -460,7 +495,7 @@ impl Ops {
         &self,
         arn: String,
         spec: S,
-        tags: Vec<Tag>,
+        tags: Vec<TagRef>,
         client_token: Option<String>,
     ) -> Resource<S> {
         let now = now();
@@ -495,7 +530,7 @@ impl Ops {
         }
     }
 
-    fn mesh<'s>(
+    pub(super) fn mesh<'s>(
         &self,
         state: &'s State,
         mesh: &str,
@@ -517,181 +552,37 @@ impl Ops {
             .get_mut(mesh)
             .ok_or_else(|| mesh_not_found(mesh))
     }
-
-    fn check_tags(&self, tags: &[Tag]) -> Result<(), Error> {
-        if tags.len() > self.quotas.tags_per_resource {
-            return Err(Error::TooManyTags(format!(
-                "tags: {} tags given, at most {} are allowed per resource",
-                tags.len(),
-                self.quotas.tags_per_resource
-            )));
-        }
-        for (i, tag) in tags.iter().enumerate() {
-            if tag.key.is_empty() || tag.key.chars().count() > 128 {
-                return Err(Error::bad(
-                    &format!("tags[{i}].key"),
-                    "length must be between 1 and 128",
-                ));
-            }
-            if tag.value.chars().count() > 256 {
-                return Err(Error::bad(
-                    &format!("tags[{i}].value"),
-                    "length must be at most 256",
-                ));
-            }
-        }
-        Ok(())
-    }
-
-    fn check_virtual_node_spec(&self, spec: &VirtualNodeSpec) -> Result<(), Error> {
-        for (i, l) in spec.listeners.iter().enumerate() {
-            let port = l.port_mapping.port;
-            if !(1..=65535).contains(&port) {
-                return Err(Error::bad(
-                    &format!("spec.listeners[{i}].portMapping.port"),
-                    format!("{port} is out of range: must be between 1 and 65535"),
-                ));
-            }
-            if let Some(j) = spec.listeners[..i]
-                .iter()
-                .position(|o| o.port_mapping.port == port)
-            {
-                return Err(Error::bad(
-                    &format!("spec.listeners[{i}].portMapping.port"),
-                    format!("port {port} is already used by spec.listeners[{j}]"),
-                ));
-            }
-        }
-        if spec.backends.len() > self.quotas.backends_per_virtual_node {
-            return Err(Error::LimitExceeded(format!(
-                "spec.backends: {} backends given, at most {} are allowed per virtual node",
-                spec.backends.len(),
-                self.quotas.backends_per_virtual_node
-            )));
-        }
-        for (i, b) in spec.backends.iter().enumerate() {
-            let Some(vs) = &b.virtual_service else {
-                return Err(Error::bad(
-                    &format!("spec.backends[{i}]"),
-                    "exactly one of virtualService must be set",
-                ));
-            };
-            if vs.virtual_service_name.is_empty() {
-                return Err(Error::bad(
-                    &format!("spec.backends[{i}].virtualService.virtualServiceName"),
-                    "must not be empty",
-                ));
-            }
-        }
-        if let Some(sd) = &spec.service_discovery {
-            match (&sd.dns, &sd.aws_cloud_map) {
-                (Some(dns), None) => {
-                    if dns.hostname.is_empty() {
-                        return Err(Error::bad(
-                            "spec.serviceDiscovery.dns.hostname",
-                            "must not be empty",
-                        ));
-                    }
-                }
-                (None, Some(cm)) => {
-                    for (field, v) in [
-                        ("namespaceName", &cm.namespace_name),
-                        ("serviceName", &cm.service_name),
-                    ] {
-                        if v.is_empty() || v.chars().count() > 1024 {
-                            return Err(Error::bad(
-                                &format!("spec.serviceDiscovery.awsCloudMap.{field}"),
-                                "length must be between 1 and 1024",
-                            ));
-                        }
-                    }
-                }
-                _ => {
-                    return Err(Error::bad(
-                        "spec.serviceDiscovery",
-                        "exactly one of awsCloudMap, dns must be set",
-                    ));
-                }
-            }
-        } else if !spec.listeners.is_empty() {
-            return Err(Error::bad(
-                "spec.serviceDiscovery",
-                "is required when spec.listeners is not empty (callers need to find this node)",
-            ));
-        }
-        Ok(())
-    }
 }
 
-fn check_virtual_service_spec(
-    m: &MeshState,
-    mesh: &str,
-    spec: &VirtualServiceSpec,
-) -> Result<(), Error> {
-    let Some(p) = &spec.provider else {
-        return Ok(());
-    };
-    match (&p.virtual_node, &p.virtual_router) {
-        (Some(vn), None) => {
-            if !m.virtual_nodes.contains_key(&vn.virtual_node_name) {
-                return Err(Error::bad(
-                    "spec.provider.virtualNode.virtualNodeName",
-                    format!(
-                        "virtual node {} does not exist in mesh {mesh}",
-                        vn.virtual_node_name
-                    ),
-                ));
-            }
-        }
-        (None, Some(vr)) => {
-            return Err(Error::bad(
-                "spec.provider.virtualRouter.virtualRouterName",
-                format!(
-                    "virtual router {} does not exist in mesh {mesh}",
-                    vr.virtual_router_name
-                ),
-            ));
-        }
-        _ => {
-            return Err(Error::bad(
-                "spec.provider",
-                "exactly one of virtualNode, virtualRouter must be set",
-            ));
-        }
-    }
-    Ok(())
+fn first_resource(m: &MeshState) -> String {
+    let first = |kind: &str, name: Option<&String>| name.map(|n| format!("{kind} {n}"));
+    first("virtual node", m.virtual_nodes.keys().next())
+        .or_else(|| first("virtual service", m.virtual_services.keys().next()))
+        .or_else(|| first("virtual router", m.virtual_routers.keys().next()))
+        .or_else(|| first("virtual gateway", m.virtual_gateways.keys().next()))
+        .unwrap_or_default()
 }
 
 /// App Mesh fills in the default egress filter, so describe shows it.
 fn normalize_mesh_spec(spec: &mut MeshSpec) {
     if spec.egress_filter.is_none() {
         spec.egress_filter = Some(EgressFilter {
-            kind: Default::default(),
+            r#type: EgressFilterType::DropAll,
         });
     }
 }
 
-fn check_name(field: &str, name: &str) -> Result<(), Error> {
-    let n = name.chars().count();
-    if !(1..=255).contains(&n) {
-        return Err(Error::bad(
-            field,
-            format!("length {n} is out of range: must be between 1 and 255"),
-        ));
-    }
-    Ok(())
-}
-
-/// A create for a name that exists: the same `clientToken` and spec is a retry and succeeds; anything
-/// else conflicts.
+/// A create for a name that exists: the same `clientToken` with the same request is a retry and
+/// succeeds; the same token with a different request, or no token, conflicts.
 fn idempotent_or_conflict<S: PartialEq>(
     existing: &Resource<S>,
     spec: &S,
+    tags: &[TagRef],
     token: &Option<String>,
     conflict: impl FnOnce() -> String,
 ) -> Result<(), Error> {
     match (token, &existing.client_token) {
-        (Some(t), Some(e)) if t == e && existing.spec == *spec => Ok(()),
+        (Some(t), Some(e)) if t == e && existing.spec == *spec && existing.tags == tags => Ok(()),
         (Some(t), Some(e)) if t == e => Err(Error::Conflict(format!(
             "clientToken {t:?} was already used for a different request"
         ))),
@@ -699,11 +590,15 @@ fn idempotent_or_conflict<S: PartialEq>(
     }
 }
 
-fn touch<S: PartialEq>(r: &mut Resource<S>, spec: S) {
+/// Updates replace the whole spec; only a real change bumps the version.
+fn apply_update<S: PartialEq>(r: &mut Resource<S>, spec: S, client_token: Option<String>) {
     if r.spec != spec {
         r.spec = spec;
         r.metadata.version += 1;
         r.metadata.last_updated_at = now();
+    }
+    if client_token.is_some() {
+        r.client_token = client_token;
     }
 }
 
@@ -715,12 +610,39 @@ fn now() -> f64 {
     (d.as_millis() as f64) / 1000.0
 }
 
+fn where_<K: Kind>(at: Place<'_>) -> String {
+    match (at.parent, K::PARENT) {
+        (Some(p), Some(kind)) => format!("{} {p} of mesh {}", kind.human(), at.mesh),
+        _ => format!("mesh {}", at.mesh),
+    }
+}
+
 fn mesh_not_found(mesh: &str) -> Error {
     Error::NotFound(format!("mesh {mesh} not found"))
 }
 
-fn not_found(kind: &str, name: &str, mesh: &str) -> Error {
-    Error::NotFound(format!("{kind} {name} not found in mesh {mesh}"))
+fn arn_not_found(arn: &str) -> Error {
+    Error::NotFound(format!("no resource with ARN {arn}"))
+}
+
+pub(super) fn not_found<K: Kind>(at: Place<'_>, name: &str) -> Error {
+    Error::NotFound(format!(
+        "{} {name} not found in {}",
+        K::HUMAN,
+        where_::<K>(at)
+    ))
+}
+
+fn arn_path<K: Kind>(at: Place<'_>, name: &str) -> String {
+    match (K::PARENT, at.parent) {
+        (Some(p), Some(parent)) => format!(
+            "mesh/{}/{}/{parent}/{}/{name}",
+            at.mesh,
+            p.arn_segment(),
+            K::TYPE
+        ),
+        _ => format!("mesh/{}/{}/{name}", at.mesh, K::TYPE),
+    }
 }
 
 fn mesh_data(name: &str, r: &Resource<MeshSpec>, status: Status) -> Value {
@@ -732,69 +654,58 @@ fn mesh_data(name: &str, r: &Resource<MeshSpec>, status: Status) -> Value {
     })
 }
 
-fn virtual_node_data(
-    mesh: &str,
-    name: &str,
-    r: &Resource<VirtualNodeSpec>,
-    status: Status,
-) -> Value {
-    json!({
-        "meshName": mesh,
+fn data<K: Kind>(at: Place<'_>, name: &str, r: &Resource<K::Spec>, status: Status) -> Value {
+    let mut v = json!({
+        "meshName": at.mesh,
         "metadata": r.metadata,
         "spec": r.spec,
         "status": {"status": status.as_str()},
-        "virtualNodeName": name,
-    })
+    });
+    v[K::NAME_KEY] = json!(name);
+    if let (Some(p), Some(parent)) = (K::PARENT, at.parent) {
+        v[p.name_key()] = json!(parent);
+    }
+    v
 }
 
-fn virtual_service_data(
-    mesh: &str,
-    name: &str,
-    r: &Resource<VirtualServiceSpec>,
-    status: Status,
-) -> Value {
-    json!({
-        "meshName": mesh,
-        "metadata": r.metadata,
-        "spec": r.spec,
-        "status": {"status": status.as_str()},
-        "virtualServiceName": name,
-    })
-}
-
-fn resource_ref(mesh: &str, name_key: &str, name: &str, md: &Metadata) -> Value {
+fn reference<K: Kind>(at: Place<'_>, name: &str, md: &Metadata) -> Value {
     let mut v = json!({
         "arn": md.arn,
         "createdAt": md.created_at,
         "lastUpdatedAt": md.last_updated_at,
-        "meshName": mesh,
+        "meshName": at.mesh,
         "meshOwner": md.mesh_owner,
         "resourceOwner": md.resource_owner,
         "version": md.version,
     });
-    v[name_key] = json!(name);
+    v[K::NAME_KEY] = json!(name);
+    if let (Some(p), Some(parent)) = (K::PARENT, at.parent) {
+        v[p.name_key()] = json!(parent);
+    }
     v
 }
 
-/// Lists are ordered by name; `nextToken` is the hex of the last name returned.
+/// Lists are ordered by name; `nextToken` is the hex of the last name returned, so a page
+/// boundary stays put whatever is created or deleted meanwhile.
 fn paginate<'a>(
     key: &str,
     items: impl Iterator<Item = (&'a str, Value)>,
-    page: &Page,
+    q: &Query,
+    max: usize,
 ) -> Result<Value, Error> {
-    let limit = match &page.limit {
-        None => 100,
+    let limit = match &q.limit {
+        None => max,
         Some(l) => match l.parse::<usize>() {
-            Ok(n) if (1..=100).contains(&n) => n,
+            Ok(n) if (1..=max).contains(&n) => n,
             _ => {
                 return Err(Error::bad(
                     "limit",
-                    format!("{l:?} is out of range: must be between 1 and 100"),
+                    format!("{l:?} is out of range: must be between 1 and {max}"),
                 ));
             }
         },
     };
-    let after = match &page.next_token {
+    let after = match &q.next_token {
         None => None,
         Some(t) => Some(
             decode_token(t)

@@ -98,7 +98,7 @@ fn virtual_node(
 /// One filter chain per listener port on `lds_ingress_0.0.0.0_15000`, each to the local app.
 fn ingress(mesh: &str, node: &str, spec: &VirtualNodeSpec, out: &mut Resources) {
     let mut chains = Vec::new();
-    for l in &spec.listeners {
+    for l in spec.listeners.iter().flatten() {
         let Ok(port) = u32::try_from(l.port_mapping.port) else {
             continue;
         };
@@ -144,6 +144,7 @@ fn egress(
     let backends: BTreeSet<&str> = spec
         .backends
         .iter()
+        .flatten()
         .filter_map(|b| b.virtual_service.as_ref())
         .map(|vs| vs.virtual_service_name.as_str())
         .collect();
@@ -163,7 +164,7 @@ fn egress(
         let Some(target) = mesh.virtual_nodes.get(&provider.virtual_node_name) else {
             continue;
         };
-        for l in &target.spec.listeners {
+        for l in target.spec.listeners.iter().flatten() {
             let Ok(port) = u32::try_from(l.port_mapping.port) else {
                 continue;
             };

@@ -144,8 +144,7 @@ fn drop_all_with_nothing_to_route_to_sends_no_egress_listener_rather_than_an_emp
         .get_mut("front-vn")
         .unwrap()
         .spec
-        .backends
-        .clear();
+        .backends = None;
     let r = translate(&s, &node("front-vn"), &Endpoints::new()).unwrap();
     assert!(r.listeners.is_empty());
     assert!(r.clusters.is_empty());

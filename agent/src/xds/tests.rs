@@ -8,12 +8,18 @@ use tokio_util::sync::CancellationToken;
 
 use super::snapshot::{CLUSTER, LISTENER, ROUTE};
 use super::*;
-use crate::api::ops::{self, Account, Ops, Quotas};
+use crate::api::kinds::{VirtualNodes, VirtualServices};
+use crate::api::ops::{Account, Ops, Place, Quotas};
 use crate::store::Store;
 use crate::test_helpers::TempDir;
 use crate::test_helpers::ads::{FakeEnvoy, request};
 
 const FRONT: &str = "mesh/m/virtualNode/front";
+const M: Place<'static> = Place {
+    mesh: "m",
+    parent: None,
+    owner: None,
+};
 const QUIET: Duration = Duration::from_millis(300);
 
 struct Harness {
@@ -48,15 +54,15 @@ async fn harness() -> Harness {
     let back = json!({"virtualNodeName": "back", "spec": {
         "listeners": [{"portMapping": {"port": 8080, "protocol": "http"}}],
         "serviceDiscovery": {"dns": {"hostname": "back.internal"}}}});
-    ops.create_virtual_node(&store, "m", None, serde_json::from_value(back).unwrap())
+    ops.create::<VirtualNodes>(&store, M, serde_json::from_value(back).unwrap())
         .unwrap();
     let svc = json!({"virtualServiceName": "back.local",
         "spec": {"provider": {"virtualNode": {"virtualNodeName": "back"}}}});
-    ops.create_virtual_service(&store, "m", None, serde_json::from_value(svc).unwrap())
+    ops.create::<VirtualServices>(&store, M, serde_json::from_value(svc).unwrap())
         .unwrap();
     let front = json!({"virtualNodeName": "front", "spec": {
         "backends": [{"virtualService": {"virtualServiceName": "back.local"}}]}});
-    ops.create_virtual_node(&store, "m", None, serde_json::from_value(front).unwrap())
+    ops.create::<VirtualNodes>(&store, M, serde_json::from_value(front).unwrap())
         .unwrap();
 
     let cancel = CancellationToken::new();
@@ -74,10 +80,10 @@ async fn harness() -> Harness {
 }
 
 fn set_front_backends(h: &Harness, backends: serde_json::Value) {
-    let upd: ops::UpdateVirtualNode =
+    let upd: crate::model::UpdateVirtualNodeBody =
         serde_json::from_value(json!({"spec": {"backends": backends}})).unwrap();
     h.ops
-        .update_virtual_node(&h.store, "m", None, "front", upd)
+        .update::<VirtualNodes>(&h.store, M, "front", upd)
         .unwrap();
 }
 
@@ -242,7 +248,7 @@ fn versions_depend_only_on_content() {
     let node = json!({"virtualNodeName": "n", "spec": {
         "listeners": [{"portMapping": {"port": 80, "protocol": "http"}}],
         "serviceDiscovery": {"dns": {"hostname": "n.internal"}}}});
-    ops.create_virtual_node(&store, "m", None, serde_json::from_value(node).unwrap())
+    ops.create::<VirtualNodes>(&store, M, serde_json::from_value(node).unwrap())
         .unwrap();
     let a = Snapshots::default().get(&store.current(), &who).unwrap();
     // Another agent (fresh cache, different generation) with the same resources.
