@@ -5,9 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::validate::{
-    FieldError, Validate, check_count, check_len, check_range, check_union, join,
-};
+use super::validate::{FieldError, Validate, check_count, check_len, check_range, check_union, join};
 
 /// A union in the model: exactly one member is set.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Default)]
@@ -48,17 +46,9 @@ impl Validate for AwsCloudMapInstanceAttribute {
 /// The model's `AwsCloudMapServiceDiscovery`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AwsCloudMapServiceDiscovery {
-    #[serde(
-        rename = "attributes",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "attributes", default, skip_serializing_if = "Option::is_none")]
     pub attributes: Option<Vec<AwsCloudMapInstanceAttribute>>,
-    #[serde(
-        rename = "ipPreference",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "ipPreference", default, skip_serializing_if = "Option::is_none")]
     pub ip_preference: Option<IpPreference>,
     #[serde(rename = "namespaceName")]
     pub namespace_name: String,
@@ -73,18 +63,8 @@ impl Validate for AwsCloudMapServiceDiscovery {
                 item.validate(&format!("{}[{i}]", join(path, "attributes")))?;
             }
         }
-        check_len(
-            &join(path, "namespaceName"),
-            self.namespace_name.chars().count(),
-            1,
-            1024,
-        )?;
-        check_len(
-            &join(path, "serviceName"),
-            self.service_name.chars().count(),
-            1,
-            1024,
-        )?;
+        check_len(&join(path, "namespaceName"), self.namespace_name.chars().count(), 1, 1024)?;
+        check_len(&join(path, "serviceName"), self.service_name.chars().count(), 1, 1024)?;
         Ok(())
     }
 }
@@ -92,11 +72,7 @@ impl Validate for AwsCloudMapServiceDiscovery {
 /// A union in the model: exactly one member is set.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Default)]
 pub struct Backend {
-    #[serde(
-        rename = "virtualService",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "virtualService", default, skip_serializing_if = "Option::is_none")]
     pub virtual_service: Option<VirtualServiceBackend>,
 }
 
@@ -105,11 +81,7 @@ impl Validate for Backend {
         if let Some(v) = &self.virtual_service {
             v.validate(&join(path, "virtualService"))?;
         }
-        check_union(
-            path,
-            usize::from(self.virtual_service.is_some()),
-            "virtualService",
-        )?;
+        check_union(path, usize::from(self.virtual_service.is_some()), "virtualService")?;
         Ok(())
     }
 }
@@ -117,11 +89,7 @@ impl Validate for Backend {
 /// The model's `BackendDefaults`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Default)]
 pub struct BackendDefaults {
-    #[serde(
-        rename = "clientPolicy",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "clientPolicy", default, skip_serializing_if = "Option::is_none")]
     pub client_policy: Option<ClientPolicy>,
 }
 
@@ -153,11 +121,7 @@ impl Validate for ClientPolicy {
 /// The model's `ClientPolicyTls`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ClientPolicyTls {
-    #[serde(
-        rename = "certificate",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "certificate", default, skip_serializing_if = "Option::is_none")]
     pub certificate: Option<ClientTlsCertificate>,
     #[serde(rename = "enforce", default, skip_serializing_if = "Option::is_none")]
     pub enforce: Option<bool>,
@@ -199,11 +163,7 @@ impl Validate for ClientTlsCertificate {
         if let Some(v) = &self.sds {
             v.validate(&join(path, "sds"))?;
         }
-        check_union(
-            path,
-            usize::from(self.file.is_some()) + usize::from(self.sds.is_some()),
-            "file, sds",
-        )?;
+        check_union(path, usize::from(self.file.is_some()) + usize::from(self.sds.is_some()), "file, sds")?;
         Ok(())
     }
 }
@@ -249,17 +209,9 @@ impl DnsResponseType {
 pub struct DnsServiceDiscovery {
     #[serde(rename = "hostname")]
     pub hostname: String,
-    #[serde(
-        rename = "ipPreference",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "ipPreference", default, skip_serializing_if = "Option::is_none")]
     pub ip_preference: Option<IpPreference>,
-    #[serde(
-        rename = "responseType",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "responseType", default, skip_serializing_if = "Option::is_none")]
     pub response_type: Option<DnsResponseType>,
 }
 
@@ -379,11 +331,7 @@ impl Validate for GatewayRouteHostnameMatch {
 /// The model's `GatewayRouteHostnameRewrite`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Default)]
 pub struct GatewayRouteHostnameRewrite {
-    #[serde(
-        rename = "defaultTargetHostname",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "defaultTargetHostname", default, skip_serializing_if = "Option::is_none")]
     pub default_target_hostname: Option<DefaultGatewayRouteRewrite>,
 }
 
@@ -398,11 +346,7 @@ impl Validate for GatewayRouteHostnameRewrite {
 pub struct GatewayRouteSpec {
     #[serde(rename = "grpcRoute", default, skip_serializing_if = "Option::is_none")]
     pub grpc_route: Option<GrpcGatewayRoute>,
-    #[serde(
-        rename = "http2Route",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "http2Route", default, skip_serializing_if = "Option::is_none")]
     pub http2_route: Option<HttpGatewayRoute>,
     #[serde(rename = "httpRoute", default, skip_serializing_if = "Option::is_none")]
     pub http_route: Option<HttpGatewayRoute>,
@@ -442,8 +386,7 @@ impl Validate for GatewayRouteTarget {
         if let Some(v) = &self.port {
             check_range(&join(path, "port"), *v, 1, 65535)?;
         }
-        self.virtual_service
-            .validate(&join(path, "virtualService"))?;
+        self.virtual_service.validate(&join(path, "virtualService"))?;
         Ok(())
     }
 }
@@ -457,12 +400,7 @@ pub struct GatewayRouteVirtualService {
 
 impl Validate for GatewayRouteVirtualService {
     fn validate(&self, path: &str) -> Result<(), FieldError> {
-        check_len(
-            &join(path, "virtualServiceName"),
-            self.virtual_service_name.chars().count(),
-            1,
-            255,
-        )?;
+        check_len(&join(path, "virtualServiceName"), self.virtual_service_name.chars().count(), 1, 255)?;
         Ok(())
     }
 }
@@ -512,11 +450,7 @@ pub struct GrpcGatewayRouteMatch {
     pub metadata: Option<Vec<GrpcGatewayRouteMetadata>>,
     #[serde(rename = "port", default, skip_serializing_if = "Option::is_none")]
     pub port: Option<i64>,
-    #[serde(
-        rename = "serviceName",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "serviceName", default, skip_serializing_if = "Option::is_none")]
     pub service_name: Option<String>,
 }
 
@@ -607,15 +541,7 @@ impl Validate for GrpcMetadataMatchMethod {
         if let Some(v) = &self.suffix {
             check_len(&join(path, "suffix"), v.chars().count(), 1, 255)?;
         }
-        check_union(
-            path,
-            usize::from(self.exact.is_some())
-                + usize::from(self.prefix.is_some())
-                + usize::from(self.range.is_some())
-                + usize::from(self.regex.is_some())
-                + usize::from(self.suffix.is_some()),
-            "exact, prefix, range, regex, suffix",
-        )?;
+        check_union(path, usize::from(self.exact.is_some()) + usize::from(self.prefix.is_some()) + usize::from(self.range.is_some()) + usize::from(self.regex.is_some()) + usize::from(self.suffix.is_some()), "exact, prefix, range, regex, suffix")?;
         Ok(())
     }
 }
@@ -623,27 +549,15 @@ impl Validate for GrpcMetadataMatchMethod {
 /// The model's `GrpcRetryPolicy`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct GrpcRetryPolicy {
-    #[serde(
-        rename = "grpcRetryEvents",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "grpcRetryEvents", default, skip_serializing_if = "Option::is_none")]
     pub grpc_retry_events: Option<Vec<GrpcRetryPolicyEvent>>,
-    #[serde(
-        rename = "httpRetryEvents",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "httpRetryEvents", default, skip_serializing_if = "Option::is_none")]
     pub http_retry_events: Option<Vec<String>>,
     #[serde(rename = "maxRetries")]
     pub max_retries: i64,
     #[serde(rename = "perRetryTimeout")]
     pub per_retry_timeout: Duration,
-    #[serde(
-        rename = "tcpRetryEvents",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "tcpRetryEvents", default, skip_serializing_if = "Option::is_none")]
     pub tcp_retry_events: Option<Vec<TcpRetryPolicyEvent>>,
 }
 
@@ -655,17 +569,11 @@ impl Validate for GrpcRetryPolicy {
         if let Some(v) = &self.http_retry_events {
             check_count(&join(path, "httpRetryEvents"), v.len(), 1, 25)?;
             for (i, item) in v.iter().enumerate() {
-                check_len(
-                    &format!("{}[{i}]", join(path, "httpRetryEvents")),
-                    item.chars().count(),
-                    1,
-                    25,
-                )?;
+                check_len(&format!("{}[{i}]", join(path, "httpRetryEvents")), item.chars().count(), 1, 25)?;
             }
         }
         check_range(&join(path, "maxRetries"), self.max_retries, 0, i64::MAX)?;
-        self.per_retry_timeout
-            .validate(&join(path, "perRetryTimeout"))?;
+        self.per_retry_timeout.validate(&join(path, "perRetryTimeout"))?;
         if let Some(v) = &self.tcp_retry_events {
             check_count(&join(path, "tcpRetryEvents"), v.len(), 1, 1)?;
         }
@@ -707,11 +615,7 @@ pub struct GrpcRoute {
     pub action: GrpcRouteAction,
     #[serde(rename = "match")]
     pub r#match: GrpcRouteMatch,
-    #[serde(
-        rename = "retryPolicy",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "retryPolicy", default, skip_serializing_if = "Option::is_none")]
     pub retry_policy: Option<GrpcRetryPolicy>,
     #[serde(rename = "timeout", default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<GrpcTimeout>,
@@ -740,12 +644,7 @@ pub struct GrpcRouteAction {
 
 impl Validate for GrpcRouteAction {
     fn validate(&self, path: &str) -> Result<(), FieldError> {
-        check_count(
-            &join(path, "weightedTargets"),
-            self.weighted_targets.len(),
-            1,
-            10,
-        )?;
+        check_count(&join(path, "weightedTargets"), self.weighted_targets.len(), 1, 10)?;
         for (i, item) in self.weighted_targets.iter().enumerate() {
             item.validate(&format!("{}[{i}]", join(path, "weightedTargets")))?;
         }
@@ -758,19 +657,11 @@ impl Validate for GrpcRouteAction {
 pub struct GrpcRouteMatch {
     #[serde(rename = "metadata", default, skip_serializing_if = "Option::is_none")]
     pub metadata: Option<Vec<GrpcRouteMetadata>>,
-    #[serde(
-        rename = "methodName",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "methodName", default, skip_serializing_if = "Option::is_none")]
     pub method_name: Option<String>,
     #[serde(rename = "port", default, skip_serializing_if = "Option::is_none")]
     pub port: Option<i64>,
-    #[serde(
-        rename = "serviceName",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "serviceName", default, skip_serializing_if = "Option::is_none")]
     pub service_name: Option<String>,
 }
 
@@ -845,15 +736,7 @@ impl Validate for GrpcRouteMetadataMatchMethod {
         if let Some(v) = &self.suffix {
             check_len(&join(path, "suffix"), v.chars().count(), 1, 255)?;
         }
-        check_union(
-            path,
-            usize::from(self.exact.is_some())
-                + usize::from(self.prefix.is_some())
-                + usize::from(self.range.is_some())
-                + usize::from(self.regex.is_some())
-                + usize::from(self.suffix.is_some()),
-            "exact, prefix, range, regex, suffix",
-        )?;
+        check_union(path, usize::from(self.exact.is_some()) + usize::from(self.prefix.is_some()) + usize::from(self.range.is_some()) + usize::from(self.regex.is_some()) + usize::from(self.suffix.is_some()), "exact, prefix, range, regex, suffix")?;
         Ok(())
     }
 }
@@ -863,11 +746,7 @@ impl Validate for GrpcRouteMetadataMatchMethod {
 pub struct GrpcTimeout {
     #[serde(rename = "idle", default, skip_serializing_if = "Option::is_none")]
     pub idle: Option<Duration>,
-    #[serde(
-        rename = "perRequest",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "perRequest", default, skip_serializing_if = "Option::is_none")]
     pub per_request: Option<Duration>,
 }
 
@@ -915,15 +794,7 @@ impl Validate for HeaderMatchMethod {
         if let Some(v) = &self.suffix {
             check_len(&join(path, "suffix"), v.chars().count(), 1, 255)?;
         }
-        check_union(
-            path,
-            usize::from(self.exact.is_some())
-                + usize::from(self.prefix.is_some())
-                + usize::from(self.range.is_some())
-                + usize::from(self.regex.is_some())
-                + usize::from(self.suffix.is_some()),
-            "exact, prefix, range, regex, suffix",
-        )?;
+        check_union(path, usize::from(self.exact.is_some()) + usize::from(self.prefix.is_some()) + usize::from(self.range.is_some()) + usize::from(self.regex.is_some()) + usize::from(self.suffix.is_some()), "exact, prefix, range, regex, suffix")?;
         Ok(())
     }
 }
@@ -949,33 +820,13 @@ pub struct HealthCheckPolicy {
 
 impl Validate for HealthCheckPolicy {
     fn validate(&self, path: &str) -> Result<(), FieldError> {
-        check_range(
-            &join(path, "healthyThreshold"),
-            self.healthy_threshold,
-            2,
-            10,
-        )?;
-        check_range(
-            &join(path, "intervalMillis"),
-            self.interval_millis,
-            5000,
-            300000,
-        )?;
+        check_range(&join(path, "healthyThreshold"), self.healthy_threshold, 2, 10)?;
+        check_range(&join(path, "intervalMillis"), self.interval_millis, 5000, 300000)?;
         if let Some(v) = &self.port {
             check_range(&join(path, "port"), *v, 1, 65535)?;
         }
-        check_range(
-            &join(path, "timeoutMillis"),
-            self.timeout_millis,
-            2000,
-            60000,
-        )?;
-        check_range(
-            &join(path, "unhealthyThreshold"),
-            self.unhealthy_threshold,
-            2,
-            10,
-        )?;
+        check_range(&join(path, "timeoutMillis"), self.timeout_millis, 2000, 60000)?;
+        check_range(&join(path, "unhealthyThreshold"), self.unhealthy_threshold, 2, 10)?;
         Ok(())
     }
 }
@@ -1052,11 +903,7 @@ pub struct HttpGatewayRouteMatch {
     pub port: Option<i64>,
     #[serde(rename = "prefix", default, skip_serializing_if = "Option::is_none")]
     pub prefix: Option<String>,
-    #[serde(
-        rename = "queryParameters",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "queryParameters", default, skip_serializing_if = "Option::is_none")]
     pub query_parameters: Option<Vec<HttpQueryParameter>>,
 }
 
@@ -1106,11 +953,7 @@ impl Validate for HttpGatewayRoutePathRewrite {
 /// The model's `HttpGatewayRoutePrefixRewrite`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Default)]
 pub struct HttpGatewayRoutePrefixRewrite {
-    #[serde(
-        rename = "defaultPrefix",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "defaultPrefix", default, skip_serializing_if = "Option::is_none")]
     pub default_prefix: Option<DefaultGatewayRouteRewrite>,
     #[serde(rename = "value", default, skip_serializing_if = "Option::is_none")]
     pub value: Option<String>,
@@ -1232,21 +1075,13 @@ impl Validate for HttpQueryParameter {
 /// The model's `HttpRetryPolicy`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct HttpRetryPolicy {
-    #[serde(
-        rename = "httpRetryEvents",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "httpRetryEvents", default, skip_serializing_if = "Option::is_none")]
     pub http_retry_events: Option<Vec<String>>,
     #[serde(rename = "maxRetries")]
     pub max_retries: i64,
     #[serde(rename = "perRetryTimeout")]
     pub per_retry_timeout: Duration,
-    #[serde(
-        rename = "tcpRetryEvents",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "tcpRetryEvents", default, skip_serializing_if = "Option::is_none")]
     pub tcp_retry_events: Option<Vec<TcpRetryPolicyEvent>>,
 }
 
@@ -1255,17 +1090,11 @@ impl Validate for HttpRetryPolicy {
         if let Some(v) = &self.http_retry_events {
             check_count(&join(path, "httpRetryEvents"), v.len(), 1, 25)?;
             for (i, item) in v.iter().enumerate() {
-                check_len(
-                    &format!("{}[{i}]", join(path, "httpRetryEvents")),
-                    item.chars().count(),
-                    1,
-                    25,
-                )?;
+                check_len(&format!("{}[{i}]", join(path, "httpRetryEvents")), item.chars().count(), 1, 25)?;
             }
         }
         check_range(&join(path, "maxRetries"), self.max_retries, 0, i64::MAX)?;
-        self.per_retry_timeout
-            .validate(&join(path, "perRetryTimeout"))?;
+        self.per_retry_timeout.validate(&join(path, "perRetryTimeout"))?;
         if let Some(v) = &self.tcp_retry_events {
             check_count(&join(path, "tcpRetryEvents"), v.len(), 1, 1)?;
         }
@@ -1280,11 +1109,7 @@ pub struct HttpRoute {
     pub action: HttpRouteAction,
     #[serde(rename = "match")]
     pub r#match: HttpRouteMatch,
-    #[serde(
-        rename = "retryPolicy",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "retryPolicy", default, skip_serializing_if = "Option::is_none")]
     pub retry_policy: Option<HttpRetryPolicy>,
     #[serde(rename = "timeout", default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<HttpTimeout>,
@@ -1313,12 +1138,7 @@ pub struct HttpRouteAction {
 
 impl Validate for HttpRouteAction {
     fn validate(&self, path: &str) -> Result<(), FieldError> {
-        check_count(
-            &join(path, "weightedTargets"),
-            self.weighted_targets.len(),
-            1,
-            10,
-        )?;
+        check_count(&join(path, "weightedTargets"), self.weighted_targets.len(), 1, 10)?;
         for (i, item) in self.weighted_targets.iter().enumerate() {
             item.validate(&format!("{}[{i}]", join(path, "weightedTargets")))?;
         }
@@ -1360,11 +1180,7 @@ pub struct HttpRouteMatch {
     pub port: Option<i64>,
     #[serde(rename = "prefix", default, skip_serializing_if = "Option::is_none")]
     pub prefix: Option<String>,
-    #[serde(
-        rename = "queryParameters",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "queryParameters", default, skip_serializing_if = "Option::is_none")]
     pub query_parameters: Option<Vec<HttpQueryParameter>>,
     #[serde(rename = "scheme", default, skip_serializing_if = "Option::is_none")]
     pub scheme: Option<HttpScheme>,
@@ -1417,11 +1233,7 @@ impl HttpScheme {
 pub struct HttpTimeout {
     #[serde(rename = "idle", default, skip_serializing_if = "Option::is_none")]
     pub idle: Option<Duration>,
-    #[serde(
-        rename = "perRequest",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "perRequest", default, skip_serializing_if = "Option::is_none")]
     pub per_request: Option<Duration>,
 }
 
@@ -1481,23 +1293,11 @@ impl Validate for JsonFormatRef {
 /// The model's `Listener`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Listener {
-    #[serde(
-        rename = "connectionPool",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "connectionPool", default, skip_serializing_if = "Option::is_none")]
     pub connection_pool: Option<VirtualNodeConnectionPool>,
-    #[serde(
-        rename = "healthCheck",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "healthCheck", default, skip_serializing_if = "Option::is_none")]
     pub health_check: Option<HealthCheckPolicy>,
-    #[serde(
-        rename = "outlierDetection",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "outlierDetection", default, skip_serializing_if = "Option::is_none")]
     pub outlier_detection: Option<OutlierDetection>,
     #[serde(rename = "portMapping")]
     pub port_mapping: PortMapping,
@@ -1556,14 +1356,7 @@ impl Validate for ListenerTimeout {
         if let Some(v) = &self.tcp {
             v.validate(&join(path, "tcp"))?;
         }
-        check_union(
-            path,
-            usize::from(self.grpc.is_some())
-                + usize::from(self.http.is_some())
-                + usize::from(self.http2.is_some())
-                + usize::from(self.tcp.is_some()),
-            "grpc, http, http2, tcp",
-        )?;
+        check_union(path, usize::from(self.grpc.is_some()) + usize::from(self.http.is_some()) + usize::from(self.http2.is_some()) + usize::from(self.tcp.is_some()), "grpc, http, http2, tcp")?;
         Ok(())
     }
 }
@@ -1575,11 +1368,7 @@ pub struct ListenerTls {
     pub certificate: ListenerTlsCertificate,
     #[serde(rename = "mode")]
     pub mode: ListenerTlsMode,
-    #[serde(
-        rename = "validation",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "validation", default, skip_serializing_if = "Option::is_none")]
     pub validation: Option<ListenerTlsValidationContext>,
 }
 
@@ -1628,13 +1417,7 @@ impl Validate for ListenerTlsCertificate {
         if let Some(v) = &self.sds {
             v.validate(&join(path, "sds"))?;
         }
-        check_union(
-            path,
-            usize::from(self.acm.is_some())
-                + usize::from(self.file.is_some())
-                + usize::from(self.sds.is_some()),
-            "acm, file, sds",
-        )?;
+        check_union(path, usize::from(self.acm.is_some()) + usize::from(self.file.is_some()) + usize::from(self.sds.is_some()), "acm, file, sds")?;
         Ok(())
     }
 }
@@ -1650,18 +1433,8 @@ pub struct ListenerTlsFileCertificate {
 
 impl Validate for ListenerTlsFileCertificate {
     fn validate(&self, path: &str) -> Result<(), FieldError> {
-        check_len(
-            &join(path, "certificateChain"),
-            self.certificate_chain.chars().count(),
-            1,
-            255,
-        )?;
-        check_len(
-            &join(path, "privateKey"),
-            self.private_key.chars().count(),
-            1,
-            255,
-        )?;
+        check_len(&join(path, "certificateChain"), self.certificate_chain.chars().count(), 1, 255)?;
+        check_len(&join(path, "privateKey"), self.private_key.chars().count(), 1, 255)?;
         Ok(())
     }
 }
@@ -1703,11 +1476,7 @@ impl Validate for ListenerTlsSdsCertificate {
 /// The model's `ListenerTlsValidationContext`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ListenerTlsValidationContext {
-    #[serde(
-        rename = "subjectAlternativeNames",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "subjectAlternativeNames", default, skip_serializing_if = "Option::is_none")]
     pub subject_alternative_names: Option<SubjectAlternativeNames>,
     #[serde(rename = "trust")]
     pub trust: ListenerTlsValidationContextTrust,
@@ -1740,11 +1509,7 @@ impl Validate for ListenerTlsValidationContextTrust {
         if let Some(v) = &self.sds {
             v.validate(&join(path, "sds"))?;
         }
-        check_union(
-            path,
-            usize::from(self.file.is_some()) + usize::from(self.sds.is_some()),
-            "file, sds",
-        )?;
+        check_union(path, usize::from(self.file.is_some()) + usize::from(self.sds.is_some()), "file, sds")?;
         Ok(())
     }
 }
@@ -1784,11 +1549,7 @@ impl Validate for LoggingFormat {
         if let Some(v) = &self.text {
             check_len(&join(path, "text"), v.chars().count(), 1, 1000)?;
         }
-        check_union(
-            path,
-            usize::from(self.json.is_some()) + usize::from(self.text.is_some()),
-            "json, text",
-        )?;
+        check_union(path, usize::from(self.json.is_some()) + usize::from(self.text.is_some()), "json, text")?;
         Ok(())
     }
 }
@@ -1811,11 +1572,7 @@ impl Validate for MatchRange {
 /// The model's `MeshServiceDiscovery`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Default)]
 pub struct MeshServiceDiscovery {
-    #[serde(
-        rename = "ipPreference",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "ipPreference", default, skip_serializing_if = "Option::is_none")]
     pub ip_preference: Option<IpPreference>,
 }
 
@@ -1828,17 +1585,9 @@ impl Validate for MeshServiceDiscovery {
 /// The model's `MeshSpec`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Default)]
 pub struct MeshSpec {
-    #[serde(
-        rename = "egressFilter",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "egressFilter", default, skip_serializing_if = "Option::is_none")]
     pub egress_filter: Option<EgressFilter>,
-    #[serde(
-        rename = "serviceDiscovery",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "serviceDiscovery", default, skip_serializing_if = "Option::is_none")]
     pub service_discovery: Option<MeshServiceDiscovery>,
 }
 
@@ -1869,21 +1618,10 @@ pub struct OutlierDetection {
 
 impl Validate for OutlierDetection {
     fn validate(&self, path: &str) -> Result<(), FieldError> {
-        self.base_ejection_duration
-            .validate(&join(path, "baseEjectionDuration"))?;
+        self.base_ejection_duration.validate(&join(path, "baseEjectionDuration"))?;
         self.interval.validate(&join(path, "interval"))?;
-        check_range(
-            &join(path, "maxEjectionPercent"),
-            self.max_ejection_percent,
-            0,
-            100,
-        )?;
-        check_range(
-            &join(path, "maxServerErrors"),
-            self.max_server_errors,
-            1,
-            i64::MAX,
-        )?;
+        check_range(&join(path, "maxEjectionPercent"), self.max_ejection_percent, 0, 100)?;
+        check_range(&join(path, "maxServerErrors"), self.max_server_errors, 1, i64::MAX)?;
         Ok(())
     }
 }
@@ -1946,11 +1684,7 @@ impl Validate for QueryParameterMatch {
 pub struct RouteSpec {
     #[serde(rename = "grpcRoute", default, skip_serializing_if = "Option::is_none")]
     pub grpc_route: Option<GrpcRoute>,
-    #[serde(
-        rename = "http2Route",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "http2Route", default, skip_serializing_if = "Option::is_none")]
     pub http2_route: Option<HttpRoute>,
     #[serde(rename = "httpRoute", default, skip_serializing_if = "Option::is_none")]
     pub http_route: Option<HttpRoute>,
@@ -1984,11 +1718,7 @@ impl Validate for RouteSpec {
 /// A union in the model: exactly one member is set.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Default)]
 pub struct ServiceDiscovery {
-    #[serde(
-        rename = "awsCloudMap",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "awsCloudMap", default, skip_serializing_if = "Option::is_none")]
     pub aws_cloud_map: Option<AwsCloudMapServiceDiscovery>,
     #[serde(rename = "dns", default, skip_serializing_if = "Option::is_none")]
     pub dns: Option<DnsServiceDiscovery>,
@@ -2002,11 +1732,7 @@ impl Validate for ServiceDiscovery {
         if let Some(v) = &self.dns {
             v.validate(&join(path, "dns"))?;
         }
-        check_union(
-            path,
-            usize::from(self.aws_cloud_map.is_some()) + usize::from(self.dns.is_some()),
-            "awsCloudMap, dns",
-        )?;
+        check_union(path, usize::from(self.aws_cloud_map.is_some()) + usize::from(self.dns.is_some()), "awsCloudMap, dns")?;
         Ok(())
     }
 }
@@ -2021,12 +1747,7 @@ pub struct SubjectAlternativeNameMatchers {
 impl Validate for SubjectAlternativeNameMatchers {
     fn validate(&self, path: &str) -> Result<(), FieldError> {
         for (i, item) in self.exact.iter().enumerate() {
-            check_len(
-                &format!("{}[{i}]", join(path, "exact")),
-                item.chars().count(),
-                1,
-                254,
-            )?;
+            check_len(&format!("{}[{i}]", join(path, "exact")), item.chars().count(), 1, 254)?;
         }
         Ok(())
     }
@@ -2111,12 +1832,7 @@ pub struct TcpRouteAction {
 
 impl Validate for TcpRouteAction {
     fn validate(&self, path: &str) -> Result<(), FieldError> {
-        check_count(
-            &join(path, "weightedTargets"),
-            self.weighted_targets.len(),
-            1,
-            10,
-        )?;
+        check_count(&join(path, "weightedTargets"), self.weighted_targets.len(), 1, 10)?;
         for (i, item) in self.weighted_targets.iter().enumerate() {
             item.validate(&format!("{}[{i}]", join(path, "weightedTargets")))?;
         }
@@ -2159,11 +1875,7 @@ impl Validate for TcpTimeout {
 /// The model's `TlsValidationContext`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TlsValidationContext {
-    #[serde(
-        rename = "subjectAlternativeNames",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "subjectAlternativeNames", default, skip_serializing_if = "Option::is_none")]
     pub subject_alternative_names: Option<SubjectAlternativeNames>,
     #[serde(rename = "trust")]
     pub trust: TlsValidationContextTrust,
@@ -2188,12 +1900,7 @@ pub struct TlsValidationContextAcmTrust {
 
 impl Validate for TlsValidationContextAcmTrust {
     fn validate(&self, path: &str) -> Result<(), FieldError> {
-        check_count(
-            &join(path, "certificateAuthorityArns"),
-            self.certificate_authority_arns.len(),
-            1,
-            3,
-        )?;
+        check_count(&join(path, "certificateAuthorityArns"), self.certificate_authority_arns.len(), 1, 3)?;
         Ok(())
     }
 }
@@ -2207,12 +1914,7 @@ pub struct TlsValidationContextFileTrust {
 
 impl Validate for TlsValidationContextFileTrust {
     fn validate(&self, path: &str) -> Result<(), FieldError> {
-        check_len(
-            &join(path, "certificateChain"),
-            self.certificate_chain.chars().count(),
-            1,
-            255,
-        )?;
+        check_len(&join(path, "certificateChain"), self.certificate_chain.chars().count(), 1, 255)?;
         Ok(())
     }
 }
@@ -2252,13 +1954,7 @@ impl Validate for TlsValidationContextTrust {
         if let Some(v) = &self.sds {
             v.validate(&join(path, "sds"))?;
         }
-        check_union(
-            path,
-            usize::from(self.acm.is_some())
-                + usize::from(self.file.is_some())
-                + usize::from(self.sds.is_some()),
-            "acm, file, sds",
-        )?;
+        check_union(path, usize::from(self.acm.is_some()) + usize::from(self.file.is_some()) + usize::from(self.sds.is_some()), "acm, file, sds")?;
         Ok(())
     }
 }
@@ -2283,11 +1979,7 @@ impl Validate for VirtualGatewayAccessLog {
 /// The model's `VirtualGatewayBackendDefaults`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Default)]
 pub struct VirtualGatewayBackendDefaults {
-    #[serde(
-        rename = "clientPolicy",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "clientPolicy", default, skip_serializing_if = "Option::is_none")]
     pub client_policy: Option<VirtualGatewayClientPolicy>,
 }
 
@@ -2319,11 +2011,7 @@ impl Validate for VirtualGatewayClientPolicy {
 /// The model's `VirtualGatewayClientPolicyTls`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct VirtualGatewayClientPolicyTls {
-    #[serde(
-        rename = "certificate",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "certificate", default, skip_serializing_if = "Option::is_none")]
     pub certificate: Option<VirtualGatewayClientTlsCertificate>,
     #[serde(rename = "enforce", default, skip_serializing_if = "Option::is_none")]
     pub enforce: Option<bool>,
@@ -2365,11 +2053,7 @@ impl Validate for VirtualGatewayClientTlsCertificate {
         if let Some(v) = &self.sds {
             v.validate(&join(path, "sds"))?;
         }
-        check_union(
-            path,
-            usize::from(self.file.is_some()) + usize::from(self.sds.is_some()),
-            "file, sds",
-        )?;
+        check_union(path, usize::from(self.file.is_some()) + usize::from(self.sds.is_some()), "file, sds")?;
         Ok(())
     }
 }
@@ -2396,13 +2080,7 @@ impl Validate for VirtualGatewayConnectionPool {
         if let Some(v) = &self.http2 {
             v.validate(&join(path, "http2"))?;
         }
-        check_union(
-            path,
-            usize::from(self.grpc.is_some())
-                + usize::from(self.http.is_some())
-                + usize::from(self.http2.is_some()),
-            "grpc, http, http2",
-        )?;
+        check_union(path, usize::from(self.grpc.is_some()) + usize::from(self.http.is_some()) + usize::from(self.http2.is_some()), "grpc, http, http2")?;
         Ok(())
     }
 }
@@ -2461,33 +2139,13 @@ pub struct VirtualGatewayHealthCheckPolicy {
 
 impl Validate for VirtualGatewayHealthCheckPolicy {
     fn validate(&self, path: &str) -> Result<(), FieldError> {
-        check_range(
-            &join(path, "healthyThreshold"),
-            self.healthy_threshold,
-            2,
-            10,
-        )?;
-        check_range(
-            &join(path, "intervalMillis"),
-            self.interval_millis,
-            5000,
-            300000,
-        )?;
+        check_range(&join(path, "healthyThreshold"), self.healthy_threshold, 2, 10)?;
+        check_range(&join(path, "intervalMillis"), self.interval_millis, 5000, 300000)?;
         if let Some(v) = &self.port {
             check_range(&join(path, "port"), *v, 1, 65535)?;
         }
-        check_range(
-            &join(path, "timeoutMillis"),
-            self.timeout_millis,
-            2000,
-            60000,
-        )?;
-        check_range(
-            &join(path, "unhealthyThreshold"),
-            self.unhealthy_threshold,
-            2,
-            10,
-        )?;
+        check_range(&join(path, "timeoutMillis"), self.timeout_millis, 2000, 60000)?;
+        check_range(&join(path, "unhealthyThreshold"), self.unhealthy_threshold, 2, 10)?;
         Ok(())
     }
 }
@@ -2511,22 +2169,13 @@ impl Validate for VirtualGatewayHttp2ConnectionPool {
 pub struct VirtualGatewayHttpConnectionPool {
     #[serde(rename = "maxConnections")]
     pub max_connections: i64,
-    #[serde(
-        rename = "maxPendingRequests",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "maxPendingRequests", default, skip_serializing_if = "Option::is_none")]
     pub max_pending_requests: Option<i64>,
 }
 
 impl Validate for VirtualGatewayHttpConnectionPool {
     fn validate(&self, path: &str) -> Result<(), FieldError> {
-        check_range(
-            &join(path, "maxConnections"),
-            self.max_connections,
-            1,
-            i64::MAX,
-        )?;
+        check_range(&join(path, "maxConnections"), self.max_connections, 1, i64::MAX)?;
         if let Some(v) = &self.max_pending_requests {
             check_range(&join(path, "maxPendingRequests"), *v, 1, i64::MAX)?;
         }
@@ -2537,17 +2186,9 @@ impl Validate for VirtualGatewayHttpConnectionPool {
 /// The model's `VirtualGatewayListener`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct VirtualGatewayListener {
-    #[serde(
-        rename = "connectionPool",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "connectionPool", default, skip_serializing_if = "Option::is_none")]
     pub connection_pool: Option<VirtualGatewayConnectionPool>,
-    #[serde(
-        rename = "healthCheck",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "healthCheck", default, skip_serializing_if = "Option::is_none")]
     pub health_check: Option<VirtualGatewayHealthCheckPolicy>,
     #[serde(rename = "portMapping")]
     pub port_mapping: VirtualGatewayPortMapping,
@@ -2578,11 +2219,7 @@ pub struct VirtualGatewayListenerTls {
     pub certificate: VirtualGatewayListenerTlsCertificate,
     #[serde(rename = "mode")]
     pub mode: VirtualGatewayListenerTlsMode,
-    #[serde(
-        rename = "validation",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "validation", default, skip_serializing_if = "Option::is_none")]
     pub validation: Option<VirtualGatewayListenerTlsValidationContext>,
 }
 
@@ -2631,13 +2268,7 @@ impl Validate for VirtualGatewayListenerTlsCertificate {
         if let Some(v) = &self.sds {
             v.validate(&join(path, "sds"))?;
         }
-        check_union(
-            path,
-            usize::from(self.acm.is_some())
-                + usize::from(self.file.is_some())
-                + usize::from(self.sds.is_some()),
-            "acm, file, sds",
-        )?;
+        check_union(path, usize::from(self.acm.is_some()) + usize::from(self.file.is_some()) + usize::from(self.sds.is_some()), "acm, file, sds")?;
         Ok(())
     }
 }
@@ -2653,18 +2284,8 @@ pub struct VirtualGatewayListenerTlsFileCertificate {
 
 impl Validate for VirtualGatewayListenerTlsFileCertificate {
     fn validate(&self, path: &str) -> Result<(), FieldError> {
-        check_len(
-            &join(path, "certificateChain"),
-            self.certificate_chain.chars().count(),
-            1,
-            255,
-        )?;
-        check_len(
-            &join(path, "privateKey"),
-            self.private_key.chars().count(),
-            1,
-            255,
-        )?;
+        check_len(&join(path, "certificateChain"), self.certificate_chain.chars().count(), 1, 255)?;
+        check_len(&join(path, "privateKey"), self.private_key.chars().count(), 1, 255)?;
         Ok(())
     }
 }
@@ -2706,11 +2327,7 @@ impl Validate for VirtualGatewayListenerTlsSdsCertificate {
 /// The model's `VirtualGatewayListenerTlsValidationContext`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct VirtualGatewayListenerTlsValidationContext {
-    #[serde(
-        rename = "subjectAlternativeNames",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "subjectAlternativeNames", default, skip_serializing_if = "Option::is_none")]
     pub subject_alternative_names: Option<SubjectAlternativeNames>,
     #[serde(rename = "trust")]
     pub trust: VirtualGatewayListenerTlsValidationContextTrust,
@@ -2743,11 +2360,7 @@ impl Validate for VirtualGatewayListenerTlsValidationContextTrust {
         if let Some(v) = &self.sds {
             v.validate(&join(path, "sds"))?;
         }
-        check_union(
-            path,
-            usize::from(self.file.is_some()) + usize::from(self.sds.is_some()),
-            "file, sds",
-        )?;
+        check_union(path, usize::from(self.file.is_some()) + usize::from(self.sds.is_some()), "file, sds")?;
         Ok(())
     }
 }
@@ -2808,11 +2421,7 @@ impl VirtualGatewayPortProtocol {
 /// The model's `VirtualGatewaySpec`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct VirtualGatewaySpec {
-    #[serde(
-        rename = "backendDefaults",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "backendDefaults", default, skip_serializing_if = "Option::is_none")]
     pub backend_defaults: Option<VirtualGatewayBackendDefaults>,
     #[serde(rename = "listeners")]
     pub listeners: Vec<VirtualGatewayListener>,
@@ -2838,11 +2447,7 @@ impl Validate for VirtualGatewaySpec {
 /// The model's `VirtualGatewayTlsValidationContext`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct VirtualGatewayTlsValidationContext {
-    #[serde(
-        rename = "subjectAlternativeNames",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "subjectAlternativeNames", default, skip_serializing_if = "Option::is_none")]
     pub subject_alternative_names: Option<SubjectAlternativeNames>,
     #[serde(rename = "trust")]
     pub trust: VirtualGatewayTlsValidationContextTrust,
@@ -2867,12 +2472,7 @@ pub struct VirtualGatewayTlsValidationContextAcmTrust {
 
 impl Validate for VirtualGatewayTlsValidationContextAcmTrust {
     fn validate(&self, path: &str) -> Result<(), FieldError> {
-        check_count(
-            &join(path, "certificateAuthorityArns"),
-            self.certificate_authority_arns.len(),
-            1,
-            3,
-        )?;
+        check_count(&join(path, "certificateAuthorityArns"), self.certificate_authority_arns.len(), 1, 3)?;
         Ok(())
     }
 }
@@ -2886,12 +2486,7 @@ pub struct VirtualGatewayTlsValidationContextFileTrust {
 
 impl Validate for VirtualGatewayTlsValidationContextFileTrust {
     fn validate(&self, path: &str) -> Result<(), FieldError> {
-        check_len(
-            &join(path, "certificateChain"),
-            self.certificate_chain.chars().count(),
-            1,
-            255,
-        )?;
+        check_len(&join(path, "certificateChain"), self.certificate_chain.chars().count(), 1, 255)?;
         Ok(())
     }
 }
@@ -2931,13 +2526,7 @@ impl Validate for VirtualGatewayTlsValidationContextTrust {
         if let Some(v) = &self.sds {
             v.validate(&join(path, "sds"))?;
         }
-        check_union(
-            path,
-            usize::from(self.acm.is_some())
-                + usize::from(self.file.is_some())
-                + usize::from(self.sds.is_some()),
-            "acm, file, sds",
-        )?;
+        check_union(path, usize::from(self.acm.is_some()) + usize::from(self.file.is_some()) + usize::from(self.sds.is_some()), "acm, file, sds")?;
         Ok(())
     }
 }
@@ -2969,14 +2558,7 @@ impl Validate for VirtualNodeConnectionPool {
         if let Some(v) = &self.tcp {
             v.validate(&join(path, "tcp"))?;
         }
-        check_union(
-            path,
-            usize::from(self.grpc.is_some())
-                + usize::from(self.http.is_some())
-                + usize::from(self.http2.is_some())
-                + usize::from(self.tcp.is_some()),
-            "grpc, http, http2, tcp",
-        )?;
+        check_union(path, usize::from(self.grpc.is_some()) + usize::from(self.http.is_some()) + usize::from(self.http2.is_some()) + usize::from(self.tcp.is_some()), "grpc, http, http2, tcp")?;
         Ok(())
     }
 }
@@ -3014,22 +2596,13 @@ impl Validate for VirtualNodeHttp2ConnectionPool {
 pub struct VirtualNodeHttpConnectionPool {
     #[serde(rename = "maxConnections")]
     pub max_connections: i64,
-    #[serde(
-        rename = "maxPendingRequests",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "maxPendingRequests", default, skip_serializing_if = "Option::is_none")]
     pub max_pending_requests: Option<i64>,
 }
 
 impl Validate for VirtualNodeHttpConnectionPool {
     fn validate(&self, path: &str) -> Result<(), FieldError> {
-        check_range(
-            &join(path, "maxConnections"),
-            self.max_connections,
-            1,
-            i64::MAX,
-        )?;
+        check_range(&join(path, "maxConnections"), self.max_connections, 1, i64::MAX)?;
         if let Some(v) = &self.max_pending_requests {
             check_range(&join(path, "maxPendingRequests"), *v, 1, i64::MAX)?;
         }
@@ -3046,12 +2619,7 @@ pub struct VirtualNodeServiceProvider {
 
 impl Validate for VirtualNodeServiceProvider {
     fn validate(&self, path: &str) -> Result<(), FieldError> {
-        check_len(
-            &join(path, "virtualNodeName"),
-            self.virtual_node_name.chars().count(),
-            1,
-            255,
-        )?;
+        check_len(&join(path, "virtualNodeName"), self.virtual_node_name.chars().count(), 1, 255)?;
         Ok(())
     }
 }
@@ -3059,11 +2627,7 @@ impl Validate for VirtualNodeServiceProvider {
 /// The model's `VirtualNodeSpec`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Default)]
 pub struct VirtualNodeSpec {
-    #[serde(
-        rename = "backendDefaults",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "backendDefaults", default, skip_serializing_if = "Option::is_none")]
     pub backend_defaults: Option<BackendDefaults>,
     #[serde(rename = "backends", default, skip_serializing_if = "Option::is_none")]
     pub backends: Option<Vec<Backend>>,
@@ -3071,11 +2635,7 @@ pub struct VirtualNodeSpec {
     pub listeners: Option<Vec<Listener>>,
     #[serde(rename = "logging", default, skip_serializing_if = "Option::is_none")]
     pub logging: Option<Logging>,
-    #[serde(
-        rename = "serviceDiscovery",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "serviceDiscovery", default, skip_serializing_if = "Option::is_none")]
     pub service_discovery: Option<ServiceDiscovery>,
 }
 
@@ -3113,12 +2673,7 @@ pub struct VirtualNodeTcpConnectionPool {
 
 impl Validate for VirtualNodeTcpConnectionPool {
     fn validate(&self, path: &str) -> Result<(), FieldError> {
-        check_range(
-            &join(path, "maxConnections"),
-            self.max_connections,
-            1,
-            i64::MAX,
-        )?;
+        check_range(&join(path, "maxConnections"), self.max_connections, 1, i64::MAX)?;
         Ok(())
     }
 }
@@ -3146,12 +2701,7 @@ pub struct VirtualRouterServiceProvider {
 
 impl Validate for VirtualRouterServiceProvider {
     fn validate(&self, path: &str) -> Result<(), FieldError> {
-        check_len(
-            &join(path, "virtualRouterName"),
-            self.virtual_router_name.chars().count(),
-            1,
-            255,
-        )?;
+        check_len(&join(path, "virtualRouterName"), self.virtual_router_name.chars().count(), 1, 255)?;
         Ok(())
     }
 }
@@ -3177,11 +2727,7 @@ impl Validate for VirtualRouterSpec {
 /// The model's `VirtualServiceBackend`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct VirtualServiceBackend {
-    #[serde(
-        rename = "clientPolicy",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "clientPolicy", default, skip_serializing_if = "Option::is_none")]
     pub client_policy: Option<ClientPolicy>,
     #[serde(rename = "virtualServiceName")]
     pub virtual_service_name: String,
@@ -3199,17 +2745,9 @@ impl Validate for VirtualServiceBackend {
 /// A union in the model: exactly one member is set.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Default)]
 pub struct VirtualServiceProvider {
-    #[serde(
-        rename = "virtualNode",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "virtualNode", default, skip_serializing_if = "Option::is_none")]
     pub virtual_node: Option<VirtualNodeServiceProvider>,
-    #[serde(
-        rename = "virtualRouter",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "virtualRouter", default, skip_serializing_if = "Option::is_none")]
     pub virtual_router: Option<VirtualRouterServiceProvider>,
 }
 
@@ -3221,11 +2759,7 @@ impl Validate for VirtualServiceProvider {
         if let Some(v) = &self.virtual_router {
             v.validate(&join(path, "virtualRouter"))?;
         }
-        check_union(
-            path,
-            usize::from(self.virtual_node.is_some()) + usize::from(self.virtual_router.is_some()),
-            "virtualNode, virtualRouter",
-        )?;
+        check_union(path, usize::from(self.virtual_node.is_some()) + usize::from(self.virtual_router.is_some()), "virtualNode, virtualRouter")?;
         Ok(())
     }
 }
@@ -3262,12 +2796,7 @@ impl Validate for WeightedTarget {
         if let Some(v) = &self.port {
             check_range(&join(path, "port"), *v, 1, 65535)?;
         }
-        check_len(
-            &join(path, "virtualNode"),
-            self.virtual_node.chars().count(),
-            1,
-            255,
-        )?;
+        check_len(&join(path, "virtualNode"), self.virtual_node.chars().count(), 1, 255)?;
         check_range(&join(path, "weight"), self.weight, 0, 100)?;
         Ok(())
     }
@@ -3278,11 +2807,7 @@ impl Validate for WeightedTarget {
 /// The body members of `CreateGatewayRouteInput` (URI and query members come from the request line).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CreateGatewayRouteBody {
-    #[serde(
-        rename = "clientToken",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "clientToken", default, skip_serializing_if = "Option::is_none")]
     pub client_token: Option<String>,
     #[serde(rename = "gatewayRouteName")]
     pub gateway_route_name: String,
@@ -3294,12 +2819,7 @@ pub struct CreateGatewayRouteBody {
 
 impl Validate for CreateGatewayRouteBody {
     fn validate(&self, path: &str) -> Result<(), FieldError> {
-        check_len(
-            &join(path, "gatewayRouteName"),
-            self.gateway_route_name.chars().count(),
-            1,
-            255,
-        )?;
+        check_len(&join(path, "gatewayRouteName"), self.gateway_route_name.chars().count(), 1, 255)?;
         self.spec.validate(&join(path, "spec"))?;
         if let Some(v) = &self.tags {
             check_count(&join(path, "tags"), v.len(), 0, 50)?;
@@ -3314,11 +2834,7 @@ impl Validate for CreateGatewayRouteBody {
 /// The body members of `CreateMeshInput` (URI and query members come from the request line).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CreateMeshBody {
-    #[serde(
-        rename = "clientToken",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "clientToken", default, skip_serializing_if = "Option::is_none")]
     pub client_token: Option<String>,
     #[serde(rename = "meshName")]
     pub mesh_name: String,
@@ -3330,12 +2846,7 @@ pub struct CreateMeshBody {
 
 impl Validate for CreateMeshBody {
     fn validate(&self, path: &str) -> Result<(), FieldError> {
-        check_len(
-            &join(path, "meshName"),
-            self.mesh_name.chars().count(),
-            1,
-            255,
-        )?;
+        check_len(&join(path, "meshName"), self.mesh_name.chars().count(), 1, 255)?;
         if let Some(v) = &self.spec {
             v.validate(&join(path, "spec"))?;
         }
@@ -3352,11 +2863,7 @@ impl Validate for CreateMeshBody {
 /// The body members of `CreateRouteInput` (URI and query members come from the request line).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CreateRouteBody {
-    #[serde(
-        rename = "clientToken",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "clientToken", default, skip_serializing_if = "Option::is_none")]
     pub client_token: Option<String>,
     #[serde(rename = "routeName")]
     pub route_name: String,
@@ -3368,12 +2875,7 @@ pub struct CreateRouteBody {
 
 impl Validate for CreateRouteBody {
     fn validate(&self, path: &str) -> Result<(), FieldError> {
-        check_len(
-            &join(path, "routeName"),
-            self.route_name.chars().count(),
-            1,
-            255,
-        )?;
+        check_len(&join(path, "routeName"), self.route_name.chars().count(), 1, 255)?;
         self.spec.validate(&join(path, "spec"))?;
         if let Some(v) = &self.tags {
             check_count(&join(path, "tags"), v.len(), 0, 50)?;
@@ -3388,11 +2890,7 @@ impl Validate for CreateRouteBody {
 /// The body members of `CreateVirtualGatewayInput` (URI and query members come from the request line).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CreateVirtualGatewayBody {
-    #[serde(
-        rename = "clientToken",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "clientToken", default, skip_serializing_if = "Option::is_none")]
     pub client_token: Option<String>,
     #[serde(rename = "spec")]
     pub spec: VirtualGatewaySpec,
@@ -3411,12 +2909,7 @@ impl Validate for CreateVirtualGatewayBody {
                 item.validate(&format!("{}[{i}]", join(path, "tags")))?;
             }
         }
-        check_len(
-            &join(path, "virtualGatewayName"),
-            self.virtual_gateway_name.chars().count(),
-            1,
-            255,
-        )?;
+        check_len(&join(path, "virtualGatewayName"), self.virtual_gateway_name.chars().count(), 1, 255)?;
         Ok(())
     }
 }
@@ -3424,11 +2917,7 @@ impl Validate for CreateVirtualGatewayBody {
 /// The body members of `CreateVirtualNodeInput` (URI and query members come from the request line).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CreateVirtualNodeBody {
-    #[serde(
-        rename = "clientToken",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "clientToken", default, skip_serializing_if = "Option::is_none")]
     pub client_token: Option<String>,
     #[serde(rename = "spec")]
     pub spec: VirtualNodeSpec,
@@ -3447,12 +2936,7 @@ impl Validate for CreateVirtualNodeBody {
                 item.validate(&format!("{}[{i}]", join(path, "tags")))?;
             }
         }
-        check_len(
-            &join(path, "virtualNodeName"),
-            self.virtual_node_name.chars().count(),
-            1,
-            255,
-        )?;
+        check_len(&join(path, "virtualNodeName"), self.virtual_node_name.chars().count(), 1, 255)?;
         Ok(())
     }
 }
@@ -3460,11 +2944,7 @@ impl Validate for CreateVirtualNodeBody {
 /// The body members of `CreateVirtualRouterInput` (URI and query members come from the request line).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CreateVirtualRouterBody {
-    #[serde(
-        rename = "clientToken",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "clientToken", default, skip_serializing_if = "Option::is_none")]
     pub client_token: Option<String>,
     #[serde(rename = "spec")]
     pub spec: VirtualRouterSpec,
@@ -3483,12 +2963,7 @@ impl Validate for CreateVirtualRouterBody {
                 item.validate(&format!("{}[{i}]", join(path, "tags")))?;
             }
         }
-        check_len(
-            &join(path, "virtualRouterName"),
-            self.virtual_router_name.chars().count(),
-            1,
-            255,
-        )?;
+        check_len(&join(path, "virtualRouterName"), self.virtual_router_name.chars().count(), 1, 255)?;
         Ok(())
     }
 }
@@ -3496,11 +2971,7 @@ impl Validate for CreateVirtualRouterBody {
 /// The body members of `CreateVirtualServiceInput` (URI and query members come from the request line).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CreateVirtualServiceBody {
-    #[serde(
-        rename = "clientToken",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "clientToken", default, skip_serializing_if = "Option::is_none")]
     pub client_token: Option<String>,
     #[serde(rename = "spec")]
     pub spec: VirtualServiceSpec,
@@ -3551,12 +3022,7 @@ impl Validate for UntagResourceBody {
     fn validate(&self, path: &str) -> Result<(), FieldError> {
         check_count(&join(path, "tagKeys"), self.tag_keys.len(), 0, 50)?;
         for (i, item) in self.tag_keys.iter().enumerate() {
-            check_len(
-                &format!("{}[{i}]", join(path, "tagKeys")),
-                item.chars().count(),
-                1,
-                128,
-            )?;
+            check_len(&format!("{}[{i}]", join(path, "tagKeys")), item.chars().count(), 1, 128)?;
         }
         Ok(())
     }
@@ -3565,11 +3031,7 @@ impl Validate for UntagResourceBody {
 /// The body members of `UpdateGatewayRouteInput` (URI and query members come from the request line).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct UpdateGatewayRouteBody {
-    #[serde(
-        rename = "clientToken",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "clientToken", default, skip_serializing_if = "Option::is_none")]
     pub client_token: Option<String>,
     #[serde(rename = "spec")]
     pub spec: GatewayRouteSpec,
@@ -3585,11 +3047,7 @@ impl Validate for UpdateGatewayRouteBody {
 /// The body members of `UpdateMeshInput` (URI and query members come from the request line).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct UpdateMeshBody {
-    #[serde(
-        rename = "clientToken",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "clientToken", default, skip_serializing_if = "Option::is_none")]
     pub client_token: Option<String>,
     #[serde(rename = "spec", default, skip_serializing_if = "Option::is_none")]
     pub spec: Option<MeshSpec>,
@@ -3607,11 +3065,7 @@ impl Validate for UpdateMeshBody {
 /// The body members of `UpdateRouteInput` (URI and query members come from the request line).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct UpdateRouteBody {
-    #[serde(
-        rename = "clientToken",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "clientToken", default, skip_serializing_if = "Option::is_none")]
     pub client_token: Option<String>,
     #[serde(rename = "spec")]
     pub spec: RouteSpec,
@@ -3627,11 +3081,7 @@ impl Validate for UpdateRouteBody {
 /// The body members of `UpdateVirtualGatewayInput` (URI and query members come from the request line).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct UpdateVirtualGatewayBody {
-    #[serde(
-        rename = "clientToken",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "clientToken", default, skip_serializing_if = "Option::is_none")]
     pub client_token: Option<String>,
     #[serde(rename = "spec")]
     pub spec: VirtualGatewaySpec,
@@ -3647,11 +3097,7 @@ impl Validate for UpdateVirtualGatewayBody {
 /// The body members of `UpdateVirtualNodeInput` (URI and query members come from the request line).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct UpdateVirtualNodeBody {
-    #[serde(
-        rename = "clientToken",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "clientToken", default, skip_serializing_if = "Option::is_none")]
     pub client_token: Option<String>,
     #[serde(rename = "spec")]
     pub spec: VirtualNodeSpec,
@@ -3667,11 +3113,7 @@ impl Validate for UpdateVirtualNodeBody {
 /// The body members of `UpdateVirtualRouterInput` (URI and query members come from the request line).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct UpdateVirtualRouterBody {
-    #[serde(
-        rename = "clientToken",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "clientToken", default, skip_serializing_if = "Option::is_none")]
     pub client_token: Option<String>,
     #[serde(rename = "spec")]
     pub spec: VirtualRouterSpec,
@@ -3687,11 +3129,7 @@ impl Validate for UpdateVirtualRouterBody {
 /// The body members of `UpdateVirtualServiceInput` (URI and query members come from the request line).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct UpdateVirtualServiceBody {
-    #[serde(
-        rename = "clientToken",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "clientToken", default, skip_serializing_if = "Option::is_none")]
     pub client_token: Option<String>,
     #[serde(rename = "spec")]
     pub spec: VirtualServiceSpec,

@@ -4,6 +4,7 @@
 //! so field names, required members, enums and constraints are exactly App Mesh's. This module adds
 //! what the model does not have: stored metadata, the whole state, and proxy identities.
 
+#[rustfmt::skip]
 mod generated;
 mod patterns;
 pub mod validate;
