@@ -177,10 +177,47 @@ fn responses_fit_the_botocore_output_shapes() {
         ("DescribeVirtualService", "GET", format!("{p}/m/virtualServices/s"), None),
         ("UpdateVirtualService", "PUT", format!("{p}/m/virtualServices/s"), Some(r#"{"spec":{}}"#.into())),
         ("ListVirtualServices", "GET", format!("{p}/m/virtualServices?limit=1"), None),
+        ("CreateVirtualRouter", "PUT", format!("{p}/m/virtualRouters"),
+            Some(r#"{"virtualRouterName":"r","spec":{"listeners":[{"portMapping":{"port":8080,"protocol":"http"}}]}}"#.into())),
+        ("DescribeVirtualRouter", "GET", format!("{p}/m/virtualRouters/r"), None),
+        ("UpdateVirtualRouter", "PUT", format!("{p}/m/virtualRouters/r"),
+            Some(r#"{"spec":{"listeners":[{"portMapping":{"port":8080,"protocol":"http"}}]}}"#.into())),
+        ("ListVirtualRouters", "GET", format!("{p}/m/virtualRouters"), None),
+        ("CreateRoute", "PUT", format!("{p}/m/virtualRouter/r/routes"),
+            Some(r#"{"routeName":"rt","spec":{"priority":1,"httpRoute":{"match":{"prefix":"/","headers":[{"name":"x","match":{"exact":"1"}}]},"action":{"weightedTargets":[{"virtualNode":"a","weight":1}]},"timeout":{"perRequest":{"unit":"s","value":5}}}}}"#.into())),
+        ("DescribeRoute", "GET", format!("{p}/m/virtualRouter/r/routes/rt"), None),
+        ("UpdateRoute", "PUT", format!("{p}/m/virtualRouter/r/routes/rt"),
+            Some(r#"{"spec":{"httpRoute":{"match":{"path":{"exact":"/a"}},"action":{"weightedTargets":[{"virtualNode":"a","weight":0}]}}}}"#.into())),
+        ("ListRoutes", "GET", format!("{p}/m/virtualRouter/r/routes"), None),
+        ("CreateVirtualGateway", "PUT", format!("{p}/m/virtualGateways"),
+            Some(r#"{"virtualGatewayName":"g","spec":{"listeners":[{"portMapping":{"port":8443,"protocol":"http2"}}]}}"#.into())),
+        ("DescribeVirtualGateway", "GET", format!("{p}/m/virtualGateways/g"), None),
+        ("UpdateVirtualGateway", "PUT", format!("{p}/m/virtualGateways/g"),
+            Some(r#"{"spec":{"listeners":[{"portMapping":{"port":8443,"protocol":"http2"}}],"logging":{"accessLog":{"file":{"path":"/dev/stdout"}}}}}"#.into())),
+        ("ListVirtualGateways", "GET", format!("{p}/m/virtualGateways"), None),
+        ("CreateGatewayRoute", "PUT", format!("{p}/m/virtualGateway/g/gatewayRoutes"),
+            Some(r#"{"gatewayRouteName":"gr","spec":{"http2Route":{"match":{"prefix":"/s"},"action":{"target":{"virtualService":{"virtualServiceName":"s"}}}}}}"#.into())),
+        ("DescribeGatewayRoute", "GET", format!("{p}/m/virtualGateway/g/gatewayRoutes/gr"), None),
+        ("UpdateGatewayRoute", "PUT", format!("{p}/m/virtualGateway/g/gatewayRoutes/gr"),
+            Some(r#"{"spec":{"http2Route":{"match":{"prefix":"/t"},"action":{"target":{"virtualService":{"virtualServiceName":"s"}}}}}}"#.into())),
+        ("ListGatewayRoutes", "GET", format!("{p}/m/virtualGateway/g/gatewayRoutes"), None),
+        ("TagResource", "PUT", "/v20190125/tag?resourceArn=arn:aws:appmesh:us-east-1:000000000000:mesh/m/virtualGateway/g".into(),
+            Some(r#"{"tags":[{"key":"k","value":"v"}]}"#.into())),
+        ("ListTagsForResource", "GET", "/v20190125/tags?resourceArn=arn:aws:appmesh:us-east-1:000000000000:mesh/m/virtualGateway/g".into(), None),
+        ("UntagResource", "PUT", "/v20190125/untag?resourceArn=arn:aws:appmesh:us-east-1:000000000000:mesh/m/virtualGateway/g".into(),
+            Some(r#"{"tagKeys":["k"]}"#.into())),
+        ("DeleteGatewayRoute", "DELETE", format!("{p}/m/virtualGateway/g/gatewayRoutes/gr"), None),
+        ("DeleteVirtualGateway", "DELETE", format!("{p}/m/virtualGateways/g"), None),
+        ("DeleteRoute", "DELETE", format!("{p}/m/virtualRouter/r/routes/rt"), None),
         ("DeleteVirtualService", "DELETE", format!("{p}/m/virtualServices/s"), None),
+        ("DeleteVirtualRouter", "DELETE", format!("{p}/m/virtualRouters/r"), None),
         ("DeleteVirtualNode", "DELETE", format!("{p}/m/virtualNodes/a"), None),
         ("DeleteMesh", "DELETE", format!("{p}/m"), None),
     ];
+    let mut ops: Vec<&str> = cases.iter().map(|c| c.0).collect();
+    ops.sort_unstable();
+    ops.dedup();
+    assert_eq!(ops.len(), 38, "every App Mesh operation is covered");
     for (op, method, path, body) in cases {
         let (status, err, text) = agent.raw(method, &path, body.as_deref());
         assert_eq!(status, 200, "{op}: {err:?} {text}");
@@ -332,5 +369,89 @@ fn a_rejected_write_changes_nothing_and_committed_state_survives_a_restart() {
     assert_eq!(
         restarted["virtualNode"]["metadata"],
         created["virtualNode"]["metadata"]
+    );
+}
+
+#[test]
+fn lists_paginate_with_limit_and_next_token_and_the_cli_follows_them() {
+    let work = Workdir::new("api-pages");
+    let agent = Agent::start(&work, None);
+    for i in 0..5 {
+        agent.appmesh(&["create-mesh", "--mesh-name", &format!("m{i}")]);
+    }
+    let (status, _, body) = agent.raw("GET", "/v20190125/meshes?limit=2", None);
+    assert_eq!(status, 200);
+    let page: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(page["meshes"].as_array().unwrap().len(), 2);
+    let token = page["nextToken"]
+        .as_str()
+        .expect("a next token when more remain")
+        .to_string();
+    // A mesh created between pages sorts before the boundary and does not shift it.
+    agent.appmesh(&["create-mesh", "--mesh-name", "a-late"]);
+    let (_, _, body) = agent.raw(
+        "GET",
+        &format!("/v20190125/meshes?limit=2&nextToken={token}"),
+        None,
+    );
+    let page2: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(page2["meshes"][0]["meshName"], "m2");
+    // The CLI's own pagination (small pages) collects every mesh exactly once.
+    let all = agent.appmesh(&["list-meshes", "--page-size", "2"]);
+    let names: Vec<&str> = all["meshes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["meshName"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["a-late", "m0", "m1", "m2", "m3", "m4"]);
+    let (status, kind, _) = agent.raw("GET", "/v20190125/meshes?nextToken=zz", None);
+    assert_eq!(
+        (status, kind.as_deref()),
+        (400, Some("BadRequestException"))
+    );
+}
+
+#[test]
+fn concurrent_updates_through_the_api_never_lose_one_another() {
+    let work = Workdir::new("api-concurrent");
+    let agent = Agent::start(&work, None);
+    agent.appmesh(&["create-mesh", "--mesh-name", "m"]);
+    agent.appmesh(&[
+        "create-virtual-node",
+        "--mesh-name",
+        "m",
+        "--virtual-node-name",
+        "a",
+        "--spec",
+        "{}",
+    ]);
+    let writers: Vec<_> = (0..8)
+        .map(|i| {
+            let api = agent.api.clone();
+            std::thread::spawn(move || {
+                let body = format!(r#"{{"spec":{{"backends":[{{"virtualService":{{"virtualServiceName":"s{i}.local"}}}}]}}}}"#);
+                let out = Command::new("curl")
+                    .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "PUT", "-H", "content-type: application/json"])
+                    .args(["--data-binary", &body, &format!("{api}/v20190125/meshes/m/virtualNodes/a")])
+                    .output()
+                    .unwrap();
+                String::from_utf8_lossy(&out.stdout).into_owned()
+            })
+        })
+        .collect();
+    for w in writers {
+        assert_eq!(w.join().unwrap(), "200");
+    }
+    let d = agent.appmesh(&[
+        "describe-virtual-node",
+        "--mesh-name",
+        "m",
+        "--virtual-node-name",
+        "a",
+    ]);
+    assert_eq!(
+        d["virtualNode"]["metadata"]["version"], 9,
+        "1 create + 8 distinct updates, none lost"
     );
 }
