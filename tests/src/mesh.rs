@@ -404,7 +404,7 @@ pub fn run_route_manager(task: &Task, taskdef: &Value) -> String {
 /// Starts the task's Envoy container as the definition says: `trellis-agent bootstrap` from its
 /// environment (the socket path mapped from the container mount to the host directory), then
 /// Envoy as its `user`, and waits until the definition's own health check passes.
-pub fn start_envoy(work: &Workdir, task: &Task, taskdef: &Value, base_id: u32) -> Proc {
+pub fn start_envoy(work: &Workdir, task: &Task, taskdef: &Value) -> Proc {
     let c = container(taskdef, "envoy");
     let user = c["user"]
         .as_str()
@@ -442,7 +442,6 @@ pub fn start_envoy(work: &Workdir, task: &Task, taskdef: &Value, base_id: u32) -
         .unwrap_or("info".into());
     let boot_s = bootstrap_path.display().to_string();
     let envoy_s = envoy.display().to_string();
-    let base = base_id.to_string();
     let mut cmd = task.cmd_as(
         &user,
         &[
@@ -451,8 +450,7 @@ pub fn start_envoy(work: &Workdir, task: &Task, taskdef: &Value, base_id: u32) -
             &boot_s,
             "-l",
             &log_level,
-            "--base-id",
-            &base,
+            "--disable-hot-restart",
             "--concurrency",
             "1",
         ],

@@ -34,6 +34,59 @@ pub fn app_taskdef(family: &str, ports: &[u16]) -> Value {
     })
 }
 
+/// One awsvpc task of a scenario: its namespace, the virtual node it runs as, and its app.
+#[derive(Debug, Clone)]
+pub struct TaskSpec<'a> {
+    pub name: &'a str,
+    pub node: &'a str,
+    /// A small HTTP app answering `body` on `port`, if the task serves.
+    pub app: Option<(u16, &'a str)>,
+}
+
+/// Meshes and starts tasks in ECS order (route manager → Envoy HEALTHY → app), each from the task
+/// definition `trellis-rewrite` makes for it. Returns the processes to keep alive.
+pub fn start_tasks(
+    work: &Workdir,
+    agent: &Agent,
+    mesh: &str,
+    tasks: &[(&Task, &TaskSpec<'_>)],
+    say: &dyn Fn(&str),
+) -> Vec<Proc> {
+    let mut procs = Vec::new();
+    for (task, spec) in tasks {
+        let ports: Vec<u16> = spec.app.iter().map(|(p, _)| *p).collect();
+        let def = rewrite(
+            work,
+            &app_taskdef(spec.name, &ports),
+            mesh,
+            spec.node,
+            &agent.socket_dir,
+        );
+        run_route_manager(task, &def);
+        say(&format!(
+            "{}: proxy-route-manager installed the App Mesh iptables rules",
+            spec.name
+        ));
+        procs.push(start_envoy(work, task, &def));
+        say(&format!(
+            "{}: Envoy (uid 1337) is HEALTHY by the task definition's health check",
+            spec.name
+        ));
+        if let Some((port, body)) = spec.app {
+            procs.push(task.start_http_app(work, port, body));
+            say(&format!("{}: app listening on {port}", spec.name));
+        }
+    }
+    procs
+}
+
+/// Writes a `--resources` file.
+pub fn resources_file(work: &Workdir, items: &Value) -> std::path::PathBuf {
+    let path = work.join("resources.json");
+    fs::write(&path, serde_json::to_vec_pretty(items).expect("encode")).expect("write resources");
+    path
+}
+
 /// Everything running; dropping it stops the processes and removes the namespaces.
 #[derive(Debug)]
 pub struct TwoTasks {
@@ -48,20 +101,17 @@ pub struct TwoTasks {
 /// Builds the mesh: resources (mesh, back's node and service from `--resources`, front's node
 /// through the AWS CLI), a VPC with two tasks meshed by `trellis-rewrite`, started in ECS order.
 pub fn two_tasks(work: &Workdir, say: &dyn Fn(&str)) -> TwoTasks {
-    let resources = work.join("resources.json");
-    let items = json!([
-        {"meshName": "m"},
-        {"meshName": "m", "virtualServiceName": "back.local",
-         "spec": {"provider": {"virtualNode": {"virtualNodeName": "back-vn"}}}},
-        {"meshName": "m", "virtualNodeName": "back-vn", "spec": {
-            "listeners": [{"portMapping": {"port": 8080, "protocol": "http"}}],
-            "serviceDiscovery": {"dns": {"hostname": "back-vn.trellis.test"}}}}
-    ]);
-    fs::write(
-        &resources,
-        serde_json::to_vec_pretty(&items).expect("encode"),
-    )
-    .expect("write resources");
+    let resources = resources_file(
+        work,
+        &json!([
+            {"meshName": "m"},
+            {"meshName": "m", "virtualServiceName": "back.local",
+             "spec": {"provider": {"virtualNode": {"virtualNodeName": "back-vn"}}}},
+            {"meshName": "m", "virtualNodeName": "back-vn", "spec": {
+                "listeners": [{"portMapping": {"port": 8080, "protocol": "http"}}],
+                "serviceDiscovery": {"dns": {"hostname": "back-vn.trellis.test"}}}}
+        ]),
+    );
     say(
         "starting trellis-agent with mesh m, virtual node back-vn and virtual service back.local (--resources)",
     );
@@ -93,41 +143,24 @@ pub fn two_tasks(work: &Workdir, say: &dyn Fn(&str)) -> TwoTasks {
         back.ip,
         vpc.resolver()
     ));
-
-    let back_def = rewrite(
+    let back_spec = TaskSpec {
+        name: "back",
+        node: "back-vn",
+        app: Some((8080, BACK_BODY)),
+    };
+    let front_spec = TaskSpec {
+        name: "front",
+        node: "front-vn",
+        app: None,
+    };
+    say("trellis-rewrite meshes each task definition (envoy + proxy-route-manager containers)");
+    let procs = start_tasks(
         work,
-        &app_taskdef("back", &[8080]),
+        &agent,
         "m",
-        "back-vn",
-        &agent.socket_dir,
+        &[(&back, &back_spec), (&front, &front_spec)],
+        say,
     );
-    let front_def = rewrite(
-        work,
-        &app_taskdef("front", &[]),
-        "m",
-        "front-vn",
-        &agent.socket_dir,
-    );
-    say("trellis-rewrite meshed both task definitions (envoy + proxy-route-manager containers)");
-
-    let mut procs = Vec::new();
-    for (task, def, base_id, name) in [
-        (&back, &back_def, 71, "back"),
-        (&front, &front_def, 72, "front"),
-    ] {
-        run_route_manager(task, def);
-        say(&format!(
-            "{name}: proxy-route-manager installed the App Mesh iptables rules"
-        ));
-        procs.push(start_envoy(work, task, def, base_id));
-        say(&format!(
-            "{name}: Envoy (uid 1337) is HEALTHY by the task definition's health check"
-        ));
-        if name == "back" {
-            procs.push(back.start_http_app(work, 8080, BACK_BODY));
-            say("back: app listening on 8080");
-        }
-    }
     TwoTasks {
         procs,
         front,

@@ -230,7 +230,7 @@ impl Kind for VirtualNodes {
         }
         for (router, routes) in &m.routes {
             for (route, spec) in routes {
-                if route_targets(&spec.spec).any(|t| t.virtual_node == name) {
+                if spec.spec.weighted_targets().any(|t| t.virtual_node == name) {
                     return Some(format!(
                         "route {route} of virtual router {router} targets it"
                     ));
@@ -311,7 +311,8 @@ impl Kind for VirtualServices {
     fn in_use(m: &MeshState, _: Option<&str>, name: &str) -> Option<String> {
         for (gw, routes) in &m.gateway_routes {
             for (gr, r) in routes {
-                if gateway_route_target(&r.spec)
+                if r.spec
+                    .target()
                     .is_some_and(|t| t.virtual_service.virtual_service_name == name)
                 {
                     return Some(format!(
@@ -666,7 +667,7 @@ impl Kind for GatewayRoutes {
             .ok_or_else(|| gateway_not_found(c.mesh_name, p))?;
         check_gateway_route_fits(spec, &g.spec.listeners, "spec")?;
         let kind = gateway_route_kind(spec).unwrap_or("httpRoute");
-        if let Some(t) = gateway_route_target(spec) {
+        if let Some(t) = spec.target() {
             let name = &t.virtual_service.virtual_service_name;
             if !c.mesh.virtual_services.contains_key(name) {
                 return Err(Error::bad(
@@ -720,28 +721,6 @@ fn route_kind_and_targets(spec: &RouteSpec) -> Option<(&'static str, &[WeightedT
     let mut it = set.into_iter().flatten();
     let first = it.next()?;
     it.next().is_none().then_some(first)
-}
-
-/// Every weighted target of a route, whatever its kind.
-pub(crate) fn route_targets(spec: &RouteSpec) -> impl Iterator<Item = &WeightedTarget> {
-    spec.grpc_route
-        .iter()
-        .flat_map(|r| &r.action.weighted_targets)
-        .chain(
-            spec.http2_route
-                .iter()
-                .flat_map(|r| &r.action.weighted_targets),
-        )
-        .chain(
-            spec.http_route
-                .iter()
-                .flat_map(|r| &r.action.weighted_targets),
-        )
-        .chain(
-            spec.tcp_route
-                .iter()
-                .flat_map(|r| &r.action.weighted_targets),
-        )
 }
 
 fn route_match_port(spec: &RouteSpec) -> Option<i64> {
@@ -826,14 +805,6 @@ fn gateway_route_kind(spec: &GatewayRouteSpec) -> Option<&'static str> {
     let mut it = set.into_iter().flatten();
     let first = it.next()?;
     it.next().is_none().then_some(first)
-}
-
-pub(crate) fn gateway_route_target(spec: &GatewayRouteSpec) -> Option<&GatewayRouteTarget> {
-    spec.grpc_route
-        .as_ref()
-        .map(|r| &r.action.target)
-        .or_else(|| spec.http2_route.as_ref().map(|r| &r.action.target))
-        .or_else(|| spec.http_route.as_ref().map(|r| &r.action.target))
 }
 
 fn check_gateway_route_fits(

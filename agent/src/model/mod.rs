@@ -53,6 +53,41 @@ impl MeshSpec {
     }
 }
 
+impl RouteSpec {
+    /// Every weighted target, whatever the route's kind.
+    pub fn weighted_targets(&self) -> impl Iterator<Item = &WeightedTarget> {
+        self.grpc_route
+            .iter()
+            .flat_map(|r| &r.action.weighted_targets)
+            .chain(
+                self.http2_route
+                    .iter()
+                    .flat_map(|r| &r.action.weighted_targets),
+            )
+            .chain(
+                self.http_route
+                    .iter()
+                    .flat_map(|r| &r.action.weighted_targets),
+            )
+            .chain(
+                self.tcp_route
+                    .iter()
+                    .flat_map(|r| &r.action.weighted_targets),
+            )
+    }
+}
+
+impl GatewayRouteSpec {
+    /// The virtual service the gateway route sends to, whatever its kind.
+    pub fn target(&self) -> Option<&GatewayRouteTarget> {
+        self.grpc_route
+            .as_ref()
+            .map(|r| &r.action.target)
+            .or_else(|| self.http2_route.as_ref().map(|r| &r.action.target))
+            .or_else(|| self.http_route.as_ref().map(|r| &r.action.target))
+    }
+}
+
 // === The whole state ===
 
 /// Everything in one mesh. Routes and gateway routes are keyed by their router or gateway.

@@ -35,10 +35,23 @@ use crate::model::PortProtocol;
 const CONNECT_TIMEOUT_S: i64 = 1;
 const ROUTE_TIMEOUT_S: i64 = 15;
 
-fn seconds(s: i64) -> Option<Duration> {
+pub(super) fn seconds(s: i64) -> Option<Duration> {
     Some(Duration {
         seconds: s,
         nanos: 0,
+    })
+}
+
+/// An App Mesh duration (value + unit, milliseconds when no unit) as a protobuf duration.
+pub(super) fn duration(d: &crate::model::Duration) -> Option<Duration> {
+    let v = d.value?;
+    let ms = match d.unit.unwrap_or(crate::model::DurationUnit::Ms) {
+        crate::model::DurationUnit::S => v.saturating_mul(1000),
+        crate::model::DurationUnit::Ms => v,
+    };
+    Some(Duration {
+        seconds: ms / 1000,
+        nanos: i32::try_from((ms % 1000) * 1_000_000).unwrap_or(0),
     })
 }
 
@@ -177,6 +190,20 @@ pub(super) fn virtual_host(name: &str, domains: Vec<String>, cluster: &str) -> V
     }
 }
 
+/// A virtual host whose routes were built elsewhere (router routes).
+pub(super) fn virtual_host_with(
+    name: &str,
+    domains: Vec<String>,
+    routes: Vec<Route>,
+) -> VirtualHost {
+    VirtualHost {
+        name: name.to_string(),
+        domains,
+        routes,
+        ..Default::default()
+    }
+}
+
 pub(super) fn route_config(name: &str, virtual_hosts: Vec<VirtualHost>) -> RouteConfiguration {
     RouteConfiguration {
         name: name.to_string(),
@@ -209,9 +236,29 @@ pub(super) fn http_connection_manager(stat_prefix: &str, route_name: &str) -> Fi
 }
 
 pub(super) fn tcp_proxy(stat_prefix: &str, cluster: &str) -> Filter {
+    tcp_proxy_weighted(stat_prefix, &[(cluster.to_string(), 1)])
+}
+
+/// A TCP proxy to one cluster, or split by weight across several.
+pub(super) fn tcp_proxy_weighted(stat_prefix: &str, targets: &[(String, u32)]) -> Filter {
+    let spec = match targets {
+        [(only, _)] => tcp_proxy::ClusterSpecifier::Cluster(only.clone()),
+        many => tcp_proxy::ClusterSpecifier::WeightedClusters(tcp_proxy::WeightedCluster {
+            clusters: many
+                .iter()
+                .map(
+                    |(name, weight)| tcp_proxy::weighted_cluster::ClusterWeight {
+                        name: name.clone(),
+                        weight: *weight,
+                        ..Default::default()
+                    },
+                )
+                .collect(),
+        }),
+    };
     let tcp = TcpProxy {
         stat_prefix: stat_prefix.to_string(),
-        cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(cluster.to_string())),
+        cluster_specifier: Some(spec),
         ..Default::default()
     };
     Filter {

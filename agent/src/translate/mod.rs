@@ -5,6 +5,7 @@
 //! (`lds_ingress_0.0.0.0_15000`, `cds_egress_MESH_NODE_PROTO_PORT`, …) so dashboards carry over.
 
 mod envoy;
+mod routes;
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -14,8 +15,8 @@ use envoy_types::pb::envoy::config::listener::v3::{FilterChain, Listener};
 use envoy_types::pb::envoy::config::route::v3::{RouteConfiguration, VirtualHost};
 
 use crate::model::{
-    DnsResponseType, EgressFilterType, MeshState, PortProtocol, ProxyIdentity, ProxyKind, State,
-    VirtualNodeSpec,
+    DnsResponseType, EgressFilterType, MeshState, PortProtocol, ProxyIdentity, ProxyKind,
+    RouteSpec, State, VirtualNodeSpec,
 };
 
 /// Envoy's ingress and egress ports in a meshed task (fixed by the App Mesh contract).
@@ -128,6 +129,15 @@ fn ingress(mesh: &str, node: &str, spec: &VirtualNodeSpec, out: &mut Resources) 
     }
 }
 
+/// What the egress listener serves on one destination port.
+#[derive(Default)]
+struct PortPlan {
+    protocols: BTreeSet<PortProtocol>,
+    hosts: Vec<VirtualHost>,
+    /// A TCP port carries one service: the first (by name) wins, as only the port tells them apart.
+    tcp: Option<Vec<(String, u32)>>,
+}
+
 /// The egress listener: one filter chain per destination port that some backend listens on; HTTP
 /// ports route by Host to one virtual host per virtual service.
 fn egress(
@@ -138,9 +148,7 @@ fn egress(
     out: &mut Resources,
 ) {
     let allow_all = mesh.mesh.spec.egress_filter_type() == EgressFilterType::AllowAll;
-    // (protocol family, port) → virtual hosts / the tcp cluster
-    let mut http_hosts: BTreeMap<u32, Vec<VirtualHost>> = BTreeMap::new();
-    let mut tcp_clusters: BTreeMap<u32, String> = BTreeMap::new();
+    let mut ports: BTreeMap<u32, PortPlan> = BTreeMap::new();
     let backends: BTreeSet<&str> = spec
         .backends
         .iter()
@@ -148,58 +156,37 @@ fn egress(
         .filter_map(|b| b.virtual_service.as_ref())
         .map(|vs| vs.virtual_service_name.as_str())
         .collect();
+    let ctx = Ctx {
+        mesh_name,
+        mesh,
+        endpoints,
+    };
     for service in backends {
         // A backend may name a service that does not exist (yet); it gets no route.
-        let Some(vs) = mesh.virtual_services.get(service) else {
-            continue;
-        };
-        let Some(provider) = vs
-            .spec
-            .provider
-            .as_ref()
-            .and_then(|p| p.virtual_node.as_ref())
+        let Some(provider) = mesh
+            .virtual_services
+            .get(service)
+            .and_then(|vs| vs.spec.provider.as_ref())
         else {
             continue;
         };
-        let Some(target) = mesh.virtual_nodes.get(&provider.virtual_node_name) else {
-            continue;
-        };
-        for l in target.spec.listeners.iter().flatten() {
-            let Ok(port) = u32::try_from(l.port_mapping.port) else {
-                continue;
-            };
-            let proto = l.port_mapping.protocol;
-            let cluster = format!(
-                "cds_egress_{mesh_name}_{}_{}_{port}",
-                provider.virtual_node_name,
-                proto.as_str()
-            );
-            let Some(c) = upstream_cluster(&cluster, &target.spec, port, proto, endpoints, out)
-            else {
-                continue;
-            };
-            out.clusters.push(c);
-            if proto == PortProtocol::Tcp {
-                // One tcp service per port: the first (by name) wins, as only the port tells them apart.
-                tcp_clusters.entry(port).or_insert(cluster);
-            } else {
-                http_hosts
-                    .entry(port)
-                    .or_default()
-                    .push(envoy::virtual_host(
-                        service,
-                        vec![service.to_string(), format!("{service}:{port}")],
-                        &cluster,
-                    ));
-            }
+        if let Some(p) = &provider.virtual_node {
+            node_provided(&ctx, service, &p.virtual_node_name, &mut ports, out);
+        } else if let Some(p) = &provider.virtual_router {
+            router_provided(&ctx, service, &p.virtual_router_name, &mut ports, out);
         }
     }
     let passthrough = format!("cds_egress_{mesh_name}_allow_all");
     let mut chains = Vec::new();
-    for (port, mut hosts) in http_hosts {
-        if tcp_clusters.contains_key(&port) {
+    for (port, plan) in ports {
+        if let Some(targets) = plan.tcp {
+            chains.push(envoy::filter_chain(
+                Some(port),
+                envoy::tcp_proxy_weighted("egress", &targets),
+            ));
             continue;
         }
+        let mut hosts = plan.hosts;
         if allow_all {
             hosts.push(envoy::virtual_host(
                 "allow_all",
@@ -207,17 +194,17 @@ fn egress(
                 &passthrough,
             ));
         }
-        let route_name = format!("rds_egress_http_{port}");
+        // One connection manager per port (codec AUTO serves HTTP/1.1 and HTTP/2 alike); the
+        // route config is named after the port's protocol, or http when services mix them.
+        let proto = match plan.protocols.iter().collect::<Vec<_>>().as_slice() {
+            [only] => only.as_str(),
+            _ => "http",
+        };
+        let route_name = format!("rds_egress_{proto}_{port}");
         out.routes.push(envoy::route_config(&route_name, hosts));
         chains.push(envoy::filter_chain(
             Some(port),
             envoy::http_connection_manager("egress", &route_name),
-        ));
-    }
-    for (port, cluster) in tcp_clusters {
-        chains.push(envoy::filter_chain(
-            Some(port),
-            envoy::tcp_proxy("egress", &cluster),
         ));
     }
     let default_chain = if allow_all {
@@ -239,6 +226,153 @@ fn egress(
             default_chain,
         ));
     }
+}
+
+struct Ctx<'a> {
+    mesh_name: &'a str,
+    mesh: &'a MeshState,
+    endpoints: &'a Endpoints,
+}
+
+impl Ctx<'_> {
+    /// The caller-side cluster for `node`'s listener on `port` (its only listener when `None`).
+    fn node_cluster(
+        &self,
+        node: &str,
+        port: Option<i64>,
+        out: &mut Resources,
+    ) -> Option<(String, u32, PortProtocol)> {
+        let target = self.mesh.virtual_nodes.get(node)?;
+        let listeners: Vec<_> = target.spec.listeners.iter().flatten().collect();
+        let l = match port {
+            Some(p) => listeners.iter().find(|l| l.port_mapping.port == p)?,
+            None if listeners.len() == 1 => listeners.first()?,
+            None => return None,
+        };
+        let port = u32::try_from(l.port_mapping.port).ok()?;
+        let proto = l.port_mapping.protocol;
+        let name = format!(
+            "cds_egress_{}_{node}_{}_{port}",
+            self.mesh_name,
+            proto.as_str()
+        );
+        let c = upstream_cluster(&name, &target.spec, port, proto, self.endpoints, out)?;
+        out.clusters.push(c);
+        Some((name, port, proto))
+    }
+}
+
+fn node_provided(
+    ctx: &Ctx<'_>,
+    service: &str,
+    node: &str,
+    ports: &mut BTreeMap<u32, PortPlan>,
+    out: &mut Resources,
+) {
+    let Some(target) = ctx.mesh.virtual_nodes.get(node) else {
+        return;
+    };
+    for l in target.spec.listeners.iter().flatten() {
+        let Some((cluster, port, proto)) = ctx.node_cluster(node, Some(l.port_mapping.port), out)
+        else {
+            continue;
+        };
+        let plan = ports.entry(port).or_default();
+        if proto == PortProtocol::Tcp {
+            plan.tcp.get_or_insert_with(|| vec![(cluster, 1)]);
+        } else {
+            plan.protocols.insert(proto);
+            plan.hosts.push(envoy::virtual_host(
+                service,
+                vec![service.to_string(), format!("{service}:{port}")],
+                &cluster,
+            ));
+        }
+    }
+}
+
+fn router_provided(
+    ctx: &Ctx<'_>,
+    service: &str,
+    router: &str,
+    ports: &mut BTreeMap<u32, PortPlan>,
+    out: &mut Resources,
+) {
+    let Some(r) = ctx.mesh.virtual_routers.get(router) else {
+        return;
+    };
+    let listeners: Vec<_> = r.spec.listeners.iter().flatten().collect();
+    let routes = ctx.mesh.routes.get(router);
+    for l in &listeners {
+        let Ok(port) = u32::try_from(l.port_mapping.port) else {
+            continue;
+        };
+        let proto = l.port_mapping.protocol;
+        let mut attached: Vec<routes::Named<'_>> = routes
+            .into_iter()
+            .flatten()
+            .filter(|(_, route)| {
+                route_fits(&route.spec, proto, l.port_mapping.port, listeners.len())
+            })
+            .map(|(name, route)| routes::Named {
+                name,
+                spec: &route.spec,
+                targets: route
+                    .spec
+                    .weighted_targets()
+                    .filter_map(|t| {
+                        let (cluster, _, _) = ctx.node_cluster(&t.virtual_node, t.port, out)?;
+                        Some(routes::Target {
+                            cluster,
+                            weight: u32::try_from(t.weight).unwrap_or(0),
+                        })
+                    })
+                    .collect(),
+            })
+            .collect();
+        routes::order(&mut attached);
+        let plan = ports.entry(port).or_default();
+        if proto == PortProtocol::Tcp {
+            if let Some(first) = attached
+                .iter()
+                .find(|n| n.targets.iter().any(|t| t.weight > 0))
+            {
+                let targets = first
+                    .targets
+                    .iter()
+                    .map(|t| (t.cluster.clone(), t.weight))
+                    .collect();
+                plan.tcp.get_or_insert(targets);
+            }
+            continue;
+        }
+        let envoy_routes: Vec<_> = attached.iter().filter_map(routes::envoy_route).collect();
+        if envoy_routes.is_empty() {
+            continue;
+        }
+        plan.protocols.insert(proto);
+        plan.hosts.push(envoy::virtual_host_with(
+            service,
+            vec![service.to_string(), format!("{service}:{port}")],
+            envoy_routes,
+        ));
+    }
+}
+
+/// Whether a route attaches to the router listener (protocol, port).
+fn route_fits(spec: &RouteSpec, proto: PortProtocol, port: i64, listeners: usize) -> bool {
+    let (kind_proto, match_port) = if let Some(r) = &spec.http_route {
+        (PortProtocol::Http, r.r#match.port)
+    } else if let Some(r) = &spec.http2_route {
+        (PortProtocol::Http2, r.r#match.port)
+    } else if let Some(r) = &spec.grpc_route {
+        (PortProtocol::Grpc, r.r#match.port)
+    } else if let Some(r) = &spec.tcp_route {
+        (PortProtocol::Tcp, r.r#match.as_ref().and_then(|m| m.port))
+    } else {
+        return false;
+    };
+    kind_proto == proto && match_port.map_or(listeners == 1, |p| p == port)
 }
 
 /// The caller-side cluster for one listener of a backend's provider node.

@@ -213,3 +213,309 @@ fn translation_is_deterministic() {
     let b = translate(&s, &node("front-vn"), &Endpoints::new()).unwrap();
     assert_eq!(a, b);
 }
+
+// === Routers and routes ===
+
+use envoy_types::pb::envoy::config::route::v3::{
+    Route, RouteConfiguration, route, route_action, route_match,
+};
+
+fn routed(routes: &[(&str, serde_json::Value)], router_listeners: serde_json::Value) -> State {
+    let mut s = state(
+        json!({}),
+        &[
+            (
+                "blue",
+                json!({
+                "listeners": [{"portMapping": {"port": 9080, "protocol": "http"}}],
+                "serviceDiscovery": {"dns": {"hostname": "blue.internal"}}}),
+            ),
+            (
+                "red",
+                json!({
+                "listeners": [{"portMapping": {"port": 9080, "protocol": "http"}}],
+                "serviceDiscovery": {"dns": {"hostname": "red.internal"}}}),
+            ),
+            (
+                "front",
+                json!({"backends": [{"virtualService": {"virtualServiceName": "color.local"}}]}),
+            ),
+        ],
+        &[],
+    );
+    let m = s.meshes.get_mut("m").unwrap();
+    m.virtual_routers.insert(
+        "vr".into(),
+        resource(
+            "vr",
+            serde_json::from_value(json!({"listeners": router_listeners})).unwrap(),
+        ),
+    );
+    m.virtual_services.insert(
+        "color.local".into(),
+        resource(
+            "color.local",
+            serde_json::from_value(
+                json!({"provider": {"virtualRouter": {"virtualRouterName": "vr"}}}),
+            )
+            .unwrap(),
+        ),
+    );
+    let table = m.routes.entry("vr".into()).or_default();
+    for (name, spec) in routes {
+        table.insert(
+            name.to_string(),
+            resource(name, serde_json::from_value(spec.clone()).unwrap()),
+        );
+    }
+    s
+}
+
+fn http_listener() -> serde_json::Value {
+    json!([{"portMapping": {"port": 9080, "protocol": "http"}}])
+}
+
+fn weighted(targets: &[(&str, i64)]) -> serde_json::Value {
+    json!({"weightedTargets": targets.iter().map(|(n, w)| json!({"virtualNode": n, "weight": w})).collect::<Vec<_>>()})
+}
+
+fn route_config<'a>(r: &'a Resources, name: &str) -> &'a RouteConfiguration {
+    r.routes
+        .iter()
+        .find(|rc| rc.name == name)
+        .unwrap_or_else(|| panic!("no route config {name}"))
+}
+
+fn action(r: &Route) -> &envoy_types::pb::envoy::config::route::v3::RouteAction {
+    match &r.action {
+        Some(route::Action::Route(a)) => a,
+        other => panic!("not a route action: {other:?}"),
+    }
+}
+
+#[test]
+fn a_router_route_becomes_weighted_clusters_over_the_target_nodes() {
+    let s = routed(
+        &[(
+            "split",
+            json!({"httpRoute": {"match": {"prefix": "/"}, "action": weighted(&[("blue", 80), ("red", 20)])}}),
+        )],
+        http_listener(),
+    );
+    let r = translate(&s, &node("front"), &Endpoints::new()).unwrap();
+    assert_eq!(
+        names(&r.clusters, |c| &c.name),
+        ["cds_egress_m_blue_http_9080", "cds_egress_m_red_http_9080"]
+    );
+    let vh = &route_config(&r, "rds_egress_http_9080").virtual_hosts[0];
+    assert_eq!(vh.domains, ["color.local", "color.local:9080"]);
+    let Some(route_action::ClusterSpecifier::WeightedClusters(wc)) =
+        &action(&vh.routes[0]).cluster_specifier
+    else {
+        panic!("expected weighted clusters");
+    };
+    let split: Vec<_> = wc
+        .clusters
+        .iter()
+        .map(|c| (c.name.as_str(), c.weight.as_ref().unwrap().value))
+        .collect();
+    assert_eq!(
+        split,
+        [
+            ("cds_egress_m_blue_http_9080", 80),
+            ("cds_egress_m_red_http_9080", 20)
+        ]
+    );
+}
+
+#[test]
+fn weight_zero_targets_stay_and_an_all_zero_route_answers_503() {
+    let s = routed(
+        &[
+            (
+                "a",
+                json!({"priority": 1, "httpRoute": {"match": {"prefix": "/a"}, "action": weighted(&[("blue", 1), ("red", 0)])}}),
+            ),
+            (
+                "b",
+                json!({"priority": 2, "httpRoute": {"match": {"prefix": "/b"}, "action": weighted(&[("blue", 0)])}}),
+            ),
+        ],
+        http_listener(),
+    );
+    let r = translate(&s, &node("front"), &Endpoints::new()).unwrap();
+    let vh = &route_config(&r, "rds_egress_http_9080").virtual_hosts[0];
+    let Some(route_action::ClusterSpecifier::WeightedClusters(wc)) =
+        &action(&vh.routes[0]).cluster_specifier
+    else {
+        panic!("expected weighted clusters");
+    };
+    assert_eq!(wc.clusters.len(), 2);
+    assert!(
+        matches!(&vh.routes[1].action, Some(route::Action::DirectResponse(d)) if d.status == 503)
+    );
+}
+
+#[test]
+fn routes_are_ordered_by_priority_then_longest_match_then_name() {
+    let s = routed(
+        &[
+            (
+                "short",
+                json!({"httpRoute": {"match": {"prefix": "/"}, "action": weighted(&[("blue", 1)])}}),
+            ),
+            (
+                "long",
+                json!({"httpRoute": {"match": {"prefix": "/api/v2"}, "action": weighted(&[("red", 1)])}}),
+            ),
+            (
+                "first",
+                json!({"priority": 0, "httpRoute": {"match": {"prefix": "/"}, "action": weighted(&[("red", 1)])}}),
+            ),
+            (
+                "mid",
+                json!({"httpRoute": {"match": {"prefix": "/api"}, "action": weighted(&[("blue", 1)])}}),
+            ),
+        ],
+        http_listener(),
+    );
+    let r = translate(&s, &node("front"), &Endpoints::new()).unwrap();
+    let order: Vec<_> = route_config(&r, "rds_egress_http_9080").virtual_hosts[0]
+        .routes
+        .iter()
+        .map(|r| r.name.as_str())
+        .collect();
+    assert_eq!(order, ["first", "long", "mid", "short"]);
+}
+
+#[test]
+fn http_matches_retries_and_timeouts_map_to_envoy_as_app_mesh_did() {
+    let s = routed(
+        &[(
+            "r",
+            json!({"httpRoute": {
+        "match": {"path": {"regex": "/items/[0-9]+"}, "method": "POST", "scheme": "https",
+                  "headers": [{"name": "x-canary", "match": {"exact": "1"}},
+                              {"name": "x-debug", "invert": true},
+                              {"name": "x-version", "match": {"range": {"start": 2, "end": 5}}}],
+                  "queryParameters": [{"name": "tenant", "match": {"exact": "acme"}}]},
+        "action": weighted(&[("blue", 1)]),
+        "retryPolicy": {"maxRetries": 3, "perRetryTimeout": {"unit": "ms", "value": 250},
+                        "httpRetryEvents": ["server-error", "client-error"], "tcpRetryEvents": ["connection-error"]},
+        "timeout": {"perRequest": {"unit": "s", "value": 2}, "idle": {"unit": "s", "value": 30}}}}),
+        )],
+        http_listener(),
+    );
+    let r = translate(&s, &node("front"), &Endpoints::new()).unwrap();
+    let route = &route_config(&r, "rds_egress_http_9080").virtual_hosts[0].routes[0];
+    let m = route.r#match.as_ref().unwrap();
+    assert!(
+        matches!(&m.path_specifier, Some(route_match::PathSpecifier::SafeRegex(re)) if re.regex == "/items/[0-9]+")
+    );
+    let headers: Vec<_> = m
+        .headers
+        .iter()
+        .map(|h| (h.name.as_str(), h.invert_match))
+        .collect();
+    assert_eq!(
+        headers,
+        [
+            ("x-canary", false),
+            ("x-debug", true),
+            ("x-version", false),
+            (":method", false),
+            (":scheme", false)
+        ]
+    );
+    assert_eq!(m.query_parameters[0].name, "tenant");
+    let a = action(route);
+    assert_eq!(a.timeout.as_ref().unwrap().seconds, 2);
+    assert_eq!(a.idle_timeout.as_ref().unwrap().seconds, 30);
+    let retry = a.retry_policy.as_ref().unwrap();
+    assert_eq!(retry.retry_on, "5xx,retriable-4xx,connect-failure");
+    assert_eq!(retry.num_retries.as_ref().unwrap().value, 3);
+    assert_eq!(retry.per_try_timeout.as_ref().unwrap().nanos, 250_000_000);
+    assert_eq!(
+        retry.retry_host_predicate[0].name,
+        "envoy.retry_host_predicates.previous_hosts"
+    );
+}
+
+#[test]
+fn a_route_without_retry_policy_gets_app_mesh_defaults() {
+    let s = routed(
+        &[(
+            "r",
+            json!({"httpRoute": {"match": {"prefix": "/"}, "action": weighted(&[("blue", 1)])}}),
+        )],
+        http_listener(),
+    );
+    let r = translate(&s, &node("front"), &Endpoints::new()).unwrap();
+    let a = action(&route_config(&r, "rds_egress_http_9080").virtual_hosts[0].routes[0]);
+    let retry = a.retry_policy.as_ref().unwrap();
+    assert_eq!(retry.retry_on, "gateway-error,connect-failure");
+    assert_eq!(retry.num_retries.as_ref().unwrap().value, 2);
+    assert_eq!(a.timeout.as_ref().unwrap().seconds, 15);
+    assert_eq!(a.idle_timeout.as_ref().unwrap().seconds, 300);
+}
+
+#[test]
+fn grpc_routes_match_service_and_method_paths_and_only_grpc_requests() {
+    let mut s = routed(
+        &[(
+            "g",
+            json!({"grpcRoute": {"match": {"serviceName": "shop.Cart", "methodName": "Add",
+        "metadata": [{"name": "tenant", "match": {"prefix": "ac"}}]}, "action": weighted(&[("blue", 1)])}}),
+        )],
+        json!([{"portMapping": {"port": 9080, "protocol": "grpc"}}]),
+    );
+    for n in ["blue", "red"] {
+        let vn = s
+            .meshes
+            .get_mut("m")
+            .unwrap()
+            .virtual_nodes
+            .get_mut(n)
+            .unwrap();
+        vn.spec.listeners.as_mut().unwrap()[0].port_mapping.protocol = PortProtocol::Grpc;
+    }
+    let r = translate(&s, &node("front"), &Endpoints::new()).unwrap();
+    let route = &route_config(&r, "rds_egress_grpc_9080").virtual_hosts[0].routes[0];
+    let m = route.r#match.as_ref().unwrap();
+    assert!(
+        matches!(&m.path_specifier, Some(route_match::PathSpecifier::Path(p)) if p == "/shop.Cart/Add")
+    );
+    assert!(m.grpc.is_some());
+    assert_eq!(m.headers[0].name, "tenant");
+    assert_eq!(r.clusters[0].name, "cds_egress_m_blue_grpc_9080");
+    assert!(
+        r.clusters[0]
+            .typed_extension_protocol_options
+            .contains_key("envoy.extensions.upstreams.http.v3.HttpProtocolOptions")
+    );
+}
+
+#[test]
+fn a_tcp_route_splits_connections_by_weight() {
+    let mut s = routed(
+        &[(
+            "t",
+            json!({"tcpRoute": {"action": weighted(&[("blue", 3), ("red", 1)])}}),
+        )],
+        json!([{"portMapping": {"port": 9080, "protocol": "tcp"}}]),
+    );
+    for n in ["blue", "red"] {
+        let vn = s
+            .meshes
+            .get_mut("m")
+            .unwrap()
+            .virtual_nodes
+            .get_mut(n)
+            .unwrap();
+        vn.spec.listeners.as_mut().unwrap()[0].port_mapping.protocol = PortProtocol::Tcp;
+    }
+    let r = translate(&s, &node("front"), &Endpoints::new()).unwrap();
+    assert!(r.routes.is_empty());
+    assert_eq!(chain_ports(&r.listeners[0]), [Some(9080)]);
+    assert_eq!(r.clusters.len(), 2);
+}
