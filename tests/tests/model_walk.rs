@@ -22,8 +22,6 @@ fn every_operation_round_trips_and_every_model_constraint_is_a_bad_request_namin
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    // The counts go to the test output either way (visible with --nocapture).
-    println!("{report}");
     assert!(
         out.status.success(),
         "model walk failed ({}):\n{report}",
@@ -33,4 +31,6 @@ fn every_operation_round_trips_and_every_model_constraint_is_a_bad_request_namin
         report.contains("operations: 38 of 38"),
         "the walk did not reach every operation:\n{report}"
     );
+    // The counts (operations, constraints, requests), visible with --nocapture.
+    println!("{report}");
 }
