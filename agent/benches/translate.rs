@@ -36,9 +36,15 @@ fn quota_mesh() -> State {
             "serviceDiscovery": {"dns": {"hostname": format!("n{i}.internal")}},
             "backends": (1..=BACKENDS).map(|k| json!({"virtualService": {"virtualServiceName": format!("s{}.local", (i + k) % NODES)}})).collect::<Vec<_>>()
         });
-        m.virtual_nodes.insert(format!("n{i}"), resource("n", serde_json::from_value(spec).expect("node spec")));
+        m.virtual_nodes.insert(
+            format!("n{i}"),
+            resource("n", serde_json::from_value(spec).expect("node spec")),
+        );
         let router = json!({"listeners": [{"portMapping": {"port": 8080, "protocol": "http"}}]});
-        m.virtual_routers.insert(format!("r{i}"), resource("r", serde_json::from_value(router).expect("router spec")));
+        m.virtual_routers.insert(
+            format!("r{i}"),
+            resource("r", serde_json::from_value(router).expect("router spec")),
+        );
         let table = m.routes.entry(format!("r{i}")).or_default();
         for j in 0..ROUTES {
             let route = json!({"httpRoute": {
@@ -46,10 +52,16 @@ fn quota_mesh() -> State {
                 "action": {"weightedTargets": [
                     {"virtualNode": format!("n{i}"), "weight": 90},
                     {"virtualNode": format!("n{}", (i + 1) % NODES), "weight": 10}]}}});
-            table.insert(format!("rt{j}"), resource("rt", serde_json::from_value(route).expect("route spec")));
+            table.insert(
+                format!("rt{j}"),
+                resource("rt", serde_json::from_value(route).expect("route spec")),
+            );
         }
         let svc = json!({"provider": {"virtualRouter": {"virtualRouterName": format!("r{i}")}}});
-        m.virtual_services.insert(format!("s{i}.local"), resource("s", serde_json::from_value(svc).expect("service spec")));
+        m.virtual_services.insert(
+            format!("s{i}.local"),
+            resource("s", serde_json::from_value(svc).expect("service spec")),
+        );
     }
     let mut s = State::default();
     s.meshes.insert("m".into(), m);
@@ -77,9 +89,24 @@ fn main() {
         let r = translate(&state, &ids[0], &endpoints).expect("translate");
         let snap = Snapshot::from_resources(1, r);
         one.push(t.elapsed());
-        encoded = snap.types.values().flat_map(|t| t.resources.values()).map(|a| a.value.len()).sum::<usize>();
+        encoded = snap
+            .types
+            .values()
+            .flat_map(|t| t.resources.values())
+            .map(|a| a.value.len())
+            .sum::<usize>();
         std::hint::black_box(snap);
     }
+    let mut only = Vec::new();
+    for _ in 0..20 {
+        let t = Instant::now();
+        std::hint::black_box(translate(&state, &ids[0], &endpoints).expect("translate"));
+        only.push(t.elapsed());
+    }
+    println!(
+        "translate_one_proxy   (translation alone, no snapshot): median {:?}",
+        median(only)
+    );
     // Every proxy of the mesh.
     let mut all = Vec::new();
     for _ in 0..5 {
@@ -95,7 +122,16 @@ fn main() {
         median(one),
         encoded / 1024
     );
-    println!("translate_all_proxies ({NODES} proxies): median {:?}", median(all));
-    println!("peak RSS: {} KiB before the runs, {} KiB after (mesh state included)", rss_before, peak_rss_kib());
-    println!("note: a change rebuilds only the proxies whose streams are connected, each once per store generation");
+    println!(
+        "translate_all_proxies ({NODES} proxies): median {:?}",
+        median(all)
+    );
+    println!(
+        "peak RSS: {} KiB before the runs, {} KiB after (mesh state included)",
+        rss_before,
+        peak_rss_kib()
+    );
+    println!(
+        "note: a change rebuilds only the proxies whose streams are connected, each once per store generation"
+    );
 }

@@ -4,6 +4,7 @@
 //! in order. The core never does IO (architecture invariant): [`parse`] and [`rewrite`] work on strings
 //! and JSON values; the binary reads files and prints.
 
+mod diff;
 mod error;
 mod json;
 mod options;
@@ -11,6 +12,7 @@ mod settings;
 mod transform;
 mod validate;
 
+pub use diff::unified as diff;
 pub use error::Error;
 pub use options::{
     ALWAYS_IGNORED_IPS, DEFAULT_ENVOY_IMAGE, DEFAULT_IGNORED_UID, DEFAULT_ROUTE_MANAGER_IMAGE,
@@ -24,6 +26,13 @@ use serde_json::Value;
 /// Parses task-definition JSON text; a syntax error reports its line and column.
 pub fn parse(text: &str) -> Result<Value, Error> {
     serde_json::from_str(text).map_err(|e| Error::from_json(&e))
+}
+
+/// The `RegisterTaskDefinition` request a task definition stands for, unmeshed: the `taskDefinition`
+/// wrapper removed (its `tags` carried over) and read-only fields dropped. This is the "before" that
+/// `--diff` compares [`rewrite`]'s output with.
+pub fn normalize(input: Value) -> Result<Value, Error> {
+    transform::task_definition(input).map(Value::Object)
 }
 
 /// Meshes a task definition.

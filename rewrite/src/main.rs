@@ -1,5 +1,8 @@
-//! The `trellis-rewrite` command: flags to [`Options`], a file or stdin in, pretty JSON out. All the
-//! logic lives in the library so it can be tested without IO.
+//! The `trellis-rewrite` command: flags to [`Options`], a file, stdin or ECS in; pretty JSON, a diff or a
+//! newly registered revision out. The transform lives in the library so it can be tested without IO; the
+//! ECS calls live in `ecs.rs`.
+
+mod ecs;
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -7,6 +10,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{ArgGroup, Parser};
+use serde_json::Value;
 use trellis_rewrite::{Options, Redirect, Target};
 
 /// Turn an ECS task definition into a Trellis-meshed one.
@@ -14,12 +18,37 @@ use trellis_rewrite::{Options, Redirect, Target};
 /// Reads a RegisterTaskDefinition request or DescribeTaskDefinition output (JSON) and prints a
 /// RegisterTaskDefinition request with the Envoy sidecar, the traffic redirect and the start-up ordering
 /// added. Every other field is kept as it was. Running it again on its own output changes nothing.
-#[derive(Debug, Parser)]
+///
+/// With --from-ecs it reads the definition from ECS instead, and with --register it registers the result
+/// as a new revision.
+#[derive(Debug, Clone, Parser)]
 #[command(version, group(ArgGroup::new("target").required(true).args(["virtual_node", "virtual_gateway"])))]
 struct Cli {
     /// Task definition JSON file; `-` or nothing reads stdin.
-    #[arg(default_value = "-")]
+    #[arg(default_value = "-", conflicts_with = "from_ecs")]
     file: PathBuf,
+
+    /// Read the task definition from ECS (DescribeTaskDefinition, tags included): a family, family:revision
+    /// or ARN. A family alone means its latest ACTIVE revision.
+    #[arg(long, value_name = "FAMILY[:REVISION]")]
+    from_ecs: Option<String>,
+
+    /// Register the result in ECS as a new revision (tags included) and print its ARN instead of the JSON.
+    /// A definition read with --from-ecs that is already meshed is not registered again; its ARN is printed.
+    #[arg(long)]
+    register: bool,
+
+    /// Print a unified diff of the task definition before and after meshing instead of the JSON.
+    #[arg(long)]
+    diff: bool,
+
+    /// ECS endpoint URL, e.g. a local emulator [default: AWS_ENDPOINT_URL, else AWS's regional endpoint].
+    #[arg(long, value_name = "URL")]
+    endpoint_url: Option<String>,
+
+    /// AWS region [default: AWS_REGION, else the shared config profile's].
+    #[arg(long)]
+    region: Option<String>,
 
     /// App Mesh mesh name.
     #[arg(long)]
@@ -117,55 +146,109 @@ fn parse_env(s: &str) -> Result<(String, String), String> {
 }
 
 impl Cli {
-    fn options(self) -> Options {
-        let target = match (self.virtual_node, self.virtual_gateway) {
+    fn options(&self) -> Options {
+        let cli = self.clone();
+        let target = match (cli.virtual_node, cli.virtual_gateway) {
             (_, Some(gw)) => Target::VirtualGateway(gw),
             (Some(node), None) => Target::VirtualNode(node),
             // clap's required group guarantees one of them.
             (None, None) => Target::VirtualNode(String::new()),
         };
-        let mut opts = Options::new(self.mesh, target);
-        opts.redirect = if self.proxy_configuration {
+        let mut opts = Options::new(cli.mesh, target);
+        opts.redirect = if cli.proxy_configuration {
             Redirect::ProxyConfiguration
         } else {
             Redirect::RouteManager
         };
-        opts.envoy_image = self.envoy_image;
-        opts.route_manager_image = self.route_manager_image;
-        opts.socket_host_path = self.socket_host_path;
-        opts.xds_endpoint = self.xds_endpoint;
-        opts.app_ports = self.app_ports;
-        opts.ignored_uid = self.ignored_uid;
-        opts.ignored_gid = self.ignored_gid;
-        opts.egress_ignored_ips = self.egress_ignored_ips;
-        opts.egress_ignored_ports = self.egress_ignored_ports;
-        opts.enable_ipv6 = self.enable_ipv6;
-        opts.envoy_log_level = self.envoy_log_level;
-        opts.envoy_cpu = self.envoy_cpu;
-        opts.envoy_memory = self.envoy_memory;
-        opts.envoy_env = self.envoy_env;
+        opts.envoy_image = cli.envoy_image;
+        opts.route_manager_image = cli.route_manager_image;
+        opts.socket_host_path = cli.socket_host_path;
+        opts.xds_endpoint = cli.xds_endpoint;
+        opts.app_ports = cli.app_ports;
+        opts.ignored_uid = cli.ignored_uid;
+        opts.ignored_gid = cli.ignored_gid;
+        opts.egress_ignored_ips = cli.egress_ignored_ips;
+        opts.egress_ignored_ports = cli.egress_ignored_ports;
+        opts.enable_ipv6 = cli.enable_ipv6;
+        opts.envoy_log_level = cli.envoy_log_level;
+        opts.envoy_cpu = cli.envoy_cpu;
+        opts.envoy_memory = cli.envoy_memory;
+        opts.envoy_env = cli.envoy_env;
         opts
     }
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let text = if cli.file.as_os_str() == "-" {
+    let settings = ecs::Settings {
+        endpoint_url: cli.endpoint_url.clone(),
+        region: cli.region.clone(),
+    };
+    // Connect only when ECS is involved: plain file rewrites need no credentials or network.
+    let ecs = if cli.from_ecs.is_some() || cli.register {
+        Some(ecs::Ecs::connect(&settings)?)
+    } else {
+        None
+    };
+    let (input, label) = match (&cli.from_ecs, &ecs) {
+        (Some(id), Some(ecs)) => (ecs.describe(id)?, format!("{id} (ECS)")),
+        _ => (read_input(&cli.file)?, cli.file.display().to_string()),
+    };
+    // The ARN of what was read from ECS, for an unchanged --register.
+    let source_arn = cli
+        .from_ecs
+        .as_ref()
+        .and(input.pointer("/taskDefinition/taskDefinitionArn"))
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    let before = pretty(&trellis_rewrite::normalize(input.clone())?)?;
+    let output = trellis_rewrite::rewrite(input, &cli.options())?;
+    let after = pretty(&output)?;
+
+    let mut out = std::io::stdout().lock();
+    if cli.diff {
+        let diff = trellis_rewrite::diff(&before, &after, &label, "meshed");
+        if diff.is_empty() {
+            eprintln!("trellis-rewrite: no changes: {label} is already meshed this way");
+        }
+        out.write_all(diff.as_bytes())?;
+    } else if !cli.register {
+        out.write_all(after.as_bytes())?;
+    }
+    if let Some(ecs) = &ecs
+        && cli.register
+    {
+        match source_arn.filter(|_| before == after) {
+            Some(arn) => {
+                eprintln!(
+                    "trellis-rewrite: {arn} is already meshed this way; not registering a new revision"
+                );
+                writeln!(out, "{arn}")?;
+            }
+            None => writeln!(out, "{}", ecs.register(&output)?)?,
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+fn read_input(file: &std::path::Path) -> anyhow::Result<Value> {
+    let text = if file.as_os_str() == "-" {
         let mut s = String::new();
         std::io::stdin()
             .read_to_string(&mut s)
             .context("reading stdin")?;
         s
     } else {
-        std::fs::read_to_string(&cli.file)
-            .with_context(|| format!("reading {}", cli.file.display()))?
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?
     };
-    let input = trellis_rewrite::parse(&text)?;
-    let output = trellis_rewrite::rewrite(input, &cli.options())?;
-    let mut out = std::io::stdout().lock();
-    serde_json::to_writer_pretty(&mut out, &output)?;
-    writeln!(out)?;
-    out.flush()?;
-    Ok(())
+    Ok(trellis_rewrite::parse(&text)?)
+}
+
+/// Pretty JSON with a final newline, as printed and as diffed.
+fn pretty(v: &Value) -> anyhow::Result<String> {
+    let mut s = serde_json::to_string_pretty(v)?;
+    s.push('\n');
+    Ok(s)
 }
 
 fn main() -> ExitCode {

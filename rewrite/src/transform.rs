@@ -205,7 +205,7 @@ pub(crate) fn rewrite(input: Value, opts: &Options) -> Result<Value, Error> {
 }
 
 /// Unwraps `DescribeTaskDefinition` output and drops its read-only fields; carries its `tags` over.
-fn task_definition(input: Value) -> Result<Object, Error> {
+pub(crate) fn task_definition(input: Value) -> Result<Object, Error> {
     let mut top = match input {
         Value::Object(m) => m,
         other => {

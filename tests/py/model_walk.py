@@ -17,7 +17,7 @@ least once; the script counts them and lists every miss.
 
 App Mesh's semantic rules (a route kind needs a router listener of its protocol, weighted targets
 name existing nodes, ...) are not in the model: the few overrides they need are the
-SEMANTIC_RULES, LIST_RULES and FORCED_IN_MINIMAL tables below, and nowhere else.
+SEMANTIC_OVERRIDES table below, and nowhere else.
 
 Usage: model_walk.py --endpoint http://127.0.0.1:PORT   (exit 0 when everything held)
 """
@@ -34,6 +34,7 @@ import botocore.session
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
+sys.dont_write_bytecode = True  # no __pycache__ next to the sources
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from check_shape import check as check_output_shape  # noqa: E402
 
@@ -66,9 +67,6 @@ class Gen:
         self.full = full
         self.k = k
         self.kind = kind
-
-    def minimal(self):
-        return Gen(False, self.k, self.kind)
 
 
 # === Realistic values by member name (cosmetic: any in-range value would do) ===
@@ -118,16 +116,6 @@ INT_HINTS = {
     "end": lambda i: 100,
 }
 
-# Members that App Mesh's semantic rules need even in a "minimal" request.
-FORCED_IN_MINIMAL = {
-    "HttpRouteMatch": ["prefix", "port"],  # the router has several listeners: a route names its port
-    "GrpcRouteMatch": ["port"],
-    "TcpRoute": ["match"],
-    "TcpRouteMatch": ["port"],
-    "WeightedTarget": ["port"],  # the target node has several listeners
-    "HttpGatewayRouteMatch": ["prefix", "port"],  # the gateway has several listeners
-    "GrpcGatewayRouteMatch": ["port"],
-}
 
 
 # === The generator ===
@@ -136,22 +124,22 @@ FORCED_IN_MINIMAL = {
 def gen(shape, g, member=None, index=0):
     """A valid value of `shape` (reached through `member`; `index` is the list position)."""
     t = shape.type_name
-    rule = LIST_RULES.get(shape.name) if t == "list" else None
-    if rule:
-        return rule(shape, g)
+    override = SEMANTIC_OVERRIDES.get(shape.name, {})
+    if "build" in override:
+        return override["build"](shape, g)
     if t == "structure":
         if shape.metadata.get("union"):
             names = list(shape.members)
             pick = names[(g.k + index) % len(names)]
             value = {pick: gen(shape.members[pick], g, pick, index)}
         else:
-            keep = set(shape.required_members) | set(FORCED_IN_MINIMAL.get(shape.name, ()))
+            keep = set(shape.required_members) | set(override.get("force", ()))
             value = {
                 name: gen(m, g, name, index)
                 for name, m in shape.members.items()
                 if g.full or name in keep
             }
-        fix = SEMANTIC_RULES.get(shape.name)
+        fix = override.get("fix")
         return fix(value, shape, g, index) if fix else value
     if t == "list":
         lo, hi = shape.metadata.get("min", 0), shape.metadata.get("max", 10**6)
@@ -283,21 +271,39 @@ def match_range(value, shape, g, index):
     return value
 
 
-SEMANTIC_RULES = {
-    "VirtualNodeSpec": node_spec,
-    "RouteSpec": route_spec,
-    "GatewayRouteSpec": gateway_route_spec,
-    "GatewayRouteTarget": gateway_route_target,
-    "VirtualNodeServiceProvider": lambda v, s, g, i: {"virtualNodeName": NODE},
-    "VirtualRouterServiceProvider": lambda v, s, g, i: {"virtualRouterName": ROUTER},
-    "MatchRange": match_range,
-}
 
-LIST_RULES = {
-    "Listeners": listeners_for(NODE_PROTOCOLS, NODE_PORTS, node_listener),
-    "VirtualRouterListeners": listeners_for(NODE_PROTOCOLS, NODE_PORTS, lambda l, s, g, i: l),
-    "VirtualGatewayListeners": listeners_for(GATEWAY_PROTOCOLS, GATEWAY_PORTS, gateway_listener),
-    "WeightedTargets": weighted_targets,
+
+
+# THE table of App Mesh's semantic rules: the only places where generated requests differ from
+# "every member the model allows". Per shape: `force` members even in a minimal request, `fix` a
+# generated value, or `build` a list whole.
+SEMANTIC_OVERRIDES = {
+    # A node with listeners needs service discovery. (Backends get distinct names from HINTS.)
+    "VirtualNodeSpec": {"fix": node_spec},
+    # One listener per protocol, each on its own port; the connection pool and timeout members match
+    # the listener protocol; health checks: timeoutMillis < intervalMillis, http/http2 have a path.
+    "Listeners": {"build": listeners_for(NODE_PROTOCOLS, NODE_PORTS, node_listener)},
+    "VirtualRouterListeners": {"build": listeners_for(NODE_PROTOCOLS, NODE_PORTS, lambda l, s, g, i: l)},
+    "VirtualGatewayListeners": {"build": listeners_for(GATEWAY_PROTOCOLS, GATEWAY_PORTS, gateway_listener)},
+    # Exactly one route kind, on the port of a router (gateway) listener of its protocol; with
+    # several listeners the match must name the port.
+    "RouteSpec": {"fix": route_spec},
+    "GatewayRouteSpec": {"fix": gateway_route_spec},
+    "HttpRouteMatch": {"force": ["prefix", "port"]},
+    "GrpcRouteMatch": {"force": ["port"]},
+    "TcpRoute": {"force": ["match"]},
+    "TcpRouteMatch": {"force": ["port"]},
+    "HttpGatewayRouteMatch": {"force": ["prefix", "port"]},
+    "GrpcGatewayRouteMatch": {"force": ["port"]},
+    # Weighted targets name an existing node, on a port where it listens (required: it has several).
+    "WeightedTargets": {"build": weighted_targets},
+    "WeightedTarget": {"force": ["port"]},
+    # A gateway route targets an existing virtual service; a provider is an existing node or router.
+    "GatewayRouteTarget": {"fix": gateway_route_target},
+    "VirtualNodeServiceProvider": {"fix": lambda v, s, g, i: {"virtualNodeName": NODE}},
+    "VirtualRouterServiceProvider": {"fix": lambda v, s, g, i: {"virtualRouterName": ROUTER}},
+    # A header range starts before it ends.
+    "MatchRange": {"fix": match_range},
 }
 
 

@@ -47,7 +47,10 @@ use trellis_tests::mesh::Agent;
 
 /// An SDK client for the agent, configured as a user would: endpoint, region, static credentials.
 async fn client(agent: &Agent) -> Client {
+    // The agent speaks plain HTTP; the client is the SDK's own, built without a TLS stack.
+    let http = aws_smithy_http_client::Builder::new().build_http();
     let config = aws_config::defaults(BehaviorVersion::latest())
+        .http_client(http)
         .endpoint_url(&agent.api)
         .region(Region::new("us-west-2"))
         .credentials_provider(Credentials::new(

@@ -67,7 +67,11 @@ fn kind_routes<K: Kind>(r: Router<Ctx>, collection: &str) -> Router<Ctx> {
 
 /// Parses a JSON body; a failure names the field path (`spec.listeners[0].portMapping.port`).
 pub fn parse_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Error> {
-    let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) { b"{}" } else { bytes };
+    let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
+        b"{}"
+    } else {
+        bytes
+    };
     let de = &mut serde_json::Deserializer::from_slice(bytes);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
@@ -80,8 +84,13 @@ pub fn parse_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Error> {
         let text = inner.to_string();
         let text = text.split(" at line ").next().unwrap_or(&text);
         let parent = if path == "." { "" } else { path.as_str() };
-        match text.strip_prefix("missing field `").and_then(|r| r.strip_suffix('`')) {
-            Some(member) => Error::bad(&crate::model::validate::join(parent, member), "is required"),
+        match text
+            .strip_prefix("missing field `")
+            .and_then(|r| r.strip_suffix('`'))
+        {
+            Some(member) => {
+                Error::bad(&crate::model::validate::join(parent, member), "is required")
+            }
             None if parent.is_empty() => Error::BadRequest(text.to_string()),
             None => Error::bad(parent, text),
         }
