@@ -7,6 +7,7 @@
 mod envoy;
 mod routes;
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
@@ -160,6 +161,7 @@ fn egress(
         mesh_name,
         mesh,
         endpoints,
+        built: RefCell::default(),
     };
     for service in backends {
         // A backend may name a service that does not exist (yet); it gets no route.
@@ -228,20 +230,31 @@ fn egress(
     }
 }
 
+/// A cluster built for a (node, port): its name, port and protocol.
+type Built = Option<(String, u32, PortProtocol)>;
+
 struct Ctx<'a> {
     mesh_name: &'a str,
     mesh: &'a MeshState,
     endpoints: &'a Endpoints,
+    /// Clusters already built in this translation: many routes target the same nodes.
+    built: RefCell<BTreeMap<(String, Option<i64>), Built>>,
 }
 
 impl Ctx<'_> {
-    /// The caller-side cluster for `node`'s listener on `port` (its only listener when `None`).
-    fn node_cluster(
-        &self,
-        node: &str,
-        port: Option<i64>,
-        out: &mut Resources,
-    ) -> Option<(String, u32, PortProtocol)> {
+    /// The caller-side cluster for `node`'s listener on `port` (its only listener when `None`),
+    /// built once per translation.
+    fn node_cluster(&self, node: &str, port: Option<i64>, out: &mut Resources) -> Built {
+        let key = (node.to_string(), port);
+        if let Some(done) = self.built.borrow().get(&key) {
+            return done.clone();
+        }
+        let made = self.build_node_cluster(node, port, out);
+        self.built.borrow_mut().insert(key, made.clone());
+        made
+    }
+
+    fn build_node_cluster(&self, node: &str, port: Option<i64>, out: &mut Resources) -> Built {
         let target = self.mesh.virtual_nodes.get(node)?;
         let listeners: Vec<_> = target.spec.listeners.iter().flatten().collect();
         let l = match port {

@@ -5,7 +5,6 @@ use std::sync::{Arc, Mutex};
 
 use envoy_types::pb::google::protobuf::Any;
 use envoy_types::util::pack_any;
-use prost::Message;
 use sha2::{Digest, Sha256};
 
 use crate::model::{ProxyIdentity, State};
@@ -86,7 +85,8 @@ fn typed(items: impl Iterator<Item = (String, Any)>) -> TypeSnapshot {
     for (name, any) in &resources {
         h.update(name.as_bytes());
         h.update([0]);
-        h.update(Sha256::digest(any.encode_to_vec()));
+        // The type URL is the same for every resource of a type: the encoded value is the content.
+        h.update(Sha256::digest(&any.value));
     }
     let digest = h.finalize();
     let version = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
