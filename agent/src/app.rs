@@ -53,7 +53,12 @@ pub async fn build(cfg: ServeConfig) -> Result<Bound, Error> {
             virtual_nodes_per_mesh: cfg.quota_virtual_nodes,
             virtual_services_per_mesh: cfg.quota_virtual_services,
             backends_per_virtual_node: cfg.quota_backends,
-            ..Quotas::default()
+            virtual_routers_per_mesh: cfg.quota_virtual_routers,
+            routes_per_router: cfg.quota_routes,
+            weighted_targets_per_route: cfg.quota_weighted_targets,
+            virtual_gateways_per_mesh: cfg.quota_virtual_gateways,
+            gateway_routes_per_gateway: cfg.quota_gateway_routes,
+            tags_per_resource: cfg.quota_tags,
         },
     });
     if let Some(path) = &cfg.resources {

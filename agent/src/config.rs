@@ -75,6 +75,24 @@ pub struct ServeConfig {
     /// Quota: backends per virtual node.
     #[arg(long, env = "TRELLIS_QUOTA_BACKENDS", default_value_t = 50)]
     pub quota_backends: usize,
+    /// Quota: virtual routers per mesh.
+    #[arg(long, env = "TRELLIS_QUOTA_VIRTUAL_ROUTERS", default_value_t = 200)]
+    pub quota_virtual_routers: usize,
+    /// Quota: routes per virtual router.
+    #[arg(long, env = "TRELLIS_QUOTA_ROUTES", default_value_t = 50)]
+    pub quota_routes: usize,
+    /// Quota: weighted targets per route.
+    #[arg(long, env = "TRELLIS_QUOTA_WEIGHTED_TARGETS", default_value_t = 10)]
+    pub quota_weighted_targets: usize,
+    /// Quota: virtual gateways per mesh.
+    #[arg(long, env = "TRELLIS_QUOTA_VIRTUAL_GATEWAYS", default_value_t = 3)]
+    pub quota_virtual_gateways: usize,
+    /// Quota: gateway routes per virtual gateway.
+    #[arg(long, env = "TRELLIS_QUOTA_GATEWAY_ROUTES", default_value_t = 10)]
+    pub quota_gateway_routes: usize,
+    /// Quota: tags per resource.
+    #[arg(long, env = "TRELLIS_QUOTA_TAGS", default_value_t = 50)]
+    pub quota_tags: usize,
     /// Log format: text or json.
     #[arg(long, env = "TRELLIS_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
