@@ -9,6 +9,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, error, info, info_span};
 
+use crate::admin;
 use crate::api::{self, Account, Ops, Quotas};
 use crate::config::ServeConfig;
 use crate::store::{self, Store};
@@ -79,7 +80,10 @@ pub async fn build(cfg: ServeConfig) -> Result<Bound, Error> {
         addr: cfg.api_addr,
         source,
     })?;
-    let router = api::router(ops, store.clone());
+    let metrics = Arc::new(xds::Metrics::default());
+    let ready = admin::Readiness::default();
+    let router =
+        api::router(ops, store.clone()).merge(admin::router(metrics.clone(), ready.clone()));
     let c = cancel.clone();
     tasks.spawn(
         async move {
@@ -91,7 +95,27 @@ pub async fn build(cfg: ServeConfig) -> Result<Bound, Error> {
         .instrument(info_span!("api")),
     );
 
-    let ads = Ads::new(store.subscribe(), cancel.clone());
+    let (published_tx, published_rx) = xds::debounce::channel(store.current());
+    tasks.spawn(
+        {
+            let (store_rx, cancel) = (store.subscribe(), cancel.clone());
+            let cfg = xds::Debounce {
+                quiet: Duration::from_millis(cfg.xds_debounce_ms),
+                max_delay: Duration::from_millis(cfg.xds_debounce_max_ms),
+            };
+            async move {
+                xds::debounce::run(store_rx, published_tx, cfg, cancel).await;
+                ("debounce", Ok(()))
+            }
+        }
+        .instrument(info_span!("debounce")),
+    );
+    let ads = Ads::new(
+        published_rx,
+        metrics.clone(),
+        cfg.max_connections_per_proxy,
+        cancel.clone(),
+    );
     let unix = xds::bind_unix(&cfg.xds_socket)?;
     tasks.spawn(
         {
@@ -130,6 +154,7 @@ pub async fn build(cfg: ServeConfig) -> Result<Bound, Error> {
             Some(bound)
         }
     };
+    ready.set_ready();
     info!(api = %api_addr, xds_socket = %cfg.xds_socket.display(), xds_tcp = ?xds_addr, "agent ready");
     Ok(Bound {
         api_addr,

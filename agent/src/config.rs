@@ -93,6 +93,15 @@ pub struct ServeConfig {
     /// Quota: tags per resource.
     #[arg(long, env = "TRELLIS_QUOTA_TAGS", default_value_t = 50)]
     pub quota_tags: usize,
+    /// Envoy connections allowed per virtual node or gateway (App Mesh's limit).
+    #[arg(long, env = "TRELLIS_MAX_CONNECTIONS_PER_PROXY", default_value_t = 50)]
+    pub max_connections_per_proxy: usize,
+    /// Quiet period before a burst of changes is pushed, in milliseconds.
+    #[arg(long, env = "TRELLIS_XDS_DEBOUNCE_MS", default_value_t = 20)]
+    pub xds_debounce_ms: u64,
+    /// Longest a change waits for a burst to end before it is pushed anyway, in milliseconds.
+    #[arg(long, env = "TRELLIS_XDS_DEBOUNCE_MAX_MS", default_value_t = 500)]
+    pub xds_debounce_max_ms: u64,
     /// Log format: text or json.
     #[arg(long, env = "TRELLIS_LOG_FORMAT", default_value = "text")]
     pub log_format: String,

@@ -2,6 +2,7 @@
 //!
 //! Data flows one way: `api` → `store` → `translate` → `xds`. See ARCHITECTURE.md.
 
+pub mod admin;
 pub mod api;
 pub mod app;
 pub mod bootstrap;

@@ -119,6 +119,39 @@ fn an_http_request_crosses_two_envoys_and_drop_all_refuses_it_once_the_backend_i
         },
     );
     assert!(refusal.contains("exit status"), "{refusal}");
+    // The agent's own view: ready, both Envoys connected, every push acknowledged.
+    let get = |path: &str| {
+        trellis_tests::check(
+            std::process::Command::new("curl").args(["-sf", &format!("{}{path}", agent.api)]),
+        )
+    };
+    assert_eq!(get("/readyz"), "ready\n");
+    let metrics = get("/metrics");
+    assert!(
+        metrics.contains("trellis_xds_connected_streams{node=\"mesh/m/virtualNode/front-vn\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("trellis_xds_acks_total{type=\"Listener\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("trellis_xds_change_to_ack_seconds_count"),
+        "{metrics}"
+    );
+    let debug: serde_json::Value = serde_json::from_str(&get("/debug/xds")).unwrap();
+    let front_view = debug
+        .as_object()
+        .unwrap()
+        .values()
+        .find(|s| s["node"] == "mesh/m/virtualNode/front-vn")
+        .expect("front's stream in /debug/xds");
+    let listener = &front_view["types"]["Listener"];
+    assert_eq!(
+        listener["sent_version"], listener["acked_version"],
+        "{front_view}"
+    );
+    assert!(listener["last_nack"].is_null());
     // Envoy accepted every configuration it was sent.
     assert!(
         !agent

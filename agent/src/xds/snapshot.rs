@@ -100,21 +100,22 @@ pub struct Snapshots {
 }
 
 impl Snapshots {
+    /// The proxy's snapshot for this state, and whether it had to be built now.
     pub fn get(
         &self,
         state: &State,
         who: &ProxyIdentity,
-    ) -> Result<Arc<Snapshot>, translate::Error> {
+    ) -> Result<(Arc<Snapshot>, bool), translate::Error> {
         if let Some(s) = self.lock().get(who)
             && s.generation == state.generation
         {
-            return Ok(s.clone());
+            return Ok((s.clone(), false));
         }
         // Built outside the lock: two streams of one proxy may both build once, never block each other.
         let resources = translate::translate(state, who, &Endpoints::new())?;
         let snap = Arc::new(Snapshot::from_resources(state.generation, resources));
         self.lock().insert(who.clone(), snap.clone());
-        Ok(snap)
+        Ok((snap, true))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ProxyIdentity, Arc<Snapshot>>> {

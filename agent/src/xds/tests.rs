@@ -6,13 +6,15 @@ use std::time::Duration;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use super::snapshot::{CLUSTER, LISTENER, ROUTE};
+use super::debounce;
+use super::snapshot::{CLUSTER, ENDPOINT, LISTENER, ROUTE, Snapshots};
 use super::*;
 use crate::api::kinds::{VirtualNodes, VirtualServices};
 use crate::api::ops::{Account, Ops, Place, Quotas};
 use crate::store::Store;
 use crate::test_helpers::TempDir;
 use crate::test_helpers::ads::{FakeEnvoy, request};
+use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
 
 const FRONT: &str = "mesh/m/virtualNode/front";
 const M: Place<'static> = Place {
@@ -66,7 +68,23 @@ async fn harness() -> Harness {
         .unwrap();
 
     let cancel = CancellationToken::new();
-    let ads = Ads::new(store.subscribe(), cancel.clone());
+    let (published_tx, published_rx) = debounce::channel(store.current());
+    let cfg = Debounce {
+        quiet: Duration::from_millis(5),
+        max_delay: Duration::from_millis(50),
+    };
+    tokio::spawn(debounce::run(
+        store.subscribe(),
+        published_tx,
+        cfg,
+        cancel.clone(),
+    ));
+    let ads = Ads::new(
+        published_rx,
+        Arc::new(Metrics::default()),
+        2,
+        cancel.clone(),
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(serve_tcp(ads, listener));
@@ -250,12 +268,92 @@ fn versions_depend_only_on_content() {
         "serviceDiscovery": {"dns": {"hostname": "n.internal"}}}});
     ops.create::<VirtualNodes>(&store, M, serde_json::from_value(node).unwrap())
         .unwrap();
-    let a = Snapshots::default().get(&store.current(), &who).unwrap();
+    let (a, _) = Snapshots::default().get(&store.current(), &who).unwrap();
     // Another agent (fresh cache, different generation) with the same resources.
     let mut later = (*store.current()).clone();
     later.generation += 10;
-    let b = Snapshots::default().get(&later, &who).unwrap();
+    let (b, _) = Snapshots::default().get(&later, &who).unwrap();
     for t in [CLUSTER, LISTENER, ROUTE] {
         assert_eq!(a.get(t).unwrap().version, b.get(t).unwrap().version, "{t}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_per_proxy_quota_are_refused_with_resource_exhausted() {
+    let h = harness().await;
+    let mut a = FakeEnvoy::connect(h.addr, FRONT, request(CLUSTER, &[], "", ""))
+        .await
+        .unwrap();
+    let mut b = FakeEnvoy::connect(h.addr, FRONT, request(CLUSTER, &[], "", ""))
+        .await
+        .unwrap();
+    a.recv().await.unwrap();
+    b.recv().await.unwrap();
+    let mut c = FakeEnvoy::connect(h.addr, FRONT, request(CLUSTER, &[], "", ""))
+        .await
+        .unwrap();
+    let status = c.recv().await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+    assert!(
+        status.message().contains("already has 2 Envoy connections"),
+        "{}",
+        status.message()
+    );
+    // A slot comes back when a stream ends.
+    drop(a);
+    let (_d, first) = eventually_connect(h.addr).await;
+    assert_eq!(first.type_url, CLUSTER);
+}
+
+/// Connects until the server has a free slot again (slots come back when the old stream's task ends).
+async fn eventually_connect(addr: std::net::SocketAddr) -> (FakeEnvoy, DiscoveryResponse) {
+    for _ in 0..50 {
+        let mut e = FakeEnvoy::connect(addr, FRONT, request(CLUSTER, &[], "", ""))
+            .await
+            .unwrap();
+        match e.recv().await {
+            Ok(first) => return (e, first),
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    panic!("the slot never came back");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoints_asked_for_by_name_that_we_do_not_manage_get_an_empty_assignment() {
+    let h = harness().await;
+    // The stock App Mesh Envoy image subscribes to EDS for its `local_cluster`.
+    let mut envoy =
+        FakeEnvoy::connect(h.addr, FRONT, request(ENDPOINT, &["local_cluster"], "", ""))
+            .await
+            .unwrap();
+    let eds = envoy.recv().await.unwrap();
+    assert_eq!(eds.resources.len(), 1);
+    let cla: envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment =
+        prost::Message::decode(eds.resources[0].value.as_slice()).unwrap();
+    assert_eq!(cla.cluster_name, "local_cluster");
+    assert!(cla.endpoints.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_writes_reaches_a_stream_as_one_push() {
+    let h = harness().await;
+    let mut envoy = FakeEnvoy::connect(h.addr, FRONT, request(LISTENER, &[], "", ""))
+        .await
+        .unwrap();
+    let first = envoy.recv().await.unwrap();
+    envoy.ack(&first, &[]).await;
+    for i in 0..=10 {
+        let backends = if i % 2 == 0 {
+            json!([])
+        } else {
+            json!([{"virtualService": {"virtualServiceName": "back.local"}}])
+        };
+        set_front_backends(&h, backends);
+    }
+    // Eleven commits within the debounce window: the last state (no backends) arrives, in one push.
+    let pushed = envoy.recv().await.unwrap();
+    assert!(pushed.resources.is_empty());
+    envoy.ack(&pushed, &[]).await;
+    envoy.expect_silence(QUIET).await;
 }

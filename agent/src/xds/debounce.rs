@@ -1,0 +1,154 @@
+//! Coalesces bursts of store commits into one publication: wait for a quiet period, but never
+//! longer than a maximum delay after the first change of the burst (istiod's debounce shape).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use crate::model::State;
+
+/// A state the ADS streams should serve, and when the first change it contains was committed.
+#[derive(Clone, Debug)]
+pub struct Published {
+    pub state: Arc<State>,
+    pub changed_at: Instant,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Debounce {
+    pub quiet: Duration,
+    pub max_delay: Duration,
+}
+
+impl Default for Debounce {
+    fn default() -> Self {
+        Debounce {
+            quiet: Duration::from_millis(20),
+            max_delay: Duration::from_millis(500),
+        }
+    }
+}
+
+/// The channel the streams read, primed with the current state.
+pub fn channel(initial: Arc<State>) -> (watch::Sender<Published>, watch::Receiver<Published>) {
+    watch::channel(Published {
+        state: initial,
+        changed_at: Instant::now(),
+    })
+}
+
+/// Runs until `cancel`: every burst of store changes becomes one publication on `out`.
+pub async fn run(
+    mut store: watch::Receiver<Arc<State>>,
+    out: watch::Sender<Published>,
+    cfg: Debounce,
+    cancel: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            changed = store.changed() => if changed.is_err() { return },
+            () = cancel.cancelled() => return,
+        }
+        let first = Instant::now();
+        let deadline = first + cfg.max_delay;
+        let mut merged = 1u32;
+        loop {
+            let quiet_end = (Instant::now() + cfg.quiet).min(deadline);
+            tokio::select! {
+                changed = store.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    merged += 1;
+                    if Instant::now() >= deadline {
+                        break;
+                    }
+                }
+                () = tokio::time::sleep_until(quiet_end) => break,
+                () = cancel.cancelled() => return,
+            }
+        }
+        let state = store.borrow_and_update().clone();
+        debug!(
+            generation = state.generation,
+            merged,
+            waited_ms = first.elapsed().as_millis() as u64,
+            "publishing"
+        );
+        out.send_replace(Published {
+            state,
+            changed_at: first,
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(generation: u64) -> Arc<State> {
+        Arc::new(State {
+            generation,
+            ..State::default()
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_of_changes_is_one_publication_after_the_quiet_period() {
+        let (store_tx, store_rx) = watch::channel(state(0));
+        let (out_tx, mut out_rx) = channel(state(0));
+        let cancel = CancellationToken::new();
+        let cfg = Debounce {
+            quiet: Duration::from_millis(20),
+            max_delay: Duration::from_millis(500),
+        };
+        tokio::spawn(run(store_rx, out_tx, cfg, cancel.clone()));
+        out_rx.mark_unchanged();
+        for g in 1..=5 {
+            store_tx.send_replace(state(g));
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            assert!(
+                !out_rx.has_changed().unwrap(),
+                "published mid-burst at generation {g}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        assert!(out_rx.has_changed().unwrap());
+        assert_eq!(
+            out_rx.borrow_and_update().state.generation,
+            5,
+            "one publication with the last state"
+        );
+        cancel.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_never_ending_burst_is_still_published_within_the_maximum_delay() {
+        let (store_tx, store_rx) = watch::channel(state(0));
+        let (out_tx, mut out_rx) = channel(state(0));
+        let cancel = CancellationToken::new();
+        let cfg = Debounce {
+            quiet: Duration::from_millis(20),
+            max_delay: Duration::from_millis(100),
+        };
+        tokio::spawn(run(store_rx, out_tx, cfg, cancel.clone()));
+        out_rx.mark_unchanged();
+        let start = Instant::now();
+        let mut g = 0;
+        while !out_rx.has_changed().unwrap() {
+            g += 1;
+            store_tx.send_replace(state(g));
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            assert!(
+                start.elapsed() <= Duration::from_millis(120),
+                "not published within the maximum delay"
+            );
+        }
+        assert!(out_rx.borrow().state.generation >= 9);
+        cancel.cancel();
+    }
+}

@@ -1,0 +1,305 @@
+//! One Envoy stream: the SotW request rules (stale nonces ignored, NACKs never answered with the
+//! same version, named vs wildcard subscriptions) and pushes in make-before-break order.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant as StdInstant;
+
+use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryService;
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
+use envoy_types::util::pack_any;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use super::Ads;
+use super::snapshot::{ENDPOINT, PUSH_ORDER, Snapshot, TypeSnapshot, is_wildcard_type};
+use crate::model::{ProxyIdentity, State};
+use crate::translate;
+
+/// Responses a stream may have queued before it waits for Envoy to read (HTTP/2 flow control).
+const STREAM_QUEUE: usize = 8;
+
+#[derive(Debug)]
+pub struct AdsService(pub(super) Arc<Ads>);
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for AdsService {
+    type StreamAggregatedResourcesStream = ReceiverStream<Result<DiscoveryResponse, Status>>;
+    type DeltaAggregatedResourcesStream = ReceiverStream<Result<DeltaDiscoveryResponse, Status>>;
+
+    async fn stream_aggregated_resources(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+        let ads = self.0.clone();
+        let id = ads.next_stream.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(STREAM_QUEUE);
+        let inbound = request.into_inner();
+        tokio::spawn(
+            async move {
+                if let Err(status) = run_stream(&ads, id, inbound, &tx).await {
+                    warn!(code = ?status.code(), message = status.message(), "stream refused");
+                    // The stream may already be gone; nothing else to tell.
+                    let _ = tx.send(Err(status)).await;
+                }
+                debug!("stream closed");
+            }
+            .instrument(info_span!(
+                "ads_stream",
+                stream = id,
+                node = tracing::field::Empty
+            )),
+        );
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        _request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        Err(Status::unimplemented(
+            "delta ADS is not served yet: use state-of-the-world ADS (api_type: GRPC)",
+        ))
+    }
+}
+
+/// What one stream has sent and heard back for one type.
+#[derive(Debug, Default)]
+struct TypeState {
+    names: BTreeSet<String>,
+    sent_version: Option<String>,
+    sent_nonce: Option<String>,
+    /// When the change behind the last push was committed (none for the first push).
+    sent_change: Option<Instant>,
+}
+
+struct Stream<'a> {
+    ads: &'a Ads,
+    id: u64,
+    who: ProxyIdentity,
+    next_nonce: u64,
+    types: HashMap<String, TypeState>,
+    tx: &'a mpsc::Sender<Result<DiscoveryResponse, Status>>,
+    /// The commit time of the publication being served, while it is new to this stream.
+    change: Option<Instant>,
+}
+
+async fn run_stream(
+    ads: &Arc<Ads>,
+    id: u64,
+    mut inbound: Streaming<DiscoveryRequest>,
+    tx: &mpsc::Sender<Result<DiscoveryResponse, Status>>,
+) -> Result<(), Status> {
+    let Some(first) = inbound.message().await? else {
+        return Ok(());
+    };
+    let node = first
+        .node
+        .as_ref()
+        .ok_or_else(|| Status::invalid_argument("the first request on a stream must carry node"))?;
+    let who = ProxyIdentity::parse(&node.id)
+        .map_err(|e| Status::invalid_argument(format!("node.id: {e}")))?;
+    tracing::Span::current().record("node", node.id.as_str());
+    let _slot = ads.admit(&who).ok_or_else(|| {
+        ads.metrics.refused("connection_quota");
+        Status::resource_exhausted(format!(
+            "{who} already has {} Envoy connections, the limit per virtual node or gateway \
+             (raise it with --max-connections-per-proxy)",
+            ads.max_per_proxy
+        ))
+    })?;
+    let mut published = ads.published.clone();
+    let state = published.borrow_and_update().state.clone();
+    let mut snap = build(ads, &state, &who).map_err(|e| {
+        ads.metrics.refused("unknown_proxy");
+        unknown_proxy(e)
+    })?;
+    info!(node = %who, "envoy connected");
+    let who_text = who.to_string();
+    ads.metrics.stream_opened(id, &who_text);
+    let mut stream = Stream {
+        ads,
+        id,
+        who,
+        next_nonce: 0,
+        types: HashMap::new(),
+        tx,
+        change: None,
+    };
+    let result = async {
+        stream.on_request(first, &snap).await?;
+        loop {
+            tokio::select! {
+                req = inbound.message() => match req {
+                    Ok(Some(req)) => stream.on_request(req, &snap).await?,
+                    Ok(None) => break,
+                    Err(status) => {
+                        debug!(message = status.message(), "stream ended by envoy");
+                        break;
+                    }
+                },
+                changed = published.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    let p = published.borrow_and_update().clone();
+                    snap = match build(ads, &p.state, &stream.who) {
+                        Ok(s) => s,
+                        Err(e) => {
+                            // The proxy's resource went away: it keeps its stream but gets nothing.
+                            warn!(node = %stream.who, error = %e, "proxy no longer exists; sending empty configuration");
+                            Arc::new(Snapshot::from_resources(p.state.generation, Default::default()))
+                        }
+                    };
+                    stream.change = Some(p.changed_at);
+                    stream.push_changes(&snap).await?;
+                }
+                () = ads.cancel.cancelled() => break,
+            }
+        }
+        Ok(())
+    }
+    .await;
+    ads.metrics.stream_closed(id, &who_text);
+    info!(node = %who_text, "envoy disconnected");
+    result
+}
+
+fn build(ads: &Ads, state: &State, who: &ProxyIdentity) -> Result<Arc<Snapshot>, translate::Error> {
+    let start = StdInstant::now();
+    let (snap, built) = ads.snapshots.get(state, who)?;
+    if built {
+        ads.metrics.built(start.elapsed());
+    }
+    Ok(snap)
+}
+
+fn unknown_proxy(e: translate::Error) -> Status {
+    Status::not_found(format!(
+        "{e}: create it with the App Mesh API before starting its Envoy, or fix APPMESH_RESOURCE_ARN"
+    ))
+}
+
+impl Stream<'_> {
+    async fn on_request(&mut self, req: DiscoveryRequest, snap: &Snapshot) -> Result<(), Status> {
+        if req.type_url.is_empty() {
+            return Err(Status::invalid_argument(
+                "type_url is required on an aggregated stream",
+            ));
+        }
+        let ts = self.types.entry(req.type_url.clone()).or_default();
+        if !req.response_nonce.is_empty() && Some(&req.response_nonce) != ts.sent_nonce.as_ref() {
+            debug!(type_url = %req.type_url, nonce = %req.response_nonce, "stale request ignored");
+            self.ads.metrics.stale();
+            return Ok(());
+        }
+        let names: BTreeSet<String> = req.resource_names.iter().cloned().collect();
+        let names_changed = names != ts.names;
+        ts.names = names;
+        if let Some(err) = &req.error_detail {
+            // A NACK: remember it and wait for new input; resending the same version would loop.
+            warn!(
+                type_url = %req.type_url,
+                nonce = %req.response_nonce,
+                rejected = ?ts.sent_version,
+                message = %err.message,
+                "envoy rejected configuration"
+            );
+            self.ads
+                .metrics
+                .nacked(self.id, &req.type_url, &err.message);
+            return Ok(());
+        }
+        let current = snap.get(&req.type_url).map(|t| t.version.clone());
+        if ts.sent_nonce.is_some() {
+            debug!(type_url = %req.type_url, version = %req.version_info, "ack");
+            let since = ts.sent_change.take().map(|t| t.elapsed());
+            self.ads
+                .metrics
+                .acked(self.id, &req.type_url, &req.version_info, since);
+            if names_changed {
+                self.send(&req.type_url, snap).await?;
+            }
+            return Ok(());
+        }
+        // The first request for this type on this stream.
+        if !req.version_info.is_empty()
+            && Some(&req.version_info) == current.as_ref()
+            && !names_changed_from_empty(&req)
+        {
+            // A reconnecting Envoy that already has exactly this: nothing to resend.
+            ts.sent_version = current;
+            return Ok(());
+        }
+        self.send(&req.type_url, snap).await
+    }
+
+    /// After an input change: send every subscribed type whose version moved, in push order.
+    async fn push_changes(&mut self, snap: &Snapshot) -> Result<(), Status> {
+        for type_url in PUSH_ORDER {
+            let Some(ts) = self.types.get(type_url) else {
+                continue;
+            };
+            let current = snap.get(type_url).map(|t| &t.version);
+            if ts.sent_version.as_ref() != current {
+                self.send(type_url, snap).await?;
+            }
+        }
+        self.change = None;
+        Ok(())
+    }
+
+    async fn send(&mut self, type_url: &str, snap: &Snapshot) -> Result<(), Status> {
+        let empty = TypeSnapshot::default();
+        let t = snap.get(type_url).unwrap_or(&empty);
+        let ts = self.types.entry(type_url.to_string()).or_default();
+        let resources = if ts.names.is_empty() && is_wildcard_type(type_url) {
+            t.resources.values().cloned().collect()
+        } else {
+            ts.names
+                .iter()
+                .filter_map(|n| match t.resources.get(n) {
+                    Some(r) => Some(r.clone()),
+                    // Endpoints asked for by name that we do not manage (the App Mesh Envoy image's
+                    // `local_cluster`) get an empty assignment, so Envoy does not wait on them.
+                    None if type_url == ENDPOINT => Some(pack_any(ClusterLoadAssignment {
+                        cluster_name: n.clone(),
+                        ..Default::default()
+                    })),
+                    None => None,
+                })
+                .collect()
+        };
+        self.next_nonce += 1;
+        let nonce = self.next_nonce.to_string();
+        ts.sent_version = Some(t.version.clone());
+        ts.sent_nonce = Some(nonce.clone());
+        ts.sent_change = self.change;
+        let resp = DiscoveryResponse {
+            version_info: t.version.clone(),
+            resources,
+            type_url: type_url.to_string(),
+            nonce,
+            ..Default::default()
+        };
+        debug!(type_url, version = %t.version, count = resp.resources.len(), "push");
+        self.ads.metrics.pushed(self.id, type_url, &t.version);
+        self.tx
+            .send(Ok(resp))
+            .await
+            .map_err(|_| Status::cancelled("envoy went away"))
+    }
+}
+
+/// Envoy names no resources on a first wildcard request; a named first request always needs an
+/// answer for the names it lists.
+fn names_changed_from_empty(req: &DiscoveryRequest) -> bool {
+    !req.resource_names.is_empty() && !is_wildcard_type(&req.type_url)
+}
