@@ -8,7 +8,7 @@ export TRELLIS_VENV="$PWD/.venv"
 export TRELLIS_BOTOCORE_PYTHON="$PWD/.venv/bin/python"
 [ -n "${CI:-}" ] && export TRELLIS_REQUIRE_BOTOCORE=1
 cargo fmt --all -- --check
-cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
 cargo build --workspace --bins --locked
 # One test binary at a time: the end-to-end suites share port 9901 inside their own namespaces,
 # but Envoy base ids and CPU are shared.

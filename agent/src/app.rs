@@ -112,6 +112,7 @@ pub async fn build(cfg: ServeConfig) -> Result<Bound, Error> {
     );
     let ads = Ads::new(
         published_rx,
+        store.subscribe(),
         metrics.clone(),
         cfg.max_connections_per_proxy,
         cancel.clone(),

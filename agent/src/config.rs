@@ -19,7 +19,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the agent: App Mesh API, store, and the ADS server for this instance's Envoys.
-    Serve(ServeConfig),
+    Serve(Box<ServeConfig>),
     /// Print the Envoy bootstrap built from the App Mesh Envoy variables (APPMESH_RESOURCE_ARN, …).
     Bootstrap(BootstrapArgs),
     /// Print every resource (of the given meshes) as a `--resources` file.

@@ -19,7 +19,7 @@ fn main() -> anyhow::Result<()> {
                 .build()
                 .context("cannot start the runtime")?;
             rt.block_on(async {
-                let bound = trellis_agent::app::build(cfg).await?;
+                let bound = trellis_agent::app::build(*cfg).await?;
                 bound.wait_termination().await.map_err(anyhow::Error::msg)
             })
         }

@@ -157,3 +157,28 @@ pub mod ads {
         }
     }
 }
+
+/// Mesh `m` with the given spec, virtual nodes (name, spec) and virtual services provided by a
+/// node (name, provider): the fixture of the translation tests.
+pub fn mesh_state(
+    mesh_spec: serde_json::Value,
+    nodes: &[(&str, serde_json::Value)],
+    services: &[(&str, &str)],
+) -> crate::model::State {
+    let mut m = mesh_resource("m");
+    m.mesh.spec = serde_json::from_value(mesh_spec).expect("mesh spec");
+    for (name, spec) in nodes {
+        let spec = serde_json::from_value(spec.clone()).expect("virtual node spec");
+        m.virtual_nodes
+            .insert(name.to_string(), resource(name, spec));
+    }
+    for (name, provider) in services {
+        let spec = serde_json::json!({"provider": {"virtualNode": {"virtualNodeName": provider}}});
+        let spec = serde_json::from_value(spec).expect("virtual service spec");
+        m.virtual_services
+            .insert(name.to_string(), resource(name, spec));
+    }
+    let mut s = crate::model::State::default();
+    s.meshes.insert("m".into(), m);
+    s
+}

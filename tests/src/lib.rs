@@ -244,3 +244,4 @@ impl Drop for Proc {
         }
     }
 }
+pub mod apps;

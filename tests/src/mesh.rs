@@ -480,3 +480,73 @@ pub fn start_envoy(work: &Workdir, task: &Task, taskdef: &Value) -> Proc {
     );
     proc
 }
+
+/// Starts a virtual gateway's Envoy in `task` as the App Mesh gateway image ran it: no route
+/// manager (a gateway has no iptables redirect), `trellis-agent bootstrap` from
+/// `APPMESH_RESOURCE_ARN=mesh/MESH/virtualGateway/GATEWAY` and the agent's socket, then Envoy as
+/// uid 1337. Returns once the admin port answers `/ready` LIVE and listeners have arrived.
+pub fn start_gateway_envoy(
+    work: &Workdir,
+    task: &Task,
+    agent: &Agent,
+    mesh: &str,
+    gateway: &str,
+    admin_port: u16,
+) -> Proc {
+    let bootstrap_path = work.join(&format!("bootstrap-{}.json", task.ns));
+    check(
+        Command::new(bin("trellis-agent"))
+            .args(["bootstrap", "--output"])
+            .arg(&bootstrap_path)
+            .env_clear()
+            .env(
+                "APPMESH_RESOURCE_ARN",
+                format!("mesh/{mesh}/virtualGateway/{gateway}"),
+            )
+            .env(
+                "APPMESH_XDS_ENDPOINT",
+                format!("unix://{}", agent.socket_dir.join("xds.sock").display()),
+            )
+            .env("ENVOY_ADMIN_ACCESS_PORT", admin_port.to_string())
+            .env("ENVOY_ADMIN_ACCESS_LOG_FILE", "/dev/null"),
+    );
+    let envoy = work.stage(&crate::envoy());
+    let (boot_s, envoy_s) = (
+        bootstrap_path.display().to_string(),
+        envoy.display().to_string(),
+    );
+    let mut cmd = task.cmd_as(
+        "1337",
+        &[
+            &envoy_s,
+            "-c",
+            &boot_s,
+            "-l",
+            "info",
+            "--disable-hot-restart",
+            "--concurrency",
+            "1",
+        ],
+    );
+    let mut proc = Proc::spawn(
+        &format!("gateway envoy in {}", task.ns),
+        &mut cmd,
+        work.join(&format!("envoy-{}.log", task.ns)),
+    );
+    eventually(
+        "gateway Envoy LIVE with its listeners",
+        Duration::from_secs(30),
+        || {
+            if !proc.is_running() {
+                panic!("gateway Envoy exited:\n{}", proc.log_text());
+            }
+            let ready = task.http_get(None, &format!("http://127.0.0.1:{admin_port}/ready"));
+            let lds = task.envoy_stat(admin_port, "listener_manager.lds.update_success");
+            match ready {
+                Ok(body) if body.trim() == "LIVE" && lds > 0 => Ok(()),
+                other => Err(format!("ready: {other:?}, lds updates: {lds}")),
+            }
+        },
+    );
+    proc
+}

@@ -1,89 +1,11 @@
 //! Every translated snapshot is accepted by real Envoy 1.40: a mesh using every translated route
 //! feature, and a large generated mesh, each served to a real Envoy that must ACK every type.
 
-use std::process::Command;
-use std::time::Duration;
-
 use serde_json::{Value, json};
+use trellis_tests::Workdir;
+use trellis_tests::apps::envoy_accepts;
 use trellis_tests::mesh::Agent;
 use trellis_tests::scenario::resources_file;
-use trellis_tests::{Proc, Workdir, bin, check, eventually, free_port, run};
-
-/// Runs a real Envoy as `node` against the agent and returns its config dump once every xDS type
-/// has been applied; fails on any rejection.
-fn envoy_accepts(work: &Workdir, agent: &Agent, node: &str) -> Value {
-    let admin = free_port();
-    let boot = work.join(&format!("boot-{}.json", node.replace('/', "_")));
-    check(
-        Command::new(bin("trellis-agent"))
-            .args(["bootstrap", "--output"])
-            .arg(&boot)
-            .env_clear()
-            .env("APPMESH_RESOURCE_ARN", node)
-            .env(
-                "APPMESH_XDS_ENDPOINT",
-                format!("unix://{}", agent.socket_dir.join("xds.sock").display()),
-            )
-            .env("ENVOY_ADMIN_ACCESS_PORT", admin.to_string())
-            .env("ENVOY_ADMIN_ACCESS_LOG_FILE", "/dev/null"),
-    );
-    let envoy = work.stage(&trellis_tests::envoy());
-    let mut cmd = Command::new(envoy);
-    cmd.arg("-c").arg(&boot).args([
-        "--disable-hot-restart",
-        "--concurrency",
-        "1",
-        "-l",
-        "warning",
-    ]);
-    let _proc = Proc::spawn(
-        "envoy",
-        &mut cmd,
-        work.join(&format!("envoy-{}.log", node.replace('/', "_"))),
-    );
-    let stats = |name: &str| -> u64 {
-        let out = run(Command::new("curl").args([
-            "-s",
-            &format!("http://127.0.0.1:{admin}/stats?filter=^{name}$"),
-        ]));
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .find_map(|l| l.split_once(": ").and_then(|(_, v)| v.trim().parse().ok()))
-            .unwrap_or(0)
-    };
-    eventually(
-        &format!("{node}: listeners and clusters applied"),
-        Duration::from_secs(30),
-        || {
-            let (cds, lds) = (
-                stats("cluster_manager.cds.update_success"),
-                stats("listener_manager.lds.update_success"),
-            );
-            if cds >= 1 && lds >= 1 {
-                Ok(())
-            } else {
-                Err(format!("cds {cds} lds {lds}"))
-            }
-        },
-    );
-    // Route configs arrive after the listeners that name them; give them a moment, then check.
-    std::thread::sleep(Duration::from_millis(500));
-    for rejected in [
-        "cluster_manager.cds.update_rejected",
-        "listener_manager.lds.update_rejected",
-    ] {
-        assert_eq!(stats(rejected), 0, "{node}: {rejected}");
-    }
-    let dump =
-        run(Command::new("curl").args(["-s", &format!("http://127.0.0.1:{admin}/config_dump")]));
-    let dump: Value = serde_json::from_slice(&dump.stdout).expect("config_dump is JSON");
-    let log = agent.proc.log_text();
-    assert!(
-        !log.contains("envoy rejected configuration"),
-        "{node}: a NACK:\n{log}"
-    );
-    dump
-}
 
 fn names_in(dump: &Value, kind: &str) -> Vec<String> {
     let mut out = Vec::new();

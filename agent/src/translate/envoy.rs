@@ -1,14 +1,19 @@
 //! Builders for the Envoy protos the translation emits. The only place that spells out proto
 //! structure, so the translation above reads as App Mesh semantics.
 
-use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster};
+use envoy_types::pb::envoy::config::accesslog::v3::{AccessLog, access_log};
+use envoy_types::pb::envoy::config::cluster::v3::{
+    CircuitBreakers, Cluster, OutlierDetection, circuit_breakers, cluster,
+};
 use envoy_types::pb::envoy::config::core::v3::Address;
 use envoy_types::pb::envoy::config::core::v3::{
-    AggregatedConfigSource, ApiVersion, ConfigSource, Http2ProtocolOptions, SocketAddress,
-    TrafficDirection, address, config_source, socket_address,
+    AggregatedConfigSource, ApiVersion, ConfigSource, DataSource, HealthCheck,
+    Http2ProtocolOptions, SocketAddress, SubstitutionFormatString, TrafficDirection,
+    TransportSocket, address, config_source, data_source, health_check, socket_address,
+    substitution_format_string, transport_socket,
 };
 use envoy_types::pb::envoy::config::endpoint::v3::{
-    ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
+    ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, endpoint, lb_endpoint,
 };
 use envoy_types::pb::envoy::config::listener::v3::{
     Filter, FilterChain, FilterChainMatch, Listener, ListenerFilter, filter, listener_filter,
@@ -17,17 +22,29 @@ use envoy_types::pb::envoy::config::route::v3::{
     Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, route, route_action,
     route_match,
 };
+use envoy_types::pb::envoy::extensions::access_loggers::file::v3::{
+    FileAccessLog, file_access_log,
+};
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::listener::original_dst::v3::OriginalDst;
+use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     HttpConnectionManager, HttpFilter, Rds, http_connection_manager, http_filter,
 };
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+    CertificateValidationContext, CommonTlsContext, DownstreamTlsContext, SubjectAltNameMatcher,
+    TlsCertificate, UpstreamTlsContext, common_tls_context, subject_alt_name_matcher::SanType,
+};
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
     HttpProtocolOptions, http_protocol_options,
 };
+use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher};
+use envoy_types::pb::envoy::r#type::v3::CodecClientType;
+use envoy_types::pb::google::protobuf::{Any, BoolValue, Struct, Value, value};
 use envoy_types::pb::google::protobuf::{Duration, UInt32Value};
 use envoy_types::util::pack_any;
+use prost::{Message, Name};
 
 use crate::model::PortProtocol;
 
@@ -168,6 +185,336 @@ pub(super) fn original_dst_cluster(name: &str) -> Cluster {
     }
 }
 
+// ---- Virtual-node policies: what the translation decided, spelled as Envoy protos. ----
+
+/// How a DNS cluster resolves its hostname (App Mesh's IP preference).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Lookup {
+    V4Only,
+    V6Only,
+    V4Preferred,
+    /// IPv6 first, IPv4 when there is no IPv6 address.
+    Auto,
+}
+
+pub(super) fn set_dns_lookup(c: &mut Cluster, lookup: Lookup) {
+    let family = match lookup {
+        Lookup::V4Only => cluster::DnsLookupFamily::V4Only,
+        Lookup::V6Only => cluster::DnsLookupFamily::V6Only,
+        Lookup::V4Preferred => cluster::DnsLookupFamily::V4Preferred,
+        Lookup::Auto => cluster::DnsLookupFamily::Auto,
+    };
+    c.dns_lookup_family = family as i32;
+}
+
+/// Circuit-breaker limits at default priority; `None` keeps Envoy's default for that limit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) struct Limits {
+    pub max_connections: Option<u32>,
+    pub max_pending_requests: Option<u32>,
+    pub max_requests: Option<u32>,
+}
+
+pub(super) fn set_circuit_breakers(c: &mut Cluster, l: Limits) {
+    let v = |n: Option<u32>| n.map(|value| UInt32Value { value });
+    c.circuit_breakers = Some(CircuitBreakers {
+        thresholds: vec![circuit_breakers::Thresholds {
+            max_connections: v(l.max_connections),
+            max_pending_requests: v(l.max_pending_requests),
+            max_requests: v(l.max_requests),
+            ..Default::default()
+        }],
+        ..Default::default()
+    });
+}
+
+/// What an active health check sends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum Checker {
+    Http {
+        path: String,
+        http2: bool,
+    },
+    Grpc,
+    /// Connect only.
+    Tcp,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub(super) struct Check {
+    pub checker: Checker,
+    pub timeout: Option<Duration>,
+    pub interval: Option<Duration>,
+    pub healthy: u32,
+    pub unhealthy: u32,
+}
+
+pub(super) fn set_health_check(c: &mut Cluster, check: Check) {
+    let checker = match check.checker {
+        Checker::Http { path, http2 } => {
+            health_check::HealthChecker::HttpHealthCheck(health_check::HttpHealthCheck {
+                path,
+                codec_client_type: if http2 {
+                    CodecClientType::Http2 as i32
+                } else {
+                    CodecClientType::Http1 as i32
+                },
+                ..Default::default()
+            })
+        }
+        Checker::Grpc => {
+            health_check::HealthChecker::GrpcHealthCheck(health_check::GrpcHealthCheck::default())
+        }
+        Checker::Tcp => {
+            health_check::HealthChecker::TcpHealthCheck(health_check::TcpHealthCheck::default())
+        }
+    };
+    c.health_checks = vec![HealthCheck {
+        timeout: check.timeout,
+        interval: check.interval,
+        healthy_threshold: Some(UInt32Value {
+            value: check.healthy,
+        }),
+        unhealthy_threshold: Some(UInt32Value {
+            value: check.unhealthy,
+        }),
+        health_checker: Some(checker),
+        ..Default::default()
+    }];
+}
+
+/// Health checks go to `port` on every endpoint instead of the traffic port.
+pub(super) fn set_health_check_port(a: &mut ClusterLoadAssignment, port: u32) {
+    for e in a
+        .endpoints
+        .iter_mut()
+        .flat_map(|l| l.lb_endpoints.iter_mut())
+    {
+        if let Some(lb_endpoint::HostIdentifier::Endpoint(ep)) = &mut e.host_identifier {
+            ep.health_check_config = Some(endpoint::HealthCheckConfig {
+                port_value: port,
+                ..Default::default()
+            });
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub(super) struct Outlier {
+    pub consecutive_5xx: u32,
+    pub interval: Option<Duration>,
+    pub base_ejection_time: Option<Duration>,
+    pub max_ejection_percent: u32,
+}
+
+/// Consecutive 5xx ejection only: success-rate ejection (on by default in Envoy) is not App Mesh's.
+pub(super) fn set_outlier_detection(c: &mut Cluster, o: Outlier) {
+    c.outlier_detection = Some(OutlierDetection {
+        consecutive_5xx: Some(UInt32Value {
+            value: o.consecutive_5xx,
+        }),
+        enforcing_consecutive_5xx: Some(UInt32Value { value: 100 }),
+        enforcing_success_rate: Some(UInt32Value { value: 0 }),
+        interval: o.interval,
+        base_ejection_time: o.base_ejection_time,
+        max_ejection_percent: Some(UInt32Value {
+            value: o.max_ejection_percent,
+        }),
+        ..Default::default()
+    });
+}
+
+/// An access log line's format.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum LogFormat {
+    /// Envoy's default format.
+    Default,
+    Text(String),
+    /// Keys and their command-operator values, in this order.
+    Json(Vec<(String, String)>),
+}
+
+/// A file access log. JSON formats are encoded one key per message and concatenated (protobuf
+/// merges repeated messages): `Struct` is a `HashMap`, whose order would make the resource's
+/// content hash, and so its version, change from run to run.
+pub(super) fn file_access_log(path: &str, format: &LogFormat) -> AccessLog {
+    let one = |f: Option<SubstitutionFormatString>| FileAccessLog {
+        path: path.to_string(),
+        access_log_format: f.map(file_access_log::AccessLogFormat::LogFormat),
+    };
+    let value = match format {
+        LogFormat::Default => one(None).encode_to_vec(),
+        LogFormat::Text(text) => one(Some(SubstitutionFormatString {
+            format: Some(substitution_format_string::Format::TextFormatSource(
+                DataSource {
+                    specifier: Some(data_source::Specifier::InlineString(text.clone())),
+                    ..Default::default()
+                },
+            )),
+            ..Default::default()
+        }))
+        .encode_to_vec(),
+        LogFormat::Json(pairs) => pairs
+            .iter()
+            .flat_map(|(k, v)| {
+                let mut s = Struct::default();
+                s.fields.insert(
+                    k.clone(),
+                    Value {
+                        kind: Some(value::Kind::StringValue(v.clone())),
+                    },
+                );
+                one(Some(SubstitutionFormatString {
+                    format: Some(substitution_format_string::Format::JsonFormat(s)),
+                    ..Default::default()
+                }))
+                .encode_to_vec()
+            })
+            .collect(),
+    };
+    AccessLog {
+        name: "envoy.access_loggers.file".into(),
+        config_type: Some(access_log::ConfigType::TypedConfig(Any {
+            type_url: FileAccessLog::type_url(),
+            value,
+        })),
+        ..Default::default()
+    }
+}
+
+/// A certificate and its key, from files.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct CertFiles {
+    pub chain: String,
+    pub key: String,
+}
+
+/// Peer validation: a CA bundle file and, optionally, names one of the peer's SANs must equal.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct Validation {
+    pub trusted_ca: String,
+    pub sans: Vec<String>,
+}
+
+fn file(path: &str) -> Option<DataSource> {
+    Some(DataSource {
+        specifier: Some(data_source::Specifier::Filename(path.to_string())),
+        ..Default::default()
+    })
+}
+
+fn common_tls(
+    cert: Option<&CertFiles>,
+    validation: Option<&Validation>,
+    alpn: &[&str],
+) -> CommonTlsContext {
+    // App Mesh names may be DNS names or SPIFFE URIs; either SAN type may carry them.
+    let sans = validation
+        .into_iter()
+        .flat_map(|v| &v.sans)
+        .flat_map(|name| {
+            [SanType::Dns, SanType::Uri].map(|t| SubjectAltNameMatcher {
+                san_type: t as i32,
+                matcher: Some(StringMatcher {
+                    match_pattern: Some(string_matcher::MatchPattern::Exact(name.clone())),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+        })
+        .collect();
+    CommonTlsContext {
+        tls_certificates: cert
+            .map(|c| TlsCertificate {
+                certificate_chain: file(&c.chain),
+                private_key: file(&c.key),
+                ..Default::default()
+            })
+            .into_iter()
+            .collect(),
+        validation_context_type: validation.map(|v| {
+            common_tls_context::ValidationContextType::ValidationContext(
+                CertificateValidationContext {
+                    trusted_ca: file(&v.trusted_ca),
+                    match_typed_subject_alt_names: sans,
+                    ..Default::default()
+                },
+            )
+        }),
+        alpn_protocols: alpn.iter().map(|a| a.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+/// TLS termination on a listener; with `validation`, clients must present a trusted certificate.
+pub(super) fn downstream_tls(
+    cert: &CertFiles,
+    validation: Option<&Validation>,
+    alpn: &[&str],
+) -> TransportSocket {
+    let ctx = DownstreamTlsContext {
+        common_tls_context: Some(common_tls(Some(cert), validation, alpn)),
+        require_client_certificate: validation.map(|_| BoolValue { value: true }),
+        ..Default::default()
+    };
+    TransportSocket {
+        name: "envoy.transport_sockets.tls".into(),
+        config_type: Some(transport_socket::ConfigType::TypedConfig(pack_any(ctx))),
+    }
+}
+
+/// TLS origination from a cluster, verifying the server; `cert` is presented for mTLS.
+pub(super) fn upstream_tls(
+    sni: &str,
+    cert: Option<&CertFiles>,
+    validation: &Validation,
+    alpn: &[&str],
+) -> TransportSocket {
+    let ctx = UpstreamTlsContext {
+        common_tls_context: Some(common_tls(cert, Some(validation), alpn)),
+        sni: sni.to_string(),
+        ..Default::default()
+    };
+    TransportSocket {
+        name: "envoy.transport_sockets.tls".into(),
+        config_type: Some(transport_socket::ConfigType::TypedConfig(pack_any(ctx))),
+    }
+}
+
+pub(super) fn set_transport_socket(c: &mut Cluster, socket: TransportSocket) {
+    c.transport_socket = Some(socket);
+}
+
+/// A virtual host with one catch-all route to `cluster` and the given timeouts.
+pub(super) fn virtual_host_timed(
+    name: &str,
+    domains: Vec<String>,
+    cluster: &str,
+    per_request: Option<Duration>,
+    idle: Option<Duration>,
+) -> VirtualHost {
+    let mut vh = virtual_host(name, domains, cluster);
+    for r in &mut vh.routes {
+        if let Some(route::Action::Route(a)) = &mut r.action {
+            a.timeout = per_request;
+            a.idle_timeout = idle;
+        }
+    }
+    vh
+}
+
+/// Where a listener binds: `::` with `ipv4_compat` accepts IPv4 connections as well.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Bind<'a> {
+    pub address: &'a str,
+    pub ipv4_compat: bool,
+}
+
+pub(super) const BIND_V4: Bind<'static> = Bind {
+    address: "0.0.0.0",
+    ipv4_compat: false,
+};
+
 pub(super) fn virtual_host(name: &str, domains: Vec<String>, cluster: &str) -> VirtualHost {
     VirtualHost {
         name: name.to_string(),
@@ -212,8 +559,14 @@ pub(super) fn route_config(name: &str, virtual_hosts: Vec<VirtualHost>) -> Route
     }
 }
 
-pub(super) fn http_connection_manager(stat_prefix: &str, route_name: &str) -> Filter {
+/// A connection manager routing by RDS `route_name`, writing the node's access logs.
+pub(super) fn http_connection_manager(
+    stat_prefix: &str,
+    route_name: &str,
+    access_log: &[AccessLog],
+) -> Filter {
     let hcm = HttpConnectionManager {
+        access_log: access_log.to_vec(),
         stat_prefix: stat_prefix.to_string(),
         codec_type: http_connection_manager::CodecType::Auto as i32,
         route_specifier: Some(http_connection_manager::RouteSpecifier::Rds(Rds {
@@ -235,12 +588,14 @@ pub(super) fn http_connection_manager(stat_prefix: &str, route_name: &str) -> Fi
     }
 }
 
-pub(super) fn tcp_proxy(stat_prefix: &str, cluster: &str) -> Filter {
-    tcp_proxy_weighted(stat_prefix, &[(cluster.to_string(), 1)])
-}
-
-/// A TCP proxy to one cluster, or split by weight across several.
-pub(super) fn tcp_proxy_weighted(stat_prefix: &str, targets: &[(String, u32)]) -> Filter {
+/// A TCP proxy to one cluster, or split by weight across several, with an idle timeout (`None`:
+/// Envoy's 1 h) and access logs.
+pub(super) fn tcp_proxy(
+    stat_prefix: &str,
+    targets: &[(String, u32)],
+    idle: Option<Duration>,
+    access_log: &[AccessLog],
+) -> Filter {
     let spec = match targets {
         [(only, _)] => tcp_proxy::ClusterSpecifier::Cluster(only.clone()),
         many => tcp_proxy::ClusterSpecifier::WeightedClusters(tcp_proxy::WeightedCluster {
@@ -259,6 +614,8 @@ pub(super) fn tcp_proxy_weighted(stat_prefix: &str, targets: &[(String, u32)]) -
     let tcp = TcpProxy {
         stat_prefix: stat_prefix.to_string(),
         cluster_specifier: Some(spec),
+        idle_timeout: idle,
+        access_log: access_log.to_vec(),
         ..Default::default()
     };
     Filter {
@@ -279,31 +636,112 @@ pub(super) fn filter_chain(port: Option<u32>, filter: Filter) -> FilterChain {
     }
 }
 
-/// A listener on 0.0.0.0:`port` that sees the pre-redirect destination (iptables REDIRECT).
+/// A chain that terminates TLS with `tls`; `transport_protocol` "tls" when a plaintext chain for
+/// the same port sits beside it (PERMISSIVE, told apart by the TLS inspector).
+pub(super) fn filter_chain_tls(
+    port: Option<u32>,
+    filter: Filter,
+    tls: TransportSocket,
+    transport_protocol: &str,
+) -> FilterChain {
+    let mut chain = filter_chain(port, filter);
+    chain.transport_socket = Some(tls);
+    if let Some(m) = &mut chain.filter_chain_match {
+        m.transport_protocol = transport_protocol.to_string();
+    }
+    chain
+}
+
+/// A listener on `bind`:`port` that sees the pre-redirect destination (iptables REDIRECT), with
+/// the TLS inspector when its chains tell TLS from plaintext.
 pub(super) fn listener(
     name: &str,
+    bind: Bind<'_>,
     port: u32,
     chains: Vec<FilterChain>,
     default: Option<FilterChain>,
+    tls_inspector: bool,
 ) -> Listener {
     let direction = if port == super::INGRESS_PORT {
         TrafficDirection::Inbound
     } else {
         TrafficDirection::Outbound
     };
+    let mut listener_filters = vec![ListenerFilter {
+        name: "envoy.filters.listener.original_dst".into(),
+        config_type: Some(listener_filter::ConfigType::TypedConfig(pack_any(
+            OriginalDst::default(),
+        ))),
+        ..Default::default()
+    }];
+    if tls_inspector {
+        listener_filters.push(ListenerFilter {
+            name: "envoy.filters.listener.tls_inspector".into(),
+            config_type: Some(listener_filter::ConfigType::TypedConfig(pack_any(
+                TlsInspector::default(),
+            ))),
+            ..Default::default()
+        });
+    }
+    let mut address = socket(bind.address, port);
+    if let Some(address::Address::SocketAddress(sa)) = &mut address.address {
+        sa.ipv4_compat = bind.ipv4_compat;
+    }
     Listener {
         name: name.to_string(),
-        address: Some(socket("0.0.0.0", port)),
+        address: Some(address),
         filter_chains: chains,
         default_filter_chain: default,
-        listener_filters: vec![ListenerFilter {
-            name: "envoy.filters.listener.original_dst".into(),
-            config_type: Some(listener_filter::ConfigType::TypedConfig(pack_any(
-                OriginalDst::default(),
+        listener_filters,
+        // Server-first protocols (PERMISSIVE tcp) must not wait for the inspector forever.
+        continue_on_listener_filters_timeout: tls_inspector,
+        traffic_direction: direction as i32,
+        ..Default::default()
+    }
+}
+
+// === Virtual gateways (translate/gateway.rs) ===
+
+/// A gateway's connection manager: `http_connection_manager` plus what App Mesh set on gateways,
+/// path normalization (`normalize_path`, `merge_slashes`) against path-confusion attacks, and
+/// any port stripped from Host before routing so hostname matches see the bare name.
+pub(super) fn gateway_connection_manager(stat_prefix: &str, route_name: &str) -> Filter {
+    use envoy_types::pb::google::protobuf::BoolValue;
+    let hcm = HttpConnectionManager {
+        stat_prefix: stat_prefix.to_string(),
+        codec_type: http_connection_manager::CodecType::Auto as i32,
+        route_specifier: Some(http_connection_manager::RouteSpecifier::Rds(Rds {
+            config_source: Some(ads()),
+            route_config_name: route_name.to_string(),
+        })),
+        http_filters: vec![HttpFilter {
+            name: "envoy.filters.http.router".into(),
+            config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(
+                Router::default(),
             ))),
             ..Default::default()
         }],
-        traffic_direction: direction as i32,
+        normalize_path: Some(BoolValue { value: true }),
+        merge_slashes: true,
+        strip_port_mode: Some(http_connection_manager::StripPortMode::StripAnyHostPort(
+            true,
+        )),
+        ..Default::default()
+    };
+    Filter {
+        name: "envoy.filters.network.http_connection_manager".into(),
+        config_type: Some(filter::ConfigType::TypedConfig(pack_any(hcm))),
+    }
+}
+
+/// A gateway listener on 0.0.0.0:`port`: clients connect to it directly (a gateway has no
+/// iptables redirect, hence no original_dst filter), through its one filter chain.
+pub(super) fn gateway_listener(name: &str, port: u32, chain: FilterChain) -> Listener {
+    Listener {
+        name: name.to_string(),
+        address: Some(socket("0.0.0.0", port)),
+        filter_chains: vec![chain],
+        traffic_direction: TrafficDirection::Inbound as i32,
         ..Default::default()
     }
 }

@@ -5,6 +5,8 @@
 //! (`lds_ingress_0.0.0.0_15000`, `cds_egress_MESH_NODE_PROTO_PORT`, …) so dashboards carry over.
 
 mod envoy;
+mod gateway;
+mod policy;
 mod routes;
 
 use std::cell::RefCell;
@@ -16,8 +18,8 @@ use envoy_types::pb::envoy::config::listener::v3::{FilterChain, Listener};
 use envoy_types::pb::envoy::config::route::v3::{RouteConfiguration, VirtualHost};
 
 use crate::model::{
-    DnsResponseType, EgressFilterType, MeshState, PortProtocol, ProxyIdentity, ProxyKind,
-    RouteSpec, State, VirtualNodeSpec,
+    ClientPolicy, DnsResponseType, EgressFilterType, MeshState, PortProtocol, ProxyIdentity,
+    ProxyKind, RouteSpec, State, VirtualNodeSpec,
 };
 
 /// Envoy's ingress and egress ports in a meshed task (fixed by the App Mesh contract).
@@ -34,6 +36,9 @@ pub struct Resources {
     pub endpoints: Vec<ClusterLoadAssignment>,
     pub listeners: Vec<Listener>,
     pub routes: Vec<RouteConfiguration>,
+    /// App Mesh settings this translation could not serve, each with why (e.g. an SDS
+    /// certificate): what was done instead is the safe side (a STRICT port refused, not plain).
+    pub unserved: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -69,11 +74,17 @@ pub fn translate(
                 &who.mesh, mesh, &who.name, &node.spec, endpoints,
             ))
         }
-        // Gateways arrive with their own issue; until then no gateway can exist.
-        ProxyKind::VirtualGateway => Err(Error::VirtualGatewayNotFound {
-            mesh: who.mesh.clone(),
-            name: who.name.clone(),
-        }),
+        ProxyKind::VirtualGateway => {
+            let gw = mesh.virtual_gateways.get(&who.name).ok_or_else(|| {
+                Error::VirtualGatewayNotFound {
+                    mesh: who.mesh.clone(),
+                    name: who.name.clone(),
+                }
+            })?;
+            Ok(gateway::virtual_gateway(
+                &who.mesh, mesh, &who.name, &gw.spec, endpoints,
+            ))
+        }
     }
 }
 
@@ -85,7 +96,7 @@ fn virtual_node(
     endpoints: &Endpoints,
 ) -> Resources {
     let mut out = Resources::default();
-    ingress(mesh_name, node_name, spec, &mut out);
+    ingress(mesh_name, mesh, node_name, spec, &mut out);
     egress(mesh_name, mesh, spec, endpoints, &mut out);
     out.clusters.sort_by(|a, b| a.name.cmp(&b.name));
     out.clusters.dedup_by(|a, b| a.name == b.name);
@@ -94,38 +105,79 @@ fn virtual_node(
     out.endpoints
         .dedup_by(|a, b| a.cluster_name == b.cluster_name);
     out.routes.sort_by(|a, b| a.name.cmp(&b.name));
+    out.unserved.sort();
+    out.unserved.dedup();
     out
 }
 
-/// One filter chain per listener port on `lds_ingress_0.0.0.0_15000`, each to the local app.
-fn ingress(mesh: &str, node: &str, spec: &VirtualNodeSpec, out: &mut Resources) {
+/// One filter chain per listener port on `lds_ingress_0.0.0.0_15000`, each to the local app,
+/// with the listener's policies: timeouts on the route (or TCP proxy), its connection pool as
+/// circuit breakers on the local cluster, its TLS on the chain, the node's access log.
+fn ingress(
+    mesh_name: &str,
+    mesh: &MeshState,
+    node: &str,
+    spec: &VirtualNodeSpec,
+    out: &mut Resources,
+) {
+    let (bind, local) = policy::bind(policy::own_ip_preference(mesh, spec));
+    let logs = policy::access_logs(spec);
     let mut chains = Vec::new();
+    let mut inspect_tls = false;
     for l in spec.listeners.iter().flatten() {
         let Ok(port) = u32::try_from(l.port_mapping.port) else {
             continue;
         };
         let proto = l.port_mapping.protocol;
-        let cluster = format!("cds_ingress_{mesh}_{node}_{}_{port}", proto.as_str());
-        out.clusters
-            .push(envoy::static_cluster(&cluster, "127.0.0.1", port, proto));
+        let cluster = format!("cds_ingress_{mesh_name}_{node}_{}_{port}", proto.as_str());
+        let mut local_cluster = envoy::static_cluster(&cluster, local, port, proto);
+        if let Some(limits) = policy::limits(l) {
+            envoy::set_circuit_breakers(&mut local_cluster, limits);
+        }
+        out.clusters.push(local_cluster);
         let filter = if proto == PortProtocol::Tcp {
-            envoy::tcp_proxy("ingress", &cluster)
+            envoy::tcp_proxy("ingress", &[(cluster, 1)], policy::tcp_idle(l), &logs)
         } else {
             let route_name = format!("rds_ingress_{}_{port}", proto.as_str());
+            let (per_request, idle) = policy::http_timeouts(l);
             out.routes.push(envoy::route_config(
                 &route_name,
-                vec![envoy::virtual_host("ingress", vec!["*".into()], &cluster)],
+                vec![envoy::virtual_host_timed(
+                    "ingress",
+                    vec!["*".into()],
+                    &cluster,
+                    per_request,
+                    idle,
+                )],
             ));
-            envoy::http_connection_manager("ingress", &route_name)
+            envoy::http_connection_manager("ingress", &route_name, &logs)
         };
-        chains.push(envoy::filter_chain(Some(port), filter));
+        match policy::listener_tls(l, &mut out.unserved) {
+            policy::ListenerTls::Plain => chains.push(envoy::filter_chain(Some(port), filter)),
+            policy::ListenerTls::Strict(tls) => {
+                chains.push(envoy::filter_chain_tls(Some(port), filter, tls, ""));
+            }
+            policy::ListenerTls::Permissive(tls) => {
+                inspect_tls = true;
+                chains.push(envoy::filter_chain_tls(
+                    Some(port),
+                    filter.clone(),
+                    tls,
+                    "tls",
+                ));
+                chains.push(envoy::filter_chain(Some(port), filter));
+            }
+            policy::ListenerTls::Refuse => {}
+        }
     }
     if !chains.is_empty() {
         out.listeners.push(envoy::listener(
             &format!("lds_ingress_0.0.0.0_{INGRESS_PORT}"),
+            bind,
             INGRESS_PORT,
             chains,
             None,
+            inspect_tls,
         ));
     }
 }
@@ -157,13 +209,21 @@ fn egress(
         .filter_map(|b| b.virtual_service.as_ref())
         .map(|vs| vs.virtual_service_name.as_str())
         .collect();
-    let ctx = Ctx {
-        mesh_name,
-        mesh,
-        endpoints,
-        built: RefCell::default(),
-    };
+    let logs = policy::access_logs(spec);
+    let (bind, _) = policy::bind(policy::own_ip_preference(mesh, spec));
+    let ctx = Ctx::new(mesh_name, mesh, endpoints).with_client_policies(
+        spec.backend_defaults
+            .as_ref()
+            .and_then(|d| d.client_policy.as_ref()),
+        spec.backends
+            .iter()
+            .flatten()
+            .filter_map(|b| b.virtual_service.as_ref())
+            .filter_map(|vs| Some((vs.virtual_service_name.as_str(), vs.client_policy.as_ref()?)))
+            .collect(),
+    );
     for service in backends {
+        ctx.serving(service);
         // A backend may name a service that does not exist (yet); it gets no route.
         let Some(provider) = mesh
             .virtual_services
@@ -184,7 +244,7 @@ fn egress(
         if let Some(targets) = plan.tcp {
             chains.push(envoy::filter_chain(
                 Some(port),
-                envoy::tcp_proxy_weighted("egress", &targets),
+                envoy::tcp_proxy("egress", &targets, None, &logs),
             ));
             continue;
         }
@@ -206,14 +266,14 @@ fn egress(
         out.routes.push(envoy::route_config(&route_name, hosts));
         chains.push(envoy::filter_chain(
             Some(port),
-            envoy::http_connection_manager("egress", &route_name),
+            envoy::http_connection_manager("egress", &route_name, &logs),
         ));
     }
     let default_chain = if allow_all {
         out.clusters.push(envoy::original_dst_cluster(&passthrough));
         Some(envoy::filter_chain(
             None,
-            envoy::tcp_proxy("egress", &passthrough),
+            envoy::tcp_proxy("egress", &[(passthrough, 1)], None, &logs),
         ))
     } else {
         None
@@ -223,9 +283,11 @@ fn egress(
     if !chains.is_empty() || default_chain.is_some() {
         out.listeners.push(envoy::listener(
             &format!("lds_egress_0.0.0.0_{EGRESS_PORT}"),
+            bind,
             EGRESS_PORT,
             chains,
             default_chain,
+            false,
         ));
     }
 }
@@ -233,24 +295,69 @@ fn egress(
 /// A cluster built for a (node, port): its name, port and protocol.
 type Built = Option<(String, u32, PortProtocol)>;
 
-struct Ctx<'a> {
+pub(super) struct Ctx<'a> {
     mesh_name: &'a str,
     mesh: &'a MeshState,
     endpoints: &'a Endpoints,
-    /// Clusters already built in this translation: many routes target the same nodes.
-    built: RefCell<BTreeMap<(String, Option<i64>), Built>>,
+    /// Clusters already built in this translation (many routes target the same nodes), and the
+    /// caller they are built for. One `Default` field, so `Ctx { .., built: RefCell::default() }`
+    /// stays a complete literal.
+    built: RefCell<Cache<'a>>,
+}
+
+#[derive(Default)]
+struct Cache<'a> {
+    clusters: BTreeMap<(String, Option<i64>), Built>,
+    /// The caller's `backendDefaults` client policy.
+    default_policy: Option<&'a ClientPolicy>,
+    /// The caller's per-backend client policies, by virtual service.
+    backend_policies: BTreeMap<&'a str, &'a ClientPolicy>,
+    /// The virtual service whose routes are being built: its client policy and name (SNI) go on
+    /// the clusters it builds first. A cluster is per (node, port), so when several services
+    /// reach one node, the first by name decides its TLS.
+    service: String,
+}
+
+impl<'a> Ctx<'a> {
+    pub(super) fn new(mesh_name: &'a str, mesh: &'a MeshState, endpoints: &'a Endpoints) -> Self {
+        Ctx {
+            mesh_name,
+            mesh,
+            endpoints,
+            built: RefCell::default(),
+        }
+    }
+
+    /// The caller's client policies: `defaults` for every backend, `per_backend` overriding.
+    pub(super) fn with_client_policies(
+        self,
+        defaults: Option<&'a ClientPolicy>,
+        per_backend: BTreeMap<&'a str, &'a ClientPolicy>,
+    ) -> Self {
+        {
+            let mut cache = self.built.borrow_mut();
+            cache.default_policy = defaults;
+            cache.backend_policies = per_backend;
+        }
+        self
+    }
+
+    /// Clusters built from now on serve the virtual service `service`.
+    pub(super) fn serving(&self, service: &str) {
+        service.clone_into(&mut self.built.borrow_mut().service);
+    }
 }
 
 impl Ctx<'_> {
     /// The caller-side cluster for `node`'s listener on `port` (its only listener when `None`),
     /// built once per translation.
-    fn node_cluster(&self, node: &str, port: Option<i64>, out: &mut Resources) -> Built {
+    pub(super) fn node_cluster(&self, node: &str, port: Option<i64>, out: &mut Resources) -> Built {
         let key = (node.to_string(), port);
-        if let Some(done) = self.built.borrow().get(&key) {
+        if let Some(done) = self.built.borrow().clusters.get(&key) {
             return done.clone();
         }
         let made = self.build_node_cluster(node, port, out);
-        self.built.borrow_mut().insert(key, made.clone());
+        self.built.borrow_mut().clusters.insert(key, made.clone());
         made
     }
 
@@ -269,7 +376,35 @@ impl Ctx<'_> {
             self.mesh_name,
             proto.as_str()
         );
-        let c = upstream_cluster(&name, &target.spec, port, proto, self.endpoints, out)?;
+        let tls = {
+            let cache = self.built.borrow();
+            let policy = policy::client_policy(
+                cache.backend_policies.get(cache.service.as_str()).copied(),
+                cache.default_policy,
+            );
+            policy::client_tls(policy, &cache.service, port, proto, &mut out.unserved)
+        };
+        if matches!(tls, policy::ClientTls::Refuse) {
+            return None;
+        }
+        let mut c = upstream_cluster(&name, &target.spec, port, proto, self.endpoints, out)?;
+        // The target's DNS IP preference, when it has none, is the mesh's.
+        let dns = target
+            .spec
+            .service_discovery
+            .as_ref()
+            .and_then(|sd| sd.dns.as_ref());
+        if let Some(d) = dns
+            && d.ip_preference.is_none()
+        {
+            envoy::set_dns_lookup(
+                &mut c,
+                policy::lookup(policy::mesh_ip_preference(self.mesh)),
+            );
+        }
+        if let policy::ClientTls::Tls(socket) = tls {
+            envoy::set_transport_socket(&mut c, socket);
+        }
         out.clusters.push(c);
         Some((name, port, proto))
     }
@@ -294,11 +429,16 @@ fn node_provided(
         if proto == PortProtocol::Tcp {
             plan.tcp.get_or_insert_with(|| vec![(cluster, 1)]);
         } else {
+            // The provider's listener timeouts hold on the caller's side too, or the caller's
+            // 15 s default would cut a longer listener timeout short.
+            let (per_request, idle) = policy::http_timeouts(l);
             plan.protocols.insert(proto);
-            plan.hosts.push(envoy::virtual_host(
+            plan.hosts.push(envoy::virtual_host_timed(
                 service,
                 vec![service.to_string(), format!("{service}:{port}")],
                 &cluster,
+                per_request,
+                idle,
             ));
         }
     }
@@ -321,29 +461,14 @@ fn router_provided(
             continue;
         };
         let proto = l.port_mapping.protocol;
-        let mut attached: Vec<routes::Named<'_>> = routes
-            .into_iter()
-            .flatten()
-            .filter(|(_, route)| {
-                route_fits(&route.spec, proto, l.port_mapping.port, listeners.len())
-            })
-            .map(|(name, route)| routes::Named {
-                name,
-                spec: &route.spec,
-                targets: route
-                    .spec
-                    .weighted_targets()
-                    .filter_map(|t| {
-                        let (cluster, _, _) = ctx.node_cluster(&t.virtual_node, t.port, out)?;
-                        Some(routes::Target {
-                            cluster,
-                            weight: u32::try_from(t.weight).unwrap_or(0),
-                        })
-                    })
-                    .collect(),
-            })
-            .collect();
-        routes::order(&mut attached);
+        let attached = router_routes(
+            ctx,
+            routes,
+            proto,
+            l.port_mapping.port,
+            listeners.len(),
+            out,
+        );
         let plan = ports.entry(port).or_default();
         if proto == PortProtocol::Tcp {
             if let Some(first) = attached
@@ -372,6 +497,40 @@ fn router_provided(
     }
 }
 
+/// The router's routes that attach to its listener (protocol, port), with their targets resolved
+/// to caller-side clusters, in App Mesh's order.
+fn router_routes<'r>(
+    ctx: &Ctx<'_>,
+    routes: Option<&'r BTreeMap<String, crate::model::Resource<RouteSpec>>>,
+    proto: PortProtocol,
+    port: i64,
+    listeners: usize,
+    out: &mut Resources,
+) -> Vec<routes::Named<'r>> {
+    let mut attached: Vec<routes::Named<'r>> = routes
+        .into_iter()
+        .flatten()
+        .filter(|(_, route)| route_fits(&route.spec, proto, port, listeners))
+        .map(|(name, route)| routes::Named {
+            name,
+            spec: &route.spec,
+            targets: route
+                .spec
+                .weighted_targets()
+                .filter_map(|t| {
+                    let (cluster, _, _) = ctx.node_cluster(&t.virtual_node, t.port, out)?;
+                    Some(routes::Target {
+                        cluster,
+                        weight: u32::try_from(t.weight).unwrap_or(0),
+                    })
+                })
+                .collect(),
+        })
+        .collect();
+    routes::order(&mut attached);
+    attached
+}
+
 /// Whether a route attaches to the router listener (protocol, port).
 fn route_fits(spec: &RouteSpec, proto: PortProtocol, port: i64, listeners: usize) -> bool {
     let (kind_proto, match_port) = if let Some(r) = &spec.http_route {
@@ -388,7 +547,9 @@ fn route_fits(spec: &RouteSpec, proto: PortProtocol, port: i64, listeners: usize
     kind_proto == proto && match_port.map_or(listeners == 1, |p| p == port)
 }
 
-/// The caller-side cluster for one listener of a backend's provider node.
+/// The caller-side cluster for one listener of a backend's provider node, with that listener's
+/// health check and outlier detection, DNS resolved by the target's IP preference (IPv4 only
+/// when it has none; `Ctx::node_cluster` falls back to the mesh's).
 fn upstream_cluster(
     name: &str,
     target: &VirtualNodeSpec,
@@ -398,20 +559,44 @@ fn upstream_cluster(
     out: &mut Resources,
 ) -> Option<Cluster> {
     let sd = target.service_discovery.as_ref()?;
-    if let Some(dns) = &sd.dns {
+    let listener = target
+        .listeners
+        .iter()
+        .flatten()
+        .find(|l| i64::from(port) == l.port_mapping.port);
+    let check = listener.and_then(|l| policy::health_check(l, proto, &mut out.unserved));
+    let outlier = listener.and_then(policy::outlier);
+    let mut c = if let Some(dns) = &sd.dns {
         let strict = dns.response_type == Some(DnsResponseType::Endpoints);
-        return Some(envoy::dns_cluster(name, &dns.hostname, port, proto, strict));
+        let mut c = envoy::dns_cluster(name, &dns.hostname, port, proto, strict);
+        envoy::set_dns_lookup(&mut c, policy::lookup(dns.ip_preference));
+        if let (Some((_, Some(hc_port))), Some(a)) = (&check, &mut c.load_assignment) {
+            envoy::set_health_check_port(a, *hc_port);
+        }
+        c
+    } else {
+        sd.aws_cloud_map.as_ref()?;
+        let mut assignment =
+            endpoints
+                .get(name)
+                .cloned()
+                .unwrap_or_else(|| ClusterLoadAssignment {
+                    cluster_name: name.to_string(),
+                    ..Default::default()
+                });
+        if let Some((_, Some(hc_port))) = &check {
+            envoy::set_health_check_port(&mut assignment, *hc_port);
+        }
+        out.endpoints.push(assignment);
+        envoy::eds_cluster(name, proto)
+    };
+    if let Some((hc, _)) = check {
+        envoy::set_health_check(&mut c, hc);
     }
-    sd.aws_cloud_map.as_ref()?;
-    let assignment = endpoints
-        .get(name)
-        .cloned()
-        .unwrap_or_else(|| ClusterLoadAssignment {
-            cluster_name: name.to_string(),
-            ..Default::default()
-        });
-    out.endpoints.push(assignment);
-    Some(envoy::eds_cluster(name, proto))
+    if let Some(o) = outlier {
+        envoy::set_outlier_detection(&mut c, o);
+    }
+    Some(c)
 }
 
 /// Names of the filter chains of a listener, for tests and the debug endpoint.
@@ -427,3 +612,6 @@ pub fn chain_ports(l: &Listener) -> Vec<Option<u32>> {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod policy_tests;

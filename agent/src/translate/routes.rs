@@ -17,8 +17,8 @@ use envoy_types::util::pack_any;
 use super::envoy::{duration, seconds};
 use crate::model::Duration as MeshDuration;
 use crate::model::{
-    DurationUnit, GrpcRetryPolicyEvent, GrpcRoute, HttpRoute, HttpRouteHeader, MatchRange,
-    RouteSpec, TcpRetryPolicyEvent,
+    DurationUnit, GrpcRetryPolicyEvent, GrpcRoute, HttpPathMatch, HttpRoute, HttpRouteHeader,
+    MatchRange, RouteSpec, TcpRetryPolicyEvent,
 };
 
 /// App Mesh's defaults: 15 s per request, 300 s idle.
@@ -54,14 +54,9 @@ fn match_len(spec: &RouteSpec) -> usize {
     let http = spec.http_route.as_ref().or(spec.http2_route.as_ref());
     if let Some(r) = http {
         let m = &r.r#match;
-        return m
-            .path
-            .as_ref()
-            .and_then(|p| p.exact.as_ref().or(p.regex.as_ref()))
-            .or(m.prefix.as_ref())
-            .map_or(0, String::len)
-            + m.headers.as_ref().map_or(0, Vec::len)
+        let conditions = m.headers.as_ref().map_or(0, Vec::len)
             + m.query_parameters.as_ref().map_or(0, Vec::len);
+        return http_match_len(m.path.as_ref(), m.prefix.as_ref(), conditions);
     }
     if let Some(r) = &spec.grpc_route {
         let m = &r.r#match;
@@ -70,6 +65,19 @@ fn match_len(spec: &RouteSpec) -> usize {
             + m.metadata.as_ref().map_or(0, Vec::len);
     }
     0
+}
+
+/// How specific an HTTP match is, for App Mesh's longest-match-first order: the length of its path
+/// or prefix plus its header and query conditions.
+pub(super) fn http_match_len(
+    path: Option<&HttpPathMatch>,
+    prefix: Option<&String>,
+    conditions: usize,
+) -> usize {
+    path.and_then(|p| p.exact.as_ref().or(p.regex.as_ref()))
+        .or(prefix)
+        .map_or(0, String::len)
+        + conditions
 }
 
 /// The Envoy route for an http, http2 or grpc route (tcp routes become tcp_proxy filters).
@@ -244,7 +252,7 @@ fn header(h: &HttpRouteHeader) -> HeaderMatcher {
     )
 }
 
-fn matcher(
+pub(super) fn matcher(
     name: &str,
     invert: bool,
     exact: Option<&str>,
@@ -283,11 +291,11 @@ fn matcher(
     }
 }
 
-fn exact_header(name: &str, value: &str) -> HeaderMatcher {
+pub(super) fn exact_header(name: &str, value: &str) -> HeaderMatcher {
     matcher(name, false, Some(value), None, None, None, None)
 }
 
-fn regex(re: &str) -> RegexMatcher {
+pub(super) fn regex(re: &str) -> RegexMatcher {
     RegexMatcher {
         regex: re.to_string(),
         ..Default::default()

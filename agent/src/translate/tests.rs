@@ -2,35 +2,14 @@
 
 use envoy_types::pb::envoy::config::cluster::v3::cluster::{ClusterDiscoveryType, DiscoveryType};
 use envoy_types::pb::envoy::config::listener::v3::Listener;
-use serde_json::json;
+use serde_json::{Value, json};
 
 use super::*;
-use crate::model::{MeshSpec, MeshState, State};
-use crate::test_helpers::{mesh_resource, resource};
+use crate::model::State;
+use crate::test_helpers::resource;
 
-fn state(
-    mesh_spec: serde_json::Value,
-    nodes: &[(&str, serde_json::Value)],
-    services: &[(&str, &str)],
-) -> State {
-    let mut m: MeshState = mesh_resource("m");
-    m.mesh.spec = serde_json::from_value::<MeshSpec>(mesh_spec).unwrap();
-    for (name, spec) in nodes {
-        m.virtual_nodes.insert(
-            name.to_string(),
-            resource(name, serde_json::from_value(spec.clone()).unwrap()),
-        );
-    }
-    for (name, provider) in services {
-        let spec = json!({"provider": {"virtualNode": {"virtualNodeName": provider}}});
-        m.virtual_services.insert(
-            name.to_string(),
-            resource(name, serde_json::from_value(spec).unwrap()),
-        );
-    }
-    let mut s = State::default();
-    s.meshes.insert("m".into(), m);
-    s
+fn state(mesh_spec: Value, nodes: &[(&str, Value)], services: &[(&str, &str)]) -> State {
+    crate::test_helpers::mesh_state(mesh_spec, nodes, services)
 }
 
 fn node(name: &str) -> ProxyIdentity {

@@ -46,6 +46,9 @@ pub const DEFAULT_CONNECTIONS_PER_PROXY: usize = 50;
 #[derive(Debug)]
 pub struct Ads {
     published: watch::Receiver<Published>,
+    /// The store's own channel: a stream that connects reads the freshest committed state, so a
+    /// proxy created a moment ago is found before the debouncer publishes it.
+    committed: watch::Receiver<Arc<crate::model::State>>,
     snapshots: Snapshots,
     pub metrics: Arc<Metrics>,
     next_stream: AtomicU64,
@@ -57,12 +60,14 @@ pub struct Ads {
 impl Ads {
     pub fn new(
         published: watch::Receiver<Published>,
+        committed: watch::Receiver<Arc<crate::model::State>>,
         metrics: Arc<Metrics>,
         max_per_proxy: usize,
         cancel: CancellationToken,
     ) -> Arc<Self> {
         Arc::new(Ads {
             published,
+            committed,
             snapshots: Snapshots::default(),
             metrics,
             next_stream: AtomicU64::new(1),

@@ -116,7 +116,8 @@ async fn run_stream(
         ))
     })?;
     let mut published = ads.published.clone();
-    let state = published.borrow_and_update().state.clone();
+    published.mark_unchanged();
+    let state = ads.committed.borrow().clone();
     let mut snap = build(ads, &state, &who).map_err(|e| {
         ads.metrics.refused("unknown_proxy");
         unknown_proxy(e)
@@ -150,6 +151,10 @@ async fn run_stream(
                         break;
                     }
                     let p = published.borrow_and_update().clone();
+                    if p.state.generation < snap.generation {
+                        // Published before the state this stream started from; a newer one follows.
+                        continue;
+                    }
                     snap = match build(ads, &p.state, &stream.who) {
                         Ok(s) => s,
                         Err(e) => {

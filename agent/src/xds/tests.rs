@@ -81,6 +81,7 @@ async fn harness() -> Harness {
     ));
     let ads = Ads::new(
         published_rx,
+        store.subscribe(),
         Arc::new(Metrics::default()),
         2,
         cancel.clone(),

@@ -1,0 +1,683 @@
+//! Virtual gateways and gateway routes → the configuration of a gateway's Envoy.
+//!
+//! A gateway Envoy runs without an iptables redirect: clients connect to its listener ports.
+//!
+//! **Names** (App Mesh named gateway resources after the listener port):
+//! - one listener per gateway listener, `lds_ingress_0.0.0.0_PORT`, bound on 0.0.0.0:PORT, with
+//!   one filter chain holding an HTTP connection manager (stat prefix `ingress`) — http, http2
+//!   and grpc alike (codec AUTO);
+//! - its route config `rds_ingress_PROTO_PORT` (PROTO: the listener's protocol), with one virtual
+//!   host `ingress` for any domain (`*`) holding the gateway routes of that listener in order;
+//! - clusters `cds_egress_MESH_NODE_PROTO_PORT`, the very clusters (and discovery) of virtual
+//!   nodes' egress, built by the same code.
+//!
+//! **Which routes, in which order.** A gateway route attaches to the listener of its protocol
+//! (httpRoute → http, http2Route → http2, grpcRoute → grpc) whose port is its `match.port`, or to
+//! the only listener when it names none. Order: `priority` (0 first, unset last); then routes
+//! for an exact hostname, then for a hostname suffix (longest first), then for any host (the
+//! order in which Envoy would pick virtual hosts, kept inside one virtual host so priorities
+//! still hold across hostnames); then longest match (path, then headers and query parameters);
+//! then name.
+//!
+//! **Matches.** prefix (default `/`), exact path, regex path; hostname exact/suffix as
+//! case-insensitive `:authority` matchers (the connection manager strips any port from Host
+//! first); headers (exact, prefix, suffix, regex, range, invert); query parameters (exact or
+//! present); method; port (by listener, above). gRPC: `serviceName` as the path prefix
+//! `/SERVICE/`, metadata as header matchers.
+//!
+//! **Rewrites**, as App Mesh's defaults: a prefix match rewrites the matched prefix to `/`
+//! (`defaultPrefix` ENABLED or unset), to `value` when set, or not at all (DISABLED); an exact or
+//! regex path match is rewritten to `path.exact` when set; Host is rewritten to the target
+//! virtual service's name unless `hostname.defaultTargetHostname` is DISABLED.
+//!
+//! **Targets.** A virtual service provided by a node: that node's listener cluster (the target
+//! `port`, or the node's only listener). Provided by a router: see [`via_router`]. A target that
+//! does not exist, has no provider, or whose port matches no listener yields no route (never an
+//! error): requests then fall to later routes, or 404.
+//!
+//! **Not here (extension points):** listener TLS, connection pools and health checks, backend
+//! defaults' client policy and access logs are the policies' work; they plug in where
+//! [`virtual_gateway`] builds each listener's chain and where clusters are built.
+
+use envoy_types::pb::envoy::config::route::v3::{
+    DirectResponseAction, HeaderMatcher, QueryParameterMatcher, Route, RouteAction, RouteMatch,
+    header_matcher, query_parameter_matcher, route, route_action, route_match,
+};
+use envoy_types::pb::envoy::r#type::matcher::v3::{
+    RegexMatchAndSubstitute, StringMatcher, string_matcher,
+};
+
+use super::{Ctx, Endpoints, Resources, envoy, routes};
+use crate::model::{
+    DefaultGatewayRouteRewrite, GatewayRouteHostnameMatch, GatewayRouteHostnameRewrite,
+    GatewayRouteSpec, GatewayRouteTarget, GrpcGatewayRoute, HttpGatewayRoute,
+    HttpGatewayRoutePrefixRewrite, HttpPathMatch, HttpQueryParameter, MeshState,
+    VirtualGatewayPortProtocol, VirtualGatewaySpec,
+};
+
+/// The virtual host of every gateway route config, and the listeners' stat prefix.
+pub(super) const VIRTUAL_HOST: &str = "ingress";
+const STAT_PREFIX: &str = "ingress";
+
+/// The configuration of the gateway `name`: its listeners and the gateway routes behind them.
+pub(super) fn virtual_gateway(
+    mesh_name: &str,
+    mesh: &MeshState,
+    name: &str,
+    spec: &VirtualGatewaySpec,
+    endpoints: &Endpoints,
+) -> Resources {
+    // Extension point for the gateway's client policies (`spec.backend_defaults`):
+    // `Ctx::with_client_policies` once they map onto the clusters built below.
+    let ctx = Ctx::new(mesh_name, mesh, endpoints);
+    let mut out = Resources::default();
+    let gateway_routes = mesh.gateway_routes.get(name);
+    for l in &spec.listeners {
+        let Ok(port) = u32::try_from(l.port_mapping.port) else {
+            continue;
+        };
+        let proto = l.port_mapping.protocol;
+        let mut attached: Vec<(&str, &GatewayRouteSpec)> = gateway_routes
+            .into_iter()
+            .flatten()
+            .filter(|(_, r)| attaches(&r.spec, proto, l.port_mapping.port, spec.listeners.len()))
+            .map(|(n, r)| (n.as_str(), &r.spec))
+            .collect();
+        order(&mut attached);
+        let mut envoy_routes = Vec::new();
+        for (route_name, route_spec) in attached {
+            envoy_routes.extend(gateway_route(&ctx, route_name, route_spec, &mut out));
+        }
+        let rds = format!("rds_ingress_{}_{port}", proto.as_str());
+        out.routes.push(envoy::route_config(
+            &rds,
+            vec![envoy::virtual_host_with(
+                VIRTUAL_HOST,
+                vec!["*".into()],
+                envoy_routes,
+            )],
+        ));
+        // Extension point for listener policies: `l.tls` becomes this chain's transport socket,
+        // `l.connection_pool` the connection manager's / listener's limits, `l.health_check`
+        // the gateway's own health answer. A listener without routes still listens (404s), as
+        // App Mesh's gateways did.
+        let chain = envoy::filter_chain(None, envoy::gateway_connection_manager(STAT_PREFIX, &rds));
+        out.listeners.push(envoy::gateway_listener(
+            &format!("lds_ingress_0.0.0.0_{port}"),
+            port,
+            chain,
+        ));
+    }
+    out.clusters.sort_by(|a, b| a.name.cmp(&b.name));
+    out.clusters.dedup_by(|a, b| a.name == b.name);
+    out.endpoints
+        .sort_by(|a, b| a.cluster_name.cmp(&b.cluster_name));
+    out.endpoints
+        .dedup_by(|a, b| a.cluster_name == b.cluster_name);
+    out.routes.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
+/// The listener protocol a gateway route needs, and the port it names.
+fn kind(spec: &GatewayRouteSpec) -> Option<(VirtualGatewayPortProtocol, Option<i64>)> {
+    if let Some(r) = &spec.http_route {
+        Some((VirtualGatewayPortProtocol::Http, r.r#match.port))
+    } else if let Some(r) = &spec.http2_route {
+        Some((VirtualGatewayPortProtocol::Http2, r.r#match.port))
+    } else {
+        spec.grpc_route
+            .as_ref()
+            .map(|r| (VirtualGatewayPortProtocol::Grpc, r.r#match.port))
+    }
+}
+
+/// Whether a gateway route attaches to the gateway listener (protocol, port).
+fn attaches(
+    spec: &GatewayRouteSpec,
+    proto: VirtualGatewayPortProtocol,
+    port: i64,
+    listeners: usize,
+) -> bool {
+    kind(spec).is_some_and(|(p, match_port)| {
+        p == proto && match_port.map_or(listeners == 1, |m| m == port)
+    })
+}
+
+fn hostname_match(spec: &GatewayRouteSpec) -> Option<&GatewayRouteHostnameMatch> {
+    spec.http_route
+        .as_ref()
+        .or(spec.http2_route.as_ref())
+        .and_then(|r| r.r#match.hostname.as_ref())
+        .or_else(|| {
+            spec.grpc_route
+                .as_ref()
+                .and_then(|r| r.r#match.hostname.as_ref())
+        })
+}
+
+/// Exact hostnames first, then suffixes (longest first), then any host.
+fn host_rank(spec: &GatewayRouteSpec) -> (u8, std::cmp::Reverse<usize>) {
+    match hostname_match(spec) {
+        Some(GatewayRouteHostnameMatch { exact: Some(_), .. }) => (0, std::cmp::Reverse(0)),
+        Some(GatewayRouteHostnameMatch {
+            suffix: Some(s), ..
+        }) => (1, std::cmp::Reverse(s.len())),
+        _ => (2, std::cmp::Reverse(0)),
+    }
+}
+
+fn match_len(spec: &GatewayRouteSpec) -> usize {
+    if let Some(r) = spec.http_route.as_ref().or(spec.http2_route.as_ref()) {
+        let m = &r.r#match;
+        let conditions = m.headers.as_ref().map_or(0, Vec::len)
+            + m.query_parameters.as_ref().map_or(0, Vec::len);
+        return routes::http_match_len(m.path.as_ref(), m.prefix.as_ref(), conditions);
+    }
+    spec.grpc_route.as_ref().map_or(0, |r| {
+        r.r#match.service_name.as_ref().map_or(0, String::len)
+            + r.r#match.metadata.as_ref().map_or(0, Vec::len)
+    })
+}
+
+/// Priority, then hostname specificity, then longest match, then name (see the module doc).
+fn order(routes: &mut [(&str, &GatewayRouteSpec)]) {
+    routes.sort_by(|(an, a), (bn, b)| {
+        let pa = a.priority.unwrap_or(i64::MAX);
+        let pb = b.priority.unwrap_or(i64::MAX);
+        pa.cmp(&pb)
+            .then_with(|| host_rank(a).cmp(&host_rank(b)))
+            .then_with(|| match_len(b).cmp(&match_len(a)))
+            .then_with(|| an.cmp(bn))
+    });
+}
+
+/// What the target service sees of the path the gateway matched.
+#[derive(Clone, Debug, PartialEq)]
+enum Forward {
+    /// Prefix `matched`, forwarded as `to` followed by the rest (`to == matched`: unchanged).
+    Prefix { matched: String, to: String },
+    /// Exact path `matched`, forwarded as `to` (itself when there is no path rewrite).
+    Exact { matched: String, to: String },
+    /// Regex path `matched`, forwarded as `to` when a path rewrite is set, else unchanged.
+    Regex { matched: String, to: Option<String> },
+}
+
+/// How an Envoy route rewrites the path.
+#[derive(Clone, Debug, PartialEq)]
+enum PathRewrite {
+    Keep,
+    /// Envoy's `prefix_rewrite`: the route's matched prefix becomes this.
+    Prefix(String),
+    /// The whole path (query kept) becomes this.
+    Whole(String),
+}
+
+/// The path part of an Envoy route: its path matcher, an extra `:path` condition when one path
+/// matcher cannot say it all, and the rewrite.
+#[derive(Clone, Debug, PartialEq)]
+struct PathPlan {
+    spec: route_match::PathSpecifier,
+    extra: Option<HeaderMatcher>,
+    rewrite: PathRewrite,
+}
+
+/// A gateway route reduced to what every target kind needs.
+struct Parts<'a> {
+    forward: Forward,
+    /// Hostname, headers, method, gRPC metadata.
+    headers: Vec<HeaderMatcher>,
+    query: Vec<QueryParameterMatcher>,
+    grpc: bool,
+    rewrite_host: bool,
+    target: &'a GatewayRouteTarget,
+}
+
+impl Parts<'_> {
+    fn route_match(
+        &self,
+        path: &PathPlan,
+        more_headers: Vec<HeaderMatcher>,
+        more_query: Vec<QueryParameterMatcher>,
+        grpc: bool,
+    ) -> RouteMatch {
+        let mut headers = self.headers.clone();
+        headers.extend(path.extra.clone());
+        headers.extend(more_headers);
+        let mut query_parameters = self.query.clone();
+        query_parameters.extend(more_query);
+        RouteMatch {
+            path_specifier: Some(path.spec.clone()),
+            headers,
+            query_parameters,
+            grpc: (self.grpc || grpc).then_some(route_match::GrpcRouteMatchOptions {}),
+            ..Default::default()
+        }
+    }
+}
+
+fn parts(spec: &GatewayRouteSpec) -> Option<Parts<'_>> {
+    if let Some(h) = spec.http_route.as_ref().or(spec.http2_route.as_ref()) {
+        return Some(http_parts(h));
+    }
+    spec.grpc_route.as_ref().map(grpc_parts)
+}
+
+fn http_parts(h: &HttpGatewayRoute) -> Parts<'_> {
+    let m = &h.r#match;
+    let rewrite = h.action.rewrite.as_ref();
+    let path_to = rewrite
+        .and_then(|r| r.path.as_ref())
+        .and_then(|p| p.exact.clone());
+    let forward = match &m.path {
+        Some(HttpPathMatch { exact: Some(e), .. }) => Forward::Exact {
+            matched: e.clone(),
+            to: path_to.unwrap_or_else(|| e.clone()),
+        },
+        Some(HttpPathMatch { regex: Some(r), .. }) => Forward::Regex {
+            matched: r.clone(),
+            to: path_to,
+        },
+        _ => {
+            let matched = m.prefix.clone().unwrap_or_else(|| "/".into());
+            let to = prefix_target(&matched, rewrite.and_then(|r| r.prefix.as_ref()));
+            Forward::Prefix { matched, to }
+        }
+    };
+    let mut headers: Vec<HeaderMatcher> =
+        m.hostname.as_ref().and_then(hostname).into_iter().collect();
+    headers.extend(m.headers.iter().flatten().map(|hd| {
+        let mm = hd.r#match.as_ref();
+        routes::matcher(
+            &hd.name,
+            hd.invert.unwrap_or(false),
+            mm.and_then(|x| x.exact.as_deref()),
+            mm.and_then(|x| x.prefix.as_deref()),
+            mm.and_then(|x| x.suffix.as_deref()),
+            mm.and_then(|x| x.regex.as_deref()),
+            mm.and_then(|x| x.range.as_ref()),
+        )
+    }));
+    if let Some(method) = m.method {
+        headers.push(routes::exact_header(":method", method.as_str()));
+    }
+    Parts {
+        forward,
+        headers,
+        query: m.query_parameters.iter().flatten().map(query).collect(),
+        grpc: false,
+        rewrite_host: rewrites_host(rewrite.and_then(|r| r.hostname.as_ref())),
+        target: &h.action.target,
+    }
+}
+
+fn grpc_parts(g: &GrpcGatewayRoute) -> Parts<'_> {
+    let m = &g.r#match;
+    let prefix = m
+        .service_name
+        .as_ref()
+        .map_or_else(|| "/".to_string(), |s| format!("/{s}/"));
+    let mut headers: Vec<HeaderMatcher> =
+        m.hostname.as_ref().and_then(hostname).into_iter().collect();
+    headers.extend(m.metadata.iter().flatten().map(|md| {
+        let mm = md.r#match.as_ref();
+        routes::matcher(
+            &md.name,
+            md.invert.unwrap_or(false),
+            mm.and_then(|x| x.exact.as_deref()),
+            mm.and_then(|x| x.prefix.as_deref()),
+            mm.and_then(|x| x.suffix.as_deref()),
+            mm.and_then(|x| x.regex.as_deref()),
+            mm.and_then(|x| x.range.as_ref()),
+        )
+    }));
+    Parts {
+        forward: Forward::Prefix {
+            matched: prefix.clone(),
+            to: prefix,
+        },
+        headers,
+        query: vec![],
+        grpc: true,
+        rewrite_host: rewrites_host(g.action.rewrite.as_ref().and_then(|r| r.hostname.as_ref())),
+        target: &g.action.target,
+    }
+}
+
+/// The prefix a matched prefix becomes: `value`, itself when DISABLED, else `/` (App Mesh's default).
+fn prefix_target(matched: &str, rewrite: Option<&HttpGatewayRoutePrefixRewrite>) -> String {
+    match rewrite {
+        Some(HttpGatewayRoutePrefixRewrite { value: Some(v), .. }) => v.clone(),
+        Some(HttpGatewayRoutePrefixRewrite {
+            default_prefix: Some(DefaultGatewayRouteRewrite::Disabled),
+            ..
+        }) => matched.to_string(),
+        _ => "/".to_string(),
+    }
+}
+
+/// Host becomes the target service's name unless `defaultTargetHostname` is DISABLED.
+fn rewrites_host(rewrite: Option<&GatewayRouteHostnameRewrite>) -> bool {
+    rewrite.and_then(|r| r.default_target_hostname) != Some(DefaultGatewayRouteRewrite::Disabled)
+}
+
+/// A hostname match as a case-insensitive `:authority` matcher (ports are stripped before
+/// routing). A suffix also matches a host equal to it.
+fn hostname(h: &GatewayRouteHostnameMatch) -> Option<HeaderMatcher> {
+    let pattern = if let Some(e) = &h.exact {
+        string_matcher::MatchPattern::Exact(e.clone())
+    } else {
+        string_matcher::MatchPattern::Suffix(h.suffix.clone()?)
+    };
+    Some(HeaderMatcher {
+        name: ":authority".into(),
+        header_match_specifier: Some(header_matcher::HeaderMatchSpecifier::StringMatch(
+            StringMatcher {
+                match_pattern: Some(pattern),
+                ignore_case: true,
+            },
+        )),
+        ..Default::default()
+    })
+}
+
+fn query(q: &HttpQueryParameter) -> QueryParameterMatcher {
+    let spec = match q.r#match.as_ref().and_then(|m| m.exact.clone()) {
+        Some(exact) => {
+            query_parameter_matcher::QueryParameterMatchSpecifier::StringMatch(StringMatcher {
+                match_pattern: Some(string_matcher::MatchPattern::Exact(exact)),
+                ..Default::default()
+            })
+        }
+        None => query_parameter_matcher::QueryParameterMatchSpecifier::PresentMatch(true),
+    };
+    QueryParameterMatcher {
+        name: q.name.clone(),
+        query_parameter_match_specifier: Some(spec),
+    }
+}
+
+/// The gateway route's own path matcher and rewrite.
+fn own_path(f: &Forward) -> PathPlan {
+    let (spec, rewrite) = match f {
+        Forward::Prefix { matched, to } => (
+            route_match::PathSpecifier::Prefix(matched.clone()),
+            if to == matched {
+                PathRewrite::Keep
+            } else {
+                PathRewrite::Prefix(to.clone())
+            },
+        ),
+        Forward::Exact { matched, to } => (
+            route_match::PathSpecifier::Path(matched.clone()),
+            if to == matched {
+                PathRewrite::Keep
+            } else {
+                PathRewrite::Whole(to.clone())
+            },
+        ),
+        Forward::Regex { matched, to } => (
+            route_match::PathSpecifier::SafeRegex(routes::regex(matched)),
+            to.clone().map_or(PathRewrite::Keep, PathRewrite::Whole),
+        ),
+    };
+    PathPlan {
+        spec,
+        extra: None,
+        rewrite,
+    }
+}
+
+/// A `:path` condition (the header carries the query string too).
+fn path_header(pattern: string_matcher::MatchPattern) -> Option<HeaderMatcher> {
+    Some(HeaderMatcher {
+        name: ":path".into(),
+        header_match_specifier: Some(header_matcher::HeaderMatchSpecifier::StringMatch(
+            StringMatcher {
+                match_pattern: Some(pattern),
+                ..Default::default()
+            },
+        )),
+        ..Default::default()
+    })
+}
+
+/// A path regex applied to `:path`, which may end with a query string.
+fn path_regex_header(re: &str) -> Option<HeaderMatcher> {
+    path_header(string_matcher::MatchPattern::SafeRegex(routes::regex(
+        &format!("(?:{re})(?:\\?.*)?"),
+    )))
+}
+
+/// The router route's path matcher `router`, which sees the path as the gateway forwards it,
+/// expressed on the path the client sent; `None` when no request can match both (or, in the two
+/// cases noted inline, when Envoy cannot express it).
+fn compose(f: &Forward, router: &route_match::PathSpecifier) -> Option<PathPlan> {
+    use route_match::PathSpecifier as P;
+    let plan = |spec, extra, rewrite| {
+        Some(PathPlan {
+            spec,
+            extra,
+            rewrite,
+        })
+    };
+    match (f, router) {
+        (Forward::Prefix { matched, to }, P::Prefix(q)) => {
+            if to.starts_with(q.as_str()) {
+                // Every forwarded path starts with `q`.
+                Some(own_path(f))
+            } else if let Some(rest) = q.strip_prefix(to.as_str()) {
+                // Forwarded `to + rest…` needs `rest` after the gateway's prefix too.
+                let longer = format!("{matched}{rest}");
+                let rewrite = if *q == longer {
+                    PathRewrite::Keep
+                } else {
+                    PathRewrite::Prefix(q.clone())
+                };
+                plan(P::Prefix(longer), None, rewrite)
+            } else {
+                None
+            }
+        }
+        (Forward::Prefix { matched, to }, P::Path(x)) => {
+            let rest = x.strip_prefix(to.as_str())?;
+            let original = format!("{matched}{rest}");
+            let rewrite = if *x == original {
+                PathRewrite::Keep
+            } else {
+                PathRewrite::Whole(x.clone())
+            };
+            plan(P::Path(original), None, rewrite)
+        }
+        (Forward::Prefix { matched, to }, P::SafeRegex(y)) if to == matched => plan(
+            P::SafeRegex(y.clone()),
+            path_header(string_matcher::MatchPattern::Prefix(matched.clone())),
+            PathRewrite::Keep,
+        ),
+        // A router regex behind a prefix rewrite: "`to` + rest matches y" has no Envoy matcher.
+        (Forward::Prefix { .. }, P::SafeRegex(_)) => None,
+        (Forward::Exact { to, .. } | Forward::Regex { to: Some(to), .. }, P::Prefix(q)) => {
+            to.starts_with(q.as_str()).then(|| own_path(f))
+        }
+        (Forward::Exact { to, .. } | Forward::Regex { to: Some(to), .. }, P::Path(x)) => {
+            (to == x).then(|| own_path(f))
+        }
+        (Forward::Exact { matched, to }, P::SafeRegex(y)) if to == matched => plan(
+            P::Path(matched.clone()),
+            path_regex_header(&y.regex),
+            PathRewrite::Keep,
+        ),
+        // A router regex against a rewritten constant path: the agent evaluates no regexes.
+        (Forward::Exact { .. } | Forward::Regex { to: Some(_), .. }, P::SafeRegex(_)) => None,
+        (Forward::Regex { matched, to: None }, P::Prefix(q)) => plan(
+            P::SafeRegex(routes::regex(matched)),
+            path_header(string_matcher::MatchPattern::Prefix(q.clone())),
+            PathRewrite::Keep,
+        ),
+        (Forward::Regex { matched, to: None }, P::Path(x)) => plan(
+            P::Path(x.clone()),
+            path_regex_header(matched),
+            PathRewrite::Keep,
+        ),
+        (Forward::Regex { matched, to: None }, P::SafeRegex(y)) => plan(
+            P::SafeRegex(routes::regex(matched)),
+            path_regex_header(&y.regex),
+            PathRewrite::Keep,
+        ),
+        _ => None,
+    }
+}
+
+/// Applies the path and Host rewrites to a route action.
+fn apply_rewrites(a: &mut RouteAction, path: &PathRewrite, host: Option<&str>) {
+    match path {
+        PathRewrite::Keep => {}
+        PathRewrite::Prefix(p) => a.prefix_rewrite = p.clone(),
+        PathRewrite::Whole(w) => {
+            a.regex_rewrite = Some(RegexMatchAndSubstitute {
+                pattern: Some(routes::regex("^.*$")),
+                // `\` starts a capture reference in a substitution.
+                substitution: w.replace('\\', "\\\\"),
+            });
+        }
+    }
+    if let Some(h) = host {
+        a.host_rewrite_specifier = Some(route_action::HostRewriteSpecifier::HostRewriteLiteral(
+            h.to_string(),
+        ));
+    }
+}
+
+/// The Envoy routes of one gateway route (none when its target cannot be reached).
+fn gateway_route(
+    ctx: &Ctx<'_>,
+    name: &str,
+    spec: &GatewayRouteSpec,
+    out: &mut Resources,
+) -> Vec<Route> {
+    let Some(parts) = parts(spec) else {
+        return vec![];
+    };
+    let service = parts.target.virtual_service.virtual_service_name.as_str();
+    let Some(provider) = ctx
+        .mesh
+        .virtual_services
+        .get(service)
+        .and_then(|vs| vs.spec.provider.as_ref())
+    else {
+        return vec![];
+    };
+    let host = parts.rewrite_host.then_some(service);
+    ctx.serving(service);
+    if let Some(p) = &provider.virtual_node {
+        let Some((cluster, _, _)) = ctx.node_cluster(&p.virtual_node_name, parts.target.port, out)
+        else {
+            return vec![];
+        };
+        let path = own_path(&parts.forward);
+        let mut action = RouteAction {
+            cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(cluster)),
+            timeout: envoy::seconds(routes::DEFAULT_PER_REQUEST_S),
+            ..Default::default()
+        };
+        apply_rewrites(&mut action, &path.rewrite, host);
+        return vec![Route {
+            name: name.to_string(),
+            r#match: Some(parts.route_match(&path, vec![], vec![], false)),
+            action: Some(route::Action::Route(action)),
+            ..Default::default()
+        }];
+    }
+    if let Some(p) = &provider.virtual_router {
+        return via_router(ctx, name, &parts, &p.virtual_router_name, host, out);
+    }
+    vec![]
+}
+
+/// A virtual service provided by a router, as App Mesh's gateways served it: the gateway forwards
+/// the (rewritten) request to the service, whose router then picks a route and splits it over
+/// its weighted targets.
+///
+/// Done in one hop: each router route (in the router's own order: priority, longest match,
+/// name) becomes one Envoy route whose match is the gateway route's match AND the router
+/// route's match, the latter restated on the path the client sent (the router sees the path
+/// after the gateway's rewrite; see [`compose`]). Each composed route keeps the router route's
+/// action whole — weighted clusters, retry policy, timeouts — plus the gateway's rewrites. A
+/// final route with the gateway route's own match answers 404, as the router does when none of
+/// its routes matches: once a gateway route matched, later gateway routes are not tried.
+///
+/// Not expressible, so those router routes are left out: a router regex path match behind a
+/// gateway prefix rewrite that changes the prefix, or behind a gateway path rewrite.
+fn via_router(
+    ctx: &Ctx<'_>,
+    name: &str,
+    parts: &Parts<'_>,
+    router: &str,
+    host: Option<&str>,
+    out: &mut Resources,
+) -> Vec<Route> {
+    let Some(r) = ctx.mesh.virtual_routers.get(router) else {
+        return vec![];
+    };
+    let listeners: Vec<_> = r.spec.listeners.iter().flatten().collect();
+    let listener = match parts.target.port {
+        Some(p) => listeners.iter().find(|l| l.port_mapping.port == p),
+        None if listeners.len() == 1 => listeners.first(),
+        None => None,
+    };
+    let Some(l) = listener else {
+        return vec![];
+    };
+    let attached = super::router_routes(
+        ctx,
+        ctx.mesh.routes.get(router),
+        l.port_mapping.protocol,
+        l.port_mapping.port,
+        listeners.len(),
+        out,
+    );
+    let mut composed: Vec<Route> = attached
+        .iter()
+        .filter_map(routes::envoy_route)
+        .filter_map(|base| compose_route(parts, name, base, host))
+        .collect();
+    composed.push(Route {
+        name: format!("{name}/no-route"),
+        r#match: Some(parts.route_match(&own_path(&parts.forward), vec![], vec![], false)),
+        action: Some(route::Action::DirectResponse(DirectResponseAction {
+            status: 404,
+            ..Default::default()
+        })),
+        ..Default::default()
+    });
+    composed
+}
+
+/// A router route (as `routes::envoy_route` built it) behind the gateway route `parts`.
+fn compose_route(parts: &Parts<'_>, name: &str, base: Route, host: Option<&str>) -> Option<Route> {
+    let Route {
+        name: route_name,
+        r#match,
+        action,
+        ..
+    } = base;
+    let m = r#match?;
+    let path = compose(&parts.forward, m.path_specifier.as_ref()?)?;
+    let route_match = parts.route_match(&path, m.headers, m.query_parameters, m.grpc.is_some());
+    let action = match action? {
+        route::Action::Route(mut a) => {
+            apply_rewrites(&mut a, &path.rewrite, host);
+            route::Action::Route(a)
+        }
+        other => other,
+    };
+    Some(Route {
+        name: format!("{name}/{route_name}"),
+        r#match: Some(route_match),
+        action: Some(action),
+        ..Default::default()
+    })
+}
+
+#[cfg(test)]
+#[path = "gateway_tests.rs"]
+mod tests;

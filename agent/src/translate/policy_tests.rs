@@ -1,0 +1,705 @@
+//! Virtual-node policies pinned down without a network: where each lands and with what values.
+
+use envoy_types::pb::envoy::config::accesslog::v3::{AccessLog, access_log};
+use envoy_types::pb::envoy::config::cluster::v3::cluster::DnsLookupFamily;
+use envoy_types::pb::envoy::config::core::v3::{
+    TransportSocket, address, health_check, substitution_format_string, transport_socket,
+};
+use envoy_types::pb::envoy::config::endpoint::v3::lb_endpoint;
+use envoy_types::pb::envoy::config::listener::v3::{Filter, FilterChain, filter};
+use envoy_types::pb::envoy::config::route::v3::{RouteAction, route};
+use envoy_types::pb::envoy::extensions::access_loggers::file::v3::{
+    FileAccessLog, file_access_log,
+};
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpConnectionManager;
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::TcpProxy;
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+    DownstreamTlsContext, UpstreamTlsContext, common_tls_context,
+};
+use envoy_types::pb::google::protobuf::{Any, value};
+use prost::Message;
+use serde_json::{Value, json};
+
+use super::*;
+use crate::model::State;
+
+fn state(mesh_spec: Value, nodes: &[(&str, Value)], services: &[(&str, &str)]) -> State {
+    crate::test_helpers::mesh_state(mesh_spec, nodes, services)
+}
+
+fn of(s: &State, node: &str) -> Resources {
+    let who = ProxyIdentity::parse(&format!("mesh/m/virtualNode/{node}")).unwrap();
+    translate(s, &who, &Endpoints::new()).unwrap()
+}
+
+/// `back` (one listener, built from `listener` JSON) provides `back.local`; `front` calls it
+/// with `front_extra` merged into its spec.
+fn pair(mesh: Value, listener: Value, front_extra: Value) -> State {
+    let mut front = json!({"backends": [{"virtualService": {"virtualServiceName": "back.local"}}]});
+    if let (Some(f), Some(extra)) = (front.as_object_mut(), front_extra.as_object()) {
+        for (k, v) in extra {
+            f.insert(k.clone(), v.clone());
+        }
+    }
+    state(
+        mesh,
+        &[
+            (
+                "back",
+                json!({"listeners": [listener], "serviceDiscovery": {"dns": {"hostname": "back.internal"}}}),
+            ),
+            ("front", front),
+        ],
+        &[("back.local", "back")],
+    )
+}
+
+fn http(port: u16) -> Value {
+    json!({"portMapping": {"port": port, "protocol": "http"}})
+}
+
+fn with(mut base: Value, extra: Value) -> Value {
+    if let (Some(b), Some(e)) = (base.as_object_mut(), extra.as_object()) {
+        for (k, v) in e {
+            b.insert(k.clone(), v.clone());
+        }
+    }
+    base
+}
+
+fn cluster<'a>(r: &'a Resources, name: &str) -> &'a Cluster {
+    r.clusters
+        .iter()
+        .find(|c| c.name == name)
+        .unwrap_or_else(|| panic!("no cluster {name}"))
+}
+
+fn listener<'a>(r: &'a Resources, name: &str) -> &'a Listener {
+    r.listeners.iter().find(|l| l.name == name).unwrap()
+}
+
+fn unpack<T: Message + Default>(any: &Any) -> T {
+    T::decode(any.value.as_slice()).unwrap()
+}
+
+fn typed(f: &Filter) -> &Any {
+    match &f.config_type {
+        Some(filter::ConfigType::TypedConfig(a)) => a,
+        other => panic!("untyped filter {other:?}"),
+    }
+}
+
+fn hcm(chain: &FilterChain) -> HttpConnectionManager {
+    unpack(typed(&chain.filters[0]))
+}
+
+fn first_action(r: &Resources, route_config: &str) -> RouteAction {
+    let rc = r.routes.iter().find(|rc| rc.name == route_config).unwrap();
+    match &rc.virtual_hosts[0].routes[0].action {
+        Some(route::Action::Route(a)) => a.clone(),
+        other => panic!("not a route action: {other:?}"),
+    }
+}
+
+fn secs(d: &Option<envoy_types::pb::google::protobuf::Duration>) -> f64 {
+    let d = d.as_ref().unwrap();
+    d.seconds as f64 + f64::from(d.nanos) / 1e9
+}
+
+fn socket_typed(t: &TransportSocket) -> &Any {
+    match &t.config_type {
+        Some(transport_socket::ConfigType::TypedConfig(a)) => a,
+        None => panic!("untyped transport socket"),
+    }
+}
+
+const INGRESS: &str = "lds_ingress_0.0.0.0_15000";
+const EGRESS: &str = "lds_egress_0.0.0.0_15001";
+const BACK_EGRESS: &str = "cds_egress_m_back_http_8080";
+const BACK_INGRESS: &str = "cds_ingress_m_back_http_8080";
+
+#[test]
+fn listener_timeouts_default_to_15s_and_300s_and_bound_both_the_ingress_and_the_callers_route() {
+    let s = pair(json!({}), http(8080), json!({}));
+    let back = of(&s, "back");
+    let a = first_action(&back, "rds_ingress_http_8080");
+    assert_eq!((secs(&a.timeout), secs(&a.idle_timeout)), (15.0, 300.0));
+
+    let timed = with(
+        http(8080),
+        json!({"timeout": {"http": {"perRequest": {"unit": "ms", "value": 1500}, "idle": {"unit": "s", "value": 42}}}}),
+    );
+    let s = pair(json!({}), timed, json!({}));
+    let a = first_action(&of(&s, "back"), "rds_ingress_http_8080");
+    assert_eq!((secs(&a.timeout), secs(&a.idle_timeout)), (1.5, 42.0));
+    let a = first_action(&of(&s, "front"), "rds_egress_http_8080");
+    assert_eq!(
+        (secs(&a.timeout), secs(&a.idle_timeout)),
+        (1.5, 42.0),
+        "a node-provided service keeps its listener's timeout on the caller's side"
+    );
+}
+
+#[test]
+fn grpc_and_tcp_listener_timeouts_land_on_the_route_and_the_tcp_proxy() {
+    let grpc = json!({"portMapping": {"port": 9090, "protocol": "grpc"},
+        "timeout": {"grpc": {"perRequest": {"unit": "s", "value": 60}}}});
+    let s = pair(json!({}), grpc, json!({}));
+    let a = first_action(&of(&s, "back"), "rds_ingress_grpc_9090");
+    assert_eq!((secs(&a.timeout), secs(&a.idle_timeout)), (60.0, 300.0));
+
+    for (tcp, want) in [
+        (
+            json!({"portMapping": {"port": 5432, "protocol": "tcp"}}),
+            300.0,
+        ),
+        (
+            json!({"portMapping": {"port": 5432, "protocol": "tcp"},
+                "timeout": {"tcp": {"idle": {"unit": "s", "value": 7}}}}),
+            7.0,
+        ),
+    ] {
+        let s = pair(json!({}), tcp, json!({}));
+        let back = of(&s, "back");
+        let proxy: TcpProxy = unpack(typed(&listener(&back, INGRESS).filter_chains[0].filters[0]));
+        assert_eq!(secs(&proxy.idle_timeout), want);
+    }
+}
+
+#[test]
+fn connection_pools_become_circuit_breakers_on_the_local_cluster_only() {
+    let cases = [
+        (
+            "http",
+            json!({"http": {"maxConnections": 10}}),
+            (Some(10), Some(i32::MAX as u32), None),
+        ),
+        (
+            "http",
+            json!({"http": {"maxConnections": 10, "maxPendingRequests": 3}}),
+            (Some(10), Some(3), None),
+        ),
+        (
+            "http2",
+            json!({"http2": {"maxRequests": 7}}),
+            (None, None, Some(7)),
+        ),
+        (
+            "grpc",
+            json!({"grpc": {"maxRequests": 8}}),
+            (None, None, Some(8)),
+        ),
+        (
+            "tcp",
+            json!({"tcp": {"maxConnections": 4}}),
+            (Some(4), None, None),
+        ),
+    ];
+    for (proto, pool, want) in cases {
+        let l = json!({"portMapping": {"port": 8080, "protocol": proto}, "connectionPool": pool});
+        let s = pair(json!({}), l, json!({}));
+        let back = of(&s, "back");
+        let c = cluster(&back, &format!("cds_ingress_m_back_{proto}_8080"));
+        let t = &c.circuit_breakers.as_ref().unwrap().thresholds[0];
+        let v = |x: &Option<envoy_types::pb::google::protobuf::UInt32Value>| {
+            x.as_ref().map(|v| v.value)
+        };
+        assert_eq!(
+            (
+                v(&t.max_connections),
+                v(&t.max_pending_requests),
+                v(&t.max_requests)
+            ),
+            want,
+            "{proto}"
+        );
+        let front = of(&s, "front");
+        assert!(
+            cluster(&front, &format!("cds_egress_m_back_{proto}_8080"))
+                .circuit_breakers
+                .is_none(),
+            "pools are destination-side"
+        );
+    }
+}
+
+fn hc(protocol: &str, extra: Value) -> Value {
+    with(
+        json!({"protocol": protocol, "healthyThreshold": 2, "unhealthyThreshold": 3,
+            "intervalMillis": 5000, "timeoutMillis": 2000}),
+        extra,
+    )
+}
+
+#[test]
+fn a_listener_health_check_runs_from_callers_clusters_with_its_thresholds_and_timings() {
+    let l = with(
+        http(8080),
+        json!({"healthCheck": hc("http", json!({"path": "/health"}))}),
+    );
+    let s = pair(json!({}), l, json!({}));
+    assert!(
+        cluster(&of(&s, "back"), BACK_INGRESS)
+            .health_checks
+            .is_empty()
+    );
+    let front = of(&s, "front");
+    let h = &cluster(&front, BACK_EGRESS).health_checks[0];
+    assert_eq!((secs(&h.interval), secs(&h.timeout)), (5.0, 2.0));
+    assert_eq!(
+        (
+            h.healthy_threshold.as_ref().unwrap().value,
+            h.unhealthy_threshold.as_ref().unwrap().value
+        ),
+        (2, 3)
+    );
+    match &h.health_checker {
+        Some(health_check::HealthChecker::HttpHealthCheck(x)) => assert_eq!(x.path, "/health"),
+        other => panic!("not an HTTP check: {other:?}"),
+    }
+}
+
+#[test]
+fn health_check_protocols_and_port_map_to_envoy_checkers_and_the_endpoint_check_port() {
+    let tcp = with(
+        http(8080),
+        json!({"healthCheck": hc("tcp", json!({"port": 8081}))}),
+    );
+    let s = pair(json!({}), tcp, json!({}));
+    let front = of(&s, "front");
+    let c = cluster(&front, BACK_EGRESS);
+    assert!(matches!(
+        c.health_checks[0].health_checker,
+        Some(health_check::HealthChecker::TcpHealthCheck(_))
+    ));
+    let ep = &c.load_assignment.as_ref().unwrap().endpoints[0].lb_endpoints[0];
+    match &ep.host_identifier {
+        Some(lb_endpoint::HostIdentifier::Endpoint(e)) => {
+            assert_eq!(e.health_check_config.as_ref().unwrap().port_value, 8081);
+        }
+        other => panic!("{other:?}"),
+    }
+
+    let grpc = json!({"portMapping": {"port": 9090, "protocol": "grpc"}, "healthCheck": hc("grpc", json!({}))});
+    let s = pair(json!({}), grpc, json!({}));
+    let front = of(&s, "front");
+    assert!(matches!(
+        cluster(&front, "cds_egress_m_back_grpc_9090").health_checks[0].health_checker,
+        Some(health_check::HealthChecker::GrpcHealthCheck(_))
+    ));
+
+    // Envoy would reject a gRPC check on an HTTP/1 cluster: a connect check, and a note.
+    let mismatch = with(http(8080), json!({"healthCheck": hc("grpc", json!({}))}));
+    let s = pair(json!({}), mismatch, json!({}));
+    let front = of(&s, "front");
+    assert!(matches!(
+        cluster(&front, BACK_EGRESS).health_checks[0].health_checker,
+        Some(health_check::HealthChecker::TcpHealthCheck(_))
+    ));
+    assert_eq!(front.unserved.len(), 1, "{:?}", front.unserved);
+}
+
+#[test]
+fn outlier_detection_ejects_on_consecutive_server_errors_from_callers_clusters() {
+    let l = with(
+        http(8080),
+        json!({"outlierDetection": {"maxServerErrors": 2, "interval": {"unit": "s", "value": 1},
+            "baseEjectionDuration": {"unit": "s", "value": 30}, "maxEjectionPercent": 50}}),
+    );
+    let s = pair(json!({}), l, json!({}));
+    let front = of(&s, "front");
+    let o = cluster(&front, BACK_EGRESS)
+        .outlier_detection
+        .clone()
+        .unwrap();
+    assert_eq!(o.consecutive_5xx.unwrap().value, 2);
+    assert_eq!(o.enforcing_consecutive_5xx.unwrap().value, 100);
+    assert_eq!(
+        o.enforcing_success_rate.unwrap().value,
+        0,
+        "App Mesh ejects on errors only"
+    );
+    assert_eq!(
+        (secs(&o.interval), secs(&o.base_ejection_time)),
+        (1.0, 30.0)
+    );
+    assert_eq!(o.max_ejection_percent.unwrap().value, 50);
+    assert!(
+        cluster(&of(&s, "back"), BACK_INGRESS)
+            .outlier_detection
+            .is_none()
+    );
+}
+
+fn file_log(l: &AccessLog) -> FileAccessLog {
+    assert_eq!(l.name, "envoy.access_loggers.file");
+    match &l.config_type {
+        Some(access_log::ConfigType::TypedConfig(a)) => unpack(a),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn access_logs_go_on_every_connection_manager_and_tcp_proxy_of_the_node() {
+    let logging = json!({"logging": {"accessLog": {"file": {"path": "/dev/stdout"}}}});
+    let mut s = pair(
+        json!({"egressFilter": {"type": "ALLOW_ALL"}}),
+        http(8080),
+        logging.clone(),
+    );
+    let m = s.meshes.get_mut("m").unwrap();
+    let back = &mut m.virtual_nodes.get_mut("back").unwrap().spec;
+    back.logging = serde_json::from_value(logging["logging"].clone()).unwrap();
+    back.listeners.as_mut().unwrap().push(
+        serde_json::from_value(json!({"portMapping": {"port": 5432, "protocol": "tcp"}})).unwrap(),
+    );
+
+    let b = of(&s, "back");
+    let ingress = listener(&b, INGRESS);
+    let http_logs = hcm(&ingress.filter_chains[0]).access_log;
+    let tcp_logs = unpack::<TcpProxy>(typed(&ingress.filter_chains[1].filters[0])).access_log;
+    for logs in [http_logs, tcp_logs] {
+        let f = file_log(&logs[0]);
+        assert_eq!(f.path, "/dev/stdout");
+        assert!(f.access_log_format.is_none(), "Envoy's default format");
+    }
+    let f = of(&s, "front");
+    let egress = listener(&f, EGRESS);
+    assert_eq!(chain_ports(egress), [Some(5432), Some(8080)]);
+    assert_eq!(hcm(&egress.filter_chains[1]).access_log.len(), 1);
+    let tcp: TcpProxy = unpack(typed(&egress.filter_chains[0].filters[0]));
+    assert_eq!(tcp.access_log.len(), 1);
+    let passthrough: TcpProxy = unpack(typed(
+        &egress.default_filter_chain.as_ref().unwrap().filters[0],
+    ));
+    assert_eq!(passthrough.access_log.len(), 1);
+
+    // No logging, no access log.
+    let plain = of(&pair(json!({}), http(8080), json!({})), "front");
+    assert!(
+        hcm(&listener(&plain, EGRESS).filter_chains[0])
+            .access_log
+            .is_empty()
+    );
+}
+
+#[test]
+fn text_formats_get_a_newline_and_json_formats_keep_every_key_deterministically() {
+    let text = json!({"logging": {"accessLog": {"file": {"path": "/tmp/a.log",
+        "format": {"text": "%RESPONSE_CODE% %REQ(:PATH)%"}}}}});
+    let f = of(&pair(json!({}), http(8080), text), "front");
+    let log = file_log(&hcm(&listener(&f, EGRESS).filter_chains[0]).access_log[0]);
+    match log.access_log_format {
+        Some(file_access_log::AccessLogFormat::LogFormat(fmt)) => match fmt.format {
+            Some(substitution_format_string::Format::TextFormatSource(src)) => {
+                assert_eq!(
+                    src.specifier,
+                    Some(
+                        envoy_types::pb::envoy::config::core::v3::data_source::Specifier::InlineString(
+                            "%RESPONSE_CODE% %REQ(:PATH)%\n".into()
+                        )
+                    )
+                );
+            }
+            other => panic!("{other:?}"),
+        },
+        other => panic!("{other:?}"),
+    }
+
+    let keys: Vec<Value> = (0..8)
+        .map(|i| json!({"key": format!("k{i}"), "value": format!("%REQ(X-{i})%")}))
+        .collect();
+    let json_fmt = json!({"logging": {"accessLog": {"file": {"path": "/tmp/a.log", "format": {"json": keys}}}}});
+    let s = pair(json!({}), http(8080), json_fmt);
+    let one = of(&s, "front");
+    let log = file_log(&hcm(&listener(&one, EGRESS).filter_chains[0]).access_log[0]);
+    let Some(file_access_log::AccessLogFormat::LogFormat(fmt)) = log.access_log_format else {
+        panic!("no format")
+    };
+    let Some(substitution_format_string::Format::JsonFormat(st)) = fmt.format else {
+        panic!("not json")
+    };
+    assert_eq!(
+        st.fields.len(),
+        8,
+        "every key survives the per-key encoding"
+    );
+    assert_eq!(
+        st.fields["k3"].kind,
+        Some(value::Kind::StringValue("%REQ(X-3)%".into()))
+    );
+    for _ in 0..5 {
+        assert_eq!(
+            of(&s, "front"),
+            one,
+            "same input, same bytes (no HashMap order)"
+        );
+    }
+}
+
+fn cert(dir: &str) -> Value {
+    json!({"file": {"certificateChain": format!("{dir}/cert.pem"), "privateKey": format!("{dir}/key.pem")}})
+}
+
+#[test]
+fn listener_tls_modes_shape_the_ingress_chains() {
+    let tls = |mode: &str| {
+        with(
+            http(8080),
+            json!({"tls": {"mode": mode, "certificate": cert("/c")}}),
+        )
+    };
+
+    let strict = of(&pair(json!({}), tls("STRICT"), json!({})), "back");
+    let l = listener(&strict, INGRESS);
+    assert_eq!(l.filter_chains.len(), 1);
+    let ts = l.filter_chains[0].transport_socket.as_ref().unwrap();
+    let ctx: DownstreamTlsContext = unpack(socket_typed(ts));
+    let common = ctx.common_tls_context.unwrap();
+    assert_eq!(
+        common.tls_certificates[0].certificate_chain,
+        Some(envoy_types::pb::envoy::config::core::v3::DataSource {
+            specifier: Some(
+                envoy_types::pb::envoy::config::core::v3::data_source::Specifier::Filename(
+                    "/c/cert.pem".into()
+                )
+            ),
+            ..Default::default()
+        })
+    );
+    assert!(ctx.require_client_certificate.is_none());
+    assert_eq!(l.listener_filters.len(), 1, "no inspector needed");
+
+    let permissive = of(&pair(json!({}), tls("PERMISSIVE"), json!({})), "back");
+    let l = listener(&permissive, INGRESS);
+    assert_eq!(l.filter_chains.len(), 2);
+    let m = |c: &FilterChain| c.filter_chain_match.clone().unwrap();
+    assert_eq!(m(&l.filter_chains[0]).transport_protocol, "tls");
+    assert!(l.filter_chains[0].transport_socket.is_some());
+    assert_eq!(m(&l.filter_chains[1]).transport_protocol, "");
+    assert!(l.filter_chains[1].transport_socket.is_none());
+    assert!(
+        l.listener_filters
+            .iter()
+            .any(|f| f.name == "envoy.filters.listener.tls_inspector")
+    );
+    assert!(l.continue_on_listener_filters_timeout);
+
+    let disabled = of(&pair(json!({}), tls("DISABLED"), json!({})), "back");
+    assert!(
+        listener(&disabled, INGRESS).filter_chains[0]
+            .transport_socket
+            .is_none()
+    );
+}
+
+#[test]
+fn listener_validation_requires_client_certificates_for_mtls() {
+    let l = with(
+        http(8080),
+        json!({"tls": {"mode": "STRICT", "certificate": cert("/c"), "validation": {
+            "trust": {"file": {"certificateChain": "/c/ca.pem"}},
+            "subjectAlternativeNames": {"match": {"exact": ["front.local"]}}}}}),
+    );
+    let back = of(&pair(json!({}), l, json!({})), "back");
+    let ts = listener(&back, INGRESS).filter_chains[0]
+        .transport_socket
+        .clone()
+        .unwrap();
+    let ctx: DownstreamTlsContext = unpack(socket_typed(&ts));
+    assert!(ctx.require_client_certificate.unwrap().value);
+    match ctx.common_tls_context.unwrap().validation_context_type {
+        Some(common_tls_context::ValidationContextType::ValidationContext(v)) => {
+            assert!(v.trusted_ca.is_some());
+            assert_eq!(v.match_typed_subject_alt_names.len(), 2, "DNS and URI SANs");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn unservable_sds_certificates_refuse_strict_ports_and_say_why() {
+    let sds = |mode: &str| {
+        with(
+            http(8080),
+            json!({"tls": {"mode": mode, "certificate": {"sds": {"secretName": "spiffe://x/back"}}}}),
+        )
+    };
+    let strict = of(&pair(json!({}), sds("STRICT"), json!({})), "back");
+    assert!(
+        strict.listeners.is_empty(),
+        "never plaintext on a STRICT port"
+    );
+    assert!(strict.unserved[0].contains("SDS"), "{:?}", strict.unserved);
+    let permissive = of(&pair(json!({}), sds("PERMISSIVE"), json!({})), "back");
+    let l = listener(&permissive, INGRESS);
+    assert_eq!(l.filter_chains.len(), 1);
+    assert!(l.filter_chains[0].transport_socket.is_none());
+    assert_eq!(permissive.unserved.len(), 1);
+}
+
+fn client_policy(extra: Value) -> Value {
+    json!({"tls": with(json!({"validation": {
+        "trust": {"file": {"certificateChain": "/c/ca.pem"}},
+        "subjectAlternativeNames": {"match": {"exact": ["back.local"]}}}}), extra)})
+}
+
+fn upstream(r: &Resources) -> Option<UpstreamTlsContext> {
+    cluster(r, BACK_EGRESS)
+        .transport_socket
+        .as_ref()
+        .map(|t| unpack(socket_typed(t)))
+}
+
+#[test]
+fn backend_defaults_client_tls_originates_tls_with_sni_sans_and_a_client_certificate() {
+    let front = json!({"backendDefaults": {"clientPolicy": client_policy(json!({"certificate": cert("/f")}))}});
+    let r = of(&pair(json!({}), http(8080), front), "front");
+    let ctx = upstream(&r).expect("TLS to back");
+    assert_eq!(ctx.sni, "back.local");
+    let common = ctx.common_tls_context.unwrap();
+    assert_eq!(
+        common.tls_certificates.len(),
+        1,
+        "client certificate for mTLS"
+    );
+    match common.validation_context_type {
+        Some(common_tls_context::ValidationContextType::ValidationContext(v)) => {
+            let names: Vec<_> = v
+                .match_typed_subject_alt_names
+                .iter()
+                .map(|m| m.san_type)
+                .collect();
+            assert_eq!(names.len(), 2);
+            assert!(v.trusted_ca.is_some());
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_backend_client_policy_overrides_defaults_and_enforce_false_or_other_ports_mean_plaintext() {
+    let defaults = json!({"clientPolicy": client_policy(json!({}))});
+    let backend = |policy: Value| {
+        json!({"backendDefaults": defaults,
+            "backends": [{"virtualService": {"virtualServiceName": "back.local", "clientPolicy": policy}}]})
+    };
+    let off = of(
+        &pair(
+            json!({}),
+            http(8080),
+            backend(client_policy(json!({"enforce": false}))),
+        ),
+        "front",
+    );
+    assert!(
+        upstream(&off).is_none(),
+        "the backend's own policy wins over the defaults"
+    );
+    let other_port = of(
+        &pair(
+            json!({}),
+            http(8080),
+            backend(client_policy(json!({"ports": [9443]}))),
+        ),
+        "front",
+    );
+    assert!(upstream(&other_port).is_none());
+    let this_port = of(
+        &pair(
+            json!({}),
+            http(8080),
+            backend(client_policy(json!({"ports": [8080]}))),
+        ),
+        "front",
+    );
+    assert!(upstream(&this_port).is_some());
+}
+
+#[test]
+fn unservable_client_trust_drops_the_cluster_rather_than_talk_plaintext() {
+    let sds = json!({"backendDefaults": {"clientPolicy": {"tls": {"validation": {
+        "trust": {"sds": {"secretName": "spiffe://x"}}}}}}});
+    let r = of(&pair(json!({}), http(8080), sds), "front");
+    assert!(r.clusters.iter().all(|c| c.name != BACK_EGRESS));
+    assert!(r.unserved[0].contains("SDS trust"), "{:?}", r.unserved);
+}
+
+fn family(c: &Cluster) -> DnsLookupFamily {
+    DnsLookupFamily::try_from(c.dns_lookup_family).unwrap()
+}
+
+fn bound(l: &Listener) -> (String, bool) {
+    match &l.address.as_ref().unwrap().address {
+        Some(address::Address::SocketAddress(sa)) => (sa.address.clone(), sa.ipv4_compat),
+        other => panic!("{other:?}"),
+    }
+}
+
+fn local_host(c: &Cluster) -> String {
+    let ep = &c.load_assignment.as_ref().unwrap().endpoints[0].lb_endpoints[0];
+    match &ep.host_identifier {
+        Some(lb_endpoint::HostIdentifier::Endpoint(e)) => {
+            match &e.address.as_ref().unwrap().address {
+                Some(address::Address::SocketAddress(sa)) => sa.address.clone(),
+                other => panic!("{other:?}"),
+            }
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn ip_preference_sets_dns_lookup_family_listener_bind_and_local_address() {
+    let mesh = |p: &str| json!({"serviceDiscovery": {"ipPreference": p}});
+    for (pref, want) in [
+        ("IPv4_ONLY", DnsLookupFamily::V4Only),
+        ("IPv6_ONLY", DnsLookupFamily::V6Only),
+        ("IPv4_PREFERRED", DnsLookupFamily::V4Preferred),
+        ("IPv6_PREFERRED", DnsLookupFamily::Auto),
+    ] {
+        let s = pair(mesh(pref), http(8080), json!({}));
+        assert_eq!(
+            family(cluster(&of(&s, "front"), BACK_EGRESS)),
+            want,
+            "{pref}"
+        );
+        let back = of(&s, "back");
+        let v6 = pref.starts_with("IPv6");
+        assert_eq!(
+            bound(listener(&back, INGRESS)),
+            if v6 {
+                ("::".into(), true)
+            } else {
+                ("0.0.0.0".into(), false)
+            },
+            "{pref}"
+        );
+        assert_eq!(
+            local_host(cluster(&back, BACK_INGRESS)),
+            if v6 { "::1" } else { "127.0.0.1" }
+        );
+    }
+    // No preference anywhere: IPv4 only, as App Mesh did.
+    let s = pair(json!({}), http(8080), json!({}));
+    assert_eq!(
+        family(cluster(&of(&s, "front"), BACK_EGRESS)),
+        DnsLookupFamily::V4Only
+    );
+    // The target's own dns.ipPreference wins over the mesh's.
+    let mut s = pair(mesh("IPv4_ONLY"), http(8080), json!({}));
+    let m = s.meshes.get_mut("m").unwrap();
+    let back = &mut m.virtual_nodes.get_mut("back").unwrap().spec;
+    if let Some(d) = back
+        .service_discovery
+        .as_mut()
+        .and_then(|sd| sd.dns.as_mut())
+    {
+        d.ip_preference = Some(crate::model::IpPreference::Ipv6Only);
+    }
+    assert_eq!(
+        family(cluster(&of(&s, "front"), BACK_EGRESS)),
+        DnsLookupFamily::V6Only
+    );
+    assert_eq!(bound(listener(&of(&s, "back"), INGRESS)).0, "::");
+}

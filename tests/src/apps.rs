@@ -1,0 +1,342 @@
+//! Test apps with controllable behaviour (slow, failing, unhealthy), meshed tasks whose app is
+//! started separately, certificates made with the openssl CLI, and Envoy admin helpers for the
+//! policy suites.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::mesh::{Agent, Task, rewrite, run_route_manager, start_envoy};
+use crate::scenario::app_taskdef;
+use crate::{Proc, Workdir, bin, check, eventually, free_port, run};
+
+/// How the app answers: `/sleep/SECONDS` sleeps then answers 200; `/health` answers
+/// `health_status`; anything else answers `status` with `body`.
+#[derive(Debug, Clone)]
+pub struct Behaviour<'a> {
+    pub body: &'a str,
+    pub status: u16,
+    pub health_status: u16,
+}
+
+impl<'a> Behaviour<'a> {
+    pub fn ok(body: &'a str) -> Self {
+        Behaviour {
+            body,
+            status: 200,
+            health_status: 200,
+        }
+    }
+}
+
+/// Starts the app on `port` in `task` (as root, like an app container) and waits until it answers.
+pub fn start_app(work: &Workdir, task: &Task, port: u16, b: &Behaviour<'_>) -> Proc {
+    let script = format!(
+        "import http.server, time\n\
+         class H(http.server.BaseHTTPRequestHandler):\n\
+         \x20   protocol_version = 'HTTP/1.1'\n\
+         \x20   def do_GET(self):\n\
+         \x20       status, body = {status}, {body:?}\n\
+         \x20       if self.path.startswith('/sleep/'):\n\
+         \x20           time.sleep(float(self.path[7:]))\n\
+         \x20           status, body = 200, 'slept'\n\
+         \x20       elif self.path == '/health':\n\
+         \x20           status, body = {health}, 'health'\n\
+         \x20       b = body.encode()\n\
+         \x20       self.send_response(status)\n\
+         \x20       self.send_header('Content-Length', str(len(b)))\n\
+         \x20       self.end_headers()\n\
+         \x20       self.wfile.write(b)\n\
+         \x20   def log_message(self, *a):\n\
+         \x20       pass\n\
+         http.server.ThreadingHTTPServer(('0.0.0.0', {port}), H).serve_forever()\n",
+        status = b.status,
+        body = b.body,
+        health = b.health_status,
+    );
+    let path = work.join(&format!("policy-app-{}.py", task.ns));
+    fs::write(&path, script).expect("write app");
+    let path_s = path.display().to_string();
+    let proc = Proc::spawn(
+        &format!("app in {}", task.ns),
+        &mut task.cmd(&["/usr/bin/python3", &path_s]),
+        work.join(&format!("policy-app-{}.log", task.ns)),
+    );
+    eventually("app listening", Duration::from_secs(10), || {
+        let (code, _) = http_status(task, None, &format!("http://127.0.0.1:{port}/health"));
+        if code > 0 {
+            Ok(())
+        } else {
+            Err("no answer".to_string())
+        }
+    });
+    proc
+}
+
+/// Meshes `task` as virtual node `node` with app ports `ports` (route manager, then Envoy
+/// HEALTHY) without starting an app: the caller starts its own.
+pub fn start_meshed(
+    work: &Workdir,
+    agent: &Agent,
+    mesh: &str,
+    task: &Task,
+    node: &str,
+    ports: &[u16],
+) -> Proc {
+    let def = rewrite(
+        work,
+        &app_taskdef(&task.ns, ports),
+        mesh,
+        node,
+        &agent.socket_dir,
+    );
+    run_route_manager(task, &def);
+    start_envoy(work, task, &def)
+}
+
+/// An HTTP GET from inside the task that does not fail on error statuses: (status, body);
+/// status 0 when no answer came.
+pub fn http_status(task: &Task, uid: Option<&str>, url: &str) -> (u16, String) {
+    let args = [
+        "curl",
+        "-sS",
+        "-m",
+        "10",
+        "-o",
+        "-",
+        "-w",
+        "\n%{http_code}",
+        url,
+    ];
+    let mut cmd = match uid {
+        Some(u) => task.cmd_as(u, &args),
+        None => task.cmd(&args),
+    };
+    let out = String::from_utf8_lossy(&run(&mut cmd).stdout).into_owned();
+    let (body, code) = out.rsplit_once('\n').unwrap_or(("", &out));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+/// The Envoy admin `/clusters` lines of `cluster` inside the task.
+pub fn envoy_clusters(task: &Task, admin_port: u16, cluster: &str) -> Vec<String> {
+    task.http_get(None, &format!("http://127.0.0.1:{admin_port}/clusters"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with(&format!("{cluster}::")))
+        .map(str::to_string)
+        .collect()
+}
+
+/// `health_flags` of each host of `cluster`, by address (`IP:PORT`).
+pub fn health_flags(task: &Task, admin_port: u16, cluster: &str) -> Vec<(String, String)> {
+    envoy_clusters(task, admin_port, cluster)
+        .iter()
+        .filter_map(|l| {
+            let rest = l.strip_prefix(&format!("{cluster}::"))?;
+            let (host, tail) = rest.split_once("::")?;
+            let flags = tail.strip_prefix("health_flags::")?;
+            Some((host.to_string(), flags.to_string()))
+        })
+        .collect()
+}
+
+/// A CA and certificates it signs, made with the openssl CLI; files readable by Envoy's uid.
+#[derive(Debug)]
+pub struct Pki {
+    pub dir: PathBuf,
+}
+
+impl Pki {
+    /// A new CA named `name` in `work/pki-NAME`.
+    pub fn new(work: &Workdir, name: &str) -> Self {
+        let dir = work.join(&format!("pki-{name}"));
+        fs::create_dir_all(&dir).expect("pki dir");
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).expect("chmod pki");
+        let pki = Pki { dir };
+        check(
+            Command::new("openssl")
+                .args([
+                    "req",
+                    "-x509",
+                    "-newkey",
+                    "ec",
+                    "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1",
+                    "-nodes",
+                    "-days",
+                    "2",
+                ])
+                .arg("-subj")
+                .arg(format!("/CN={name} test CA"))
+                .arg("-keyout")
+                .arg(pki.path("ca.key"))
+                .arg("-out")
+                .arg(pki.path("ca.pem")),
+        );
+        pki.readable();
+        pki
+    }
+
+    pub fn path(&self, file: &str) -> PathBuf {
+        self.dir.join(file)
+    }
+
+    pub fn ca(&self) -> String {
+        self.path("ca.pem").display().to_string()
+    }
+
+    /// Issues `NAME.pem` / `NAME.key` for DNS names `sans`; returns (chain, key) paths.
+    pub fn issue(&self, name: &str, sans: &[&str]) -> (String, String) {
+        let (key, csr, pem, ext) = (
+            self.path(&format!("{name}.key")),
+            self.path(&format!("{name}.csr")),
+            self.path(&format!("{name}.pem")),
+            self.path(&format!("{name}.ext")),
+        );
+        let alt: Vec<String> = sans.iter().map(|s| format!("DNS:{s}")).collect();
+        fs::write(
+            &ext,
+            format!(
+                "subjectAltName={}\nextendedKeyUsage=serverAuth,clientAuth\n",
+                alt.join(",")
+            ),
+        )
+        .expect("write ext");
+        check(
+            Command::new("openssl")
+                .args([
+                    "req",
+                    "-newkey",
+                    "ec",
+                    "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1",
+                    "-nodes",
+                ])
+                .arg("-subj")
+                .arg(format!("/CN={name}"))
+                .arg("-keyout")
+                .arg(&key)
+                .arg("-out")
+                .arg(&csr),
+        );
+        check(
+            Command::new("openssl")
+                .args(["x509", "-req", "-days", "2", "-CAcreateserial"])
+                .arg("-in")
+                .arg(&csr)
+                .arg("-CA")
+                .arg(self.path("ca.pem"))
+                .arg("-CAkey")
+                .arg(self.path("ca.key"))
+                .arg("-extfile")
+                .arg(&ext)
+                .arg("-out")
+                .arg(&pem),
+        );
+        self.readable();
+        (pem.display().to_string(), key.display().to_string())
+    }
+
+    /// Envoy runs as uid 1337: test keys are made world-readable (they protect nothing).
+    fn readable(&self) {
+        for e in fs::read_dir(&self.dir).expect("read pki").flatten() {
+            let _ = fs::set_permissions(e.path(), fs::Permissions::from_mode(0o644));
+        }
+    }
+}
+
+/// A directory Envoy (uid 1337) may create files in, for access logs.
+pub fn writable_dir(work: &Workdir, name: &str) -> PathBuf {
+    let dir = work.join(name);
+    fs::create_dir_all(&dir).expect("create dir");
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).expect("chmod dir");
+    dir
+}
+
+/// Runs a real Envoy (outside any namespace) as `node` against the agent until listeners and
+/// clusters are applied; fails on any rejection; returns its config dump.
+pub fn envoy_accepts(work: &Workdir, agent: &Agent, node: &str) -> Value {
+    let admin = free_port();
+    let tag = node.replace('/', "_");
+    let boot = work.join(&format!("boot-{tag}.json"));
+    check(
+        Command::new(bin("trellis-agent"))
+            .args(["bootstrap", "--output"])
+            .arg(&boot)
+            .env_clear()
+            .env("APPMESH_RESOURCE_ARN", node)
+            .env(
+                "APPMESH_XDS_ENDPOINT",
+                format!("unix://{}", agent.socket_dir.join("xds.sock").display()),
+            )
+            .env("ENVOY_ADMIN_ACCESS_PORT", admin.to_string())
+            .env("ENVOY_ADMIN_ACCESS_LOG_FILE", "/dev/null"),
+    );
+    let envoy = work.stage(&crate::envoy());
+    let mut cmd = Command::new(envoy);
+    cmd.arg("-c").arg(&boot).args([
+        "--disable-hot-restart",
+        "--concurrency",
+        "1",
+        "-l",
+        "warning",
+    ]);
+    let _proc = Proc::spawn("envoy", &mut cmd, work.join(&format!("envoy-{tag}.log")));
+    let stat = |name: &str| -> u64 {
+        let out = run(Command::new("curl").args([
+            "-s",
+            &format!("http://127.0.0.1:{admin}/stats?filter=^{name}$"),
+        ]));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| l.split_once(": ").and_then(|(_, v)| v.trim().parse().ok()))
+            .unwrap_or(0)
+    };
+    eventually(
+        &format!("{node}: listeners and clusters applied"),
+        Duration::from_secs(30),
+        || {
+            let (cds, lds) = (
+                stat("cluster_manager.cds.update_success"),
+                stat("listener_manager.lds.update_success"),
+            );
+            let rejected = stat("cluster_manager.cds.update_rejected")
+                + stat("listener_manager.lds.update_rejected");
+            assert_eq!(rejected, 0, "{node}: Envoy rejected an update");
+            if cds >= 1 && lds >= 1 {
+                Ok(())
+            } else {
+                Err(format!("cds {cds} lds {lds}"))
+            }
+        },
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    for rejected in [
+        "cluster_manager.cds.update_rejected",
+        "listener_manager.lds.update_rejected",
+    ] {
+        assert_eq!(stat(rejected), 0, "{node}: {rejected}");
+    }
+    let log = agent.proc.log_text();
+    assert!(
+        !log.contains("envoy rejected configuration"),
+        "{node}: a NACK:\n{log}"
+    );
+    let dump =
+        run(Command::new("curl").args(["-s", &format!("http://127.0.0.1:{admin}/config_dump")]));
+    serde_json::from_slice(&dump.stdout).expect("config_dump is JSON")
+}
+
+/// Whether `path` exists and has at least one line containing `needle`.
+pub fn file_has(path: &Path, needle: &str) -> Result<String, String> {
+    let text = fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if text.lines().any(|l| l.contains(needle)) {
+        Ok(text)
+    } else {
+        Err(format!("no line with {needle:?} in:\n{text}"))
+    }
+}
