@@ -165,15 +165,19 @@ impl Workdir {
         self.0.join(p)
     }
 
-    /// Copies an executable here so that a process dropped to another uid can run it whatever
-    /// the permissions of the directories above the original.
+    /// Puts an executable here so that a process dropped to another uid can run it whatever the
+    /// permissions of the directories above the original: a hard link where possible (no file is
+    /// ever open for writing, so no `ETXTBSY` when another test thread forks), else a copy.
     pub fn stage(&self, src: &Path) -> PathBuf {
         let dst = self.0.join(src.file_name().expect("file name"));
         if dst.exists() {
             return dst;
         }
-        fs::copy(src, &dst).unwrap_or_else(|e| panic!("copy {}: {e}", src.display()));
-        fs::set_permissions(&dst, fs::Permissions::from_mode(0o755)).expect("chmod staged binary");
+        if fs::hard_link(src, &dst).is_err() {
+            fs::copy(src, &dst).unwrap_or_else(|e| panic!("copy {}: {e}", src.display()));
+            fs::set_permissions(&dst, fs::Permissions::from_mode(0o755))
+                .expect("chmod staged binary");
+        }
         dst
     }
 }
@@ -200,12 +204,20 @@ impl Proc {
     pub fn spawn(name: &str, cmd: &mut Command, log: PathBuf) -> Self {
         let file = fs::File::create(&log).expect("create log");
         let err = file.try_clone().expect("clone log handle");
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(file)
-            .stderr(err)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name} ({cmd:?}): {e}"));
+        cmd.stdin(Stdio::null()).stdout(file).stderr(err);
+        // A freshly copied binary can be briefly "busy" while a process forked by another test
+        // thread still holds the copy's write handle; that passes within moments.
+        let mut attempts = 0;
+        let child = loop {
+            match cmd.spawn() {
+                Ok(c) => break c,
+                Err(e) if e.raw_os_error() == Some(26) && attempts < 50 => {
+                    attempts += 1;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => panic!("cannot start {name} ({cmd:?}): {e}"),
+            }
+        };
         Proc {
             name: name.to_string(),
             child,

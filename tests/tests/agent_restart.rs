@@ -1,0 +1,74 @@
+//! An agent restart is invisible to traffic: Envoys keep serving their last configuration while the
+//! agent is down, reconnect to the restarted agent, and are sent nothing new (same input, same
+//! content versions).
+
+use std::process::Command;
+use std::time::Duration;
+
+use trellis_tests::mesh::Agent;
+use trellis_tests::scenario::{BACK_URL, two_tasks};
+use trellis_tests::{Workdir, can_run_privileged, check, eventually, run};
+
+#[test]
+fn a_restarted_agent_loses_no_request_and_resends_nothing_unchanged() {
+    if !can_run_privileged("agent restart") {
+        return;
+    }
+    let work = Workdir::new("restart");
+    let mut mesh = two_tasks(&work, &|_| {});
+    eventually("front reaches back", Duration::from_secs(20), || {
+        mesh.front.http_get(None, BACK_URL)
+    });
+
+    // Steady traffic from front's app: 300 requests, 10 ms apart, one status code per line.
+    let script = format!(
+        "for i in $(seq 1 300); do curl -s -o /dev/null -m 3 -w '%{{http_code}}\\n' {BACK_URL}; sleep 0.01; done"
+    );
+    let mut traffic = mesh.front.cmd(&["sh", "-c", &script]);
+    let traffic = traffic
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start traffic");
+
+    std::thread::sleep(Duration::from_millis(500));
+    run(Command::new("kill").args(["-9", &mesh.agent.proc.pid().to_string()]));
+    std::thread::sleep(Duration::from_secs(1));
+    mesh.agent = Agent::start(&work, None);
+
+    let out = traffic.wait_with_output().expect("traffic finished");
+    let codes = String::from_utf8_lossy(&out.stdout);
+    let failed: Vec<&str> = codes.lines().filter(|c| *c != "200").collect();
+    assert_eq!(codes.lines().count(), 300);
+    assert!(
+        failed.is_empty(),
+        "{} of 300 requests failed across the restart: {failed:?}",
+        failed.len()
+    );
+
+    // Both Envoys came back to the new agent, which had nothing new to send them.
+    let metrics = |agent: &Agent| {
+        check(Command::new("curl").args(["-sf", &format!("{}/metrics", agent.api)]))
+    };
+    let m = eventually("both Envoys reconnected", Duration::from_secs(30), || {
+        let m = metrics(&mesh.agent);
+        let connected = m
+            .lines()
+            .filter(|l| l.starts_with("trellis_xds_connected_streams{"))
+            .count();
+        if connected == 2 {
+            Ok(m)
+        } else {
+            Err(format!("{connected} connected"))
+        }
+    });
+    for kind in ["Cluster", "Listener"] {
+        assert!(
+            !m.contains(&format!("trellis_xds_pushes_total{{type=\"{kind}\"}}")),
+            "the restarted agent resent unchanged {kind}s:\n{m}"
+        );
+    }
+    assert_eq!(
+        mesh.front.http_get(None, BACK_URL).expect("still served"),
+        trellis_tests::scenario::BACK_BODY
+    );
+}
