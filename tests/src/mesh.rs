@@ -493,16 +493,31 @@ pub fn start_gateway_envoy(
     gateway: &str,
     admin_port: u16,
 ) -> Proc {
+    start_proxy_envoy(
+        work,
+        task,
+        agent,
+        &format!("mesh/{mesh}/virtualGateway/{gateway}"),
+        admin_port,
+    )
+}
+
+/// An Envoy for any proxy identity (`mesh/M/virtualNode/N`, `mesh/M/virtualGateway/G`) in `task`,
+/// as uid 1337 against the agent's socket, waited on until LIVE with its listeners.
+pub fn start_proxy_envoy(
+    work: &Workdir,
+    task: &Task,
+    agent: &Agent,
+    resource: &str,
+    admin_port: u16,
+) -> Proc {
     let bootstrap_path = work.join(&format!("bootstrap-{}.json", task.ns));
     check(
         Command::new(bin("trellis-agent"))
             .args(["bootstrap", "--output"])
             .arg(&bootstrap_path)
             .env_clear()
-            .env(
-                "APPMESH_RESOURCE_ARN",
-                format!("mesh/{mesh}/virtualGateway/{gateway}"),
-            )
+            .env("APPMESH_RESOURCE_ARN", resource)
             .env(
                 "APPMESH_XDS_ENDPOINT",
                 format!("unix://{}", agent.socket_dir.join("xds.sock").display()),
@@ -529,16 +544,16 @@ pub fn start_gateway_envoy(
         ],
     );
     let mut proc = Proc::spawn(
-        &format!("gateway envoy in {}", task.ns),
+        &format!("envoy {resource} in {}", task.ns),
         &mut cmd,
         work.join(&format!("envoy-{}.log", task.ns)),
     );
     eventually(
-        "gateway Envoy LIVE with its listeners",
+        "Envoy LIVE with its listeners",
         Duration::from_secs(30),
         || {
             if !proc.is_running() {
-                panic!("gateway Envoy exited:\n{}", proc.log_text());
+                panic!("Envoy exited:\n{}", proc.log_text());
             }
             let ready = task.http_get(None, &format!("http://127.0.0.1:{admin_port}/ready"));
             let lds = task.envoy_stat(admin_port, "listener_manager.lds.update_success");
