@@ -143,5 +143,6 @@ fn a_large_generated_mesh_is_accepted_by_real_envoy() {
         5,
         "one route config per port"
     );
-    assert_eq!(names_in(&dump, "cluster").len(), 50);
+    // 50 node clusters and DROP_ALL's AWS API pass-through.
+    assert_eq!(names_in(&dump, "cluster").len(), 51);
 }

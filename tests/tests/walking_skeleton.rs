@@ -119,6 +119,58 @@ fn an_http_request_crosses_two_envoys_and_drop_all_refuses_it_once_the_backend_i
         },
     );
     assert!(refusal.contains("exit status"), "{refusal}");
+
+    // DROP_ALL still lets AWS API calls out (TLS to *.amazonaws.com on 443), and nothing else on 443.
+    let pki = trellis_tests::apps::Pki::new(&work, "aws");
+    let (cert, key) = pki.issue("sts", &["sts.us-east-1.amazonaws.com", "example.org"]);
+    let _tls = trellis_tests::Proc::spawn(
+        "tls server in back",
+        &mut back.cmd(&[
+            "openssl", "s_server", "-accept", "443", "-cert", &cert, "-key", &key, "-www", "-quiet",
+        ]),
+        work.join("s_server.log"),
+    );
+    let https = |host: &str| {
+        let resolve = format!("{host}:443:{}", back.ip);
+        let url = format!("https://{host}/");
+        trellis_tests::run(&mut front.cmd(&[
+            "curl",
+            "-sk",
+            "-m",
+            "3",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--resolve",
+            &resolve,
+            &url,
+        ]))
+    };
+    eventually(
+        "an AWS API name passes DROP_ALL",
+        Duration::from_secs(10),
+        || {
+            let out = https("sts.us-east-1.amazonaws.com");
+            let code = String::from_utf8_lossy(&out.stdout).into_owned();
+            if code == "200" {
+                Ok(())
+            } else {
+                Err(format!("status {code:?}"))
+            }
+        },
+    );
+    assert!(
+        front.envoy_stat(
+            ADMIN_PORT,
+            "cluster.cds_egress_m_amazonaws.upstream_cx_total"
+        ) >= 1
+    );
+    let other = https("example.org");
+    assert!(
+        !other.status.success(),
+        "DROP_ALL let TLS to example.org:443 through"
+    );
     // The agent's own view: ready, both Envoys connected, every push acknowledged.
     let get = |path: &str| {
         trellis_tests::check(

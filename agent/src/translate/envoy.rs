@@ -636,6 +636,17 @@ pub(super) fn filter_chain(port: Option<u32>, filter: Filter) -> FilterChain {
     }
 }
 
+/// A chain for TLS connections to `port` whose SNI matches one of `server_names`, passed through
+/// without terminating TLS.
+pub(super) fn filter_chain_sni(port: u32, server_names: &[&str], filter: Filter) -> FilterChain {
+    let mut chain = filter_chain(Some(port), filter);
+    if let Some(m) = &mut chain.filter_chain_match {
+        m.server_names = server_names.iter().map(|n| n.to_string()).collect();
+        m.transport_protocol = "tls".into();
+    }
+    chain
+}
+
 /// A chain that terminates TLS with `tls`; `transport_protocol` "tls" when a plaintext chain for
 /// the same port sits beside it (PERMISSIVE, told apart by the TLS inspector).
 pub(super) fn filter_chain_tls(

@@ -26,6 +26,10 @@ use crate::model::{
 pub const INGRESS_PORT: u32 = 15000;
 pub const EGRESS_PORT: u32 = 15001;
 
+/// What DROP_ALL still lets through: AWS API endpoints over TLS.
+const AWS_API_PORT: u32 = 443;
+const AWS_API_DOMAINS: &str = "*.amazonaws.com";
+
 /// Endpoints found by discovery, by Envoy cluster name. Empty until Cloud Map discovery lands.
 pub type Endpoints = BTreeMap<String, ClusterLoadAssignment>;
 
@@ -276,20 +280,26 @@ fn egress(
             envoy::tcp_proxy("egress", &[(passthrough, 1)], None, &logs),
         ))
     } else {
+        // DROP_ALL still lets AWS API calls out, as App Mesh did: TLS to *.amazonaws.com on 443,
+        // recognised by SNI and passed through untouched. So the egress listener always exists
+        // (never empty), and anything else that reaches it is closed.
+        let aws = format!("cds_egress_{mesh_name}_amazonaws");
+        out.clusters.push(envoy::original_dst_cluster(&aws));
+        chains.push(envoy::filter_chain_sni(
+            AWS_API_PORT,
+            &[AWS_API_DOMAINS],
+            envoy::tcp_proxy("egress", &[(aws, 1)], None, &logs),
+        ));
         None
     };
-    // Envoy rejects a listener with no filter chains; with nothing to route to there is no listener,
-    // and DROP_ALL then means connections to the egress port are refused.
-    if !chains.is_empty() || default_chain.is_some() {
-        out.listeners.push(envoy::listener(
-            &format!("lds_egress_0.0.0.0_{EGRESS_PORT}"),
-            bind,
-            EGRESS_PORT,
-            chains,
-            default_chain,
-            false,
-        ));
-    }
+    out.listeners.push(envoy::listener(
+        &format!("lds_egress_0.0.0.0_{EGRESS_PORT}"),
+        bind,
+        EGRESS_PORT,
+        chains,
+        default_chain,
+        !allow_all,
+    ));
 }
 
 /// A cluster built for a (node, port): its name, port and protocol.

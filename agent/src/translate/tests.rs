@@ -12,6 +12,22 @@ fn state(mesh_spec: Value, nodes: &[(&str, Value)], services: &[(&str, &str)]) -
     crate::test_helpers::mesh_state(mesh_spec, nodes, services)
 }
 
+/// The translation without DROP_ALL's AWS API pass-through (the `*.amazonaws.com:443` chain and its
+/// cluster), which every DROP_ALL proxy carries and which its own test pins down.
+fn mesh_part(mut r: Resources) -> Resources {
+    r.clusters.retain(|c| !c.name.ends_with("_amazonaws"));
+    for l in &mut r.listeners {
+        l.filter_chains.retain(|c| {
+            c.filter_chain_match
+                .as_ref()
+                .is_none_or(|m| m.server_names != ["*.amazonaws.com"])
+        });
+    }
+    r.listeners
+        .retain(|l| !l.filter_chains.is_empty() || l.default_filter_chain.is_some());
+    r
+}
+
 fn node(name: &str) -> ProxyIdentity {
     ProxyIdentity::parse(&format!("mesh/m/virtualNode/{name}")).unwrap()
 }
@@ -53,7 +69,8 @@ fn listener<'a>(r: &'a Resources, name: &str) -> &'a Listener {
 
 #[test]
 fn a_node_with_an_http_listener_gets_the_app_mesh_ingress_listener_and_a_static_local_cluster() {
-    let r = translate(&two_tier("DROP_ALL"), &node("back-vn"), &Endpoints::new()).unwrap();
+    let r =
+        mesh_part(translate(&two_tier("DROP_ALL"), &node("back-vn"), &Endpoints::new()).unwrap());
     assert_eq!(
         names(&r.listeners, |l| &l.name),
         ["lds_ingress_0.0.0.0_15000"]
@@ -72,7 +89,8 @@ fn a_node_with_an_http_listener_gets_the_app_mesh_ingress_listener_and_a_static_
 
 #[test]
 fn a_backend_becomes_an_egress_virtual_host_with_both_domains_and_a_logical_dns_cluster() {
-    let r = translate(&two_tier("DROP_ALL"), &node("front-vn"), &Endpoints::new()).unwrap();
+    let r =
+        mesh_part(translate(&two_tier("DROP_ALL"), &node("front-vn"), &Endpoints::new()).unwrap());
     assert_eq!(
         names(&r.listeners, |l| &l.name),
         ["lds_egress_0.0.0.0_15001"]
@@ -96,7 +114,8 @@ fn a_backend_becomes_an_egress_virtual_host_with_both_domains_and_a_logical_dns_
 
 #[test]
 fn allow_all_adds_a_passthrough_chain_and_catch_all_virtual_host() {
-    let r = translate(&two_tier("ALLOW_ALL"), &node("front-vn"), &Endpoints::new()).unwrap();
+    let r =
+        mesh_part(translate(&two_tier("ALLOW_ALL"), &node("front-vn"), &Endpoints::new()).unwrap());
     let egress = listener(&r, "lds_egress_0.0.0.0_15001");
     assert!(egress.default_filter_chain.is_some());
     let passthrough = r
@@ -114,7 +133,7 @@ fn allow_all_adds_a_passthrough_chain_and_catch_all_virtual_host() {
 }
 
 #[test]
-fn drop_all_with_nothing_to_route_to_sends_no_egress_listener_rather_than_an_empty_one() {
+fn drop_all_with_nothing_to_route_to_keeps_only_the_aws_api_pass_through() {
     let mut s = two_tier("DROP_ALL");
     s.meshes
         .get_mut("m")
@@ -124,7 +143,7 @@ fn drop_all_with_nothing_to_route_to_sends_no_egress_listener_rather_than_an_emp
         .unwrap()
         .spec
         .backends = None;
-    let r = translate(&s, &node("front-vn"), &Endpoints::new()).unwrap();
+    let r = mesh_part(translate(&s, &node("front-vn"), &Endpoints::new()).unwrap());
     assert!(r.listeners.is_empty());
     assert!(r.clusters.is_empty());
 }
@@ -141,7 +160,7 @@ fn backends_to_missing_services_or_providers_are_skipped_not_errors() {
         )],
         &[("orphan.local", "gone-vn")],
     );
-    let r = translate(&s, &node("front-vn"), &Endpoints::new()).unwrap();
+    let r = mesh_part(translate(&s, &node("front-vn"), &Endpoints::new()).unwrap());
     assert!(r.listeners.is_empty());
 }
 
@@ -164,7 +183,7 @@ fn dns_endpoints_response_type_uses_strict_dns_and_tcp_uses_tcp_proxy_without_ro
         ],
         &[("db.local", "db-vn")],
     );
-    let r = translate(&s, &node("app-vn"), &Endpoints::new()).unwrap();
+    let r = mesh_part(translate(&s, &node("app-vn"), &Endpoints::new()).unwrap());
     assert_eq!(discovery(&r.clusters[0]), Some(DiscoveryType::StrictDns));
     assert_eq!(r.clusters[0].name, "cds_egress_m_db-vn_tcp_5432");
     assert!(r.routes.is_empty());
@@ -281,7 +300,7 @@ fn a_router_route_becomes_weighted_clusters_over_the_target_nodes() {
         )],
         http_listener(),
     );
-    let r = translate(&s, &node("front"), &Endpoints::new()).unwrap();
+    let r = mesh_part(translate(&s, &node("front"), &Endpoints::new()).unwrap());
     assert_eq!(
         names(&r.clusters, |c| &c.name),
         ["cds_egress_m_blue_http_9080", "cds_egress_m_red_http_9080"]
@@ -322,7 +341,7 @@ fn weight_zero_targets_stay_and_an_all_zero_route_answers_503() {
         ],
         http_listener(),
     );
-    let r = translate(&s, &node("front"), &Endpoints::new()).unwrap();
+    let r = mesh_part(translate(&s, &node("front"), &Endpoints::new()).unwrap());
     let vh = &route_config(&r, "rds_egress_http_9080").virtual_hosts[0];
     let Some(route_action::ClusterSpecifier::WeightedClusters(wc)) =
         &action(&vh.routes[0]).cluster_specifier
@@ -358,7 +377,7 @@ fn routes_are_ordered_by_priority_then_longest_match_then_name() {
         ],
         http_listener(),
     );
-    let r = translate(&s, &node("front"), &Endpoints::new()).unwrap();
+    let r = mesh_part(translate(&s, &node("front"), &Endpoints::new()).unwrap());
     let order: Vec<_> = route_config(&r, "rds_egress_http_9080").virtual_hosts[0]
         .routes
         .iter()
@@ -385,7 +404,7 @@ fn http_matches_retries_and_timeouts_map_to_envoy_as_app_mesh_did() {
         )],
         http_listener(),
     );
-    let r = translate(&s, &node("front"), &Endpoints::new()).unwrap();
+    let r = mesh_part(translate(&s, &node("front"), &Endpoints::new()).unwrap());
     let route = &route_config(&r, "rds_egress_http_9080").virtual_hosts[0].routes[0];
     let m = route.r#match.as_ref().unwrap();
     assert!(
@@ -429,7 +448,7 @@ fn a_route_without_retry_policy_gets_app_mesh_defaults() {
         )],
         http_listener(),
     );
-    let r = translate(&s, &node("front"), &Endpoints::new()).unwrap();
+    let r = mesh_part(translate(&s, &node("front"), &Endpoints::new()).unwrap());
     let a = action(&route_config(&r, "rds_egress_http_9080").virtual_hosts[0].routes[0]);
     let retry = a.retry_policy.as_ref().unwrap();
     assert_eq!(retry.retry_on, "gateway-error,connect-failure");
@@ -458,7 +477,7 @@ fn grpc_routes_match_service_and_method_paths_and_only_grpc_requests() {
             .unwrap();
         vn.spec.listeners.as_mut().unwrap()[0].port_mapping.protocol = PortProtocol::Grpc;
     }
-    let r = translate(&s, &node("front"), &Endpoints::new()).unwrap();
+    let r = mesh_part(translate(&s, &node("front"), &Endpoints::new()).unwrap());
     let route = &route_config(&r, "rds_egress_grpc_9080").virtual_hosts[0].routes[0];
     let m = route.r#match.as_ref().unwrap();
     assert!(
@@ -493,8 +512,43 @@ fn a_tcp_route_splits_connections_by_weight() {
             .unwrap();
         vn.spec.listeners.as_mut().unwrap()[0].port_mapping.protocol = PortProtocol::Tcp;
     }
-    let r = translate(&s, &node("front"), &Endpoints::new()).unwrap();
+    let r = mesh_part(translate(&s, &node("front"), &Endpoints::new()).unwrap());
     assert!(r.routes.is_empty());
     assert_eq!(chain_ports(&r.listeners[0]), [Some(9080)]);
     assert_eq!(r.clusters.len(), 2);
+}
+
+#[test]
+fn drop_all_still_passes_tls_to_amazonaws_com_on_443_by_sni() {
+    let mut s = two_tier("DROP_ALL");
+    s.meshes
+        .get_mut("m")
+        .unwrap()
+        .virtual_nodes
+        .get_mut("front-vn")
+        .unwrap()
+        .spec
+        .backends = None;
+    let r = translate(&s, &node("front-vn"), &Endpoints::new()).unwrap();
+    assert_eq!(
+        names(&r.listeners, |l| &l.name),
+        ["lds_egress_0.0.0.0_15001"]
+    );
+    let egress = &r.listeners[0];
+    assert_eq!(chain_ports(egress), [Some(443)]);
+    let m = egress.filter_chains[0].filter_chain_match.as_ref().unwrap();
+    assert_eq!(m.server_names, ["*.amazonaws.com"]);
+    assert_eq!(m.transport_protocol, "tls");
+    assert!(egress.default_filter_chain.is_none(), "nothing else passes");
+    assert!(
+        egress
+            .listener_filters
+            .iter()
+            .any(|f| f.name == "envoy.filters.listener.tls_inspector")
+    );
+    assert_eq!(names(&r.clusters, |c| &c.name), ["cds_egress_m_amazonaws"]);
+    assert_eq!(discovery(&r.clusters[0]), Some(DiscoveryType::OriginalDst));
+    // ALLOW_ALL needs no special case: everything passes.
+    let r = translate(&two_tier("ALLOW_ALL"), &node("front-vn"), &Endpoints::new()).unwrap();
+    assert!(r.clusters.iter().all(|c| !c.name.ends_with("_amazonaws")));
 }

@@ -98,6 +98,17 @@ async fn harness() -> Harness {
     }
 }
 
+/// The destination ports of the egress listener's chains in an LDS response.
+fn egress_ports(resp: &DiscoveryResponse) -> Vec<Option<u32>> {
+    use envoy_types::pb::envoy::config::listener::v3::Listener;
+    resp.resources
+        .iter()
+        .map(|a| <Listener as prost::Message>::decode(a.value.as_slice()).unwrap())
+        .filter(|l| l.name == "lds_egress_0.0.0.0_15001")
+        .flat_map(|l| crate::translate::chain_ports(&l))
+        .collect()
+}
+
 fn set_front_backends(h: &Harness, backends: serde_json::Value) {
     let upd: crate::model::UpdateVirtualNodeBody =
         serde_json::from_value(json!({"spec": {"backends": backends}})).unwrap();
@@ -114,7 +125,8 @@ async fn first_subscribe_gets_the_snapshot_and_an_ack_gets_no_push() {
         .unwrap();
     let cds = envoy.recv().await.unwrap();
     assert_eq!(cds.type_url, CLUSTER);
-    assert_eq!(cds.resources.len(), 1);
+    // The backend's cluster and DROP_ALL's AWS API pass-through.
+    assert_eq!(cds.resources.len(), 2);
     assert!(!cds.version_info.is_empty() && !cds.nonce.is_empty());
     envoy.ack(&cds, &[]).await;
     envoy.expect_silence(QUIET).await;
@@ -133,7 +145,11 @@ async fn a_change_is_pushed_and_a_nack_is_not_answered_by_resending_the_same_ver
     set_front_backends(&h, json!([]));
     let pushed = envoy.recv().await.unwrap();
     assert_ne!(pushed.version_info, lds.version_info);
-    assert!(pushed.resources.is_empty());
+    assert_eq!(
+        egress_ports(&pushed),
+        [Some(443)],
+        "only the AWS API pass-through is left"
+    );
 
     envoy.nack(&pushed, &[], "listener rejected").await;
     envoy.expect_silence(QUIET).await;
@@ -157,7 +173,7 @@ async fn a_change_is_pushed_and_a_nack_is_not_answered_by_resending_the_same_ver
         again.version_info, lds.version_info,
         "same input, same content version"
     );
-    assert_eq!(again.resources.len(), 1);
+    assert_eq!(egress_ports(&again), [Some(8080), Some(443)]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -212,7 +228,12 @@ async fn a_reconnecting_envoy_with_the_current_version_gets_nothing_resent() {
     again.expect_silence(QUIET).await;
     // But it still gets later changes.
     set_front_backends(&h, json!([]));
-    assert!(again.recv().await.unwrap().resources.is_empty());
+    let cds = again.recv().await.unwrap();
+    assert_eq!(
+        cds.resources.len(),
+        1,
+        "only the AWS API pass-through cluster remains"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -354,7 +375,11 @@ async fn a_burst_of_writes_reaches_a_stream_as_one_push() {
     }
     // Eleven commits within the debounce window: the last state (no backends) arrives, in one push.
     let pushed = envoy.recv().await.unwrap();
-    assert!(pushed.resources.is_empty());
+    assert_eq!(
+        egress_ports(&pushed),
+        [Some(443)],
+        "only the AWS API pass-through is left"
+    );
     envoy.ack(&pushed, &[]).await;
     envoy.expect_silence(QUIET).await;
 }
