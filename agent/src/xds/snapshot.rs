@@ -113,6 +113,10 @@ impl Snapshots {
         }
         // Built outside the lock: two streams of one proxy may both build once, never block each other.
         let resources = translate::translate(state, who, &Endpoints::new())?;
+        // What the translation had to leave out (SDS/ACM certificates...) is the operator's to fix.
+        for reason in &resources.unserved {
+            tracing::warn!(proxy = %who, generation = state.generation, reason = %reason, "configuration not served");
+        }
         let snap = Arc::new(Snapshot::from_resources(state.generation, resources));
         self.lock().insert(who.clone(), snap.clone());
         Ok((snap, true))
