@@ -285,18 +285,12 @@ fn http_parts(h: &HttpGatewayRoute) -> Parts<'_> {
     };
     let mut headers: Vec<HeaderMatcher> =
         m.hostname.as_ref().and_then(hostname).into_iter().collect();
-    headers.extend(m.headers.iter().flatten().map(|hd| {
-        let mm = hd.r#match.as_ref();
-        routes::matcher(
-            &hd.name,
-            hd.invert.unwrap_or(false),
-            mm.and_then(|x| x.exact.as_deref()),
-            mm.and_then(|x| x.prefix.as_deref()),
-            mm.and_then(|x| x.suffix.as_deref()),
-            mm.and_then(|x| x.regex.as_deref()),
-            mm.and_then(|x| x.range.as_ref()),
-        )
-    }));
+    headers.extend(
+        m.headers
+            .iter()
+            .flatten()
+            .map(|hd| routes::header_match(&hd.name, hd.invert, hd.r#match.as_ref())),
+    );
     if let Some(method) = m.method {
         headers.push(routes::exact_header(":method", method.as_str()));
     }

@@ -17,8 +17,8 @@ use envoy_types::util::pack_any;
 use super::envoy::{duration, seconds};
 use crate::model::Duration as MeshDuration;
 use crate::model::{
-    DurationUnit, GrpcRetryPolicyEvent, GrpcRoute, HttpPathMatch, HttpRoute, HttpRouteHeader,
-    MatchRange, RouteSpec, TcpRetryPolicyEvent,
+    DurationUnit, GrpcRetryPolicyEvent, GrpcRoute, HeaderMatchMethod, HttpPathMatch, HttpRoute,
+    HttpRouteHeader, MatchRange, RouteSpec, TcpRetryPolicyEvent,
 };
 
 /// App Mesh's defaults: 15 s per request, 300 s idle.
@@ -240,10 +240,18 @@ fn grpc_match(g: &GrpcRoute) -> RouteMatch {
 }
 
 fn header(h: &HttpRouteHeader) -> HeaderMatcher {
-    let m = h.r#match.as_ref();
+    header_match(&h.name, h.invert, h.r#match.as_ref())
+}
+
+/// A header condition of a route or gateway route (both use the model's `HeaderMatchMethod`).
+pub(super) fn header_match(
+    name: &str,
+    invert: Option<bool>,
+    m: Option<&HeaderMatchMethod>,
+) -> HeaderMatcher {
     matcher(
-        &h.name,
-        h.invert.unwrap_or(false),
+        name,
+        invert.unwrap_or(false),
         m.and_then(|x| x.exact.as_deref()),
         m.and_then(|x| x.prefix.as_deref()),
         m.and_then(|x| x.suffix.as_deref()),

@@ -38,9 +38,8 @@ impl Drop for Harness {
     }
 }
 
-async fn harness() -> Harness {
-    let dir = TempDir::new("xds");
-    let store = Arc::new(Store::open(dir.path()).unwrap());
+/// Operations as the API runs them, on a store that already holds mesh `m`.
+fn ops_with_mesh(store: &Store) -> Ops {
     let ops = Ops {
         account: Account {
             account_id: "000000000000".into(),
@@ -49,10 +48,17 @@ async fn harness() -> Harness {
         quotas: Quotas::default(),
     };
     ops.create_mesh(
-        &store,
+        store,
         serde_json::from_value(json!({"meshName": "m"})).unwrap(),
     )
     .unwrap();
+    ops
+}
+
+async fn harness() -> Harness {
+    let dir = TempDir::new("xds");
+    let store = Arc::new(Store::open(dir.path()).unwrap());
+    let ops = ops_with_mesh(&store);
     let back = json!({"virtualNodeName": "back", "spec": {
         "listeners": [{"portMapping": {"port": 8080, "protocol": "http"}}],
         "serviceDiscovery": {"dns": {"hostname": "back.internal"}}}});
@@ -272,18 +278,7 @@ async fn unknown_and_malformed_identities_are_refused_with_clear_statuses() {
 fn versions_depend_only_on_content() {
     let dir = TempDir::new("xds-versions");
     let store = Store::open(dir.path()).unwrap();
-    let ops = Ops {
-        account: Account {
-            account_id: "000000000000".into(),
-            region: "us-west-2".into(),
-        },
-        quotas: Quotas::default(),
-    };
-    ops.create_mesh(
-        &store,
-        serde_json::from_value(json!({"meshName": "m"})).unwrap(),
-    )
-    .unwrap();
+    let ops = ops_with_mesh(&store);
     let who = crate::model::ProxyIdentity::parse("mesh/m/virtualNode/n").unwrap();
     let node = json!({"virtualNodeName": "n", "spec": {
         "listeners": [{"portMapping": {"port": 80, "protocol": "http"}}],
