@@ -36,7 +36,7 @@ pub enum Error {
 
     /// The task's network mode cannot carry a transparent redirect.
     #[error(
-        "networkMode: {found} is not supported: transparent redirect needs awsvpc (one network namespace per task)"
+        "networkMode: {found} is not supported: transparent redirect needs awsvpc (one network namespace per task); --explicit-backends meshes bridge and host tasks through HTTP_PROXY"
     )]
     NetworkMode { found: String },
 

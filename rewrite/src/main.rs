@@ -66,6 +66,11 @@ struct Cli {
     #[arg(long, conflicts_with = "virtual_gateway")]
     proxy_configuration: bool,
 
+    /// No redirect: app containers get HTTP_PROXY pointing at Envoy's egress port (by a container
+    /// link in bridge mode), and Envoy routes by Host. For bridge and host network modes.
+    #[arg(long, conflicts_with_all = ["virtual_gateway", "proxy_configuration"])]
+    explicit_backends: bool,
+
     /// Envoy image.
     #[arg(long, value_name = "IMAGE", default_value = trellis_rewrite::DEFAULT_ENVOY_IMAGE)]
     envoy_image: String,
@@ -88,7 +93,7 @@ struct Cli {
         long,
         value_name = "PORT,...",
         value_delimiter = ',',
-        conflicts_with = "virtual_gateway"
+        conflicts_with_all = ["virtual_gateway", "explicit_backends"]
     )]
     app_ports: Option<Vec<u16>>,
 
@@ -97,7 +102,7 @@ struct Cli {
     ignored_uid: Option<u32>,
 
     /// GID whose traffic bypasses the redirect [default: existing setting, else none].
-    #[arg(long, value_name = "GID", conflicts_with = "virtual_gateway")]
+    #[arg(long, value_name = "GID", conflicts_with_all = ["virtual_gateway", "explicit_backends"])]
     ignored_gid: Option<u32>,
 
     /// Destinations that bypass Envoy, added to 169.254.170.2, 169.254.169.254 and existing ones.
@@ -105,7 +110,7 @@ struct Cli {
         long,
         value_name = "IP|CIDR,...",
         value_delimiter = ',',
-        conflicts_with = "virtual_gateway"
+        conflicts_with_all = ["virtual_gateway", "explicit_backends"]
     )]
     egress_ignored_ips: Vec<String>,
 
@@ -114,12 +119,12 @@ struct Cli {
         long,
         value_name = "PORT,...",
         value_delimiter = ',',
-        conflicts_with = "virtual_gateway"
+        conflicts_with_all = ["virtual_gateway", "explicit_backends"]
     )]
     egress_ignored_ports: Vec<u16>,
 
     /// Redirect IPv6 traffic too.
-    #[arg(long, conflicts_with = "virtual_gateway")]
+    #[arg(long, conflicts_with_all = ["virtual_gateway", "explicit_backends"])]
     enable_ipv6: bool,
 
     /// Envoy log level (trace, debug, info, warning, error, critical, off).
@@ -157,6 +162,8 @@ impl Cli {
         let mut opts = Options::new(cli.mesh, target);
         opts.redirect = if cli.proxy_configuration {
             Redirect::ProxyConfiguration
+        } else if cli.explicit_backends {
+            Redirect::Explicit
         } else {
             Redirect::RouteManager
         };

@@ -40,6 +40,11 @@ pub enum Redirect {
     RouteManager,
     /// ECS's native `proxyConfiguration` (type APPMESH): the ECS agent's CNI plugin programs iptables.
     ProxyConfiguration,
+    /// No redirect: the app containers name Envoy's egress port as their HTTP proxy (`HTTP_PROXY`),
+    /// and Envoy routes each request by its `Host: NAME:PORT`. For `bridge` and `host` network
+    /// modes, where no per-task network namespace can carry a redirect. Inbound traffic reaches
+    /// the app directly (its own port), so the node's listener policies do not apply to it.
+    Explicit,
 }
 
 /// Everything [`crate::rewrite`] needs besides the task definition.

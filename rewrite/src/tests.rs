@@ -368,14 +368,121 @@ fn bridge_mode_is_refused_naming_the_field() {
     check_err(
         input,
         &node(),
-        r#"networkMode: "bridge" is not supported: transparent redirect needs awsvpc (one network namespace per task)"#,
+        r#"networkMode: "bridge" is not supported: transparent redirect needs awsvpc (one network namespace per task); --explicit-backends meshes bridge and host tasks through HTTP_PROXY"#,
     );
     let mut input = one_app();
     input.as_object_mut().unwrap().remove("networkMode");
     check_err(
         input,
         &node(),
-        r#"networkMode: missing (ECS defaults to "bridge") is not supported: transparent redirect needs awsvpc (one network namespace per task)"#,
+        r#"networkMode: missing (ECS defaults to "bridge") is not supported: transparent redirect needs awsvpc (one network namespace per task); --explicit-backends meshes bridge and host tasks through HTTP_PROXY"#,
+    );
+}
+
+fn explicit() -> Options {
+    let mut o = node();
+    o.redirect = Redirect::Explicit;
+    o
+}
+
+#[test]
+fn explicit_backends_in_bridge_mode_link_the_app_to_envoy_as_its_http_proxy() {
+    let mut input = one_app();
+    input["networkMode"] = json!("bridge");
+    check(
+        input,
+        &explicit(),
+        json!({
+            "family": "web",
+            "networkMode": "bridge",
+            "containerDefinitions": [
+                {
+                    "name": "app", "image": "nginx", "memory": 256,
+                    "portMappings": [{"containerPort": 8080, "protocol": "tcp"}],
+                    "dependsOn": [{"containerName": "envoy", "condition": "HEALTHY"}],
+                    "environment": [
+                        {"name": "HTTP_PROXY", "value": "http://envoy:15001"},
+                        {"name": "http_proxy", "value": "http://envoy:15001"},
+                        {"name": "NO_PROXY", "value": "localhost,127.0.0.1,169.254.170.2,169.254.169.254"},
+                        {"name": "no_proxy", "value": "localhost,127.0.0.1,169.254.170.2,169.254.169.254"}
+                    ],
+                    "links": ["envoy"]
+                },
+                {
+                    "name": "envoy",
+                    "image": "trellis-envoy:0.1.0",
+                    "essential": true,
+                    "user": "1337",
+                    "memoryReservation": 128,
+                    "environment": [
+                        {"name": "APPMESH_RESOURCE_ARN", "value": "mesh/m/virtualNode/web"},
+                        {"name": "APPMESH_XDS_ENDPOINT", "value": "unix:///var/run/trellis/xds.sock"}
+                    ],
+                    "mountPoints": envoy_mount(),
+                    "ulimits": nofile(),
+                    "healthCheck": health_check()
+                }
+            ],
+            "requiresCompatibilities": ["EC2"],
+            "volumes": [socket_volume()]
+        }),
+    );
+}
+
+#[test]
+fn explicit_backends_keep_the_users_proxy_variables_and_links() {
+    let mut input = one_app();
+    input["networkMode"] = json!("bridge");
+    input["containerDefinitions"][0]["environment"] = json!([
+        {"name": "NO_PROXY", "value": "db.internal"},
+        {"name": "A", "value": "1"}
+    ]);
+    input["containerDefinitions"][0]["links"] = json!(["envoy:proxy", "cache"]);
+    let out = rewrite(input, &explicit()).unwrap();
+    let app = container(&out, "app");
+    assert_eq!(
+        app["environment"],
+        json!([
+            {"name": "NO_PROXY", "value": "db.internal"},
+            {"name": "A", "value": "1"},
+            {"name": "HTTP_PROXY", "value": "http://envoy:15001"},
+            {"name": "http_proxy", "value": "http://envoy:15001"},
+            {"name": "no_proxy", "value": "localhost,127.0.0.1,169.254.170.2,169.254.169.254"}
+        ])
+    );
+    assert_eq!(app["links"], json!(["envoy:proxy", "cache"]));
+}
+
+#[test]
+fn explicit_backends_in_host_mode_use_loopback_and_refuse_envoys_ports() {
+    let mut input = one_app();
+    input["networkMode"] = json!("host");
+    let out = rewrite(input.clone(), &explicit()).unwrap();
+    let app = container(&out, "app");
+    assert_eq!(app["environment"][0]["value"], "http://127.0.0.1:15001");
+    assert!(
+        app.get("links").is_none(),
+        "links exist only in bridge mode"
+    );
+
+    input["containerDefinitions"][0]["portMappings"] = json!([{"containerPort": 15001}]);
+    check_err(
+        input,
+        &explicit(),
+        "containerDefinitions[0].portMappings[0].containerPort: port 15001 is reserved for Envoy's egress listener; move the application off it",
+    );
+}
+
+#[test]
+fn an_app_mesh_definition_moved_to_explicit_backends_loses_its_redirect() {
+    let meshed = rewrite(one_app(), &node()).unwrap();
+    let out = rewrite(meshed, &explicit()).unwrap();
+    assert_eq!(names(&out), ["app", "envoy"]);
+    assert!(out.get("proxyConfiguration").is_none());
+    assert!(container(&out, "envoy").get("dependsOn").is_none());
+    assert_eq!(
+        container(&out, "app")["environment"][0]["value"],
+        "http://127.0.0.1:15001"
     );
 }
 

@@ -9,8 +9,8 @@ use serde_json::{Value, json};
 use crate::Error;
 use crate::json::{self, Object};
 use crate::options::{
-    ENVOY_ADMIN_PORT, ENVOY_CONTAINER, ENVOY_NOFILE, Options, ROUTE_MANAGER_CONTAINER, Redirect,
-    SOCKET_CONTAINER_PATH, SOCKET_VOLUME,
+    ALWAYS_IGNORED_IPS, ENVOY_ADMIN_PORT, ENVOY_CONTAINER, ENVOY_EGRESS_PORT, ENVOY_NOFILE,
+    Options, ROUTE_MANAGER_CONTAINER, Redirect, SOCKET_CONTAINER_PATH, SOCKET_VOLUME,
 };
 use crate::settings::{self, Existing, Settings};
 use crate::validate;
@@ -47,7 +47,10 @@ pub(crate) fn rewrite(input: Value, opts: &Options) -> Result<Value, Error> {
     let mut td = task_definition(input)?;
     validate::network_mode(&td, opts)?;
     validate::launch_type(&td, opts)?;
-    let awsvpc = td.get("networkMode").and_then(Value::as_str) == Some("awsvpc");
+    let mode = td.get("networkMode").and_then(Value::as_str);
+    // Containers share Envoy's ports in awsvpc and host mode; in bridge mode each has its own.
+    let shares_ports = matches!(mode, Some("awsvpc" | "host"));
+    let bridge = matches!(mode, Some("bridge") | None);
 
     let mut containers = take_containers(&mut td)?;
     validate::names(&containers)?;
@@ -110,7 +113,13 @@ pub(crate) fn rewrite(input: Value, opts: &Options) -> Result<Value, Error> {
     let mut derived_ports = Vec::new();
     for i in (0..containers.len()).filter(|&i| !owned(i)) {
         let path = format!("containerDefinitions[{i}]");
-        validate::app_container(&containers[i], &path, awsvpc, admin, opts.is_gateway())?;
+        validate::app_container(
+            &containers[i],
+            &path,
+            shares_ports,
+            admin,
+            opts.is_gateway(),
+        )?;
         if apps.contains(&i) {
             for (j, pm) in json::array_field(&containers[i], "portMappings", &path)?
                 .iter()
@@ -178,13 +187,16 @@ pub(crate) fn rewrite(input: Value, opts: &Options) -> Result<Value, Error> {
             remove = route_manager;
             proxy_configuration(&mut td, &settings)?;
         }
-        None => {
+        Some(Redirect::Explicit) | None => {
             remove = route_manager;
             td.shift_remove("proxyConfiguration");
         }
     }
     for &i in &apps {
         depend(&mut containers[i], i, ENVOY_CONTAINER, "HEALTHY")?;
+        if opts.redirect() == Some(Redirect::Explicit) {
+            explicit_proxy(&mut containers[i], i, bridge)?;
+        }
     }
     if let Some(r) = remove {
         containers.remove(r);
@@ -202,6 +214,45 @@ pub(crate) fn rewrite(input: Value, opts: &Options) -> Result<Value, Error> {
         Value::Array(containers.into_iter().map(Value::Object).collect()),
     );
     Ok(Value::Object(td))
+}
+
+/// Points an app container at Envoy's egress port as its HTTP proxy. Variables the user already set
+/// win (a user's `NO_PROXY` may list more hosts that bypass Envoy); new ones are appended, so the
+/// user's order is kept. In bridge mode Envoy is reached by a container link.
+fn explicit_proxy(c: &mut Object, i: usize, bridge: bool) -> Result<(), Error> {
+    let path = format!("containerDefinitions[{i}]");
+    let host = if bridge { ENVOY_CONTAINER } else { "127.0.0.1" };
+    let proxy = format!("http://{host}:{ENVOY_EGRESS_PORT}");
+    let no_proxy = ["localhost", "127.0.0.1"]
+        .into_iter()
+        .chain(ALWAYS_IGNORED_IPS)
+        .collect::<Vec<_>>()
+        .join(",");
+    let have: HashSet<String> = json::name_values(c, "environment", &path)?
+        .into_iter()
+        .map(|nv| nv.name)
+        .collect();
+    let env = json::array_field_mut(c, "environment", &path)?;
+    for (name, value) in [
+        ("HTTP_PROXY", &proxy),
+        ("http_proxy", &proxy),
+        ("NO_PROXY", &no_proxy),
+        ("no_proxy", &no_proxy),
+    ] {
+        if !have.contains(name) {
+            env.push(json!({"name": name, "value": value}));
+        }
+    }
+    if bridge {
+        let links = json::array_field_mut(c, "links", &path)?;
+        let linked = links.iter().filter_map(Value::as_str).any(|l| {
+            l == ENVOY_CONTAINER || l.split_once(':').is_some_and(|(n, _)| n == ENVOY_CONTAINER)
+        });
+        if !linked {
+            links.push(json!(ENVOY_CONTAINER));
+        }
+    }
+    Ok(())
 }
 
 /// Unwraps `DescribeTaskDefinition` output and drops its read-only fields; carries its `tags` over.

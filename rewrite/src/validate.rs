@@ -215,6 +215,9 @@ pub(crate) fn network_mode(td: &Object, opts: &Options) -> Result<(), Error> {
     }
     match mode {
         Some("awsvpc") => Ok(()),
+        // Explicit egress needs only that the app can reach Envoy: its own netns, the host's, or a
+        // bridge link.
+        Some("bridge" | "host") | None if opts.redirect == Redirect::Explicit => Ok(()),
         Some(other) => Err(Error::NetworkMode {
             found: format!("{other:?}"),
         }),

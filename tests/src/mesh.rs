@@ -353,12 +353,25 @@ pub fn rewrite(
     node: &str,
     socket_host_path: &Path,
 ) -> Value {
+    rewrite_with(work, input, mesh, node, socket_host_path, &[])
+}
+
+/// [`rewrite`] with extra flags (e.g. `--explicit-backends`).
+pub fn rewrite_with(
+    work: &Workdir,
+    input: &Value,
+    mesh: &str,
+    node: &str,
+    socket_host_path: &Path,
+    flags: &[&str],
+) -> Value {
     let path = work.join(&format!("taskdef-{node}.json"));
     fs::write(&path, serde_json::to_vec_pretty(input).expect("encode")).expect("write taskdef");
     let out = check(
         Command::new(bin("trellis-rewrite"))
             .args(["--mesh", mesh, "--virtual-node", node, "--socket-host-path"])
             .arg(socket_host_path)
+            .args(flags)
             .arg(&path),
     );
     serde_json::from_str(&out).expect("rewrite output is JSON")

@@ -244,6 +244,11 @@ fn egress(
     }
     let passthrough = format!("cds_egress_{mesh_name}_allow_all");
     let mut chains = Vec::new();
+    // Explicit egress: an app that names Envoy as its HTTP proxy connects to the egress port itself
+    // (no redirect, e.g. bridge network mode), so every HTTP backend is routed by `Host: NAME:PORT`
+    // on a chain for that port. Taken only when no backend itself listens on it.
+    let explicit = !ports.contains_key(&EGRESS_PORT);
+    let mut explicit_hosts = Vec::new();
     for (port, plan) in ports {
         if let Some(targets) = plan.tcp {
             chains.push(envoy::filter_chain(
@@ -251,6 +256,9 @@ fn egress(
                 envoy::tcp_proxy("egress", &targets, None, &logs),
             ));
             continue;
+        }
+        if explicit {
+            explicit_hosts.extend(plan.hosts.iter().map(|vh| explicit_host(vh, port)));
         }
         let mut hosts = plan.hosts;
         if allow_all {
@@ -270,6 +278,15 @@ fn egress(
         out.routes.push(envoy::route_config(&route_name, hosts));
         chains.push(envoy::filter_chain(
             Some(port),
+            envoy::http_connection_manager("egress", &route_name, &logs),
+        ));
+    }
+    if !explicit_hosts.is_empty() {
+        let route_name = format!("rds_egress_http_{EGRESS_PORT}");
+        out.routes
+            .push(envoy::route_config(&route_name, explicit_hosts));
+        chains.push(envoy::filter_chain(
+            Some(EGRESS_PORT),
             envoy::http_connection_manager("egress", &route_name, &logs),
         ));
     }
@@ -300,6 +317,18 @@ fn egress(
         default_chain,
         !allow_all,
     ));
+}
+
+/// A port's virtual host as the explicit egress route config carries it: a proxy request names
+/// the port in its Host unless it is 80, so only those forms match (`NAME` alone would be ambiguous
+/// between ports).
+fn explicit_host(vh: &VirtualHost, port: u32) -> VirtualHost {
+    let with_port = format!(":{port}");
+    let mut vh = vh.clone();
+    vh.name = format!("{}{with_port}", vh.name);
+    vh.domains
+        .retain(|d| d.ends_with(&with_port) || (port == 80 && !d.contains(':')));
+    vh
 }
 
 /// A cluster built for a (node, port): its name, port and protocol.

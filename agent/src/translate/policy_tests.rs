@@ -365,8 +365,9 @@ fn access_logs_go_on_every_connection_manager_and_tcp_proxy_of_the_node() {
     }
     let f = of(&s, "front");
     let egress = listener(&f, EGRESS);
-    assert_eq!(chain_ports(egress), [Some(5432), Some(8080)]);
+    assert_eq!(chain_ports(egress), [Some(5432), Some(8080), Some(15001)]);
     assert_eq!(hcm(&egress.filter_chains[1]).access_log.len(), 1);
+    assert_eq!(hcm(&egress.filter_chains[2]).access_log.len(), 1);
     let tcp: TcpProxy = unpack(typed(&egress.filter_chains[0].filters[0]));
     assert_eq!(tcp.access_log.len(), 1);
     let passthrough: TcpProxy = unpack(typed(

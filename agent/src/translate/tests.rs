@@ -67,6 +67,10 @@ fn listener<'a>(r: &'a Resources, name: &str) -> &'a Listener {
     r.listeners.iter().find(|l| l.name == name).unwrap()
 }
 
+fn route<'a>(r: &'a Resources, name: &str) -> &'a RouteConfiguration {
+    r.routes.iter().find(|rc| rc.name == name).unwrap()
+}
+
 #[test]
 fn a_node_with_an_http_listener_gets_the_app_mesh_ingress_listener_and_a_static_local_cluster() {
     let r =
@@ -96,7 +100,7 @@ fn a_backend_becomes_an_egress_virtual_host_with_both_domains_and_a_logical_dns_
         ["lds_egress_0.0.0.0_15001"]
     );
     let egress = listener(&r, "lds_egress_0.0.0.0_15001");
-    assert_eq!(chain_ports(egress), [Some(8080)]);
+    assert_eq!(chain_ports(egress), [Some(8080), Some(EGRESS_PORT)]);
     assert!(
         egress.default_filter_chain.is_none(),
         "DROP_ALL has no passthrough"
@@ -106,10 +110,64 @@ fn a_backend_becomes_an_egress_virtual_host_with_both_domains_and_a_logical_dns_
         ["cds_egress_m_back-vn_http_8080"]
     );
     assert_eq!(discovery(&r.clusters[0]), Some(DiscoveryType::LogicalDns));
-    assert_eq!(names(&r.routes, |rc| &rc.name), ["rds_egress_http_8080"]);
-    let vhosts = &r.routes[0].virtual_hosts;
+    assert_eq!(
+        names(&r.routes, |rc| &rc.name),
+        ["rds_egress_http_15001", "rds_egress_http_8080"]
+    );
+    let vhosts = &route(&r, "rds_egress_http_8080").virtual_hosts;
     assert_eq!(vhosts.len(), 1);
     assert_eq!(vhosts[0].domains, ["back.local", "back.local:8080"]);
+}
+
+#[test]
+fn an_app_using_envoy_as_http_proxy_reaches_every_http_backend_by_host_and_port() {
+    let mut s = two_tier("ALLOW_ALL");
+    let m = s.meshes.get_mut("m").unwrap();
+    let back = &mut m.virtual_nodes.get_mut("back-vn").unwrap().spec;
+    back.listeners.as_mut().unwrap().push(
+        serde_json::from_value(json!({"portMapping": {"port": 80, "protocol": "http2"}})).unwrap(),
+    );
+    let r = mesh_part(translate(&s, &node("front-vn"), &Endpoints::new()).unwrap());
+    let egress = listener(&r, "lds_egress_0.0.0.0_15001");
+    assert_eq!(
+        chain_ports(egress),
+        [Some(80), Some(8080), Some(EGRESS_PORT)]
+    );
+    let explicit = route(&r, "rds_egress_http_15001");
+    let hosts: Vec<_> = explicit
+        .virtual_hosts
+        .iter()
+        .map(|v| (v.name.as_str(), v.domains.clone()))
+        .collect();
+    // No catch-all: ALLOW_ALL's original-destination pass-through has no destination here.
+    assert_eq!(
+        hosts,
+        [
+            (
+                "back.local:80",
+                vec!["back.local".to_string(), "back.local:80".into()]
+            ),
+            ("back.local:8080", vec!["back.local:8080".to_string()]),
+        ]
+    );
+}
+
+#[test]
+fn a_backend_on_the_egress_port_keeps_it_and_there_is_no_explicit_route_config() {
+    let mut s = two_tier("DROP_ALL");
+    let m = s.meshes.get_mut("m").unwrap();
+    let back = &mut m.virtual_nodes.get_mut("back-vn").unwrap().spec;
+    back.listeners.as_mut().unwrap()[0].port_mapping.port = i64::from(EGRESS_PORT);
+    let r = mesh_part(translate(&s, &node("front-vn"), &Endpoints::new()).unwrap());
+    assert_eq!(
+        chain_ports(listener(&r, "lds_egress_0.0.0.0_15001")),
+        [Some(EGRESS_PORT)]
+    );
+    assert_eq!(names(&r.routes, |rc| &rc.name), ["rds_egress_http_15001"]);
+    assert_eq!(
+        route(&r, "rds_egress_http_15001").virtual_hosts[0].domains,
+        ["back.local", "back.local:15001"]
+    );
 }
 
 #[test]
@@ -124,7 +182,7 @@ fn allow_all_adds_a_passthrough_chain_and_catch_all_virtual_host() {
         .find(|c| c.name == "cds_egress_m_allow_all")
         .unwrap();
     assert_eq!(discovery(passthrough), Some(DiscoveryType::OriginalDst));
-    let domains: Vec<_> = r.routes[0]
+    let domains: Vec<_> = route(&r, "rds_egress_http_8080")
         .virtual_hosts
         .iter()
         .map(|v| v.domains.clone())
