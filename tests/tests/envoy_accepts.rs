@@ -88,6 +88,7 @@ fn every_route_feature_is_accepted_by_real_envoy() {
         [
             "rds_egress_grpc_9090",
             "rds_egress_http2_8443",
+            "rds_egress_http_15001",
             "rds_egress_http_8080"
         ]
     );
@@ -140,8 +141,8 @@ fn a_large_generated_mesh_is_accepted_by_real_envoy() {
     let dump = envoy_accepts(&work, &agent, "mesh/m/virtualNode/client");
     assert_eq!(
         names_in(&dump, "route").len(),
-        5,
-        "one route config per port"
+        6,
+        "one route config per port, and the explicit one"
     );
     // 50 node clusters and DROP_ALL's AWS API pass-through.
     assert_eq!(names_in(&dump, "cluster").len(), 51);
