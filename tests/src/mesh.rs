@@ -78,6 +78,42 @@ impl Vpc {
         self.dns = Some(Proc::spawn("dnsmasq", &mut cmd, work.join("dnsmasq.log")));
     }
 
+    /// Gives the bridge and `task` IPv6 addresses in `fd00:213:ID::/64` (dual stack, as an awsvpc ENI
+    /// with an IPv6 address); returns the task's. Without duplicate-address detection, so the
+    /// address is usable at once.
+    pub fn add_ipv6(&self, task: &Task) -> String {
+        let host = task.ip.rsplit('.').next().unwrap_or("0");
+        let prefix = self.prefix.replace("10.213.", "fd00:213:");
+        let bridge = format!("{prefix}::1/64");
+        if !self
+            .exec(&["ip", "-6", "addr", "show", "dev", "br0"])
+            .contains(&bridge)
+        {
+            self.exec(&["ip", "-6", "addr", "add", &bridge, "dev", "br0", "nodad"]);
+        }
+        let ip = format!("{prefix}::{host}");
+        task.exec(&[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            &format!("{ip}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
+        task.exec(&[
+            "ip",
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("{prefix}::1"),
+        ]);
+        ip
+    }
+
     /// A task namespace with address `PREFIX.host` on the bridge, resolving through the VPC resolver.
     pub fn task(&mut self, name: &str, host: u8) -> Task {
         let ns = format!("{}-{name}", self.ns);
@@ -194,18 +230,45 @@ impl Task {
 
     /// A small HTTP app answering `body` on `port`.
     pub fn start_http_app(&self, work: &Workdir, port: u16, body: &str) -> Proc {
+        self.spawn_app(
+            work,
+            port,
+            &format!("{body:?}"),
+            "http.server.ThreadingHTTPServer",
+        )
+    }
+
+    /// Like [`Task::start_http_app`], but listening on `::` for IPv4 and IPv6 alike, and answering
+    /// `body` followed by ` from ADDRESS`, the peer it saw (so a test sees which local address
+    /// Envoy used).
+    pub fn start_http_app_dual_stack(&self, work: &Workdir, port: u16, body: &str) -> Proc {
+        let server = "type('Dual', (http.server.ThreadingHTTPServer,), \
+                      {'address_family': socket.AF_INET6, 'server_bind': lambda s: \
+                      (s.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0), \
+                      http.server.ThreadingHTTPServer.server_bind(s))})";
+        let body = format!("{body:?} + ' from ' + self.client_address[0]");
+        self.spawn_app(work, port, &body, server)
+    }
+
+    /// Runs the Python app: `body_expr` is evaluated per request, `server` is the server class.
+    fn spawn_app(&self, work: &Workdir, port: u16, body_expr: &str, server: &str) -> Proc {
+        let bind = if server.contains("AF_INET6") {
+            "::"
+        } else {
+            "0.0.0.0"
+        };
         let script = format!(
-            "import http.server\n\
+            "import http.server, socket\n\
              class H(http.server.BaseHTTPRequestHandler):\n\
              \x20   def do_GET(self):\n\
-             \x20       b = {body:?}.encode()\n\
+             \x20       b = ({body_expr}).encode()\n\
              \x20       self.send_response(200)\n\
              \x20       self.send_header('Content-Length', str(len(b)))\n\
              \x20       self.end_headers()\n\
              \x20       self.wfile.write(b)\n\
              \x20   def log_message(self, *a):\n\
              \x20       pass\n\
-             http.server.ThreadingHTTPServer(('0.0.0.0', {port}), H).serve_forever()\n"
+             ({server})(({bind:?}, {port}), H).serve_forever()\n"
         );
         let path = work.join(&format!("app-{}.py", self.ns));
         fs::write(&path, script).expect("write app");

@@ -1,0 +1,129 @@
+//! IP preference on real traffic, dual-stack tasks: a node's `ipPreference` decides the family its
+//! callers' Envoys resolve it in (DNS lookup family) and the address its own Envoy binds and
+//! reaches the app on (`::`/`::1` for IPv6 preferences, `0.0.0.0`/`127.0.0.1` otherwise).
+
+use std::time::Duration;
+
+use serde_json::json;
+use trellis_tests::mesh::{Agent, Task, Vpc, rewrite_with, run_route_manager, start_envoy};
+use trellis_tests::scenario::{BACK_URL, app_taskdef, resources_file};
+use trellis_tests::{Proc, Workdir, can_run_privileged, eventually};
+
+fn back_spec(preference: &str) -> serde_json::Value {
+    json!({
+        "listeners": [{"portMapping": {"port": 8080, "protocol": "http"}}],
+        "serviceDiscovery": {"dns": {"hostname": "back-vn.trellis.test", "ipPreference": preference}}
+    })
+}
+
+/// The front Envoy's view of the back cluster's hosts (admin `/clusters`).
+fn back_hosts(front: &Task) -> String {
+    front
+        .http_get(None, "http://127.0.0.1:9901/clusters")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| {
+            l.starts_with("cds_egress_m_back-vn_http_8080::")
+                && l.ends_with("::health_flags::healthy")
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Meshes a task with IPv6 redirect rules too and starts its route manager and Envoy.
+fn mesh_task(work: &Workdir, agent: &Agent, task: &Task, node: &str, ports: &[u16]) -> Proc {
+    let def = rewrite_with(
+        work,
+        &app_taskdef(node, ports),
+        "m",
+        node,
+        &agent.socket_dir,
+        &["--enable-ipv6"],
+    );
+    run_route_manager(task, &def);
+    start_envoy(work, task, &def)
+}
+
+#[test]
+fn ipv6_preference_reaches_the_node_over_ipv6_and_ipv4_only_switches_it_back() {
+    if !can_run_privileged("ip preference") {
+        return;
+    }
+    let work = Workdir::new("ippref");
+    let resources = resources_file(
+        &work,
+        &json!([
+            {"meshName": "m"},
+            {"meshName": "m", "virtualServiceName": "back.local",
+             "spec": {"provider": {"virtualNode": {"virtualNodeName": "back-vn"}}}},
+            {"meshName": "m", "virtualNodeName": "back-vn", "spec": back_spec("IPv6_ONLY")},
+            {"meshName": "m", "virtualNodeName": "front-vn", "spec": {
+                "backends": [{"virtualService": {"virtualServiceName": "back.local"}}]}}
+        ]),
+    );
+    let agent = Agent::start(&work, Some(&resources));
+    let mut vpc = Vpc::new(&work, 19);
+    let front = vpc.task("front", 2);
+    let back = vpc.task("back", 3);
+    vpc.add_ipv6(&front);
+    let back_v6 = vpc.add_ipv6(&back);
+    // Cloud Map private DNS answers A and AAAA for a dual-stack instance.
+    vpc.start_dns(
+        &work,
+        &[
+            (&back.ip, "back.local back-vn.trellis.test"),
+            (&back_v6, "back-vn.trellis.test"),
+        ],
+    );
+    let _procs = [
+        mesh_task(&work, &agent, &back, "back-vn", &[8080]),
+        back.start_http_app_dual_stack(&work, 8080, "back"),
+        mesh_task(&work, &agent, &front, "front-vn", &[]),
+    ];
+
+    // IPv6_ONLY: front's Envoy resolves AAAA and connects over IPv6; back's Envoy (bound on `::`)
+    // reaches the app on ::1.
+    let body = eventually(
+        "front reaches back over IPv6",
+        Duration::from_secs(20),
+        || front.http_get(None, BACK_URL),
+    );
+    assert_eq!(body, "back from ::1");
+    let hosts = back_hosts(&front);
+    assert!(
+        hosts.contains(&back_v6) && !hosts.contains(&back.ip),
+        "front's Envoy holds only the IPv6 address {back_v6}:\n{hosts}"
+    );
+
+    // IPv4_ONLY through the API: A records and the IPv4 loopback.
+    agent.appmesh(&[
+        "update-virtual-node",
+        "--mesh-name",
+        "m",
+        "--virtual-node-name",
+        "back-vn",
+        "--spec",
+        &back_spec("IPv4_ONLY").to_string(),
+    ]);
+    eventually(
+        "back is reached over IPv4",
+        Duration::from_secs(20),
+        || match front.http_get(None, BACK_URL) {
+            Ok(b) if b.ends_with("127.0.0.1") => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    let hosts = eventually(
+        "front's cluster has the IPv4 address",
+        Duration::from_secs(20),
+        || {
+            let h = back_hosts(&front);
+            if h.contains(&back.ip) && !h.contains(&back_v6) {
+                Ok(h)
+            } else {
+                Err(h)
+            }
+        },
+    );
+    assert!(hosts.contains(&format!("{}:8080", back.ip)), "{hosts}");
+}
