@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::mesh::{Agent, Task, rewrite, run_route_manager, start_envoy};
+use crate::mesh::{Agent, Task, rewrite, run_route_manager, start_envoy_with};
 use crate::scenario::app_taskdef;
 use crate::{Proc, Workdir, bin, check, eventually, free_port, run};
 
@@ -87,6 +87,19 @@ pub fn start_meshed(
     node: &str,
     ports: &[u16],
 ) -> Proc {
+    start_meshed_with(work, agent, mesh, task, node, ports, &[])
+}
+
+/// [`start_meshed`] with `extra` variables in the Envoy container's environment.
+pub fn start_meshed_with(
+    work: &Workdir,
+    agent: &Agent,
+    mesh: &str,
+    task: &Task,
+    node: &str,
+    ports: &[u16],
+    extra: &[(&str, &str)],
+) -> Proc {
     let def = rewrite(
         work,
         &app_taskdef(&task.ns, ports),
@@ -95,7 +108,7 @@ pub fn start_meshed(
         &agent.socket_dir,
     );
     run_route_manager(task, &def);
-    start_envoy(work, task, &def)
+    start_envoy_with(work, task, &def, extra)
 }
 
 /// An HTTP GET from inside the task that does not fail on error statuses: (status, body);
