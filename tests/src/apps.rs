@@ -273,6 +273,16 @@ pub fn writable_dir(work: &Workdir, name: &str) -> PathBuf {
 /// Runs a real Envoy (outside any namespace) as `node` against the agent until listeners and
 /// clusters are applied; fails on any rejection; returns its config dump.
 pub fn envoy_accepts(work: &Workdir, agent: &Agent, node: &str) -> Value {
+    envoy_accepts_with(work, agent, node, &[])
+}
+
+/// [`envoy_accepts`] with `extra` bootstrap variables (e.g. `APPMESH_SDS_SOCKET_PATH`).
+pub fn envoy_accepts_with(
+    work: &Workdir,
+    agent: &Agent,
+    node: &str,
+    extra: &[(&str, &str)],
+) -> Value {
     let admin = free_port();
     let tag = node.replace('/', "_");
     let boot = work.join(&format!("boot-{tag}.json"));
@@ -287,7 +297,8 @@ pub fn envoy_accepts(work: &Workdir, agent: &Agent, node: &str) -> Value {
                 format!("unix://{}", agent.socket_dir.join("xds.sock").display()),
             )
             .env("ENVOY_ADMIN_ACCESS_PORT", admin.to_string())
-            .env("ENVOY_ADMIN_ACCESS_LOG_FILE", "/dev/null"),
+            .env("ENVOY_ADMIN_ACCESS_LOG_FILE", "/dev/null")
+            .envs(extra.iter().copied()),
     );
     let envoy = work.stage(&crate::envoy());
     let mut cmd = Command::new(envoy);
