@@ -17,6 +17,8 @@ pub const ENV_ADMIN_LOG: &str = "ENVOY_ADMIN_ACCESS_LOG_FILE";
 pub const ENV_LOG_LEVEL: &str = "ENVOY_LOG_LEVEL";
 pub const ENV_INITIAL_FETCH_TIMEOUT: &str = "ENVOY_INITIAL_FETCH_TIMEOUT";
 pub const ENV_CONCURRENCY: &str = "ENVOY_CONCURRENCY";
+/// The local SDS server's Unix socket (a SPIRE agent's), for SDS certificates and trust.
+pub const ENV_SDS_SOCKET_PATH: &str = "APPMESH_SDS_SOCKET_PATH";
 
 /// Where the agent's socket is when nothing says otherwise (the host directory the rewriter mounts).
 pub const DEFAULT_XDS_ENDPOINT: &str = "unix:///var/run/trellis/xds.sock";
@@ -80,6 +82,8 @@ pub struct EnvoySettings {
     pub log_level: String,
     pub initial_fetch_timeout_s: u64,
     pub concurrency: Option<u32>,
+    /// `APPMESH_SDS_SOCKET_PATH`: when set, the bootstrap gets the static SDS cluster.
+    pub sds_socket: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -152,6 +156,17 @@ impl EnvoySettings {
                 },
             )?),
         };
+        let sds_socket = match nonempty(ENV_SDS_SOCKET_PATH) {
+            None => None,
+            Some(v) if v.starts_with('/') => Some(v),
+            Some(v) => {
+                return Err(Error::Invalid {
+                    var: ENV_SDS_SOCKET_PATH,
+                    value: v,
+                    rule: "must be the absolute path of the SDS server's Unix socket",
+                });
+            }
+        };
         Ok(EnvoySettings {
             node_id,
             cluster,
@@ -162,6 +177,7 @@ impl EnvoySettings {
             log_level,
             initial_fetch_timeout_s,
             concurrency,
+            sds_socket,
         })
     }
 
@@ -184,7 +200,7 @@ impl EnvoySettings {
             "resource_api_version": "V3",
             "initial_fetch_timeout": format!("{}s", self.initial_fetch_timeout_s),
         });
-        json!({
+        let mut bootstrap = json!({
             "node": {"id": self.node_id, "cluster": self.cluster},
             "admin": {
                 "access_log": [{
@@ -223,7 +239,14 @@ impl EnvoySettings {
                     }
                 }]
             }
-        })
+        });
+        if let (Some(path), Some(clusters)) = (
+            &self.sds_socket,
+            bootstrap["static_resources"]["clusters"].as_array_mut(),
+        ) {
+            clusters.push(sds_cluster(path));
+        }
+        bootstrap
     }
 
     /// Envoy's command-line flags for what a bootstrap cannot hold.
@@ -239,6 +262,27 @@ impl EnvoySettings {
         }
         args
     }
+}
+
+/// The static cluster SDS secrets are fetched through (gRPC over the Unix socket `path`), under
+/// the name App Mesh's Envoy image gave it, which the translation's SDS configs reference.
+fn sds_cluster(path: &str) -> Value {
+    let name = crate::translate::SDS_CLUSTER;
+    json!({
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}}
+            }
+        },
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"pipe": {"path": path}}}}]}]
+        }
+    })
 }
 
 fn parse_xds(v: &str) -> Result<XdsEndpoint, Error> {
@@ -368,6 +412,7 @@ mod tests {
             (ENV_LOG_LEVEL, "loud"),
             (ENV_INITIAL_FETCH_TIMEOUT, "soon"),
             (ENV_CONCURRENCY, "0"),
+            (ENV_SDS_SOCKET_PATH, "run/spire/agent.sock"),
         ] {
             let err = EnvoySettings::from_vars(&vars(&[
                 (ENV_RESOURCE_ARN, "mesh/m/virtualNode/a"),
@@ -376,5 +421,38 @@ mod tests {
             .unwrap_err();
             assert!(err.to_string().starts_with(var), "{err}");
         }
+    }
+
+    #[test]
+    fn an_sds_socket_adds_the_static_sds_cluster_app_mesh_named() {
+        let base = [(ENV_RESOURCE_ARN, "mesh/m/virtualNode/a")];
+        let without = EnvoySettings::from_vars(&vars(&base)).unwrap().bootstrap();
+        assert_eq!(
+            without["static_resources"]["clusters"]
+                .as_array()
+                .map(Vec::len),
+            Some(1)
+        );
+        let s = EnvoySettings::from_vars(&vars(&[
+            base[0],
+            (ENV_SDS_SOCKET_PATH, "/run/spire/sockets/agent.sock"),
+        ]))
+        .unwrap();
+        let b = s.bootstrap();
+        let sds = &b["static_resources"]["clusters"][1];
+        assert_eq!(sds["name"], "static_cluster_sds_unix_socket");
+        assert_eq!(sds["type"], "STATIC");
+        assert_eq!(
+            sds["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["pipe"]
+                ["path"],
+            "/run/spire/sockets/agent.sock"
+        );
+        assert!(
+            sds["typed_extension_protocol_options"]
+                ["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["explicit_http_config"]
+                .get("http2_protocol_options")
+                .is_some(),
+            "SDS is gRPC: the cluster speaks HTTP/2"
+        );
     }
 }

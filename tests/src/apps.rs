@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::mesh::{Agent, Task, rewrite, run_route_manager, start_envoy};
+use crate::mesh::{Agent, Task, rewrite, run_route_manager, start_envoy_with};
 use crate::scenario::app_taskdef;
 use crate::{Proc, Workdir, bin, check, eventually, free_port, run};
 
@@ -87,6 +87,19 @@ pub fn start_meshed(
     node: &str,
     ports: &[u16],
 ) -> Proc {
+    start_meshed_with(work, agent, mesh, task, node, ports, &[])
+}
+
+/// [`start_meshed`] with `extra` variables in the Envoy container's environment.
+pub fn start_meshed_with(
+    work: &Workdir,
+    agent: &Agent,
+    mesh: &str,
+    task: &Task,
+    node: &str,
+    ports: &[u16],
+    extra: &[(&str, &str)],
+) -> Proc {
     let def = rewrite(
         work,
         &app_taskdef(&task.ns, ports),
@@ -95,7 +108,7 @@ pub fn start_meshed(
         &agent.socket_dir,
     );
     run_route_manager(task, &def);
-    start_envoy(work, task, &def)
+    start_envoy_with(work, task, &def, extra)
 }
 
 /// An HTTP GET from inside the task that does not fail on error statuses: (status, body);
@@ -260,6 +273,16 @@ pub fn writable_dir(work: &Workdir, name: &str) -> PathBuf {
 /// Runs a real Envoy (outside any namespace) as `node` against the agent until listeners and
 /// clusters are applied; fails on any rejection; returns its config dump.
 pub fn envoy_accepts(work: &Workdir, agent: &Agent, node: &str) -> Value {
+    envoy_accepts_with(work, agent, node, &[])
+}
+
+/// [`envoy_accepts`] with `extra` bootstrap variables (e.g. `APPMESH_SDS_SOCKET_PATH`).
+pub fn envoy_accepts_with(
+    work: &Workdir,
+    agent: &Agent,
+    node: &str,
+    extra: &[(&str, &str)],
+) -> Value {
     let admin = free_port();
     let tag = node.replace('/', "_");
     let boot = work.join(&format!("boot-{tag}.json"));
@@ -274,7 +297,8 @@ pub fn envoy_accepts(work: &Workdir, agent: &Agent, node: &str) -> Value {
                 format!("unix://{}", agent.socket_dir.join("xds.sock").display()),
             )
             .env("ENVOY_ADMIN_ACCESS_PORT", admin.to_string())
-            .env("ENVOY_ADMIN_ACCESS_LOG_FILE", "/dev/null"),
+            .env("ENVOY_ADMIN_ACCESS_LOG_FILE", "/dev/null")
+            .envs(extra.iter().copied()),
     );
     let envoy = work.stage(&crate::envoy());
     let mut cmd = Command::new(envoy);

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 pub mod mesh;
 pub mod scenario;
+pub mod sds;
 
 /// The workspace root (this package lives in `tests/`).
 pub fn workspace_root() -> PathBuf {

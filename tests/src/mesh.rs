@@ -481,12 +481,24 @@ pub fn run_route_manager(task: &Task, taskdef: &Value) -> String {
 /// environment (the socket path mapped from the container mount to the host directory), then
 /// Envoy as its `user`, and waits until the definition's own health check passes.
 pub fn start_envoy(work: &Workdir, task: &Task, taskdef: &Value) -> Proc {
+    start_envoy_with(work, task, taskdef, &[])
+}
+
+/// [`start_envoy`] with `extra` variables added to the Envoy container's environment (what an
+/// operator adds to the task definition, e.g. `APPMESH_SDS_SOCKET_PATH`).
+pub fn start_envoy_with(
+    work: &Workdir,
+    task: &Task,
+    taskdef: &Value,
+    extra: &[(&str, &str)],
+) -> Proc {
     let c = container(taskdef, "envoy");
     let user = c["user"]
         .as_str()
         .expect("envoy container has a user")
         .to_string();
     let mut env = env_of(c);
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     // The container sees the host socket directory at its mount's containerPath.
     let mount = &c["mountPoints"][0];
     let volume = taskdef["volumes"]
@@ -587,12 +599,25 @@ pub fn start_proxy_envoy(
     resource: &str,
     admin_port: u16,
 ) -> Proc {
+    start_proxy_envoy_with(work, task, agent, resource, admin_port, &[])
+}
+
+/// [`start_proxy_envoy`] with `extra` variables for the bootstrap (e.g. `APPMESH_SDS_SOCKET_PATH`).
+pub fn start_proxy_envoy_with(
+    work: &Workdir,
+    task: &Task,
+    agent: &Agent,
+    resource: &str,
+    admin_port: u16,
+    extra: &[(&str, &str)],
+) -> Proc {
     let bootstrap_path = work.join(&format!("bootstrap-{}.json", task.ns));
     check(
         Command::new(bin("trellis-agent"))
             .args(["bootstrap", "--output"])
             .arg(&bootstrap_path)
             .env_clear()
+            .envs(extra.iter().copied())
             .env("APPMESH_RESOURCE_ARN", resource)
             .env(
                 "APPMESH_XDS_ENDPOINT",

@@ -1,11 +1,15 @@
 //! Every translated snapshot is accepted by real Envoy 1.40: a mesh using every translated route
-//! feature, and a large generated mesh, each served to a real Envoy that must ACK every type.
+//! feature, SDS secrets and gateway policies, and a large generated mesh, each served to a real
+//! Envoy that must ACK every type.
+
+use std::collections::BTreeMap;
 
 use serde_json::{Value, json};
 use trellis_tests::Workdir;
-use trellis_tests::apps::envoy_accepts;
+use trellis_tests::apps::{Pki, envoy_accepts, envoy_accepts_with};
 use trellis_tests::mesh::Agent;
 use trellis_tests::scenario::resources_file;
+use trellis_tests::sds::{SdsSecret, SdsServer};
 
 fn names_in(dump: &Value, kind: &str) -> Vec<String> {
     let mut out = Vec::new();
@@ -146,4 +150,87 @@ fn a_large_generated_mesh_is_accepted_by_real_envoy() {
     );
     // 50 node clusters and DROP_ALL's AWS API pass-through.
     assert_eq!(names_in(&dump, "cluster").len(), 51);
+}
+
+/// SDS certificates and trust (listener, client policy, gateway) and every gateway listener
+/// policy, accepted by real Envoys bootstrapped with `APPMESH_SDS_SOCKET_PATH` and fetching the
+/// secrets from a local SDS server.
+#[test]
+fn sds_and_gateway_policies_are_accepted_by_real_envoy() {
+    let work = Workdir::new("accept-sds-gateway");
+    let pki = Pki::new(&work, "accept");
+    let (chain, key) = pki.issue("svc", &["svc.local", "gw.example.com"]);
+    let ca = pki.ca();
+    let sds = SdsServer::start(
+        &work,
+        BTreeMap::from([
+            ("spiffe://t/svc".to_string(), SdsSecret::cert(&chain, &key)),
+            ("spiffe://t".to_string(), SdsSecret::trust(&ca)),
+        ]),
+    );
+    let socket = sds.socket.display().to_string();
+    let sds_cert = json!({"sds": {"secretName": "spiffe://t/svc"}});
+    let file_cert = json!({"file": {"certificateChain": chain, "privateKey": key}});
+    let sds_trust = json!({"trust": {"sds": {"secretName": "spiffe://t"}},
+        "subjectAlternativeNames": {"match": {"exact": ["svc.local"]}}});
+    let hc = json!({"protocol": "http", "path": "/ping", "healthyThreshold": 2,
+        "unhealthyThreshold": 2, "intervalMillis": 5000, "timeoutMillis": 2000});
+    let mut web = node("web", 8080, "http");
+    web["spec"]["listeners"][0]["tls"] =
+        json!({"mode": "STRICT", "certificate": sds_cert, "validation": sds_trust});
+    let mut rpc = node("rpc", 9090, "grpc");
+    rpc["spec"]["listeners"][0]["tls"] = json!({"mode": "PERMISSIVE", "certificate": sds_cert});
+    let items = json!([
+        {"meshName": "m"},
+        web, rpc, node("h2", 8443, "http2"),
+        {"meshName": "m", "virtualServiceName": "web.local", "spec": {"provider": {"virtualNode": {"virtualNodeName": "web"}}}},
+        {"meshName": "m", "virtualServiceName": "rpc.local", "spec": {"provider": {"virtualNode": {"virtualNodeName": "rpc"}}}},
+        {"meshName": "m", "virtualServiceName": "h2.local", "spec": {"provider": {"virtualNode": {"virtualNodeName": "h2"}}}},
+        {"meshName": "m", "virtualNodeName": "client", "spec": {
+            "backendDefaults": {"clientPolicy": {"tls": {"certificate": sds_cert, "validation": sds_trust}}},
+            "backends": [{"virtualService": {"virtualServiceName": "web.local"}}]}},
+        {"meshName": "m", "virtualGatewayName": "gw", "spec": {
+            "listeners": [
+                {"portMapping": {"port": 8088, "protocol": "http"},
+                 "tls": {"mode": "STRICT", "certificate": sds_cert, "validation": sds_trust},
+                 "connectionPool": {"http": {"maxConnections": 10, "maxPendingRequests": 5}},
+                 "healthCheck": hc},
+                {"portMapping": {"port": 8089, "protocol": "http2"},
+                 "tls": {"mode": "PERMISSIVE", "certificate": file_cert,
+                     "validation": {"trust": {"file": {"certificateChain": ca}}}},
+                 "connectionPool": {"http2": {"maxRequests": 10}}},
+                {"portMapping": {"port": 8090, "protocol": "grpc"},
+                 "tls": {"mode": "DISABLED", "certificate": file_cert},
+                 "connectionPool": {"grpc": {"maxRequests": 10}}}],
+            "backendDefaults": {"clientPolicy": {"tls": {"certificate": sds_cert, "validation": sds_trust}}},
+            "logging": {"accessLog": {"file": {"path": "/dev/null", "format": {"json": [{"key": "p", "value": "%REQ(:PATH)%"}]}}}}}},
+        {"meshName": "m", "virtualGatewayName": "gw", "gatewayRouteName": "web", "spec": {"httpRoute": {
+            "match": {"prefix": "/", "port": 8088}, "action": {"target": {"virtualService": {"virtualServiceName": "web.local"}}}}}},
+        {"meshName": "m", "virtualGatewayName": "gw", "gatewayRouteName": "h2", "spec": {"http2Route": {
+            "match": {"prefix": "/", "port": 8089}, "action": {"target": {"virtualService": {"virtualServiceName": "h2.local"}}}}}},
+        {"meshName": "m", "virtualGatewayName": "gw", "gatewayRouteName": "rpc", "spec": {"grpcRoute": {
+            "match": {"serviceName": "shop.Cart", "port": 8090}, "action": {"target": {"virtualService": {"virtualServiceName": "rpc.local"}}}}}}
+    ]);
+    let agent = Agent::start(&work, Some(&resources_file(&work, &items)));
+    let env = [("APPMESH_SDS_SOCKET_PATH", socket.as_str())];
+    for proxy in [
+        "mesh/m/virtualNode/web",
+        "mesh/m/virtualNode/rpc",
+        "mesh/m/virtualNode/client",
+    ] {
+        envoy_accepts_with(&work, &agent, proxy, &env);
+    }
+    let dump = envoy_accepts_with(&work, &agent, "mesh/m/virtualGateway/gw", &env);
+    assert_eq!(
+        names_in(&dump, "listener"),
+        [
+            "lds_ingress_0.0.0.0_8088",
+            "lds_ingress_0.0.0.0_8089",
+            "lds_ingress_0.0.0.0_8090"
+        ]
+    );
+    let asked = sds.requested();
+    for name in ["spiffe://t/svc", "spiffe://t"] {
+        assert!(asked.iter().any(|n| n == name), "{name}: {asked:?}");
+    }
 }

@@ -1,17 +1,22 @@
 //! Virtual gateways proven on real Envoy traffic: a client outside the mesh calls the gateway's
 //! listener; gateway routes pick a virtual service by path or hostname, rewrite prefix, path and
 //! Host as App Mesh did, and reach meshed echo apps directly (node-provided services) or through
-//! a virtual router's routes (router-provided service).
+//! a virtual router's routes (router-provided service). A gateway listener's policies: TLS from
+//! SDS, its health path, its connection pool, backend-defaults client TLS and its access log.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use trellis_tests::apps::{Behaviour, Pki, file_has, start_app, writable_dir};
 use trellis_tests::mesh::{
     Agent, Task, Vpc, rewrite, run_route_manager, start_envoy, start_gateway_envoy,
+    start_proxy_envoy_with,
 };
 use trellis_tests::scenario::{app_taskdef, resources_file};
-use trellis_tests::{Proc, Workdir, can_run_privileged, check, eventually};
+use trellis_tests::sds::{SdsSecret, SdsServer};
+use trellis_tests::{Proc, Workdir, can_run_privileged, check, eventually, run};
 
 const GATEWAY_PORT: u16 = 8088;
 const GATEWAY_ADMIN_PORT: u16 = 9901;
@@ -222,5 +227,163 @@ fn gateway_routes_rewrite_prefix_path_and_host_and_reach_node_and_router_provide
     // No gateway route matches: 404 from the gateway.
     assert_eq!(get("shop.example.com", "/nowhere").0, 404);
 
+    drop(procs);
+}
+
+/// An HTTPS request from `client` to the gateway's TLS listener (trusting `ca`, the gateway's
+/// name resolved to its address): (status, body); status 0 when no TLS answer came.
+fn call_tls(client: &Task, gateway_ip: &str, ca: &str, path: &str) -> (u16, String) {
+    let out = run(&mut client.cmd(&[
+        "curl",
+        "-sS",
+        "-m",
+        "20",
+        "--cacert",
+        ca,
+        "--resolve",
+        &format!("gw.example.com:{GATEWAY_PORT}:{gateway_ip}"),
+        "-w",
+        "\n%{http_code}",
+        &format!("https://gw.example.com:{GATEWAY_PORT}{path}"),
+    ]));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, status) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (status.trim().parse().unwrap_or(0), body.to_string())
+}
+
+/// A gateway listener with App Mesh's listener policies: TLS (STRICT, its certificate from the
+/// local SDS server), its own health path, a connection pool of one connection and one queued
+/// request to the services behind it; backend defaults' client TLS to a STRICT node; access log.
+#[test]
+fn a_gateway_listener_terminates_sds_tls_answers_health_limits_with_its_pool_and_logs() {
+    if !can_run_privileged("gateway policies") {
+        return;
+    }
+    let work = Workdir::new("gateway-policies");
+    let pki = Pki::new(&work, "gw");
+    let (gw_chain, gw_key) = pki.issue("gw", &["gw.example.com"]);
+    let (a_chain, a_key) = pki.issue("a", &["a.local"]);
+    let ca = pki.ca();
+    let sds = SdsServer::start(
+        &work,
+        BTreeMap::from([(
+            "spiffe://trellis.test/gw".to_string(),
+            SdsSecret::cert(&gw_chain, &gw_key),
+        )]),
+    );
+    let socket = sds.socket.display().to_string();
+    let logs = writable_dir(&work, "logs");
+    let log = logs.join("gw.log");
+    let mut a_node = echo_node("a-vn");
+    a_node["spec"]["listeners"][0]["tls"] = json!({"mode": "STRICT",
+        "certificate": {"file": {"certificateChain": a_chain, "privateKey": a_key}}});
+    let resources = resources_file(
+        &work,
+        &json!([
+            {"meshName": "m"},
+            a_node,
+            node_service("a.local", "a-vn"),
+            {"meshName": "m", "virtualGatewayName": "gw", "spec": {
+                "listeners": [{"portMapping": {"port": GATEWAY_PORT, "protocol": "http"},
+                    "tls": {"mode": "STRICT",
+                        "certificate": {"sds": {"secretName": "spiffe://trellis.test/gw"}}},
+                    "connectionPool": {"http": {"maxConnections": 1, "maxPendingRequests": 1}},
+                    "healthCheck": {"protocol": "http", "path": "/ping", "healthyThreshold": 2,
+                        "unhealthyThreshold": 2, "intervalMillis": 5000, "timeoutMillis": 2000}}],
+                "backendDefaults": {"clientPolicy": {"tls": {"validation": {
+                    "trust": {"file": {"certificateChain": ca}},
+                    "subjectAlternativeNames": {"match": {"exact": ["a.local"]}}}}}},
+                "logging": {"accessLog": {"file": {"path": log,
+                    "format": {"text": "gw %REQ(:PATH)% %RESPONSE_CODE%"}}}}}},
+            gateway_route("to-a", json!({"httpRoute": {
+                "match": {"prefix": "/"}, "action": {"target": to("a.local")}}})),
+        ]),
+    );
+    let agent = Agent::start(&work, Some(&resources));
+    let mut vpc = Vpc::new(&work, 24);
+    let gw = vpc.task("gw", 2);
+    let client = vpc.task("client", 3);
+    let a = vpc.task("a", 4);
+    vpc.start_dns(&work, &[(&a.ip, "a-vn.trellis.test a.local")]);
+    let def = rewrite(
+        &work,
+        &app_taskdef("a", &[APP_PORT]),
+        "m",
+        "a-vn",
+        &agent.socket_dir,
+    );
+    run_route_manager(&a, &def);
+    let mut procs = vec![start_envoy(&work, &a, &def)];
+    procs.push(start_app(&work, &a, APP_PORT, &Behaviour::ok("a")));
+    procs.push(start_proxy_envoy_with(
+        &work,
+        &gw,
+        &agent,
+        "mesh/m/virtualGateway/gw",
+        GATEWAY_ADMIN_PORT,
+        &[("APPMESH_SDS_SOCKET_PATH", &socket)],
+    ));
+
+    let first = eventually(
+        "the gateway serves TLS with its SDS certificate",
+        Duration::from_secs(30),
+        || match call_tls(&client, &gw.ip, &ca, "/hello") {
+            (200, body) => Ok(body),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    assert_eq!(first, "a");
+    assert!(
+        sds.requested()
+            .iter()
+            .any(|n| n == "spiffe://trellis.test/gw")
+    );
+    let stat = |name: &str| gw.envoy_stat(GATEWAY_ADMIN_PORT, name);
+    assert!(stat("listener.0.0.0.0_8088.ssl.handshake") >= 1);
+    // Backend defaults: TLS from the gateway to a's STRICT listener, a.local verified.
+    assert!(stat("cluster.cds_egress_m_a-vn_http_8080.ssl.handshake") >= 1);
+    // STRICT: no plaintext.
+    let plain = run(&mut client.cmd(&[
+        "curl",
+        "-sS",
+        "-m",
+        "5",
+        &format!("http://{}:{GATEWAY_PORT}/hello", gw.ip),
+    ]));
+    assert!(
+        !plain.status.success(),
+        "a STRICT gateway listener never answers plaintext"
+    );
+    // The health path is the gateway's own answer (the app would say "a").
+    assert_eq!(
+        call_tls(&client, &gw.ip, &ca, "/ping"),
+        (200, String::new())
+    );
+
+    // The pool: six slow requests at once, one connection and one queued request admitted.
+    let script = format!(
+        "for i in 1 2 3 4 5 6; do curl -s -o /dev/null -m 20 --cacert {ca} \
+         --resolve gw.example.com:{GATEWAY_PORT}:{ip} -w '%{{http_code}}\\n' \
+         https://gw.example.com:{GATEWAY_PORT}/sleep/4 & done; wait",
+        ip = gw.ip
+    );
+    let out = run(&mut client.cmd(&["sh", "-c", &script]));
+    let codes: Vec<u16> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect();
+    eprintln!("status codes: {codes:?}");
+    let ok = codes.iter().filter(|c| **c == 200).count();
+    let overflow = codes.iter().filter(|c| **c == 503).count();
+    assert!(ok >= 1 && overflow >= 1 && ok + overflow == 6, "{codes:?}");
+    assert_eq!(
+        stat("cluster.cds_egress_m_a-vn_http_8080.upstream_rq_pending_overflow") as usize,
+        overflow,
+        "every 503 is the gateway's pool overflowing"
+    );
+
+    eventually("the gateway's access log", Duration::from_secs(10), || {
+        file_has(&log, "gw /hello 200")
+    });
     drop(procs);
 }

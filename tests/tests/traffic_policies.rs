@@ -3,17 +3,19 @@
 //! ejecting a failing endpoint, TLS and mTLS between two nodes, access logs written; and every
 //! policy accepted by a real Envoy.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use serde_json::{Value, json};
 use trellis_tests::apps::{
-    Behaviour, Pki, envoy_accepts, file_has, health_flags, http_status, start_app, start_meshed,
-    writable_dir,
+    Behaviour, Pki, envoy_accepts, file_has, health_flags, http_status, start_app,
+    start_meshed_with, writable_dir,
 };
 use trellis_tests::mesh::{Agent, Task, Vpc};
 use trellis_tests::scenario::{ADMIN_PORT, resources_file};
+use trellis_tests::sds::{SdsSecret, SdsServer};
 use trellis_tests::{Proc, Workdir, can_run_privileged, eventually, run};
 
 const PORT: u16 = 8080;
@@ -63,7 +65,7 @@ struct Running {
 }
 
 /// Starts the agent with `items`, a VPC with `tasks` (name, host byte), DNS `hosts`, then meshes
-/// each (task, node, app) in order; callers (no app) go last. Host bytes must differ across the
+/// each (task, node, app) in order, Envoys with `envoy_env` added; callers (no app) go last. Host bytes must differ across the
 /// tests of this file: the helper names each task's host-side veth by process and host byte.
 fn start(
     work: &Workdir,
@@ -72,6 +74,7 @@ fn start(
     tasks: &[(&str, u8)],
     hosts: Hosts<'_>,
     meshed: &[(usize, &str, Option<Behaviour<'_>>)],
+    envoy_env: &[(&str, &str)],
 ) -> (Running, Vec<Task>) {
     let agent = Agent::start(work, Some(&resources_file(work, items)));
     let mut vpc = Vpc::new(work, id);
@@ -85,7 +88,9 @@ fn start(
     let mut procs = Vec::new();
     for (i, node, app) in meshed {
         let ports: &[u16] = if app.is_some() { &[PORT] } else { &[] };
-        procs.push(start_meshed(work, &agent, "m", &ts[*i], node, ports));
+        procs.push(start_meshed_with(
+            work, &agent, "m", &ts[*i], node, ports, envoy_env,
+        ));
         if let Some(b) = app {
             procs.push(start_app(work, &ts[*i], PORT, b));
         }
@@ -139,6 +144,7 @@ fn a_listener_per_request_timeout_answers_504_when_the_app_is_slower() {
         &[("back", 3), ("front", 2)],
         &|t| vec![(t[0].ip.clone(), "back.local back.trellis.test".into())],
         &[(0, "back", Some(Behaviour::ok("back"))), (1, "front", None)],
+        &[],
     );
     let (back, front) = (&t[0], &t[1]);
     let url = |p: &str| format!("http://back.local:{PORT}{p}");
@@ -221,6 +227,7 @@ fn a_listener_health_check_marks_the_failing_endpoint_unhealthy_on_the_caller() 
             (1, "pair", Some(sick)),
             (2, "front", None),
         ],
+        &[],
     );
     let (good, bad, front) = (&t[0], &t[1], &t[2]);
     let (good_host, bad_host) = (format!("{}:{PORT}", good.ip), format!("{}:{PORT}", bad.ip));
@@ -279,6 +286,7 @@ fn outlier_detection_ejects_the_endpoint_returning_server_errors() {
             (1, "pair", Some(failing)),
             (2, "front", None),
         ],
+        &[],
     );
     let (bad, front) = (&t[1], &t[2]);
     eventually("front reaches pair", Duration::from_secs(20), || {
@@ -353,6 +361,7 @@ fn tls_and_mtls_between_two_nodes_with_certificates_made_here() {
             (1, "front", None),
             (2, "anon", None),
         ],
+        &[],
     );
     let (back, front, anon) = (&t[0], &t[1], &t[2]);
     let url = format!("http://back.local:{PORT}/");
@@ -407,6 +416,7 @@ fn access_logs_are_written_in_the_configured_formats() {
         &[("back", 13), ("front", 14)],
         &|t| vec![(t[0].ip.clone(), "back.local back.trellis.test".into())],
         &[(0, "back", Some(Behaviour::ok("back"))), (1, "front", None)],
+        &[],
     );
     let front = &t[1];
     eventually("front reaches back", Duration::from_secs(20), || {
@@ -426,6 +436,164 @@ fn access_logs_are_written_in_the_configured_formats() {
     let entry: Value = serde_json::from_str(line).expect("a JSON line");
     assert_eq!(entry["path"], "/logged");
     assert_eq!(entry["code"], 200);
+    drop(env);
+}
+
+/// SDS as App Mesh used it with SPIRE: every Envoy fetches its certificate and the trust bundle
+/// from a local SDS server over the Unix socket `APPMESH_SDS_SOCKET_PATH`, and matches the peer's
+/// SANs against the bundle-verified certificate.
+#[test]
+fn sds_certificates_and_trust_give_mtls_and_a_wrong_san_is_refused() {
+    if !can_run_privileged("sds") {
+        return;
+    }
+    let work = Workdir::new("pol-sds");
+    let pki = Pki::new(&work, "spire");
+    let (back_chain, back_key) = pki.issue("back", &["back.local"]);
+    let (front_chain, front_key) = pki.issue("front", &["front.local"]);
+    const BUNDLE: &str = "spiffe://trellis.test";
+    let sds = SdsServer::start(
+        &work,
+        BTreeMap::from([
+            (
+                "spiffe://trellis.test/back".to_string(),
+                SdsSecret::cert(&back_chain, &back_key),
+            ),
+            (
+                "spiffe://trellis.test/front".to_string(),
+                SdsSecret::cert(&front_chain, &front_key),
+            ),
+            (BUNDLE.to_string(), SdsSecret::trust(&pki.ca())),
+        ]),
+    );
+    let socket = sds.socket.display().to_string();
+    let trust = |san: &str| {
+        json!({"trust": {"sds": {"secretName": BUNDLE}},
+            "subjectAlternativeNames": {"match": {"exact": [san]}}})
+    };
+    let client = |san: &str| {
+        json!({"backendDefaults": {"clientPolicy": {"tls": {
+            "certificate": {"sds": {"secretName": "spiffe://trellis.test/front"}},
+            "validation": trust(san)}}}})
+    };
+    let items = json!([
+        {"meshName": "m"},
+        node("back", http_listener(json!({"tls": {"mode": "STRICT",
+            "certificate": {"sds": {"secretName": "spiffe://trellis.test/back"}},
+            "validation": trust("front.local")}})), json!({})),
+        service("back.local", "back"),
+        caller("front", &["back.local"], client("back.local")),
+        // Expects another name than back's certificate carries.
+        caller("wrong", &["back.local"], client("other.local")),
+    ]);
+    let (env, t) = start(
+        &work,
+        36,
+        &items,
+        &[("back", 15), ("front", 16), ("wrong", 17)],
+        &|t| vec![(t[0].ip.clone(), "back.local back.trellis.test".into())],
+        &[
+            (0, "back", Some(Behaviour::ok("back over sds mtls"))),
+            (1, "front", None),
+            (2, "wrong", None),
+        ],
+        &[("APPMESH_SDS_SOCKET_PATH", &socket)],
+    );
+    let (back, front, wrong) = (&t[0], &t[1], &t[2]);
+    let url = format!("http://back.local:{PORT}/");
+    let body = eventually(
+        "front reaches back over mTLS with SDS secrets",
+        Duration::from_secs(30),
+        || front.http_get(None, &url),
+    );
+    assert_eq!(body, "back over sds mtls");
+    assert!(
+        front.envoy_stat(
+            ADMIN_PORT,
+            "cluster.cds_egress_m_back_http_8080.ssl.handshake"
+        ) >= 1
+    );
+    assert!(back.envoy_stat(ADMIN_PORT, "listener.0.0.0.0_15000.ssl.handshake") >= 1);
+
+    let (code, _) = http_status(wrong, None, &url);
+    assert_eq!(code, 503, "back's certificate does not name other.local");
+    assert!(
+        wrong.envoy_stat(
+            ADMIN_PORT,
+            "cluster.cds_egress_m_back_http_8080.ssl.fail_verify_san"
+        ) >= 1
+    );
+    // Plaintext straight at the STRICT port is refused.
+    assert_eq!(http_status(front, Some("1337"), &url).0, 0);
+    let asked = sds.requested();
+    for name in [
+        BUNDLE,
+        "spiffe://trellis.test/back",
+        "spiffe://trellis.test/front",
+    ] {
+        assert!(
+            asked.iter().any(|n| n == name),
+            "{name} not asked: {asked:?}"
+        );
+    }
+    drop(env);
+}
+
+/// The listener's connection pool is back's circuit breaker: one connection and one queued
+/// request; concurrent slow requests beyond that overflow with 503s, counted by back's Envoy.
+#[test]
+fn a_listener_connection_pool_overflows_concurrent_requests_with_503() {
+    if !can_run_privileged("connection pool") {
+        return;
+    }
+    let work = Workdir::new("pol-pool");
+    let items = json!([
+        {"meshName": "m"},
+        node("back", http_listener(json!({"connectionPool": {"http": {
+            "maxConnections": 1, "maxPendingRequests": 1}}})), json!({})),
+        service("back.local", "back"),
+        caller("front", &["back.local"], json!({})),
+    ]);
+    let (env, t) = start(
+        &work,
+        37,
+        &items,
+        &[("back", 18), ("front", 19)],
+        &|t| vec![(t[0].ip.clone(), "back.local back.trellis.test".into())],
+        &[(0, "back", Some(Behaviour::ok("back"))), (1, "front", None)],
+        &[],
+    );
+    let (back, front) = (&t[0], &t[1]);
+    let url = format!("http://back.local:{PORT}");
+    eventually("front reaches back", Duration::from_secs(20), || {
+        front.http_get(None, &format!("{url}/"))
+    });
+    // Six requests at once, each holding the one connection for 4 s.
+    let script = format!(
+        "for i in 1 2 3 4 5 6; do curl -s -o /dev/null -m 20 -w '%{{http_code}}\\n' {url}/sleep/4 & done; wait"
+    );
+    let out = run(&mut front.cmd(&["sh", "-c", &script]));
+    let codes: Vec<u16> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect();
+    eprintln!("status codes: {codes:?}");
+    assert_eq!(codes.len(), 6, "{codes:?}");
+    let ok = codes.iter().filter(|c| **c == 200).count();
+    let overflow = codes.iter().filter(|c| **c == 503).count();
+    assert!(ok >= 1, "the admitted requests are served: {codes:?}");
+    assert!(overflow >= 1, "the rest overflow: {codes:?}");
+    assert_eq!(ok + overflow, 6, "{codes:?}");
+    let cluster = "cluster.cds_ingress_m_back_http_8080";
+    let pending_overflow = back.envoy_stat(
+        ADMIN_PORT,
+        &format!("{cluster}.upstream_rq_pending_overflow"),
+    );
+    assert!(pending_overflow >= 1, "back's breaker tripped");
+    assert_eq!(
+        pending_overflow as usize, overflow,
+        "every 503 is one of back's overflows"
+    );
     drop(env);
 }
 

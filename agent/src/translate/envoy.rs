@@ -7,10 +7,10 @@ use envoy_types::pb::envoy::config::cluster::v3::{
 };
 use envoy_types::pb::envoy::config::core::v3::Address;
 use envoy_types::pb::envoy::config::core::v3::{
-    AggregatedConfigSource, ApiVersion, ConfigSource, DataSource, HealthCheck,
-    Http2ProtocolOptions, SocketAddress, SubstitutionFormatString, TrafficDirection,
-    TransportSocket, address, config_source, data_source, health_check, socket_address,
-    substitution_format_string, transport_socket,
+    AggregatedConfigSource, ApiConfigSource, ApiVersion, ConfigSource, DataSource, GrpcService,
+    HealthCheck, Http2ProtocolOptions, SocketAddress, SubstitutionFormatString, TrafficDirection,
+    TransportSocket, address, api_config_source, config_source, data_source, grpc_service,
+    health_check, socket_address, substitution_format_string, transport_socket,
 };
 use envoy_types::pb::envoy::config::endpoint::v3::{
     ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, endpoint, lb_endpoint,
@@ -33,8 +33,9 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
 };
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
-    CertificateValidationContext, CommonTlsContext, DownstreamTlsContext, SubjectAltNameMatcher,
-    TlsCertificate, UpstreamTlsContext, common_tls_context, subject_alt_name_matcher::SanType,
+    CertificateValidationContext, CommonTlsContext, DownstreamTlsContext, SdsSecretConfig,
+    SubjectAltNameMatcher, TlsCertificate, UpstreamTlsContext, common_tls_context,
+    subject_alt_name_matcher::SanType,
 };
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
     HttpProtocolOptions, http_protocol_options,
@@ -382,17 +383,33 @@ pub(super) fn file_access_log(path: &str, format: &LogFormat) -> AccessLog {
     }
 }
 
-/// A certificate and its key, from files.
+/// The bootstrap cluster that reaches the local SDS server (a SPIRE agent) over the Unix socket
+/// `APPMESH_SDS_SOCKET_PATH`; the name is the one App Mesh's Envoy image gave it.
+pub const SDS_CLUSTER: &str = "static_cluster_sds_unix_socket";
+
+/// Where a certificate and its key come from.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(super) struct CertFiles {
-    pub chain: String,
-    pub key: String,
+pub(super) enum Cert {
+    Files {
+        chain: String,
+        key: String,
+    },
+    /// A secret of this name from the local SDS server.
+    Sds(String),
 }
 
-/// Peer validation: a CA bundle file and, optionally, names one of the peer's SANs must equal.
+/// Where the trusted CA bundle comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum Trust {
+    File(String),
+    /// A validation-context secret of this name from the local SDS server.
+    Sds(String),
+}
+
+/// Peer validation: a CA bundle and, optionally, names one of the peer's SANs must equal.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) struct Validation {
-    pub trusted_ca: String,
+    pub trust: Trust,
     pub sans: Vec<String>,
 }
 
@@ -403,8 +420,36 @@ fn file(path: &str) -> Option<DataSource> {
     })
 }
 
+/// A secret fetched over SDS from the bootstrap's [`SDS_CLUSTER`], independent of ADS: the SDS
+/// server is local to the task and owns the secrets; the agent never sees them.
+fn sds_secret(name: &str) -> SdsSecretConfig {
+    SdsSecretConfig {
+        name: name.to_string(),
+        sds_config: Some(ConfigSource {
+            resource_api_version: ApiVersion::V3 as i32,
+            config_source_specifier: Some(config_source::ConfigSourceSpecifier::ApiConfigSource(
+                ApiConfigSource {
+                    api_type: api_config_source::ApiType::Grpc as i32,
+                    transport_api_version: ApiVersion::V3 as i32,
+                    grpc_services: vec![GrpcService {
+                        target_specifier: Some(grpc_service::TargetSpecifier::EnvoyGrpc(
+                            grpc_service::EnvoyGrpc {
+                                cluster_name: SDS_CLUSTER.to_string(),
+                                ..Default::default()
+                            },
+                        )),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                },
+            )),
+            ..Default::default()
+        }),
+    }
+}
+
 fn common_tls(
-    cert: Option<&CertFiles>,
+    cert: Option<&Cert>,
     validation: Option<&Validation>,
     alpn: &[&str],
 ) -> CommonTlsContext {
@@ -423,24 +468,42 @@ fn common_tls(
             })
         })
         .collect();
-    CommonTlsContext {
-        tls_certificates: cert
-            .map(|c| TlsCertificate {
-                certificate_chain: file(&c.chain),
-                private_key: file(&c.key),
+    let (tls_certificates, tls_certificate_sds_secret_configs) = match cert {
+        None => (vec![], vec![]),
+        Some(Cert::Files { chain, key }) => (
+            vec![TlsCertificate {
+                certificate_chain: file(chain),
+                private_key: file(key),
                 ..Default::default()
-            })
-            .into_iter()
-            .collect(),
-        validation_context_type: validation.map(|v| {
-            common_tls_context::ValidationContextType::ValidationContext(
-                CertificateValidationContext {
-                    trusted_ca: file(&v.trusted_ca),
+            }],
+            vec![],
+        ),
+        Some(Cert::Sds(name)) => (vec![], vec![sds_secret(name)]),
+    };
+    // SDS trust keeps the SAN matchers here: the SDS bundle is merged into this default context.
+    let validation_context_type = validation.map(|v| match &v.trust {
+        Trust::File(ca) => common_tls_context::ValidationContextType::ValidationContext(
+            CertificateValidationContext {
+                trusted_ca: file(ca),
+                match_typed_subject_alt_names: sans,
+                ..Default::default()
+            },
+        ),
+        Trust::Sds(name) => common_tls_context::ValidationContextType::CombinedValidationContext(
+            common_tls_context::CombinedCertificateValidationContext {
+                default_validation_context: Some(CertificateValidationContext {
                     match_typed_subject_alt_names: sans,
                     ..Default::default()
-                },
-            )
-        }),
+                }),
+                validation_context_sds_secret_config: Some(sds_secret(name)),
+                ..Default::default()
+            },
+        ),
+    });
+    CommonTlsContext {
+        tls_certificates,
+        tls_certificate_sds_secret_configs,
+        validation_context_type,
         alpn_protocols: alpn.iter().map(|a| a.to_string()).collect(),
         ..Default::default()
     }
@@ -448,7 +511,7 @@ fn common_tls(
 
 /// TLS termination on a listener; with `validation`, clients must present a trusted certificate.
 pub(super) fn downstream_tls(
-    cert: &CertFiles,
+    cert: &Cert,
     validation: Option<&Validation>,
     alpn: &[&str],
 ) -> TransportSocket {
@@ -466,7 +529,7 @@ pub(super) fn downstream_tls(
 /// TLS origination from a cluster, verifying the server; `cert` is presented for mTLS.
 pub(super) fn upstream_tls(
     sni: &str,
-    cert: Option<&CertFiles>,
+    cert: Option<&Cert>,
     validation: &Validation,
     alpn: &[&str],
 ) -> TransportSocket {
@@ -715,23 +778,58 @@ pub(super) fn listener(
 
 /// A gateway's connection manager: `http_connection_manager` plus what App Mesh set on gateways,
 /// path normalization (`normalize_path`, `merge_slashes`) against path-confusion attacks, and
-/// any port stripped from Host before routing so hostname matches see the bare name.
-pub(super) fn gateway_connection_manager(stat_prefix: &str, route_name: &str) -> Filter {
-    use envoy_types::pb::google::protobuf::BoolValue;
+/// any port stripped from Host before routing so hostname matches see the bare name; the
+/// gateway's access logs; with `health_path`, the gateway itself answers requests for exactly
+/// that path (200 while serving, 503 once draining) before routing.
+pub(super) fn gateway_connection_manager(
+    stat_prefix: &str,
+    route_name: &str,
+    access_log: &[AccessLog],
+    health_path: Option<&str>,
+) -> Filter {
+    use envoy_types::pb::envoy::config::route::v3::{HeaderMatcher, header_matcher};
+    use envoy_types::pb::envoy::extensions::filters::http::health_check::v3::HealthCheck as HealthFilter;
+    let mut http_filters = Vec::new();
+    if let Some(path) = health_path {
+        http_filters.push(HttpFilter {
+            name: "envoy.filters.http.health_check".into(),
+            config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(
+                HealthFilter {
+                    pass_through_mode: Some(BoolValue { value: false }),
+                    headers: vec![HeaderMatcher {
+                        name: ":path".into(),
+                        header_match_specifier: Some(
+                            header_matcher::HeaderMatchSpecifier::StringMatch(StringMatcher {
+                                match_pattern: Some(string_matcher::MatchPattern::Exact(
+                                    path.to_string(),
+                                )),
+                                ..Default::default()
+                            }),
+                        ),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                },
+            ))),
+            ..Default::default()
+        });
+    }
+    http_filters.push(HttpFilter {
+        name: "envoy.filters.http.router".into(),
+        config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(
+            Router::default(),
+        ))),
+        ..Default::default()
+    });
     let hcm = HttpConnectionManager {
+        access_log: access_log.to_vec(),
         stat_prefix: stat_prefix.to_string(),
         codec_type: http_connection_manager::CodecType::Auto as i32,
         route_specifier: Some(http_connection_manager::RouteSpecifier::Rds(Rds {
             config_source: Some(ads()),
             route_config_name: route_name.to_string(),
         })),
-        http_filters: vec![HttpFilter {
-            name: "envoy.filters.http.router".into(),
-            config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(
-                Router::default(),
-            ))),
-            ..Default::default()
-        }],
+        http_filters,
         normalize_path: Some(BoolValue { value: true }),
         merge_slashes: true,
         strip_port_mode: Some(http_connection_manager::StripPortMode::StripAnyHostPort(
@@ -745,13 +843,49 @@ pub(super) fn gateway_connection_manager(stat_prefix: &str, route_name: &str) ->
     }
 }
 
+/// A gateway chain for connections of one transport protocol ("tls" or "raw_buffer"), for a
+/// PERMISSIVE listener where the TLS inspector tells them apart.
+pub(super) fn gateway_chain(
+    filter: Filter,
+    tls: Option<TransportSocket>,
+    transport_protocol: &str,
+) -> FilterChain {
+    FilterChain {
+        filter_chain_match: (!transport_protocol.is_empty()).then(|| FilterChainMatch {
+            transport_protocol: transport_protocol.to_string(),
+            ..Default::default()
+        }),
+        filters: vec![filter],
+        transport_socket: tls,
+        ..Default::default()
+    }
+}
+
 /// A gateway listener on 0.0.0.0:`port`: clients connect to it directly (a gateway has no
-/// iptables redirect, hence no original_dst filter), through its one filter chain.
-pub(super) fn gateway_listener(name: &str, port: u32, chain: FilterChain) -> Listener {
+/// iptables redirect, hence no original_dst filter), with the TLS inspector when its chains tell
+/// TLS from plaintext (PERMISSIVE).
+pub(super) fn gateway_listener(
+    name: &str,
+    port: u32,
+    chains: Vec<FilterChain>,
+    tls_inspector: bool,
+) -> Listener {
+    let listener_filters = if tls_inspector {
+        vec![ListenerFilter {
+            name: "envoy.filters.listener.tls_inspector".into(),
+            config_type: Some(listener_filter::ConfigType::TypedConfig(pack_any(
+                TlsInspector::default(),
+            ))),
+            ..Default::default()
+        }]
+    } else {
+        vec![]
+    };
     Listener {
         name: name.to_string(),
         address: Some(socket("0.0.0.0", port)),
-        filter_chains: vec![chain],
+        filter_chains: chains,
+        listener_filters,
         traffic_direction: TrafficDirection::Inbound as i32,
         ..Default::default()
     }

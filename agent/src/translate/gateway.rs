@@ -35,9 +35,14 @@
 //! does not exist, has no provider, or whose port matches no listener yields no route (never an
 //! error): requests then fall to later routes, or 404.
 //!
-//! **Not here (extension points):** listener TLS, connection pools and health checks, backend
-//! defaults' client policy and access logs are the policies' work; they plug in where
-//! [`virtual_gateway`] builds each listener's chain and where clusters are built.
+//! **Policies** (App Mesh semantics in `policy.rs`): listener TLS (file or SDS certificates,
+//! STRICT / PERMISSIVE / DISABLED, client-certificate validation) on the listener's chains, an
+//! unservable (ACM) certificate refusing a STRICT listener altogether; the connection pool as
+//! circuit breakers on the clusters the listener's routes reach; the health check answered by
+//! the gateway itself on its path; `backendDefaults.clientPolicy` TLS on every upstream cluster;
+//! the access log on every listener's connection manager.
+
+use std::collections::{BTreeMap, BTreeSet};
 
 use envoy_types::pb::envoy::config::route::v3::{
     DirectResponseAction, HeaderMatcher, QueryParameterMatcher, Route, RouteAction, RouteMatch,
@@ -47,7 +52,7 @@ use envoy_types::pb::envoy::r#type::matcher::v3::{
     RegexMatchAndSubstitute, StringMatcher, string_matcher,
 };
 
-use super::{Ctx, Endpoints, Resources, envoy, routes};
+use super::{Ctx, Endpoints, Resources, envoy, policy, routes};
 use crate::model::{
     DefaultGatewayRouteRewrite, GatewayRouteHostnameMatch, GatewayRouteHostnameRewrite,
     GatewayRouteSpec, GatewayRouteTarget, GrpcGatewayRoute, HttpGatewayRoute,
@@ -67,10 +72,18 @@ pub(super) fn virtual_gateway(
     spec: &VirtualGatewaySpec,
     endpoints: &Endpoints,
 ) -> Resources {
-    // Extension point for the gateway's client policies (`spec.backend_defaults`):
-    // `Ctx::with_client_policies` once they map onto the clusters built below.
-    let ctx = Ctx::new(mesh_name, mesh, endpoints);
+    let defaults = spec
+        .backend_defaults
+        .as_ref()
+        .and_then(|d| d.client_policy.as_ref())
+        .map(policy::gateway_client_policy);
+    let ctx = Ctx::new(mesh_name, mesh, endpoints)
+        .with_client_policies(defaults.as_ref(), BTreeMap::new());
+    let logs = policy::gateway_access_logs(spec);
     let mut out = Resources::default();
+    // Each listener's pool, with the clusters its routes reach (the first listener wins a cluster
+    // several listeners reach, as clusters are per target).
+    let mut pools: Vec<(BTreeSet<String>, envoy::Limits)> = Vec::new();
     let gateway_routes = mesh.gateway_routes.get(name);
     for l in &spec.listeners {
         let Ok(port) = u32::try_from(l.port_mapping.port) else {
@@ -88,6 +101,9 @@ pub(super) fn virtual_gateway(
         for (route_name, route_spec) in attached {
             envoy_routes.extend(gateway_route(&ctx, route_name, route_spec, &mut out));
         }
+        if let Some(limits) = policy::gateway_limits(l) {
+            pools.push((clusters_of(&envoy_routes), limits));
+        }
         let rds = format!("rds_ingress_{}_{port}", proto.as_str());
         out.routes.push(envoy::route_config(
             &rds,
@@ -97,16 +113,41 @@ pub(super) fn virtual_gateway(
                 envoy_routes,
             )],
         ));
-        // Extension point for listener policies: `l.tls` becomes this chain's transport socket,
-        // `l.connection_pool` the connection manager's / listener's limits, `l.health_check`
-        // the gateway's own health answer. A listener without routes still listens (404s), as
-        // App Mesh's gateways did.
-        let chain = envoy::filter_chain(None, envoy::gateway_connection_manager(STAT_PREFIX, &rds));
+        // A listener without routes still listens (404s), as App Mesh's gateways did.
+        let health = policy::gateway_health_path(l, &mut out.unserved);
+        let hcm = envoy::gateway_connection_manager(STAT_PREFIX, &rds, &logs, health.as_deref());
+        let tls = l.tls.as_ref().map(policy::gateway_listener_tls);
+        let (chains, inspect) = match policy::listener_tls(
+            tls.as_ref(),
+            l.port_mapping.port,
+            policy::gateway_proto(proto),
+            &mut out.unserved,
+        ) {
+            policy::ListenerTlsPlan::Plain => (vec![envoy::gateway_chain(hcm, None, "")], false),
+            policy::ListenerTlsPlan::Strict(ts) => {
+                (vec![envoy::gateway_chain(hcm, Some(ts), "")], false)
+            }
+            policy::ListenerTlsPlan::Permissive(ts) => (
+                vec![
+                    envoy::gateway_chain(hcm.clone(), Some(ts), "tls"),
+                    envoy::gateway_chain(hcm, None, "raw_buffer"),
+                ],
+                true,
+            ),
+            // STRICT with a certificate that cannot be served: no listener, never plaintext.
+            policy::ListenerTlsPlan::Refuse => continue,
+        };
         out.listeners.push(envoy::gateway_listener(
             &format!("lds_ingress_0.0.0.0_{port}"),
             port,
-            chain,
+            chains,
+            inspect,
         ));
+    }
+    for c in &mut out.clusters {
+        if let Some((_, limits)) = pools.iter().find(|(names, _)| names.contains(&c.name)) {
+            envoy::set_circuit_breakers(c, *limits);
+        }
     }
     out.clusters.sort_by(|a, b| a.name.cmp(&b.name));
     out.clusters.dedup_by(|a, b| a.name == b.name);
@@ -115,7 +156,28 @@ pub(super) fn virtual_gateway(
     out.endpoints
         .dedup_by(|a, b| a.cluster_name == b.cluster_name);
     out.routes.sort_by(|a, b| a.name.cmp(&b.name));
+    out.unserved.sort();
+    out.unserved.dedup();
     out
+}
+
+/// The clusters a listener's routes send to.
+fn clusters_of(routes: &[Route]) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    for r in routes {
+        if let Some(route::Action::Route(a)) = &r.action {
+            match &a.cluster_specifier {
+                Some(route_action::ClusterSpecifier::Cluster(c)) => {
+                    names.insert(c.clone());
+                }
+                Some(route_action::ClusterSpecifier::WeightedClusters(w)) => {
+                    names.extend(w.clusters.iter().map(|c| c.name.clone()));
+                }
+                _ => {}
+            }
+        }
+    }
+    names
 }
 
 /// The listener protocol a gateway route needs, and the port it names.

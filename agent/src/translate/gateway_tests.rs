@@ -76,12 +76,15 @@ fn state(
             resource(name, serde_json::from_value(spec.clone()).unwrap()),
         );
     }
+    // `listeners` is the listener array, or a whole gateway spec.
+    let spec = if listeners.is_array() {
+        json!({ "listeners": listeners })
+    } else {
+        listeners
+    };
     m.virtual_gateways.insert(
         "gw".into(),
-        resource(
-            "gw",
-            serde_json::from_value(json!({ "listeners": listeners })).unwrap(),
-        ),
+        resource("gw", serde_json::from_value(spec).unwrap()),
     );
     for (name, spec) in gateway_routes {
         m.gateway_routes.entry("gw".into()).or_default().insert(
@@ -755,4 +758,274 @@ fn gateway_translation_is_deterministic() {
         )],
     );
     assert_eq!(gateway(&s), gateway(&s));
+}
+
+// === Gateway policies ===
+
+mod policies {
+    use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+    use envoy_types::pb::envoy::config::core::v3::{TransportSocket, transport_socket};
+    use envoy_types::pb::envoy::config::listener::v3::{FilterChain, Listener, filter};
+    use envoy_types::pb::envoy::extensions::filters::http::health_check::v3::HealthCheck;
+    use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+        HttpConnectionManager, http_filter,
+    };
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+        DownstreamTlsContext, UpstreamTlsContext, common_tls_context,
+    };
+    use envoy_types::pb::google::protobuf::Any;
+    use prost::Message;
+
+    use super::*;
+
+    const LISTENER: &str = "lds_ingress_0.0.0.0_8088";
+    const A_CLUSTER: &str = "cds_egress_m_a-vn_http_8080";
+    const B_CLUSTER: &str = "cds_egress_m_b-vn_http_8080";
+
+    fn unpack<T: Message + Default>(any: &Any) -> T {
+        T::decode(any.value.as_slice()).unwrap()
+    }
+
+    fn hcm(chain: &FilterChain) -> HttpConnectionManager {
+        match &chain.filters[0].config_type {
+            Some(filter::ConfigType::TypedConfig(a)) => unpack(a),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn tls_of(t: &TransportSocket) -> &Any {
+        match &t.config_type {
+            Some(transport_socket::ConfigType::TypedConfig(a)) => a,
+            None => panic!("untyped transport socket"),
+        }
+    }
+
+    fn listener<'a>(r: &'a Resources, name: &str) -> Option<&'a Listener> {
+        r.listeners.iter().find(|l| l.name == name)
+    }
+
+    fn cluster<'a>(r: &'a Resources, name: &str) -> &'a Cluster {
+        r.clusters.iter().find(|c| c.name == name).unwrap()
+    }
+
+    fn with_tls(tls: Value) -> Value {
+        json!([{"portMapping": {"port": 8088, "protocol": "http"}, "tls": tls}])
+    }
+
+    fn to_a() -> [(&'static str, Value); 1] {
+        [("to-a", http_to("a.local", json!({"prefix": "/"})))]
+    }
+
+    fn file_cert() -> Value {
+        json!({"file": {"certificateChain": "/c/gw.pem", "privateKey": "/c/gw.key"}})
+    }
+
+    #[test]
+    fn gateway_listener_tls_strict_permissive_disabled_with_file_or_sds_certificates() {
+        let strict = gateway(&state(
+            with_tls(json!({"mode": "STRICT", "certificate": file_cert(),
+                "validation": {"trust": {"file": {"certificateChain": "/c/ca.pem"}},
+                    "subjectAlternativeNames": {"match": {"exact": ["client.example.com"]}}}})),
+            &to_a(),
+            &[],
+        ));
+        let l = listener(&strict, LISTENER).unwrap();
+        assert_eq!(l.filter_chains.len(), 1);
+        assert!(l.listener_filters.is_empty(), "nothing to tell apart");
+        let ctx: DownstreamTlsContext = unpack(tls_of(
+            l.filter_chains[0].transport_socket.as_ref().unwrap(),
+        ));
+        assert!(ctx.require_client_certificate.unwrap().value, "mTLS");
+        let common = ctx.common_tls_context.unwrap();
+        assert_eq!(common.tls_certificates.len(), 1);
+        assert_eq!(common.alpn_protocols, ["http/1.1"]);
+
+        let permissive = gateway(&state(
+            with_tls(json!({"mode": "PERMISSIVE",
+                "certificate": {"sds": {"secretName": "spiffe://x/gw"}}})),
+            &to_a(),
+            &[],
+        ));
+        let l = listener(&permissive, LISTENER).unwrap();
+        let protocols: Vec<_> = l
+            .filter_chains
+            .iter()
+            .map(|c| {
+                c.filter_chain_match
+                    .as_ref()
+                    .unwrap()
+                    .transport_protocol
+                    .as_str()
+            })
+            .collect();
+        assert_eq!(protocols, ["tls", "raw_buffer"]);
+        assert!(l.filter_chains[0].transport_socket.is_some());
+        assert!(l.filter_chains[1].transport_socket.is_none());
+        assert_eq!(
+            l.listener_filters[0].name,
+            "envoy.filters.listener.tls_inspector"
+        );
+        let ctx: DownstreamTlsContext = unpack(tls_of(
+            l.filter_chains[0].transport_socket.as_ref().unwrap(),
+        ));
+        let common = ctx.common_tls_context.unwrap();
+        assert_eq!(
+            common.tls_certificate_sds_secret_configs[0].name,
+            "spiffe://x/gw"
+        );
+
+        let disabled = gateway(&state(
+            with_tls(json!({"mode": "DISABLED", "certificate": file_cert()})),
+            &to_a(),
+            &[],
+        ));
+        let l = listener(&disabled, LISTENER).unwrap();
+        assert_eq!(l.filter_chains.len(), 1);
+        assert!(l.filter_chains[0].transport_socket.is_none());
+    }
+
+    #[test]
+    fn an_acm_certificate_refuses_a_strict_gateway_listener_and_says_why() {
+        let acm =
+            json!({"acm": {"certificateArn": "arn:aws:acm:us-west-2:111122223333:certificate/x"}});
+        let r = gateway(&state(
+            with_tls(json!({"mode": "STRICT", "certificate": acm})),
+            &to_a(),
+            &[],
+        ));
+        assert!(listener(&r, LISTENER).is_none(), "never plaintext");
+        assert!(r.unserved[0].contains("ACM"), "{:?}", r.unserved);
+        let r = gateway(&state(
+            with_tls(json!({"mode": "PERMISSIVE", "certificate": acm})),
+            &to_a(),
+            &[],
+        ));
+        let l = listener(&r, LISTENER).unwrap();
+        assert_eq!(l.filter_chains.len(), 1);
+        assert!(l.filter_chains[0].transport_socket.is_none());
+    }
+
+    #[test]
+    fn a_gateway_connection_pool_limits_the_clusters_its_listener_routes_to() {
+        let listeners = json!([
+            {"portMapping": {"port": 8088, "protocol": "http"},
+             "connectionPool": {"http": {"maxConnections": 3, "maxPendingRequests": 2}}},
+            {"portMapping": {"port": 8089, "protocol": "http2"},
+             "connectionPool": {"http2": {"maxRequests": 7}}},
+            {"portMapping": {"port": 8090, "protocol": "http"}}
+        ]);
+        let h2_to = |service: &str, port: i64| {
+            json!({"http2Route": {"match": {"prefix": "/", "port": port},
+                "action": {"target": {"virtualService": {"virtualServiceName": service}}}}})
+        };
+        let r = gateway(&state(
+            listeners,
+            &[
+                (
+                    "to-a",
+                    http_to("a.local", json!({"prefix": "/", "port": 8088})),
+                ),
+                ("to-b", h2_to("b.local", 8089)),
+                (
+                    "to-r",
+                    http_to("r.local", json!({"prefix": "/", "port": 8090})),
+                ),
+            ],
+            &[(
+                "all",
+                json!({"httpRoute": {"match": {"prefix": "/"},
+                "action": {"weightedTargets": [{"virtualNode": "c-vn", "weight": 1}]}}}),
+            )],
+        ));
+        let limits = |name: &str| {
+            cluster(&r, name).circuit_breakers.as_ref().map(|cb| {
+                let t = &cb.thresholds[0];
+                let v = |x: &Option<envoy_types::pb::google::protobuf::UInt32Value>| {
+                    x.as_ref().map(|v| v.value)
+                };
+                (
+                    v(&t.max_connections),
+                    v(&t.max_pending_requests),
+                    v(&t.max_requests),
+                )
+            })
+        };
+        assert_eq!(limits(A_CLUSTER), Some((Some(3), Some(2), None)));
+        assert_eq!(limits(B_CLUSTER), Some((None, None, Some(7))));
+        assert_eq!(
+            limits("cds_egress_m_c-vn_http_8080"),
+            None,
+            "a listener without a pool"
+        );
+    }
+
+    #[test]
+    fn a_gateway_health_check_is_answered_by_the_gateway_on_its_path() {
+        let listeners = json!([{"portMapping": {"port": 8088, "protocol": "http"},
+            "healthCheck": {"protocol": "http", "path": "/ping", "healthyThreshold": 2,
+                "unhealthyThreshold": 2, "intervalMillis": 5000, "timeoutMillis": 2000}}]);
+        let r = gateway(&state(listeners, &to_a(), &[]));
+        let m = hcm(&listener(&r, LISTENER).unwrap().filter_chains[0]);
+        let names: Vec<_> = m.http_filters.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "envoy.filters.http.health_check",
+                "envoy.filters.http.router"
+            ]
+        );
+        let hc: HealthCheck = match &m.http_filters[0].config_type {
+            Some(http_filter::ConfigType::TypedConfig(a)) => unpack(a),
+            other => panic!("{other:?}"),
+        };
+        assert!(!hc.pass_through_mode.unwrap().value);
+        assert_eq!(hc.headers[0].name, ":path");
+        assert_eq!(
+            string_pattern(&hc.headers[0]),
+            &MatchPattern::Exact("/ping".into())
+        );
+
+        let grpc = json!([{"portMapping": {"port": 8088, "protocol": "grpc"},
+            "healthCheck": {"protocol": "grpc", "healthyThreshold": 2,
+                "unhealthyThreshold": 2, "intervalMillis": 5000, "timeoutMillis": 2000}}]);
+        let r = gateway(&state(grpc, &[], &[]));
+        let m = hcm(&listener(&r, LISTENER).unwrap().filter_chains[0]);
+        assert_eq!(m.http_filters.len(), 1, "only the router");
+        assert!(
+            r.unserved[0].contains("grpc health check"),
+            "{:?}",
+            r.unserved
+        );
+    }
+
+    #[test]
+    fn gateway_backend_defaults_client_tls_and_access_logs_apply_to_every_target() {
+        let spec = json!({
+            "listeners": [{"portMapping": {"port": 8088, "protocol": "http"}}],
+            "backendDefaults": {"clientPolicy": {"tls": {
+                "certificate": {"sds": {"secretName": "spiffe://x/gw"}},
+                "validation": {"trust": {"file": {"certificateChain": "/c/ca.pem"}},
+                    "subjectAlternativeNames": {"match": {"exact": ["a.local"]}}}}}},
+            "logging": {"accessLog": {"file": {"path": "/dev/stdout",
+                "format": {"text": "%REQ(:PATH)% %RESPONSE_CODE%"}}}}
+        });
+        let r = gateway(&state(spec, &to_a(), &[]));
+        let ctx: UpstreamTlsContext = unpack(tls_of(
+            cluster(&r, A_CLUSTER).transport_socket.as_ref().unwrap(),
+        ));
+        assert_eq!(ctx.sni, "a.local");
+        let common = ctx.common_tls_context.unwrap();
+        assert_eq!(
+            common.tls_certificate_sds_secret_configs[0].name,
+            "spiffe://x/gw"
+        );
+        assert!(matches!(
+            common.validation_context_type,
+            Some(common_tls_context::ValidationContextType::ValidationContext(_))
+        ));
+        let m = hcm(&listener(&r, LISTENER).unwrap().filter_chains[0]);
+        assert_eq!(m.access_log.len(), 1);
+        assert_eq!(m.access_log[0].name, "envoy.access_loggers.file");
+        assert!(r.unserved.is_empty(), "{:?}", r.unserved);
+    }
 }

@@ -9,6 +9,8 @@ mod gateway;
 mod policy;
 mod routes;
 
+pub use envoy::SDS_CLUSTER;
+
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -156,12 +158,17 @@ fn ingress(
             ));
             envoy::http_connection_manager("ingress", &route_name, &logs)
         };
-        match policy::listener_tls(l, &mut out.unserved) {
-            policy::ListenerTls::Plain => chains.push(envoy::filter_chain(Some(port), filter)),
-            policy::ListenerTls::Strict(tls) => {
+        match policy::listener_tls(
+            l.tls.as_ref(),
+            l.port_mapping.port,
+            proto,
+            &mut out.unserved,
+        ) {
+            policy::ListenerTlsPlan::Plain => chains.push(envoy::filter_chain(Some(port), filter)),
+            policy::ListenerTlsPlan::Strict(tls) => {
                 chains.push(envoy::filter_chain_tls(Some(port), filter, tls, ""));
             }
-            policy::ListenerTls::Permissive(tls) => {
+            policy::ListenerTlsPlan::Permissive(tls) => {
                 inspect_tls = true;
                 chains.push(envoy::filter_chain_tls(
                     Some(port),
@@ -171,7 +178,7 @@ fn ingress(
                 ));
                 chains.push(envoy::filter_chain(Some(port), filter));
             }
-            policy::ListenerTls::Refuse => {}
+            policy::ListenerTlsPlan::Refuse => {}
         }
     }
     if !chains.is_empty() {

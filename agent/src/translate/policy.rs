@@ -22,17 +22,27 @@
 //!   health-check port;
 //! - a caller cluster is per (node, port), so when several backends reach one node with
 //!   different client policies, the first backend by name decides its TLS and SNI;
-//! - what cannot be served (SDS/ACM certificates or trust) fails closed and is listed in
+//! - certificates and trust from SDS are fetched by Envoy from the task's local SDS server (a
+//!   SPIRE agent) through the bootstrap cluster `static_cluster_sds_unix_socket`, which
+//!   `trellis-agent bootstrap` adds when `APPMESH_SDS_SOCKET_PATH` is set, as App Mesh's image
+//!   did; SANs are still matched against the SDS-provided bundle;
+//! - what cannot be served (ACM certificates or ACM PCA trust) fails closed and is listed in
 //!   `Resources::unserved`.
 
 use envoy_types::pb::envoy::config::core::v3::TransportSocket;
 use envoy_types::pb::google::protobuf::Duration as PbDuration;
 
-use super::envoy::{self, Bind, CertFiles, Check, Checker, Limits, LogFormat, Lookup, Outlier};
+use super::envoy::{self, Bind, Cert, Check, Checker, Limits, LogFormat, Lookup, Outlier, Trust};
 use super::routes::{DEFAULT_IDLE_S, DEFAULT_PER_REQUEST_S};
 use crate::model::{
-    ClientPolicy, ClientPolicyTls, Duration, HealthCheckPolicy, IpPreference, Listener,
-    ListenerTlsMode, MeshState, PortProtocol, SubjectAlternativeNames, VirtualNodeSpec,
+    ClientPolicy, ClientPolicyTls, ClientTlsCertificate, Duration, HealthCheckPolicy, IpPreference,
+    Listener, ListenerTls, ListenerTlsAcmCertificate, ListenerTlsCertificate,
+    ListenerTlsFileCertificate, ListenerTlsMode, ListenerTlsSdsCertificate,
+    ListenerTlsValidationContext, ListenerTlsValidationContextTrust, LoggingFormat, MeshState,
+    PortProtocol, SubjectAlternativeNames, TlsValidationContext, TlsValidationContextAcmTrust,
+    TlsValidationContextFileTrust, TlsValidationContextSdsTrust, TlsValidationContextTrust,
+    VirtualGatewayClientPolicy, VirtualGatewayListener, VirtualGatewayListenerTls,
+    VirtualGatewayListenerTlsMode, VirtualGatewayPortProtocol, VirtualGatewaySpec, VirtualNodeSpec,
 };
 
 fn u32_of(v: i64) -> u32 {
@@ -164,20 +174,36 @@ pub(super) fn outlier(l: &Listener) -> Option<Outlier> {
     })
 }
 
-/// The node's access logs (App Mesh has one, a file), for every filter of its Envoy. A text
-/// format gets the newline Envoy does not add.
+/// The node's access logs (App Mesh has one, a file), for every filter of its Envoy.
 pub(super) fn access_logs(
     spec: &VirtualNodeSpec,
 ) -> Vec<envoy_types::pb::envoy::config::accesslog::v3::AccessLog> {
-    let Some(file) = spec
-        .logging
+    spec.logging
         .as_ref()
         .and_then(|l| l.access_log.as_ref())
         .and_then(|a| a.file.as_ref())
-    else {
-        return Vec::new();
-    };
-    let format = match &file.format {
+        .map(|f| file_access_logs(&f.path, f.format.as_ref()))
+        .unwrap_or_default()
+}
+
+/// The gateway's access logs, on every listener's connection manager.
+pub(super) fn gateway_access_logs(
+    spec: &VirtualGatewaySpec,
+) -> Vec<envoy_types::pb::envoy::config::accesslog::v3::AccessLog> {
+    spec.logging
+        .as_ref()
+        .and_then(|l| l.access_log.as_ref())
+        .and_then(|a| a.file.as_ref())
+        .map(|f| file_access_logs(&f.path, f.format.as_ref()))
+        .unwrap_or_default()
+}
+
+/// A file access log; a text format gets the newline Envoy does not add.
+fn file_access_logs(
+    path: &str,
+    format: Option<&LoggingFormat>,
+) -> Vec<envoy_types::pb::envoy::config::accesslog::v3::AccessLog> {
+    let format = match format {
         Some(f) if f.text.is_some() => {
             let mut text = f.text.clone().unwrap_or_default();
             if !text.ends_with('\n') {
@@ -194,7 +220,7 @@ pub(super) fn access_logs(
         ),
         _ => LogFormat::Default,
     };
-    vec![envoy::file_access_log(&file.path, &format)]
+    vec![envoy::file_access_log(path, &format)]
 }
 
 /// The node's own IP preference: its service discovery's, else the mesh's.
@@ -257,7 +283,7 @@ fn alpn(proto: PortProtocol) -> &'static [&'static str] {
 
 /// What a listener's TLS setting asks of its ingress filter chain.
 #[derive(Debug)]
-pub(super) enum ListenerTls {
+pub(super) enum ListenerTlsPlan {
     Plain,
     Strict(TransportSocket),
     /// TLS and plaintext on the same port.
@@ -266,59 +292,68 @@ pub(super) enum ListenerTls {
     Refuse,
 }
 
-/// The listener's TLS. Certificates and trust from files are served; SDS and ACM ones are not
-/// (no SDS source or ACM PCA here): STRICT then refuses the port rather than fall back to
-/// plaintext, PERMISSIVE serves plaintext only, and `notes` says why.
-pub(super) fn listener_tls(l: &Listener, notes: &mut Vec<String>) -> ListenerTls {
-    let Some(tls) = &l.tls else {
-        return ListenerTls::Plain;
+/// The listener's TLS. Certificates and trust from files or from the local SDS server are
+/// served; ACM ones are not (no ACM or AWS Private CA here): STRICT then refuses the port rather
+/// than fall back to plaintext, PERMISSIVE serves plaintext only, and `notes` says why.
+pub(super) fn listener_tls(
+    tls: Option<&ListenerTls>,
+    port: i64,
+    proto: PortProtocol,
+    notes: &mut Vec<String>,
+) -> ListenerTlsPlan {
+    let Some(tls) = tls else {
+        return ListenerTlsPlan::Plain;
     };
     if tls.mode == ListenerTlsMode::Disabled {
-        return ListenerTls::Plain;
+        return ListenerTlsPlan::Plain;
     }
-    let port = l.port_mapping.port;
     let mut unserved = |what: &str| {
         notes.push(format!(
             "listener {port}: TLS {} not served: {what}",
             tls.mode.as_str()
         ));
         if tls.mode == ListenerTlsMode::Strict {
-            ListenerTls::Refuse
+            ListenerTlsPlan::Refuse
         } else {
-            ListenerTls::Plain
+            ListenerTlsPlan::Plain
         }
     };
-    let Some(cert) = &tls.certificate.file else {
-        return unserved(if tls.certificate.sds.is_some() {
-            "SDS certificates are not served yet"
-        } else {
-            "ACM certificates exist only inside AWS App Mesh"
-        });
+    let cert = if let Some(f) = &tls.certificate.file {
+        Cert::Files {
+            chain: f.certificate_chain.clone(),
+            key: f.private_key.clone(),
+        }
+    } else if let Some(sds) = &tls.certificate.sds {
+        Cert::Sds(sds.secret_name.clone())
+    } else {
+        return unserved(ACM_CERTIFICATE);
     };
     let validation = match &tls.validation {
         None => None,
-        Some(v) => match &v.trust.file {
-            Some(f) => Some(envoy::Validation {
-                trusted_ca: f.certificate_chain.clone(),
+        Some(v) => {
+            let trust = if let Some(f) = &v.trust.file {
+                Trust::File(f.certificate_chain.clone())
+            } else if let Some(sds) = &v.trust.sds {
+                Trust::Sds(sds.secret_name.clone())
+            } else {
+                return unserved("client-certificate validation names no trust");
+            };
+            Some(envoy::Validation {
+                trust,
                 sans: sans(v.subject_alternative_names.as_ref()),
-            }),
-            None => return unserved("SDS client-certificate trust is not served yet"),
-        },
+            })
+        }
     };
-    let socket = envoy::downstream_tls(
-        &CertFiles {
-            chain: cert.certificate_chain.clone(),
-            key: cert.private_key.clone(),
-        },
-        validation.as_ref(),
-        alpn(l.port_mapping.protocol),
-    );
+    let socket = envoy::downstream_tls(&cert, validation.as_ref(), alpn(proto));
     if tls.mode == ListenerTlsMode::Strict {
-        ListenerTls::Strict(socket)
+        ListenerTlsPlan::Strict(socket)
     } else {
-        ListenerTls::Permissive(socket)
+        ListenerTlsPlan::Permissive(socket)
     }
 }
+
+const ACM_CERTIFICATE: &str = "ACM certificates exist only inside AWS App Mesh";
+const ACM_TRUST: &str = "ACM PCA trust exists only inside AWS App Mesh";
 
 /// The client policy a caller applies to `service`: the backend's own, else its defaults.
 pub(super) fn client_policy<'a>(
@@ -367,30 +402,187 @@ pub(super) fn client_tls(
         ));
         ClientTls::Refuse
     };
-    let Some(trust) = &p.validation.trust.file else {
-        return refuse(if p.validation.trust.sds.is_some() {
-            "SDS trust is not served yet"
-        } else {
-            "ACM PCA trust exists only inside AWS App Mesh"
-        });
+    let trust = if let Some(f) = &p.validation.trust.file {
+        Trust::File(f.certificate_chain.clone())
+    } else if let Some(sds) = &p.validation.trust.sds {
+        Trust::Sds(sds.secret_name.clone())
+    } else {
+        return refuse(ACM_TRUST);
     };
-    let cert = match &p.certificate {
-        None => None,
-        Some(c) => match &c.file {
-            Some(f) => Some(CertFiles {
+    let cert = p.certificate.as_ref().and_then(|c| {
+        c.file
+            .as_ref()
+            .map(|f| Cert::Files {
                 chain: f.certificate_chain.clone(),
                 key: f.private_key.clone(),
-            }),
-            None => return refuse("SDS client certificates are not served yet"),
-        },
-    };
+            })
+            .or_else(|| c.sds.as_ref().map(|s| Cert::Sds(s.secret_name.clone())))
+    });
     ClientTls::Tls(envoy::upstream_tls(
         sni,
         cert.as_ref(),
         &envoy::Validation {
-            trusted_ca: trust.certificate_chain.clone(),
+            trust,
             sans: sans(p.validation.subject_alternative_names.as_ref()),
         },
         alpn(proto),
     ))
+}
+
+// === Virtual gateways ===
+//
+// A gateway listener's policies are a node listener's, seen from the gateway: its TLS terminates
+// client connections on the listener, its connection pool limits what the gateway sends to the
+// services behind the listener (circuit breakers on those clusters, as a node's pool limits what
+// reaches its app), its backend defaults' client policy is a node's `backendDefaults`. The
+// gateway types mirror the node types field for field; they are converted once, here, so TLS has
+// one implementation.
+
+pub(super) fn gateway_proto(p: VirtualGatewayPortProtocol) -> PortProtocol {
+    match p {
+        VirtualGatewayPortProtocol::Http => PortProtocol::Http,
+        VirtualGatewayPortProtocol::Http2 => PortProtocol::Http2,
+        VirtualGatewayPortProtocol::Grpc => PortProtocol::Grpc,
+    }
+}
+
+/// A gateway listener's TLS as the node listener TLS it mirrors.
+pub(super) fn gateway_listener_tls(t: &VirtualGatewayListenerTls) -> ListenerTls {
+    let c = &t.certificate;
+    ListenerTls {
+        certificate: ListenerTlsCertificate {
+            acm: c.acm.as_ref().map(|a| ListenerTlsAcmCertificate {
+                certificate_arn: a.certificate_arn.clone(),
+            }),
+            file: c.file.as_ref().map(|f| ListenerTlsFileCertificate {
+                certificate_chain: f.certificate_chain.clone(),
+                private_key: f.private_key.clone(),
+            }),
+            sds: c.sds.as_ref().map(|s| ListenerTlsSdsCertificate {
+                secret_name: s.secret_name.clone(),
+            }),
+        },
+        mode: match t.mode {
+            VirtualGatewayListenerTlsMode::Strict => ListenerTlsMode::Strict,
+            VirtualGatewayListenerTlsMode::Permissive => ListenerTlsMode::Permissive,
+            VirtualGatewayListenerTlsMode::Disabled => ListenerTlsMode::Disabled,
+        },
+        validation: t.validation.as_ref().map(|v| ListenerTlsValidationContext {
+            subject_alternative_names: v.subject_alternative_names.clone(),
+            trust: ListenerTlsValidationContextTrust {
+                file: v
+                    .trust
+                    .file
+                    .as_ref()
+                    .map(|f| TlsValidationContextFileTrust {
+                        certificate_chain: f.certificate_chain.clone(),
+                    }),
+                sds: v.trust.sds.as_ref().map(|s| TlsValidationContextSdsTrust {
+                    secret_name: s.secret_name.clone(),
+                }),
+            },
+        }),
+    }
+}
+
+/// A gateway's backend-defaults client policy as the node client policy it mirrors.
+pub(super) fn gateway_client_policy(p: &VirtualGatewayClientPolicy) -> ClientPolicy {
+    ClientPolicy {
+        tls: p.tls.as_ref().map(|t| ClientPolicyTls {
+            certificate: t.certificate.as_ref().map(|c| ClientTlsCertificate {
+                file: c.file.as_ref().map(|f| ListenerTlsFileCertificate {
+                    certificate_chain: f.certificate_chain.clone(),
+                    private_key: f.private_key.clone(),
+                }),
+                sds: c.sds.as_ref().map(|s| ListenerTlsSdsCertificate {
+                    secret_name: s.secret_name.clone(),
+                }),
+            }),
+            enforce: t.enforce,
+            ports: t.ports.clone(),
+            validation: TlsValidationContext {
+                subject_alternative_names: t.validation.subject_alternative_names.clone(),
+                trust: TlsValidationContextTrust {
+                    acm: t
+                        .validation
+                        .trust
+                        .acm
+                        .as_ref()
+                        .map(|a| TlsValidationContextAcmTrust {
+                            certificate_authority_arns: a.certificate_authority_arns.clone(),
+                        }),
+                    file: t
+                        .validation
+                        .trust
+                        .file
+                        .as_ref()
+                        .map(|f| TlsValidationContextFileTrust {
+                            certificate_chain: f.certificate_chain.clone(),
+                        }),
+                    sds: t
+                        .validation
+                        .trust
+                        .sds
+                        .as_ref()
+                        .map(|s| TlsValidationContextSdsTrust {
+                            secret_name: s.secret_name.clone(),
+                        }),
+                },
+            },
+        }),
+    }
+}
+
+/// A gateway listener's connection pool as circuit breakers on the clusters its routes reach:
+/// HTTP/1 limits connections and queued requests (pending default 2^31-1, as App Mesh), HTTP/2
+/// and gRPC limit concurrent requests. A pool for another protocol than the listener's is
+/// ignored, as App Mesh's validation does not allow it.
+pub(super) fn gateway_limits(l: &VirtualGatewayListener) -> Option<Limits> {
+    let pool = l.connection_pool.as_ref()?;
+    match l.port_mapping.protocol {
+        VirtualGatewayPortProtocol::Http => pool.http.as_ref().map(|h| Limits {
+            max_connections: Some(u32_of(h.max_connections)),
+            max_pending_requests: Some(h.max_pending_requests.map_or(i32::MAX as u32, u32_of)),
+            max_requests: None,
+        }),
+        VirtualGatewayPortProtocol::Http2 => pool.http2.as_ref().map(|h| Limits {
+            max_requests: Some(u32_of(h.max_requests)),
+            ..Limits::default()
+        }),
+        VirtualGatewayPortProtocol::Grpc => pool.grpc.as_ref().map(|g| Limits {
+            max_requests: Some(u32_of(g.max_requests)),
+            ..Limits::default()
+        }),
+    }
+}
+
+/// The path a gateway listener answers its own health checks on (App Mesh's gateway health
+/// check describes how the gateway itself is checked, e.g. by a load balancer's target group):
+/// the gateway's Envoy answers `path` itself, 200 while it serves and 503 once it drains, before
+/// any gateway route sees it. An http or http2 check on the listener's own port; a check on
+/// another port or with gRPC has nothing here to answer it (noted).
+pub(super) fn gateway_health_path(
+    l: &VirtualGatewayListener,
+    notes: &mut Vec<String>,
+) -> Option<String> {
+    let h = l.health_check.as_ref()?;
+    let port = l.port_mapping.port;
+    if h.port.is_some_and(|p| p != port) {
+        notes.push(format!(
+            "gateway listener {port}: health check on port {} has no listener to answer it",
+            h.port.unwrap_or_default()
+        ));
+        return None;
+    }
+    match h.protocol {
+        VirtualGatewayPortProtocol::Http | VirtualGatewayPortProtocol::Http2 => {
+            Some(h.path.clone().unwrap_or_else(|| "/".into()))
+        }
+        VirtualGatewayPortProtocol::Grpc => {
+            notes.push(format!(
+                "gateway listener {port}: a grpc health check is answered by the services, not the gateway"
+            ));
+            None
+        }
+    }
 }

@@ -14,7 +14,7 @@ use envoy_types::pb::envoy::extensions::access_loggers::file::v3::{
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpConnectionManager;
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::TcpProxy;
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
-    DownstreamTlsContext, UpstreamTlsContext, common_tls_context,
+    DownstreamTlsContext, SdsSecretConfig, UpstreamTlsContext, common_tls_context,
 };
 use envoy_types::pb::google::protobuf::{Any, value};
 use prost::Message;
@@ -518,15 +518,81 @@ fn listener_validation_requires_client_certificates_for_mtls() {
     }
 }
 
+/// The SDS secret `name` from the bootstrap's SDS cluster, not over ADS.
+fn assert_sds(c: &SdsSecretConfig, name: &str) {
+    use envoy_types::pb::envoy::config::core::v3::{
+        ApiVersion, api_config_source, config_source, grpc_service,
+    };
+    assert_eq!(c.name, name);
+    let source = c.sds_config.as_ref().unwrap();
+    assert_eq!(source.resource_api_version, ApiVersion::V3 as i32);
+    match &source.config_source_specifier {
+        Some(config_source::ConfigSourceSpecifier::ApiConfigSource(api)) => {
+            assert_eq!(api.api_type, api_config_source::ApiType::Grpc as i32);
+            assert_eq!(api.transport_api_version, ApiVersion::V3 as i32);
+            match &api.grpc_services[0].target_specifier {
+                Some(grpc_service::TargetSpecifier::EnvoyGrpc(g)) => {
+                    assert_eq!(g.cluster_name, "static_cluster_sds_unix_socket");
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        other => panic!("not an SDS gRPC source: {other:?}"),
+    }
+}
+
+/// SDS trust: SAN matchers in the default context, the bundle from SDS merged into it.
+fn assert_sds_trust(v: Option<common_tls_context::ValidationContextType>, name: &str, sans: usize) {
+    match v {
+        Some(common_tls_context::ValidationContextType::CombinedValidationContext(c)) => {
+            let default = c.default_validation_context.unwrap();
+            assert!(default.trusted_ca.is_none(), "the CA comes from SDS");
+            assert_eq!(default.match_typed_subject_alt_names.len(), sans);
+            assert_sds(&c.validation_context_sds_secret_config.unwrap(), name);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
 #[test]
-fn unservable_sds_certificates_refuse_strict_ports_and_say_why() {
+fn sds_listener_certificates_and_trust_come_from_the_local_sds_server() {
     let sds = |mode: &str| {
         with(
             http(8080),
-            json!({"tls": {"mode": mode, "certificate": {"sds": {"secretName": "spiffe://x/back"}}}}),
+            json!({"tls": {"mode": mode, "certificate": {"sds": {"secretName": "spiffe://x/back"}},
+                "validation": {"trust": {"sds": {"secretName": "spiffe://x"}},
+                    "subjectAlternativeNames": {"match": {"exact": ["spiffe://x/front"]}}}}}),
         )
     };
     let strict = of(&pair(json!({}), sds("STRICT"), json!({})), "back");
+    assert!(strict.unserved.is_empty(), "{:?}", strict.unserved);
+    let l = listener(&strict, INGRESS);
+    assert_eq!(l.filter_chains.len(), 1);
+    let ctx: DownstreamTlsContext = unpack(socket_typed(
+        l.filter_chains[0].transport_socket.as_ref().unwrap(),
+    ));
+    assert!(ctx.require_client_certificate.unwrap().value);
+    let common = ctx.common_tls_context.unwrap();
+    assert!(common.tls_certificates.is_empty());
+    assert_sds(
+        &common.tls_certificate_sds_secret_configs[0],
+        "spiffe://x/back",
+    );
+    assert_sds_trust(common.validation_context_type, "spiffe://x", 2);
+
+    let permissive = of(&pair(json!({}), sds("PERMISSIVE"), json!({})), "back");
+    assert_eq!(listener(&permissive, INGRESS).filter_chains.len(), 2);
+}
+
+#[test]
+fn unservable_acm_certificates_refuse_strict_ports_and_say_why() {
+    let acm = |mode: &str| {
+        with(
+            http(8080),
+            json!({"tls": {"mode": mode, "certificate": {"acm": {"certificateArn": "arn:aws:acm:us-west-2:111122223333:certificate/x"}}}}),
+        )
+    };
+    let strict = of(&pair(json!({}), acm("STRICT"), json!({})), "back");
     assert!(
         strict
             .listeners
@@ -534,8 +600,8 @@ fn unservable_sds_certificates_refuse_strict_ports_and_say_why() {
             .all(|l| l.name != "lds_ingress_0.0.0.0_15000"),
         "never plaintext on a STRICT port"
     );
-    assert!(strict.unserved[0].contains("SDS"), "{:?}", strict.unserved);
-    let permissive = of(&pair(json!({}), sds("PERMISSIVE"), json!({})), "back");
+    assert!(strict.unserved[0].contains("ACM"), "{:?}", strict.unserved);
+    let permissive = of(&pair(json!({}), acm("PERMISSIVE"), json!({})), "back");
     let l = listener(&permissive, INGRESS);
     assert_eq!(l.filter_chains.len(), 1);
     assert!(l.filter_chains[0].transport_socket.is_none());
@@ -621,12 +687,30 @@ fn a_backend_client_policy_overrides_defaults_and_enforce_false_or_other_ports_m
 }
 
 #[test]
-fn unservable_client_trust_drops_the_cluster_rather_than_talk_plaintext() {
-    let sds = json!({"backendDefaults": {"clientPolicy": {"tls": {"validation": {
-        "trust": {"sds": {"secretName": "spiffe://x"}}}}}}});
+fn sds_client_trust_and_certificate_come_from_the_local_sds_server() {
+    let sds = json!({"backendDefaults": {"clientPolicy": {"tls": {
+        "certificate": {"sds": {"secretName": "spiffe://x/front"}},
+        "validation": {"trust": {"sds": {"secretName": "spiffe://x"}},
+            "subjectAlternativeNames": {"match": {"exact": ["spiffe://x/back"]}}}}}}});
     let r = of(&pair(json!({}), http(8080), sds), "front");
+    assert!(r.unserved.is_empty(), "{:?}", r.unserved);
+    let ctx = upstream(&r).expect("TLS to back");
+    assert_eq!(ctx.sni, "back.local");
+    let common = ctx.common_tls_context.unwrap();
+    assert_sds(
+        &common.tls_certificate_sds_secret_configs[0],
+        "spiffe://x/front",
+    );
+    assert_sds_trust(common.validation_context_type, "spiffe://x", 2);
+}
+
+#[test]
+fn unservable_acm_client_trust_drops_the_cluster_rather_than_talk_plaintext() {
+    let acm = json!({"backendDefaults": {"clientPolicy": {"tls": {"validation": {
+        "trust": {"acm": {"certificateAuthorityArns": ["arn:aws:acm-pca:us-west-2:111122223333:certificate-authority/x"]}}}}}}});
+    let r = of(&pair(json!({}), http(8080), acm), "front");
     assert!(r.clusters.iter().all(|c| c.name != BACK_EGRESS));
-    assert!(r.unserved[0].contains("SDS trust"), "{:?}", r.unserved);
+    assert!(r.unserved[0].contains("ACM PCA trust"), "{:?}", r.unserved);
 }
 
 fn family(c: &Cluster) -> DnsLookupFamily {
