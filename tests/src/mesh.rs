@@ -312,7 +312,9 @@ impl Agent {
         }
         let mut proc = Proc::spawn("trellis-agent", &mut cmd, work.join("agent.log"));
         let api = format!("http://127.0.0.1:{port}");
-        eventually("agent API up", Duration::from_secs(20), || {
+        // Generous: a large `--resources` file (650 resources: ~20 s on a loaded 2-core machine)
+        // is applied before the API answers.
+        eventually("agent API up", Duration::from_secs(90), || {
             if !proc.is_running() {
                 panic!("trellis-agent exited:\n{}", proc.log_text());
             }

@@ -21,6 +21,8 @@ use trellis_tests::{Proc, Workdir, can_run_privileged, check, eventually, run};
 const GATEWAY_PORT: u16 = 8088;
 const GATEWAY_ADMIN_PORT: u16 = 9901;
 const APP_PORT: u16 = 8080;
+/// A second gateway listener, PERMISSIVE.
+const PERMISSIVE_PORT: u16 = 8089;
 
 fn echo_node(name: &str) -> Value {
     json!({"meshName": "m", "virtualNodeName": name, "spec": {
@@ -233,6 +235,10 @@ fn gateway_routes_rewrite_prefix_path_and_host_and_reach_node_and_router_provide
 /// An HTTPS request from `client` to the gateway's TLS listener (trusting `ca`, the gateway's
 /// name resolved to its address): (status, body); status 0 when no TLS answer came.
 fn call_tls(client: &Task, gateway_ip: &str, ca: &str, path: &str) -> (u16, String) {
+    call_tls_on(client, gateway_ip, GATEWAY_PORT, ca, path)
+}
+
+fn call_tls_on(client: &Task, gateway_ip: &str, port: u16, ca: &str, path: &str) -> (u16, String) {
     let out = run(&mut client.cmd(&[
         "curl",
         "-sS",
@@ -241,10 +247,10 @@ fn call_tls(client: &Task, gateway_ip: &str, ca: &str, path: &str) -> (u16, Stri
         "--cacert",
         ca,
         "--resolve",
-        &format!("gw.example.com:{GATEWAY_PORT}:{gateway_ip}"),
+        &format!("gw.example.com:{port}:{gateway_ip}"),
         "-w",
         "\n%{http_code}",
-        &format!("https://gw.example.com:{GATEWAY_PORT}{path}"),
+        &format!("https://gw.example.com:{port}{path}"),
     ]));
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let (body, status) = text.rsplit_once('\n').unwrap_or(("", &text));
@@ -252,7 +258,7 @@ fn call_tls(client: &Task, gateway_ip: &str, ca: &str, path: &str) -> (u16, Stri
 }
 
 /// A gateway listener with App Mesh's listener policies: TLS (STRICT, its certificate from the
-/// local SDS server), its own health path, a connection pool of one connection and one queued
+/// local SDS server; a second listener PERMISSIVE with a file certificate), its own health path, a connection pool of one connection and one queued
 /// request to the services behind it; backend defaults' client TLS to a STRICT node; access log.
 #[test]
 fn a_gateway_listener_terminates_sds_tls_answers_health_limits_with_its_pool_and_logs() {
@@ -289,14 +295,19 @@ fn a_gateway_listener_terminates_sds_tls_answers_health_limits_with_its_pool_and
                         "certificate": {"sds": {"secretName": "spiffe://trellis.test/gw"}}},
                     "connectionPool": {"http": {"maxConnections": 1, "maxPendingRequests": 1}},
                     "healthCheck": {"protocol": "http", "path": "/ping", "healthyThreshold": 2,
-                        "unhealthyThreshold": 2, "intervalMillis": 5000, "timeoutMillis": 2000}}],
+                        "unhealthyThreshold": 2, "intervalMillis": 5000, "timeoutMillis": 2000}},
+                    {"portMapping": {"port": PERMISSIVE_PORT, "protocol": "http"},
+                    "tls": {"mode": "PERMISSIVE", "certificate": {"file": {
+                        "certificateChain": gw_chain, "privateKey": gw_key}}}}],
                 "backendDefaults": {"clientPolicy": {"tls": {"validation": {
                     "trust": {"file": {"certificateChain": ca}},
                     "subjectAlternativeNames": {"match": {"exact": ["a.local"]}}}}}},
                 "logging": {"accessLog": {"file": {"path": log,
                     "format": {"text": "gw %REQ(:PATH)% %RESPONSE_CODE%"}}}}}},
             gateway_route("to-a", json!({"httpRoute": {
-                "match": {"prefix": "/"}, "action": {"target": to("a.local")}}})),
+                "match": {"prefix": "/", "port": GATEWAY_PORT}, "action": {"target": to("a.local")}}})),
+            gateway_route("to-a-permissive", json!({"httpRoute": {
+                "match": {"prefix": "/", "port": PERMISSIVE_PORT}, "action": {"target": to("a.local")}}})),
         ]),
     );
     let agent = Agent::start(&work, Some(&resources));
@@ -353,6 +364,22 @@ fn a_gateway_listener_terminates_sds_tls_answers_health_limits_with_its_pool_and
     assert!(
         !plain.status.success(),
         "a STRICT gateway listener never answers plaintext"
+    );
+    // PERMISSIVE (file certificate): TLS and plaintext on the same port.
+    assert_eq!(
+        call_tls_on(&client, &gw.ip, PERMISSIVE_PORT, &ca, "/hello"),
+        (200, "a".to_string())
+    );
+    assert!(stat("listener.0.0.0.0_8089.ssl.handshake") >= 1);
+    assert_eq!(
+        check(&mut client.cmd(&[
+            "curl",
+            "-sS",
+            "-m",
+            "5",
+            &format!("http://{}:{PERMISSIVE_PORT}/hello", gw.ip),
+        ])),
+        "a"
     );
     // The health path is the gateway's own answer (the app would say "a").
     assert_eq!(

@@ -90,6 +90,18 @@ pub(super) fn virtual_gateway(
             continue;
         };
         let proto = l.port_mapping.protocol;
+        let tls = l.tls.as_ref().map(policy::gateway_listener_tls);
+        let tls_plan = policy::listener_tls(
+            tls.as_ref(),
+            l.port_mapping.port,
+            policy::gateway_proto(proto),
+            &mut out.unserved,
+        );
+        // STRICT with a certificate that cannot be served: no listener (never plaintext), and
+        // nothing behind it.
+        if matches!(tls_plan, policy::ListenerTlsPlan::Refuse) {
+            continue;
+        }
         let mut attached: Vec<(&str, &GatewayRouteSpec)> = gateway_routes
             .into_iter()
             .flatten()
@@ -116,13 +128,7 @@ pub(super) fn virtual_gateway(
         // A listener without routes still listens (404s), as App Mesh's gateways did.
         let health = policy::gateway_health_path(l, &mut out.unserved);
         let hcm = envoy::gateway_connection_manager(STAT_PREFIX, &rds, &logs, health.as_deref());
-        let tls = l.tls.as_ref().map(policy::gateway_listener_tls);
-        let (chains, inspect) = match policy::listener_tls(
-            tls.as_ref(),
-            l.port_mapping.port,
-            policy::gateway_proto(proto),
-            &mut out.unserved,
-        ) {
+        let (chains, inspect) = match tls_plan {
             policy::ListenerTlsPlan::Plain => (vec![envoy::gateway_chain(hcm, None, "")], false),
             policy::ListenerTlsPlan::Strict(ts) => {
                 (vec![envoy::gateway_chain(hcm, Some(ts), "")], false)
@@ -134,7 +140,6 @@ pub(super) fn virtual_gateway(
                 ],
                 true,
             ),
-            // STRICT with a certificate that cannot be served: no listener, never plaintext.
             policy::ListenerTlsPlan::Refuse => continue,
         };
         out.listeners.push(envoy::gateway_listener(

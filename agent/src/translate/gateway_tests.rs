@@ -894,6 +894,10 @@ mod policies {
             &[],
         ));
         assert!(listener(&r, LISTENER).is_none(), "never plaintext");
+        assert!(
+            r.routes.is_empty() && r.clusters.is_empty(),
+            "nothing behind it"
+        );
         assert!(r.unserved[0].contains("ACM"), "{:?}", r.unserved);
         let r = gateway(&state(
             with_tls(json!({"mode": "PERMISSIVE", "certificate": acm})),

@@ -567,10 +567,9 @@ pub(super) fn gateway_health_path(
 ) -> Option<String> {
     let h = l.health_check.as_ref()?;
     let port = l.port_mapping.port;
-    if h.port.is_some_and(|p| p != port) {
+    if let Some(other) = h.port.filter(|p| *p != port) {
         notes.push(format!(
-            "gateway listener {port}: health check on port {} has no listener to answer it",
-            h.port.unwrap_or_default()
+            "gateway listener {port}: health check on port {other} has no listener to answer it"
         ));
         return None;
     }
