@@ -17,6 +17,9 @@ pub const ENV_ADMIN_LOG: &str = "ENVOY_ADMIN_ACCESS_LOG_FILE";
 pub const ENV_LOG_LEVEL: &str = "ENVOY_LOG_LEVEL";
 pub const ENV_INITIAL_FETCH_TIMEOUT: &str = "ENVOY_INITIAL_FETCH_TIMEOUT";
 pub const ENV_CONCURRENCY: &str = "ENVOY_CONCURRENCY";
+/// Trellis's own: `DELTA_GRPC` makes Envoy use incremental ADS; `GRPC` (state of the world, the
+/// only variant App Mesh's image spoke) is the default.
+pub const ENV_XDS_API_TYPE: &str = "TRELLIS_XDS_API_TYPE";
 
 /// Where the agent's socket is when nothing says otherwise (the host directory the rewriter mounts).
 pub const DEFAULT_XDS_ENDPOINT: &str = "unix:///var/run/trellis/xds.sock";
@@ -80,6 +83,26 @@ pub struct EnvoySettings {
     pub log_level: String,
     pub initial_fetch_timeout_s: u64,
     pub concurrency: Option<u32>,
+    pub api_type: ApiType,
+}
+
+/// Which ADS variant Envoy speaks (`ads_config.api_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ApiType {
+    /// State of the world (`GRPC`).
+    #[default]
+    Sotw,
+    /// Incremental (`DELTA_GRPC`).
+    Delta,
+}
+
+impl ApiType {
+    fn envoy_name(self) -> &'static str {
+        match self {
+            ApiType::Sotw => "GRPC",
+            ApiType::Delta => "DELTA_GRPC",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -152,6 +175,20 @@ impl EnvoySettings {
                 },
             )?),
         };
+        let api_type = match nonempty(ENV_XDS_API_TYPE) {
+            None => ApiType::Sotw,
+            Some(v) => match v.trim().to_ascii_uppercase().as_str() {
+                "GRPC" => ApiType::Sotw,
+                "DELTA_GRPC" => ApiType::Delta,
+                _ => {
+                    return Err(Error::Invalid {
+                        var: ENV_XDS_API_TYPE,
+                        value: v,
+                        rule: "must be GRPC (state of the world, the default) or DELTA_GRPC (incremental)",
+                    });
+                }
+            },
+        };
         Ok(EnvoySettings {
             node_id,
             cluster,
@@ -162,6 +199,7 @@ impl EnvoySettings {
             log_level,
             initial_fetch_timeout_s,
             concurrency,
+            api_type,
         })
     }
 
@@ -198,7 +236,7 @@ impl EnvoySettings {
             },
             "dynamic_resources": {
                 "ads_config": {
-                    "api_type": "GRPC",
+                    "api_type": self.api_type.envoy_name(),
                     "transport_api_version": "V3",
                     "set_node_on_first_message_only": true,
                     "grpc_services": [{"envoy_grpc": {"cluster_name": XDS_CLUSTER}}]
@@ -292,6 +330,10 @@ mod tests {
         assert_eq!(b["node"]["id"], "mesh/m/virtualNode/a");
         assert_eq!(b["admin"]["address"]["socket_address"]["port_value"], 9901);
         assert_eq!(
+            b["dynamic_resources"]["ads_config"]["api_type"], "GRPC",
+            "App Mesh's image spoke state-of-the-world ADS only"
+        );
+        assert_eq!(
             b["static_resources"]["clusters"][0]["load_assignment"]["endpoints"][0]["lb_endpoints"]
                 [0]["endpoint"]["address"]["pipe"]["path"],
             "/var/run/trellis/xds.sock"
@@ -360,6 +402,29 @@ mod tests {
     }
 
     #[test]
+    fn delta_ads_is_an_opt_in() {
+        let s = EnvoySettings::from_vars(&vars(&[
+            (ENV_RESOURCE_ARN, "mesh/m/virtualNode/a"),
+            (ENV_XDS_API_TYPE, "delta_grpc"),
+        ]))
+        .unwrap();
+        assert_eq!(s.api_type, ApiType::Delta);
+        let b = s.bootstrap();
+        assert_eq!(
+            b["dynamic_resources"]["ads_config"]["api_type"],
+            "DELTA_GRPC"
+        );
+        assert_eq!(
+            b["dynamic_resources"]["ads_config"]["transport_api_version"],
+            "V3"
+        );
+        for source in ["cds_config", "lds_config"] {
+            assert_eq!(b["dynamic_resources"][source]["ads"], serde_json::json!({}));
+            assert_eq!(b["dynamic_resources"][source]["resource_api_version"], "V3");
+        }
+    }
+
+    #[test]
     fn bad_values_name_the_variable() {
         for (var, value) in [
             (ENV_XDS_ENDPOINT, "unix://relative"),
@@ -368,6 +433,7 @@ mod tests {
             (ENV_LOG_LEVEL, "loud"),
             (ENV_INITIAL_FETCH_TIMEOUT, "soon"),
             (ENV_CONCURRENCY, "0"),
+            (ENV_XDS_API_TYPE, "incremental"),
         ] {
             let err = EnvoySettings::from_vars(&vars(&[
                 (ENV_RESOURCE_ARN, "mesh/m/virtualNode/a"),

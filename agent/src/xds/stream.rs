@@ -1,25 +1,28 @@
-//! One Envoy stream: the SotW request rules (stale nonces ignored, NACKs never answered with the
-//! same version, named vs wildcard subscriptions) and pushes in make-before-break order.
+//! One Envoy stream: what every stream shares (`Session`: identity, connection quota, snapshot
+//! lookup, metrics), and the SotW request rules (stale nonces ignored, NACKs never answered with the
+//! same version, named vs wildcard subscriptions) with pushes in make-before-break order.
 
 use std::collections::{BTreeSet, HashMap};
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant as StdInstant;
 
+use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryService;
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
 };
 use envoy_types::util::pack_any;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use super::Ads;
 use super::snapshot::{ENDPOINT, PUSH_ORDER, Snapshot, TypeSnapshot, is_wildcard_type};
+use super::{Ads, Published, Slot};
 use crate::model::{ProxyIdentity, State};
 use crate::translate;
 
@@ -39,34 +42,137 @@ impl AggregatedDiscoveryService for AdsService {
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
         let ads = self.0.clone();
-        let id = ads.next_stream.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = mpsc::channel(STREAM_QUEUE);
         let inbound = request.into_inner();
-        tokio::spawn(
-            async move {
-                if let Err(status) = run_stream(&ads, id, inbound, &tx).await {
-                    warn!(code = ?status.code(), message = status.message(), "stream refused");
-                    // The stream may already be gone; nothing else to tell.
-                    let _ = tx.send(Err(status)).await;
-                }
-                debug!("stream closed");
-            }
-            .instrument(info_span!(
-                "ads_stream",
-                stream = id,
-                node = tracing::field::Empty
-            )),
-        );
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(spawn_stream(
+            &self.0,
+            "sotw",
+            move |id, tx| async move { run_stream(&ads, id, inbound, &tx).await },
+        )))
     }
 
     async fn delta_aggregated_resources(
         &self,
-        _request: Request<Streaming<DeltaDiscoveryRequest>>,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        Err(Status::unimplemented(
-            "delta ADS is not served yet: use state-of-the-world ADS (api_type: GRPC)",
-        ))
+        let ads = self.0.clone();
+        let inbound = request.into_inner();
+        Ok(Response::new(spawn_stream(
+            &self.0,
+            "delta",
+            move |id, tx| async move { super::delta::run_stream(&ads, id, inbound, &tx).await },
+        )))
+    }
+}
+
+/// Runs one stream in its own task and span; a refusal reaches Envoy as the stream's status.
+fn spawn_stream<R, F>(
+    ads: &Ads,
+    variant: &'static str,
+    run: impl FnOnce(u64, mpsc::Sender<Result<R, Status>>) -> F,
+) -> ReceiverStream<Result<R, Status>>
+where
+    R: Send + 'static,
+    F: Future<Output = Result<(), Status>> + Send + 'static,
+{
+    let id = ads.next_stream.fetch_add(1, Ordering::Relaxed);
+    let (tx, rx) = mpsc::channel(STREAM_QUEUE);
+    let stream = run(id, tx.clone());
+    tokio::spawn(
+        async move {
+            if let Err(status) = stream.await {
+                warn!(code = ?status.code(), message = status.message(), "stream refused");
+                // The stream may already be gone; nothing else to tell.
+                let _ = tx.send(Err(status)).await;
+            }
+            debug!("stream closed");
+        }
+        .instrument(info_span!(
+            "ads_stream",
+            stream = id,
+            variant,
+            node = tracing::field::Empty
+        )),
+    );
+    ReceiverStream::new(rx)
+}
+
+/// What every stream holds while open, whatever its protocol variant: the proxy's identity and
+/// connection slot, and the snapshot it serves. Dropping it gives the slot back.
+pub(super) struct Session {
+    pub(super) id: u64,
+    pub(super) who: ProxyIdentity,
+    who_text: String,
+    pub(super) snap: Arc<Snapshot>,
+    pub(super) published: watch::Receiver<Published>,
+    metrics: Arc<super::Metrics>,
+    _slot: Slot,
+}
+
+impl Session {
+    /// Checks the first request's node, takes a connection slot and builds the first snapshot.
+    pub(super) fn open(ads: &Arc<Ads>, id: u64, node: Option<&Node>) -> Result<Self, Status> {
+        let node = node.ok_or_else(|| {
+            Status::invalid_argument("the first request on a stream must carry node")
+        })?;
+        let who = ProxyIdentity::parse(&node.id)
+            .map_err(|e| Status::invalid_argument(format!("node.id: {e}")))?;
+        tracing::Span::current().record("node", node.id.as_str());
+        let slot = ads.admit(&who).ok_or_else(|| {
+            ads.metrics.refused("connection_quota");
+            Status::resource_exhausted(format!(
+                "{who} already has {} Envoy connections, the limit per virtual node or gateway \
+                 (raise it with --max-connections-per-proxy)",
+                ads.max_per_proxy
+            ))
+        })?;
+        let mut published = ads.published.clone();
+        published.mark_unchanged();
+        let state = ads.committed.borrow().clone();
+        let snap = build(ads, &state, &who).map_err(|e| {
+            ads.metrics.refused("unknown_proxy");
+            unknown_proxy(e)
+        })?;
+        info!(node = %who, "envoy connected");
+        let who_text = who.to_string();
+        ads.metrics.stream_opened(id, &who_text);
+        Ok(Session {
+            id,
+            who,
+            who_text,
+            snap,
+            published,
+            metrics: ads.metrics.clone(),
+            _slot: slot,
+        })
+    }
+
+    /// After `published` changed: serves the newest publication's snapshot and returns when its
+    /// change was committed, or `None` if it is older than what this stream already serves.
+    pub(super) fn refresh(&mut self, ads: &Ads) -> Option<Instant> {
+        let p = self.published.borrow_and_update().clone();
+        if p.state.generation < self.snap.generation {
+            // Published before the state this stream started from; a newer one follows.
+            return None;
+        }
+        self.snap = match build(ads, &p.state, &self.who) {
+            Ok(s) => s,
+            Err(e) => {
+                // The proxy's resource went away: it keeps its stream but gets nothing.
+                warn!(node = %self.who, error = %e, "proxy no longer exists; sending empty configuration");
+                Arc::new(Snapshot::from_resources(
+                    p.state.generation,
+                    Default::default(),
+                ))
+            }
+        };
+        Some(p.changed_at)
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.metrics.stream_closed(self.id, &self.who_text);
+        info!(node = %self.who_text, "envoy disconnected");
     }
 }
 
@@ -83,7 +189,6 @@ struct TypeState {
 struct Stream<'a> {
     ads: &'a Ads,
     id: u64,
-    who: ProxyIdentity,
     next_nonce: u64,
     types: HashMap<String, TypeState>,
     tx: &'a mpsc::Sender<Result<DiscoveryResponse, Status>>,
@@ -100,84 +205,46 @@ async fn run_stream(
     let Some(first) = inbound.message().await? else {
         return Ok(());
     };
-    let node = first
-        .node
-        .as_ref()
-        .ok_or_else(|| Status::invalid_argument("the first request on a stream must carry node"))?;
-    let who = ProxyIdentity::parse(&node.id)
-        .map_err(|e| Status::invalid_argument(format!("node.id: {e}")))?;
-    tracing::Span::current().record("node", node.id.as_str());
-    let _slot = ads.admit(&who).ok_or_else(|| {
-        ads.metrics.refused("connection_quota");
-        Status::resource_exhausted(format!(
-            "{who} already has {} Envoy connections, the limit per virtual node or gateway \
-             (raise it with --max-connections-per-proxy)",
-            ads.max_per_proxy
-        ))
-    })?;
-    let mut published = ads.published.clone();
-    published.mark_unchanged();
-    let state = ads.committed.borrow().clone();
-    let mut snap = build(ads, &state, &who).map_err(|e| {
-        ads.metrics.refused("unknown_proxy");
-        unknown_proxy(e)
-    })?;
-    info!(node = %who, "envoy connected");
-    let who_text = who.to_string();
-    ads.metrics.stream_opened(id, &who_text);
+    let mut session = Session::open(ads, id, first.node.as_ref())?;
     let mut stream = Stream {
         ads,
         id,
-        who,
         next_nonce: 0,
         types: HashMap::new(),
         tx,
         change: None,
     };
-    let result = async {
-        stream.on_request(first, &snap).await?;
-        loop {
-            tokio::select! {
-                req = inbound.message() => match req {
-                    Ok(Some(req)) => stream.on_request(req, &snap).await?,
-                    Ok(None) => break,
-                    Err(status) => {
-                        debug!(message = status.message(), "stream ended by envoy");
-                        break;
-                    }
-                },
-                changed = published.changed() => {
-                    if changed.is_err() {
-                        break;
-                    }
-                    let p = published.borrow_and_update().clone();
-                    if p.state.generation < snap.generation {
-                        // Published before the state this stream started from; a newer one follows.
-                        continue;
-                    }
-                    snap = match build(ads, &p.state, &stream.who) {
-                        Ok(s) => s,
-                        Err(e) => {
-                            // The proxy's resource went away: it keeps its stream but gets nothing.
-                            warn!(node = %stream.who, error = %e, "proxy no longer exists; sending empty configuration");
-                            Arc::new(Snapshot::from_resources(p.state.generation, Default::default()))
-                        }
-                    };
-                    stream.change = Some(p.changed_at);
-                    stream.push_changes(&snap).await?;
+    stream.on_request(first, &session.snap).await?;
+    loop {
+        tokio::select! {
+            req = inbound.message() => match req {
+                Ok(Some(req)) => stream.on_request(req, &session.snap).await?,
+                Ok(None) => break,
+                Err(status) => {
+                    debug!(message = status.message(), "stream ended by envoy");
+                    break;
                 }
-                () = ads.cancel.cancelled() => break,
+            },
+            changed = session.published.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                if let Some(changed_at) = session.refresh(ads) {
+                    stream.change = Some(changed_at);
+                    stream.push_changes(&session.snap).await?;
+                }
             }
+            () = ads.cancel.cancelled() => break,
         }
-        Ok(())
     }
-    .await;
-    ads.metrics.stream_closed(id, &who_text);
-    info!(node = %who_text, "envoy disconnected");
-    result
+    Ok(())
 }
 
-fn build(ads: &Ads, state: &State, who: &ProxyIdentity) -> Result<Arc<Snapshot>, translate::Error> {
+pub(super) fn build(
+    ads: &Ads,
+    state: &State,
+    who: &ProxyIdentity,
+) -> Result<Arc<Snapshot>, translate::Error> {
     let start = StdInstant::now();
     let (snap, built) = ads.snapshots.get(state, who)?;
     if built {
@@ -186,7 +253,7 @@ fn build(ads: &Ads, state: &State, who: &ProxyIdentity) -> Result<Arc<Snapshot>,
     Ok(snap)
 }
 
-fn unknown_proxy(e: translate::Error) -> Status {
+pub(super) fn unknown_proxy(e: translate::Error) -> Status {
     Status::not_found(format!(
         "{e}: create it with the App Mesh API before starting its Envoy, or fix APPMESH_RESOURCE_ARN"
     ))

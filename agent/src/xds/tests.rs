@@ -16,19 +16,20 @@ use crate::test_helpers::TempDir;
 use crate::test_helpers::ads::{FakeEnvoy, request};
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
 
-const FRONT: &str = "mesh/m/virtualNode/front";
-const M: Place<'static> = Place {
+pub(super) const FRONT: &str = "mesh/m/virtualNode/front";
+pub(super) const M: Place<'static> = Place {
     mesh: "m",
     parent: None,
     owner: None,
 };
-const QUIET: Duration = Duration::from_millis(300);
+pub(super) const QUIET: Duration = Duration::from_millis(300);
 
-struct Harness {
+pub(super) struct Harness {
     _dir: TempDir,
-    store: Arc<Store>,
-    ops: Ops,
-    addr: std::net::SocketAddr,
+    pub(super) store: Arc<Store>,
+    pub(super) ops: Ops,
+    pub(super) addr: std::net::SocketAddr,
+    pub(super) metrics: Arc<Metrics>,
     cancel: CancellationToken,
 }
 
@@ -55,7 +56,7 @@ fn ops_with_mesh(store: &Store) -> Ops {
     ops
 }
 
-async fn harness() -> Harness {
+pub(super) async fn harness() -> Harness {
     let dir = TempDir::new("xds");
     let store = Arc::new(Store::open(dir.path()).unwrap());
     let ops = ops_with_mesh(&store);
@@ -85,10 +86,11 @@ async fn harness() -> Harness {
         cfg,
         cancel.clone(),
     ));
+    let metrics = Arc::new(Metrics::default());
     let ads = Ads::new(
         published_rx,
         store.subscribe(),
-        Arc::new(Metrics::default()),
+        metrics.clone(),
         2,
         cancel.clone(),
     );
@@ -100,6 +102,7 @@ async fn harness() -> Harness {
         store,
         ops,
         addr,
+        metrics,
         cancel,
     }
 }
@@ -115,7 +118,7 @@ fn egress_ports(resp: &DiscoveryResponse) -> Vec<Option<u32>> {
         .collect()
 }
 
-fn set_front_backends(h: &Harness, backends: serde_json::Value) {
+pub(super) fn set_front_backends(h: &Harness, backends: serde_json::Value) {
     let upd: crate::model::UpdateVirtualNodeBody =
         serde_json::from_value(json!({"spec": {"backends": backends}})).unwrap();
     h.ops
