@@ -74,6 +74,14 @@ struct Stream<'a> {
     tx: &'a mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
     /// The commit time of the publication being pushed, while it is new to this stream.
     change: Option<Instant>,
+    /// Updates pushed after input changes and not yet answered: removals wait for them, so
+    /// nothing is removed while the configuration that stops using it may still be rejected.
+    updates_unacked: BTreeSet<u64>,
+    /// Types whose last answer was a NACK: the client still runs their previous resources, which
+    /// may use what a removal would take away. Removals wait until those types are ACKed again.
+    nacked_types: BTreeSet<String>,
+    /// Removals may be due since the last input change.
+    removals_due: bool,
 }
 
 pub(super) async fn run_stream(
@@ -85,7 +93,7 @@ pub(super) async fn run_stream(
     let Some(first) = inbound.message().await? else {
         return Ok(());
     };
-    let mut session = Session::open(ads, id, first.node.as_ref())?;
+    let mut session = Session::open(ads, id, "delta", first.node.as_ref())?;
     let mut stream = Stream {
         ads,
         id,
@@ -93,6 +101,9 @@ pub(super) async fn run_stream(
         types: HashMap::new(),
         tx,
         change: None,
+        updates_unacked: BTreeSet::new(),
+        nacked_types: BTreeSet::new(),
+        removals_due: false,
     };
     stream.on_request(first, &session.snap).await?;
     loop {
@@ -150,9 +161,11 @@ impl Stream<'_> {
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect();
         }
-        if !req.response_nonce.is_empty() {
-            on_reply(self.ads, self.id, ts, &req);
-        }
+        let reply = if req.response_nonce.is_empty() {
+            None
+        } else {
+            on_reply(self.ads, self.id, ts, &req)
+        };
         // Subscription changes count even on a stale nonce (the protocol says so for delta).
         for name in &req.resource_names_subscribe {
             ts.absent.remove(name);
@@ -180,51 +193,91 @@ impl Stream<'_> {
                 ts.have.remove(name);
             }
         }
-        let delta = diff(&req.type_url, ts, t);
+        // While an input change's removals wait (see `remove_when_safe`), none goes out here.
+        let held =
+            self.removals_due || !self.updates_unacked.is_empty() || !self.nacked_types.is_empty();
+        let delta = Delta {
+            resources: updates(&req.type_url, ts, t),
+            removed: if held {
+                vec![]
+            } else {
+                removals(&req.type_url, ts, t)
+            },
+        };
+        if let Some(settled) = reply {
+            for nonce in &settled {
+                self.updates_unacked.remove(nonce);
+            }
+            if req.error_detail.is_some() {
+                self.nacked_types.insert(req.type_url.clone());
+            } else {
+                self.nacked_types.remove(&req.type_url);
+            }
+        }
         // A first request is always answered (Envoy waits for it), unless the Envoy already
         // holds exactly what it asked for.
         let answer_anyway = first && req.initial_resource_versions.is_empty();
         if answer_anyway || !delta.is_empty() {
             self.send(&req.type_url, t, delta).await?;
         }
-        Ok(())
+        self.remove_when_safe(snap).await
     }
 
     /// After an input change: what moved, in make-before-break order (clusters, endpoints,
-    /// listeners, routes), then what is gone, once nothing sent before can still refer to it.
+    /// listeners, routes); what is gone follows once every update is ACKed.
     async fn push_changes(&mut self, snap: &Snapshot) -> Result<(), Status> {
         let empty = TypeSnapshot::default();
-        let mut removals = Vec::new();
         for type_url in PUSH_ORDER {
             let Some(ts) = self.types.get_mut(type_url) else {
                 continue;
             };
             let t = snap.get(type_url).unwrap_or(&empty);
-            let delta = diff(type_url, ts, t);
-            if !delta.removed.is_empty() {
-                removals.push((type_url, delta.removed));
-            }
-            if !delta.resources.is_empty() {
-                let updates = Delta {
-                    resources: delta.resources,
+            let resources = updates(type_url, ts, t);
+            if !resources.is_empty() {
+                let delta = Delta {
+                    resources,
                     removed: vec![],
                 };
-                self.send(type_url, t, updates).await?;
+                let nonce = self.send(type_url, t, delta).await?;
+                self.updates_unacked.insert(nonce);
             }
         }
-        for (type_url, removed) in removals {
-            let t = snap.get(type_url).unwrap_or(&empty);
-            let removals = Delta {
-                resources: vec![],
-                removed,
-            };
-            self.send(type_url, t, removals).await?;
-        }
         self.change = None;
+        self.removals_due = true;
+        self.remove_when_safe(snap).await
+    }
+
+    /// Sends what is gone, in push order, once no update is unanswered or rejected.
+    async fn remove_when_safe(&mut self, snap: &Snapshot) -> Result<(), Status> {
+        if !self.removals_due || !self.updates_unacked.is_empty() || !self.nacked_types.is_empty() {
+            return Ok(());
+        }
+        self.removals_due = false;
+        let empty = TypeSnapshot::default();
+        for type_url in PUSH_ORDER {
+            let Some(ts) = self.types.get_mut(type_url) else {
+                continue;
+            };
+            let t = snap.get(type_url).unwrap_or(&empty);
+            let removed = removals(type_url, ts, t);
+            if !removed.is_empty() {
+                let delta = Delta {
+                    resources: vec![],
+                    removed,
+                };
+                self.send(type_url, t, delta).await?;
+            }
+        }
         Ok(())
     }
 
-    async fn send(&mut self, type_url: &str, t: &TypeSnapshot, delta: Delta) -> Result<(), Status> {
+    /// Sends one response and returns its nonce.
+    async fn send(
+        &mut self,
+        type_url: &str,
+        t: &TypeSnapshot,
+        delta: Delta,
+    ) -> Result<u64, Status> {
         self.next_nonce += 1;
         let nonce = self.next_nonce;
         let ts = self.types.entry(type_url.to_string()).or_default();
@@ -257,13 +310,20 @@ impl Stream<'_> {
         self.tx
             .send(Ok(resp))
             .await
-            .map_err(|_| Status::cancelled("envoy went away"))
+            .map_err(|_| Status::cancelled("envoy went away"))?;
+        Ok(nonce)
     }
 }
 
-/// An ACK or NACK. One whose nonce is not an unanswered response of this type is stale and
-/// ignored; a NACK is recorded and never answered by sending the same versions again.
-fn on_reply(ads: &Ads, id: u64, ts: &mut TypeState, req: &DeltaDiscoveryRequest) {
+/// An ACK or NACK; returns the nonces it settles. One whose nonce is not an unanswered response
+/// of this type is stale and ignored; a NACK is recorded and never answered by sending the same
+/// versions again.
+fn on_reply(
+    ads: &Ads,
+    id: u64,
+    ts: &mut TypeState,
+    req: &DeltaDiscoveryRequest,
+) -> Option<Vec<u64>> {
     let Some(nonce) = req
         .response_nonce
         .parse::<u64>()
@@ -272,14 +332,12 @@ fn on_reply(ads: &Ads, id: u64, ts: &mut TypeState, req: &DeltaDiscoveryRequest)
     else {
         debug!(type_url = %req.type_url, nonce = %req.response_nonce, "stale reply ignored");
         ads.metrics.stale();
-        return;
+        return None;
     };
     // Envoy answers responses in order: this reply also settles the older unanswered ones.
     let newer = ts.pending.split_off(&(nonce + 1));
     let settled = std::mem::replace(&mut ts.pending, newer);
-    let Some(p) = settled.get(&nonce) else {
-        return;
-    };
+    let p = settled.get(&nonce)?;
     if let Some(err) = &req.error_detail {
         warn!(
             type_url = %req.type_url,
@@ -294,41 +352,50 @@ fn on_reply(ads: &Ads, id: u64, ts: &mut TypeState, req: &DeltaDiscoveryRequest)
         ads.metrics
             .acked(id, &req.type_url, &p.version, p.change.map(|c| c.elapsed()));
     }
+    Some(settled.into_keys().collect())
 }
 
-/// What the subscription needs sent to bring the client to `t`; records it as held.
-fn diff(type_url: &str, ts: &mut TypeState, t: &TypeSnapshot) -> Delta {
+/// The new or changed resources the subscription needs; records them as held.
+fn updates(type_url: &str, ts: &mut TypeState, t: &TypeSnapshot) -> Vec<Resource> {
     let wildcard = ts.subscribed.contains(WILDCARD);
-    let mut d = Delta::default();
+    let mut out = Vec::new();
     if wildcard {
         for (name, any) in &t.resources {
-            offer(ts, &mut d, name, version_of(t, name), || any.clone());
+            offer(ts, &mut out, name, version_of(t, name), || any.clone());
         }
     }
-    let named: Vec<String> = ts
-        .subscribed
-        .iter()
-        .filter(|n| *n != WILDCARD)
-        .cloned()
-        .collect();
-    for name in named {
+    for name in named(ts) {
         if let Some(any) = t.resources.get(&name) {
             ts.absent.remove(&name);
             if !wildcard {
-                offer(ts, &mut d, &name, version_of(t, &name), || any.clone());
+                offer(ts, &mut out, &name, version_of(t, &name), || any.clone());
             }
         } else if type_url == ENDPOINT {
             // Endpoints asked for that we do not manage (the App Mesh Envoy image's
             // `local_cluster`) get an empty assignment, as on SotW, so Envoy does not wait on them.
-            offer(ts, &mut d, &name, UNMANAGED_VERSION, || {
+            offer(ts, &mut out, &name, UNMANAGED_VERSION, || {
                 pack_any(ClusterLoadAssignment {
                     cluster_name: name.clone(),
                     ..Default::default()
                 })
             });
-        } else if !ts.have.contains_key(&name) && ts.absent.insert(name.clone()) {
+        }
+    }
+    out
+}
+
+/// The names the client must be told are gone or do not exist; records them as not held.
+fn removals(type_url: &str, ts: &mut TypeState, t: &TypeSnapshot) -> Vec<String> {
+    let wildcard = ts.subscribed.contains(WILDCARD);
+    let mut out = Vec::new();
+    for name in named(ts) {
+        if !t.resources.contains_key(&name)
+            && type_url != ENDPOINT
+            && !ts.have.contains_key(&name)
+            && ts.absent.insert(name.clone())
+        {
             // Tells the client at once that the name does not exist, rather than by its timeout.
-            d.removed.push(name);
+            out.push(name);
         }
     }
     let gone: Vec<String> = ts
@@ -345,22 +412,37 @@ fn diff(type_url: &str, ts: &mut TypeState, t: &TypeSnapshot) -> Delta {
         ts.have.remove(&name);
         let named = ts.subscribed.contains(&name);
         if named || wildcard {
-            d.removed.push(name.clone());
+            out.push(name.clone());
         }
         if named {
             ts.absent.insert(name);
         }
     }
-    d
+    out
+}
+
+/// The names subscribed to explicitly.
+fn named(ts: &TypeState) -> Vec<String> {
+    ts.subscribed
+        .iter()
+        .filter(|n| *n != WILDCARD)
+        .cloned()
+        .collect()
 }
 
 /// Adds the resource to the delta unless the client already holds this version.
-fn offer(ts: &mut TypeState, d: &mut Delta, name: &str, version: &str, any: impl FnOnce() -> Any) {
+fn offer(
+    ts: &mut TypeState,
+    out: &mut Vec<Resource>,
+    name: &str,
+    version: &str,
+    any: impl FnOnce() -> Any,
+) {
     if ts.have.get(name).map(String::as_str) == Some(version) {
         return;
     }
     ts.have.insert(name.to_string(), version.to_string());
-    d.resources.push(Resource {
+    out.push(Resource {
         name: name.to_string(),
         version: version.to_string(),
         resource: Some(any()),

@@ -110,7 +110,12 @@ pub(super) struct Session {
 
 impl Session {
     /// Checks the first request's node, takes a connection slot and builds the first snapshot.
-    pub(super) fn open(ads: &Arc<Ads>, id: u64, node: Option<&Node>) -> Result<Self, Status> {
+    pub(super) fn open(
+        ads: &Arc<Ads>,
+        id: u64,
+        variant: &'static str,
+        node: Option<&Node>,
+    ) -> Result<Self, Status> {
         let node = node.ok_or_else(|| {
             Status::invalid_argument("the first request on a stream must carry node")
         })?;
@@ -134,7 +139,7 @@ impl Session {
         })?;
         info!(node = %who, "envoy connected");
         let who_text = who.to_string();
-        ads.metrics.stream_opened(id, &who_text);
+        ads.metrics.stream_opened(id, &who_text, variant);
         Ok(Session {
             id,
             who,
@@ -205,7 +210,7 @@ async fn run_stream(
     let Some(first) = inbound.message().await? else {
         return Ok(());
     };
-    let mut session = Session::open(ads, id, first.node.as_ref())?;
+    let mut session = Session::open(ads, id, "sotw", first.node.as_ref())?;
     let mut stream = Stream {
         ads,
         id,

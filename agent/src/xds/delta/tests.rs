@@ -170,8 +170,64 @@ async fn a_reconnect_with_initial_resource_versions_resends_nothing_unchanged() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_removal_is_sent_as_removed_resources_after_the_updates_that_stop_using_it() {
+async fn a_removal_is_sent_as_removed_resources_once_the_updates_that_stop_using_it_are_acked() {
     let h = harness().await;
+    let mut envoy = subscribed_to_everything(&h).await;
+
+    // Without its backend, front loses the cluster and the route config; the listener changes.
+    set_front_backends(&h, json!([]));
+    let lds = envoy.recv().await.unwrap();
+    assert_eq!(lds.type_url, LISTENER, "updates first");
+    assert_eq!(names(&lds), [EGRESS]);
+    assert!(lds.removed_resources.is_empty());
+    // Nothing is removed while the listener that stops using it may still be rejected.
+    envoy.expect_silence(QUIET).await;
+    envoy.ack(&lds).await;
+    let cds = envoy.recv().await.unwrap();
+    assert_eq!(
+        cds.type_url, CLUSTER,
+        "then removals, clusters before routes"
+    );
+    assert!(cds.resources.is_empty());
+    assert_eq!(cds.removed_resources, [BACK_CLUSTER]);
+    let rds = envoy.recv().await.unwrap();
+    assert_eq!(rds.type_url, ROUTE);
+    assert_eq!(rds.removed_resources, [BACK_ROUTES]);
+    envoy.ack(&cds).await;
+    envoy.ack(&rds).await;
+    envoy.expect_silence(QUIET).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nacked_update_holds_the_removals_so_the_previous_configuration_keeps_working() {
+    let h = harness().await;
+    let mut envoy = subscribed_to_everything(&h).await;
+    set_front_backends(&h, json!([]));
+    let lds = envoy.recv().await.unwrap();
+    envoy.nack(&lds, "listener rejected").await;
+    // The Envoy still runs the old listener, which routes to the backend's cluster: keep it.
+    envoy.expect_silence(QUIET).await;
+    h.ops
+        .create_mesh(
+            &h.store,
+            serde_json::from_value(json!({"meshName": "other"})).unwrap(),
+        )
+        .unwrap();
+    envoy.expect_silence(QUIET).await;
+    // The backend comes back: only the listener moves (the cluster was never taken away), and
+    // once it is ACKed nothing is left to remove.
+    set_front_backends(
+        &h,
+        json!([{"virtualService": {"virtualServiceName": "back.local"}}]),
+    );
+    let again = envoy.recv().await.unwrap();
+    assert_eq!(again.type_url, LISTENER);
+    envoy.ack(&again).await;
+    envoy.expect_silence(QUIET).await;
+}
+
+/// A fake Envoy of `front` holding clusters, listeners and the egress route config, all ACKed.
+async fn subscribed_to_everything(h: &super::super::tests::Harness) -> DeltaEnvoy {
     let mut envoy = DeltaEnvoy::connect(h.addr, FRONT, subscribe(CLUSTER, &[], &[]))
         .await
         .unwrap();
@@ -184,27 +240,7 @@ async fn a_removal_is_sent_as_removed_resources_after_the_updates_that_stop_usin
     let rds = envoy.recv().await.unwrap();
     envoy.ack(&rds).await;
     envoy.expect_silence(QUIET).await;
-
-    // Without its backend, front loses the cluster and the route config; the listener changes.
-    set_front_backends(&h, json!([]));
-    let mut got = Vec::new();
-    for _ in 0..3 {
-        let r = envoy.recv().await.unwrap();
-        envoy.ack(&r).await;
-        got.push(r);
-    }
-    envoy.expect_silence(QUIET).await;
-    assert_eq!(got[0].type_url, LISTENER, "updates first");
-    assert_eq!(names(&got[0]), [EGRESS]);
-    assert!(got[0].removed_resources.is_empty());
-    assert_eq!(
-        got[1].type_url, CLUSTER,
-        "then removals, clusters before routes"
-    );
-    assert!(got[1].resources.is_empty());
-    assert_eq!(got[1].removed_resources, [BACK_CLUSTER]);
-    assert_eq!(got[2].type_url, ROUTE);
-    assert_eq!(got[2].removed_resources, [BACK_ROUTES]);
+    envoy
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -282,6 +318,8 @@ async fn delta_streams_share_the_per_proxy_quota_and_identity_rules() {
             .render()
             .contains("trellis_xds_connected_streams{node=\"mesh/m/virtualNode/front\"} 2")
     );
+    let view = h.metrics.debug_view();
+    assert!(view.values().all(|s| s.variant == "delta"), "{view:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
