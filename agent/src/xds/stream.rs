@@ -2,7 +2,7 @@
 //! lookup, metrics), and the SotW request rules (stale nonces ignored, NACKs never answered with the
 //! same version, named vs wildcard subscriptions) with pushes in make-before-break order.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -14,14 +14,16 @@ use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
 };
+use envoy_types::pb::google::protobuf::Any;
 use envoy_types::util::pack_any;
+use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use super::snapshot::{ENDPOINT, PUSH_ORDER, Snapshot, TypeSnapshot, is_wildcard_type};
+use super::snapshot::{CLUSTER, ENDPOINT, PUSH_ORDER, Snapshot, TypeSnapshot, is_wildcard_type};
 use super::{Ads, Published, Slot};
 use crate::model::{ProxyIdentity, State};
 use crate::translate;
@@ -189,6 +191,10 @@ struct TypeState {
     sent_nonce: Option<String>,
     /// When the change behind the last push was committed (none for the first push).
     sent_change: Option<Instant>,
+    /// The last response is not answered yet.
+    awaiting: bool,
+    /// The last response was NACKed: the client still runs this type's previous resources.
+    nacked: bool,
 }
 
 struct Stream<'a> {
@@ -199,6 +205,10 @@ struct Stream<'a> {
     tx: &'a mpsc::Sender<Result<DiscoveryResponse, Status>>,
     /// The commit time of the publication being served, while it is new to this stream.
     change: Option<Instant>,
+    /// Clusters the client had that the newest snapshot drops: a state-of-the-world CDS push
+    /// would remove them at once, so they stay in it until every listener, route and endpoint
+    /// push that stops using them is ACKed (make before break).
+    kept_clusters: BTreeMap<String, Any>,
 }
 
 async fn run_stream(
@@ -218,6 +228,7 @@ async fn run_stream(
         types: HashMap::new(),
         tx,
         change: None,
+        kept_clusters: BTreeMap::new(),
     };
     stream.on_request(first, &session.snap).await?;
     loop {
@@ -234,9 +245,10 @@ async fn run_stream(
                 if changed.is_err() {
                     break;
                 }
+                let before = session.snap.clone();
                 if let Some(changed_at) = session.refresh(ads) {
                     stream.change = Some(changed_at);
-                    stream.push_changes(&session.snap).await?;
+                    stream.push_changes(&before, &session.snap).await?;
                 }
             }
             () = ads.cancel.cancelled() => break,
@@ -280,6 +292,8 @@ impl Stream<'_> {
         let names: BTreeSet<String> = req.resource_names.iter().cloned().collect();
         let names_changed = names != ts.names;
         ts.names = names;
+        ts.awaiting = false;
+        ts.nacked = req.error_detail.is_some();
         if let Some(err) = &req.error_detail {
             // A NACK: remember it and wait for new input; resending the same version would loop.
             warn!(
@@ -304,7 +318,7 @@ impl Stream<'_> {
             if names_changed {
                 self.send(&req.type_url, snap).await?;
             }
-            return Ok(());
+            return self.release_kept_clusters(snap).await;
         }
         // The first request for this type on this stream.
         if !req.version_info.is_empty()
@@ -319,26 +333,90 @@ impl Stream<'_> {
     }
 
     /// After an input change: send every subscribed type whose version moved, in push order.
-    async fn push_changes(&mut self, snap: &Snapshot) -> Result<(), Status> {
+    async fn push_changes(&mut self, before: &Snapshot, snap: &Snapshot) -> Result<(), Status> {
+        if self.types.contains_key(CLUSTER) {
+            let (old, new) = (before.get(CLUSTER), snap.get(CLUSTER));
+            for (name, any) in old.iter().flat_map(|t| &t.resources) {
+                if !new.is_some_and(|t| t.resources.contains_key(name)) {
+                    self.kept_clusters
+                        .entry(name.clone())
+                        .or_insert_with(|| any.clone());
+                }
+            }
+            // Back in the snapshot, or nothing left that could still use them.
+            self.kept_clusters
+                .retain(|n, _| !new.is_some_and(|t| t.resources.contains_key(n)));
+            let later = PUSH_ORDER[1..].iter().any(|t| self.moved(t, snap));
+            if !later && self.settled() {
+                self.kept_clusters.clear();
+            }
+        }
         for type_url in PUSH_ORDER {
-            let Some(ts) = self.types.get(type_url) else {
-                continue;
-            };
-            let current = snap.get(type_url).map(|t| &t.version);
-            if ts.sent_version.as_ref() != current {
+            if self.moved(type_url, snap) {
                 self.send(type_url, snap).await?;
             }
         }
         self.change = None;
+        self.release_kept_clusters(snap).await
+    }
+
+    /// Whether the type is subscribed and its version differs from the one last sent.
+    fn moved(&self, type_url: &str, snap: &Snapshot) -> bool {
+        let Some(ts) = self.types.get(type_url) else {
+            return false;
+        };
+        ts.sent_version.as_deref() != Some(&self.version(type_url, snap))
+    }
+
+    /// No push of what uses clusters (endpoints, listeners, routes) is unanswered or rejected.
+    fn settled(&self) -> bool {
+        self.types
+            .iter()
+            .all(|(t, ts)| t == CLUSTER || (!ts.awaiting && !ts.nacked))
+    }
+
+    /// The version of what `send` sends for the type: the snapshot's, or for clusters with kept
+    /// ones, a version of that union.
+    fn version(&self, type_url: &str, snap: &Snapshot) -> String {
+        let base = snap.get(type_url).map(|t| t.version.as_str()).unwrap_or("");
+        if type_url != CLUSTER || self.kept_clusters.is_empty() {
+            return base.to_string();
+        }
+        let mut h = Sha256::new();
+        for (name, any) in &self.kept_clusters {
+            h.update(name.as_bytes());
+            h.update([0]);
+            h.update(&any.value);
+        }
+        let digest = h.finalize();
+        let kept: String = digest[..4].iter().map(|b| format!("{b:02x}")).collect();
+        format!("{base}+{kept}")
+    }
+
+    /// Once everything that stopped using the kept clusters is ACKed, sends the exact clusters.
+    async fn release_kept_clusters(&mut self, snap: &Snapshot) -> Result<(), Status> {
+        if self.kept_clusters.is_empty() || !self.settled() {
+            return Ok(());
+        }
+        self.kept_clusters.clear();
+        if self.moved(CLUSTER, snap) {
+            self.send(CLUSTER, snap).await?;
+        }
         Ok(())
     }
 
     async fn send(&mut self, type_url: &str, snap: &Snapshot) -> Result<(), Status> {
         let empty = TypeSnapshot::default();
         let t = snap.get(type_url).unwrap_or(&empty);
+        let version = self.version(type_url, snap);
+        let kept = &self.kept_clusters;
         let ts = self.types.entry(type_url.to_string()).or_default();
         let resources = if ts.names.is_empty() && is_wildcard_type(type_url) {
-            t.resources.values().cloned().collect()
+            let mut all: Vec<Any> = t.resources.values().cloned().collect();
+            if type_url == CLUSTER {
+                all.extend(kept.values().cloned());
+            }
+            all
         } else {
             ts.names
                 .iter()
@@ -356,18 +434,21 @@ impl Stream<'_> {
         };
         self.next_nonce += 1;
         let nonce = self.next_nonce.to_string();
-        ts.sent_version = Some(t.version.clone());
+        ts.sent_version = Some(version.clone());
         ts.sent_nonce = Some(nonce.clone());
         ts.sent_change = self.change;
+        ts.awaiting = true;
         let resp = DiscoveryResponse {
-            version_info: t.version.clone(),
+            version_info: version,
             resources,
             type_url: type_url.to_string(),
             nonce,
             ..Default::default()
         };
-        debug!(type_url, version = %t.version, count = resp.resources.len(), "push");
-        self.ads.metrics.pushed(self.id, type_url, &t.version);
+        debug!(type_url, version = %resp.version_info, count = resp.resources.len(), kept = kept.len(), "push");
+        self.ads
+            .metrics
+            .pushed(self.id, type_url, &resp.version_info);
         self.tx
             .send(Ok(resp))
             .await
