@@ -313,8 +313,4 @@ impl Colors {
             &spec.to_string(),
         ]);
     }
-
-    pub fn processes(&self) -> usize {
-        self.procs.len()
-    }
 }
