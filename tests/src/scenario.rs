@@ -212,7 +212,7 @@ impl TwoTasks {
 #[derive(Debug)]
 pub struct Colors {
     // Field order is drop order: processes before the namespaces they live in.
-    procs: Vec<Proc>,
+    _procs: Vec<Proc>,
     pub front: Task,
     pub blue: Task,
     pub red: Task,
@@ -283,7 +283,7 @@ pub fn colors(work: &Workdir, vpc_id: u8, envoy_env: &[(&str, &str)]) -> Colors 
         &|_| {},
     );
     Colors {
-        procs,
+        _procs: procs,
         front,
         blue,
         red,
