@@ -1,15 +1,18 @@
-//! `cargo bench -p trellis-agent --features testing --bench ads [-- STREAMS...]`: a load generator
-//! of lightweight ADS clients against an in-process agent. For each stream count (default 100,
-//! 1,000, 10,000) spread over 100 virtual nodes, it reports the time from a route update until each
-//! stream has ACKed the new listener/route versions (p50/p99/max), the agent process's CPU time,
-//! peak memory and memory per stream. Figures depend on the machine: report them with it.
+//! `cargo bench -p trellis-agent --features testing --bench ads [-- STREAMS... [sotw|delta]]`: a
+//! load generator of lightweight ADS clients against an in-process agent. For each stream count
+//! (default 100, 1,000, 10,000) spread over 100 virtual nodes, and each ADS variant (default both:
+//! state of the world, then delta), it reports the time from a route update until each stream has
+//! ACKed the new route configuration (p50/p99/max), the agent process's CPU time, peak memory and
+//! memory per stream. Figures depend on the machine: report them with it.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
-use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
 use serde_json::json;
 use tokio::sync::{Mutex, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
@@ -132,6 +135,70 @@ async fn envoy(channel: Channel, node: String, marker: Marker, ready: mpsc::Unbo
     }
 }
 
+/// The same simulated Envoy on delta ADS: wildcard CDS and LDS, the route config by name.
+async fn delta_envoy(
+    channel: Channel,
+    node: String,
+    marker: Marker,
+    ready: mpsc::UnboundedSender<()>,
+) {
+    let mut client = AggregatedDiscoveryServiceClient::new(channel);
+    let (tx, rx) = mpsc::channel(16);
+    let sub = |type_url: &str, names: &[&str]| DeltaDiscoveryRequest {
+        type_url: type_url.into(),
+        resource_names_subscribe: names.iter().map(|n| n.to_string()).collect(),
+        ..Default::default()
+    };
+    let mut first = sub(CLUSTER, &[]);
+    first.node = Some(Node {
+        id: node,
+        ..Default::default()
+    });
+    let _ = tx.send(first).await;
+    let _ = tx.send(sub(LISTENER, &[])).await;
+    let _ = tx.send(sub(ROUTE, &["rds_egress_http_8080"])).await;
+    let Ok(resp) = client
+        .delta_aggregated_resources(ReceiverStream::new(rx))
+        .await
+    else {
+        return;
+    };
+    let mut inbound = resp.into_inner();
+    let mut got_routes = false;
+    loop {
+        let r: DeltaDiscoveryResponse = match inbound.message().await {
+            Ok(Some(r)) => r,
+            Ok(None) => break,
+            Err(e) => {
+                eprintln!("stream error: {e}");
+                break;
+            }
+        };
+        let _ = tx
+            .send(DeltaDiscoveryRequest {
+                type_url: r.type_url.clone(),
+                response_nonce: r.nonce.clone(),
+                ..Default::default()
+            })
+            .await;
+        if r.type_url == ROUTE {
+            if !got_routes {
+                got_routes = true;
+                let _ = ready.send(());
+            }
+            let m = marker.lock().await;
+            if let Some((text, done)) = m.as_ref()
+                && r.resources
+                    .iter()
+                    .filter_map(|x| x.resource.as_ref())
+                    .any(|a| a.value.windows(text.len()).any(|w| w == text.as_bytes()))
+            {
+                let _ = done.send(Instant::now());
+            }
+        }
+    }
+}
+
 /// What an update looks like in the route config, and where to report seeing it.
 type Marker = Arc<Mutex<Option<(String, mpsc::UnboundedSender<Instant>)>>>;
 
@@ -140,7 +207,7 @@ fn pct(sorted: &[Duration], p: f64) -> Duration {
     sorted[i.min(sorted.len() - 1)]
 }
 
-async fn run(streams: usize) {
+async fn run(streams: usize, delta: bool) {
     let dir = TempDir::new("bench-ads");
     let cfg = ServeConfig {
         data_dir: dir.path().join("data"),
@@ -245,12 +312,16 @@ async fn run(streams: usize) {
     let (ready_tx, mut ready_rx) = mpsc::unbounded_channel();
     for s in 0..streams {
         let node = format!("mesh/m/virtualNode/n{}", s % NODES);
-        tokio::spawn(envoy(
+        let (ch, m, r) = (
             channels[s % conns].clone(),
-            node,
             marker.clone(),
             ready_tx.clone(),
-        ));
+        );
+        if delta {
+            tokio::spawn(delta_envoy(ch, node, m, r));
+        } else {
+            tokio::spawn(envoy(ch, node, m, r));
+        }
     }
     for _ in 0..streams {
         ready_rx.recv().await.expect("stream ready");
@@ -277,7 +348,8 @@ async fn run(streams: usize) {
     let (ticks1, rss1) = proc_stat();
     let tick = 100.0; // USER_HZ on Linux
     println!(
-        "streams={streams:>6} nodes={NODES} converged={}/{streams} update->ACK p50={:?} p99={:?} max={:?} | process CPU {:.2}s | RSS {} MiB (+{} KiB per stream)",
+        "{:<5} streams={streams:>6} nodes={NODES} converged={}/{streams} update->ACK p50={:?} p99={:?} max={:?} | process CPU {:.2}s | RSS {} MiB (+{} KiB per stream)",
+        if delta { "delta" } else { "sotw" },
         lat.len(),
         pct(&lat, 0.5),
         pct(&lat, 0.99),
@@ -290,14 +362,19 @@ async fn run(streams: usize) {
 }
 
 fn main() {
-    let counts: Vec<usize> = std::env::args()
-        .skip(1)
-        .filter_map(|a| a.parse().ok())
-        .collect();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let counts: Vec<usize> = args.iter().filter_map(|a| a.parse().ok()).collect();
     let counts = if counts.is_empty() {
         vec![100, 1_000, 10_000]
     } else {
         counts
+    };
+    let sotw = args.iter().any(|a| a == "sotw");
+    let delta = args.iter().any(|a| a == "delta");
+    let variants: Vec<bool> = match (sotw, delta) {
+        (true, false) => vec![false],
+        (false, true) => vec![true],
+        _ => vec![false, true],
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -307,6 +384,8 @@ fn main() {
         "ADS fan-out: one agent, simulated Envoys in the same process (client work included in CPU and RSS)"
     );
     for n in counts {
-        rt.block_on(run(n));
+        for &d in &variants {
+            rt.block_on(run(n, d));
+        }
     }
 }

@@ -19,6 +19,9 @@ pub const ENV_INITIAL_FETCH_TIMEOUT: &str = "ENVOY_INITIAL_FETCH_TIMEOUT";
 pub const ENV_CONCURRENCY: &str = "ENVOY_CONCURRENCY";
 /// The local SDS server's Unix socket (a SPIRE agent's), for SDS certificates and trust.
 pub const ENV_SDS_SOCKET_PATH: &str = "APPMESH_SDS_SOCKET_PATH";
+/// Trellis's own: `DELTA_GRPC` makes Envoy use incremental ADS; `GRPC` (state of the world, the
+/// only variant App Mesh's image spoke) is the default.
+pub const ENV_XDS_API_TYPE: &str = "TRELLIS_XDS_API_TYPE";
 
 /// Where the agent's socket is when nothing says otherwise (the host directory the rewriter mounts).
 pub const DEFAULT_XDS_ENDPOINT: &str = "unix:///var/run/trellis/xds.sock";
@@ -84,6 +87,26 @@ pub struct EnvoySettings {
     pub concurrency: Option<u32>,
     /// `APPMESH_SDS_SOCKET_PATH`: when set, the bootstrap gets the static SDS cluster.
     pub sds_socket: Option<String>,
+    pub api_type: ApiType,
+}
+
+/// Which ADS variant Envoy speaks (`ads_config.api_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ApiType {
+    /// State of the world (`GRPC`).
+    #[default]
+    Sotw,
+    /// Incremental (`DELTA_GRPC`).
+    Delta,
+}
+
+impl ApiType {
+    fn envoy_name(self) -> &'static str {
+        match self {
+            ApiType::Sotw => "GRPC",
+            ApiType::Delta => "DELTA_GRPC",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -167,6 +190,20 @@ impl EnvoySettings {
                 });
             }
         };
+        let api_type = match nonempty(ENV_XDS_API_TYPE) {
+            None => ApiType::Sotw,
+            Some(v) => match v.trim().to_ascii_uppercase().as_str() {
+                "GRPC" => ApiType::Sotw,
+                "DELTA_GRPC" => ApiType::Delta,
+                _ => {
+                    return Err(Error::Invalid {
+                        var: ENV_XDS_API_TYPE,
+                        value: v,
+                        rule: "must be GRPC (state of the world, the default) or DELTA_GRPC (incremental)",
+                    });
+                }
+            },
+        };
         Ok(EnvoySettings {
             node_id,
             cluster,
@@ -178,6 +215,7 @@ impl EnvoySettings {
             initial_fetch_timeout_s,
             concurrency,
             sds_socket,
+            api_type,
         })
     }
 
@@ -214,7 +252,7 @@ impl EnvoySettings {
             },
             "dynamic_resources": {
                 "ads_config": {
-                    "api_type": "GRPC",
+                    "api_type": self.api_type.envoy_name(),
                     "transport_api_version": "V3",
                     "set_node_on_first_message_only": true,
                     "grpc_services": [{"envoy_grpc": {"cluster_name": XDS_CLUSTER}}]
@@ -336,6 +374,10 @@ mod tests {
         assert_eq!(b["node"]["id"], "mesh/m/virtualNode/a");
         assert_eq!(b["admin"]["address"]["socket_address"]["port_value"], 9901);
         assert_eq!(
+            b["dynamic_resources"]["ads_config"]["api_type"], "GRPC",
+            "App Mesh's image spoke state-of-the-world ADS only"
+        );
+        assert_eq!(
             b["static_resources"]["clusters"][0]["load_assignment"]["endpoints"][0]["lb_endpoints"]
                 [0]["endpoint"]["address"]["pipe"]["path"],
             "/var/run/trellis/xds.sock"
@@ -404,6 +446,29 @@ mod tests {
     }
 
     #[test]
+    fn delta_ads_is_an_opt_in() {
+        let s = EnvoySettings::from_vars(&vars(&[
+            (ENV_RESOURCE_ARN, "mesh/m/virtualNode/a"),
+            (ENV_XDS_API_TYPE, "delta_grpc"),
+        ]))
+        .unwrap();
+        assert_eq!(s.api_type, ApiType::Delta);
+        let b = s.bootstrap();
+        assert_eq!(
+            b["dynamic_resources"]["ads_config"]["api_type"],
+            "DELTA_GRPC"
+        );
+        assert_eq!(
+            b["dynamic_resources"]["ads_config"]["transport_api_version"],
+            "V3"
+        );
+        for source in ["cds_config", "lds_config"] {
+            assert_eq!(b["dynamic_resources"][source]["ads"], serde_json::json!({}));
+            assert_eq!(b["dynamic_resources"][source]["resource_api_version"], "V3");
+        }
+    }
+
+    #[test]
     fn bad_values_name_the_variable() {
         for (var, value) in [
             (ENV_XDS_ENDPOINT, "unix://relative"),
@@ -413,6 +478,7 @@ mod tests {
             (ENV_INITIAL_FETCH_TIMEOUT, "soon"),
             (ENV_CONCURRENCY, "0"),
             (ENV_SDS_SOCKET_PATH, "run/spire/agent.sock"),
+            (ENV_XDS_API_TYPE, "incremental"),
         ] {
             let err = EnvoySettings::from_vars(&vars(&[
                 (ENV_RESOURCE_ARN, "mesh/m/virtualNode/a"),

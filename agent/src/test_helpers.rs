@@ -158,6 +158,136 @@ pub mod ads {
     }
 }
 
+/// A scripted Envoy on incremental ADS: the client side of one delta stream.
+pub mod delta {
+    use std::collections::HashMap;
+    use std::time::Duration;
+
+    use envoy_types::pb::envoy::config::core::v3::Node;
+    use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+    use envoy_types::pb::envoy::service::discovery::v3::{
+        DeltaDiscoveryRequest, DeltaDiscoveryResponse,
+    };
+    use envoy_types::pb::google::rpc;
+    use tokio::sync::mpsc;
+    use tokio_stream::wrappers::ReceiverStream;
+    use tonic::Streaming;
+
+    #[derive(Debug)]
+    pub struct DeltaEnvoy {
+        tx: mpsc::Sender<DeltaDiscoveryRequest>,
+        rx: Streaming<DeltaDiscoveryResponse>,
+    }
+
+    impl DeltaEnvoy {
+        /// Opens a delta stream and sends the first request (which carries the node).
+        pub async fn connect(
+            addr: std::net::SocketAddr,
+            node_id: &str,
+            first: DeltaDiscoveryRequest,
+        ) -> Result<Self, tonic::Status> {
+            let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}"))
+                .await
+                .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+            let (tx, rx) = mpsc::channel(16);
+            let mut first = first;
+            first.node = Some(Node {
+                id: node_id.to_string(),
+                ..Default::default()
+            });
+            tx.send(first).await.expect("queue first request");
+            let rx = client
+                .delta_aggregated_resources(ReceiverStream::new(rx))
+                .await?
+                .into_inner();
+            Ok(DeltaEnvoy { tx, rx })
+        }
+
+        pub async fn send(&self, req: DeltaDiscoveryRequest) {
+            self.tx.send(req).await.expect("stream open");
+        }
+
+        /// The next response, or the stream's error status.
+        pub async fn recv(&mut self) -> Result<DeltaDiscoveryResponse, tonic::Status> {
+            match tokio::time::timeout(Duration::from_secs(5), self.rx.message()).await {
+                Ok(Ok(Some(r))) => Ok(r),
+                Ok(Ok(None)) => Err(tonic::Status::aborted("stream ended")),
+                Ok(Err(status)) => Err(status),
+                Err(_) => Err(tonic::Status::deadline_exceeded("no response within 5 s")),
+            }
+        }
+
+        /// Asserts nothing arrives within `wait`.
+        pub async fn expect_silence(&mut self, wait: Duration) {
+            if let Ok(r) = tokio::time::timeout(wait, self.rx.message()).await {
+                panic!("expected no response, got {r:?}");
+            }
+        }
+
+        pub async fn ack(&self, resp: &DeltaDiscoveryResponse) {
+            self.send(reply(&resp.type_url, &resp.nonce)).await;
+        }
+
+        pub async fn nack(&self, resp: &DeltaDiscoveryResponse, message: &str) {
+            let mut r = reply(&resp.type_url, &resp.nonce);
+            r.error_detail = Some(rpc::Status {
+                code: 3,
+                message: message.to_string(),
+                details: vec![],
+            });
+            self.send(r).await;
+        }
+    }
+
+    /// A request that changes the subscription (no nonce: not an answer to a response).
+    pub fn subscribe(
+        type_url: &str,
+        subscribe: &[&str],
+        unsubscribe: &[&str],
+    ) -> DeltaDiscoveryRequest {
+        DeltaDiscoveryRequest {
+            type_url: type_url.to_string(),
+            resource_names_subscribe: subscribe.iter().map(|s| s.to_string()).collect(),
+            resource_names_unsubscribe: unsubscribe.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    /// The first request of a reconnecting Envoy: what it holds, by name and version.
+    pub fn resume(
+        type_url: &str,
+        names: &[&str],
+        held: HashMap<String, String>,
+    ) -> DeltaDiscoveryRequest {
+        DeltaDiscoveryRequest {
+            initial_resource_versions: held,
+            ..subscribe(type_url, names, &[])
+        }
+    }
+
+    /// An ACK of the response with this nonce.
+    pub fn reply(type_url: &str, nonce: &str) -> DeltaDiscoveryRequest {
+        DeltaDiscoveryRequest {
+            type_url: type_url.to_string(),
+            response_nonce: nonce.to_string(),
+            ..Default::default()
+        }
+    }
+
+    /// Resource names of a response, in order.
+    pub fn names(resp: &DeltaDiscoveryResponse) -> Vec<&str> {
+        resp.resources.iter().map(|r| r.name.as_str()).collect()
+    }
+
+    /// What a response gave the client: name → version.
+    pub fn versions(resp: &DeltaDiscoveryResponse) -> HashMap<String, String> {
+        resp.resources
+            .iter()
+            .map(|r| (r.name.clone(), r.version.clone()))
+            .collect()
+    }
+}
+
 /// Mesh `m` with the given spec, virtual nodes (name, spec) and virtual services provided by a
 /// node (name, provider): the fixture of the translation tests.
 pub fn mesh_state(

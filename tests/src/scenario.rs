@@ -52,16 +52,29 @@ pub fn start_tasks(
     tasks: &[(&Task, &TaskSpec<'_>)],
     say: &dyn Fn(&str),
 ) -> Vec<Proc> {
+    start_tasks_with_envoy_env(work, agent, mesh, tasks, &[], say)
+}
+
+/// `start_tasks`, with variables the operator added to each Envoy container's environment.
+pub fn start_tasks_with_envoy_env(
+    work: &Workdir,
+    agent: &Agent,
+    mesh: &str,
+    tasks: &[(&Task, &TaskSpec<'_>)],
+    envoy_env: &[(&str, &str)],
+    say: &dyn Fn(&str),
+) -> Vec<Proc> {
     let mut procs = Vec::new();
     for (task, spec) in tasks {
         let ports: Vec<u16> = spec.app.iter().map(|(p, _)| *p).collect();
-        let def = rewrite(
+        let mut def = rewrite(
             work,
             &app_taskdef(spec.name, &ports),
             mesh,
             spec.node,
             &agent.socket_dir,
         );
+        add_envoy_env(&mut def, envoy_env);
         run_route_manager(task, &def);
         say(&format!(
             "{}: proxy-route-manager installed the App Mesh iptables rules",
@@ -78,6 +91,24 @@ pub fn start_tasks(
         }
     }
     procs
+}
+
+/// Adds variables to the Envoy container of a task definition, as an operator editing it would.
+fn add_envoy_env(def: &mut Value, vars: &[(&str, &str)]) {
+    let Some(envoy) = def["containerDefinitions"]
+        .as_array_mut()
+        .and_then(|cs| cs.iter_mut().find(|c| c["name"] == "envoy"))
+    else {
+        panic!("task definition has no envoy container");
+    };
+    if !envoy["environment"].is_array() {
+        envoy["environment"] = json!([]);
+    }
+    if let Some(env) = envoy["environment"].as_array_mut() {
+        for (k, v) in vars {
+            env.push(json!({"name": k, "value": v}));
+        }
+    }
 }
 
 /// Writes a `--resources` file.
@@ -173,5 +204,113 @@ pub fn two_tasks(work: &Workdir, say: &dyn Fn(&str)) -> TwoTasks {
 impl TwoTasks {
     pub fn processes(&self) -> usize {
         self.procs.len()
+    }
+}
+
+/// Front calls `color.local`, a virtual router's service whose route `rt` sends everything to
+/// `blue`; `red` waits as the other target. Each Envoy gets `envoy_env` in its container.
+#[derive(Debug)]
+pub struct Colors {
+    // Field order is drop order: processes before the namespaces they live in.
+    _procs: Vec<Proc>,
+    pub front: Task,
+    pub blue: Task,
+    pub red: Task,
+    pub vpc: Vpc,
+    pub agent: Agent,
+}
+
+pub const COLOR_URL: &str = "http://color.local:9080/";
+
+pub fn colors(work: &Workdir, vpc_id: u8, envoy_env: &[(&str, &str)]) -> Colors {
+    let color_node = |name: &str| {
+        json!({"meshName": "m", "virtualNodeName": name, "spec": {
+            "listeners": [{"portMapping": {"port": 9080, "protocol": "http"}}],
+            "serviceDiscovery": {"dns": {"hostname": format!("{name}.trellis.test")}}}})
+    };
+    let resources = resources_file(
+        work,
+        &json!([
+            {"meshName": "m"},
+            color_node("blue"),
+            color_node("red"),
+            {"meshName": "m", "virtualNodeName": "front", "spec": {
+                "backends": [{"virtualService": {"virtualServiceName": "color.local"}}]}},
+            {"meshName": "m", "virtualRouterName": "vr",
+             "spec": {"listeners": [{"portMapping": {"port": 9080, "protocol": "http"}}]}},
+            {"meshName": "m", "virtualServiceName": "color.local",
+             "spec": {"provider": {"virtualRouter": {"virtualRouterName": "vr"}}}},
+            {"meshName": "m", "virtualRouterName": "vr", "routeName": "rt",
+             "spec": color_route(json!({"prefix": "/"}), "blue")}
+        ]),
+    );
+    let agent = Agent::start(work, Some(&resources));
+    let mut vpc = Vpc::new(work, vpc_id);
+    let front = vpc.task("front", 2);
+    let blue = vpc.task("blue", 3);
+    let red = vpc.task("red", 4);
+    // The service name resolves to any address (as with App Mesh); Envoy routes by Host.
+    vpc.start_dns(
+        work,
+        &[
+            (&blue.ip, "blue.trellis.test color.local"),
+            (&red.ip, "red.trellis.test"),
+        ],
+    );
+    let specs = [
+        TaskSpec {
+            name: "blue",
+            node: "blue",
+            app: Some((9080, "blue")),
+        },
+        TaskSpec {
+            name: "red",
+            node: "red",
+            app: Some((9080, "red")),
+        },
+        TaskSpec {
+            name: "front",
+            node: "front",
+            app: None,
+        },
+    ];
+    let procs = start_tasks_with_envoy_env(
+        work,
+        &agent,
+        "m",
+        &[(&blue, &specs[0]), (&red, &specs[1]), (&front, &specs[2])],
+        envoy_env,
+        &|_| {},
+    );
+    Colors {
+        _procs: procs,
+        front,
+        blue,
+        red,
+        vpc,
+        agent,
+    }
+}
+
+/// The spec of route `rt`: requests matching `http_match` go to `node`.
+pub fn color_route(http_match: Value, node: &str) -> Value {
+    json!({"httpRoute": {"match": http_match,
+        "action": {"weightedTargets": [{"virtualNode": node, "weight": 1}]}}})
+}
+
+impl Colors {
+    /// Replaces route `rt` through the App Mesh API (the real AWS CLI).
+    pub fn set_route(&self, spec: &Value) {
+        self.agent.appmesh(&[
+            "update-route",
+            "--mesh-name",
+            "m",
+            "--virtual-router-name",
+            "vr",
+            "--route-name",
+            "rt",
+            "--spec",
+            &spec.to_string(),
+        ]);
     }
 }

@@ -53,6 +53,8 @@ pub struct TypeView {
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct StreamView {
     pub node: String,
+    /// `sotw` or `delta`.
+    pub variant: &'static str,
     pub types: BTreeMap<String, TypeView>,
 }
 
@@ -84,13 +86,14 @@ impl Metrics {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn stream_opened(&self, id: u64, node: &str) {
+    pub fn stream_opened(&self, id: u64, node: &str, variant: &'static str) {
         let mut m = self.lock();
         *m.streams_by_node.entry(node.to_string()).or_default() += 1;
         m.streams.insert(
             id,
             StreamView {
                 node: node.to_string(),
+                variant,
                 types: BTreeMap::new(),
             },
         );

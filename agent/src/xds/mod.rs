@@ -1,7 +1,8 @@
-//! The ADS server (state of the world): a debouncer turns store commits into publications, one task
+//! The ADS server (state of the world and delta): a debouncer turns store commits into publications, one task
 //! per Envoy stream serves them with the per-type ACK/NACK state machine of the xDS protocol.
 
 pub mod debounce;
+mod delta;
 pub mod metrics;
 pub mod snapshot;
 mod stream;

@@ -28,6 +28,8 @@ pub struct TypeSnapshot {
     /// Hash over the (name, resource version) pairs: unchanged output, unchanged version.
     pub version: String,
     pub resources: BTreeMap<String, Any>,
+    /// Each resource's own content hash (delta ADS sends only the resources whose hash moved).
+    pub versions: BTreeMap<String, String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -82,15 +84,25 @@ impl Snapshot {
 fn typed(items: impl Iterator<Item = (String, Any)>) -> TypeSnapshot {
     let resources: BTreeMap<String, Any> = items.collect();
     let mut h = Sha256::new();
+    let mut versions = BTreeMap::new();
     for (name, any) in &resources {
         h.update(name.as_bytes());
         h.update([0]);
         // The type URL is the same for every resource of a type: the encoded value is the content.
-        h.update(Sha256::digest(&any.value));
+        let own = Sha256::digest(&any.value);
+        h.update(own);
+        versions.insert(name.clone(), hex8(&own));
     }
-    let digest = h.finalize();
-    let version = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
-    TypeSnapshot { version, resources }
+    let version = hex8(&h.finalize());
+    TypeSnapshot {
+        version,
+        resources,
+        versions,
+    }
+}
+
+fn hex8(digest: &[u8]) -> String {
+    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Builds each proxy's snapshot once per store generation and shares it between its streams.

@@ -16,19 +16,20 @@ use crate::test_helpers::TempDir;
 use crate::test_helpers::ads::{FakeEnvoy, request};
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
 
-const FRONT: &str = "mesh/m/virtualNode/front";
-const M: Place<'static> = Place {
+pub(super) const FRONT: &str = "mesh/m/virtualNode/front";
+pub(super) const M: Place<'static> = Place {
     mesh: "m",
     parent: None,
     owner: None,
 };
-const QUIET: Duration = Duration::from_millis(300);
+pub(super) const QUIET: Duration = Duration::from_millis(300);
 
-struct Harness {
+pub(super) struct Harness {
     _dir: TempDir,
-    store: Arc<Store>,
-    ops: Ops,
-    addr: std::net::SocketAddr,
+    pub(super) store: Arc<Store>,
+    pub(super) ops: Ops,
+    pub(super) addr: std::net::SocketAddr,
+    pub(super) metrics: Arc<Metrics>,
     cancel: CancellationToken,
 }
 
@@ -55,7 +56,7 @@ fn ops_with_mesh(store: &Store) -> Ops {
     ops
 }
 
-async fn harness() -> Harness {
+pub(super) async fn harness() -> Harness {
     harness_with(Debounce {
         quiet: Duration::from_millis(5),
         max_delay: Duration::from_millis(50),
@@ -89,10 +90,11 @@ async fn harness_with(cfg: Debounce) -> Harness {
         cfg,
         cancel.clone(),
     ));
+    let metrics = Arc::new(Metrics::default());
     let ads = Ads::new(
         published_rx,
         store.subscribe(),
-        Arc::new(Metrics::default()),
+        metrics.clone(),
         2,
         cancel.clone(),
     );
@@ -104,6 +106,7 @@ async fn harness_with(cfg: Debounce) -> Harness {
         store,
         ops,
         addr,
+        metrics,
         cancel,
     }
 }
@@ -119,7 +122,7 @@ fn egress_ports(resp: &DiscoveryResponse) -> Vec<Option<u32>> {
         .collect()
 }
 
-fn set_front_backends(h: &Harness, backends: serde_json::Value) {
+pub(super) fn set_front_backends(h: &Harness, backends: serde_json::Value) {
     let upd: crate::model::UpdateVirtualNodeBody =
         serde_json::from_value(json!({"spec": {"backends": backends}})).unwrap();
     h.ops
@@ -358,9 +361,9 @@ async fn endpoints_asked_for_by_name_that_we_do_not_manage_get_an_empty_assignme
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_writes_reaches_a_stream_as_one_push() {
-    // A window wide enough that eleven fsynced writes fit in it on a loaded machine.
+    // A quiet period longer than one fsync'd commit takes on a loaded machine, so the burst is one.
     let h = harness_with(Debounce {
-        quiet: Duration::from_millis(300),
+        quiet: Duration::from_millis(250),
         max_delay: Duration::from_secs(10),
     })
     .await;
@@ -386,4 +389,101 @@ async fn a_burst_of_writes_reaches_a_stream_as_one_push() {
     );
     envoy.ack(&pushed, &[]).await;
     envoy.expect_silence(QUIET).await;
+}
+
+/// A fake Envoy of `front` holding clusters, listeners and the egress route config, all ACKed.
+async fn sotw_subscribed_to_everything(h: &Harness) -> FakeEnvoy {
+    let mut envoy = FakeEnvoy::connect(h.addr, FRONT, request(CLUSTER, &[], "", ""))
+        .await
+        .unwrap();
+    let cds = envoy.recv().await.unwrap();
+    envoy.ack(&cds, &[]).await;
+    envoy.send(request(LISTENER, &[], "", "")).await;
+    let lds = envoy.recv().await.unwrap();
+    envoy.ack(&lds, &[]).await;
+    envoy
+        .send(request(ROUTE, &["rds_egress_http_8080"], "", ""))
+        .await;
+    let rds = envoy.recv().await.unwrap();
+    envoy.ack(&rds, &["rds_egress_http_8080"]).await;
+    envoy.expect_silence(QUIET).await;
+    envoy
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_cluster_stays_until_the_pushes_that_stop_using_it_are_acked() {
+    let h = harness().await;
+    let mut envoy = sotw_subscribed_to_everything(&h).await;
+    set_front_backends(&h, json!([]));
+    let cds = envoy.recv().await.unwrap();
+    assert_eq!(cds.type_url, CLUSTER);
+    assert_eq!(
+        cds.resources.len(),
+        2,
+        "the backend's cluster is kept while the listener and routes still use it"
+    );
+    let lds = envoy.recv().await.unwrap();
+    assert_eq!(lds.type_url, LISTENER);
+    let rds = envoy.recv().await.unwrap();
+    assert_eq!(rds.type_url, ROUTE);
+    envoy.ack(&cds, &[]).await;
+    envoy.ack(&lds, &[]).await;
+    envoy.expect_silence(QUIET).await;
+    envoy.ack(&rds, &["rds_egress_http_8080"]).await;
+    let exact = envoy.recv().await.unwrap();
+    assert_eq!(exact.type_url, CLUSTER);
+    assert_eq!(
+        exact.resources.len(),
+        1,
+        "only the AWS API pass-through is left"
+    );
+    envoy.ack(&exact, &[]).await;
+    envoy.expect_silence(QUIET).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nacked_listener_keeps_the_clusters_its_previous_version_uses() {
+    let h = harness().await;
+    let mut envoy = sotw_subscribed_to_everything(&h).await;
+    set_front_backends(&h, json!([]));
+    let cds = envoy.recv().await.unwrap();
+    let lds = envoy.recv().await.unwrap();
+    let rds = envoy.recv().await.unwrap();
+    envoy.ack(&cds, &[]).await;
+    envoy.nack(&lds, &[], "listener rejected").await;
+    envoy.ack(&rds, &["rds_egress_http_8080"]).await;
+    // The Envoy still runs the old listener: the backend's cluster is not taken away.
+    envoy.expect_silence(QUIET).await;
+    // A new listener, ACKed, lets the exact clusters go out.
+    set_front_backends(
+        &h,
+        json!([{"virtualService": {"virtualServiceName": "back.local"}}]),
+    );
+    let mut types = Vec::new();
+    loop {
+        let Ok(r) = tokio::time::timeout(QUIET, envoy.recv()).await else {
+            break;
+        };
+        let r = r.unwrap();
+        let names: &[&str] = if r.type_url == ROUTE {
+            &["rds_egress_http_8080"]
+        } else {
+            &[]
+        };
+        envoy.ack(&r, names).await;
+        types.push((r.type_url.clone(), r.resources.len()));
+    }
+    assert!(
+        types.contains(&(LISTENER.to_string(), 1)),
+        "the listener is pushed again: {types:?}"
+    );
+    assert_eq!(
+        types
+            .iter()
+            .rev()
+            .find(|(t, _)| t == CLUSTER)
+            .map(|(_, n)| *n),
+        Some(2),
+        "the backend's cluster is in the exact set again: {types:?}"
+    );
 }
