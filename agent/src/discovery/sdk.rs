@@ -11,7 +11,6 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
 use aws_config::BehaviorVersion;
-use aws_config::meta::region::RegionProviderChain;
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_sdk_servicediscovery::Client;
@@ -64,28 +63,37 @@ impl SdkCloudMap {
 }
 
 async fn connect(s: &Settings) -> Client {
-    let https = aws_smithy_http_client::Builder::new()
-        .tls_provider(tls::Provider::Rustls(
-            tls::rustls_provider::CryptoMode::Ring,
-        ))
-        .build_https();
-    let region =
-        RegionProviderChain::default_provider().or_else(Region::new(s.fallback_region.clone()));
-    let mut loader = aws_config::defaults(BehaviorVersion::latest())
-        .http_client(https)
-        .region(region)
-        // The pollers own retrying: they back off, count and log every failure.
-        .retry_config(RetryConfig::disabled())
-        .timeout_config(
-            TimeoutConfig::builder()
-                .connect_timeout(Duration::from_secs(2))
-                .operation_attempt_timeout(Duration::from_secs(5))
-                .build(),
-        );
-    if let Some(url) = &s.endpoint {
-        loader = loader.endpoint_url(url);
+    let loader = |region: Option<Region>| {
+        let https = aws_smithy_http_client::Builder::new()
+            .tls_provider(tls::Provider::Rustls(
+                tls::rustls_provider::CryptoMode::Ring,
+            ))
+            .build_https();
+        let mut l = aws_config::defaults(BehaviorVersion::latest())
+            .http_client(https)
+            // The pollers own retrying: they back off, count and log every failure.
+            .retry_config(RetryConfig::disabled())
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(2))
+                    .operation_attempt_timeout(Duration::from_secs(5))
+                    .build(),
+            );
+        if let Some(r) = region {
+            l = l.region(r);
+        }
+        if let Some(url) = &s.endpoint {
+            l = l.endpoint_url(url);
+        }
+        l
+    };
+    // The default chain's region (environment, profile, instance metadata), else the agent's.
+    let mut shared = loader(None).load().await;
+    if shared.region().is_none() {
+        shared = loader(Some(Region::new(s.fallback_region.clone())))
+            .load()
+            .await;
     }
-    let shared = loader.load().await;
     let mut conf = aws_sdk_servicediscovery::config::Builder::from(&shared);
     let strip = s.endpoint.as_deref().is_some_and(|u| !is_aws_host(u));
     if strip {
