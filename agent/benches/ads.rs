@@ -232,6 +232,7 @@ async fn run(streams: usize, delta: bool) {
         xds_debounce_ms: 20,
         xds_debounce_max_ms: 500,
         log_format: "text".into(),
+        cloudmap: Default::default(),
     };
     let bound = trellis_agent::app::build(cfg).await.expect("agent");
     let store = bound.store.clone();

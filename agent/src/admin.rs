@@ -10,6 +10,7 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 
+use crate::discovery;
 use crate::xds::Metrics;
 
 /// Set once the store is loaded, the first state published and the ADS listeners bound.
@@ -25,16 +26,25 @@ impl Readiness {
 #[derive(Clone)]
 struct Ctx {
     metrics: Arc<Metrics>,
+    discovery: Arc<discovery::Metrics>,
     ready: Readiness,
 }
 
-pub fn router(metrics: Arc<Metrics>, ready: Readiness) -> Router {
+pub fn router(
+    metrics: Arc<Metrics>,
+    discovery: Arc<discovery::Metrics>,
+    ready: Readiness,
+) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
         .route("/debug/xds", get(debug_xds))
-        .with_state(Ctx { metrics, ready })
+        .with_state(Ctx {
+            metrics,
+            discovery,
+            ready,
+        })
 }
 
 async fn readyz(State(c): State<Ctx>) -> impl IntoResponse {
@@ -49,7 +59,7 @@ async fn metrics_text(State(c): State<Ctx>) -> impl IntoResponse {
     (
         StatusCode::OK,
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        c.metrics.render(),
+        c.metrics.render() + &c.discovery.render(),
     )
 }
 

@@ -11,7 +11,8 @@ use tracing::{Instrument, error, info, info_span};
 
 use crate::admin;
 use crate::api::{self, Account, Ops, Quotas};
-use crate::config::ServeConfig;
+use crate::config::{CloudMapArgs, ServeConfig};
+use crate::discovery::{self, SdkCloudMap};
 use crate::store::{self, Store};
 use crate::xds::{self, Ads};
 
@@ -81,9 +82,13 @@ pub async fn build(cfg: ServeConfig) -> Result<Bound, Error> {
         source,
     })?;
     let metrics = Arc::new(xds::Metrics::default());
+    let discovery_metrics = Arc::new(discovery::Metrics::default());
     let ready = admin::Readiness::default();
-    let router =
-        api::router(ops, store.clone()).merge(admin::router(metrics.clone(), ready.clone()));
+    let router = api::router(ops, store.clone()).merge(admin::router(
+        metrics.clone(),
+        discovery_metrics.clone(),
+        ready.clone(),
+    ));
     let c = cancel.clone();
     tasks.spawn(
         async move {
@@ -96,6 +101,8 @@ pub async fn build(cfg: ServeConfig) -> Result<Bound, Error> {
     );
 
     let (published_tx, published_rx) = xds::debounce::channel(store.current());
+    let (endpoints_tx, endpoints_rx) =
+        tokio::sync::watch::channel(published_rx.borrow().endpoints.clone());
     tasks.spawn(
         {
             let (store_rx, cancel) = (store.subscribe(), cancel.clone());
@@ -104,7 +111,14 @@ pub async fn build(cfg: ServeConfig) -> Result<Bound, Error> {
                 max_delay: Duration::from_millis(cfg.xds_debounce_max_ms),
             };
             async move {
-                xds::debounce::run(store_rx, published_tx, cfg, cancel).await;
+                xds::debounce::run_with_endpoints(
+                    store_rx,
+                    endpoints_rx,
+                    published_tx,
+                    cfg,
+                    cancel,
+                )
+                .await;
                 ("debounce", Ok(()))
             }
         }
@@ -116,6 +130,18 @@ pub async fn build(cfg: ServeConfig) -> Result<Bound, Error> {
         metrics.clone(),
         cfg.max_connections_per_proxy,
         cancel.clone(),
+    );
+    tasks.spawn(
+        {
+            let (client, settings) = cloud_map(&cfg.cloudmap, &cfg.region);
+            let (state, proxies) = (store.subscribe(), ads.connected_proxies());
+            let (out, m, cancel) = (Arc::new(endpoints_tx), discovery_metrics, cancel.clone());
+            async move {
+                discovery::run(client, state, proxies, out, m, settings, cancel).await;
+                ("discovery", Ok(()))
+            }
+        }
+        .instrument(info_span!("discovery")),
     );
     let unix = xds::bind_unix(&cfg.xds_socket)?;
     tasks.spawn(
@@ -165,6 +191,26 @@ pub async fn build(cfg: ServeConfig) -> Result<Bound, Error> {
         cancel,
         tasks,
     })
+}
+
+/// The Cloud Map client (connected on first use) and the pollers' timing.
+fn cloud_map(
+    args: &CloudMapArgs,
+    region: &str,
+) -> (Arc<dyn discovery::CloudMap>, discovery::Config) {
+    let client = SdkCloudMap::new(discovery::sdk::Settings {
+        endpoint: args.endpoint.clone(),
+        fallback_region: region.to_string(),
+        health: args.health_status.as_str().into(),
+    });
+    let cfg = discovery::Config {
+        poll: Duration::from_millis(args.poll_ms),
+        refresh: Duration::from_millis(args.refresh_ms),
+        jitter: f64::from(args.jitter_percent) / 100.0,
+        backoff_max: Duration::from_millis(args.backoff_max_ms),
+        linger: Duration::from_millis(args.linger_ms),
+    };
+    (Arc::new(client), cfg)
 }
 
 impl Bound {

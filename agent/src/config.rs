@@ -105,6 +105,78 @@ pub struct ServeConfig {
     /// Log format: text or json.
     #[arg(long, env = "TRELLIS_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
+    #[command(flatten)]
+    pub cloudmap: CloudMapArgs,
+}
+
+/// Cloud Map discovery: where, how often, and which health filter.
+#[derive(Debug, Clone, Args, serde::Serialize)]
+pub struct CloudMapArgs {
+    /// Cloud Map endpoint URL instead of the region's (a VPC endpoint or a local stand-in; the
+    /// `data-` host prefix is dropped unless the host is an AWS one).
+    #[arg(long = "cloudmap-endpoint", env = "TRELLIS_CLOUDMAP_ENDPOINT")]
+    pub endpoint: Option<String>,
+    /// How often each Cloud Map service in use is checked (DiscoverInstancesRevision), in ms.
+    #[arg(
+        long = "cloudmap-poll-interval-ms",
+        env = "TRELLIS_CLOUDMAP_POLL_INTERVAL_MS",
+        default_value_t = 5000,
+        value_parser = clap::value_parser!(u64).range(100..)
+    )]
+    pub poll_ms: u64,
+    /// How often instances are fetched even when the revision is unchanged (health), in ms.
+    #[arg(
+        long = "cloudmap-refresh-interval-ms",
+        env = "TRELLIS_CLOUDMAP_REFRESH_INTERVAL_MS",
+        default_value_t = 30000,
+        value_parser = clap::value_parser!(u64).range(100..)
+    )]
+    pub refresh_ms: u64,
+    /// Random spread of every wait, in percent of it.
+    #[arg(
+        long = "cloudmap-jitter-percent",
+        env = "TRELLIS_CLOUDMAP_JITTER_PERCENT",
+        default_value_t = 10,
+        value_parser = clap::value_parser!(u8).range(0..=50)
+    )]
+    pub jitter_percent: u8,
+    /// Longest wait between calls after repeated failures (throttling, outage), in ms.
+    #[arg(
+        long = "cloudmap-backoff-max-ms",
+        env = "TRELLIS_CLOUDMAP_BACKOFF_MAX_MS",
+        default_value_t = 60000
+    )]
+    pub backoff_max_ms: u64,
+    /// How long a service nobody on this agent needs any more is still polled, in ms.
+    #[arg(
+        long = "cloudmap-linger-ms",
+        env = "TRELLIS_CLOUDMAP_LINGER_MS",
+        default_value_t = 60000
+    )]
+    pub linger_ms: u64,
+    /// DiscoverInstances HealthStatus filter.
+    #[arg(
+        long = "cloudmap-health-status",
+        env = "TRELLIS_CLOUDMAP_HEALTH_STATUS",
+        default_value = "HEALTHY",
+        value_parser = ["HEALTHY", "HEALTHY_OR_ELSE_ALL", "ALL"]
+    )]
+    pub health_status: String,
+}
+
+impl Default for CloudMapArgs {
+    /// The command line's defaults, for agents built in code (benches, tests).
+    fn default() -> Self {
+        CloudMapArgs {
+            endpoint: None,
+            poll_ms: 5000,
+            refresh_ms: 30000,
+            jitter_percent: 10,
+            backoff_max_ms: 60000,
+            linger_ms: 60000,
+            health_status: "HEALTHY".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -116,4 +188,44 @@ pub struct BootstrapArgs {
     /// passing -c and the flags the variables ask for (ENVOY_LOG_LEVEL, ENVOY_CONCURRENCY).
     #[arg(long, requires = "output")]
     pub exec: Option<PathBuf>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cloud_map_defaults_in_code_match_the_command_line() {
+        let cli = Cli::try_parse_from(["trellis-agent", "serve"]).unwrap();
+        let Command::Serve(serve) = cli.command else {
+            panic!("serve")
+        };
+        let d = CloudMapArgs::default();
+        assert_eq!(
+            (
+                serve.cloudmap.poll_ms,
+                serve.cloudmap.refresh_ms,
+                serve.cloudmap.jitter_percent
+            ),
+            (d.poll_ms, d.refresh_ms, d.jitter_percent)
+        );
+        assert_eq!(
+            (serve.cloudmap.backoff_max_ms, serve.cloudmap.linger_ms),
+            (d.backoff_max_ms, d.linger_ms)
+        );
+        assert_eq!(serve.cloudmap.health_status, d.health_status);
+    }
+
+    #[test]
+    fn an_unknown_health_filter_is_refused_by_name() {
+        let err = Cli::try_parse_from([
+            "trellis-agent",
+            "serve",
+            "--cloudmap-health-status",
+            "UNHEALTHY",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("--cloudmap-health-status"), "{err}");
+    }
 }

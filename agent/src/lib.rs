@@ -1,12 +1,14 @@
 //! trellis-agent: the App Mesh API, the store, translation to Envoy, and the ADS server.
 //!
-//! Data flows one way: `api` → `store` → `translate` → `xds`. See ARCHITECTURE.md.
+//! Data flows one way: `api` → `store` → `translate` → `xds`; `discovery` feeds translate's
+//! endpoints. See ARCHITECTURE.md.
 
 pub mod admin;
 pub mod api;
 pub mod app;
 pub mod bootstrap;
 pub mod config;
+pub mod discovery;
 pub mod model;
 pub mod store;
 pub mod translate;

@@ -296,6 +296,11 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(work: &Workdir, resources: Option<&Path>) -> Self {
+        Self::start_with_env(work, resources, &[])
+    }
+
+    /// `start` with extra environment (`TRELLIS_*` settings, AWS credentials for discovery).
+    pub fn start_with_env(work: &Workdir, resources: Option<&Path>, env: &[(&str, &str)]) -> Self {
         let port = free_port();
         let socket_dir = work.join("agent-socket");
         let mut cmd = Command::new(bin("trellis-agent"));
@@ -310,6 +315,7 @@ impl Agent {
         if let Some(r) = resources {
             cmd.arg("--resources").arg(r);
         }
+        cmd.envs(env.iter().copied());
         let mut proc = Proc::spawn("trellis-agent", &mut cmd, work.join("agent.log"));
         let api = format!("http://127.0.0.1:{port}");
         // Generous: a large `--resources` file (650 resources: ~20 s on a loaded 2-core machine)

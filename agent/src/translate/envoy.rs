@@ -890,3 +890,29 @@ pub(super) fn gateway_listener(
         ..Default::default()
     }
 }
+
+/// An EDS answer: one locality with every host on `port` (none: a known-empty cluster).
+pub(super) fn eds_assignment(name: &str, hosts: &[String], port: u32) -> ClusterLoadAssignment {
+    let lb_endpoints: Vec<LbEndpoint> = hosts
+        .iter()
+        .map(|h| LbEndpoint {
+            host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
+                address: Some(socket(h, port)),
+                ..Default::default()
+            })),
+            ..Default::default()
+        })
+        .collect();
+    ClusterLoadAssignment {
+        cluster_name: name.to_string(),
+        endpoints: if lb_endpoints.is_empty() {
+            Vec::new()
+        } else {
+            vec![LocalityLbEndpoints {
+                lb_endpoints,
+                ..Default::default()
+            }]
+        },
+        ..Default::default()
+    }
+}

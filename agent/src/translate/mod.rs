@@ -4,6 +4,7 @@
 //! lets the xDS layer version resources by content hash. Names follow App Mesh's
 //! (`lds_ingress_0.0.0.0_15000`, `cds_egress_MESH_NODE_PROTO_PORT`, …) so dashboards carry over.
 
+mod cloud_map;
 mod envoy;
 mod gateway;
 mod policy;
@@ -20,8 +21,8 @@ use envoy_types::pb::envoy::config::listener::v3::{FilterChain, Listener};
 use envoy_types::pb::envoy::config::route::v3::{RouteConfiguration, VirtualHost};
 
 use crate::model::{
-    ClientPolicy, DnsResponseType, EgressFilterType, MeshState, PortProtocol, ProxyIdentity,
-    ProxyKind, RouteSpec, State, VirtualNodeSpec,
+    ClientPolicy, DnsResponseType, EgressFilterType, IpPreference, MeshState, PortProtocol,
+    ProxyIdentity, ProxyKind, RouteSpec, State, VirtualNodeSpec,
 };
 
 /// Envoy's ingress and egress ports in a meshed task (fixed by the App Mesh contract).
@@ -32,8 +33,7 @@ pub const EGRESS_PORT: u32 = 15001;
 const AWS_API_PORT: u32 = 443;
 const AWS_API_DOMAINS: &str = "*.amazonaws.com";
 
-/// Endpoints found by discovery, by Envoy cluster name. Empty until Cloud Map discovery lands.
-pub type Endpoints = BTreeMap<String, ClusterLoadAssignment>;
+pub use cloud_map::{CloudMapKey, Endpoints, Instance, cloud_map_keys};
 
 /// Everything one Envoy is sent.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -433,7 +433,15 @@ impl Ctx<'_> {
         if matches!(tls, policy::ClientTls::Refuse) {
             return None;
         }
-        let mut c = upstream_cluster(&name, &target.spec, port, proto, self.endpoints, out)?;
+        let mesh_pref = policy::mesh_ip_preference(self.mesh);
+        let mut c = upstream_cluster(
+            &name,
+            &target.spec,
+            port,
+            proto,
+            (self.endpoints, mesh_pref),
+            out,
+        )?;
         // The target's DNS IP preference, when it has none, is the mesh's.
         let dns = target
             .spec
@@ -601,7 +609,7 @@ fn upstream_cluster(
     target: &VirtualNodeSpec,
     port: u32,
     proto: PortProtocol,
-    endpoints: &Endpoints,
+    (endpoints, mesh_pref): (&Endpoints, Option<IpPreference>),
     out: &mut Resources,
 ) -> Option<Cluster> {
     let sd = target.service_discovery.as_ref()?;
@@ -621,15 +629,12 @@ fn upstream_cluster(
         }
         c
     } else {
-        sd.aws_cloud_map.as_ref()?;
-        let mut assignment =
-            endpoints
-                .get(name)
-                .cloned()
-                .unwrap_or_else(|| ClusterLoadAssignment {
-                    cluster_name: name.to_string(),
-                    ..Default::default()
-                });
+        // Endpoints from the key's instances, by the target's IP preference (else the mesh's),
+        // on the listener's port: one discovery serves every preference and port.
+        let cm = sd.aws_cloud_map.as_ref()?;
+        let key = CloudMapKey::of(cm);
+        let pref = cm.ip_preference.or(mesh_pref);
+        let mut assignment = cloud_map::assignment(name, endpoints.get(&key), pref, port);
         if let Some((_, Some(hc_port))) = &check {
             envoy::set_health_check_port(&mut assignment, *hc_port);
         }
@@ -661,3 +666,6 @@ mod tests;
 
 #[cfg(test)]
 mod policy_tests;
+
+#[cfg(test)]
+mod cloud_map_tests;

@@ -1,5 +1,7 @@
-//! Coalesces bursts of store commits into one publication: wait for a quiet period, but never
-//! longer than a maximum delay after the first change of the burst (istiod's debounce shape).
+//! Coalesces bursts of store commits and endpoint changes into one publication: wait for a quiet
+//! period, but never longer than a maximum delay after the first change of the burst (istiod's
+//! debounce shape). State and endpoints are published together, so a snapshot is built from one
+//! consistent pair.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,11 +12,14 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::model::State;
+use crate::translate::Endpoints;
 
-/// A state the ADS streams should serve, and when the first change it contains was committed.
+/// A state and endpoints the ADS streams should serve, and when the first change it contains
+/// happened.
 #[derive(Clone, Debug)]
 pub struct Published {
     pub state: Arc<State>,
+    pub endpoints: Arc<Endpoints>,
     pub changed_at: Instant,
 }
 
@@ -37,20 +42,43 @@ impl Default for Debounce {
 pub fn channel(initial: Arc<State>) -> (watch::Sender<Published>, watch::Receiver<Published>) {
     watch::channel(Published {
         state: initial,
+        endpoints: Arc::new(Endpoints::new()),
         changed_at: Instant::now(),
     })
 }
 
-/// Runs until `cancel`: every burst of store changes becomes one publication on `out`.
+/// Runs until `cancel`: every burst of store changes becomes one publication on `out` (no
+/// discovered endpoints).
 pub async fn run(
-    mut store: watch::Receiver<Arc<State>>,
+    store: watch::Receiver<Arc<State>>,
     out: watch::Sender<Published>,
     cfg: Debounce,
     cancel: CancellationToken,
 ) {
+    let (_keep, endpoints) = watch::channel(Arc::new(Endpoints::new()));
+    run_with_endpoints(store, endpoints, out, cfg, cancel).await;
+}
+
+/// Runs until `cancel` (or the store goes away): every burst of store or endpoint changes
+/// becomes one publication on `out`.
+pub async fn run_with_endpoints(
+    mut store: watch::Receiver<Arc<State>>,
+    mut endpoints: watch::Receiver<Arc<Endpoints>>,
+    out: watch::Sender<Published>,
+    cfg: Debounce,
+    cancel: CancellationToken,
+) {
+    // Discovery stopping is not the end of the mesh: its last endpoints stay published.
+    let mut discovery_open = true;
     loop {
         tokio::select! {
             changed = store.changed() => if changed.is_err() { return },
+            changed = endpoints.changed(), if discovery_open => {
+                if changed.is_err() {
+                    discovery_open = false;
+                    continue;
+                }
+            }
             () = cancel.cancelled() => return,
         }
         let first = Instant::now();
@@ -64,23 +92,32 @@ pub async fn run(
                         return;
                     }
                     merged += 1;
-                    if Instant::now() >= deadline {
-                        break;
+                }
+                changed = endpoints.changed(), if discovery_open => {
+                    if changed.is_err() {
+                        discovery_open = false;
                     }
+                    merged += 1;
                 }
                 () = tokio::time::sleep_until(quiet_end) => break,
                 () = cancel.cancelled() => return,
             }
+            if Instant::now() >= deadline {
+                break;
+            }
         }
         let state = store.borrow_and_update().clone();
+        let endpoints_now = endpoints.borrow_and_update().clone();
         debug!(
             generation = state.generation,
+            endpoints_generation = endpoints_now.generation,
             merged,
             waited_ms = first.elapsed().as_millis() as u64,
             "publishing"
         );
         out.send_replace(Published {
             state,
+            endpoints: endpoints_now,
             changed_at: first,
         });
     }
@@ -149,6 +186,38 @@ mod tests {
             );
         }
         assert!(out_rx.borrow().state.generation >= 9);
+        cancel.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_endpoint_change_alone_is_published_with_the_same_state() {
+        let (store_tx, store_rx) = watch::channel(state(3));
+        let (ep_tx, ep_rx) = watch::channel(Arc::new(Endpoints::new()));
+        let (out_tx, mut out_rx) = channel(state(3));
+        let cancel = CancellationToken::new();
+        tokio::spawn(run_with_endpoints(
+            store_rx,
+            ep_rx,
+            out_tx,
+            Debounce::default(),
+            cancel.clone(),
+        ));
+        out_rx.mark_unchanged();
+        ep_tx.send_replace(Arc::new(Endpoints {
+            generation: 7,
+            ..Endpoints::default()
+        }));
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert!(out_rx.has_changed().unwrap());
+        let p = out_rx.borrow_and_update().clone();
+        assert_eq!(p.state.generation, 3);
+        assert_eq!(p.endpoints.generation, 7);
+        // Discovery going away leaves the last endpoints published and the store still served.
+        drop(ep_tx);
+        store_tx.send_replace(state(4));
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let p = out_rx.borrow_and_update().clone();
+        assert_eq!((p.state.generation, p.endpoints.generation), (4, 7));
         cancel.cancel();
     }
 }

@@ -7,7 +7,7 @@ pub mod metrics;
 pub mod snapshot;
 mod stream;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
@@ -56,6 +56,8 @@ pub struct Ads {
     cancel: CancellationToken,
     max_per_proxy: usize,
     per_proxy: Mutex<HashMap<ProxyIdentity, usize>>,
+    /// The proxies with at least one stream: what discovery must serve on this agent.
+    connected: watch::Sender<BTreeSet<ProxyIdentity>>,
 }
 
 impl Ads {
@@ -67,15 +69,21 @@ impl Ads {
         cancel: CancellationToken,
     ) -> Arc<Self> {
         Arc::new(Ads {
+            snapshots: Snapshots::new(published.clone()),
             published,
             committed,
-            snapshots: Snapshots::default(),
             metrics,
             next_stream: AtomicU64::new(1),
             cancel,
             max_per_proxy,
             per_proxy: Mutex::new(HashMap::new()),
+            connected: watch::channel(BTreeSet::new()).0,
         })
+    }
+
+    /// The set of proxies with a stream open, updated as the first connects and the last leaves.
+    pub fn connected_proxies(&self) -> watch::Receiver<BTreeSet<ProxyIdentity>> {
+        self.connected.subscribe()
     }
 
     pub fn service(self: &Arc<Self>) -> AggregatedDiscoveryServiceServer<AdsService> {
@@ -90,6 +98,11 @@ impl Ads {
             return None;
         }
         *n += 1;
+        if *n == 1 {
+            self.connected.send_modify(|c| {
+                c.insert(who.clone());
+            });
+        }
         Some(Slot {
             ads: self.clone(),
             who: who.clone(),
@@ -110,6 +123,9 @@ impl Drop for Slot {
             *n = n.saturating_sub(1);
             if *n == 0 {
                 map.remove(&self.who);
+                self.ads.connected.send_modify(|c| {
+                    c.remove(&self.who);
+                });
             }
         }
     }

@@ -1,4 +1,5 @@
-//! Immutable per-proxy snapshots with content-derived versions, cached per (proxy, generation).
+//! Immutable per-proxy snapshots with content-derived versions, cached per (proxy, state
+//! generation, endpoints generation).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -6,9 +7,11 @@ use std::sync::{Arc, Mutex};
 use envoy_types::pb::google::protobuf::Any;
 use envoy_types::util::pack_any;
 use sha2::{Digest, Sha256};
+use tokio::sync::watch;
 
+use super::debounce::{self, Published};
 use crate::model::{ProxyIdentity, State};
-use crate::translate::{self, Endpoints, Resources};
+use crate::translate::{self, Resources};
 
 pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 pub const ENDPOINT: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
@@ -35,6 +38,8 @@ pub struct TypeSnapshot {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Snapshot {
     pub generation: u64,
+    /// The generation of the discovered endpoints it was built from.
+    pub endpoints_generation: u64,
     pub types: BTreeMap<&'static str, TypeSnapshot>,
 }
 
@@ -73,7 +78,11 @@ impl Snapshot {
                     .map(|rc| (rc.name.clone(), pack_any(rc))),
             ),
         );
-        Snapshot { generation, types }
+        Snapshot {
+            generation,
+            endpoints_generation: 0,
+            types,
+        }
     }
 
     pub fn get(&self, type_url: &str) -> Option<&TypeSnapshot> {
@@ -105,31 +114,54 @@ fn hex8(digest: &[u8]) -> String {
     digest[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Builds each proxy's snapshot once per store generation and shares it between its streams.
-#[derive(Debug, Default)]
+/// Builds each proxy's snapshot once per (store generation, endpoints generation) and shares it
+/// between its streams. The endpoints are the newest published ones: since versions are content
+/// hashes, an endpoint change moves only the ClusterLoadAssignment versions.
+#[derive(Debug)]
 pub struct Snapshots {
     cache: Mutex<HashMap<ProxyIdentity, Arc<Snapshot>>>,
+    published: watch::Receiver<Published>,
+}
+
+impl Default for Snapshots {
+    /// No discovered endpoints, ever.
+    fn default() -> Self {
+        Snapshots::new(debounce::channel(Arc::new(State::default())).1)
+    }
 }
 
 impl Snapshots {
-    /// The proxy's snapshot for this state, and whether it had to be built now.
+    /// Endpoints are read from the publications on `published`.
+    pub fn new(published: watch::Receiver<Published>) -> Self {
+        Snapshots {
+            cache: Mutex::new(HashMap::new()),
+            published,
+        }
+    }
+
+    /// The proxy's snapshot for this state and the newest endpoints, and whether it had to be
+    /// built now.
     pub fn get(
         &self,
         state: &State,
         who: &ProxyIdentity,
     ) -> Result<(Arc<Snapshot>, bool), translate::Error> {
+        let endpoints = self.published.borrow().endpoints.clone();
         if let Some(s) = self.lock().get(who)
             && s.generation == state.generation
+            && s.endpoints_generation == endpoints.generation
         {
             return Ok((s.clone(), false));
         }
         // Built outside the lock: two streams of one proxy may both build once, never block each other.
-        let resources = translate::translate(state, who, &Endpoints::new())?;
+        let resources = translate::translate(state, who, &endpoints)?;
         // What the translation had to leave out (SDS/ACM certificates...) is the operator's to fix.
         for reason in &resources.unserved {
             tracing::warn!(proxy = %who, generation = state.generation, reason = %reason, "configuration not served");
         }
-        let snap = Arc::new(Snapshot::from_resources(state.generation, resources));
+        let mut snap = Snapshot::from_resources(state.generation, resources);
+        snap.endpoints_generation = endpoints.generation;
+        let snap = Arc::new(snap);
         self.lock().insert(who.clone(), snap.clone());
         Ok((snap, true))
     }

@@ -487,3 +487,116 @@ async fn a_nacked_listener_keeps_the_clusters_its_previous_version_uses() {
         "the backend's cluster is in the exact set again: {types:?}"
     );
 }
+
+/// Cloud Map endpoints only change the ClusterLoadAssignment: no CDS, LDS or RDS is resent, and
+/// the connected-proxy set that drives discovery follows the streams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_change_resends_only_the_assignment() {
+    use crate::translate::{CloudMapKey, Endpoints, Instance};
+    use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+    const CLA: &str = "cds_egress_m_back_http_8080";
+
+    let dir = TempDir::new("xds-eds");
+    let store = Arc::new(Store::open(dir.path()).unwrap());
+    let ops = ops_with_mesh(&store);
+    let back = json!({"virtualNodeName": "back", "spec": {
+        "listeners": [{"portMapping": {"port": 8080, "protocol": "http"}}],
+        "serviceDiscovery": {"awsCloudMap": {"namespaceName": "ns", "serviceName": "back"}}}});
+    ops.create::<VirtualNodes>(&store, M, serde_json::from_value(back).unwrap())
+        .unwrap();
+    let svc = json!({"virtualServiceName": "back.local",
+        "spec": {"provider": {"virtualNode": {"virtualNodeName": "back"}}}});
+    ops.create::<VirtualServices>(&store, M, serde_json::from_value(svc).unwrap())
+        .unwrap();
+    let front = json!({"virtualNodeName": "front", "spec": {
+        "backends": [{"virtualService": {"virtualServiceName": "back.local"}}]}});
+    ops.create::<VirtualNodes>(&store, M, serde_json::from_value(front).unwrap())
+        .unwrap();
+
+    let cancel = CancellationToken::new();
+    let _stop = cancel.clone().drop_guard();
+    let (published_tx, published_rx) = debounce::channel(store.current());
+    let (endpoints_tx, endpoints_rx) = tokio::sync::watch::channel(Arc::new(Endpoints::new()));
+    let cfg = Debounce {
+        quiet: Duration::from_millis(5),
+        max_delay: Duration::from_millis(50),
+    };
+    tokio::spawn(debounce::run_with_endpoints(
+        store.subscribe(),
+        endpoints_rx,
+        published_tx,
+        cfg,
+        cancel.clone(),
+    ));
+    let ads = Ads::new(
+        published_rx,
+        store.subscribe(),
+        Arc::new(Metrics::default()),
+        2,
+        cancel.clone(),
+    );
+    let mut connected = ads.connected_proxies();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(serve_tcp(ads, listener));
+
+    let mut envoy = FakeEnvoy::connect(addr, FRONT, request(CLUSTER, &[], "", ""))
+        .await
+        .unwrap();
+    let cds = envoy.recv().await.unwrap();
+    envoy.ack(&cds, &[]).await;
+    envoy.send(request(ENDPOINT, &[CLA], "", "")).await;
+    let eds = envoy.recv().await.unwrap();
+    assert_eq!(eds.type_url, ENDPOINT);
+    envoy.ack(&eds, &[CLA]).await;
+    envoy.send(request(LISTENER, &[], "", "")).await;
+    let lds = envoy.recv().await.unwrap();
+    envoy.ack(&lds, &[]).await;
+    envoy
+        .send(request(ROUTE, &["rds_egress_http_8080"], "", ""))
+        .await;
+    let rds = envoy.recv().await.unwrap();
+    envoy.ack(&rds, &["rds_egress_http_8080"]).await;
+    envoy.expect_silence(QUIET).await;
+    assert!(
+        connected
+            .borrow_and_update()
+            .contains(&ProxyIdentity::parse(FRONT).unwrap())
+    );
+
+    let key = CloudMapKey {
+        namespace: "ns".into(),
+        service: "back".into(),
+        attributes: Default::default(),
+    };
+    let mut e = Endpoints::new();
+    e.generation = 1;
+    e.cloud_map.insert(
+        key,
+        vec![Instance {
+            id: "i-1".into(),
+            ipv4: Some(std::net::Ipv4Addr::new(10, 1, 2, 3)),
+            ipv6: None,
+        }]
+        .into(),
+    );
+    endpoints_tx.send_replace(Arc::new(e));
+    let update = envoy.recv().await.unwrap();
+    assert_eq!(update.type_url, ENDPOINT, "only the assignment is pushed");
+    assert_ne!(update.version_info, eds.version_info);
+    let cla =
+        <ClusterLoadAssignment as prost::Message>::decode(update.resources[0].value.as_slice())
+            .unwrap();
+    assert_eq!(cla.endpoints[0].lb_endpoints.len(), 1);
+    envoy.ack(&update, &[CLA]).await;
+    envoy.expect_silence(QUIET).await;
+
+    drop(envoy);
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while !connected.borrow_and_update().is_empty() {
+            connected.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("the proxy leaves the connected set when its stream ends");
+}

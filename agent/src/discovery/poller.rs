@@ -1,0 +1,148 @@
+//! One key's poller: `DiscoverInstancesRevision` every poll interval, `DiscoverInstances` when
+//! the revision moved or the slower refresh is due (health changes do not move the revision).
+//! A failed call never changes what is published: the last known instances stay.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::{CallError, CloudMap, Config, Metrics};
+use crate::translate::{CloudMapKey, Endpoints, Instance};
+
+pub(super) const REVISION: &str = "DiscoverInstancesRevision";
+pub(super) const DISCOVER: &str = "DiscoverInstances";
+
+/// What one round of calls found.
+#[derive(Debug)]
+pub(super) enum Outcome {
+    Unchanged,
+    Changed(Arc<[Instance]>),
+    Failed(&'static str, CallError),
+}
+
+/// What a poller remembers between rounds.
+#[derive(Debug, Default)]
+pub(super) struct PollState {
+    /// The revision the current instances were fetched under (read before fetching them, so a
+    /// change racing the fetch shows as a new revision next round).
+    revision: Option<i64>,
+    pub(super) instances: Option<Arc<[Instance]>>,
+    next_refresh: Option<Instant>,
+    /// Consecutive failed rounds.
+    pub(super) failures: u32,
+}
+
+impl PollState {
+    pub(super) async fn tick(
+        &mut self,
+        key: &CloudMapKey,
+        client: &dyn CloudMap,
+        metrics: &Metrics,
+        cfg: &Config,
+    ) -> Outcome {
+        let now = Instant::now();
+        metrics.called(REVISION);
+        let revision = match client.revision(key).await {
+            Ok(r) => r,
+            Err(e) => return self.failed(REVISION, e),
+        };
+        let refresh_due = self.next_refresh.is_none_or(|t| now >= t);
+        if !refresh_due && self.revision == Some(revision) {
+            self.failures = 0;
+            return Outcome::Unchanged;
+        }
+        metrics.called(DISCOVER);
+        let found = match client.discover(key).await {
+            Ok(d) => d,
+            Err(e) => return self.failed(DISCOVER, e),
+        };
+        self.failures = 0;
+        self.revision = Some(revision);
+        self.next_refresh = Some(now + cfg.refresh);
+        let mut instances = found.instances;
+        // Cloud Map answers in random order; sorted, equal sets compare (and hash) equal.
+        instances.sort();
+        let instances: Arc<[Instance]> = instances.into();
+        if self.instances.as_deref() == Some(&*instances) {
+            return Outcome::Unchanged;
+        }
+        self.instances = Some(instances.clone());
+        Outcome::Changed(instances)
+    }
+
+    fn failed(&mut self, op: &'static str, e: CallError) -> Outcome {
+        self.failures = self.failures.saturating_add(1);
+        Outcome::Failed(op, e)
+    }
+
+    /// The wait before the next round: the poll interval, doubled per consecutive failure up to
+    /// the maximum, stretched by `spread` (in -1..=1) times the jitter fraction.
+    pub(super) fn delay(&self, cfg: &Config, spread: f64) -> Duration {
+        let base = if self.failures == 0 {
+            cfg.poll
+        } else {
+            let factor = 2u32.saturating_pow(self.failures.min(16));
+            cfg.poll.saturating_mul(factor).min(cfg.backoff_max)
+        };
+        base.mul_f64((1.0 + cfg.jitter * spread.clamp(-1.0, 1.0)).max(0.0))
+    }
+}
+
+/// Runs until `cancel`: rounds of calls, each answer that changed published on `out`.
+pub(super) async fn run(
+    key: CloudMapKey,
+    client: Arc<dyn CloudMap>,
+    out: Arc<watch::Sender<Arc<Endpoints>>>,
+    metrics: Arc<Metrics>,
+    cfg: Config,
+    cancel: CancellationToken,
+) {
+    let mut st = PollState::default();
+    loop {
+        let outcome = tokio::select! {
+            o = st.tick(&key, client.as_ref(), &metrics, &cfg) => o,
+            () = cancel.cancelled() => return,
+        };
+        match outcome {
+            Outcome::Unchanged => debug!("unchanged"),
+            Outcome::Changed(instances) => {
+                let n = instances.len();
+                let published = out.send_if_modified(|e| {
+                    // A stopped poller's late answer must not resurrect its key.
+                    if cancel.is_cancelled() {
+                        return false;
+                    }
+                    let m = Arc::make_mut(e);
+                    m.cloud_map.insert(key.clone(), instances);
+                    m.generation += 1;
+                    true
+                });
+                if published {
+                    metrics.updated(&key, n);
+                    info!(instances = n, "cloud map endpoints changed");
+                }
+            }
+            Outcome::Failed(op, e) => {
+                metrics.failed(op, e.kind);
+                warn!(
+                    op,
+                    reason = e.kind.label(),
+                    error = %e,
+                    failures = st.failures,
+                    kept = st.instances.as_ref().map_or(0, |i| i.len()),
+                    hint = e.kind.hint(),
+                    "cloud map call failed; keeping the last known endpoints"
+                );
+            }
+        }
+        let wait = st.delay(&cfg, fastrand::f64() * 2.0 - 1.0);
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = cancel.cancelled() => return,
+        }
+    }
+}
