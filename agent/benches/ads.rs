@@ -144,6 +144,7 @@ async fn run(streams: usize) {
     let dir = TempDir::new("bench-ads");
     let cfg = ServeConfig {
         data_dir: dir.path().join("data"),
+        store: Default::default(),
         api_addr: "127.0.0.1:0".parse().expect("addr"),
         xds_socket: dir.path().join("xds.sock"),
         // TCP for the load generator (no extra client dependencies); Envoys use the Unix socket.

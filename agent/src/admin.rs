@@ -10,6 +10,7 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 
+use crate::store::Store;
 use crate::xds::Metrics;
 
 /// Set once the store is loaded, the first state published and the ADS listeners bound.
@@ -26,15 +27,20 @@ impl Readiness {
 struct Ctx {
     metrics: Arc<Metrics>,
     ready: Readiness,
+    store: Arc<Store>,
 }
 
-pub fn router(metrics: Arc<Metrics>, ready: Readiness) -> Router {
+pub fn router(metrics: Arc<Metrics>, ready: Readiness, store: Arc<Store>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
         .route("/debug/xds", get(debug_xds))
-        .with_state(Ctx { metrics, ready })
+        .with_state(Ctx {
+            metrics,
+            ready,
+            store,
+        })
 }
 
 async fn readyz(State(c): State<Ctx>) -> impl IntoResponse {
@@ -49,7 +55,7 @@ async fn metrics_text(State(c): State<Ctx>) -> impl IntoResponse {
     (
         StatusCode::OK,
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        c.metrics.render(),
+        c.metrics.render() + &c.store.metrics_text(),
     )
 }
 

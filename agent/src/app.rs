@@ -43,7 +43,7 @@ pub struct Bound {
 }
 
 pub async fn build(cfg: ServeConfig) -> Result<Bound, Error> {
-    let store = Arc::new(Store::open(&cfg.data_dir)?);
+    let store = Arc::new(Store::connect(&cfg.data_dir, &cfg.store, &cfg.region).await?);
     let ops = Arc::new(Ops {
         account: Account {
             account_id: cfg.account_id.clone(),
@@ -69,6 +69,16 @@ pub async fn build(cfg: ServeConfig) -> Result<Bound, Error> {
     }
     let cancel = CancellationToken::new();
     let mut tasks = JoinSet::new();
+    tasks.spawn(
+        {
+            let (store, cancel) = (store.clone(), cancel.clone());
+            async move {
+                store.run(cancel).await;
+                ("store", Ok(()))
+            }
+        }
+        .instrument(info_span!("store")),
+    );
 
     let listener = tokio::net::TcpListener::bind(cfg.api_addr)
         .await
@@ -82,8 +92,11 @@ pub async fn build(cfg: ServeConfig) -> Result<Bound, Error> {
     })?;
     let metrics = Arc::new(xds::Metrics::default());
     let ready = admin::Readiness::default();
-    let router =
-        api::router(ops, store.clone()).merge(admin::router(metrics.clone(), ready.clone()));
+    let router = api::router(ops, store.clone()).merge(admin::router(
+        metrics.clone(),
+        ready.clone(),
+        store.clone(),
+    ));
     let c = cancel.clone();
     tasks.spawn(
         async move {
