@@ -241,22 +241,24 @@ async fn run(agents: usize) {
         )
         .expect("vn");
     });
+    // Agent 2 learns of the node by polling; its Envoy connects once it has.
+    while !two
+        .store
+        .current()
+        .meshes
+        .get("m")
+        .is_some_and(|m| m.virtual_nodes.contains_key("front"))
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let xds = two.xds_addr.expect("agent 2 ADS address");
-    let mut envoy = loop {
-        match FakeEnvoy::connect(
-            xds,
-            "mesh/m/virtualNode/front",
-            request(CLUSTER, &[], "", ""),
-        )
-        .await
-        {
-            Ok(e) => break e,
-            Err(e) if e.message().contains("unknown") => {
-                tokio::time::sleep(Duration::from_millis(50)).await
-            }
-            Err(e) => panic!("ADS: {e}"),
-        }
-    };
+    let mut envoy = FakeEnvoy::connect(
+        xds,
+        "mesh/m/virtualNode/front",
+        request(CLUSTER, &[], "", ""),
+    )
+    .await
+    .expect("ADS stream");
     envoy.send(request(LISTENER, &[], "", "")).await;
     envoy
         .send(request(ROUTE, &["rds_egress_http_8080"], "", ""))

@@ -1,6 +1,7 @@
-//! moto server's DynamoDB as the shared store of several agents: start it, create a table with
-//! `trellis-agent init-store`, and make it unreachable (SIGSTOP: requests hang and time out, as on
-//! a lost network) and reachable again (SIGCONT) without losing its in-memory tables.
+//! moto server's DynamoDB as the shared store of several agents: start it (one request at a time,
+//! as `py/moto_serial.py` explains), create a table with `trellis-agent init-store`, and make it
+//! unreachable (SIGSTOP: requests hang and time out, as on a lost network) and reachable again
+//! (SIGCONT) without losing its in-memory tables.
 
 use std::process::Command;
 use std::time::Duration;
@@ -17,8 +18,10 @@ pub struct Moto {
 impl Moto {
     pub fn start(work: &Workdir, name: &str) -> Self {
         let port = free_port();
-        let mut cmd = Command::new(venv().join("bin/moto_server"));
-        cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()]);
+        // moto's own server, with request handling serialised (see the script).
+        let mut cmd = Command::new(venv().join("bin/python"));
+        cmd.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/py/moto_serial.py"))
+            .args(["127.0.0.1", &port.to_string()]);
         let mut proc = Proc::spawn(name, &mut cmd, work.join(&format!("{name}.log")));
         let endpoint = format!("http://127.0.0.1:{port}");
         eventually("moto server up", Duration::from_secs(30), || {

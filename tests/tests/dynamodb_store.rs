@@ -193,6 +193,15 @@ fn concurrent_writes_through_different_agents_resolve_exactly_as_on_one_agent() 
         .sum();
     assert!(conflicts > 0.0, "no write ever lost a race");
 
+    // The table never lost a committed write (an agent would have had to reload backwards).
+    for a in &all {
+        assert!(
+            !a.proc.log_text().contains("went backwards"),
+            "{} saw the table lose a write",
+            a.api
+        );
+    }
+
     // Every agent, and one started now, publishes the same state.
     let late = agent(&work, &moto, "mesh", "late", &["--quota-meshes", "2"]);
     let want = listing(a1, "m");

@@ -162,7 +162,7 @@ impl Dynamo {
                     if g == current.generation {
                         return out;
                     }
-                    self.sync(tx).await.map_err(E::from)?;
+                    self.sync(tx, Some(g)).await.map_err(E::from)?;
                     continue;
                 }
                 match self.commit(current.generation, &changes).await {
@@ -193,7 +193,7 @@ impl Dynamo {
                             )))
                             .await;
                         }
-                        self.sync(tx).await.map_err(E::from)?;
+                        self.sync(tx, None).await.map_err(E::from)?;
                     }
                     Err(Fail::Store(e)) => return Err(E::from(e)),
                 }
@@ -227,7 +227,7 @@ impl Dynamo {
                 let g = self.read_generation().await?;
                 if g != tx.borrow().generation {
                     let _guard = self.lock.lock().await;
-                    self.sync(tx).await?;
+                    self.sync(tx, Some(g)).await?;
                 }
                 Ok::<_, Error>(())
             }
@@ -250,12 +250,16 @@ impl Dynamo {
         }
     }
 
-    /// Brings the published state to the table's generation: replays the change log, or
-    /// reloads everything when the log has a gap or the table went backwards (recreated).
-    /// Callers hold `lock`.
-    async fn sync(&self, tx: &watch::Sender<Arc<State>>) -> Result<(), Error> {
-        let g = self.read_generation().await?;
+    /// Brings the published state to the table's generation (`seen` if the caller just read it):
+    /// replays the change log, or reloads everything when the log has a gap or the table went
+    /// backwards (recreated). Callers hold `lock`.
+    async fn sync(&self, tx: &watch::Sender<Arc<State>>, seen: Option<u64>) -> Result<(), Error> {
         let local = tx.borrow().clone();
+        let g = match seen {
+            // Read before the lock: a write of this agent may have moved past it since.
+            Some(g) if g >= local.generation => g,
+            _ => self.read_generation().await?,
+        };
         if g == local.generation {
             return Ok(());
         }
