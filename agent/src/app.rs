@@ -43,7 +43,7 @@ pub struct Bound {
 }
 
 pub async fn build(cfg: ServeConfig) -> Result<Bound, Error> {
-    let store = Arc::new(Store::connect(&cfg.data_dir, &cfg.store, &cfg.region).await?);
+    let store = Arc::new(Store::serve(&cfg.data_dir, &cfg.store, &cfg.region).await?);
     let ops = Arc::new(Ops {
         account: Account {
             account_id: cfg.account_id.clone(),

@@ -349,8 +349,9 @@ fn a_write_on_one_agent_reaches_envoy_on_another_and_an_outage_keeps_config_and_
     let work = Workdir::new("dynamo-envoy");
     let moto = Moto::start(&work, "moto");
     moto.create_table("mesh");
-    let all = agents(&work, &moto, "mesh", 3, &[]);
-    let (a1, a2, a3) = (&all[0], &all[1], &all[2]);
+    let mut all = agents(&work, &moto, "mesh", 3, &[]);
+    let mut third = all.pop().expect("three agents");
+    let (a1, a2, a3) = (&all[0], &all[1], &third);
 
     // Written through agent 1 only.
     let node = |name: &str| {
@@ -482,6 +483,7 @@ fn a_write_on_one_agent_reaches_envoy_on_another_and_an_outage_keeps_config_and_
         Duration::from_secs(30),
         || match all
             .iter()
+            .chain([a3])
             .all(|a| a.metric("trellis_store_dynamodb_up") == 0.0)
         {
             true => Ok(()),
@@ -506,6 +508,28 @@ fn a_write_on_one_agent_reaches_envoy_on_another_and_an_outage_keeps_config_and_
         ),
         before
     );
+
+    // An agent restarted during the outage serves the last good state it kept on disk, and the
+    // Envoy that lost it reconnects to the same configuration.
+    third = third.restart(&work);
+    let a3 = &third;
+    assert!(
+        a3.proc
+            .log_text()
+            .contains("serving the last good state kept on disk"),
+        "{}",
+        a3.proc.log_text()
+    );
+    eventually(
+        "Envoy reconnected",
+        Duration::from_secs(30),
+        || match gw_task.envoy_stat(GATEWAY_ADMIN_PORT, "control_plane.connected_state") {
+            1 => Ok(()),
+            s => Err(format!("connected_state {s}")),
+        },
+    );
+    assert_eq!(through("/a/x"), (200, "hello from a".to_string()));
+    assert_eq!(through("/b/x"), (200, "hello from b".to_string()));
 
     // It answers again: agents recover by themselves and writes go through.
     moto.resume();
@@ -536,10 +560,12 @@ fn a_write_on_one_agent_reaches_envoy_on_another_and_an_outage_keeps_config_and_
     eventually("agents in step again", Duration::from_secs(30), || {
         let g: Vec<f64> = all
             .iter()
+            .chain([a3])
             .map(|a| a.metric("trellis_store_generation"))
             .collect();
         let up = all
             .iter()
+            .chain([a3])
             .all(|a| a.metric("trellis_store_dynamodb_up") == 1.0);
         if up && g.iter().all(|x| *x == g[0]) {
             Ok(())

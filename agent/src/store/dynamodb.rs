@@ -29,6 +29,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasher, Hasher};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -49,7 +50,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::items::{self, Change};
-use super::{Error, StoreArgs};
+use super::{Error, StoreArgs, embedded};
 use crate::model::State;
 
 const PK: &str = "pk";
@@ -108,6 +109,8 @@ impl From<Error> for Fail {
 pub(super) struct Dynamo {
     client: Client,
     table: String,
+    /// Where a serving agent keeps the last good state: (directory, file name).
+    cache: Option<(PathBuf, String)>,
     poll: Duration,
     /// The runtime that drives the SDK when a synchronous `write` waits for it.
     handle: tokio::runtime::Handle,
@@ -118,18 +121,43 @@ pub(super) struct Dynamo {
 }
 
 impl Dynamo {
-    /// Connects and loads the whole state (consistent reads).
-    pub(super) async fn connect(args: &StoreArgs, region: &str) -> Result<(Self, State), Error> {
+    /// Connects and loads the whole state (consistent reads); with a `cache` directory, falls back
+    /// to the last good state kept there when DynamoDB does not answer.
+    pub(super) async fn connect(
+        args: &StoreArgs,
+        region: &str,
+        cache: Option<&Path>,
+    ) -> Result<(Self, State), Error> {
         let table = table_name(args)?;
+        if let Some(dir) = cache {
+            std::fs::create_dir_all(dir).map_err(|source| Error::CreateDir {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        }
         let store = Dynamo {
             client: client(args, region).await,
+            cache: cache.map(|dir| (dir.to_path_buf(), format!("dynamodb-{table}.json"))),
             table,
             poll: Duration::from_millis(args.dynamodb_poll_ms.max(10)),
             handle: tokio::runtime::Handle::current(),
             lock: Mutex::new(()),
             metrics: Metrics::default(),
         };
-        let state = store.full_load().await?;
+        let state = match (store.full_load().await, &store.cache) {
+            (Ok(s), _) => s,
+            (Err(e), Some((dir, file))) if e.is_retryable() => {
+                match embedded::load_file(dir, file) {
+                    Ok(Some(s)) => {
+                        warn!(table = %store.table, error = %e, generation = s.generation,
+                            "DynamoDB does not answer; serving the last good state kept on disk");
+                        s
+                    }
+                    _ => return Err(e),
+                }
+            }
+            (Err(e), _) => return Err(e),
+        };
         info!(table = %store.table, generation = state.generation, meshes = state.meshes.len(),
             "loaded the shared store from DynamoDB");
         Ok((store, state))
@@ -206,8 +234,38 @@ impl Dynamo {
         }
     }
 
-    /// Polls the generation item until `cancel`; applies what other agents committed.
+    /// Polls the generation item until `cancel`, applying what other agents committed, and keeps
+    /// the last good state on disk.
     pub(super) async fn run(&self, tx: &watch::Sender<Arc<State>>, cancel: CancellationToken) {
+        tokio::join!(
+            self.poll_loop(tx, cancel.clone()),
+            self.keep_cache(tx, cancel)
+        );
+    }
+
+    /// Writes every published state to the cache file (only the newest, if writes fall behind).
+    async fn keep_cache(&self, tx: &watch::Sender<Arc<State>>, cancel: CancellationToken) {
+        let Some((dir, file)) = self.cache.clone() else {
+            return;
+        };
+        let mut rx = tx.subscribe();
+        loop {
+            let state = rx.borrow_and_update().clone();
+            let (d, f) = (dir.clone(), file.clone());
+            match tokio::task::spawn_blocking(move || embedded::persist_file(&d, &f, &state)).await
+            {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => warn!(error = %e, "cannot keep the last good state on disk"),
+                Err(e) => warn!(error = %e, "cannot keep the last good state on disk"),
+            }
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                changed = rx.changed() => if changed.is_err() { return },
+            }
+        }
+    }
+
+    async fn poll_loop(&self, tx: &watch::Sender<Arc<State>>, cancel: CancellationToken) {
         let mut failures = 0u32;
         loop {
             let wait = if failures == 0 {

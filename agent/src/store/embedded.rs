@@ -62,11 +62,16 @@ impl Embedded {
 
 /// The state file in `dir`, if there is one (creating `dir` if needed).
 pub(super) fn load(dir: &Path) -> Result<Option<State>, Error> {
+    load_file(dir, STATE_FILE)
+}
+
+/// The state in `dir/name`, if there is one (creating `dir` if needed).
+pub(super) fn load_file(dir: &Path, name: &str) -> Result<Option<State>, Error> {
     fs::create_dir_all(dir).map_err(|source| Error::CreateDir {
         path: dir.to_path_buf(),
         source,
     })?;
-    let path = dir.join(STATE_FILE);
+    let path = dir.join(name);
     match fs::read(&path) {
         Ok(bytes) => serde_json::from_slice(&bytes)
             .map(Some)
@@ -78,8 +83,13 @@ pub(super) fn load(dir: &Path) -> Result<Option<State>, Error> {
 
 /// Writes `state` to `dir/state.json`: temporary file, fsync, rename, fsync of the directory.
 pub(super) fn persist(dir: &Path, state: &State) -> Result<(), Error> {
-    let path = dir.join(STATE_FILE);
-    let tmp = dir.join(format!("{STATE_FILE}.tmp"));
+    persist_file(dir, STATE_FILE, state)
+}
+
+/// Writes `state` to `dir/name` crash-safely.
+pub(super) fn persist_file(dir: &Path, name: &str, state: &State) -> Result<(), Error> {
+    let path = dir.join(name);
+    let tmp = dir.join(format!("{name}.tmp"));
     let bytes = serde_json::to_vec_pretty(state).map_err(Error::Encode)?;
     let write_err = |source| Error::Write {
         path: path.clone(),

@@ -138,11 +138,28 @@ impl Store {
     }
 
     /// Opens the backend `args` names; `region` is the fallback when `aws-config` finds none.
+    /// Reads the shared store as it is now, or fails.
     pub async fn connect(dir: &Path, args: &StoreArgs, region: &str) -> Result<Self, Error> {
+        Store::connect_with(dir, args, region, false).await
+    }
+
+    /// [`Store::connect`] for a serving agent: the shared store's last good state is also kept in
+    /// `dir`, and an agent that starts while DynamoDB is unreachable serves it until DynamoDB answers.
+    pub async fn serve(dir: &Path, args: &StoreArgs, region: &str) -> Result<Self, Error> {
+        Store::connect_with(dir, args, region, true).await
+    }
+
+    async fn connect_with(
+        dir: &Path,
+        args: &StoreArgs,
+        region: &str,
+        cache: bool,
+    ) -> Result<Self, Error> {
         match args.backend {
             Backend::Embedded => Store::open(dir),
             Backend::Dynamodb => {
-                let (inner, state) = dynamodb::Dynamo::connect(args, region).await?;
+                let cache = cache.then_some(dir);
+                let (inner, state) = dynamodb::Dynamo::connect(args, region, cache).await?;
                 let (tx, _) = watch::channel(Arc::new(state));
                 Ok(Store {
                     inner: Inner::Dynamodb(inner),
