@@ -13,3 +13,7 @@ cargo build --workspace --bins --locked
 # One test binary at a time: the end-to-end suites share port 9901 inside their own namespaces,
 # but Envoy base ids and CPU are shared.
 cargo test --workspace --locked -- --test-threads=2
+# The API suites once more with every agent on a DynamoDB table (its own moto server) instead of the
+# embedded store: the shared store must answer exactly as the embedded one.
+TRELLIS_TEST_STORE=dynamodb cargo test -p trellis-tests --locked --test appmesh_api --test appmesh_sdk \
+  -- --test-threads=2

@@ -20,7 +20,7 @@ use tonic::transport::{Channel, Endpoint};
 use trellis_agent::api::kinds::{Routes, VirtualNodes, VirtualRouters, VirtualServices};
 use trellis_agent::api::{Account, Ops, Place, Quotas};
 use trellis_agent::config::ServeConfig;
-use trellis_agent::test_helpers::TempDir;
+use trellis_agent::test_helpers::{TempDir, serve_config};
 
 const NODES: usize = 100;
 const ROUTE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
@@ -210,29 +210,8 @@ fn pct(sorted: &[Duration], p: f64) -> Duration {
 async fn run(streams: usize, delta: bool) {
     let dir = TempDir::new("bench-ads");
     let cfg = ServeConfig {
-        data_dir: dir.path().join("data"),
-        api_addr: "127.0.0.1:0".parse().expect("addr"),
-        xds_socket: dir.path().join("xds.sock"),
-        // TCP for the load generator (no extra client dependencies); Envoys use the Unix socket.
-        xds_addr: Some("127.0.0.1:0".parse().expect("addr")),
-        resources: None,
-        account_id: "000000000000".into(),
-        region: "us-east-1".into(),
-        quota_meshes: 15,
-        quota_virtual_nodes: 200,
-        quota_virtual_services: 200,
-        quota_backends: 50,
-        quota_virtual_routers: 200,
-        quota_routes: 50,
-        quota_weighted_targets: 10,
-        quota_virtual_gateways: 3,
-        quota_gateway_routes: 10,
-        quota_tags: 50,
         max_connections_per_proxy: streams,
-        xds_debounce_ms: 20,
-        xds_debounce_max_ms: 500,
-        log_format: "text".into(),
-        cloudmap: Default::default(),
+        ..serve_config(dir.path())
     };
     let bound = trellis_agent::app::build(cfg).await.expect("agent");
     let store = bound.store.clone();

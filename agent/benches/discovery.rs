@@ -23,7 +23,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use trellis_agent::api::kinds::{VirtualNodes, VirtualServices};
 use trellis_agent::api::{Account, Ops, Place, Quotas};
 use trellis_agent::config::{CloudMapArgs, ServeConfig};
-use trellis_agent::test_helpers::TempDir;
+use trellis_agent::test_helpers::{TempDir, serve_config};
 
 const SERVICES: usize = 20;
 const CALLER_NODES: usize = 10;
@@ -189,33 +189,15 @@ async fn run(envoys: usize, moto: &str, poll_ms: u64) {
 
     let dir = TempDir::new("bench-discovery");
     let cfg = ServeConfig {
-        data_dir: dir.path().join("data"),
-        api_addr: "127.0.0.1:0".parse().expect("addr"),
-        xds_socket: dir.path().join("xds.sock"),
-        xds_addr: Some("127.0.0.1:0".parse().expect("addr")),
-        resources: None,
-        account_id: "000000000000".into(),
         region: "us-west-2".into(),
-        quota_meshes: 15,
-        quota_virtual_nodes: 200,
-        quota_virtual_services: 200,
-        quota_backends: 50,
-        quota_virtual_routers: 200,
-        quota_routes: 50,
-        quota_weighted_targets: 10,
-        quota_virtual_gateways: 3,
-        quota_gateway_routes: 10,
-        quota_tags: 50,
         max_connections_per_proxy: 1000,
-        xds_debounce_ms: 20,
-        xds_debounce_max_ms: 500,
-        log_format: "text".into(),
         cloudmap: CloudMapArgs {
             endpoint: Some(moto.to_string()),
             poll_ms,
             refresh_ms: poll_ms * 10,
             ..CloudMapArgs::default()
         },
+        ..serve_config(dir.path())
     };
     let bound = trellis_agent::app::build(cfg).await.expect("agent");
     let store = bound.store.clone();

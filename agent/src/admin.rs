@@ -11,6 +11,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 
 use crate::discovery;
+use crate::store::Store;
 use crate::xds::Metrics;
 
 /// Set once the store is loaded, the first state published and the ADS listeners bound.
@@ -28,12 +29,14 @@ struct Ctx {
     metrics: Arc<Metrics>,
     discovery: Arc<discovery::Metrics>,
     ready: Readiness,
+    store: Arc<Store>,
 }
 
 pub fn router(
     metrics: Arc<Metrics>,
     discovery: Arc<discovery::Metrics>,
     ready: Readiness,
+    store: Arc<Store>,
 ) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -44,6 +47,7 @@ pub fn router(
             metrics,
             discovery,
             ready,
+            store,
         })
 }
 
@@ -59,7 +63,7 @@ async fn metrics_text(State(c): State<Ctx>) -> impl IntoResponse {
     (
         StatusCode::OK,
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        c.metrics.render() + &c.discovery.render(),
+        c.metrics.render() + &c.discovery.render() + &c.store.metrics_text(),
     )
 }
 

@@ -44,7 +44,7 @@ pub struct Bound {
 }
 
 pub async fn build(cfg: ServeConfig) -> Result<Bound, Error> {
-    let store = Arc::new(Store::open(&cfg.data_dir)?);
+    let store = Arc::new(Store::serve(&cfg.data_dir, &cfg.store, &cfg.region).await?);
     let ops = Arc::new(Ops {
         account: Account {
             account_id: cfg.account_id.clone(),
@@ -70,6 +70,16 @@ pub async fn build(cfg: ServeConfig) -> Result<Bound, Error> {
     }
     let cancel = CancellationToken::new();
     let mut tasks = JoinSet::new();
+    tasks.spawn(
+        {
+            let (store, cancel) = (store.clone(), cancel.clone());
+            async move {
+                store.run(cancel).await;
+                ("store", Ok(()))
+            }
+        }
+        .instrument(info_span!("store")),
+    );
 
     let listener = tokio::net::TcpListener::bind(cfg.api_addr)
         .await
@@ -88,6 +98,7 @@ pub async fn build(cfg: ServeConfig) -> Result<Bound, Error> {
         metrics.clone(),
         discovery_metrics.clone(),
         ready.clone(),
+        store.clone(),
     ));
     let c = cancel.clone();
     tasks.spawn(

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::store::StoreArgs;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "trellis-agent",
@@ -24,6 +26,20 @@ pub enum Command {
     Bootstrap(BootstrapArgs),
     /// Print every resource (of the given meshes) as a `--resources` file.
     Export(ExportArgs),
+    /// Create what the store needs: the data directory, or the DynamoDB table (if absent).
+    InitStore(InitStoreArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct InitStoreArgs {
+    /// Directory of the embedded store.
+    #[arg(long, env = "TRELLIS_DATA_DIR", default_value = "/var/lib/trellis")]
+    pub data_dir: PathBuf,
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// Region when the AWS SDK's default chain finds none.
+    #[arg(long, env = "AWS_REGION", default_value = "us-east-1")]
+    pub region: String,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -34,6 +50,11 @@ pub struct ExportArgs {
     /// Only these meshes (repeatable); all when absent.
     #[arg(long = "mesh")]
     pub meshes: Vec<String>,
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// Region when the AWS SDK's default chain finds none.
+    #[arg(long, env = "AWS_REGION", default_value = "us-east-1")]
+    pub region: String,
 }
 
 #[derive(Debug, Clone, Args, serde::Serialize)]
@@ -41,6 +62,8 @@ pub struct ServeConfig {
     /// Directory of the embedded store.
     #[arg(long, env = "TRELLIS_DATA_DIR", default_value = "/var/lib/trellis")]
     pub data_dir: PathBuf,
+    #[command(flatten)]
+    pub store: StoreArgs,
     /// Address of the App Mesh REST API.
     #[arg(long, env = "TRELLIS_API_ADDR", default_value = "127.0.0.1:9080")]
     pub api_addr: SocketAddr,

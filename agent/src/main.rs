@@ -5,7 +5,7 @@ use std::io::Write;
 use anyhow::Context;
 use clap::Parser;
 use trellis_agent::bootstrap::{EnvoySettings, ProcessEnv};
-use trellis_agent::config::{BootstrapArgs, Cli, Command, ExportArgs};
+use trellis_agent::config::{BootstrapArgs, Cli, Command, ExportArgs, InitStoreArgs};
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -25,14 +25,40 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Bootstrap(args) => bootstrap(args),
         Command::Export(args) => export(args),
+        Command::InitStore(args) => init_store(args),
     }
 }
 
+/// A runtime for the one-shot commands that talk to the store.
+fn one_shot() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")
+}
+
 fn export(args: ExportArgs) -> anyhow::Result<()> {
-    let store = trellis_agent::store::Store::open(&args.data_dir)?;
-    let doc = trellis_agent::api::export(&store.current(), &args.meshes);
+    use trellis_agent::store::Store;
+    let state = one_shot()?.block_on(async {
+        Store::connect(&args.data_dir, &args.store, &args.region)
+            .await
+            .map(|s| s.current())
+    })?;
+    let doc = trellis_agent::api::export(&state, &args.meshes);
     let mut out = std::io::stdout().lock();
     writeln!(out, "{}", serde_json::to_string_pretty(&doc)?)?;
+    Ok(())
+}
+
+fn init_store(args: InitStoreArgs) -> anyhow::Result<()> {
+    let done = one_shot()?.block_on(trellis_agent::store::init(
+        &args.data_dir,
+        &args.store,
+        &args.region,
+    ))?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{done}")?;
     Ok(())
 }
 

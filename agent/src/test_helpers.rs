@@ -312,3 +312,34 @@ pub fn mesh_state(
     s.meshes.insert("m".into(), m);
     s
 }
+
+/// An agent configuration for benches and tests: the defaults of `serve`, state and socket in
+/// `dir`, the API and ADS (also over TCP, for load generators) on free loopback ports.
+pub fn serve_config(dir: &Path) -> crate::config::ServeConfig {
+    let any_port = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+    crate::config::ServeConfig {
+        data_dir: dir.join("data"),
+        store: Default::default(),
+        api_addr: any_port,
+        xds_socket: dir.join("xds.sock"),
+        xds_addr: Some(any_port),
+        resources: None,
+        account_id: "000000000000".into(),
+        region: "us-east-1".into(),
+        quota_meshes: 15,
+        quota_virtual_nodes: 200,
+        quota_virtual_services: 200,
+        quota_backends: 50,
+        quota_virtual_routers: 200,
+        quota_routes: 50,
+        quota_weighted_targets: 10,
+        quota_virtual_gateways: 3,
+        quota_gateway_routes: 10,
+        quota_tags: 50,
+        max_connections_per_proxy: crate::xds::DEFAULT_CONNECTIONS_PER_PROXY,
+        xds_debounce_ms: 20,
+        xds_debounce_max_ms: 500,
+        log_format: "text".into(),
+        cloudmap: Default::default(),
+    }
+}

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use crate::dynamo::{Moto, aws_env};
 use crate::{Proc, Workdir, bin, check, eventually, free_port, run};
 
 /// A bridge in its own namespace, with dnsmasq on the bridge address.
@@ -292,34 +293,101 @@ pub struct Agent {
     pub proc: Proc,
     pub api: String,
     pub socket_dir: PathBuf,
+    /// The agent's own moto server when the suite runs on the DynamoDB store (see [`Agent::start`]).
+    pub moto: Option<Moto>,
+    /// How it was started, for [`Agent::restart`].
+    started: Started,
+}
+
+#[derive(Debug, Clone)]
+struct Started {
+    name: String,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    resources: Option<PathBuf>,
+}
+
+/// How to start an agent beyond the defaults.
+#[derive(Debug, Clone, Default)]
+pub struct AgentOpts<'a> {
+    /// Names its data directory, socket directory and log (`agent` when empty).
+    pub name: &'a str,
+    pub resources: Option<&'a Path>,
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
 }
 
 impl Agent {
+    /// An agent on the embedded store; with `TRELLIS_TEST_STORE=dynamodb`, on a DynamoDB table
+    /// of its own moto server instead, so a suite written for one agent runs on either store.
     pub fn start(work: &Workdir, resources: Option<&Path>) -> Self {
-        Self::start_with_env(work, resources, &[])
+        let mut opts = AgentOpts {
+            resources,
+            ..AgentOpts::default()
+        };
+        let moto = match std::env::var("TRELLIS_TEST_STORE").as_deref() {
+            Ok("dynamodb") => {
+                let moto = Moto::start(work, "moto");
+                moto.create_table("trellis");
+                opts.args = moto.store_args("trellis");
+                opts.env = aws_env();
+                Some(moto)
+            }
+            Ok("embedded") | Err(_) => None,
+            Ok(other) => panic!("TRELLIS_TEST_STORE={other}: expected embedded or dynamodb"),
+        };
+        let mut agent = Agent::start_with(work, &opts);
+        agent.moto = moto;
+        agent
     }
 
     /// `start` with extra environment (`TRELLIS_*` settings, AWS credentials for discovery).
     pub fn start_with_env(work: &Workdir, resources: Option<&Path>, env: &[(&str, &str)]) -> Self {
+        let env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Agent::start_with(
+            work,
+            &AgentOpts {
+                resources,
+                env,
+                ..AgentOpts::default()
+            },
+        )
+    }
+
+    pub fn start_with(work: &Workdir, opts: &AgentOpts<'_>) -> Self {
+        let name = if opts.name.is_empty() {
+            "agent"
+        } else {
+            opts.name
+        };
         let port = free_port();
-        let socket_dir = work.join("agent-socket");
+        let socket_dir = work.join(&format!("{name}-socket"));
         let mut cmd = Command::new(bin("trellis-agent"));
         cmd.arg("serve")
             .arg("--data-dir")
-            .arg(work.join("agent-data"))
+            .arg(work.join(&format!("{name}-data")))
             .arg("--api-addr")
             .arg(format!("127.0.0.1:{port}"))
             .arg("--xds-socket")
             .arg(socket_dir.join("xds.sock"))
+            .args(&opts.args)
             .env("TRELLIS_LOG", "info,trellis_agent=debug");
-        if let Some(r) = resources {
+        for (k, v) in &opts.env {
+            cmd.env(k, v);
+        }
+        if let Some(r) = opts.resources {
             cmd.arg("--resources").arg(r);
         }
-        cmd.envs(env.iter().copied());
-        let mut proc = Proc::spawn("trellis-agent", &mut cmd, work.join("agent.log"));
+        let mut proc = Proc::spawn(
+            &format!("trellis-agent {name}"),
+            &mut cmd,
+            work.join(&format!("{name}.log")),
+        );
         let api = format!("http://127.0.0.1:{port}");
-        // Generous: a large `--resources` file (650 resources: ~20 s on a loaded 2-core machine)
-        // is applied before the API answers.
+        // Generous: a large `--resources` file is applied before the API answers.
         eventually("agent API up", Duration::from_secs(90), || {
             if !proc.is_running() {
                 panic!("trellis-agent exited:\n{}", proc.log_text());
@@ -341,7 +409,41 @@ impl Agent {
             proc,
             api,
             socket_dir,
+            moto: None,
+            started: Started {
+                name: name.to_string(),
+                args: opts.args.clone(),
+                env: opts.env.clone(),
+                resources: opts.resources.map(Path::to_path_buf),
+            },
         }
+    }
+
+    /// Stops the agent and starts it again as it was started, on the same store (and moto).
+    pub fn restart(mut self, work: &Workdir) -> Self {
+        let moto = self.moto.take();
+        let started = self.started.clone();
+        drop(self);
+        let mut agent = Agent::start_with(
+            work,
+            &AgentOpts {
+                name: &started.name,
+                resources: started.resources.as_deref(),
+                args: started.args,
+                env: started.env,
+            },
+        );
+        agent.moto = moto;
+        agent
+    }
+
+    /// A Prometheus sample from the agent's `/metrics` (0 when absent).
+    pub fn metric(&self, name: &str) -> f64 {
+        let out = run(Command::new("curl").args(["-s", &format!("{}/metrics", self.api)]));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or(0.0)
     }
 
     /// The real AWS CLI pointed at this agent.

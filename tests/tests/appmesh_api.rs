@@ -356,9 +356,7 @@ fn a_rejected_write_changes_nothing_and_committed_state_survives_a_restart() {
     ]);
     assert_eq!(after["virtualNode"]["metadata"]["version"], 1);
     assert_eq!(after["virtualNode"]["spec"], created["virtualNode"]["spec"]);
-    drop(agent);
-
-    let agent = Agent::start(&work, None);
+    let agent = agent.restart(&work);
     let restarted = agent.appmesh(&[
         "describe-virtual-node",
         "--mesh-name",

@@ -330,12 +330,16 @@ fn apply_item(ops: &Ops, store: &Store, kind: FileKind, item: &Value) -> Result<
             .ok_or_else(|| Error::bad(k, "is required"))
     };
     let mesh = text("meshName")?;
+    // Another agent may create the same resource from the same file at the same time: a create
+    // that meets it becomes an update.
     if kind == FileKind::Mesh {
-        if store.current().meshes.contains_key(mesh) {
-            ops.update_mesh(store, mesh, parse_body(&bytes)?)?;
-        } else {
-            ops.create_mesh(store, parse_body(&bytes)?)?;
+        if !store.current().meshes.contains_key(mesh) {
+            match ops.create_mesh(store, parse_body(&bytes)?) {
+                Err(Error::Conflict(_)) => {}
+                other => return other.map(drop),
+            }
         }
+        ops.update_mesh(store, mesh, parse_body(&bytes)?)?;
         return Ok(());
     }
     fn upsert<K: Kind>(
@@ -351,11 +355,13 @@ fn apply_item(ops: &Ops, store: &Store, kind: FileKind, item: &Value) -> Result<
             .ok()
             .and_then(|m| K::map(m, at.mesh, at.parent).ok())
             .is_some_and(|map| map.contains_key(name));
-        if exists {
-            ops.update::<K>(store, at, name, parse_body(bytes)?)?;
-        } else {
-            ops.create::<K>(store, at, parse_body(bytes)?)?;
+        if !exists {
+            match ops.create::<K>(store, at, parse_body(bytes)?) {
+                Err(Error::Conflict(_)) => {}
+                other => return other.map(drop),
+            }
         }
+        ops.update::<K>(store, at, name, parse_body(bytes)?)?;
         Ok(())
     }
     let top = Place {

@@ -143,6 +143,7 @@ impl Ops {
         normalize_mesh_spec(&mut spec);
         let name = req.mesh_name;
         let tags = req.tags.unwrap_or_default();
+        let stamp = Stamp::new();
         store.write(|state| {
             if let Some(existing) = state.meshes.get(&name) {
                 idempotent_or_conflict(&existing.mesh, &spec, &tags, &req.client_token, || {
@@ -157,7 +158,13 @@ impl Ops {
                 )));
             }
             let arn = self.arn(&format!("mesh/{name}"));
-            let resource = self.new_resource(arn, spec, tags, req.client_token);
+            let resource = self.new_resource(
+                arn,
+                &stamp,
+                spec.clone(),
+                tags.clone(),
+                req.client_token.clone(),
+            );
             let data = mesh_data(&name, &resource, Status::Active);
             state.meshes.insert(name.clone(), MeshState::new(resource));
             Ok(data)
@@ -183,9 +190,10 @@ impl Ops {
         req.validate("")?;
         let mut spec = req.spec.unwrap_or_default();
         normalize_mesh_spec(&mut spec);
+        let stamp = Stamp::new();
         store.write(|state| {
             let m = self.mesh_mut(state, mesh, None)?;
-            apply_update(&mut m.mesh, spec, req.client_token);
+            apply_update(&mut m.mesh, &stamp, &spec, &req.client_token);
             Ok(mesh_data(mesh, &m.mesh, Status::Active))
         })
     }
@@ -243,6 +251,7 @@ impl Ops {
             tags,
             client_token,
         } = K::create_parts(body);
+        let stamp = Stamp::new();
         store.write(|state| {
             let m = self.mesh_mut(state, at.mesh, at.owner)?;
             K::check(
@@ -272,9 +281,15 @@ impl Ops {
                 )));
             }
             let arn = self.arn(&arn_path::<K>(at, &name));
-            let resource = self.new_resource(arn, spec, tags, client_token);
+            let resource = self.new_resource(
+                arn,
+                &stamp,
+                spec.clone(),
+                tags.clone(),
+                client_token.clone(),
+            );
             let out = data::<K>(at, &name, &resource, Status::Active);
-            K::map_mut(m, at.mesh, at.parent)?.insert(name, resource);
+            K::map_mut(m, at.mesh, at.parent)?.insert(name.clone(), resource);
             Ok(out)
         })
     }
@@ -301,6 +316,7 @@ impl Ops {
     ) -> Result<Value, Error> {
         body.validate("")?;
         let (spec, client_token) = K::update_parts(body);
+        let stamp = Stamp::new();
         store.write(|state| {
             let m = self.mesh_mut(state, at.mesh, at.owner)?;
             if !K::map(m, at.mesh, at.parent)?.contains_key(name) {
@@ -319,7 +335,7 @@ impl Ops {
             let r = K::map_mut(m, at.mesh, at.parent)?
                 .get_mut(name)
                 .ok_or_else(|| not_found::<K>(at, name))?;
-            apply_update(r, spec, client_token);
+            apply_update(r, &stamp, &spec, &client_token);
             Ok(data::<K>(at, name, r, Status::Active))
         })
     }
@@ -494,19 +510,19 @@ impl Ops {
     fn new_resource<S>(
         &self,
         arn: String,
+        stamp: &Stamp,
         spec: S,
         tags: Vec<TagRef>,
         client_token: Option<String>,
     ) -> Resource<S> {
-        let now = now();
         Resource {
             metadata: Metadata {
                 arn,
-                created_at: now,
-                last_updated_at: now,
+                created_at: stamp.now,
+                last_updated_at: stamp.now,
                 mesh_owner: self.account.account_id.clone(),
                 resource_owner: self.account.account_id.clone(),
-                uid: uuid::Uuid::new_v4().to_string(),
+                uid: stamp.uid.clone(),
                 version: 1,
             },
             spec,
@@ -591,23 +607,40 @@ fn idempotent_or_conflict<S: PartialEq>(
 }
 
 /// Updates replace the whole spec; only a real change bumps the version.
-fn apply_update<S: PartialEq>(r: &mut Resource<S>, spec: S, client_token: Option<String>) {
-    if r.spec != spec {
-        r.spec = spec;
+fn apply_update<S: PartialEq + Clone>(
+    r: &mut Resource<S>,
+    stamp: &Stamp,
+    spec: &S,
+    client_token: &Option<String>,
+) {
+    if r.spec != *spec {
+        r.spec = spec.clone();
         r.metadata.version += 1;
-        r.metadata.last_updated_at = now();
+        r.metadata.last_updated_at = stamp.now;
     }
     if client_token.is_some() {
-        r.client_token = client_token;
+        r.client_token.clone_from(client_token);
     }
 }
 
-fn now() -> f64 {
-    let d = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    // Millisecond precision, like App Mesh's timestamps.
-    (d.as_millis() as f64) / 1000.0
+/// The time and uid of one request, taken before the store runs its closure: a closure that the
+/// shared store re-runs after a lost race must compute the same resource again.
+struct Stamp {
+    now: f64,
+    uid: String,
+}
+
+impl Stamp {
+    fn new() -> Self {
+        let d = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        Stamp {
+            // Millisecond precision, like App Mesh's timestamps.
+            now: (d.as_millis() as f64) / 1000.0,
+            uid: uuid::Uuid::new_v4().to_string(),
+        }
+    }
 }
 
 fn where_<K: Kind>(at: Place<'_>) -> String {

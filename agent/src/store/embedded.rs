@@ -1,4 +1,4 @@
-//! The embedded store: the whole App Mesh state in memory, persisted to one file, published to
+//! The embedded backend: the whole App Mesh state in memory, persisted to one file, published to
 //! watchers after every committed write.
 //!
 //! A write runs against a copy of the state; only if it succeeds and the copy is durably on disk
@@ -12,127 +12,106 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
 
+use super::Error;
 use crate::model::State;
 
-const STATE_FILE: &str = "state.json";
+pub(super) const STATE_FILE: &str = "state.json";
 
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("cannot create data directory {path}: {source}")]
-    CreateDir {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{path} is not a Trellis state file: {source}")]
-    Corrupt {
-        path: PathBuf,
-        #[source]
-        source: serde_json::Error,
-    },
-    #[error("cannot persist state to {path}: {source}")]
-    Write {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("cannot encode state: {0}")]
-    Encode(#[source] serde_json::Error),
-}
-
-/// The embedded, single-agent store.
+/// The embedded, single-agent backend.
 #[derive(Debug)]
-pub struct Store {
+pub(super) struct Embedded {
     dir: PathBuf,
     /// Serialises writers; readers never take it.
     write_lock: Mutex<()>,
-    tx: watch::Sender<Arc<State>>,
 }
 
-impl Store {
+impl Embedded {
     /// Opens (or creates) the store in `dir`, loading the last committed state.
-    pub fn open(dir: &Path) -> Result<Self, Error> {
-        fs::create_dir_all(dir).map_err(|source| Error::CreateDir {
-            path: dir.to_path_buf(),
-            source,
-        })?;
-        let path = dir.join(STATE_FILE);
-        let state = match fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| Error::Corrupt {
-                path: path.clone(),
-                source,
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => State::default(),
-            Err(source) => return Err(Error::Read { path, source }),
-        };
-        let (tx, _) = watch::channel(Arc::new(state));
-        Ok(Store {
+    pub(super) fn open(dir: &Path) -> Result<(Self, State), Error> {
+        let state = load(dir)?.unwrap_or_default();
+        let store = Embedded {
             dir: dir.to_path_buf(),
             write_lock: Mutex::new(()),
-            tx,
-        })
-    }
-
-    /// The current committed state.
-    pub fn current(&self) -> Arc<State> {
-        self.tx.borrow().clone()
-    }
-
-    /// A receiver that sees every committed state (only the newest, if it falls behind).
-    pub fn subscribe(&self) -> watch::Receiver<Arc<State>> {
-        self.tx.subscribe()
+        };
+        Ok((store, state))
     }
 
     /// Runs `f` on a copy of the state and commits the copy if `f` succeeds and changed something.
-    ///
-    /// Blocking (it fsyncs); async callers should run it with `block_in_place`.
-    pub fn write<T, E>(&self, f: impl FnOnce(&mut State) -> Result<T, E>) -> Result<T, E>
+    pub(super) fn write<T, E>(
+        &self,
+        tx: &watch::Sender<Arc<State>>,
+        mut f: impl FnMut(&mut State) -> Result<T, E>,
+    ) -> Result<T, E>
     where
         E: From<Error>,
     {
         // A poisoned lock only means another writer panicked; the committed state is still whole.
         let _guard = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let current = self.current();
+        let current = tx.borrow().clone();
         let mut next = (*current).clone();
         let out = f(&mut next)?;
         if next == *current {
             return Ok(out);
         }
         next.generation = current.generation + 1;
-        self.persist(&next)?;
-        self.tx.send_replace(Arc::new(next));
+        persist(&self.dir, &next)?;
+        tx.send_replace(Arc::new(next));
         Ok(out)
     }
+}
 
-    fn persist(&self, state: &State) -> Result<(), Error> {
-        let path = self.dir.join(STATE_FILE);
-        let tmp = self.dir.join(format!("{STATE_FILE}.tmp"));
-        let bytes = serde_json::to_vec_pretty(state).map_err(Error::Encode)?;
-        let write_err = |source| Error::Write {
-            path: path.clone(),
-            source,
-        };
-        let mut file = File::create(&tmp).map_err(write_err)?;
-        file.write_all(&bytes).map_err(write_err)?;
-        file.sync_all().map_err(write_err)?;
-        drop(file);
-        fs::rename(&tmp, &path).map_err(write_err)?;
-        File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(write_err)?;
-        Ok(())
+/// The state file in `dir`, if there is one (creating `dir` if needed).
+pub(super) fn load(dir: &Path) -> Result<Option<State>, Error> {
+    load_file(dir, STATE_FILE)
+}
+
+/// The state in `dir/name`, if there is one (creating `dir` if needed).
+pub(super) fn load_file(dir: &Path, name: &str) -> Result<Option<State>, Error> {
+    fs::create_dir_all(dir).map_err(|source| Error::CreateDir {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let path = dir.join(name);
+    match fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|source| Error::Corrupt { path, source }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(Error::Read { path, source }),
     }
+}
+
+/// Writes `state` to `dir/state.json`: temporary file, fsync, rename, fsync of the directory.
+pub(super) fn persist(dir: &Path, state: &State) -> Result<(), Error> {
+    persist_file(dir, STATE_FILE, state)
+}
+
+/// Writes `state` to `dir/name` crash-safely.
+pub(super) fn persist_file(dir: &Path, name: &str, state: &State) -> Result<(), Error> {
+    let path = dir.join(name);
+    let tmp = dir.join(format!("{name}.tmp"));
+    let bytes = serde_json::to_vec_pretty(state).map_err(Error::Encode)?;
+    let write_err = |source| Error::Write {
+        path: path.clone(),
+        source,
+    };
+    let mut file = File::create(&tmp).map_err(write_err)?;
+    file.write_all(&bytes).map_err(write_err)?;
+    file.sync_all().map_err(write_err)?;
+    drop(file);
+    fs::rename(&tmp, &path).map_err(write_err)?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(write_err)?;
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
+    use std::fs;
+
     use super::*;
+    use crate::store::Store;
     use crate::test_helpers::{TempDir, mesh_resource};
 
     #[derive(Debug)]

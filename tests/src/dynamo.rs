@@ -1,0 +1,92 @@
+//! moto server's DynamoDB as the shared store of several agents: start it (one request at a time,
+//! as `py/moto_serial.py` explains), create a table with `trellis-agent init-store`, and make it
+//! unreachable (SIGSTOP: requests hang and time out, as on a lost network) and reachable again
+//! (SIGCONT) without losing its in-memory tables.
+
+use std::process::Command;
+use std::time::Duration;
+
+use crate::{Proc, Workdir, bin, check, eventually, free_port, run, venv};
+
+/// A running moto server.
+#[derive(Debug)]
+pub struct Moto {
+    proc: Proc,
+    pub endpoint: String,
+}
+
+impl Moto {
+    pub fn start(work: &Workdir, name: &str) -> Self {
+        let port = free_port();
+        // moto's own server, with request handling serialised (see the script).
+        let mut cmd = Command::new(venv().join("bin/python"));
+        cmd.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/py/moto_serial.py"))
+            .args(["127.0.0.1", &port.to_string()]);
+        let mut proc = Proc::spawn(name, &mut cmd, work.join(&format!("{name}.log")));
+        let endpoint = format!("http://127.0.0.1:{port}");
+        eventually("moto server up", Duration::from_secs(30), || {
+            if !proc.is_running() {
+                panic!("moto_server exited:\n{}", proc.log_text());
+            }
+            let out = run(Command::new("curl").args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                &format!("{endpoint}/moto-api/"),
+            ]));
+            match String::from_utf8_lossy(&out.stdout).as_ref() {
+                "000" | "" => Err("not answering".to_string()),
+                _ => Ok(()),
+            }
+        });
+        Moto { proc, endpoint }
+    }
+
+    /// `--store dynamodb` flags for an agent (or `export`) on `table`.
+    pub fn store_args(&self, table: &str) -> Vec<String> {
+        [
+            "--store",
+            "dynamodb",
+            "--dynamodb-table",
+            table,
+            "--dynamodb-endpoint",
+            &self.endpoint,
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+
+    /// Creates `table` the way an operator would: `trellis-agent init-store`.
+    pub fn create_table(&self, table: &str) -> String {
+        let mut cmd = Command::new(bin("trellis-agent"));
+        cmd.arg("init-store").args(self.store_args(table));
+        for (k, v) in aws_env() {
+            cmd.env(k, v);
+        }
+        check(&mut cmd)
+    }
+
+    /// DynamoDB stops answering (the process is frozen; connections hang).
+    pub fn pause(&self) {
+        check(Command::new("kill").args(["-STOP", &self.proc.pid().to_string()]));
+    }
+
+    pub fn resume(&self) {
+        check(Command::new("kill").args(["-CONT", &self.proc.pid().to_string()]));
+    }
+}
+
+/// Credentials for moto, and nothing from the host's AWS configuration or instance metadata.
+pub fn aws_env() -> Vec<(String, String)> {
+    [
+        ("AWS_ACCESS_KEY_ID", "test"),
+        ("AWS_SECRET_ACCESS_KEY", "test"),
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+        ("AWS_CONFIG_FILE", "/dev/null"),
+        ("AWS_SHARED_CREDENTIALS_FILE", "/dev/null"),
+    ]
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .to_vec()
+}
