@@ -60,11 +60,6 @@ impl Metrics {
         self.lock().pollers
     }
 
-    /// Cloud Map calls made so far, all operations.
-    pub fn calls(&self) -> u64 {
-        self.lock().calls.values().sum()
-    }
-
     pub fn render(&self) -> String {
         let m = self.lock();
         let mut out = String::new();

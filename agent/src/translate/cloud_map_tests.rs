@@ -223,3 +223,23 @@ fn an_undiscovered_key_is_an_empty_assignment_not_a_missing_one() {
     let s = mesh_with(json!({}), json!({}));
     assert!(hosts(&s, &Endpoints::new()).is_empty());
 }
+
+#[test]
+fn a_gateway_needs_the_keys_behind_its_gateway_routes() {
+    let mut s = mesh_with(json!({}), json!({}));
+    let m = s.meshes.get_mut("m").unwrap();
+    let route = serde_json::from_value(json!({"httpRoute": {
+        "match": {"prefix": "/"},
+        "action": {"target": {"virtualService": {"virtualServiceName": "back.local"}}}
+    }}))
+    .unwrap();
+    m.gateway_routes.entry("gw".into()).or_default().insert(
+        "to-back".into(),
+        crate::test_helpers::resource("to-back", route),
+    );
+    let gw = ProxyIdentity::parse("mesh/m/virtualGateway/gw").unwrap();
+    assert_eq!(
+        cloud_map_keys(&s, &gw).into_iter().collect::<Vec<_>>(),
+        vec![key(&[])]
+    );
+}
