@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use trellis_tests::mesh::{Agent, Task, Vpc};
-use trellis_tests::scenario::{TaskSpec, resources_file, start_tasks};
+use trellis_tests::scenario::{TaskSpec, back_front_items, back_spec, resources_file, start_tasks};
 use trellis_tests::{Proc, Workdir, check, eventually};
 
 const PORT: u16 = 8080;
@@ -168,19 +168,9 @@ fn orchestrate() {
         return;
     }
     let work = Workdir::new("dataplane");
-    let resources = resources_file(
-        &work,
-        &json!([
-            {"meshName": "m"},
-            {"meshName": "m", "virtualServiceName": "back.local",
-             "spec": {"provider": {"virtualNode": {"virtualNodeName": "back-vn"}}}},
-            {"meshName": "m", "virtualNodeName": "back-vn", "spec": {
-                "listeners": [{"portMapping": {"port": PORT, "protocol": "http"}}],
-                "serviceDiscovery": {"dns": {"hostname": "back-vn.trellis.test"}}}},
-            {"meshName": "m", "virtualNodeName": "front-vn", "spec": {
-                "backends": [{"virtualService": {"virtualServiceName": "back.local"}}]}}
-        ]),
-    );
+    let mut back = back_spec();
+    back["listeners"][0]["portMapping"]["port"] = json!(PORT);
+    let resources = resources_file(&work, &back_front_items(back, true));
     let agent = Agent::start(&work, Some(&resources));
     let mut vpc = Vpc::new(&work, 17);
     let front = vpc.task("front", 2);

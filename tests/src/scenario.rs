@@ -129,20 +129,36 @@ pub struct TwoTasks {
     pub agent: Agent,
 }
 
+/// `back-vn`'s spec: HTTP on 8080, found by DNS as `back-vn.trellis.test`.
+pub fn back_spec() -> Value {
+    json!({
+        "listeners": [{"portMapping": {"port": 8080, "protocol": "http"}}],
+        "serviceDiscovery": {"dns": {"hostname": "back-vn.trellis.test"}}
+    })
+}
+
+/// Mesh `m` with `back-vn` (spec `back`) providing `back.local`, and, with `front`, the node
+/// `front-vn` whose one backend is `back.local`.
+pub fn back_front_items(back: Value, front: bool) -> Value {
+    let mut items = vec![
+        json!({"meshName": "m"}),
+        json!({"meshName": "m", "virtualServiceName": "back.local",
+               "spec": {"provider": {"virtualNode": {"virtualNodeName": "back-vn"}}}}),
+        json!({"meshName": "m", "virtualNodeName": "back-vn", "spec": back}),
+    ];
+    if front {
+        items.push(
+            json!({"meshName": "m", "virtualNodeName": "front-vn", "spec": {
+            "backends": [{"virtualService": {"virtualServiceName": "back.local"}}]}}),
+        );
+    }
+    Value::Array(items)
+}
+
 /// Builds the mesh: resources (mesh, back's node and service from `--resources`, front's node
 /// through the AWS CLI), a VPC with two tasks meshed by `trellis-rewrite`, started in ECS order.
 pub fn two_tasks(work: &Workdir, say: &dyn Fn(&str)) -> TwoTasks {
-    let resources = resources_file(
-        work,
-        &json!([
-            {"meshName": "m"},
-            {"meshName": "m", "virtualServiceName": "back.local",
-             "spec": {"provider": {"virtualNode": {"virtualNodeName": "back-vn"}}}},
-            {"meshName": "m", "virtualNodeName": "back-vn", "spec": {
-                "listeners": [{"portMapping": {"port": 8080, "protocol": "http"}}],
-                "serviceDiscovery": {"dns": {"hostname": "back-vn.trellis.test"}}}}
-        ]),
-    );
+    let resources = resources_file(work, &back_front_items(back_spec(), false));
     say(
         "starting trellis-agent with mesh m, virtual node back-vn and virtual service back.local (--resources)",
     );

@@ -8,7 +8,8 @@ use std::time::Duration;
 use serde_json::json;
 use trellis_tests::mesh::{Agent, Vpc, container, env_of, rewrite_with, start_envoy};
 use trellis_tests::scenario::{
-    BACK_BODY, EGRESS_CLUSTER, TaskSpec, app_taskdef, resources_file, start_tasks,
+    BACK_BODY, EGRESS_CLUSTER, TaskSpec, app_taskdef, back_front_items, back_spec, resources_file,
+    start_tasks,
 };
 use trellis_tests::{Workdir, can_run_privileged, eventually, run};
 
@@ -18,19 +19,7 @@ fn an_app_without_redirect_reaches_its_backend_through_envoy_as_http_proxy() {
         return;
     }
     let work = Workdir::new("explicit");
-    let resources = resources_file(
-        &work,
-        &json!([
-            {"meshName": "m"},
-            {"meshName": "m", "virtualServiceName": "back.local",
-             "spec": {"provider": {"virtualNode": {"virtualNodeName": "back-vn"}}}},
-            {"meshName": "m", "virtualNodeName": "back-vn", "spec": {
-                "listeners": [{"portMapping": {"port": 8080, "protocol": "http"}}],
-                "serviceDiscovery": {"dns": {"hostname": "back-vn.trellis.test"}}}},
-            {"meshName": "m", "virtualNodeName": "front-vn", "spec": {
-                "backends": [{"virtualService": {"virtualServiceName": "back.local"}}]}}
-        ]),
-    );
+    let resources = resources_file(&work, &back_front_items(back_spec(), true));
     let agent = Agent::start(&work, Some(&resources));
     let mut vpc = Vpc::new(&work, 13);
     let front = vpc.task("front", 2);

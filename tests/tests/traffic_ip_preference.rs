@@ -6,14 +6,13 @@ use std::time::Duration;
 
 use serde_json::json;
 use trellis_tests::mesh::{Agent, Task, Vpc, rewrite_with, run_route_manager, start_envoy};
-use trellis_tests::scenario::{BACK_URL, app_taskdef, resources_file};
+use trellis_tests::scenario::{self, BACK_URL, app_taskdef, back_front_items, resources_file};
 use trellis_tests::{Proc, Workdir, can_run_privileged, eventually};
 
 fn back_spec(preference: &str) -> serde_json::Value {
-    json!({
-        "listeners": [{"portMapping": {"port": 8080, "protocol": "http"}}],
-        "serviceDiscovery": {"dns": {"hostname": "back-vn.trellis.test", "ipPreference": preference}}
-    })
+    let mut spec = scenario::back_spec();
+    spec["serviceDiscovery"]["dns"]["ipPreference"] = json!(preference);
+    spec
 }
 
 /// The front Envoy's view of the back cluster's hosts (admin `/clusters`).
@@ -50,17 +49,7 @@ fn ipv6_preference_reaches_the_node_over_ipv6_and_ipv4_only_switches_it_back() {
         return;
     }
     let work = Workdir::new("ippref");
-    let resources = resources_file(
-        &work,
-        &json!([
-            {"meshName": "m"},
-            {"meshName": "m", "virtualServiceName": "back.local",
-             "spec": {"provider": {"virtualNode": {"virtualNodeName": "back-vn"}}}},
-            {"meshName": "m", "virtualNodeName": "back-vn", "spec": back_spec("IPv6_ONLY")},
-            {"meshName": "m", "virtualNodeName": "front-vn", "spec": {
-                "backends": [{"virtualService": {"virtualServiceName": "back.local"}}]}}
-        ]),
-    );
+    let resources = resources_file(&work, &back_front_items(back_spec("IPv6_ONLY"), true));
     let agent = Agent::start(&work, Some(&resources));
     let mut vpc = Vpc::new(&work, 19);
     let front = vpc.task("front", 2);
