@@ -114,6 +114,8 @@ pub async fn build(cfg: ServeConfig) -> Result<Bound, Error> {
     let (published_tx, published_rx) = xds::debounce::channel(store.current());
     let (endpoints_tx, endpoints_rx) =
         tokio::sync::watch::channel(published_rx.borrow().endpoints.clone());
+    // Cloud Map pollers and the service-address resolver both publish here.
+    let endpoints_tx = Arc::new(endpoints_tx);
     tasks.spawn(
         {
             let (store_rx, cancel) = (store.subscribe(), cancel.clone());
@@ -146,13 +148,26 @@ pub async fn build(cfg: ServeConfig) -> Result<Bound, Error> {
         {
             let (client, settings) = cloud_map(&cfg.cloudmap, &cfg.region);
             let (state, proxies) = (store.subscribe(), ads.connected_proxies());
-            let (out, m, cancel) = (Arc::new(endpoints_tx), discovery_metrics, cancel.clone());
+            let (out, m, cancel) = (endpoints_tx.clone(), discovery_metrics, cancel.clone());
             async move {
                 discovery::run(client, state, proxies, out, m, settings, cancel).await;
                 ("discovery", Ok(()))
             }
         }
         .instrument(info_span!("discovery")),
+    );
+    tasks.spawn(
+        {
+            let (state, proxies) = (store.subscribe(), ads.connected_proxies());
+            let (out, cancel) = (endpoints_tx, cancel.clone());
+            let every = Duration::from_millis(cfg.address_poll_ms);
+            async move {
+                let resolver = Arc::new(discovery::addresses::SystemResolver);
+                discovery::addresses::run(resolver, state, proxies, out, every, cancel).await;
+                ("service-addresses", Ok(()))
+            }
+        }
+        .instrument(info_span!("service_addresses")),
     );
     let unix = xds::bind_unix(&cfg.xds_socket)?;
     tasks.spawn(

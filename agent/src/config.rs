@@ -130,6 +130,10 @@ pub struct ServeConfig {
     pub log_format: String,
     #[command(flatten)]
     pub cloudmap: CloudMapArgs,
+    /// How often the names of TCP services that share a port are resolved again, in
+    /// milliseconds (they tell those services apart by address).
+    #[arg(long, env = "TRELLIS_ADDRESS_POLL_MS", default_value_t = 5000)]
+    pub address_poll_ms: u64,
 }
 
 /// Cloud Map discovery: where, how often, and which health filter.

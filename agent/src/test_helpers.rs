@@ -341,5 +341,6 @@ pub fn serve_config(dir: &Path) -> crate::config::ServeConfig {
         xds_debounce_max_ms: 500,
         log_format: "text".into(),
         cloudmap: Default::default(),
+        address_poll_ms: 5000,
     }
 }

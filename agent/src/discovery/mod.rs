@@ -5,6 +5,7 @@
 //! Demand = `translate::cloud_map_keys` of every connected proxy against the committed state, so
 //! Cloud Map calls grow with the services in use on this agent, never with the number of Envoys.
 
+pub mod addresses;
 mod metrics;
 mod poller;
 pub mod sdk;

@@ -6,14 +6,15 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 
 use super::envoy;
 use crate::model::{
-    AwsCloudMapServiceDiscovery, IpPreference, MeshState, ProxyIdentity, ProxyKind, State,
+    AwsCloudMapServiceDiscovery, IpPreference, MeshState, PortProtocol, ProxyIdentity, ProxyKind,
+    State,
 };
 
 /// A Cloud Map query: `DiscoverInstances(namespace, service, QueryParameters = attributes)`.
@@ -71,6 +72,9 @@ pub struct Endpoints {
     pub generation: u64,
     /// Instances sorted by id, so equal answers compare (and hash) equal whatever Cloud Map's order.
     pub cloud_map: BTreeMap<CloudMapKey, Arc<[Instance]>>,
+    /// What virtual service names resolve to (sorted), for TCP services that share a port: the
+    /// app connects to that address, so it tells them apart. See [`shared_tcp_services`].
+    pub addresses: BTreeMap<String, Arc<[IpAddr]>>,
 }
 
 impl Endpoints {
@@ -172,5 +176,62 @@ fn provider_nodes<'m>(mesh: &'m MeshState, service: &str) -> Vec<&'m str> {
         .flat_map(|routes| routes.values())
         .flat_map(|r| r.spec.weighted_targets())
         .map(|t| t.virtual_node.as_str())
+        .collect()
+}
+
+/// The backends of node `who` that share a TCP destination port with another of its backends:
+/// only the address the app connects to tells them apart, so discovery resolves their names.
+/// A superset is harmless (a name resolved for nothing).
+pub fn shared_tcp_services(state: &State, who: &ProxyIdentity) -> BTreeSet<String> {
+    let Some(mesh) = state.meshes.get(&who.mesh) else {
+        return BTreeSet::new();
+    };
+    let Some(node) = mesh.virtual_nodes.get(&who.name) else {
+        return BTreeSet::new();
+    };
+    if who.kind != ProxyKind::VirtualNode {
+        return BTreeSet::new();
+    }
+    let mut by_port: BTreeMap<i64, BTreeSet<&str>> = BTreeMap::new();
+    for b in node.spec.backends.iter().flatten() {
+        let Some(vs) = &b.virtual_service else {
+            continue;
+        };
+        let service = vs.virtual_service_name.as_str();
+        let Some(provider) = mesh
+            .virtual_services
+            .get(service)
+            .and_then(|s| s.spec.provider.as_ref())
+        else {
+            continue;
+        };
+        let tcp_ports: Vec<i64> = if let Some(p) = &provider.virtual_node {
+            mesh.virtual_nodes
+                .get(&p.virtual_node_name)
+                .into_iter()
+                .flat_map(|n| n.spec.listeners.iter().flatten())
+                .filter(|l| l.port_mapping.protocol == PortProtocol::Tcp)
+                .map(|l| l.port_mapping.port)
+                .collect()
+        } else if let Some(p) = &provider.virtual_router {
+            mesh.virtual_routers
+                .get(&p.virtual_router_name)
+                .into_iter()
+                .flat_map(|r| r.spec.listeners.iter().flatten())
+                .filter(|l| l.port_mapping.protocol == PortProtocol::Tcp)
+                .map(|l| l.port_mapping.port)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        for port in tcp_ports {
+            by_port.entry(port).or_default().insert(service);
+        }
+    }
+    by_port
+        .into_values()
+        .filter(|services| services.len() > 1)
+        .flatten()
+        .map(str::to_string)
         .collect()
 }

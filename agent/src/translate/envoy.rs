@@ -7,10 +7,10 @@ use envoy_types::pb::envoy::config::cluster::v3::{
 };
 use envoy_types::pb::envoy::config::core::v3::Address;
 use envoy_types::pb::envoy::config::core::v3::{
-    AggregatedConfigSource, ApiConfigSource, ApiVersion, ConfigSource, DataSource, GrpcService,
-    HealthCheck, Http2ProtocolOptions, SocketAddress, SubstitutionFormatString, TrafficDirection,
-    TransportSocket, address, api_config_source, config_source, data_source, grpc_service,
-    health_check, socket_address, substitution_format_string, transport_socket,
+    AggregatedConfigSource, ApiConfigSource, ApiVersion, CidrRange, ConfigSource, DataSource,
+    GrpcService, HealthCheck, Http2ProtocolOptions, SocketAddress, SubstitutionFormatString,
+    TrafficDirection, TransportSocket, address, api_config_source, config_source, data_source,
+    grpc_service, health_check, socket_address, substitution_format_string, transport_socket,
 };
 use envoy_types::pb::envoy::config::endpoint::v3::{
     ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, endpoint, lb_endpoint,
@@ -697,6 +697,27 @@ pub(super) fn filter_chain(port: Option<u32>, filter: Filter) -> FilterChain {
         filters: vec![filter],
         ..Default::default()
     }
+}
+
+/// A chain for connections to `port` on one of `addresses` (each a host prefix).
+pub(super) fn filter_chain_to(
+    port: u32,
+    addresses: &[std::net::IpAddr],
+    filter: Filter,
+) -> FilterChain {
+    let mut chain = filter_chain(Some(port), filter);
+    if let Some(m) = &mut chain.filter_chain_match {
+        m.prefix_ranges = addresses
+            .iter()
+            .map(|a| CidrRange {
+                address_prefix: a.to_string(),
+                prefix_len: Some(UInt32Value {
+                    value: if a.is_ipv4() { 32 } else { 128 },
+                }),
+            })
+            .collect();
+    }
+    chain
 }
 
 /// A chain for TLS connections to `port` whose SNI matches one of `server_names`, passed through

@@ -33,7 +33,7 @@ pub const EGRESS_PORT: u32 = 15001;
 const AWS_API_PORT: u32 = 443;
 const AWS_API_DOMAINS: &str = "*.amazonaws.com";
 
-pub use cloud_map::{CloudMapKey, Endpoints, Instance, cloud_map_keys};
+pub use cloud_map::{CloudMapKey, Endpoints, Instance, cloud_map_keys, shared_tcp_services};
 
 /// Everything one Envoy is sent.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -198,8 +198,54 @@ fn ingress(
 struct PortPlan {
     protocols: BTreeSet<PortProtocol>,
     hosts: Vec<VirtualHost>,
-    /// A TCP port carries one service: the first (by name) wins, as only the port tells them apart.
-    tcp: Option<Vec<(String, u32)>>,
+    /// The TCP services on this port (by name) and their weighted clusters. Only the address the
+    /// app connects to tells them apart: each gets the addresses its name resolves to, and the
+    /// first also takes whatever matches no address (App Mesh's one service per TCP port).
+    tcp: Vec<(String, Vec<(String, u32)>)>,
+}
+
+impl PortPlan {
+    fn add_tcp(&mut self, service: &str, targets: Vec<(String, u32)>) {
+        if !self.tcp.iter().any(|(s, _)| s == service) {
+            self.tcp.push((service.to_string(), targets));
+        }
+    }
+}
+
+/// The chains of one TCP port: one per service with known addresses (an address already taken
+/// by a service earlier by name is not repeated: Envoy refuses two chains with one match), and
+/// the port alone for the first service.
+fn tcp_chains(
+    port: u32,
+    services: &[(String, Vec<(String, u32)>)],
+    addresses: &BTreeMap<String, std::sync::Arc<[std::net::IpAddr]>>,
+    logs: &[envoy_types::pb::envoy::config::accesslog::v3::AccessLog],
+    chains: &mut Vec<FilterChain>,
+) {
+    if services.len() > 1 {
+        let mut taken = BTreeSet::new();
+        for (service, targets) in services {
+            let own: Vec<std::net::IpAddr> = addresses
+                .get(service)
+                .into_iter()
+                .flat_map(|a| a.iter().copied())
+                .filter(|a| taken.insert(*a))
+                .collect();
+            if !own.is_empty() {
+                chains.push(envoy::filter_chain_to(
+                    port,
+                    &own,
+                    envoy::tcp_proxy("egress", targets, None, logs),
+                ));
+            }
+        }
+    }
+    if let Some((_, targets)) = services.first() {
+        chains.push(envoy::filter_chain(
+            Some(port),
+            envoy::tcp_proxy("egress", targets, None, logs),
+        ));
+    }
 }
 
 /// The egress listener: one filter chain per destination port that some backend listens on; HTTP
@@ -257,11 +303,8 @@ fn egress(
     let explicit = !ports.contains_key(&EGRESS_PORT);
     let mut explicit_hosts = Vec::new();
     for (port, plan) in ports {
-        if let Some(targets) = plan.tcp {
-            chains.push(envoy::filter_chain(
-                Some(port),
-                envoy::tcp_proxy("egress", &targets, None, &logs),
-            ));
+        if !plan.tcp.is_empty() {
+            tcp_chains(port, &plan.tcp, &endpoints.addresses, &logs, &mut chains);
             continue;
         }
         if explicit {
@@ -481,7 +524,7 @@ fn node_provided(
         };
         let plan = ports.entry(port).or_default();
         if proto == PortProtocol::Tcp {
-            plan.tcp.get_or_insert_with(|| vec![(cluster, 1)]);
+            plan.add_tcp(service, vec![(cluster, 1)]);
         } else {
             // The provider's listener timeouts hold on the caller's side too, or the caller's
             // 15 s default would cut a longer listener timeout short.
@@ -534,7 +577,7 @@ fn router_provided(
                     .iter()
                     .map(|t| (t.cluster.clone(), t.weight))
                     .collect();
-                plan.tcp.get_or_insert(targets);
+                plan.add_tcp(service, targets);
             }
             continue;
         }

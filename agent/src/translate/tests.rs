@@ -610,3 +610,140 @@ fn drop_all_still_passes_tls_to_amazonaws_com_on_443_by_sni() {
     let r = translate(&two_tier("ALLOW_ALL"), &node("front-vn"), &Endpoints::new()).unwrap();
     assert!(r.clusters.iter().all(|c| !c.name.ends_with("_amazonaws")));
 }
+
+/// Two databases on 5432 (`pg-a.local`, `pg-b.local`) and an HTTP service, for `front`.
+fn two_tcp_on_one_port() -> State {
+    let tcp = |host: &str| {
+        json!({
+            "listeners": [{"portMapping": {"port": 5432, "protocol": "tcp"}}],
+            "serviceDiscovery": {"dns": {"hostname": host}}
+        })
+    };
+    state(
+        json!({}),
+        &[
+            ("pg-a", tcp("pg-a.internal")),
+            ("pg-b", tcp("pg-b.internal")),
+            (
+                "web",
+                json!({
+                    "listeners": [{"portMapping": {"port": 8080, "protocol": "http"}}],
+                    "serviceDiscovery": {"dns": {"hostname": "web.internal"}}
+                }),
+            ),
+            (
+                "front",
+                json!({"backends": [
+                    {"virtualService": {"virtualServiceName": "pg-b.local"}},
+                    {"virtualService": {"virtualServiceName": "pg-a.local"}},
+                    {"virtualService": {"virtualServiceName": "web.local"}}
+                ]}),
+            ),
+        ],
+        &[
+            ("pg-a.local", "pg-a"),
+            ("pg-b.local", "pg-b"),
+            ("web.local", "web"),
+        ],
+    )
+}
+
+/// The (prefix ranges, cluster) of each egress chain on `port`.
+fn tcp_chains_on(r: &Resources, port: u32) -> Vec<(Vec<String>, String)> {
+    use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{
+        TcpProxy, tcp_proxy::ClusterSpecifier,
+    };
+    listener(r, "lds_egress_0.0.0.0_15001")
+        .filter_chains
+        .iter()
+        .filter_map(|c| {
+            let m = c.filter_chain_match.as_ref()?;
+            (m.destination_port.as_ref()?.value == port).then_some(())?;
+            let ranges = m
+                .prefix_ranges
+                .iter()
+                .map(|p| {
+                    format!(
+                        "{}/{}",
+                        p.address_prefix,
+                        p.prefix_len.map_or(0, |l| l.value)
+                    )
+                })
+                .collect();
+            let typed = match c.filters[0].config_type.as_ref()? {
+                envoy_types::pb::envoy::config::listener::v3::filter::ConfigType::TypedConfig(
+                    t,
+                ) => t,
+                _ => return None,
+            };
+            let tcp = <TcpProxy as prost::Message>::decode(typed.value.as_slice()).ok()?;
+            let Some(ClusterSpecifier::Cluster(cluster)) = tcp.cluster_specifier else {
+                return None;
+            };
+            Some((ranges, cluster))
+        })
+        .collect()
+}
+
+#[test]
+fn tcp_services_sharing_a_port_are_told_apart_by_the_addresses_their_names_resolve_to() {
+    let s = two_tcp_on_one_port();
+    assert_eq!(
+        shared_tcp_services(&s, &node("front")),
+        ["pg-a.local".to_string(), "pg-b.local".to_string()].into(),
+        "the HTTP backend needs no address"
+    );
+    // Not resolved yet: the first by name takes the port, as App Mesh did.
+    let r = translate(&s, &node("front"), &Endpoints::new()).unwrap();
+    assert_eq!(
+        tcp_chains_on(&r, 5432),
+        [(vec![], "cds_egress_m_pg-a_tcp_5432".to_string())]
+    );
+
+    let mut e = Endpoints::new();
+    e.addresses
+        .insert("pg-a.local".into(), ["10.0.0.5".parse().unwrap()].into());
+    e.addresses.insert(
+        "pg-b.local".into(),
+        ["10.0.0.6".parse().unwrap(), "fd00::6".parse().unwrap()].into(),
+    );
+    let r = translate(&s, &node("front"), &e).unwrap();
+    assert_eq!(
+        tcp_chains_on(&r, 5432),
+        [
+            (
+                vec!["10.0.0.5/32".into()],
+                "cds_egress_m_pg-a_tcp_5432".into()
+            ),
+            (
+                vec!["10.0.0.6/32".into(), "fd00::6/128".into()],
+                "cds_egress_m_pg-b_tcp_5432".into()
+            ),
+            (vec![], "cds_egress_m_pg-a_tcp_5432".to_string()),
+        ]
+    );
+}
+
+#[test]
+fn an_address_two_tcp_names_share_goes_to_the_first_by_name_only() {
+    let s = two_tcp_on_one_port();
+    let mut e = Endpoints::new();
+    for name in ["pg-a.local", "pg-b.local"] {
+        e.addresses
+            .insert(name.into(), ["10.0.0.5".parse().unwrap()].into());
+    }
+    let r = translate(&s, &node("front"), &e).unwrap();
+    assert_eq!(
+        tcp_chains_on(&r, 5432),
+        [
+            (
+                vec!["10.0.0.5/32".into()],
+                "cds_egress_m_pg-a_tcp_5432".into()
+            ),
+            (vec![], "cds_egress_m_pg-a_tcp_5432".to_string()),
+        ],
+        "Envoy refuses two chains with one match"
+    );
+    // A lone TCP service on its port needs no address.
+    assert!(shared_tcp_services(&two_tier("DROP_ALL"), &node("front-vn")).is_empty());
+}
