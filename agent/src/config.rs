@@ -24,6 +24,9 @@ pub enum Command {
     Bootstrap(BootstrapArgs),
     /// Print every resource (of the given meshes) as a `--resources` file.
     Export(ExportArgs),
+    /// The Envoy image's entrypoint: write the bootstrap, run Envoy, drain it on SIGTERM while the
+    /// task's app containers stop (ENVOY_DRAIN_TIMEOUT seconds at most, default 20).
+    Envoy(crate::entrypoint::EnvoyArgs),
 }
 
 #[derive(Debug, Clone, Args)]

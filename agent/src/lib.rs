@@ -7,6 +7,7 @@ pub mod api;
 pub mod app;
 pub mod bootstrap;
 pub mod config;
+pub mod entrypoint;
 pub mod model;
 pub mod store;
 pub mod translate;

@@ -25,6 +25,11 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Bootstrap(args) => bootstrap(args),
         Command::Export(args) => export(args),
+        Command::Envoy(args) => {
+            init_tracing("text");
+            let code = trellis_agent::entrypoint::run(&args, &ProcessEnv)?;
+            std::process::exit(code)
+        }
     }
 }
 
