@@ -27,6 +27,8 @@ pub enum Command {
     /// The Envoy image's entrypoint: write the bootstrap, run Envoy, drain it on SIGTERM while the
     /// task's app containers stop (ENVOY_DRAIN_TIMEOUT seconds at most, default 20).
     Envoy(crate::entrypoint::EnvoyArgs),
+    /// Exit 0 when the agent at --api-addr answers /healthz (the container health check).
+    Health(crate::probe::HealthArgs),
 }
 
 #[derive(Debug, Clone, Args)]

@@ -17,14 +17,13 @@ use std::time::Duration;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::bootstrap::{self, EnvoySettings, Vars};
+use crate::probe::http;
 
 /// How long Envoy is held after SIGTERM at most, in whole seconds (default 20: below ECS's default
 /// 30 s `stopTimeout`, so Envoy exits on its own terms before ECS sends SIGKILL).
@@ -34,8 +33,6 @@ pub const ENV_METADATA_URI: &str = "ECS_CONTAINER_METADATA_URI_V4";
 pub const DEFAULT_DRAIN_TIMEOUT_S: u64 = 20;
 /// How often the task metadata is read while holding Envoy.
 const POLL: Duration = Duration::from_millis(500);
-/// Bound on each metadata or admin request, so a wedged peer cannot eat the drain deadline.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct EnvoyArgs {
@@ -352,66 +349,6 @@ async fn get_json(uri: &MetadataUri, suffix: &str) -> Result<Value, String> {
     serde_json::from_str(&body).map_err(|e| format!("GET {path}: not JSON: {e}"))
 }
 
-/// One HTTP/1.1 request with `Connection: close` (so the body ends at EOF; Envoy's admin refuses
-/// HTTP/1.0): enough for Envoy's admin and the
-/// ECS agent's metadata server, without an HTTP client dependency.
-async fn http(authority: &str, method: &str, path: &str) -> Result<(u16, String), String> {
-    let exchange = async {
-        let mut s = TcpStream::connect(authority)
-            .await
-            .map_err(|e| e.to_string())?;
-        let req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
-        );
-        s.write_all(req.as_bytes())
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await.map_err(|e| e.to_string())?;
-        parse_response(&buf)
-    };
-    tokio::time::timeout(REQUEST_TIMEOUT, exchange)
-        .await
-        .map_err(|_| format!("no answer within {REQUEST_TIMEOUT:?}"))?
-}
-
-fn parse_response(buf: &[u8]) -> Result<(u16, String), String> {
-    let text = String::from_utf8_lossy(buf);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or("truncated HTTP response")?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse::<u16>().ok())
-        .ok_or("malformed HTTP status line")?;
-    let chunked = head.lines().any(|l| {
-        let l = l.to_ascii_lowercase();
-        l.starts_with("transfer-encoding:") && l.contains("chunked")
-    });
-    let body = if chunked {
-        dechunk(body)?
-    } else {
-        body.to_string()
-    };
-    Ok((status, body))
-}
-
-fn dechunk(mut rest: &str) -> Result<String, String> {
-    let mut out = String::new();
-    loop {
-        let (size, after) = rest.split_once("\r\n").ok_or("truncated chunk")?;
-        let size = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16)
-            .map_err(|_| "malformed chunk size")?;
-        if size == 0 {
-            return Ok(out);
-        }
-        let chunk = after.get(..size).ok_or("truncated chunk")?;
-        out.push_str(chunk);
-        rest = after.get(size..).unwrap_or("").trim_start_matches("\r\n");
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
@@ -478,16 +415,6 @@ mod tests {
         assert!(!cs[1].is(&own));
         assert_eq!(cs[1].status, "STOPPED");
         assert!(parse_task(&serde_json::json!({})).is_err());
-    }
-
-    #[test]
-    fn http_responses_plain_and_chunked() {
-        let plain = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nOK\n";
-        assert_eq!(parse_response(plain).unwrap(), (200, "OK\n".to_string()));
-        let chunked =
-            b"HTTP/1.1 404 Not Found\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n";
-        assert_eq!(parse_response(chunked).unwrap(), (404, "abcde".to_string()));
-        assert!(parse_response(b"garbage").is_err());
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod bootstrap;
 pub mod config;
 pub mod entrypoint;
 pub mod model;
+pub mod probe;
 pub mod store;
 pub mod translate;
 pub mod xds;

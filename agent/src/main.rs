@@ -30,6 +30,7 @@ fn main() -> anyhow::Result<()> {
             let code = trellis_agent::entrypoint::run(&args, &ProcessEnv)?;
             std::process::exit(code)
         }
+        Command::Health(args) => trellis_agent::probe::health(&args).map_err(anyhow::Error::msg),
     }
 }
 
