@@ -1,8 +1,8 @@
 //! The ECS deployment kit in `deploy/ecs/`: every request file fits botocore's ECS/IAM input shapes,
 //! the meshed examples are exactly what `trellis-rewrite` makes of their inputs today, the agent's
 //! daemon task agrees with what the rewriter mounts into tasks, and the README's deploy commands
-//! (`aws ecs register-task-definition`, `aws ecs create-service`) run through the real AWS CLI
-//! against moto's ECS.
+//! (`aws iam create-role`/`put-role-policy`, `aws ecs register-task-definition`/`create-service`)
+//! run through the real AWS CLI against moto.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -52,18 +52,18 @@ fn every_kit_file_fits_botocores_request_shapes() {
     check_request("ecs", "CreateService", &[kit("agent-service.json")])
         .unwrap_or_else(|e| panic!("{e}"));
 
-    // IAM takes policy documents as strings: wrap them as the CreatePolicy / CreateRole requests
+    // IAM takes policy documents as strings: wrap them as the PutRolePolicy / CreateRole requests
     // the README's commands send.
     let work = Workdir::new("kit-iam");
     let doc = |name: &str| std::fs::read_to_string(kit(name)).expect("read policy");
-    let policy = work.join("create-policy.json");
+    let policy = work.join("put-role-policy.json");
     std::fs::write(
         &policy,
-        serde_json::json!({"PolicyName": "trellis-agent", "PolicyDocument": doc("agent-task-role-policy.json")})
+        serde_json::json!({"RoleName": "trellis-agent-task", "PolicyName": "trellis-agent", "PolicyDocument": doc("agent-task-role-policy.json")})
             .to_string(),
     )
     .expect("write");
-    check_request("iam", "CreatePolicy", std::slice::from_ref(&policy))
+    check_request("iam", "PutRolePolicy", std::slice::from_ref(&policy))
         .unwrap_or_else(|e| panic!("{e}"));
     let role = work.join("create-role.json");
     std::fs::write(
@@ -252,9 +252,13 @@ fn moto(work: &Workdir) -> (Proc, String) {
 }
 
 fn aws_ecs(endpoint: &str, args: &[&str]) -> Value {
+    aws_json(endpoint, "ecs", args)
+}
+
+fn aws_json(endpoint: &str, service: &str, args: &[&str]) -> Value {
     let out = check(
         Command::new(aws())
-            .arg("ecs")
+            .arg(service)
             .args(args)
             .args(["--endpoint-url", endpoint, "--output", "json"])
             .env("AWS_ACCESS_KEY_ID", "test")
@@ -264,6 +268,9 @@ fn aws_ecs(endpoint: &str, args: &[&str]) -> Value {
             .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
             .current_dir(workspace_root()),
     );
+    if out.trim().is_empty() {
+        return Value::Null;
+    }
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("aws output is not JSON ({e}): {out}"))
 }
 
@@ -271,6 +278,48 @@ fn aws_ecs(endpoint: &str, args: &[&str]) -> Value {
 fn the_readme_deploy_commands_register_the_daemon_and_the_meshed_task_through_the_aws_cli() {
     let work = Workdir::new("kit-moto");
     let (_moto, url) = moto(&work);
+    // The task role, as the README creates it.
+    let role = aws_json(
+        &url,
+        "iam",
+        &[
+            "create-role",
+            "--role-name",
+            "trellis-agent-task",
+            "--assume-role-policy-document",
+            "file://deploy/ecs/agent-task-role-trust.json",
+        ],
+    );
+    assert_eq!(role["Role"]["RoleName"], "trellis-agent-task");
+    aws_json(
+        &url,
+        "iam",
+        &[
+            "put-role-policy",
+            "--role-name",
+            "trellis-agent-task",
+            "--policy-name",
+            "trellis-agent",
+            "--policy-document",
+            "file://deploy/ecs/agent-task-role-policy.json",
+        ],
+    );
+    let policy = aws_json(
+        &url,
+        "iam",
+        &[
+            "get-role-policy",
+            "--role-name",
+            "trellis-agent-task",
+            "--policy-name",
+            "trellis-agent",
+        ],
+    );
+    assert_eq!(
+        policy["PolicyDocument"],
+        read_json(&kit("agent-task-role-policy.json")),
+        "the stored policy differs from the file"
+    );
     aws_ecs(&url, &["create-cluster", "--cluster-name", "default"]);
     let td = aws_ecs(
         &url,
