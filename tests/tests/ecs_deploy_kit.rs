@@ -358,4 +358,45 @@ fn the_readme_deploy_commands_register_the_daemon_and_the_meshed_task_through_th
         names.contains(&"envoy") && names.contains(&"proxy-route-manager"),
         "{names:?}"
     );
+    // The guide's last step: a service moves onto the meshed revision.
+    aws_ecs(
+        &url,
+        &[
+            "register-task-definition",
+            "--cli-input-json",
+            "file://deploy/ecs/examples/web.json",
+        ],
+    );
+    aws_ecs(
+        &url,
+        &[
+            "create-service",
+            "--cluster",
+            "default",
+            "--service-name",
+            "web",
+            "--task-definition",
+            "web:2",
+            "--desired-count",
+            "0",
+        ],
+    );
+    let updated = aws_ecs(
+        &url,
+        &[
+            "update-service",
+            "--cluster",
+            "default",
+            "--service",
+            "web",
+            "--task-definition",
+            "web:1",
+        ],
+    );
+    assert!(
+        updated["service"]["taskDefinition"]
+            .as_str()
+            .is_some_and(|t| t == "web:1" || t.ends_with("task-definition/web:1")),
+        "the service is not on the meshed revision: {updated}"
+    );
 }
