@@ -108,6 +108,9 @@ rootfs_trellis_agent() {
   local fs="$1"
   skeleton "$fs" trellis:1338:/var/lib/trellis
   add_bin "$fs" "$bin_dir/trellis-agent" /usr/local/bin/trellis-agent
+  # Root certificates for HTTPS to AWS APIs (Cloud Map, DynamoDB), as apt's ca-certificates has them.
+  mkdir -p "$fs/etc/ssl/certs"
+  cp -L /etc/ssl/certs/ca-certificates.crt "$fs/etc/ssl/certs/ca-certificates.crt"
   mkdir -p "$fs/var/lib/trellis" "$fs/var/run/trellis"
   chown 1338:1338 "$fs/var/lib/trellis" "$fs/var/run/trellis"
 }

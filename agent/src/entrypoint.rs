@@ -264,11 +264,7 @@ async fn hold(drain: &DrainSettings, deadline: Instant) -> &'static str {
         }
         match task_containers(uri).await {
             Ok(containers) => {
-                let running: Vec<&str> = containers
-                    .iter()
-                    .filter(|c| !c.is(&own) && c.status != "STOPPED")
-                    .map(|c| c.name.as_str())
-                    .collect();
+                let running = others_running(&containers, &own);
                 if running.is_empty() {
                     return "app containers stopped";
                 }
@@ -278,6 +274,16 @@ async fn hold(drain: &DrainSettings, deadline: Instant) -> &'static str {
         }
         tokio::time::sleep_until(deadline.min(Instant::now() + POLL)).await;
     }
+}
+
+/// The task's other containers that still run. Only RUNNING counts: a container that never started
+/// (CREATED, waiting on a dependency) or has stopped serves no traffic through Envoy.
+fn others_running<'a>(containers: &'a [Container], own: &Own) -> Vec<&'a str> {
+    containers
+        .iter()
+        .filter(|c| !c.is(own) && c.status == "RUNNING")
+        .map(|c| c.name.as_str())
+        .collect()
 }
 
 /// This container as the task metadata names it (`${ECS_CONTAINER_METADATA_URI_V4}` returns it).
@@ -415,6 +421,32 @@ mod tests {
         assert!(!cs[1].is(&own));
         assert_eq!(cs[1].status, "STOPPED");
         assert!(parse_task(&serde_json::json!({})).is_err());
+    }
+
+    #[test]
+    fn only_other_running_containers_hold_envoy() {
+        let c = |id: &str, name: &str, status: &str| Container {
+            docker_id: Some(id.into()),
+            name: name.into(),
+            status: status.into(),
+        };
+        let own = Own {
+            docker_id: Some("e1".into()),
+            name: Some("envoy".into()),
+        };
+        let task = [
+            c("e1", "envoy", "RUNNING"),
+            c("a1", "app", "RUNNING"),
+            c("w1", "worker", "CREATED"),
+            c("r1", "proxy-route-manager", "STOPPED"),
+        ];
+        assert_eq!(others_running(&task, &own), ["app"]);
+        // Without this container's own identity, it is matched by name.
+        let by_name = Own {
+            docker_id: None,
+            name: Some("envoy".into()),
+        };
+        assert_eq!(others_running(&task[..1], &by_name), Vec::<&str>::new());
     }
 
     #[test]
