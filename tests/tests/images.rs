@@ -3,8 +3,9 @@
 //! labels), unpacked with umoci, and run from its root filesystem inside a fresh network namespace
 //! (`ip netns` + `unshare --pid` + `chroot` as the image's user): the agent serves and answers its
 //! health check as uid 1338, the route manager installs its rules with the image's own iptables
-//! (nft and legacy both start), and the Envoy image's entrypoint starts Envoy as 1337 and stops it
-//! cleanly on SIGTERM.
+//! (nft and legacy both start), the Envoy image's entrypoint starts Envoy as 1337 and stops it
+//! cleanly on SIGTERM, and the Envoy image gets its listeners from the agent image through the host
+//! socket directory (uid 1337 reaching uid 1338's socket), each in its own network namespace.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -91,12 +92,15 @@ struct Unpacked {
     ns: String,
     env: Vec<(String, String)>,
     user: String,
+    /// Host paths bound into the image's root (a task's host volumes), as (host, in-image path).
+    binds: Vec<(PathBuf, String)>,
 }
 
 impl Unpacked {
-    fn new(image: &str, cfg: &Value) -> Self {
+    /// `tag` tells apart two unpackings of one image in one test process.
+    fn new(image: &str, cfg: &Value, tag: &str) -> Self {
         let dir = PathBuf::from(format!(
-            "/tmp/trellis-unpacked-{image}-{}",
+            "/tmp/trellis-unpacked-{image}-{tag}-{}",
             std::process::id()
         ));
         let _ = std::fs::remove_dir_all(&dir);
@@ -106,7 +110,7 @@ impl Unpacked {
                 .arg(format!("{}:{image}", layout().display()))
                 .arg(&dir),
         );
-        let ns = format!("trellis-img-{}-{}", &image[8..11], std::process::id());
+        let ns = format!("trl-{}{tag}-{}", &image[8..11], std::process::id());
         let _ = run(Command::new("ip").args(["netns", "del", &ns]));
         check(Command::new("ip").args(["netns", "add", &ns]));
         check(Command::new("ip").args(["-n", &ns, "link", "set", "lo", "up"]));
@@ -123,6 +127,7 @@ impl Unpacked {
             ns,
             env,
             user: cfg["User"].as_str().unwrap_or("0:0").to_string(),
+            binds: Vec::new(),
         }
     }
 
@@ -135,15 +140,14 @@ impl Unpacked {
         let mut c = Command::new("ip");
         c.args(["netns", "exec", &self.ns])
             .args(["unshare", "--pid", "--fork", "--kill-child"])
-            .arg(format!("--mount-proc={}", self.rootfs().join("proc").display()))
+            .arg(format!(
+                "--mount-proc={}",
+                self.rootfs().join("proc").display()
+            ))
             // A container runtime provides /dev (programs open /dev/null) with a private /dev/shm
             // (Envoy's hot-restart region); bind the host's /dev with a fresh tmpfs on shm in the
             // private mount namespace, then enter the image's root as its user.
-            .args([
-                "sh",
-                "-c",
-                "root=$0 user=$1; shift; mount --bind /dev \"$root/dev\" && mount -t tmpfs -o mode=1777 shm \"$root/dev/shm\" && exec chroot --userspec=\"$user\" \"$root\" \"$@\"",
-            ])
+            .args(["sh", "-c", &self.enter_script()])
             .arg(self.rootfs())
             .arg(&self.user)
             .args(argv)
@@ -155,6 +159,22 @@ impl Unpacked {
             c.env(k, v);
         }
         c
+    }
+}
+
+impl Unpacked {
+    fn enter_script(&self) -> String {
+        let mut script = String::from(
+            "root=$0 user=$1; shift; mount --bind /dev \"$root/dev\" && mount -t tmpfs -o mode=1777 shm \"$root/dev/shm\"",
+        );
+        for (host, inside) in &self.binds {
+            script.push_str(&format!(
+                " && mount --bind '{}' \"$root{inside}\"",
+                host.display()
+            ));
+        }
+        script.push_str(" && exec chroot --userspec=\"$user\" \"$root\" \"$@\"");
+        script
     }
 }
 
@@ -215,7 +235,7 @@ fn agent_image_runs_as_1338_and_serves_from_its_own_root() {
         return;
     }
     let cfg = inspect("trellis-agent", "1338:1338");
-    let img = Unpacked::new("trellis-agent", &cfg);
+    let img = Unpacked::new("trellis-agent", &cfg, "a");
     let entry = argv(&cfg["Entrypoint"]);
     let bin = img.rootfs().join(entry[0].trim_start_matches('/'));
     assert!(bin.is_file(), "entrypoint {} missing", bin.display());
@@ -285,7 +305,7 @@ fn route_manager_image_installs_the_redirect_with_its_own_iptables() {
         return;
     }
     let cfg = inspect("trellis-proxy-route-manager", "0:0");
-    let img = Unpacked::new("trellis-proxy-route-manager", &cfg);
+    let img = Unpacked::new("trellis-proxy-route-manager", &cfg, "a");
     let entry = argv(&cfg["Entrypoint"]);
     let entry: Vec<&str> = entry.iter().map(String::as_str).collect();
     assert!(
@@ -338,7 +358,7 @@ fn envoy_image_starts_envoy_as_1337_and_stops_it_on_sigterm() {
         return;
     }
     let cfg = inspect("trellis-envoy", "1337:1337");
-    let img = Unpacked::new("trellis-envoy", &cfg);
+    let img = Unpacked::new("trellis-envoy", &cfg, "a");
     let entry = argv(&cfg["Entrypoint"]);
     let entry: Vec<&str> = entry.iter().map(String::as_str).collect();
     let version = check(&mut img.cmd(&["/usr/local/bin/envoy", "--version"], &[]));
@@ -388,4 +408,88 @@ fn envoy_image_starts_envoy_as_1337_and_stops_it_on_sigterm() {
         ep.exited().ok_or_else(|| "running".to_string())
     });
     assert_eq!(status.code(), Some(0), "{}", ep.log_text());
+}
+
+#[test]
+fn envoy_image_gets_its_config_from_the_agent_image_over_the_host_socket_directory() {
+    if !tools_ready(
+        "envoy_image_gets_its_config_from_the_agent_image_over_the_host_socket_directory",
+    ) {
+        return;
+    }
+    // The instance: the agent image (uid 1338) makes the socket in its socket directory, which the
+    // Envoy image (uid 1337) gets as the host volume trellis-rewrite mounts, in its own netns.
+    let agent_cfg = config("trellis-agent");
+    let agent = Unpacked::new("trellis-agent", &agent_cfg, "b");
+    let entry = argv(&agent_cfg["Entrypoint"]);
+    let mut full: Vec<String> = entry.clone();
+    full.extend(argv(&agent_cfg["Cmd"]));
+    let full: Vec<&str> = full.iter().map(String::as_str).collect();
+    let log =
+        std::env::temp_dir().join(format!("trellis-img-pair-agent-{}.log", std::process::id()));
+    let mut agent_proc = Proc::spawn("agent image", &mut agent.cmd(&full, &[]), log);
+    let in_agent_ns = |args: &[&str]| {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &agent.ns]).args(args);
+        c
+    };
+    eventually("the agent image serves", Duration::from_secs(60), || {
+        if !agent_proc.is_running() {
+            return Err(format!("agent exited:\n{}", agent_proc.log_text()));
+        }
+        let out = run(&mut agent.cmd(&[entry[0].as_str(), "health"], &[]));
+        out.status
+            .success()
+            .then_some(())
+            .ok_or("not healthy".into())
+    });
+    for (path, body) in [
+        ("/v20190125/meshes", r#"{"meshName": "shop"}"#),
+        (
+            "/v20190125/meshes/shop/virtualNodes",
+            r#"{"virtualNodeName": "web", "spec": {"listeners": [{"portMapping": {"port": 8080, "protocol": "http"}}], "serviceDiscovery": {"dns": {"hostname": "web.shop.local"}}}}"#,
+        ),
+    ] {
+        check(&mut in_agent_ns(&[
+            "curl",
+            "-sf",
+            "-X",
+            "PUT",
+            &format!("http://127.0.0.1:9080{path}"),
+            "-d",
+            body,
+        ]));
+    }
+
+    let envoy_cfg = config("trellis-envoy");
+    let mut envoy = Unpacked::new("trellis-envoy", &envoy_cfg, "b");
+    std::fs::create_dir_all(envoy.rootfs().join("var/run/trellis")).expect("mount point");
+    envoy.binds.push((
+        agent.rootfs().join("var/run/trellis"),
+        "/var/run/trellis".into(),
+    ));
+    let env = [("APPMESH_RESOURCE_ARN", "mesh/shop/virtualNode/web")];
+    let log =
+        std::env::temp_dir().join(format!("trellis-img-pair-envoy-{}.log", std::process::id()));
+    let entry = argv(&envoy_cfg["Entrypoint"]);
+    let entry: Vec<&str> = entry.iter().map(String::as_str).collect();
+    let mut envoy_proc = Proc::spawn("envoy image", &mut envoy.cmd(&entry, &env), log);
+    // LIVE with its listener from the agent (the initial fetch waits for the agent: no timeout).
+    eventually(
+        "Envoy from the image has the agent's listener",
+        Duration::from_secs(60),
+        || {
+            if !envoy_proc.is_running() {
+                return Err(format!("entrypoint exited:\n{}", envoy_proc.log_text()));
+            }
+            let out = run(&mut envoy.cmd(
+                &["/usr/bin/curl", "-sf", "http://127.0.0.1:9901/listeners"],
+                &[],
+            ));
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            text.contains("lds_ingress_0.0.0.0_15000")
+                .then_some(())
+                .ok_or(format!("listeners: {text}"))
+        },
+    );
 }
