@@ -25,6 +25,15 @@ fn layout() -> &'static Path {
             .to_path_buf();
         // Both binaries come from the same (just refreshed) build directory.
         bin("trellis-proxy-route-manager");
+        // A static is never dropped: layouts of earlier runs (their processes gone) go here.
+        for entry in std::fs::read_dir("/tmp").into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(pid) = name.strip_prefix("trellis-images-test-")
+                && !Path::new(&format!("/proc/{pid}")).exists()
+            {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
         let out = PathBuf::from(format!("/tmp/trellis-images-test-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&out);
         check(
