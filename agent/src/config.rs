@@ -26,6 +26,11 @@ pub enum Command {
     Bootstrap(BootstrapArgs),
     /// Print every resource (of the given meshes) as a `--resources` file.
     Export(ExportArgs),
+    /// The Envoy image's entrypoint: write the bootstrap, run Envoy, drain it on SIGTERM while the
+    /// task's app containers stop (ENVOY_DRAIN_TIMEOUT seconds at most, default 20).
+    Envoy(crate::entrypoint::EnvoyArgs),
+    /// Exit 0 when the agent at --api-addr answers /healthz (the container health check).
+    Health(crate::probe::HealthArgs),
     /// Create what the store needs: the data directory, or the DynamoDB table (if absent).
     InitStore(InitStoreArgs),
 }

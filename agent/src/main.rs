@@ -26,6 +26,12 @@ fn main() -> anyhow::Result<()> {
         Command::Bootstrap(args) => bootstrap(args),
         Command::Export(args) => export(args),
         Command::InitStore(args) => init_store(args),
+        Command::Envoy(args) => {
+            init_tracing("text");
+            let code = trellis_agent::entrypoint::run(&args, &ProcessEnv)?;
+            std::process::exit(code)
+        }
+        Command::Health(args) => trellis_agent::probe::health(&args).map_err(anyhow::Error::msg),
     }
 }
 
