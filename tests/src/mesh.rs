@@ -119,9 +119,12 @@ impl Vpc {
     pub fn task(&mut self, name: &str, host: u8) -> Task {
         let ns = format!("{}-{name}", self.ns);
         let ip = format!("{}.{host}", self.prefix);
+        // Host-side names are global: process, VPC and host keep them apart (15 bytes at most).
+        let vpc = self.prefix.rsplit('.').next().unwrap_or("0");
+        let pid = std::process::id() % 1_000;
         let (inside, outside) = (
-            format!("e{host}i{}", self.ns.len()),
-            format!("trh{}-{host}", std::process::id() % 10_000),
+            format!("trt{pid}-{vpc}-{host}"),
+            format!("trh{pid}-{vpc}-{host}"),
         );
         check(Command::new("ip").args(["netns", "add", &ns]));
         self.tasks.push(ns.clone());
@@ -305,6 +308,7 @@ struct Started {
     args: Vec<String>,
     env: Vec<(String, String)>,
     resources: Option<PathBuf>,
+    hosts: Option<PathBuf>,
 }
 
 /// How to start an agent beyond the defaults.
@@ -315,6 +319,9 @@ pub struct AgentOpts<'a> {
     pub resources: Option<&'a Path>,
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,
+    /// A hosts file the agent's name lookups see as `/etc/hosts` (a private mount namespace), as
+    /// an instance's VPC resolver would answer for the test's names.
+    pub hosts: Option<PathBuf>,
 }
 
 impl Agent {
@@ -365,7 +372,17 @@ impl Agent {
         };
         let port = free_port();
         let socket_dir = work.join(&format!("{name}-socket"));
-        let mut cmd = Command::new(bin("trellis-agent"));
+        let mut cmd = match &opts.hosts {
+            None => Command::new(bin("trellis-agent")),
+            Some(hosts) => {
+                let mut c = Command::new("unshare");
+                c.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+                    .arg(r#"mount --bind "$0" /etc/hosts && exec "$@""#)
+                    .arg(hosts)
+                    .arg(bin("trellis-agent"));
+                c
+            }
+        };
         cmd.arg("serve")
             .arg("--data-dir")
             .arg(work.join(&format!("{name}-data")))
@@ -415,6 +432,7 @@ impl Agent {
                 args: opts.args.clone(),
                 env: opts.env.clone(),
                 resources: opts.resources.map(Path::to_path_buf),
+                hosts: opts.hosts.clone(),
             },
         }
     }
@@ -431,6 +449,7 @@ impl Agent {
                 resources: started.resources.as_deref(),
                 args: started.args,
                 env: started.env,
+                hosts: started.hosts,
             },
         );
         agent.moto = moto;

@@ -273,6 +273,7 @@ fn export_and_resources_carry_a_mesh_between_the_embedded_store_and_dynamodb() {
             resources: Some(&file),
             args: args.clone(),
             env: aws_env(),
+            ..AgentOpts::default()
         },
     );
     let from_dynamodb = export(&args);

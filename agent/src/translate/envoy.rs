@@ -16,7 +16,8 @@ use envoy_types::pb::envoy::config::endpoint::v3::{
     ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, endpoint, lb_endpoint,
 };
 use envoy_types::pb::envoy::config::listener::v3::{
-    Filter, FilterChain, FilterChainMatch, Listener, ListenerFilter, filter, listener_filter,
+    Filter, FilterChain, FilterChainMatch, Listener, ListenerFilter,
+    ListenerFilterChainMatchPredicate, filter, listener_filter,
 };
 use envoy_types::pb::envoy::config::route::v3::{
     Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, route, route_action,
@@ -755,7 +756,7 @@ pub(super) fn listener(
     port: u32,
     chains: Vec<FilterChain>,
     default: Option<FilterChain>,
-    tls_inspector: bool,
+    tls_ports: &[u32],
 ) -> Listener {
     let direction = if port == super::INGRESS_PORT {
         TrafficDirection::Inbound
@@ -769,13 +770,13 @@ pub(super) fn listener(
         ))),
         ..Default::default()
     }];
-    if tls_inspector {
+    if !tls_ports.is_empty() {
         listener_filters.push(ListenerFilter {
             name: "envoy.filters.listener.tls_inspector".into(),
             config_type: Some(listener_filter::ConfigType::TypedConfig(pack_any(
                 TlsInspector::default(),
             ))),
-            ..Default::default()
+            filter_disabled: Some(only_on_ports(tls_ports)),
         });
     }
     let mut address = socket(bind.address, port);
@@ -789,9 +790,40 @@ pub(super) fn listener(
         default_filter_chain: default,
         listener_filters,
         // Server-first protocols (PERMISSIVE tcp) must not wait for the inspector forever.
-        continue_on_listener_filters_timeout: tls_inspector,
+        continue_on_listener_filters_timeout: !tls_ports.is_empty(),
         traffic_direction: direction as i32,
         ..Default::default()
+    }
+}
+
+/// "Disabled unless the destination port is one of `ports`": the TLS inspector waits for the
+/// client's first bytes, which a server-first protocol (MySQL, SMTP, a banner) never sends, so it
+/// runs only where a chain needs to see TLS.
+fn only_on_ports(ports: &[u32]) -> ListenerFilterChainMatchPredicate {
+    use envoy_types::pb::envoy::config::listener::v3::listener_filter_chain_match_predicate::{
+        MatchSet, Rule,
+    };
+    use envoy_types::pb::envoy::r#type::v3::Int32Range;
+    let one = |p: u32| {
+        let p = i64::from(p);
+        ListenerFilterChainMatchPredicate {
+            rule: Some(Rule::DestinationPortRange(Int32Range {
+                start: i32::try_from(p).unwrap_or(i32::MAX),
+                end: i32::try_from(p + 1).unwrap_or(i32::MAX),
+            })),
+        }
+    };
+    // Envoy wants at least two rules in a set.
+    let any_of = match ports {
+        [p] => one(*p),
+        _ => ListenerFilterChainMatchPredicate {
+            rule: Some(Rule::OrMatch(MatchSet {
+                rules: ports.iter().map(|p| one(*p)).collect(),
+            })),
+        },
+    };
+    ListenerFilterChainMatchPredicate {
+        rule: Some(Rule::NotMatch(Box::new(any_of))),
     }
 }
 

@@ -129,7 +129,7 @@ fn ingress(
     let (bind, local) = policy::bind(policy::own_ip_preference(mesh, spec));
     let logs = policy::access_logs(spec);
     let mut chains = Vec::new();
-    let mut inspect_tls = false;
+    let mut tls_ports = Vec::new();
     for l in spec.listeners.iter().flatten() {
         let Ok(port) = u32::try_from(l.port_mapping.port) else {
             continue;
@@ -169,7 +169,7 @@ fn ingress(
                 chains.push(envoy::filter_chain_tls(Some(port), filter, tls, ""));
             }
             policy::ListenerTlsPlan::Permissive(tls) => {
-                inspect_tls = true;
+                tls_ports.push(port);
                 chains.push(envoy::filter_chain_tls(
                     Some(port),
                     filter.clone(),
@@ -188,7 +188,7 @@ fn ingress(
             INGRESS_PORT,
             chains,
             None,
-            inspect_tls,
+            &tls_ports,
         ));
     }
 }
@@ -365,7 +365,7 @@ fn egress(
         EGRESS_PORT,
         chains,
         default_chain,
-        !allow_all,
+        if allow_all { &[] } else { &[AWS_API_PORT] },
     ));
 }
 

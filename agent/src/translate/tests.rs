@@ -598,12 +598,22 @@ fn drop_all_still_passes_tls_to_amazonaws_com_on_443_by_sni() {
     assert_eq!(m.server_names, ["*.amazonaws.com"]);
     assert_eq!(m.transport_protocol, "tls");
     assert!(egress.default_filter_chain.is_none(), "nothing else passes");
-    assert!(
-        egress
-            .listener_filters
-            .iter()
-            .any(|f| f.name == "envoy.filters.listener.tls_inspector")
-    );
+    // The TLS inspector looks only at 443: elsewhere a server-first protocol (MySQL, a banner)
+    // would wait for client bytes that never come.
+    use envoy_types::pb::envoy::config::listener::v3::listener_filter_chain_match_predicate::Rule;
+    let inspector = egress
+        .listener_filters
+        .iter()
+        .find(|f| f.name == "envoy.filters.listener.tls_inspector")
+        .unwrap();
+    let Some(Rule::NotMatch(only)) = inspector.filter_disabled.as_ref().unwrap().rule.as_ref()
+    else {
+        panic!("disabled unless: {:?}", inspector.filter_disabled);
+    };
+    let Some(Rule::DestinationPortRange(range)) = only.rule.as_ref() else {
+        panic!("a port range: {only:?}");
+    };
+    assert_eq!((range.start, range.end), (443, 444));
     assert_eq!(names(&r.clusters, |c| &c.name), ["cds_egress_m_amazonaws"]);
     assert_eq!(discovery(&r.clusters[0]), Some(DiscoveryType::OriginalDst));
     // ALLOW_ALL needs no special case: everything passes.
