@@ -128,6 +128,18 @@ pub(super) async fn run(
             }
             Outcome::Failed(op, e) => {
                 metrics.failed(op, e.kind);
+                // A key never answered is sent as no assignment (so a reconnecting Envoy keeps
+                // its endpoints); once its first call fails, it is known empty instead, so a new
+                // Envoy's initialisation is not held waiting on it.
+                out.send_if_modified(|e| {
+                    if cancel.is_cancelled() || e.cloud_map.contains_key(&key) {
+                        return false;
+                    }
+                    let m = Arc::make_mut(e);
+                    m.cloud_map.insert(key.clone(), Vec::new().into());
+                    m.generation += 1;
+                    true
+                });
                 warn!(
                     op,
                     reason = e.kind.label(),

@@ -171,8 +171,9 @@ fn attributes_are_part_of_the_key_in_any_order() {
         keys.into_iter().collect::<Vec<_>>(),
         vec![key(&[("stage", "blue"), ("zone", "b")])]
     );
-    // Instances under the unfiltered key are not this cluster's.
-    assert!(hosts(&s, &endpoints(key(&[]), two_stacks())).is_empty());
+    // Instances under the unfiltered key are not this cluster's: it is still waiting for its own.
+    let r = translate(&s, &node("front-vn"), &endpoints(key(&[]), two_stacks())).unwrap();
+    assert_eq!(r.pending, ["cds_egress_m_back-vn_http_8080"]);
     let filtered = endpoints(key(&[("zone", "b"), ("stage", "blue")]), two_stacks());
     assert_eq!(hosts(&s, &filtered).len(), 2);
 }
@@ -219,9 +220,20 @@ fn keys_are_found_through_routers() {
 }
 
 #[test]
-fn an_undiscovered_key_is_an_empty_assignment_not_a_missing_one() {
+fn an_undiscovered_key_sends_no_assignment_and_one_answered_empty_sends_an_empty_one() {
     let s = mesh_with(json!({}), json!({}));
-    assert!(hosts(&s, &Endpoints::new()).is_empty());
+    // Not answered yet (an agent just restarted): no assignment, so Envoy keeps its endpoints.
+    let r = translate(&s, &node("front-vn"), &Endpoints::new()).unwrap();
+    assert!(r.endpoints.is_empty());
+    assert_eq!(r.pending, ["cds_egress_m_back-vn_http_8080"]);
+    assert!(
+        r.clusters
+            .iter()
+            .any(|c| c.name == "cds_egress_m_back-vn_http_8080"),
+        "the cluster itself is there"
+    );
+    // Answered with no instances: an empty assignment.
+    assert!(hosts(&s, &endpoints(key(&[]), vec![])).is_empty());
 }
 
 #[test]

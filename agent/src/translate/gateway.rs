@@ -163,6 +163,8 @@ pub(super) fn virtual_gateway(
     out.routes.sort_by(|a, b| a.name.cmp(&b.name));
     out.unserved.sort();
     out.unserved.dedup();
+    out.pending.sort();
+    out.pending.dedup();
     out
 }
 

@@ -45,6 +45,10 @@ pub struct Resources {
     /// App Mesh settings this translation could not serve, each with why (e.g. an SDS
     /// certificate): what was done instead is the safe side (a STRICT port refused, not plain).
     pub unserved: Vec<String>,
+    /// EDS clusters whose Cloud Map key discovery has not answered yet: no assignment is sent
+    /// for them (not even an empty one), so an Envoy reconnecting to a restarted agent keeps the
+    /// endpoints it has.
+    pub pending: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -113,6 +117,8 @@ fn virtual_node(
     out.routes.sort_by(|a, b| a.name.cmp(&b.name));
     out.unserved.sort();
     out.unserved.dedup();
+    out.pending.sort();
+    out.pending.dedup();
     out
 }
 
@@ -677,11 +683,16 @@ fn upstream_cluster(
         let cm = sd.aws_cloud_map.as_ref()?;
         let key = CloudMapKey::of(cm);
         let pref = cm.ip_preference.or(mesh_pref);
-        let mut assignment = cloud_map::assignment(name, endpoints.get(&key), pref, port);
-        if let Some((_, Some(hc_port))) = &check {
-            envoy::set_health_check_port(&mut assignment, *hc_port);
+        match endpoints.cloud_map.get(&key) {
+            Some(instances) => {
+                let mut assignment = cloud_map::assignment(name, instances, pref, port);
+                if let Some((_, Some(hc_port))) = &check {
+                    envoy::set_health_check_port(&mut assignment, *hc_port);
+                }
+                out.endpoints.push(assignment);
+            }
+            None => out.pending.push(name.to_string()),
         }
-        out.endpoints.push(assignment);
         envoy::eds_cluster(name, proto)
     };
     if let Some((hc, _)) = check {

@@ -370,7 +370,7 @@ fn updates(type_url: &str, ts: &mut TypeState, t: &TypeSnapshot) -> Vec<Resource
             if !wildcard {
                 offer(ts, &mut out, &name, version_of(t, &name), || any.clone());
             }
-        } else if type_url == ENDPOINT {
+        } else if type_url == ENDPOINT && !t.pending.contains(&name) {
             // Endpoints asked for that we do not manage (the App Mesh Envoy image's
             // `local_cluster`) get an empty assignment, as on SotW, so Envoy does not wait on them.
             offer(ts, &mut out, &name, UNMANAGED_VERSION, || {

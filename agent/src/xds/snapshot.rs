@@ -1,7 +1,7 @@
 //! Immutable per-proxy snapshots with content-derived versions, cached per (proxy, state
 //! generation, endpoints generation).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
 use envoy_types::pb::google::protobuf::Any;
@@ -33,6 +33,9 @@ pub struct TypeSnapshot {
     pub resources: BTreeMap<String, Any>,
     /// Each resource's own content hash (delta ADS sends only the resources whose hash moved).
     pub versions: BTreeMap<String, String>,
+    /// Endpoints: clusters we manage whose discovery has not answered yet. Asked for by name,
+    /// they get no assignment (Envoy keeps what it has), unlike names we do not manage.
+    pub pending: BTreeSet<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -54,14 +57,13 @@ impl Snapshot {
                     .map(|c| (c.name.clone(), pack_any(c))),
             ),
         );
-        types.insert(
-            ENDPOINT,
-            typed(
-                r.endpoints
-                    .into_iter()
-                    .map(|e| (e.cluster_name.clone(), pack_any(e))),
-            ),
+        let mut endpoints = typed(
+            r.endpoints
+                .into_iter()
+                .map(|e| (e.cluster_name.clone(), pack_any(e))),
         );
+        endpoints.pending = r.pending.into_iter().collect();
+        types.insert(ENDPOINT, endpoints);
         types.insert(
             LISTENER,
             typed(
@@ -107,6 +109,7 @@ fn typed(items: impl Iterator<Item = (String, Any)>) -> TypeSnapshot {
         version,
         resources,
         versions,
+        pending: BTreeSet::new(),
     }
 }
 

@@ -424,10 +424,12 @@ impl Stream<'_> {
                     Some(r) => Some(r.clone()),
                     // Endpoints asked for by name that we do not manage (the App Mesh Envoy image's
                     // `local_cluster`) get an empty assignment, so Envoy does not wait on them.
-                    None if type_url == ENDPOINT => Some(pack_any(ClusterLoadAssignment {
-                        cluster_name: n.clone(),
-                        ..Default::default()
-                    })),
+                    None if type_url == ENDPOINT && !t.pending.contains(n) => {
+                        Some(pack_any(ClusterLoadAssignment {
+                            cluster_name: n.clone(),
+                            ..Default::default()
+                        }))
+                    }
                     None => None,
                 })
                 .collect()

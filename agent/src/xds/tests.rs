@@ -545,10 +545,26 @@ async fn an_endpoint_change_resends_only_the_assignment() {
         .unwrap();
     let cds = envoy.recv().await.unwrap();
     envoy.ack(&cds, &[]).await;
-    envoy.send(request(ENDPOINT, &[CLA], "", "")).await;
+    envoy
+        .send(request(ENDPOINT, &[CLA, "local_cluster"], "", ""))
+        .await;
     let eds = envoy.recv().await.unwrap();
     assert_eq!(eds.type_url, ENDPOINT);
-    envoy.ack(&eds, &[CLA]).await;
+    let names: Vec<String> = eds
+        .resources
+        .iter()
+        .map(|a| {
+            <ClusterLoadAssignment as prost::Message>::decode(a.value.as_slice())
+                .unwrap()
+                .cluster_name
+        })
+        .collect();
+    assert_eq!(
+        names,
+        ["local_cluster"],
+        "not yet discovered: no assignment (an Envoy keeps its own); unmanaged: an empty one"
+    );
+    envoy.ack(&eds, &[CLA, "local_cluster"]).await;
     envoy.send(request(LISTENER, &[], "", "")).await;
     let lds = envoy.recv().await.unwrap();
     envoy.ack(&lds, &[]).await;
@@ -588,7 +604,7 @@ async fn an_endpoint_change_resends_only_the_assignment() {
         <ClusterLoadAssignment as prost::Message>::decode(update.resources[0].value.as_slice())
             .unwrap();
     assert_eq!(cla.endpoints[0].lb_endpoints.len(), 1);
-    envoy.ack(&update, &[CLA]).await;
+    envoy.ack(&update, &[CLA, "local_cluster"]).await;
     envoy.expect_silence(QUIET).await;
 
     drop(envoy);
