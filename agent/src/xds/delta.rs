@@ -1,8 +1,8 @@
 //! One Envoy stream on incremental ADS (`DeltaAggregatedResources`): per-resource versions (the
 //! snapshot's content hashes), wildcard and named subscriptions, `initial_resource_versions` on
-//! reconnect, `removed_resources`, and the SotW stream's NACK rule: a rejected resource is not sent
-//! again until its content changes. Identity, quota, snapshot lookup and metrics are the shared
-//! `Session`'s.
+//! reconnect, `removed_resources` (only once the updates that stop using them are ACKed), and the
+//! SotW stream's NACK rule: a rejected resource is not sent again until its content changes.
+//! Identity, quota, snapshot lookup and metrics are the shared `Session`'s.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;

@@ -1,6 +1,7 @@
 //! One Envoy stream: what every stream shares (`Session`: identity, connection quota, snapshot
 //! lookup, metrics), and the SotW request rules (stale nonces ignored, NACKs never answered with the
-//! same version, named vs wildcard subscriptions) with pushes in make-before-break order.
+//! same version, named vs wildcard subscriptions) with pushes in make-before-break order (a cluster
+//! a push drops stays until what used it is ACKed).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
