@@ -312,12 +312,19 @@ pub fn apply_resources_file(ops: &Ops, store: &Store, path: &Path) -> Result<usi
         ordered.push((kind, i, item));
     }
     ordered.sort_by_key(|(kind, i, _)| (*kind, *i));
+    // The embedded store applies the whole file to a copy and commits it once; the shared store
+    // commits item by item (its transactions are bounded).
+    let scratch = store.scratch();
+    let target = scratch.as_ref().unwrap_or(store);
     for (kind, i, item) in &ordered {
         let at_item = |e: Error| match e {
             Error::BadRequest(m) => Error::BadRequest(format!("{}[{i}]: {m}", path.display())),
             other => other,
         };
-        apply_item(ops, store, *kind, item).map_err(at_item)?;
+        apply_item(ops, target, *kind, item).map_err(at_item)?;
+    }
+    if let Some(scratch) = &scratch {
+        store.commit_scratch(scratch)?;
     }
     Ok(ordered.len())
 }
@@ -349,12 +356,14 @@ fn apply_item(ops: &Ops, store: &Store, kind: FileKind, item: &Value) -> Result<
         name: &str,
         bytes: &[u8],
     ) -> Result<(), Error> {
-        let state = store.current();
-        let exists = ops
-            .mesh(&state, at.mesh, None)
-            .ok()
-            .and_then(|m| K::map(m, at.mesh, at.parent).ok())
-            .is_some_and(|map| map.contains_key(name));
+        // The state is let go before the write, so a scratch store updates it in place.
+        let exists = {
+            let state = store.current();
+            ops.mesh(&state, at.mesh, None)
+                .ok()
+                .and_then(|m| K::map(m, at.mesh, at.parent).ok())
+                .is_some_and(|map| map.contains_key(name))
+        };
         if !exists {
             match ops.create::<K>(store, at, parse_body(bytes)?) {
                 Err(Error::Conflict(_)) => {}
@@ -479,5 +488,64 @@ mod erased {
         fn to_json(&self) -> serde_json::Value {
             serde_json::to_value(self).unwrap_or_default()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::test_helpers::TempDir;
+
+    fn ops() -> Ops {
+        Ops {
+            account: Account {
+                account_id: "000000000000".into(),
+                region: "us-east-1".into(),
+            },
+            quotas: Quotas::default(),
+        }
+    }
+
+    fn write_file(path: &Path, items: &[Value]) {
+        std::fs::write(path, serde_json::to_vec(items).unwrap()).unwrap();
+    }
+
+    #[test]
+    fn a_resources_file_is_committed_as_one_write_and_a_rejected_item_leaves_nothing() {
+        let dir = TempDir::new("resources-file");
+        let store = Store::open(&dir.path().join("data")).unwrap();
+        let file = dir.path().join("resources.json");
+        let mut items = vec![json!({"meshName": "m"})];
+        for i in 0..50 {
+            items.push(json!({"meshName": "m", "virtualNodeName": format!("n{i}"), "spec": {}}));
+        }
+        write_file(&file, &items);
+        let before = store.current().generation;
+        assert_eq!(apply_resources_file(&ops(), &store, &file).unwrap(), 51);
+        assert_eq!(store.current().generation, before + 1, "one commit");
+        assert_eq!(store.current().meshes["m"].virtual_nodes.len(), 50);
+        drop(store);
+        let store = Store::open(&dir.path().join("data")).unwrap();
+        assert_eq!(
+            store.current().meshes["m"].virtual_nodes.len(),
+            50,
+            "persisted"
+        );
+
+        // Applying it again changes nothing; a file with a bad item changes nothing either, not
+        // even the items before it (the new mesh sorts first).
+        let generation = store.current().generation;
+        apply_resources_file(&ops(), &store, &file).unwrap();
+        assert_eq!(store.current().generation, generation);
+        items.push(json!({"meshName": "m2"}));
+        items.push(json!({"meshName": "m", "virtualNodeName": "bad", "spec": {
+            "listeners": [{"portMapping": {"port": 0, "protocol": "http"}}]}}));
+        write_file(&file, &items);
+        let err = apply_resources_file(&ops(), &store, &file).unwrap_err();
+        assert!(err.to_string().contains("[52]"), "names the item: {err}");
+        assert_eq!(store.current().generation, generation);
+        assert!(!store.current().meshes.contains_key("m2"));
     }
 }

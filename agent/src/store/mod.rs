@@ -117,6 +117,8 @@ impl Default for StoreArgs {
 enum Inner {
     Embedded(embedded::Embedded),
     Dynamodb(dynamodb::Dynamo),
+    /// Nothing behind it: see [`Store::scratch`].
+    Scratch,
 }
 
 /// The store the agent runs on, whatever the backend.
@@ -169,6 +171,34 @@ impl Store {
         }
     }
 
+    /// An in-memory copy of the embedded store's state for a batch of writes that is then
+    /// committed as one ([`Store::commit_scratch`]): applying a big `--resources` file costs one
+    /// persist instead of one per resource, and a rejected item leaves nothing behind. `None` for
+    /// the shared store, whose transactions hold at most 98 resources.
+    pub fn scratch(&self) -> Option<Store> {
+        match self.inner {
+            Inner::Embedded(_) => {
+                let (tx, _) = watch::channel(self.current());
+                Some(Store {
+                    inner: Inner::Scratch,
+                    tx,
+                })
+            }
+            Inner::Dynamodb(_) | Inner::Scratch => None,
+        }
+    }
+
+    /// Commits what a [`Store::scratch`] copy holds now, as one write.
+    pub fn commit_scratch(&self, scratch: &Store) -> Result<(), Error> {
+        let done = scratch.current();
+        self.write(|s| {
+            let generation = s.generation;
+            *s = (*done).clone();
+            s.generation = generation;
+            Ok(())
+        })
+    }
+
     /// The current committed state.
     pub fn current(&self) -> Arc<State> {
         self.tx.borrow().clone()
@@ -184,13 +214,25 @@ impl Store {
     ///
     /// Blocking (it fsyncs, or waits for DynamoDB); async callers should run it with
     /// `block_in_place` on a multi-threaded runtime.
-    pub fn write<T, E>(&self, f: impl FnMut(&mut State) -> Result<T, E>) -> Result<T, E>
+    pub fn write<T, E>(&self, mut f: impl FnMut(&mut State) -> Result<T, E>) -> Result<T, E>
     where
         E: From<Error>,
     {
         match &self.inner {
             Inner::Embedded(e) => e.write(&self.tx, f),
             Inner::Dynamodb(d) => d.write(&self.tx, f),
+            Inner::Scratch => {
+                // In place, without a copy (the batch is dropped whole if an item fails): take
+                // the state out so this is its only reference.
+                let mut state = self.tx.send_replace(Arc::default());
+                let s = Arc::make_mut(&mut state);
+                let out = f(s);
+                if out.is_ok() {
+                    s.generation += 1;
+                }
+                self.tx.send_replace(state);
+                out
+            }
         }
     }
 
@@ -198,7 +240,7 @@ impl Store {
     /// change poller; nothing to do for the embedded one).
     pub async fn run(&self, cancel: CancellationToken) {
         match &self.inner {
-            Inner::Embedded(_) => cancel.cancelled().await,
+            Inner::Embedded(_) | Inner::Scratch => cancel.cancelled().await,
             Inner::Dynamodb(d) => d.run(&self.tx, cancel).await,
         }
     }
@@ -206,7 +248,7 @@ impl Store {
     /// Prometheus text for the store's own counters (empty for the embedded store).
     pub fn metrics_text(&self) -> String {
         match &self.inner {
-            Inner::Embedded(_) => String::new(),
+            Inner::Embedded(_) | Inner::Scratch => String::new(),
             Inner::Dynamodb(d) => d.metrics_text(self.current().generation),
         }
     }
