@@ -139,6 +139,11 @@ struct Cli {
     #[arg(long, value_name = "MIB")]
     envoy_memory: Option<u32>,
 
+    /// The instance's SDS server socket (e.g. a SPIRE agent's), for SDS certificates: its directory
+    /// is mounted read-only into Envoy and APPMESH_SDS_SOCKET_PATH set.
+    #[arg(long, value_name = "PATH")]
+    sds_socket_path: Option<String>,
+
     /// Extra Envoy variable, e.g. ENABLE_ENVOY_STATS_TAGS=1 or ENABLE_ENVOY_XRAY_TRACING=1 (repeatable).
     #[arg(long, value_name = "NAME=VALUE", value_parser = parse_env)]
     envoy_env: Vec<(String, String)>,
@@ -181,6 +186,7 @@ impl Cli {
         opts.envoy_cpu = cli.envoy_cpu;
         opts.envoy_memory = cli.envoy_memory;
         opts.envoy_env = cli.envoy_env;
+        opts.sds_socket_path = cli.sds_socket_path;
         opts
     }
 }

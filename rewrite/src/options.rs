@@ -9,6 +9,8 @@ pub const ROUTE_MANAGER_CONTAINER: &str = "proxy-route-manager";
 pub const SOCKET_VOLUME: &str = "trellis-agent-socket";
 /// Where the socket directory is mounted inside the Envoy container.
 pub const SOCKET_CONTAINER_PATH: &str = "/var/run/trellis";
+/// Name of the host volume that carries the task's SDS server socket (a SPIRE agent's).
+pub(crate) const SDS_VOLUME: &str = "trellis-sds-socket";
 /// File name of the agent's ADS socket inside the socket directory.
 pub const SOCKET_FILE: &str = "xds.sock";
 
@@ -75,6 +77,10 @@ pub struct Options {
     pub envoy_memory: Option<u32>,
     /// Extra Envoy variables (`ENABLE_ENVOY_STATS_TAGS`, `ENABLE_ENVOY_XRAY_TRACING`, ...).
     pub envoy_env: Vec<(String, String)>,
+    /// The instance's SDS server socket (e.g. a SPIRE agent's `/run/spire/sockets/agent.sock`), for
+    /// SDS certificates: its directory is mounted read-only into Envoy at the same path and
+    /// `APPMESH_SDS_SOCKET_PATH` names it, as App Mesh's SPIRE setup did.
+    pub sds_socket_path: Option<String>,
 }
 
 // === impl Options ===
@@ -100,6 +106,7 @@ impl Options {
             envoy_cpu: None,
             envoy_memory: None,
             envoy_env: Vec::new(),
+            sds_socket_path: None,
         }
     }
 
@@ -120,6 +127,14 @@ impl Options {
 
     pub fn is_gateway(&self) -> bool {
         matches!(self.target, Target::VirtualGateway(_))
+    }
+
+    /// The directory of the SDS socket, mounted into Envoy.
+    pub fn sds_socket_dir(&self) -> Option<&str> {
+        let path = self.sds_socket_path.as_deref()?;
+        path.rsplit_once('/')
+            .map(|(dir, _)| dir)
+            .filter(|d| !d.is_empty())
     }
 
     /// The redirect in use, or `None` for a gateway (which has none).

@@ -1120,3 +1120,29 @@ fn ignored_gid_and_ipv6_reach_envoy_and_the_route_manager() {
     // Both are the task's settings now: a plain re-run keeps them.
     assert_same(&rewrite(out.clone(), &node()).unwrap(), &out);
 }
+
+#[test]
+fn an_sds_socket_is_mounted_into_envoy_and_named_by_its_variable() {
+    let mut opts = node();
+    opts.sds_socket_path = Some("/run/spire/sockets/agent.sock".into());
+    let out = rewrite(one_app(), &opts).unwrap();
+    let envoy = container(&out, "envoy");
+    assert!(envoy["environment"].as_array().unwrap().contains(
+        &json!({"name": "APPMESH_SDS_SOCKET_PATH", "value": "/run/spire/sockets/agent.sock"})
+    ));
+    assert!(envoy["mountPoints"].as_array().unwrap().contains(
+        &json!({"sourceVolume": "trellis-sds-socket", "containerPath": "/run/spire/sockets", "readOnly": true})
+    ));
+    assert!(out["volumes"].as_array().unwrap().contains(
+        &json!({"name": "trellis-sds-socket", "host": {"sourcePath": "/run/spire/sockets"}})
+    ));
+    // A fixed point.
+    assert_same(&rewrite(out.clone(), &opts).unwrap(), &out);
+
+    opts.sds_socket_path = Some("agent.sock".into());
+    check_err(
+        one_app(),
+        &opts,
+        r#"--sds-socket-path: "agent.sock" is not valid: must be an absolute path to a socket inside a directory (e.g. /run/spire/sockets/agent.sock)"#,
+    );
+}

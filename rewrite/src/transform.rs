@@ -10,7 +10,7 @@ use crate::Error;
 use crate::json::{self, Object};
 use crate::options::{
     ALWAYS_IGNORED_IPS, ENVOY_ADMIN_PORT, ENVOY_CONTAINER, ENVOY_EGRESS_PORT, ENVOY_NOFILE,
-    Options, ROUTE_MANAGER_CONTAINER, Redirect, SOCKET_CONTAINER_PATH, SOCKET_VOLUME,
+    Options, ROUTE_MANAGER_CONTAINER, Redirect, SDS_VOLUME, SOCKET_CONTAINER_PATH, SOCKET_VOLUME,
 };
 use crate::settings::{self, Existing, Settings};
 use crate::validate;
@@ -37,6 +37,7 @@ const ENV_RESOURCE_ARN: &str = "APPMESH_RESOURCE_ARN";
 const ENV_XDS_ENDPOINT: &str = "APPMESH_XDS_ENDPOINT";
 const ENV_LOG_LEVEL: &str = "ENVOY_LOG_LEVEL";
 const ENV_ADMIN_PORT: &str = "ENVOY_ADMIN_ACCESS_PORT";
+const ENV_SDS_SOCKET_PATH: &str = "APPMESH_SDS_SOCKET_PATH";
 /// Memory reservations given to owned containers only when ECS needs one (no task-level memory).
 const ENVOY_DEFAULT_RESERVATION: u64 = 128;
 const ROUTE_MANAGER_DEFAULT_RESERVATION: u64 = 32;
@@ -464,6 +465,9 @@ fn envoy_container(
         env.push((ENV_LOG_LEVEL.to_string(), level.clone()));
     }
     env.extend(opts.envoy_env.iter().cloned());
+    if let Some(p) = &opts.sds_socket_path {
+        env.push((ENV_SDS_SOCKET_PATH.to_string(), p.clone()));
+    }
     json::set_name_values(c, "environment", &path, &env, &STALE_IDENTITY_VARS)?;
 
     // The socket mount (or none when Envoy reaches the agent over TCP).
@@ -480,6 +484,15 @@ fn envoy_container(
         mounts.remove(p);
         if mounts.is_empty() {
             c.shift_remove("mountPoints");
+        }
+    }
+
+    if let Some(dir) = opts.sds_socket_dir() {
+        let mount = json!({"sourceVolume": SDS_VOLUME, "containerPath": dir, "readOnly": true});
+        let mounts = json::array_field_mut(c, "mountPoints", &path)?;
+        match position_by(mounts, "sourceVolume", SDS_VOLUME) {
+            Some(p) => mounts[p] = mount,
+            None => mounts.push(mount),
         }
     }
 
@@ -616,6 +629,14 @@ fn socket_volume(td: &mut Object, opts: &Options) -> Result<(), Error> {
         && let Some(p) = position_by(volumes, "name", SOCKET_VOLUME)
     {
         volumes.remove(p);
+    }
+    if let Some(dir) = opts.sds_socket_dir() {
+        let volume = json!({"name": SDS_VOLUME, "host": {"sourcePath": dir}});
+        let volumes = json::array_field_mut(td, "volumes", "")?;
+        match position_by(volumes, "name", SDS_VOLUME) {
+            Some(p) => volumes[p] = volume,
+            None => volumes.push(volume),
+        }
     }
     Ok(())
 }

@@ -58,6 +58,15 @@ pub(crate) fn options(opts: &Options) -> Result<(), Error> {
             "must be an absolute path",
         ));
     }
+    if let Some(p) = &opts.sds_socket_path
+        && opts.sds_socket_dir().is_none_or(|d| !d.starts_with('/'))
+    {
+        return Err(Error::option(
+            "sds-socket-path",
+            p,
+            "must be an absolute path to a socket inside a directory (e.g. /run/spire/sockets/agent.sock)",
+        ));
+    }
     if let Some(e) = &opts.xds_endpoint {
         xds_endpoint(e)?;
     }
@@ -237,6 +246,13 @@ pub(crate) fn launch_type(td: &Object, opts: &Options) -> Result<(), Error> {
             continue;
         }
         let path = format!("requiresCompatibilities[{i}]");
+        if opts.sds_socket_path.is_some() {
+            return Err(Error::invalid(
+                path,
+                "\"FARGATE\"",
+                "Fargate has no host volumes for the SDS socket; drop --sds-socket-path",
+            ));
+        }
         if opts.xds_endpoint.is_none() {
             return Err(Error::invalid(
                 path,
