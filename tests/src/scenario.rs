@@ -239,27 +239,37 @@ pub struct Colors {
 pub const COLOR_URL: &str = "http://color.local:9080/";
 
 pub fn colors(work: &Workdir, vpc_id: u8, envoy_env: &[(&str, &str)]) -> Colors {
+    let rt = color_route(json!({"prefix": "/"}), "blue");
+    colors_with_routes(work, vpc_id, &[("rt", rt)], envoy_env)
+}
+
+/// [`colors`] with router `vr`'s routes given as (name, spec).
+pub fn colors_with_routes(
+    work: &Workdir,
+    vpc_id: u8,
+    routes: &[(&str, Value)],
+    envoy_env: &[(&str, &str)],
+) -> Colors {
     let color_node = |name: &str| {
         json!({"meshName": "m", "virtualNodeName": name, "spec": {
             "listeners": [{"portMapping": {"port": 9080, "protocol": "http"}}],
             "serviceDiscovery": {"dns": {"hostname": format!("{name}.trellis.test")}}}})
     };
-    let resources = resources_file(
-        work,
-        &json!([
-            {"meshName": "m"},
-            color_node("blue"),
-            color_node("red"),
-            {"meshName": "m", "virtualNodeName": "front", "spec": {
-                "backends": [{"virtualService": {"virtualServiceName": "color.local"}}]}},
-            {"meshName": "m", "virtualRouterName": "vr",
-             "spec": {"listeners": [{"portMapping": {"port": 9080, "protocol": "http"}}]}},
-            {"meshName": "m", "virtualServiceName": "color.local",
-             "spec": {"provider": {"virtualRouter": {"virtualRouterName": "vr"}}}},
-            {"meshName": "m", "virtualRouterName": "vr", "routeName": "rt",
-             "spec": color_route(json!({"prefix": "/"}), "blue")}
-        ]),
-    );
+    let mut items = vec![
+        json!({"meshName": "m"}),
+        color_node("blue"),
+        color_node("red"),
+        json!({"meshName": "m", "virtualNodeName": "front", "spec": {
+            "backends": [{"virtualService": {"virtualServiceName": "color.local"}}]}}),
+        json!({"meshName": "m", "virtualRouterName": "vr",
+               "spec": {"listeners": [{"portMapping": {"port": 9080, "protocol": "http"}}]}}),
+        json!({"meshName": "m", "virtualServiceName": "color.local",
+               "spec": {"provider": {"virtualRouter": {"virtualRouterName": "vr"}}}}),
+    ];
+    items.extend(routes.iter().map(|(name, spec)| {
+        json!({"meshName": "m", "virtualRouterName": "vr", "routeName": name, "spec": spec})
+    }));
+    let resources = resources_file(work, &Value::Array(items));
     let agent = Agent::start(work, Some(&resources));
     let mut vpc = Vpc::new(work, vpc_id);
     let front = vpc.task("front", 2);
