@@ -17,10 +17,10 @@ use serde_json::json;
 use tokio::sync::{Mutex, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
+use trellis_agent::api::Place;
 use trellis_agent::api::kinds::{Routes, VirtualNodes, VirtualRouters, VirtualServices};
-use trellis_agent::api::{Account, Ops, Place, Quotas};
 use trellis_agent::config::ServeConfig;
-use trellis_agent::test_helpers::{TempDir, serve_config};
+use trellis_agent::test_helpers::{self, TempDir, serve_config};
 
 const NODES: usize = 100;
 const ROUTE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
@@ -215,23 +215,12 @@ async fn run(streams: usize, delta: bool) {
     };
     let bound = trellis_agent::app::build(cfg).await.expect("agent");
     let store = bound.store.clone();
-    let ops = Ops {
-        account: Account {
-            account_id: "000000000000".into(),
-            region: "us-east-1".into(),
-        },
-        quotas: Quotas::default(),
-    };
+    let ops = test_helpers::ops_with_mesh(&store);
     let m = Place {
         mesh: "m",
         parent: None,
         owner: None,
     };
-    ops.create_mesh(
-        &store,
-        serde_json::from_value(json!({"meshName": "m"})).expect("mesh"),
-    )
-    .expect("mesh");
     ops.create::<VirtualNodes>(&store, m, serde_json::from_value(json!({"virtualNodeName": "backend", "spec": {
         "listeners": [{"portMapping": {"port": 8080, "protocol": "http"}}], "serviceDiscovery": {"dns": {"hostname": "b.internal"}}}})).expect("vn")).expect("vn");
     ops.create::<VirtualRouters>(

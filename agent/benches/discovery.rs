@@ -20,10 +20,10 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{Mutex, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
+use trellis_agent::api::Place;
 use trellis_agent::api::kinds::{VirtualNodes, VirtualServices};
-use trellis_agent::api::{Account, Ops, Place, Quotas};
 use trellis_agent::config::{CloudMapArgs, ServeConfig};
-use trellis_agent::test_helpers::{TempDir, serve_config};
+use trellis_agent::test_helpers::{self, TempDir, serve_config};
 
 const SERVICES: usize = 20;
 const CALLER_NODES: usize = 10;
@@ -201,23 +201,12 @@ async fn run(envoys: usize, moto: &str, poll_ms: u64) {
     };
     let bound = trellis_agent::app::build(cfg).await.expect("agent");
     let store = bound.store.clone();
-    let ops = Ops {
-        account: Account {
-            account_id: "000000000000".into(),
-            region: "us-west-2".into(),
-        },
-        quotas: Quotas::default(),
-    };
+    let ops = test_helpers::ops_with_mesh(&store);
     let m = Place {
         mesh: "m",
         parent: None,
         owner: None,
     };
-    ops.create_mesh(
-        &store,
-        serde_json::from_value(json!({"meshName": "m"})).expect("mesh"),
-    )
-    .expect("mesh");
     let mut backends = Vec::new();
     for i in 0..SERVICES {
         let node = json!({"virtualNodeName": format!("back{i}"), "spec": {

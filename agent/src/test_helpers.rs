@@ -344,3 +344,17 @@ pub fn serve_config(dir: &Path) -> crate::config::ServeConfig {
         address_poll_ms: 5000,
     }
 }
+
+/// API operations with App Mesh's default quotas, after creating mesh `m` in `store`.
+pub fn ops_with_mesh(store: &crate::store::Store) -> crate::api::Ops {
+    let ops = crate::api::Ops {
+        account: crate::api::Account {
+            account_id: "000000000000".into(),
+            region: "us-west-2".into(),
+        },
+        quotas: crate::api::Quotas::default(),
+    };
+    let mesh = serde_json::from_value(serde_json::json!({"meshName": "m"})).expect("mesh body");
+    ops.create_mesh(store, mesh).expect("mesh m");
+    ops
+}

@@ -10,10 +10,10 @@ use super::debounce;
 use super::snapshot::{CLUSTER, ENDPOINT, LISTENER, ROUTE, Snapshots};
 use super::*;
 use crate::api::kinds::{VirtualNodes, VirtualServices};
-use crate::api::ops::{Account, Ops, Place, Quotas};
+use crate::api::ops::{Ops, Place};
 use crate::store::Store;
-use crate::test_helpers::TempDir;
 use crate::test_helpers::ads::{FakeEnvoy, request};
+use crate::test_helpers::{TempDir, ops_with_mesh};
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
 
 pub(super) const FRONT: &str = "mesh/m/virtualNode/front";
@@ -40,22 +40,6 @@ impl Drop for Harness {
 }
 
 /// Operations as the API runs them, on a store that already holds mesh `m`.
-fn ops_with_mesh(store: &Store) -> Ops {
-    let ops = Ops {
-        account: Account {
-            account_id: "000000000000".into(),
-            region: "us-west-2".into(),
-        },
-        quotas: Quotas::default(),
-    };
-    ops.create_mesh(
-        store,
-        serde_json::from_value(json!({"meshName": "m"})).unwrap(),
-    )
-    .unwrap();
-    ops
-}
-
 pub(super) async fn harness() -> Harness {
     harness_with(Debounce {
         quiet: Duration::from_millis(5),
