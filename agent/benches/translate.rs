@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use trellis_agent::model::{MeshState, ProxyIdentity, State};
 use trellis_agent::test_helpers::{mesh_resource, resource};
-use trellis_agent::translate::{Endpoints, translate};
+use trellis_agent::translate::{Endpoints, Memo, translate_encoded};
 use trellis_agent::xds::snapshot::Snapshot;
 
 /// Resident memory high-water mark of this process, in KiB (Linux).
@@ -73,65 +73,121 @@ fn median(mut v: Vec<Duration>) -> Duration {
     v[v.len() / 2]
 }
 
+/// Every proxy's snapshot, translated with `memo`.
+fn all(state: &State, ids: &[ProxyIdentity], e: &Endpoints, memo: &Memo) -> Vec<Snapshot> {
+    ids.iter()
+        .map(|id| {
+            let r = translate_encoded(state, id, e, memo).expect("translate");
+            Snapshot::from_encoded(state.generation, r)
+        })
+        .collect()
+}
+
+/// Runs `f` `n` times, returning the median time and the last result.
+fn timed<T>(n: usize, mut f: impl FnMut() -> T) -> (Duration, T) {
+    let mut times = Vec::new();
+    let mut last = None;
+    for _ in 0..n {
+        let t = Instant::now();
+        let out = std::hint::black_box(f());
+        times.push(t.elapsed());
+        last = Some(out);
+    }
+    (median(times), last.expect("n > 0"))
+}
+
+/// How many snapshots' route versions differ between two translations.
+fn moved(a: &[Snapshot], b: &[Snapshot]) -> usize {
+    let route = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+    a.iter()
+        .zip(b)
+        .filter(|(x, y)| x.get(route).map(|t| &t.version) != y.get(route).map(|t| &t.version))
+        .count()
+}
+
 fn main() {
-    let state = quota_mesh();
+    let mut state = quota_mesh();
+    state.generation = 1;
     let ids: Vec<ProxyIdentity> = (0..NODES)
         .map(|i| ProxyIdentity::parse(&format!("mesh/m/virtualNode/n{i}")).expect("identity"))
         .collect();
-    let endpoints = Endpoints::new();
-
-    // One proxy: 50 backends, each a router with 50 routes.
-    let mut one = Vec::new();
-    let mut encoded = 0;
+    let mut endpoints = Endpoints::new();
     let rss_before = peak_rss_kib();
-    for _ in 0..20 {
-        let t = Instant::now();
-        let r = translate(&state, &ids[0], &endpoints).expect("translate");
-        let snap = Snapshot::from_resources(1, r);
-        one.push(t.elapsed());
-        encoded = snap
-            .types
-            .values()
-            .flat_map(|t| t.resources.values())
-            .map(|a| a.value.len())
-            .sum::<usize>();
-        std::hint::black_box(snap);
-    }
-    let mut only = Vec::new();
-    for _ in 0..20 {
-        let t = Instant::now();
-        std::hint::black_box(translate(&state, &ids[0], &endpoints).expect("translate"));
-        only.push(t.elapsed());
-    }
+
+    // Full: every proxy of the mesh from nothing.
+    let (full, snaps) = timed(7, || {
+        all(
+            &state,
+            &ids,
+            &endpoints,
+            &Memo::new(state.generation, endpoints.generation),
+        )
+    });
+    let bytes: usize = snaps
+        .iter()
+        .flat_map(|s| s.types.values())
+        .flat_map(|t| t.resources.values())
+        .map(|p| p.encoded_len())
+        .sum();
     println!(
-        "translate_one_proxy   (translation alone, no snapshot): median {:?}",
-        median(only)
+        "full         ({NODES} proxies x 50 backends x 50 routes): median {full:?}, {} KiB encoded per proxy",
+        bytes / NODES / 1024
     );
-    // Every proxy of the mesh.
-    let mut all = Vec::new();
-    for _ in 0..5 {
-        let t = Instant::now();
-        for id in &ids {
-            let r = translate(&state, id, &endpoints).expect("translate");
-            std::hint::black_box(Snapshot::from_resources(1, r));
-        }
-        all.push(t.elapsed());
+
+    // One proxy alone, and one more once the others filled the memo.
+    let (cold, _) = timed(20, || {
+        let memo = Memo::new(state.generation, endpoints.generation);
+        translate_encoded(&state, &ids[0], &endpoints, &memo).expect("translate")
+    });
+    let warm_memo = Memo::new(state.generation, endpoints.generation);
+    all(&state, &ids[1..], &endpoints, &warm_memo);
+    let (warm, _) = timed(20, || {
+        translate_encoded(&state, &ids[0], &endpoints, &warm_memo).expect("translate")
+    });
+    println!("one proxy    alone: median {cold:?}; with the mesh's memo: median {warm:?}");
+
+    // Incremental: one route of r0 changes (50 proxies call s0), then one endpoints publication.
+    let memo = Memo::new(state.generation, endpoints.generation);
+    let before = all(&state, &ids, &endpoints, &memo);
+    let mut changed = state.clone();
+    let m = changed.meshes.get_mut("m").expect("mesh");
+    let route = m
+        .routes
+        .get_mut("r0")
+        .and_then(|t| t.get_mut("rt7"))
+        .expect("route");
+    if let Some(http) = route.spec.http_route.as_mut() {
+        http.r#match.prefix = Some("/changed".into());
     }
+    route.metadata.version += 1;
+    changed.generation += 1;
+    let (route_change, after) = timed(7, || {
+        all(
+            &changed,
+            &ids,
+            &endpoints,
+            &memo.next(changed.generation, endpoints.generation),
+        )
+    });
     println!(
-        "translate_one_proxy   (50 backends x 50 routes, with snapshot hashing): median {:?}, snapshot {} KiB encoded",
-        median(one),
-        encoded / 1024
+        "incremental  one route: median {route_change:?} to rebuild all {NODES}, {} of them changed",
+        moved(&before, &after)
+    );
+    endpoints.generation += 1;
+    let (endpoint_change, _) = timed(7, || {
+        all(
+            &state,
+            &ids,
+            &endpoints,
+            &memo.next(state.generation, endpoints.generation),
+        )
+    });
+    println!(
+        "incremental  endpoints publication: median {endpoint_change:?} to rebuild all {NODES}"
     );
     println!(
-        "translate_all_proxies ({NODES} proxies): median {:?}",
-        median(all)
-    );
-    println!(
-        "peak RSS: {} KiB before the runs, {} KiB after (mesh state included)",
+        "peak RSS: {} KiB before the runs, {} KiB after (mesh state and {NODES} snapshots included)",
         rss_before,
         peak_rss_kib()
-    );
-    println!(
-        "note: a change rebuilds only the proxies whose streams are connected, each once per store generation"
     );
 }

@@ -20,8 +20,7 @@ use envoy_types::pb::envoy::config::listener::v3::{
     ListenerFilterChainMatchPredicate, filter, listener_filter,
 };
 use envoy_types::pb::envoy::config::route::v3::{
-    Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, route, route_action,
-    route_match,
+    Route, RouteAction, RouteMatch, VirtualHost, route, route_action, route_match,
 };
 use envoy_types::pb::envoy::extensions::access_loggers::file::v3::{
     FileAccessLog, file_access_log,
@@ -611,14 +610,6 @@ pub(super) fn virtual_host_with(
         name: name.to_string(),
         domains,
         routes,
-        ..Default::default()
-    }
-}
-
-pub(super) fn route_config(name: &str, virtual_hosts: Vec<VirtualHost>) -> RouteConfiguration {
-    RouteConfiguration {
-        name: name.to_string(),
-        virtual_hosts,
         ..Default::default()
     }
 }

@@ -52,7 +52,8 @@ use envoy_types::pb::envoy::r#type::matcher::v3::{
     RegexMatchAndSubstitute, StringMatcher, string_matcher,
 };
 
-use super::{Ctx, Endpoints, Resources, envoy, policy, routes};
+use super::output::{Output, Part, RouteConfig};
+use super::{Ctx, Endpoints, envoy, policy, routes};
 use crate::model::{
     DefaultGatewayRouteRewrite, GatewayRouteHostnameMatch, GatewayRouteHostnameRewrite,
     GatewayRouteSpec, GatewayRouteTarget, GrpcGatewayRoute, HttpGatewayRoute,
@@ -71,16 +72,16 @@ pub(super) fn virtual_gateway(
     name: &str,
     spec: &VirtualGatewaySpec,
     endpoints: &Endpoints,
-) -> Resources {
+) -> Output {
     let defaults = spec
         .backend_defaults
         .as_ref()
         .and_then(|d| d.client_policy.as_ref())
         .map(policy::gateway_client_policy);
-    let ctx = Ctx::new(mesh_name, mesh, endpoints)
-        .with_client_policies(defaults.as_ref(), BTreeMap::new());
+    let ctx = Ctx::new(mesh_name, mesh, endpoints);
+    ctx.client_policies(defaults.as_ref(), BTreeMap::new());
     let logs = policy::gateway_access_logs(spec);
-    let mut out = Resources::default();
+    let mut out = Output::default();
     // Each listener's pool, with the clusters its routes reach (the first listener wins a cluster
     // several listeners reach, as clusters are per target).
     let mut pools: Vec<(BTreeSet<String>, envoy::Limits)> = Vec::new();
@@ -117,7 +118,7 @@ pub(super) fn virtual_gateway(
             pools.push((clusters_of(&envoy_routes), limits));
         }
         let rds = format!("rds_ingress_{}_{port}", proto.as_str());
-        out.routes.push(envoy::route_config(
+        out.routes.push(RouteConfig::of(
             &rds,
             vec![envoy::virtual_host_with(
                 VIRTUAL_HOST,
@@ -149,23 +150,15 @@ pub(super) fn virtual_gateway(
             inspect,
         ));
     }
+    // The gateway's context has no memo, so every cluster is built here and can take its pool.
     for c in &mut out.clusters {
-        if let Some((_, limits)) = pools.iter().find(|(names, _)| names.contains(&c.name)) {
+        if let Part::Built(c) = c
+            && let Some((_, limits)) = pools.iter().find(|(names, _)| names.contains(&c.name))
+        {
             envoy::set_circuit_breakers(c, *limits);
         }
     }
-    out.clusters.sort_by(|a, b| a.name.cmp(&b.name));
-    out.clusters.dedup_by(|a, b| a.name == b.name);
-    out.endpoints
-        .sort_by(|a, b| a.cluster_name.cmp(&b.cluster_name));
-    out.endpoints
-        .dedup_by(|a, b| a.cluster_name == b.cluster_name);
-    out.routes.sort_by(|a, b| a.name.cmp(&b.name));
-    out.unserved.sort();
-    out.unserved.dedup();
-    out.pending.sort();
-    out.pending.dedup();
-    out
+    out.finish()
 }
 
 /// The clusters a listener's routes send to.
@@ -615,7 +608,7 @@ fn gateway_route(
     ctx: &Ctx<'_>,
     name: &str,
     spec: &GatewayRouteSpec,
-    out: &mut Resources,
+    out: &mut Output,
 ) -> Vec<Route> {
     let Some(parts) = parts(spec) else {
         return vec![];
@@ -676,7 +669,7 @@ fn via_router(
     parts: &Parts<'_>,
     router: &str,
     host: Option<&str>,
-    out: &mut Resources,
+    out: &mut Output,
 ) -> Vec<Route> {
     let Some(r) = ctx.mesh.virtual_routers.get(router) else {
         return vec![];
@@ -691,12 +684,11 @@ fn via_router(
         return vec![];
     };
     let attached = super::router_routes(
-        ctx,
+        &mut |node, port| ctx.node_cluster(node, port, out),
         ctx.mesh.routes.get(router),
         l.port_mapping.protocol,
         l.port_mapping.port,
         listeners.len(),
-        out,
     );
     let mut composed: Vec<Route> = attached
         .iter()

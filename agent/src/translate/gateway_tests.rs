@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 use super::*;
 use crate::model::{ProxyIdentity, State};
 use crate::test_helpers::{mesh_resource, resource};
+use crate::translate::Resources;
 use crate::translate::{Endpoints, translate};
 
 fn node(port: i64) -> Value {

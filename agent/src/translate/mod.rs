@@ -3,22 +3,31 @@
 //! No I/O, no clocks, no randomness: the same input always yields the same output, which is what
 //! lets the xDS layer version resources by content hash. Names follow App Mesh's
 //! (`lds_ingress_0.0.0.0_15000`, `cds_egress_MESH_NODE_PROTO_PORT`, …) so dashboards carry over.
+//! Output is encoded ([`output`]); what every caller of a generation shares is built once
+//! ([`memo`]).
 
 mod cloud_map;
 mod envoy;
 mod gateway;
+mod memo;
+mod output;
 mod policy;
 mod routes;
 
 pub use envoy::SDS_CLUSTER;
+pub use memo::Memo;
+pub use output::{Blob, Encoded, Hash, Item};
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use output::{Host, Output, Part, RouteConfig};
 
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::listener::v3::{FilterChain, Listener};
-use envoy_types::pb::envoy::config::route::v3::{RouteConfiguration, VirtualHost};
+use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 
 use crate::model::{
     ClientPolicy, DnsResponseType, EgressFilterType, IpPreference, MeshState, PortProtocol,
@@ -59,14 +68,38 @@ pub enum Error {
     VirtualNodeNotFound { mesh: String, name: String },
     #[error("virtual gateway {name} not found in mesh {mesh}")]
     VirtualGatewayNotFound { mesh: String, name: String },
+    /// Decoding what this module encoded (only [`translate`] decodes, for tests and debugging).
+    #[error("translated configuration does not decode: {0}")]
+    Encoding(#[from] prost::DecodeError),
 }
 
-/// Builds the configuration of the proxy `who` from the whole state.
+/// The configuration of the proxy `who`, as messages.
 pub fn translate(
     state: &State,
     who: &ProxyIdentity,
     endpoints: &Endpoints,
 ) -> Result<Resources, Error> {
+    let memo = Memo::new(state.generation, endpoints.generation);
+    build(state, who, endpoints, &memo)?.decode()
+}
+
+/// The configuration of the proxy `who`, encoded, sharing with other proxies' translations
+/// what `memo` (of this state and these endpoints) holds.
+pub fn translate_encoded(
+    state: &State,
+    who: &ProxyIdentity,
+    endpoints: &Endpoints,
+    memo: &Memo,
+) -> Result<Encoded, Error> {
+    Ok(build(state, who, endpoints, memo)?.encode())
+}
+
+fn build(
+    state: &State,
+    who: &ProxyIdentity,
+    endpoints: &Endpoints,
+    memo: &Memo,
+) -> Result<Output, Error> {
     let mesh = state
         .meshes
         .get(&who.mesh)
@@ -80,9 +113,8 @@ pub fn translate(
                         mesh: who.mesh.clone(),
                         name: who.name.clone(),
                     })?;
-            Ok(virtual_node(
-                &who.mesh, mesh, &who.name, &node.spec, endpoints,
-            ))
+            let ctx = Ctx::new(&who.mesh, mesh, endpoints).with_memo(memo);
+            Ok(virtual_node(&ctx, &who.name, &node.spec))
         }
         ProxyKind::VirtualGateway => {
             let gw = mesh.virtual_gateways.get(&who.name).ok_or_else(|| {
@@ -98,28 +130,11 @@ pub fn translate(
     }
 }
 
-fn virtual_node(
-    mesh_name: &str,
-    mesh: &MeshState,
-    node_name: &str,
-    spec: &VirtualNodeSpec,
-    endpoints: &Endpoints,
-) -> Resources {
-    let mut out = Resources::default();
-    ingress(mesh_name, mesh, node_name, spec, &mut out);
-    egress(mesh_name, mesh, spec, endpoints, &mut out);
-    out.clusters.sort_by(|a, b| a.name.cmp(&b.name));
-    out.clusters.dedup_by(|a, b| a.name == b.name);
-    out.endpoints
-        .sort_by(|a, b| a.cluster_name.cmp(&b.cluster_name));
-    out.endpoints
-        .dedup_by(|a, b| a.cluster_name == b.cluster_name);
-    out.routes.sort_by(|a, b| a.name.cmp(&b.name));
-    out.unserved.sort();
-    out.unserved.dedup();
-    out.pending.sort();
-    out.pending.dedup();
-    out
+fn virtual_node<'a>(ctx: &Ctx<'a>, node_name: &str, spec: &'a VirtualNodeSpec) -> Output {
+    let mut out = Output::default();
+    ingress(ctx.mesh_name, ctx.mesh, node_name, spec, &mut out);
+    egress(ctx, spec, &mut out);
+    out.finish()
 }
 
 /// One filter chain per listener port on `lds_ingress_0.0.0.0_15000`, each to the local app,
@@ -130,7 +145,7 @@ fn ingress(
     mesh: &MeshState,
     node: &str,
     spec: &VirtualNodeSpec,
-    out: &mut Resources,
+    out: &mut Output,
 ) {
     let (bind, local) = policy::bind(policy::own_ip_preference(mesh, spec));
     let logs = policy::access_logs(spec);
@@ -146,13 +161,13 @@ fn ingress(
         if let Some(limits) = policy::limits(l) {
             envoy::set_circuit_breakers(&mut local_cluster, limits);
         }
-        out.clusters.push(local_cluster);
+        out.clusters.push(Part::built(local_cluster));
         let filter = if proto == PortProtocol::Tcp {
             envoy::tcp_proxy("ingress", &[(cluster, 1)], policy::tcp_idle(l), &logs)
         } else {
             let route_name = format!("rds_ingress_{}_{port}", proto.as_str());
             let (per_request, idle) = policy::http_timeouts(l);
-            out.routes.push(envoy::route_config(
+            out.routes.push(RouteConfig::of(
                 &route_name,
                 vec![envoy::virtual_host_timed(
                     "ingress",
@@ -203,7 +218,7 @@ fn ingress(
 #[derive(Default)]
 struct PortPlan {
     protocols: BTreeSet<PortProtocol>,
-    hosts: Vec<VirtualHost>,
+    hosts: Vec<Host>,
     /// The TCP services on this port (by name) and their weighted clusters. Only the address the
     /// app connects to tells them apart: each gets the addresses its name resolves to, and the
     /// first also takes whatever matches no address (App Mesh's one service per TCP port).
@@ -256,13 +271,8 @@ fn tcp_chains(
 
 /// The egress listener: one filter chain per destination port that some backend listens on; HTTP
 /// ports route by Host to one virtual host per virtual service.
-fn egress(
-    mesh_name: &str,
-    mesh: &MeshState,
-    spec: &VirtualNodeSpec,
-    endpoints: &Endpoints,
-    out: &mut Resources,
-) {
+fn egress<'a>(ctx: &Ctx<'a>, spec: &'a VirtualNodeSpec, out: &mut Output) {
+    let (mesh_name, mesh, endpoints) = (ctx.mesh_name, ctx.mesh, ctx.endpoints);
     let allow_all = mesh.mesh.spec.egress_filter_type() == EgressFilterType::AllowAll;
     let mut ports: BTreeMap<u32, PortPlan> = BTreeMap::new();
     let backends: BTreeSet<&str> = spec
@@ -274,7 +284,7 @@ fn egress(
         .collect();
     let logs = policy::access_logs(spec);
     let (bind, _) = policy::bind(policy::own_ip_preference(mesh, spec));
-    let ctx = Ctx::new(mesh_name, mesh, endpoints).with_client_policies(
+    ctx.client_policies(
         spec.backend_defaults
             .as_ref()
             .and_then(|d| d.client_policy.as_ref()),
@@ -287,18 +297,20 @@ fn egress(
     );
     for service in backends {
         ctx.serving(service);
-        // A backend may name a service that does not exist (yet); it gets no route.
-        let Some(provider) = mesh
-            .virtual_services
-            .get(service)
-            .and_then(|vs| vs.spec.provider.as_ref())
-        else {
-            continue;
-        };
-        if let Some(p) = &provider.virtual_node {
-            node_provided(&ctx, service, &p.virtual_node_name, &mut ports, out);
-        } else if let Some(p) = &provider.virtual_router {
-            router_provided(&ctx, service, &p.virtual_router_name, &mut ports, out);
+        let plan = ctx.service_plan(service, out);
+        for (port, entry) in &plan.ports {
+            let at = ports.entry(*port).or_default();
+            match entry {
+                PortEntry::Tcp(targets) => at.add_tcp(service, targets.clone()),
+                PortEntry::Http { proto, body } => {
+                    at.protocols.insert(*proto);
+                    at.hosts.push(Host {
+                        name: service.to_string(),
+                        domains: vec![service.to_string(), format!("{service}:{port}")],
+                        body: body.clone(),
+                    });
+                }
+            }
         }
     }
     let passthrough = format!("cds_egress_{mesh_name}_allow_all");
@@ -318,11 +330,11 @@ fn egress(
         }
         let mut hosts = plan.hosts;
         if allow_all {
-            hosts.push(envoy::virtual_host(
+            hosts.push(Host::new(envoy::virtual_host(
                 "allow_all",
                 vec!["*".into()],
                 &passthrough,
-            ));
+            )));
         }
         // One connection manager per port (codec AUTO serves HTTP/1.1 and HTTP/2 alike); the
         // route config is named after the port's protocol, or http when services mix them.
@@ -331,7 +343,10 @@ fn egress(
             _ => "http",
         };
         let route_name = format!("rds_egress_{proto}_{port}");
-        out.routes.push(envoy::route_config(&route_name, hosts));
+        out.routes.push(RouteConfig {
+            name: route_name.clone(),
+            hosts,
+        });
         chains.push(envoy::filter_chain(
             Some(port),
             envoy::http_connection_manager("egress", &route_name, &logs),
@@ -339,15 +354,18 @@ fn egress(
     }
     if !explicit_hosts.is_empty() {
         let route_name = format!("rds_egress_http_{EGRESS_PORT}");
-        out.routes
-            .push(envoy::route_config(&route_name, explicit_hosts));
+        out.routes.push(RouteConfig {
+            name: route_name.clone(),
+            hosts: explicit_hosts,
+        });
         chains.push(envoy::filter_chain(
             Some(EGRESS_PORT),
             envoy::http_connection_manager("egress", &route_name, &logs),
         ));
     }
     let default_chain = if allow_all {
-        out.clusters.push(envoy::original_dst_cluster(&passthrough));
+        out.clusters
+            .push(Part::built(envoy::original_dst_cluster(&passthrough)));
         Some(envoy::filter_chain(
             None,
             envoy::tcp_proxy("egress", &[(passthrough, 1)], None, &logs),
@@ -357,7 +375,8 @@ fn egress(
         // recognised by SNI and passed through untouched. So the egress listener always exists
         // (never empty), and anything else that reaches it is closed.
         let aws = format!("cds_egress_{mesh_name}_amazonaws");
-        out.clusters.push(envoy::original_dst_cluster(&aws));
+        out.clusters
+            .push(Part::built(envoy::original_dst_cluster(&aws)));
         chains.push(envoy::filter_chain_sni(
             AWS_API_PORT,
             &[AWS_API_DOMAINS],
@@ -378,22 +397,30 @@ fn egress(
 /// A port's virtual host as the explicit egress route config carries it: a proxy request names
 /// the port in its Host unless it is 80, so only those forms match (`NAME` alone would be ambiguous
 /// between ports).
-fn explicit_host(vh: &VirtualHost, port: u32) -> VirtualHost {
+fn explicit_host(vh: &Host, port: u32) -> Host {
     let with_port = format!(":{port}");
-    let mut vh = vh.clone();
-    vh.name = format!("{}{with_port}", vh.name);
-    vh.domains
-        .retain(|d| d.ends_with(&with_port) || (port == 80 && !d.contains(':')));
-    vh
+    Host {
+        name: format!("{}{with_port}", vh.name),
+        domains: vh
+            .domains
+            .iter()
+            .filter(|d| d.ends_with(&with_port) || (port == 80 && !d.contains(':')))
+            .cloned()
+            .collect(),
+        body: vh.body.clone(),
+    }
 }
 
 /// A cluster built for a (node, port): its name, port and protocol.
 type Built = Option<(String, u32, PortProtocol)>;
 
-pub(super) struct Ctx<'a> {
+struct Ctx<'a> {
     mesh_name: &'a str,
     mesh: &'a MeshState,
     endpoints: &'a Endpoints,
+    /// What this generation's translations share; none for gateways, whose listeners' pools
+    /// change the clusters they reach.
+    memo: Option<&'a Memo>,
     /// Clusters already built in this translation (many routes target the same nodes), and the
     /// caller they are built for. One `Default` field, so `Ctx { .., built: RefCell::default() }`
     /// stays a complete literal.
@@ -402,7 +429,8 @@ pub(super) struct Ctx<'a> {
 
 #[derive(Default)]
 struct Cache<'a> {
-    clusters: BTreeMap<(String, Option<i64>), Built>,
+    /// By node, then port.
+    clusters: BTreeMap<String, Vec<(Option<i64>, Built)>>,
     /// The caller's `backendDefaults` client policy.
     default_policy: Option<&'a ClientPolicy>,
     /// The caller's per-backend client policies, by virtual service.
@@ -414,31 +442,34 @@ struct Cache<'a> {
 }
 
 impl<'a> Ctx<'a> {
-    pub(super) fn new(mesh_name: &'a str, mesh: &'a MeshState, endpoints: &'a Endpoints) -> Self {
+    fn new(mesh_name: &'a str, mesh: &'a MeshState, endpoints: &'a Endpoints) -> Self {
         Ctx {
             mesh_name,
             mesh,
             endpoints,
+            memo: None,
             built: RefCell::default(),
         }
     }
 
-    /// The caller's client policies: `defaults` for every backend, `per_backend` overriding.
-    pub(super) fn with_client_policies(
-        self,
-        defaults: Option<&'a ClientPolicy>,
-        per_backend: BTreeMap<&'a str, &'a ClientPolicy>,
-    ) -> Self {
-        {
-            let mut cache = self.built.borrow_mut();
-            cache.default_policy = defaults;
-            cache.backend_policies = per_backend;
-        }
+    fn with_memo(mut self, memo: &'a Memo) -> Self {
+        self.memo = Some(memo);
         self
     }
 
+    /// The caller's client policies: `defaults` for every backend, `per_backend` overriding.
+    fn client_policies(
+        &self,
+        defaults: Option<&'a ClientPolicy>,
+        per_backend: BTreeMap<&'a str, &'a ClientPolicy>,
+    ) {
+        let mut cache = self.built.borrow_mut();
+        cache.default_policy = defaults;
+        cache.backend_policies = per_backend;
+    }
+
     /// Clusters built from now on serve the virtual service `service`.
-    pub(super) fn serving(&self, service: &str) {
+    fn serving(&self, service: &str) {
         service.clone_into(&mut self.built.borrow_mut().service);
     }
 }
@@ -446,45 +477,78 @@ impl<'a> Ctx<'a> {
 impl Ctx<'_> {
     /// The caller-side cluster for `node`'s listener on `port` (its only listener when `None`),
     /// built once per translation.
-    pub(super) fn node_cluster(&self, node: &str, port: Option<i64>, out: &mut Resources) -> Built {
-        let key = (node.to_string(), port);
-        if let Some(done) = self.built.borrow().clusters.get(&key) {
-            return done.clone();
+    fn node_cluster(&self, node: &str, port: Option<i64>, out: &mut Output) -> Built {
+        let done = self.built.borrow().clusters.get(node).and_then(|ports| {
+            ports
+                .iter()
+                .find(|(p, _)| *p == port)
+                .map(|(_, b)| b.clone())
+        });
+        if let Some(done) = done {
+            return done;
         }
         let made = self.build_node_cluster(node, port, out);
-        self.built.borrow_mut().clusters.insert(key, made.clone());
+        self.built
+            .borrow_mut()
+            .clusters
+            .entry(node.to_string())
+            .or_default()
+            .push((port, made.clone()));
         made
     }
 
-    fn build_node_cluster(&self, node: &str, port: Option<i64>, out: &mut Resources) -> Built {
-        let target = self.mesh.virtual_nodes.get(node)?;
-        let listeners: Vec<_> = target.spec.listeners.iter().flatten().collect();
-        let l = match port {
-            Some(p) => listeners.iter().find(|l| l.port_mapping.port == p)?,
-            None if listeners.len() == 1 => listeners.first()?,
-            None => return None,
+    fn build_node_cluster(&self, node: &str, port: Option<i64>, out: &mut Output) -> Built {
+        let shared = self.memo.map(|m| {
+            m.cluster((self.mesh_name, node, port), || {
+                self.shared_cluster(node, port)
+            })
+        });
+        let (name, port_n, proto) = match &shared {
+            Some(s) => s.built.clone()?,
+            None => cluster_identity(self.mesh_name, self.mesh, node, port)?,
         };
-        let port = u32::try_from(l.port_mapping.port).ok()?;
-        let proto = l.port_mapping.protocol;
-        let name = format!(
-            "cds_egress_{}_{node}_{}_{port}",
-            self.mesh_name,
-            proto.as_str()
-        );
         let tls = {
             let cache = self.built.borrow();
             let policy = policy::client_policy(
                 cache.backend_policies.get(cache.service.as_str()).copied(),
                 cache.default_policy,
             );
-            policy::client_tls(policy, &cache.service, port, proto, &mut out.unserved)
+            policy::client_tls(policy, &cache.service, port_n, proto, &mut out.unserved)
         };
-        if matches!(tls, policy::ClientTls::Refuse) {
-            return None;
+        match (tls, shared) {
+            (policy::ClientTls::Refuse, _) => None,
+            // No caller policy applies: the cluster is the same for every caller.
+            (policy::ClientTls::Plain, Some(shared)) => {
+                out.clusters
+                    .extend(shared.cluster.clone().map(Part::Shared));
+                out.endpoints
+                    .extend(shared.endpoints.clone().map(Part::Shared));
+                out.pending.extend(shared.pending.clone());
+                out.unserved.extend(shared.unserved.iter().cloned());
+                shared.built.clone()
+            }
+            (tls, _) => {
+                let mut c = self.plain_cluster(node, (&name, port_n, proto), out)?;
+                if let policy::ClientTls::Tls(socket) = tls {
+                    envoy::set_transport_socket(&mut c, socket);
+                }
+                out.clusters.push(Part::built(c));
+                Some((name, port_n, proto))
+            }
         }
+    }
+
+    /// The cluster to `node` before any client TLS, with its endpoints.
+    fn plain_cluster(
+        &self,
+        node: &str,
+        (name, port, proto): (&str, u32, PortProtocol),
+        out: &mut Output,
+    ) -> Option<Cluster> {
+        let target = self.mesh.virtual_nodes.get(node)?;
         let mesh_pref = policy::mesh_ip_preference(self.mesh);
         let mut c = upstream_cluster(
-            &name,
+            name,
             &target.spec,
             port,
             proto,
@@ -500,79 +564,225 @@ impl Ctx<'_> {
         if let Some(d) = dns
             && d.ip_preference.is_none()
         {
-            envoy::set_dns_lookup(
-                &mut c,
-                policy::lookup(policy::mesh_ip_preference(self.mesh)),
+            envoy::set_dns_lookup(&mut c, policy::lookup(mesh_pref));
+        }
+        Some(c)
+    }
+
+    /// [`Self::plain_cluster`], encoded for the memo with what it adds besides the cluster.
+    fn shared_cluster(&self, node: &str, port: Option<i64>) -> memo::SharedCluster {
+        let mut scratch = Output::default();
+        let identity = cluster_identity(self.mesh_name, self.mesh, node, port);
+        let cluster = identity.as_ref().and_then(|(name, port, proto)| {
+            self.plain_cluster(node, (name, *port, *proto), &mut scratch)
+        });
+        let endpoint = scratch.endpoints.pop().map(|e| match e {
+            Part::Built(e) => Part::shared(&*e),
+            Part::Shared(i) => i,
+        });
+        memo::SharedCluster {
+            built: identity.filter(|_| cluster.is_some()),
+            cluster: cluster.as_ref().map(Part::shared),
+            endpoints: endpoint,
+            pending: scratch.pending.pop(),
+            unserved: scratch.unserved,
+        }
+    }
+
+    /// The virtual service's part of this caller's egress: the memo's when the caller's policies
+    /// leave every cluster it routes to as the memo found it, else built for this caller.
+    fn service_plan(&self, service: &str, out: &mut Output) -> Arc<ServicePlan> {
+        if let Some(memo) = self.memo {
+            let shared = memo.service(
+                (self.mesh_name, service),
+                |old| old.stamp == stamp(self.mesh, service, &old.lookups),
+                || {
+                    service_plan(self.mesh, service, &mut |node, port| {
+                        cluster_identity(self.mesh_name, self.mesh, node, port)
+                    })
+                },
             );
+            // Same lookups in the same order as building would make, so clusters get the same
+            // first-service TLS either way.
+            let mut same = true;
+            for ((node, port), found) in &shared.lookups {
+                same &= self.node_cluster(node, *port, out) == *found;
+            }
+            if same {
+                return shared;
+            }
         }
-        if let policy::ClientTls::Tls(socket) = tls {
-            envoy::set_transport_socket(&mut c, socket);
-        }
-        out.clusters.push(c);
-        Some((name, port, proto))
+        Arc::new(service_plan(self.mesh, service, &mut |node, port| {
+            self.node_cluster(node, port, out)
+        }))
     }
 }
 
-fn node_provided(
-    ctx: &Ctx<'_>,
+/// The caller-side cluster to `node`'s listener on `port` (its only listener when `None`), as
+/// every caller names it, if the node can be reached there at all.
+fn cluster_identity(mesh_name: &str, mesh: &MeshState, node: &str, port: Option<i64>) -> Built {
+    let target = mesh.virtual_nodes.get(node)?;
+    let mut listeners = target.spec.listeners.iter().flatten();
+    let l = match port {
+        Some(p) => listeners.find(|l| l.port_mapping.port == p)?,
+        None => match (listeners.next(), listeners.next()) {
+            (Some(only), None) => only,
+            _ => return None,
+        },
+    };
+    let sd = target.spec.service_discovery.as_ref()?;
+    if sd.dns.is_none() && sd.aws_cloud_map.is_none() {
+        return None;
+    }
+    let port = u32::try_from(l.port_mapping.port).ok()?;
+    let proto = l.port_mapping.protocol;
+    let name = format!("cds_egress_{mesh_name}_{node}_{}_{port}", proto.as_str());
+    Some((name, port, proto))
+}
+
+/// What one virtual service puts on a caller's egress listener, per port.
+#[derive(Debug)]
+struct ServicePlan {
+    /// The (node, port) clusters looked up while building, each once in the order first asked,
+    /// and what each answered.
+    lookups: Vec<((String, Option<i64>), Built)>,
+    ports: Vec<(u32, PortEntry)>,
+    /// What it was built from, as [`stamp`].
+    stamp: output::Hash,
+}
+
+#[derive(Debug)]
+enum PortEntry {
+    /// A virtual host, less its name and domains (the service's and `service:port`).
+    Http {
+        proto: PortProtocol,
+        body: Arc<Blob>,
+    },
+    /// Weighted clusters of a TCP proxy.
+    Tcp(Vec<(String, u32)>),
+}
+
+/// Builds a service's plan, finding clusters through `lookup`. A backend may name a service that
+/// does not exist (yet); it gets no route.
+fn service_plan(
+    mesh: &MeshState,
     service: &str,
+    lookup: &mut dyn FnMut(&str, Option<i64>) -> Built,
+) -> ServicePlan {
+    // Each (node, port) once, in the order first asked (routes name the same nodes many times).
+    let mut lookups: Vec<((String, Option<i64>), Built)> = Vec::new();
+    let mut record = |node: &str, port: Option<i64>| {
+        if let Some((_, found)) = lookups.iter().find(|((n, p), _)| n == node && *p == port) {
+            return found.clone();
+        }
+        let found = lookup(node, port);
+        lookups.push(((node.to_string(), port), found.clone()));
+        found
+    };
+    let mut ports = Vec::new();
+    let provider = mesh
+        .virtual_services
+        .get(service)
+        .and_then(|vs| vs.spec.provider.as_ref());
+    if let Some(p) = provider.and_then(|p| p.virtual_node.as_ref()) {
+        node_provided(mesh, &p.virtual_node_name, &mut record, &mut ports);
+    } else if let Some(p) = provider.and_then(|p| p.virtual_router.as_ref()) {
+        router_provided(mesh, &p.virtual_router_name, &mut record, &mut ports);
+    }
+    let stamp = stamp(mesh, service, &lookups);
+    ServicePlan {
+        lookups,
+        ports,
+        stamp,
+    }
+}
+
+/// Which resources, at which versions, a service's plan reads: the service, its provider (a
+/// node, or a router and its routes) and the nodes its routes reach. Equal stamps, equal plans.
+fn stamp(
+    mesh: &MeshState,
+    service: &str,
+    lookups: &[((String, Option<i64>), Built)],
+) -> output::Hash {
+    use sha2::{Digest, Sha256};
+    fn add<S>(h: &mut Sha256, name: &str, r: Option<&crate::model::Resource<S>>) {
+        h.update((name.len() as u64).to_le_bytes());
+        h.update(name.as_bytes());
+        match r {
+            Some(r) => {
+                h.update([1]);
+                h.update((r.metadata.uid.len() as u64).to_le_bytes());
+                h.update(r.metadata.uid.as_bytes());
+                h.update(r.metadata.version.to_le_bytes());
+            }
+            None => h.update([0]),
+        }
+    }
+    let mut h = Sha256::new();
+    let vs = mesh.virtual_services.get(service);
+    add(&mut h, service, vs);
+    let provider = vs.and_then(|vs| vs.spec.provider.as_ref());
+    if let Some(p) = provider.and_then(|p| p.virtual_node.as_ref()) {
+        let node = &p.virtual_node_name;
+        add(&mut h, node, mesh.virtual_nodes.get(node));
+    } else if let Some(p) = provider.and_then(|p| p.virtual_router.as_ref()) {
+        let router = &p.virtual_router_name;
+        add(&mut h, router, mesh.virtual_routers.get(router));
+        let routes = mesh.routes.get(router);
+        h.update((routes.map_or(0, BTreeMap::len) as u64).to_le_bytes());
+        for (name, r) in routes.into_iter().flatten() {
+            add(&mut h, name, Some(r));
+        }
+    }
+    for ((node, _), _) in lookups {
+        add(&mut h, node, mesh.virtual_nodes.get(node));
+    }
+    h.finalize().into()
+}
+
+fn node_provided(
+    mesh: &MeshState,
     node: &str,
-    ports: &mut BTreeMap<u32, PortPlan>,
-    out: &mut Resources,
+    lookup: &mut dyn FnMut(&str, Option<i64>) -> Built,
+    ports: &mut Vec<(u32, PortEntry)>,
 ) {
-    let Some(target) = ctx.mesh.virtual_nodes.get(node) else {
+    let Some(target) = mesh.virtual_nodes.get(node) else {
         return;
     };
     for l in target.spec.listeners.iter().flatten() {
-        let Some((cluster, port, proto)) = ctx.node_cluster(node, Some(l.port_mapping.port), out)
-        else {
+        let Some((cluster, port, proto)) = lookup(node, Some(l.port_mapping.port)) else {
             continue;
         };
-        let plan = ports.entry(port).or_default();
         if proto == PortProtocol::Tcp {
-            plan.add_tcp(service, vec![(cluster, 1)]);
+            ports.push((port, PortEntry::Tcp(vec![(cluster, 1)])));
         } else {
             // The provider's listener timeouts hold on the caller's side too, or the caller's
             // 15 s default would cut a longer listener timeout short.
             let (per_request, idle) = policy::http_timeouts(l);
-            plan.protocols.insert(proto);
-            plan.hosts.push(envoy::virtual_host_timed(
-                service,
-                vec![service.to_string(), format!("{service}:{port}")],
-                &cluster,
-                per_request,
-                idle,
-            ));
+            let vh = envoy::virtual_host_timed("", vec![], &cluster, per_request, idle);
+            let body = Host::new(vh).body;
+            ports.push((port, PortEntry::Http { proto, body }));
         }
     }
 }
 
 fn router_provided(
-    ctx: &Ctx<'_>,
-    service: &str,
+    mesh: &MeshState,
     router: &str,
-    ports: &mut BTreeMap<u32, PortPlan>,
-    out: &mut Resources,
+    lookup: &mut dyn FnMut(&str, Option<i64>) -> Built,
+    ports: &mut Vec<(u32, PortEntry)>,
 ) {
-    let Some(r) = ctx.mesh.virtual_routers.get(router) else {
+    let Some(r) = mesh.virtual_routers.get(router) else {
         return;
     };
     let listeners: Vec<_> = r.spec.listeners.iter().flatten().collect();
-    let routes = ctx.mesh.routes.get(router);
+    let routes = mesh.routes.get(router);
     for l in &listeners {
         let Ok(port) = u32::try_from(l.port_mapping.port) else {
             continue;
         };
         let proto = l.port_mapping.protocol;
-        let attached = router_routes(
-            ctx,
-            routes,
-            proto,
-            l.port_mapping.port,
-            listeners.len(),
-            out,
-        );
-        let plan = ports.entry(port).or_default();
+        let attached = router_routes(lookup, routes, proto, l.port_mapping.port, listeners.len());
         if proto == PortProtocol::Tcp {
             if let Some(first) = attached
                 .iter()
@@ -583,7 +793,7 @@ fn router_provided(
                     .iter()
                     .map(|t| (t.cluster.clone(), t.weight))
                     .collect();
-                plan.add_tcp(service, targets);
+                ports.push((port, PortEntry::Tcp(targets)));
             }
             continue;
         }
@@ -591,24 +801,19 @@ fn router_provided(
         if envoy_routes.is_empty() {
             continue;
         }
-        plan.protocols.insert(proto);
-        plan.hosts.push(envoy::virtual_host_with(
-            service,
-            vec![service.to_string(), format!("{service}:{port}")],
-            envoy_routes,
-        ));
+        let body = Host::new(envoy::virtual_host_with("", vec![], envoy_routes)).body;
+        ports.push((port, PortEntry::Http { proto, body }));
     }
 }
 
 /// The router's routes that attach to its listener (protocol, port), with their targets resolved
 /// to caller-side clusters, in App Mesh's order.
 fn router_routes<'r>(
-    ctx: &Ctx<'_>,
+    lookup: &mut dyn FnMut(&str, Option<i64>) -> Built,
     routes: Option<&'r BTreeMap<String, crate::model::Resource<RouteSpec>>>,
     proto: PortProtocol,
     port: i64,
     listeners: usize,
-    out: &mut Resources,
 ) -> Vec<routes::Named<'r>> {
     let mut attached: Vec<routes::Named<'r>> = routes
         .into_iter()
@@ -621,7 +826,7 @@ fn router_routes<'r>(
                 .spec
                 .weighted_targets()
                 .filter_map(|t| {
-                    let (cluster, _, _) = ctx.node_cluster(&t.virtual_node, t.port, out)?;
+                    let (cluster, _, _) = lookup(&t.virtual_node, t.port)?;
                     Some(routes::Target {
                         cluster,
                         weight: u32::try_from(t.weight).unwrap_or(0),
@@ -659,7 +864,7 @@ fn upstream_cluster(
     port: u32,
     proto: PortProtocol,
     (endpoints, mesh_pref): (&Endpoints, Option<IpPreference>),
-    out: &mut Resources,
+    out: &mut Output,
 ) -> Option<Cluster> {
     let sd = target.service_discovery.as_ref()?;
     let listener = target
@@ -689,7 +894,7 @@ fn upstream_cluster(
                 if let Some((_, Some(hc_port))) = &check {
                     envoy::set_health_check_port(&mut assignment, *hc_port);
                 }
-                out.endpoints.push(assignment);
+                out.endpoints.push(Part::built(assignment));
             }
             None => out.pending.push(name.to_string()),
         }
@@ -723,3 +928,6 @@ mod policy_tests;
 
 #[cfg(test)]
 mod cloud_map_tests;
+
+#[cfg(test)]
+mod memo_tests;

@@ -361,14 +361,14 @@ fn updates(type_url: &str, ts: &mut TypeState, t: &TypeSnapshot) -> Vec<Resource
     let mut out = Vec::new();
     if wildcard {
         for (name, any) in &t.resources {
-            offer(ts, &mut out, name, version_of(t, name), || any.clone());
+            offer(ts, &mut out, name, version_of(t, name), || any.any());
         }
     }
     for name in named(ts) {
         if let Some(any) = t.resources.get(&name) {
             ts.absent.remove(&name);
             if !wildcard {
-                offer(ts, &mut out, &name, version_of(t, &name), || any.clone());
+                offer(ts, &mut out, &name, version_of(t, &name), || any.any());
             }
         } else if type_url == ENDPOINT && !t.pending.contains(&name) {
             // Endpoints asked for that we do not manage (the App Mesh Envoy image's

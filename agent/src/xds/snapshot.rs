@@ -5,13 +5,12 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
 use envoy_types::pb::google::protobuf::Any;
-use envoy_types::util::pack_any;
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 use super::debounce::{self, Published};
 use crate::model::{ProxyIdentity, State};
-use crate::translate::{self, Resources};
+use crate::translate::{self, Encoded, Item, Memo, Resources};
 
 pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 pub const ENDPOINT: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
@@ -30,12 +29,33 @@ pub fn is_wildcard_type(type_url: &str) -> bool {
 pub struct TypeSnapshot {
     /// Hash over the (name, resource version) pairs: unchanged output, unchanged version.
     pub version: String,
-    pub resources: BTreeMap<String, Any>,
+    pub resources: BTreeMap<String, Packed>,
     /// Each resource's own content hash (delta ADS sends only the resources whose hash moved).
     pub versions: BTreeMap<String, String>,
     /// Endpoints: clusters we manage whose discovery has not answered yet. Asked for by name,
     /// they get no assignment (Envoy keeps what it has), unlike names we do not manage.
     pub pending: BTreeSet<String>,
+}
+
+/// A resource as a snapshot holds it: its parts, shared with the translations of other proxies
+/// (a proxy's route configurations are most of its bytes), written into an `Any` only when sent.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Packed {
+    type_url: &'static str,
+    item: Item,
+}
+
+impl Packed {
+    pub fn any(&self) -> Any {
+        Any {
+            type_url: self.type_url.to_string(),
+            value: self.item.encode(),
+        }
+    }
+
+    pub fn encoded_len(&self) -> usize {
+        self.item.encoded_len()
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -47,39 +67,19 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// Messages built elsewhere (tests, the empty configuration of a proxy that went away).
     pub fn from_resources(generation: u64, r: Resources) -> Self {
+        Snapshot::from_encoded(generation, Encoded::from_resources(r))
+    }
+
+    pub fn from_encoded(generation: u64, r: Encoded) -> Self {
         let mut types = BTreeMap::new();
-        types.insert(
-            CLUSTER,
-            typed(
-                r.clusters
-                    .into_iter()
-                    .map(|c| (c.name.clone(), pack_any(c))),
-            ),
-        );
-        let mut endpoints = typed(
-            r.endpoints
-                .into_iter()
-                .map(|e| (e.cluster_name.clone(), pack_any(e))),
-        );
+        types.insert(CLUSTER, typed(CLUSTER, r.clusters));
+        let mut endpoints = typed(ENDPOINT, r.endpoints);
         endpoints.pending = r.pending.into_iter().collect();
         types.insert(ENDPOINT, endpoints);
-        types.insert(
-            LISTENER,
-            typed(
-                r.listeners
-                    .into_iter()
-                    .map(|l| (l.name.clone(), pack_any(l))),
-            ),
-        );
-        types.insert(
-            ROUTE,
-            typed(
-                r.routes
-                    .into_iter()
-                    .map(|rc| (rc.name.clone(), pack_any(rc))),
-            ),
-        );
+        types.insert(LISTENER, typed(LISTENER, r.listeners));
+        types.insert(ROUTE, typed(ROUTE, r.routes));
         Snapshot {
             generation,
             endpoints_generation: 0,
@@ -92,17 +92,18 @@ impl Snapshot {
     }
 }
 
-fn typed(items: impl Iterator<Item = (String, Any)>) -> TypeSnapshot {
-    let resources: BTreeMap<String, Any> = items.collect();
+/// Versions are the items' own hashes (computed with the encoding, from parts for route
+/// configurations), and the type's version a hash over them.
+fn typed(type_url: &'static str, items: Vec<Item>) -> TypeSnapshot {
     let mut h = Sha256::new();
     let mut versions = BTreeMap::new();
-    for (name, any) in &resources {
-        h.update(name.as_bytes());
+    let mut resources = BTreeMap::new();
+    for item in items {
+        h.update(item.name.as_bytes());
         h.update([0]);
-        // The type URL is the same for every resource of a type: the encoded value is the content.
-        let own = Sha256::digest(&any.value);
-        h.update(own);
-        versions.insert(name.clone(), hex8(&own));
+        h.update(item.hash);
+        versions.insert(item.name.clone(), hex8(&item.hash));
+        resources.insert(item.name.clone(), Packed { type_url, item });
     }
     let version = hex8(&h.finalize());
     TypeSnapshot {
@@ -114,7 +115,13 @@ fn typed(items: impl Iterator<Item = (String, Any)>) -> TypeSnapshot {
 }
 
 fn hex8(digest: &[u8]) -> String {
-    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(16);
+    for b in &digest[..8] {
+        s.push(char::from(HEX[usize::from(b >> 4)]));
+        s.push(char::from(HEX[usize::from(b & 0xf)]));
+    }
+    s
 }
 
 /// Builds each proxy's snapshot once per (store generation, endpoints generation) and shares it
@@ -123,6 +130,8 @@ fn hex8(digest: &[u8]) -> String {
 #[derive(Debug)]
 pub struct Snapshots {
     cache: Mutex<HashMap<ProxyIdentity, Arc<Snapshot>>>,
+    /// What the translations of the newest generations share.
+    memo: Mutex<Arc<Memo>>,
     published: watch::Receiver<Published>,
 }
 
@@ -138,6 +147,7 @@ impl Snapshots {
     pub fn new(published: watch::Receiver<Published>) -> Self {
         Snapshots {
             cache: Mutex::new(HashMap::new()),
+            memo: Mutex::default(),
             published,
         }
     }
@@ -157,16 +167,31 @@ impl Snapshots {
             return Ok((s.clone(), false));
         }
         // Built outside the lock: two streams of one proxy may both build once, never block each other.
-        let resources = translate::translate(state, who, &endpoints)?;
+        let memo = self.memo(state.generation, endpoints.generation);
+        let resources = translate::translate_encoded(state, who, &endpoints, &memo)?;
         // What the translation had to leave out (SDS/ACM certificates...) is the operator's to fix.
         for reason in &resources.unserved {
             tracing::warn!(proxy = %who, generation = state.generation, reason = %reason, "configuration not served");
         }
-        let mut snap = Snapshot::from_resources(state.generation, resources);
+        let mut snap = Snapshot::from_encoded(state.generation, resources);
         snap.endpoints_generation = endpoints.generation;
         let snap = Arc::new(snap);
         self.lock().insert(who.clone(), snap.clone());
         Ok((snap, true))
+    }
+
+    /// The memo for these generations (an older one is replaced; a stream on a newer
+    /// generation than `generation` gets a memo of its own rather than an older one's).
+    fn memo(&self, generation: u64, endpoints_generation: u64) -> Arc<Memo> {
+        let mut memo = self.memo.lock().unwrap_or_else(|p| p.into_inner());
+        if memo.serves(generation, endpoints_generation) {
+            return memo.clone();
+        }
+        let next = Arc::new(memo.next(generation, endpoints_generation));
+        if (generation, endpoints_generation) > memo.generations() {
+            *memo = next.clone();
+        }
+        next
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ProxyIdentity, Arc<Snapshot>>> {

@@ -24,7 +24,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use super::snapshot::{CLUSTER, ENDPOINT, PUSH_ORDER, Snapshot, TypeSnapshot, is_wildcard_type};
+use super::snapshot::{
+    CLUSTER, ENDPOINT, PUSH_ORDER, Packed, Snapshot, TypeSnapshot, is_wildcard_type,
+};
 use super::{Ads, Published, Slot};
 use crate::model::{ProxyIdentity, State};
 use crate::translate;
@@ -341,7 +343,7 @@ impl Stream<'_> {
                 if !new.is_some_and(|t| t.resources.contains_key(name)) {
                     self.kept_clusters
                         .entry(name.clone())
-                        .or_insert_with(|| any.clone());
+                        .or_insert_with(|| any.any());
                 }
             }
             // Back in the snapshot, or nothing left that could still use them.
@@ -413,7 +415,7 @@ impl Stream<'_> {
         let kept = &self.kept_clusters;
         let ts = self.types.entry(type_url.to_string()).or_default();
         let resources = if ts.names.is_empty() && is_wildcard_type(type_url) {
-            let mut all: Vec<Any> = t.resources.values().cloned().collect();
+            let mut all: Vec<Any> = t.resources.values().map(Packed::any).collect();
             if type_url == CLUSTER {
                 all.extend(kept.values().cloned());
             }
@@ -422,7 +424,7 @@ impl Stream<'_> {
             ts.names
                 .iter()
                 .filter_map(|n| match t.resources.get(n) {
-                    Some(r) => Some(r.clone()),
+                    Some(r) => Some(r.any()),
                     // Endpoints asked for by name that we do not manage (the App Mesh Envoy image's
                     // `local_cluster`) get an empty assignment, so Envoy does not wait on them.
                     None if type_url == ENDPOINT && !t.pending.contains(n) => {
