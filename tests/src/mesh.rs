@@ -465,6 +465,24 @@ impl Agent {
             .unwrap_or(0.0)
     }
 
+    /// `/debug/xds`: every connected Envoy's ADS stream (node, variant, per-type versions and
+    /// last NACK), by stream id.
+    pub fn debug_xds(&self) -> Value {
+        let text = check(Command::new("curl").args(["-sf", &format!("{}/debug/xds", self.api)]));
+        serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("/debug/xds is not JSON ({e}): {text}"))
+    }
+
+    /// The stream of the Envoy with node id `node` in `/debug/xds`.
+    pub fn xds_stream(&self, node: &str) -> Result<Value, String> {
+        let debug = self.debug_xds();
+        debug
+            .as_object()
+            .and_then(|s| s.values().find(|s| s["node"] == node))
+            .cloned()
+            .ok_or_else(|| format!("no stream of {node} in {debug}"))
+    }
+
     /// The real AWS CLI pointed at this agent.
     pub fn aws(&self, args: &[&str]) -> Command {
         let mut c = Command::new(crate::aws());
