@@ -1144,3 +1144,65 @@ fn an_sds_socket_is_mounted_into_envoy_and_named_by_its_variable() {
         r#"--sds-socket-path: "agent.sock" is not valid: must be an absolute path to a socket inside a directory (e.g. /run/spire/sockets/agent.sock)"#,
     );
 }
+
+/// Fargate has no host volumes, so the SPIRE agent's socket directory cannot be mounted: every
+/// definition that may run on Fargate is refused with --sds-socket-path, whatever else is right
+/// for Fargate (TCP endpoint, proxyConfiguration) and whatever the target; nothing is returned.
+#[test]
+fn an_sds_socket_is_refused_for_a_definition_that_may_run_on_fargate() {
+    const SDS: &str = "/run/spire/sockets/agent.sock";
+    let fargate = |compatibilities: Value| {
+        let mut input = one_app();
+        input["requiresCompatibilities"] = compatibilities;
+        input["cpu"] = json!("512");
+        input["memory"] = json!("1024");
+        input
+    };
+    let with_sds = |mut opts: Options, tcp: bool| {
+        if tcp {
+            opts.xds_endpoint = Some("10.0.0.5:15100".into());
+        }
+        opts.sds_socket_path = Some(SDS.into());
+        opts
+    };
+    let refused = |i: usize| {
+        format!(
+            r#"requiresCompatibilities[{i}]: "FARGATE" is not valid: Fargate has no host volumes for the SDS socket; drop --sds-socket-path"#
+        )
+    };
+    let cases = [
+        // Otherwise fit for Fargate: only the SDS socket is in the way.
+        (
+            fargate(json!(["FARGATE"])),
+            with_sds(proxy_configuration(), true),
+            0,
+        ),
+        (fargate(json!(["FARGATE"])), with_sds(gateway(), true), 0),
+        // The SDS rule comes first: the operator learns about the flag they added.
+        (fargate(json!(["FARGATE"])), with_sds(node(), false), 0),
+        // Placeable on either launch type: Fargate would still refuse the host volume.
+        (
+            fargate(json!(["EC2", "FARGATE"])),
+            with_sds(proxy_configuration(), true),
+            1,
+        ),
+    ];
+    for (input, opts, index) in cases {
+        check_err(input, &opts, &refused(index));
+    }
+
+    // The same definition without the SDS socket is fine on Fargate, and on EC2 the socket is kept.
+    let mut without_sds = with_sds(proxy_configuration(), true);
+    without_sds.sds_socket_path = None;
+    let out = rewrite(fargate(json!(["FARGATE"])), &without_sds).unwrap();
+    assert!(out.get("volumes").is_none(), "{}", pretty(&out));
+    let out = rewrite(
+        fargate(json!(["EC2"])),
+        &with_sds(proxy_configuration(), true),
+    )
+    .unwrap();
+    assert_eq!(
+        out["volumes"],
+        json!([{"name": "trellis-sds-socket", "host": {"sourcePath": "/run/spire/sockets"}}])
+    );
+}
