@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::dynamo::{Moto, aws_env};
-use crate::{Proc, Workdir, bin, check, eventually, free_port, run};
+use crate::{Proc, Workdir, bin, check, eventually, free_port, run, wait_for_http};
 
 /// A bridge in its own namespace, with dnsmasq on the bridge address.
 #[derive(Debug)]
@@ -405,23 +405,13 @@ impl Agent {
         );
         let api = format!("http://127.0.0.1:{port}");
         // Generous: a large `--resources` file is applied before the API answers.
-        eventually("agent API up", Duration::from_secs(90), || {
-            if !proc.is_running() {
-                panic!("trellis-agent exited:\n{}", proc.log_text());
-            }
-            let out = run(Command::new("curl").args([
-                "-s",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                &format!("{api}/v20190125/meshes"),
-            ]));
-            match String::from_utf8_lossy(&out.stdout).as_ref() {
-                "200" => Ok(()),
-                other => Err(format!("status {other}")),
-            }
-        });
+        wait_for_http(
+            &mut proc,
+            "agent API up",
+            &format!("{api}/v20190125/meshes"),
+            Duration::from_secs(90),
+            |code| code == "200",
+        );
         Agent {
             proc,
             api,
