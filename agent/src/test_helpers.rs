@@ -67,35 +67,48 @@ pub fn mesh_resource(name: &str) -> MeshState {
     MeshState::new(resource(&format!("mesh/{name}"), MeshSpec::default()))
 }
 
+/// The request type of one ADS variant: how its first request carries the node and which RPC
+/// opens its stream. All else a fake Envoy does is the same for both ([`ScriptedEnvoy`]).
+pub trait AdsRequest: Sized + Send + 'static {
+    type Response: std::fmt::Debug;
+
+    fn with_node(self, node: Node) -> Self;
+
+    fn open(
+        client: AggregatedDiscoveryServiceClient<Channel>,
+        requests: ReceiverStream<Self>,
+    ) -> impl Future<Output = Result<tonic::Response<Streaming<Self::Response>>, Status>> + Send;
+}
+
 /// The client side of one ADS stream, whichever variant: `ads::FakeEnvoy` (state of the world)
 /// and `delta::DeltaEnvoy` (incremental) connect, send and receive alike and differ only in their
 /// message types, their RPC and what an ACK looks like.
 #[derive(Debug)]
-pub struct ScriptedEnvoy<Req, Resp> {
+pub struct ScriptedEnvoy<Req: AdsRequest> {
     pub node_id: String,
     tx: mpsc::Sender<Req>,
-    rx: Streaming<Resp>,
+    rx: Streaming<Req::Response>,
 }
 
-impl<Req, Resp: std::fmt::Debug> ScriptedEnvoy<Req, Resp> {
-    /// Connects to `addr`, queues `first` (which already carries the node) and opens the stream
-    /// with `rpc`, the variant's method on the ADS client.
-    async fn open<Rpc, Opened>(
+impl<Req: AdsRequest> ScriptedEnvoy<Req> {
+    /// Opens a stream and sends the first request (which carries the node).
+    pub async fn connect(
         addr: std::net::SocketAddr,
         node_id: &str,
         first: Req,
-        rpc: Rpc,
-    ) -> Result<Self, Status>
-    where
-        Rpc: FnOnce(AggregatedDiscoveryServiceClient<Channel>, ReceiverStream<Req>) -> Opened,
-        Opened: Future<Output = Result<tonic::Response<Streaming<Resp>>, Status>>,
-    {
+    ) -> Result<Self, Status> {
         let client = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}"))
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
         let (tx, rx) = mpsc::channel(16);
+        let first = first.with_node(Node {
+            id: node_id.to_string(),
+            ..Default::default()
+        });
         tx.send(first).await.expect("queue first request");
-        let rx = rpc(client, ReceiverStream::new(rx)).await?.into_inner();
+        let rx = Req::open(client, ReceiverStream::new(rx))
+            .await?
+            .into_inner();
         Ok(ScriptedEnvoy {
             node_id: node_id.to_string(),
             tx,
@@ -108,7 +121,7 @@ impl<Req, Resp: std::fmt::Debug> ScriptedEnvoy<Req, Resp> {
     }
 
     /// The next response, or the stream's error status.
-    pub async fn recv(&mut self) -> Result<Resp, Status> {
+    pub async fn recv(&mut self) -> Result<Req::Response, Status> {
         match tokio::time::timeout(Duration::from_secs(5), self.rx.message()).await {
             Ok(Ok(Some(r))) => Ok(r),
             Ok(Ok(None)) => Err(Status::aborted("stream ended")),
@@ -125,14 +138,6 @@ impl<Req, Resp: std::fmt::Debug> ScriptedEnvoy<Req, Resp> {
     }
 }
 
-/// The node a fake Envoy presents in its first request.
-fn node(id: &str) -> Option<Node> {
-    Some(Node {
-        id: id.to_string(),
-        ..Default::default()
-    })
-}
-
 /// A NACK's error detail.
 fn rejection(message: &str) -> Option<rpc::Status> {
     Some(rpc::Status {
@@ -144,29 +149,36 @@ fn rejection(message: &str) -> Option<rpc::Status> {
 
 /// A scripted Envoy: the client side of one ADS stream.
 pub mod ads {
+    use envoy_types::pb::envoy::config::core::v3::Node;
+    use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
     use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+    use tokio_stream::wrappers::ReceiverStream;
+    use tonic::transport::Channel;
+    use tonic::{Status, Streaming};
 
-    use super::{ScriptedEnvoy, node, rejection};
+    use super::{AdsRequest, ScriptedEnvoy, rejection};
 
-    pub type FakeEnvoy = ScriptedEnvoy<DiscoveryRequest, DiscoveryResponse>;
+    pub type FakeEnvoy = ScriptedEnvoy<DiscoveryRequest>;
 
-    impl FakeEnvoy {
-        /// Opens a stream and sends the first request (which carries the node).
-        pub async fn connect(
-            addr: std::net::SocketAddr,
-            node_id: &str,
-            first: DiscoveryRequest,
-        ) -> Result<Self, tonic::Status> {
-            let first = DiscoveryRequest {
-                node: node(node_id),
-                ..first
-            };
-            Self::open(addr, node_id, first, |mut client, requests| async move {
-                client.stream_aggregated_resources(requests).await
-            })
-            .await
+    impl AdsRequest for DiscoveryRequest {
+        type Response = DiscoveryResponse;
+
+        fn with_node(self, node: Node) -> Self {
+            DiscoveryRequest {
+                node: Some(node),
+                ..self
+            }
         }
 
+        async fn open(
+            mut client: AggregatedDiscoveryServiceClient<Channel>,
+            requests: ReceiverStream<Self>,
+        ) -> Result<tonic::Response<Streaming<DiscoveryResponse>>, Status> {
+            client.stream_aggregated_resources(requests).await
+        }
+    }
+
+    impl FakeEnvoy {
         pub async fn ack(&self, resp: &DiscoveryResponse, names: &[&str]) {
             self.send(request(
                 &resp.type_url,
@@ -199,31 +211,38 @@ pub mod ads {
 pub mod delta {
     use std::collections::HashMap;
 
+    use envoy_types::pb::envoy::config::core::v3::Node;
+    use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
     use envoy_types::pb::envoy::service::discovery::v3::{
         DeltaDiscoveryRequest, DeltaDiscoveryResponse,
     };
+    use tokio_stream::wrappers::ReceiverStream;
+    use tonic::transport::Channel;
+    use tonic::{Status, Streaming};
 
-    use super::{ScriptedEnvoy, node, rejection};
+    use super::{AdsRequest, ScriptedEnvoy, rejection};
 
-    pub type DeltaEnvoy = ScriptedEnvoy<DeltaDiscoveryRequest, DeltaDiscoveryResponse>;
+    pub type DeltaEnvoy = ScriptedEnvoy<DeltaDiscoveryRequest>;
 
-    impl DeltaEnvoy {
-        /// Opens a delta stream and sends the first request (which carries the node).
-        pub async fn connect(
-            addr: std::net::SocketAddr,
-            node_id: &str,
-            first: DeltaDiscoveryRequest,
-        ) -> Result<Self, tonic::Status> {
-            let first = DeltaDiscoveryRequest {
-                node: node(node_id),
-                ..first
-            };
-            Self::open(addr, node_id, first, |mut client, requests| async move {
-                client.delta_aggregated_resources(requests).await
-            })
-            .await
+    impl AdsRequest for DeltaDiscoveryRequest {
+        type Response = DeltaDiscoveryResponse;
+
+        fn with_node(self, node: Node) -> Self {
+            DeltaDiscoveryRequest {
+                node: Some(node),
+                ..self
+            }
         }
 
+        async fn open(
+            mut client: AggregatedDiscoveryServiceClient<Channel>,
+            requests: ReceiverStream<Self>,
+        ) -> Result<tonic::Response<Streaming<DeltaDiscoveryResponse>>, Status> {
+            client.delta_aggregated_resources(requests).await
+        }
+    }
+
+    impl DeltaEnvoy {
         pub async fn ack(&self, resp: &DeltaDiscoveryResponse) {
             self.send(reply(&resp.type_url, &resp.nonce)).await;
         }
