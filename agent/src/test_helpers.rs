@@ -1,6 +1,15 @@
 //! Fixtures shared by this crate's unit tests and the `tests` package.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use envoy_types::pb::google::rpc;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+use tonic::{Status, Streaming};
 
 use crate::model::{MeshSpec, MeshState, Metadata, Resource};
 
@@ -58,74 +67,118 @@ pub fn mesh_resource(name: &str) -> MeshState {
     MeshState::new(resource(&format!("mesh/{name}"), MeshSpec::default()))
 }
 
+/// The request type of one ADS variant: how its first request carries the node and which RPC
+/// opens its stream. All else a fake Envoy does is the same for both ([`ScriptedEnvoy`]).
+pub trait AdsRequest: Sized + Send + 'static {
+    type Response: std::fmt::Debug;
+
+    fn with_node(self, node: Node) -> Self;
+
+    fn open(
+        client: AggregatedDiscoveryServiceClient<Channel>,
+        requests: ReceiverStream<Self>,
+    ) -> impl Future<Output = Result<tonic::Response<Streaming<Self::Response>>, Status>> + Send;
+}
+
+/// The client side of one ADS stream, whichever variant: `ads::FakeEnvoy` (state of the world)
+/// and `delta::DeltaEnvoy` (incremental) connect, send and receive alike and differ only in their
+/// message types, their RPC and what an ACK looks like.
+#[derive(Debug)]
+pub struct ScriptedEnvoy<Req: AdsRequest> {
+    pub node_id: String,
+    tx: mpsc::Sender<Req>,
+    rx: Streaming<Req::Response>,
+}
+
+impl<Req: AdsRequest> ScriptedEnvoy<Req> {
+    /// Opens a stream and sends the first request (which carries the node).
+    pub async fn connect(
+        addr: std::net::SocketAddr,
+        node_id: &str,
+        first: Req,
+    ) -> Result<Self, Status> {
+        let client = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}"))
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let (tx, rx) = mpsc::channel(16);
+        let first = first.with_node(Node {
+            id: node_id.to_string(),
+            ..Default::default()
+        });
+        tx.send(first).await.expect("queue first request");
+        let rx = Req::open(client, ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        Ok(ScriptedEnvoy {
+            node_id: node_id.to_string(),
+            tx,
+            rx,
+        })
+    }
+
+    pub async fn send(&self, req: Req) {
+        self.tx.send(req).await.expect("stream open");
+    }
+
+    /// The next response, or the stream's error status.
+    pub async fn recv(&mut self) -> Result<Req::Response, Status> {
+        match tokio::time::timeout(Duration::from_secs(5), self.rx.message()).await {
+            Ok(Ok(Some(r))) => Ok(r),
+            Ok(Ok(None)) => Err(Status::aborted("stream ended")),
+            Ok(Err(status)) => Err(status),
+            Err(_) => Err(Status::deadline_exceeded("no response within 5 s")),
+        }
+    }
+
+    /// Asserts nothing arrives within `wait`.
+    pub async fn expect_silence(&mut self, wait: Duration) {
+        if let Ok(r) = tokio::time::timeout(wait, self.rx.message()).await {
+            panic!("expected no response, got {r:?}");
+        }
+    }
+}
+
+/// A NACK's error detail.
+fn rejection(message: &str) -> Option<rpc::Status> {
+    Some(rpc::Status {
+        code: 3,
+        message: message.to_string(),
+        details: vec![],
+    })
+}
+
 /// A scripted Envoy: the client side of one ADS stream.
 pub mod ads {
-    use std::time::Duration;
-
     use envoy_types::pb::envoy::config::core::v3::Node;
     use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
     use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
-    use envoy_types::pb::google::rpc;
-    use tokio::sync::mpsc;
     use tokio_stream::wrappers::ReceiverStream;
-    use tonic::Streaming;
+    use tonic::transport::Channel;
+    use tonic::{Status, Streaming};
 
-    #[derive(Debug)]
-    pub struct FakeEnvoy {
-        pub node_id: String,
-        tx: mpsc::Sender<DiscoveryRequest>,
-        rx: Streaming<DiscoveryResponse>,
+    use super::{AdsRequest, ScriptedEnvoy, rejection};
+
+    pub type FakeEnvoy = ScriptedEnvoy<DiscoveryRequest>;
+
+    impl AdsRequest for DiscoveryRequest {
+        type Response = DiscoveryResponse;
+
+        fn with_node(self, node: Node) -> Self {
+            DiscoveryRequest {
+                node: Some(node),
+                ..self
+            }
+        }
+
+        async fn open(
+            mut client: AggregatedDiscoveryServiceClient<Channel>,
+            requests: ReceiverStream<Self>,
+        ) -> Result<tonic::Response<Streaming<DiscoveryResponse>>, Status> {
+            client.stream_aggregated_resources(requests).await
+        }
     }
 
     impl FakeEnvoy {
-        /// Opens a stream and sends the first request (which carries the node).
-        pub async fn connect(
-            addr: std::net::SocketAddr,
-            node_id: &str,
-            first: DiscoveryRequest,
-        ) -> Result<Self, tonic::Status> {
-            let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}"))
-                .await
-                .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-            let (tx, rx) = mpsc::channel(16);
-            let mut first = first;
-            first.node = Some(Node {
-                id: node_id.to_string(),
-                ..Default::default()
-            });
-            tx.send(first).await.expect("queue first request");
-            let rx = client
-                .stream_aggregated_resources(ReceiverStream::new(rx))
-                .await?
-                .into_inner();
-            Ok(FakeEnvoy {
-                node_id: node_id.to_string(),
-                tx,
-                rx,
-            })
-        }
-
-        pub async fn send(&self, req: DiscoveryRequest) {
-            self.tx.send(req).await.expect("stream open");
-        }
-
-        /// The next response, or the stream's error status.
-        pub async fn recv(&mut self) -> Result<DiscoveryResponse, tonic::Status> {
-            match tokio::time::timeout(Duration::from_secs(5), self.rx.message()).await {
-                Ok(Ok(Some(r))) => Ok(r),
-                Ok(Ok(None)) => Err(tonic::Status::aborted("stream ended")),
-                Ok(Err(status)) => Err(status),
-                Err(_) => Err(tonic::Status::deadline_exceeded("no response within 5 s")),
-            }
-        }
-
-        /// Asserts nothing arrives within `wait`.
-        pub async fn expect_silence(&mut self, wait: Duration) {
-            if let Ok(r) = tokio::time::timeout(wait, self.rx.message()).await {
-                panic!("expected no response, got {r:?}");
-            }
-        }
-
         pub async fn ack(&self, resp: &DiscoveryResponse, names: &[&str]) {
             self.send(request(
                 &resp.type_url,
@@ -138,11 +191,7 @@ pub mod ads {
 
         pub async fn nack(&self, resp: &DiscoveryResponse, names: &[&str], message: &str) {
             let mut r = request(&resp.type_url, names, "", &resp.nonce);
-            r.error_detail = Some(rpc::Status {
-                code: 3,
-                message: message.to_string(),
-                details: vec![],
-            });
+            r.error_detail = rejection(message);
             self.send(r).await;
         }
     }
@@ -161,80 +210,46 @@ pub mod ads {
 /// A scripted Envoy on incremental ADS: the client side of one delta stream.
 pub mod delta {
     use std::collections::HashMap;
-    use std::time::Duration;
 
     use envoy_types::pb::envoy::config::core::v3::Node;
     use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
     use envoy_types::pb::envoy::service::discovery::v3::{
         DeltaDiscoveryRequest, DeltaDiscoveryResponse,
     };
-    use envoy_types::pb::google::rpc;
-    use tokio::sync::mpsc;
     use tokio_stream::wrappers::ReceiverStream;
-    use tonic::Streaming;
+    use tonic::transport::Channel;
+    use tonic::{Status, Streaming};
 
-    #[derive(Debug)]
-    pub struct DeltaEnvoy {
-        tx: mpsc::Sender<DeltaDiscoveryRequest>,
-        rx: Streaming<DeltaDiscoveryResponse>,
+    use super::{AdsRequest, ScriptedEnvoy, rejection};
+
+    pub type DeltaEnvoy = ScriptedEnvoy<DeltaDiscoveryRequest>;
+
+    impl AdsRequest for DeltaDiscoveryRequest {
+        type Response = DeltaDiscoveryResponse;
+
+        fn with_node(self, node: Node) -> Self {
+            DeltaDiscoveryRequest {
+                node: Some(node),
+                ..self
+            }
+        }
+
+        async fn open(
+            mut client: AggregatedDiscoveryServiceClient<Channel>,
+            requests: ReceiverStream<Self>,
+        ) -> Result<tonic::Response<Streaming<DeltaDiscoveryResponse>>, Status> {
+            client.delta_aggregated_resources(requests).await
+        }
     }
 
     impl DeltaEnvoy {
-        /// Opens a delta stream and sends the first request (which carries the node).
-        pub async fn connect(
-            addr: std::net::SocketAddr,
-            node_id: &str,
-            first: DeltaDiscoveryRequest,
-        ) -> Result<Self, tonic::Status> {
-            let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}"))
-                .await
-                .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-            let (tx, rx) = mpsc::channel(16);
-            let mut first = first;
-            first.node = Some(Node {
-                id: node_id.to_string(),
-                ..Default::default()
-            });
-            tx.send(first).await.expect("queue first request");
-            let rx = client
-                .delta_aggregated_resources(ReceiverStream::new(rx))
-                .await?
-                .into_inner();
-            Ok(DeltaEnvoy { tx, rx })
-        }
-
-        pub async fn send(&self, req: DeltaDiscoveryRequest) {
-            self.tx.send(req).await.expect("stream open");
-        }
-
-        /// The next response, or the stream's error status.
-        pub async fn recv(&mut self) -> Result<DeltaDiscoveryResponse, tonic::Status> {
-            match tokio::time::timeout(Duration::from_secs(5), self.rx.message()).await {
-                Ok(Ok(Some(r))) => Ok(r),
-                Ok(Ok(None)) => Err(tonic::Status::aborted("stream ended")),
-                Ok(Err(status)) => Err(status),
-                Err(_) => Err(tonic::Status::deadline_exceeded("no response within 5 s")),
-            }
-        }
-
-        /// Asserts nothing arrives within `wait`.
-        pub async fn expect_silence(&mut self, wait: Duration) {
-            if let Ok(r) = tokio::time::timeout(wait, self.rx.message()).await {
-                panic!("expected no response, got {r:?}");
-            }
-        }
-
         pub async fn ack(&self, resp: &DeltaDiscoveryResponse) {
             self.send(reply(&resp.type_url, &resp.nonce)).await;
         }
 
         pub async fn nack(&self, resp: &DeltaDiscoveryResponse, message: &str) {
             let mut r = reply(&resp.type_url, &resp.nonce);
-            r.error_detail = Some(rpc::Status {
-                code: 3,
-                message: message.to_string(),
-                details: vec![],
-            });
+            r.error_detail = rejection(message);
             self.send(r).await;
         }
     }

@@ -89,6 +89,14 @@ fn env_var(c: &Value, name: &str) -> Option<String> {
     env(c).into_iter().find(|(n, _)| n == name).map(|(_, v)| v)
 }
 
+/// Asserts that container `c` sets each (name, value) variable.
+#[track_caller]
+fn assert_env(c: &Value, expected: &[(&str, &str)]) {
+    for (name, value) in expected {
+        assert_eq!(env_var(c, name).as_deref(), Some(*value), "{name}");
+    }
+}
+
 fn names(out: &Value) -> Vec<&str> {
     out["containerDefinitions"]
         .as_array()
@@ -131,6 +139,37 @@ fn socket_volume() -> Value {
     json!({"name": "trellis-agent-socket", "host": {"sourcePath": "/var/run/trellis"}})
 }
 
+/// The Envoy container the rewrite writes for resource `arn`: name and image, then `head` (the
+/// fields that differ by mode), then the fields every mode sets alike, then `tail`.
+fn envoy_container(arn: &str, head: Value, tail: Value) -> Value {
+    let mut envoy = json!({"name": "envoy", "image": "trellis-envoy:0.1.0"});
+    let owned = json!({
+        "environment": [
+            {"name": "APPMESH_RESOURCE_ARN", "value": arn},
+            {"name": "APPMESH_XDS_ENDPOINT", "value": "unix:///var/run/trellis/xds.sock"}
+        ],
+        "mountPoints": envoy_mount(),
+        "ulimits": nofile(),
+        "healthCheck": health_check()
+    });
+    let fields = envoy.as_object_mut().expect("an object");
+    for part in [head, owned, tail] {
+        if let Value::Object(part) = part {
+            fields.extend(part);
+        }
+    }
+    envoy
+}
+
+/// [`envoy_container`] as the sidecar of virtual node `web` (essential, uid 1337, default memory).
+fn web_sidecar(tail: Value) -> Value {
+    envoy_container(
+        "mesh/m/virtualNode/web",
+        json!({"essential": true, "user": "1337", "memoryReservation": 128}),
+        tail,
+    )
+}
+
 fn route_manager_env(app_ports: &str, ips: &str) -> Value {
     json!([
         {"name": "APPMESH_APP_PORTS", "value": app_ports},
@@ -158,21 +197,9 @@ fn plain_one_app_awsvpc() {
                     "portMappings": [{"containerPort": 8080, "protocol": "tcp"}],
                     "dependsOn": [{"containerName": "envoy", "condition": "HEALTHY"}]
                 },
-                {
-                    "name": "envoy",
-                    "image": "trellis-envoy:0.1.0",
-                    "essential": true,
-                    "user": "1337",
-                    "memoryReservation": 128,
-                    "environment": [
-                        {"name": "APPMESH_RESOURCE_ARN", "value": "mesh/m/virtualNode/web"},
-                        {"name": "APPMESH_XDS_ENDPOINT", "value": "unix:///var/run/trellis/xds.sock"}
-                    ],
-                    "mountPoints": envoy_mount(),
-                    "ulimits": nofile(),
-                    "healthCheck": health_check(),
-                    "dependsOn": [{"containerName": "proxy-route-manager", "condition": "SUCCESS"}]
-                },
+                web_sidecar(
+                    json!({"dependsOn": [{"containerName": "proxy-route-manager", "condition": "SUCCESS"}]})
+                ),
                 {
                     "name": "proxy-route-manager",
                     "image": "trellis-proxy-route-manager:0.1.0",
@@ -226,18 +253,17 @@ fn options_reach_the_owned_containers() {
     );
     let rm = container(&out, "proxy-route-manager");
     assert_eq!(rm["image"], "registry/prm:1");
-    assert_eq!(
-        env_var(rm, "APPMESH_APP_PORTS").as_deref(),
-        Some("8080,8443")
-    );
-    assert_eq!(env_var(rm, "APPMESH_IGNORE_UID").as_deref(), Some("2000"));
-    assert_eq!(
-        env_var(rm, "APPMESH_EGRESS_IGNORED_IP").as_deref(),
-        Some("169.254.170.2,169.254.169.254,10.0.0.0/8")
-    );
-    assert_eq!(
-        env_var(rm, "APPMESH_EGRESS_IGNORED_PORTS").as_deref(),
-        Some("22,5432")
+    assert_env(
+        rm,
+        &[
+            ("APPMESH_APP_PORTS", "8080,8443"),
+            ("APPMESH_IGNORE_UID", "2000"),
+            (
+                "APPMESH_EGRESS_IGNORED_IP",
+                "169.254.170.2,169.254.169.254,10.0.0.0/8",
+            ),
+            ("APPMESH_EGRESS_IGNORED_PORTS", "22,5432"),
+        ],
     );
     assert_eq!(
         out["volumes"],
@@ -285,8 +311,7 @@ fn describe_output_is_unwrapped_and_read_only_fields_dropped() {
 #[test]
 fn rewrite_is_idempotent() {
     let migrated = app_mesh_definition();
-    let mut pc = node();
-    pc.redirect = Redirect::ProxyConfiguration;
+    let pc = proxy_configuration();
     let mut tcp = node();
     tcp.xds_endpoint = Some("agent.local:15100".into());
     let cases = [
@@ -379,6 +404,13 @@ fn bridge_mode_is_refused_naming_the_field() {
     );
 }
 
+/// Redirect through ECS's `proxyConfiguration` instead of the route manager.
+fn proxy_configuration() -> Options {
+    let mut o = node();
+    o.redirect = Redirect::ProxyConfiguration;
+    o
+}
+
 fn explicit() -> Options {
     let mut o = node();
     o.redirect = Redirect::Explicit;
@@ -408,20 +440,7 @@ fn explicit_backends_in_bridge_mode_link_the_app_to_envoy_as_its_http_proxy() {
                     ],
                     "links": ["envoy"]
                 },
-                {
-                    "name": "envoy",
-                    "image": "trellis-envoy:0.1.0",
-                    "essential": true,
-                    "user": "1337",
-                    "memoryReservation": 128,
-                    "environment": [
-                        {"name": "APPMESH_RESOURCE_ARN", "value": "mesh/m/virtualNode/web"},
-                        {"name": "APPMESH_XDS_ENDPOINT", "value": "unix:///var/run/trellis/xds.sock"}
-                    ],
-                    "mountPoints": envoy_mount(),
-                    "ulimits": nofile(),
-                    "healthCheck": health_check()
-                }
+                web_sidecar(json!({}))
             ],
             "requiresCompatibilities": ["EC2"],
             "volumes": [socket_volume()]
@@ -601,19 +620,11 @@ fn virtual_gateway_is_envoy_only() {
             "networkMode": "bridge",
             "memory": "512",
             "containerDefinitions": [
-                {
-                    "name": "envoy",
-                    "image": "trellis-envoy:0.1.0",
-                    "portMappings": [{"containerPort": 8443, "hostPort": 443}],
-                    "essential": true,
-                    "environment": [
-                        {"name": "APPMESH_RESOURCE_ARN", "value": "mesh/m/virtualGateway/gw"},
-                        {"name": "APPMESH_XDS_ENDPOINT", "value": "unix:///var/run/trellis/xds.sock"}
-                    ],
-                    "mountPoints": envoy_mount(),
-                    "ulimits": nofile(),
-                    "healthCheck": health_check()
-                }
+                envoy_container(
+                    "mesh/m/virtualGateway/gw",
+                    json!({"portMappings": [{"containerPort": 8443, "hostPort": 443}], "essential": true}),
+                    json!({}),
+                )
             ],
             "volumes": [socket_volume()]
         }),
@@ -694,22 +705,22 @@ fn app_mesh_definition_migrates_to_the_route_manager() {
     );
     let rm = container(&out, "proxy-route-manager");
     // The user's ports (9080 only, not 9081) and exceptions carry over.
-    assert_eq!(env_var(rm, "APPMESH_APP_PORTS").as_deref(), Some("9080"));
-    assert_eq!(
-        env_var(rm, "APPMESH_EGRESS_IGNORED_IP").as_deref(),
-        Some("169.254.170.2,169.254.169.254,10.1.0.0/16")
-    );
-    assert_eq!(
-        env_var(rm, "APPMESH_EGRESS_IGNORED_PORTS").as_deref(),
-        Some("22")
+    assert_env(
+        rm,
+        &[
+            ("APPMESH_APP_PORTS", "9080"),
+            (
+                "APPMESH_EGRESS_IGNORED_IP",
+                "169.254.170.2,169.254.169.254,10.1.0.0/16",
+            ),
+            ("APPMESH_EGRESS_IGNORED_PORTS", "22"),
+        ],
     );
 }
 
 #[test]
 fn proxy_configuration_mode() {
-    let mut opts = node();
-    opts.redirect = Redirect::ProxyConfiguration;
-    let out = rewrite(app_mesh_definition(), &opts).unwrap();
+    let out = rewrite(app_mesh_definition(), &proxy_configuration()).unwrap();
     assert_eq!(names(&out), ["app", "envoy"]);
     let top: Vec<&String> = out.as_object().unwrap().keys().collect();
     assert_eq!(
@@ -744,17 +755,18 @@ fn proxy_configuration_mode() {
     let back = rewrite(out, &node()).unwrap();
     assert!(back.get("proxyConfiguration").is_none());
     let rm = container(&back, "proxy-route-manager");
-    assert_eq!(env_var(rm, "APPMESH_APP_PORTS").as_deref(), Some("9080"));
-    assert_eq!(
-        env_var(rm, "APPMESH_EGRESS_IGNORED_PORTS").as_deref(),
-        Some("22")
+    assert_env(
+        rm,
+        &[
+            ("APPMESH_APP_PORTS", "9080"),
+            ("APPMESH_EGRESS_IGNORED_PORTS", "22"),
+        ],
     );
 }
 
 #[test]
 fn tcp_endpoint_drops_the_socket_and_allows_fargate() {
-    let mut opts = node();
-    opts.redirect = Redirect::ProxyConfiguration;
+    let mut opts = proxy_configuration();
     opts.xds_endpoint = Some("10.0.0.5:15100".into());
     let mut input = one_app();
     input["requiresCompatibilities"] = json!(["FARGATE"]);
@@ -800,6 +812,29 @@ fn malformed_json_reports_line_and_column() {
     );
 }
 
+/// Appends container `c` to task definition `v`.
+fn push_container(v: &mut Value, c: Value) {
+    v["containerDefinitions"]
+        .as_array_mut()
+        .expect("containerDefinitions is an array")
+        .push(c);
+}
+
+/// Removes `field` from the first container of task definition `v`.
+fn remove_from_app(v: &mut Value, field: &str) {
+    v["containerDefinitions"][0]
+        .as_object_mut()
+        .expect("the first container is an object")
+        .remove(field);
+}
+
+/// Adds container `db` (no health check) and has the app wait for it with `condition`.
+fn app_waits_for_db(v: &mut Value, condition: &str) {
+    push_container(v, json!({"name": "db", "image": "pg", "memory": 64}));
+    v["containerDefinitions"][0]["dependsOn"] =
+        json!([{"containerName": "db", "condition": condition}]);
+}
+
 #[test]
 fn rule_violations_name_the_field() {
     let with = |patch: &dyn Fn(&mut Value)| {
@@ -843,34 +878,15 @@ fn rule_violations_name_the_field() {
             r#"containerDefinitions[0].portMappings[0].containerPort: expected a non-negative integer, found string "8080""#,
         ),
         (
-            with(&|v| {
-                v["containerDefinitions"]
-                    .as_array_mut()
-                    .unwrap()
-                    .push(json!({"name": "app", "image": "x"}))
-            }),
+            with(&|v| push_container(v, json!({"name": "app", "image": "x"}))),
             r#"containerDefinitions[1].name: "app" is also the name of containerDefinitions[0]; container names must be unique"#,
         ),
         (
-            with(&|v| {
-                v["containerDefinitions"][0]
-                    .as_object_mut()
-                    .unwrap()
-                    .remove("image")
-                    .map(drop)
-                    .unwrap_or(())
-            }),
+            with(&|v| remove_from_app(v, "image")),
             "containerDefinitions[0].image: missing; ECS requires an image for every container",
         ),
         (
-            with(&|v| {
-                v["containerDefinitions"][0]
-                    .as_object_mut()
-                    .unwrap()
-                    .remove("name")
-                    .map(drop)
-                    .unwrap_or(())
-            }),
+            with(&|v| remove_from_app(v, "name")),
             "containerDefinitions[0].name: missing; ECS requires a name for every container",
         ),
         (
@@ -881,48 +897,34 @@ fn rule_violations_name_the_field() {
             r#"containerDefinitions[0].dependsOn[0].containerName: no container is named "db""#,
         ),
         (
-            with(&|v| {
-                v["containerDefinitions"]
-                    .as_array_mut()
-                    .unwrap()
-                    .push(json!({"name": "db", "image": "pg", "memory": 64}));
-                v["containerDefinitions"][0]["dependsOn"] =
-                    json!([{"containerName": "db", "condition": "READY"}]);
-            }),
+            with(&|v| app_waits_for_db(v, "READY")),
             r#"containerDefinitions[0].dependsOn[0].condition: "READY" is not valid: must be one of START, COMPLETE, SUCCESS, HEALTHY"#,
         ),
         (
-            with(&|v| {
-                v["containerDefinitions"]
-                    .as_array_mut()
-                    .unwrap()
-                    .push(json!({"name": "db", "image": "pg", "memory": 64}));
-                v["containerDefinitions"][0]["dependsOn"] =
-                    json!([{"containerName": "db", "condition": "HEALTHY"}]);
-            }),
+            with(&|v| app_waits_for_db(v, "HEALTHY")),
             r#"containerDefinitions[0].dependsOn[0].condition: "HEALTHY" is not valid: "db" has no healthCheck, so it never becomes HEALTHY"#,
         ),
         (
             with(&|v| {
-                v["containerDefinitions"]
-                    .as_array_mut()
-                    .unwrap()
-                    .push(json!({
+                push_container(
+                    v,
+                    json!({
                         "name": "sidecar", "image": "x", "memory": 32,
                         "dependsOn": [{"containerName": "app", "condition": "SUCCESS"}]
-                    }))
+                    }),
+                )
             }),
             r#"containerDefinitions[1].dependsOn[0].condition: "SUCCESS" is not valid: "app" is essential; ECS allows COMPLETE and SUCCESS only on non-essential containers"#,
         ),
         (
             with(&|v| {
-                v["containerDefinitions"]
-                    .as_array_mut()
-                    .unwrap()
-                    .push(json!({
+                push_container(
+                    v,
+                    json!({
                         "name": "cache", "image": "x", "memory": 32,
                         "dependsOn": [{"containerName": "cache", "condition": "START"}]
-                    }))
+                    }),
+                )
             }),
             "containerDefinitions[1].dependsOn[0].containerName: dependsOn cycle cache -> cache",
         ),
@@ -939,12 +941,7 @@ fn rule_violations_name_the_field() {
             r#"memory: "lots" is not valid: expected MiB, or GB with the unit, e.g. "512" or "1 GB""#,
         ),
         (
-            with(&|v| {
-                v["containerDefinitions"][0]
-                    .as_object_mut()
-                    .unwrap()
-                    .remove("memory");
-            }),
+            with(&|v| remove_from_app(v, "memory")),
             "containerDefinitions[0].memory: missing; without a task-level memory ECS needs memory or memoryReservation on every container",
         ),
         (
@@ -1063,8 +1060,7 @@ fn outputs_match_the_ecs_register_task_definition_shape() {
         );
         return;
     }
-    let mut pc = node();
-    pc.redirect = Redirect::ProxyConfiguration;
+    let pc = proxy_configuration();
     let mut full = node();
     full.envoy_cpu = Some(64);
     full.envoy_memory = Some(128);
@@ -1115,8 +1111,10 @@ fn ignored_gid_and_ipv6_reach_envoy_and_the_route_manager() {
     let out = rewrite(one_app(), &opts).unwrap();
     assert_eq!(container(&out, "envoy")["user"], "1337:1338");
     let rm = container(&out, "proxy-route-manager");
-    assert_eq!(env_var(rm, "APPMESH_IGNORE_GID").as_deref(), Some("1338"));
-    assert_eq!(env_var(rm, "APPMESH_ENABLE_IPV6").as_deref(), Some("1"));
+    assert_env(
+        rm,
+        &[("APPMESH_IGNORE_GID", "1338"), ("APPMESH_ENABLE_IPV6", "1")],
+    );
     // Both are the task's settings now: a plain re-run keeps them.
     assert_same(&rewrite(out.clone(), &node()).unwrap(), &out);
 }
@@ -1144,5 +1142,67 @@ fn an_sds_socket_is_mounted_into_envoy_and_named_by_its_variable() {
         one_app(),
         &opts,
         r#"--sds-socket-path: "agent.sock" is not valid: must be an absolute path to a socket inside a directory (e.g. /run/spire/sockets/agent.sock)"#,
+    );
+}
+
+/// Fargate has no host volumes, so the SPIRE agent's socket directory cannot be mounted: every
+/// definition that may run on Fargate is refused with --sds-socket-path, whatever else is right
+/// for Fargate (TCP endpoint, proxyConfiguration) and whatever the target; nothing is returned.
+#[test]
+fn an_sds_socket_is_refused_for_a_definition_that_may_run_on_fargate() {
+    const SDS: &str = "/run/spire/sockets/agent.sock";
+    let fargate = |compatibilities: Value| {
+        let mut input = one_app();
+        input["requiresCompatibilities"] = compatibilities;
+        input["cpu"] = json!("512");
+        input["memory"] = json!("1024");
+        input
+    };
+    let with_sds = |mut opts: Options, tcp: bool| {
+        if tcp {
+            opts.xds_endpoint = Some("10.0.0.5:15100".into());
+        }
+        opts.sds_socket_path = Some(SDS.into());
+        opts
+    };
+    let refused = |i: usize| {
+        format!(
+            r#"requiresCompatibilities[{i}]: "FARGATE" is not valid: Fargate has no host volumes for the SDS socket; drop --sds-socket-path"#
+        )
+    };
+    let cases = [
+        // Otherwise fit for Fargate: only the SDS socket is in the way.
+        (
+            fargate(json!(["FARGATE"])),
+            with_sds(proxy_configuration(), true),
+            0,
+        ),
+        (fargate(json!(["FARGATE"])), with_sds(gateway(), true), 0),
+        // The SDS rule comes first: the operator learns about the flag they added.
+        (fargate(json!(["FARGATE"])), with_sds(node(), false), 0),
+        // Placeable on either launch type: Fargate would still refuse the host volume.
+        (
+            fargate(json!(["EC2", "FARGATE"])),
+            with_sds(proxy_configuration(), true),
+            1,
+        ),
+    ];
+    for (input, opts, index) in cases {
+        check_err(input, &opts, &refused(index));
+    }
+
+    // The same definition without the SDS socket is fine on Fargate, and on EC2 the socket is kept.
+    let mut without_sds = with_sds(proxy_configuration(), true);
+    without_sds.sds_socket_path = None;
+    let out = rewrite(fargate(json!(["FARGATE"])), &without_sds).unwrap();
+    assert!(out.get("volumes").is_none(), "{}", pretty(&out));
+    let out = rewrite(
+        fargate(json!(["EC2"])),
+        &with_sds(proxy_configuration(), true),
+    )
+    .unwrap();
+    assert_eq!(
+        out["volumes"],
+        json!([{"name": "trellis-sds-socket", "host": {"sourcePath": "/run/spire/sockets"}}])
     );
 }

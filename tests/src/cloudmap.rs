@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::{Proc, Workdir, check, eventually, run, venv};
+use crate::{Proc, Workdir, check, venv, wait_for_http};
 
 /// Credentials and region moto accepts, for the CLI and for the agent's SDK.
 pub const AWS_ENV: [(&str, &str); 7] = [
@@ -52,23 +52,13 @@ impl Moto {
         cmd.args(["-H", "127.0.0.1", "-p", &self.port.to_string()]);
         let mut proc = Proc::spawn("moto_server", &mut cmd, self.log.clone());
         let url = format!("{}/moto-api/", self.url);
-        eventually("moto up", Duration::from_secs(30), || {
-            if !proc.is_running() {
-                panic!("moto exited:\n{}", proc.log_text());
-            }
-            let out = run(Command::new("curl").args([
-                "-s",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                &url,
-            ]));
-            match String::from_utf8_lossy(&out.stdout).as_ref() {
-                "200" => Ok(()),
-                other => Err(format!("status {other}")),
-            }
-        });
+        wait_for_http(
+            &mut proc,
+            "moto up",
+            &url,
+            Duration::from_secs(30),
+            |code| code == "200",
+        );
         self.proc = Some(proc);
     }
 

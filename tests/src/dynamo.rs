@@ -6,7 +6,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use crate::{Proc, Workdir, bin, check, eventually, free_port, run, venv};
+use crate::{Proc, Workdir, bin, check, free_port, venv, wait_for_http};
 
 /// A running moto server.
 #[derive(Debug)]
@@ -24,23 +24,13 @@ impl Moto {
             .args(["127.0.0.1", &port.to_string()]);
         let mut proc = Proc::spawn(name, &mut cmd, work.join(&format!("{name}.log")));
         let endpoint = format!("http://127.0.0.1:{port}");
-        eventually("moto server up", Duration::from_secs(30), || {
-            if !proc.is_running() {
-                panic!("moto_server exited:\n{}", proc.log_text());
-            }
-            let out = run(Command::new("curl").args([
-                "-s",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                &format!("{endpoint}/moto-api/"),
-            ]));
-            match String::from_utf8_lossy(&out.stdout).as_ref() {
-                "000" | "" => Err("not answering".to_string()),
-                _ => Ok(()),
-            }
-        });
+        wait_for_http(
+            &mut proc,
+            "moto server up",
+            &format!("{endpoint}/moto-api/"),
+            Duration::from_secs(30),
+            |code| !matches!(code, "000" | ""),
+        );
         Moto { proc, endpoint }
     }
 

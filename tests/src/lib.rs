@@ -127,6 +127,28 @@ pub fn eventually<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Resul
     }
 }
 
+/// Waits until `url` answers with a status `ready` accepts (curl reports `000` while nothing
+/// answers), failing with `proc`'s log as soon as it exits: how every server we spawn is awaited.
+pub fn wait_for_http(
+    proc: &mut Proc,
+    what: &str,
+    url: &str,
+    timeout: Duration,
+    ready: impl Fn(&str) -> bool,
+) {
+    eventually(what, timeout, || {
+        if !proc.is_running() {
+            panic!("{} exited:\n{}", proc.name, proc.log_text());
+        }
+        let out =
+            run(Command::new("curl").args(["-s", "-o", "/dev/null", "-w", "%{http_code}", url]));
+        match String::from_utf8_lossy(&out.stdout).as_ref() {
+            code if ready(code) => Ok(()),
+            code => Err(format!("status {code}")),
+        }
+    });
+}
+
 /// Runs a command to completion and returns its output (never panics on non-zero exit).
 pub fn run(cmd: &mut Command) -> Output {
     cmd.stdin(Stdio::null())

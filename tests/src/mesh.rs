@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::dynamo::{Moto, aws_env};
-use crate::{Proc, Workdir, bin, check, eventually, free_port, run};
+use crate::{Proc, Workdir, bin, check, eventually, free_port, run, wait_for_http};
 
 /// A bridge in its own namespace, with dnsmasq on the bridge address.
 #[derive(Debug)]
@@ -405,23 +405,13 @@ impl Agent {
         );
         let api = format!("http://127.0.0.1:{port}");
         // Generous: a large `--resources` file is applied before the API answers.
-        eventually("agent API up", Duration::from_secs(90), || {
-            if !proc.is_running() {
-                panic!("trellis-agent exited:\n{}", proc.log_text());
-            }
-            let out = run(Command::new("curl").args([
-                "-s",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                &format!("{api}/v20190125/meshes"),
-            ]));
-            match String::from_utf8_lossy(&out.stdout).as_ref() {
-                "200" => Ok(()),
-                other => Err(format!("status {other}")),
-            }
-        });
+        wait_for_http(
+            &mut proc,
+            "agent API up",
+            &format!("{api}/v20190125/meshes"),
+            Duration::from_secs(90),
+            |code| code == "200",
+        );
         Agent {
             proc,
             api,
@@ -463,6 +453,24 @@ impl Agent {
             .lines()
             .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
             .unwrap_or(0.0)
+    }
+
+    /// `/debug/xds`: every connected Envoy's ADS stream (node, variant, per-type versions and
+    /// last NACK), by stream id.
+    pub fn debug_xds(&self) -> Value {
+        let text = check(Command::new("curl").args(["-sf", &format!("{}/debug/xds", self.api)]));
+        serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("/debug/xds is not JSON ({e}): {text}"))
+    }
+
+    /// The stream of the Envoy with node id `node` in `/debug/xds`.
+    pub fn xds_stream(&self, node: &str) -> Result<Value, String> {
+        let debug = self.debug_xds();
+        debug
+            .as_object()
+            .and_then(|s| s.values().find(|s| s["node"] == node))
+            .cloned()
+            .ok_or_else(|| format!("no stream of {node} in {debug}"))
     }
 
     /// The real AWS CLI pointed at this agent.

@@ -2,11 +2,12 @@
 //! `front-vn` calls virtual service `back.local`, provided by `back-vn` (http 8080, DNS discovery).
 
 use std::fs;
+use std::time::Duration;
 
 use serde_json::{Value, json};
 
 use crate::mesh::{Agent, Task, Vpc, rewrite, run_route_manager, start_envoy};
-use crate::{Proc, Workdir};
+use crate::{Proc, Workdir, eventually};
 
 pub const ADMIN_PORT: u16 = 9901;
 pub const BACK_URL: &str = "http://back.local:8080/";
@@ -324,7 +325,35 @@ pub fn color_route(http_match: Value, node: &str) -> Value {
         "action": {"weightedTargets": [{"virtualNode": node, "weight": 1}]}}})
 }
 
+pub const FRONT_NODE: &str = "mesh/m/virtualNode/front";
+
 impl Colors {
+    /// Waits until front's requests are answered by `color`.
+    pub fn front_answered_by(&self, color: &str) {
+        eventually(
+            &format!("front's requests answered by {color}"),
+            Duration::from_secs(20),
+            || match self.front.http_get(None, COLOR_URL) {
+                Ok(body) if body == color => Ok(()),
+                other => Err(format!("{other:?}")),
+            },
+        );
+    }
+
+    /// Waits until front's Envoy has ACKed the route configuration last sent to it; returns
+    /// front's stream in `/debug/xds`.
+    pub fn front_route_acked(&self, what: &str) -> Value {
+        eventually(what, Duration::from_secs(10), || {
+            let front = self.agent.xds_stream(FRONT_NODE)?;
+            let route = &front["types"]["RouteConfiguration"];
+            if route["sent_version"] == route["acked_version"] {
+                Ok(front)
+            } else {
+                Err(format!("{front}"))
+            }
+        })
+    }
+
     /// Replaces route `rt` through the App Mesh API (the real AWS CLI).
     pub fn set_route(&self, spec: &Value) {
         self.agent.appmesh(&[

@@ -6,25 +6,10 @@
 use std::process::Command;
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde_json::json;
 use trellis_tests::mesh::Agent;
-use trellis_tests::scenario::{COLOR_URL, color_route, colors};
+use trellis_tests::scenario::{COLOR_URL, FRONT_NODE, color_route, colors};
 use trellis_tests::{Workdir, can_run_privileged, check, eventually};
-
-const FRONT: &str = "mesh/m/virtualNode/front";
-
-/// The front Envoy's stream in `/debug/xds`.
-fn front_stream(agent: &Agent) -> Result<Value, String> {
-    let debug: Value = serde_json::from_str(&check(
-        Command::new("curl").args(["-sf", &format!("{}/debug/xds", agent.api)]),
-    ))
-    .map_err(|e| e.to_string())?;
-    debug
-        .as_object()
-        .and_then(|s| s.values().find(|s| s["node"] == FRONT))
-        .cloned()
-        .ok_or_else(|| format!("no front stream in {debug}"))
-}
 
 /// The sum of a counter's series in `/metrics`.
 fn counter(agent: &Agent, name: &str) -> u64 {
@@ -35,36 +20,28 @@ fn counter(agent: &Agent, name: &str) -> u64 {
         .sum()
 }
 
-fn answered_by(front: &trellis_tests::mesh::Task, color: &str) {
-    eventually(
-        &format!("front's requests answered by {color}"),
-        Duration::from_secs(20),
-        || match front.http_get(None, COLOR_URL) {
-            Ok(body) if body == color => Ok(()),
-            other => Err(format!("{other:?}")),
-        },
-    );
-}
-
 /// The rejected route would send traffic to red: that also changes the clusters Envoy needs
 /// (blue's goes), so the old route keeps working only if blue's cluster is not removed before the
 /// route that stops using it is accepted (make before break).
 fn a_rejected_route_is_reported_not_resent_and_traffic_stays(api_type: &str, vpc_id: u8) {
     let work = Workdir::new(&format!("nack-{}", api_type.to_ascii_lowercase()));
     let mesh = colors(&work, vpc_id, &[("TRELLIS_XDS_API_TYPE", api_type)]);
-    answered_by(&mesh.front, "blue");
+    mesh.front_answered_by("blue");
     let variant = if api_type == "DELTA_GRPC" {
         "delta"
     } else {
         "sotw"
     };
-    let front = front_stream(&mesh.agent).expect("front is connected");
+    let front = mesh
+        .agent
+        .xds_stream(FRONT_NODE)
+        .expect("front is connected");
     assert_eq!(front["variant"], variant);
 
     // Valid for App Mesh (a path regex of 1 to 255 characters), invalid for RE2.
     mesh.set_route(&color_route(json!({"path": {"regex": "/(?=x).*"}}), "red"));
     let message = eventually("front NACKs the route", Duration::from_secs(20), || {
-        let front = front_stream(&mesh.agent)?;
+        let front = mesh.agent.xds_stream(FRONT_NODE)?;
         front["types"]["RouteConfiguration"]["last_nack"]
             .as_str()
             .map(str::to_string)
@@ -97,20 +74,8 @@ fn a_rejected_route_is_reported_not_resent_and_traffic_stays(api_type: &str, vpc
 
     // Fixing the route through the API is pushed, ACKed, and traffic follows.
     mesh.set_route(&color_route(json!({"prefix": "/"}), "red"));
-    answered_by(&mesh.front, "red");
-    eventually(
-        "front ACKs the fixed route",
-        Duration::from_secs(10),
-        || {
-            let front = front_stream(&mesh.agent)?;
-            let route = &front["types"]["RouteConfiguration"];
-            if route["sent_version"] == route["acked_version"] {
-                Ok(())
-            } else {
-                Err(format!("{front}"))
-            }
-        },
-    );
+    mesh.front_answered_by("red");
+    mesh.front_route_acked("front ACKs the fixed route");
     assert_eq!(
         counter(&mesh.agent, "trellis_xds_nacks_total"),
         nacks,

@@ -125,27 +125,72 @@ fn from_vpc(vpc: &Vpc, url: &str) -> (u16, String) {
     (code.trim().parse().unwrap_or(0), body.to_string())
 }
 
+/// Resolves `back.local` (and back's DNS name) to the first task, `back`.
+fn back_hosts(t: &[Task]) -> Vec<(String, String)> {
+    vec![(t[0].ip.clone(), "back.local back.trellis.test".into())]
+}
+
+/// Mesh `m` where `front` calls `back.local`, served by `back`'s HTTP listener with
+/// `listener_policy` and node fields `extra`.
+fn front_calls_back(listener_policy: Value, extra: Value) -> Value {
+    json!([
+        {"meshName": "m"},
+        node("back", http_listener(listener_policy), extra),
+        service("back.local", "back"),
+        caller("front", &["back.local"], json!({})),
+    ])
+}
+
+/// `start` with the first of `tasks` as `back` (its app answering `back_says`, reached as
+/// `back.local`) and the rest as callers without an app, each meshed as the node of its name.
+fn start_back_and_callers(
+    work: &Workdir,
+    id: u8,
+    items: &Value,
+    tasks: &[(&str, u8)],
+    back_says: &str,
+    envoy_env: &[(&str, &str)],
+) -> (Running, Vec<Task>) {
+    let meshed: Vec<(usize, &str, Option<Behaviour<'_>>)> = tasks
+        .iter()
+        .enumerate()
+        .map(|(i, (name, _))| (i, *name, (i == 0).then(|| Behaviour::ok(back_says))))
+        .collect();
+    start(work, id, items, tasks, &back_hosts, &meshed, envoy_env)
+}
+
+/// Polls until `front` gets `body` from `url` on back over TLS, then checks both Envoys counted a
+/// handshake: front's on back's egress cluster, back's on its ingress listener.
+fn assert_front_reaches_back_over_tls(
+    front: &Task,
+    back: &Task,
+    url: &str,
+    what: &str,
+    body: &str,
+) {
+    let got = eventually(what, Duration::from_secs(30), || front.http_get(None, url));
+    assert_eq!(got, body);
+    assert!(
+        front.envoy_stat(
+            ADMIN_PORT,
+            "cluster.cds_egress_m_back_http_8080.ssl.handshake"
+        ) >= 1
+    );
+    assert!(back.envoy_stat(ADMIN_PORT, "listener.0.0.0.0_15000.ssl.handshake") >= 1);
+}
+
 #[test]
 fn a_listener_per_request_timeout_answers_504_when_the_app_is_slower() {
     if !can_run_privileged("listener timeout") {
         return;
     }
     let work = Workdir::new("pol-timeout");
-    let items = json!([
-        {"meshName": "m"},
-        node("back", http_listener(json!({"timeout": {"http": {"perRequest": {"unit": "s", "value": 1}}}})), json!({})),
-        service("back.local", "back"),
-        caller("front", &["back.local"], json!({})),
-    ]);
-    let (env, t) = start(
-        &work,
-        31,
-        &items,
-        &[("back", 3), ("front", 2)],
-        &|t| vec![(t[0].ip.clone(), "back.local back.trellis.test".into())],
-        &[(0, "back", Some(Behaviour::ok("back"))), (1, "front", None)],
-        &[],
+    let items = front_calls_back(
+        json!({"timeout": {"http": {"perRequest": {"unit": "s", "value": 1}}}}),
+        json!({}),
     );
+    let (env, t) =
+        start_back_and_callers(&work, 31, &items, &[("back", 3), ("front", 2)], "back", &[]);
     let (back, front) = (&t[0], &t[1]);
     let url = |p: &str| format!("http://back.local:{PORT}{p}");
     eventually("front reaches back", Duration::from_secs(20), || {
@@ -202,6 +247,39 @@ fn bodies(front: &Task, n: usize) -> Vec<(u16, String)> {
         .collect()
 }
 
+/// `start` for the pair: tasks `good` (its app answering "good") and `bad` (answering as `bad`
+/// says) both serve `pair`, and `front` calls it; on host bytes `hosts`.
+fn start_good_bad_and_front(
+    work: &Workdir,
+    id: u8,
+    items: &Value,
+    bad: Behaviour<'_>,
+    hosts: [u8; 3],
+) -> (Running, Vec<Task>) {
+    start(
+        work,
+        id,
+        items,
+        &[("good", hosts[0]), ("bad", hosts[1]), ("front", hosts[2])],
+        &pair_hosts,
+        &[
+            (0, "pair", Some(Behaviour::ok("good"))),
+            (1, "pair", Some(bad)),
+            (2, "front", None),
+        ],
+        &[],
+    )
+}
+
+/// Asserts that 20 requests from `front` to `pair.local` all get `good`'s answer.
+fn assert_only_good_serves(front: &Task, why: &str) {
+    let answers = bodies(front, 20);
+    assert!(
+        answers.iter().all(|(c, b)| *c == 200 && b == "good"),
+        "{why}: {answers:?}"
+    );
+}
+
 #[test]
 fn a_listener_health_check_marks_the_failing_endpoint_unhealthy_on_the_caller() {
     if !can_run_privileged("health check") {
@@ -216,19 +294,7 @@ fn a_listener_health_check_marks_the_failing_endpoint_unhealthy_on_the_caller() 
         health_status: 503,
         ..Behaviour::ok("bad")
     };
-    let (env, t) = start(
-        &work,
-        32,
-        &items,
-        &[("good", 4), ("bad", 5), ("front", 6)],
-        &pair_hosts,
-        &[
-            (0, "pair", Some(Behaviour::ok("good"))),
-            (1, "pair", Some(sick)),
-            (2, "front", None),
-        ],
-        &[],
-    );
+    let (env, t) = start_good_bad_and_front(&work, 32, &items, sick, [4, 5, 6]);
     let (good, bad, front) = (&t[0], &t[1], &t[2]);
     let (good_host, bad_host) = (format!("{}:{PORT}", good.ip), format!("{}:{PORT}", bad.ip));
     let flags = eventually(
@@ -254,11 +320,7 @@ fn a_listener_health_check_marks_the_failing_endpoint_unhealthy_on_the_caller() 
     );
     // The check itself crossed bad's Envoy: its ingress saw the /health requests.
     assert!(bad.envoy_stat(ADMIN_PORT, "http.ingress.downstream_rq_5xx") >= 1);
-    let answers = bodies(front, 20);
-    assert!(
-        answers.iter().all(|(c, b)| *c == 200 && b == "good"),
-        "only the healthy endpoint serves: {answers:?}"
-    );
+    assert_only_good_serves(front, "only the healthy endpoint serves");
     drop(env);
 }
 
@@ -275,19 +337,7 @@ fn outlier_detection_ejects_the_endpoint_returning_server_errors() {
         status: 500,
         ..Behaviour::ok("bad")
     };
-    let (env, t) = start(
-        &work,
-        33,
-        &items,
-        &[("good", 7), ("bad", 8), ("front", 9)],
-        &pair_hosts,
-        &[
-            (0, "pair", Some(Behaviour::ok("good"))),
-            (1, "pair", Some(failing)),
-            (2, "front", None),
-        ],
-        &[],
-    );
+    let (env, t) = start_good_bad_and_front(&work, 33, &items, failing, [7, 8, 9]);
     let (bad, front) = (&t[1], &t[2]);
     eventually("front reaches pair", Duration::from_secs(20), || {
         front.http_get(None, &format!("http://pair.local:{PORT}/health"))
@@ -315,11 +365,7 @@ fn outlier_detection_ejects_the_endpoint_returning_server_errors() {
             }
         },
     );
-    let answers = bodies(front, 20);
-    assert!(
-        answers.iter().all(|(c, b)| *c == 200 && b == "good"),
-        "the ejected endpoint gets nothing: {answers:?}"
-    );
+    assert_only_good_serves(front, "the ejected endpoint gets nothing");
     drop(env);
 }
 
@@ -350,34 +396,23 @@ fn tls_and_mtls_between_two_nodes_with_certificates_made_here() {
         // TLS without a client certificate: back's listener validation turns it away.
         caller("anon", &["back.local"], json!({"backendDefaults": {"clientPolicy": {"tls": {"validation": trust}}}})),
     ]);
-    let (env, t) = start(
+    let (env, t) = start_back_and_callers(
         &work,
         34,
         &items,
         &[("back", 10), ("front", 11), ("anon", 12)],
-        &|t| vec![(t[0].ip.clone(), "back.local back.trellis.test".into())],
-        &[
-            (0, "back", Some(Behaviour::ok("back over tls"))),
-            (1, "front", None),
-            (2, "anon", None),
-        ],
+        "back over tls",
         &[],
     );
     let (back, front, anon) = (&t[0], &t[1], &t[2]);
     let url = format!("http://back.local:{PORT}/");
-    let body = eventually(
+    assert_front_reaches_back_over_tls(
+        front,
+        back,
+        &url,
         "front reaches back over mTLS",
-        Duration::from_secs(20),
-        || front.http_get(None, &url),
+        "back over tls",
     );
-    assert_eq!(body, "back over tls");
-    assert!(
-        front.envoy_stat(
-            ADMIN_PORT,
-            "cluster.cds_egress_m_back_http_8080.ssl.handshake"
-        ) >= 1
-    );
-    assert!(back.envoy_stat(ADMIN_PORT, "listener.0.0.0.0_15000.ssl.handshake") >= 1);
 
     let (code, _) = http_status(anon, None, &url);
     assert_eq!(code, 503, "no client certificate, no connection");
@@ -409,13 +444,12 @@ fn access_logs_are_written_in_the_configured_formats() {
         caller("front", &["back.local"], json!({"logging": {"accessLog": {"file": {
             "path": front_log, "format": {"text": "front %REQ(:PATH)% %RESPONSE_CODE%"}}}}})),
     ]);
-    let (env, t) = start(
+    let (env, t) = start_back_and_callers(
         &work,
         35,
         &items,
         &[("back", 13), ("front", 14)],
-        &|t| vec![(t[0].ip.clone(), "back.local back.trellis.test".into())],
-        &[(0, "back", Some(Behaviour::ok("back"))), (1, "front", None)],
+        "back",
         &[],
     );
     let front = &t[1];
@@ -486,34 +520,23 @@ fn sds_certificates_and_trust_give_mtls_and_a_wrong_san_is_refused() {
         // Expects another name than back's certificate carries.
         caller("wrong", &["back.local"], client("other.local")),
     ]);
-    let (env, t) = start(
+    let (env, t) = start_back_and_callers(
         &work,
         36,
         &items,
         &[("back", 15), ("front", 16), ("wrong", 17)],
-        &|t| vec![(t[0].ip.clone(), "back.local back.trellis.test".into())],
-        &[
-            (0, "back", Some(Behaviour::ok("back over sds mtls"))),
-            (1, "front", None),
-            (2, "wrong", None),
-        ],
+        "back over sds mtls",
         &[("APPMESH_SDS_SOCKET_PATH", &socket)],
     );
     let (back, front, wrong) = (&t[0], &t[1], &t[2]);
     let url = format!("http://back.local:{PORT}/");
-    let body = eventually(
+    assert_front_reaches_back_over_tls(
+        front,
+        back,
+        &url,
         "front reaches back over mTLS with SDS secrets",
-        Duration::from_secs(30),
-        || front.http_get(None, &url),
+        "back over sds mtls",
     );
-    assert_eq!(body, "back over sds mtls");
-    assert!(
-        front.envoy_stat(
-            ADMIN_PORT,
-            "cluster.cds_egress_m_back_http_8080.ssl.handshake"
-        ) >= 1
-    );
-    assert!(back.envoy_stat(ADMIN_PORT, "listener.0.0.0.0_15000.ssl.handshake") >= 1);
 
     let (code, _) = http_status(wrong, None, &url);
     assert_eq!(code, 503, "back's certificate does not name other.local");
@@ -547,20 +570,16 @@ fn a_listener_connection_pool_overflows_concurrent_requests_with_503() {
         return;
     }
     let work = Workdir::new("pol-pool");
-    let items = json!([
-        {"meshName": "m"},
-        node("back", http_listener(json!({"connectionPool": {"http": {
-            "maxConnections": 1, "maxPendingRequests": 1}}})), json!({})),
-        service("back.local", "back"),
-        caller("front", &["back.local"], json!({})),
-    ]);
-    let (env, t) = start(
+    let items = front_calls_back(
+        json!({"connectionPool": {"http": {"maxConnections": 1, "maxPendingRequests": 1}}}),
+        json!({}),
+    );
+    let (env, t) = start_back_and_callers(
         &work,
         37,
         &items,
         &[("back", 18), ("front", 19)],
-        &|t| vec![(t[0].ip.clone(), "back.local back.trellis.test".into())],
-        &[(0, "back", Some(Behaviour::ok("back"))), (1, "front", None)],
+        "back",
         &[],
     );
     let (back, front) = (&t[0], &t[1]);

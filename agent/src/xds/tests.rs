@@ -1,9 +1,11 @@
 //! The ADS protocol rules, scripted with a fake Envoy over a real gRPC stream.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::debounce;
@@ -13,8 +15,12 @@ use crate::api::kinds::{VirtualNodes, VirtualServices};
 use crate::api::ops::{Ops, Place};
 use crate::store::Store;
 use crate::test_helpers::ads::{FakeEnvoy, request};
+use crate::test_helpers::delta::DeltaEnvoy;
 use crate::test_helpers::{TempDir, ops_with_mesh};
-use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
+use crate::translate::Endpoints;
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DiscoveryRequest, DiscoveryResponse,
+};
 
 pub(super) const FRONT: &str = "mesh/m/virtualNode/front";
 pub(super) const M: Place<'static> = Place {
@@ -23,6 +29,11 @@ pub(super) const M: Place<'static> = Place {
     owner: None,
 };
 pub(super) const QUIET: Duration = Duration::from_millis(300);
+/// Short enough that a test waits little for pushes, long enough to merge one write's changes.
+const FAST: Debounce = Debounce {
+    quiet: Duration::from_millis(5),
+    max_delay: Duration::from_millis(50),
+};
 
 pub(super) struct Harness {
     _dir: TempDir,
@@ -30,6 +41,10 @@ pub(super) struct Harness {
     pub(super) ops: Ops,
     pub(super) addr: std::net::SocketAddr,
     pub(super) metrics: Arc<Metrics>,
+    /// Stands in for discovery: what it last found, fed to the debouncer.
+    endpoints: watch::Sender<Arc<Endpoints>>,
+    /// The proxies with a stream open, which is what discovery follows.
+    connected: watch::Receiver<BTreeSet<ProxyIdentity>>,
     cancel: CancellationToken,
 }
 
@@ -39,22 +54,37 @@ impl Drop for Harness {
     }
 }
 
-/// Operations as the API runs them, on a store that already holds mesh `m`.
-pub(super) async fn harness() -> Harness {
-    harness_with(Debounce {
-        quiet: Duration::from_millis(5),
-        max_delay: Duration::from_millis(50),
-    })
-    .await
+impl Harness {
+    /// A fake Envoy of `front` on state-of-the-world ADS, its first request sent.
+    pub(super) async fn front(&self, first: DiscoveryRequest) -> FakeEnvoy {
+        FakeEnvoy::connect(self.addr, FRONT, first).await.unwrap()
+    }
+
+    /// A fake Envoy of `front` on incremental ADS, its first request sent.
+    pub(super) async fn delta_front(&self, first: DeltaDiscoveryRequest) -> DeltaEnvoy {
+        DeltaEnvoy::connect(self.addr, FRONT, first).await.unwrap()
+    }
 }
 
-async fn harness_with(cfg: Debounce) -> Harness {
+/// Operations as the API runs them, on a store that already holds mesh `m`, where `front` calls
+/// `back.local`, provided by `back` (HTTP 8080, found by DNS).
+pub(super) async fn harness() -> Harness {
+    harness_with(FAST, back_by_dns()).await
+}
+
+fn back_by_dns() -> serde_json::Value {
+    json!({"dns": {"hostname": "back.internal"}})
+}
+
+/// The harness with debounce `cfg` and `back` found through `back_discovery` (a virtual node's
+/// `serviceDiscovery`), served over ADS on a loopback port.
+async fn harness_with(cfg: Debounce, back_discovery: serde_json::Value) -> Harness {
     let dir = TempDir::new("xds");
     let store = Arc::new(Store::open(dir.path()).unwrap());
     let ops = ops_with_mesh(&store);
     let back = json!({"virtualNodeName": "back", "spec": {
         "listeners": [{"portMapping": {"port": 8080, "protocol": "http"}}],
-        "serviceDiscovery": {"dns": {"hostname": "back.internal"}}}});
+        "serviceDiscovery": back_discovery}});
     ops.create::<VirtualNodes>(&store, M, serde_json::from_value(back).unwrap())
         .unwrap();
     let svc = json!({"virtualServiceName": "back.local",
@@ -68,8 +98,10 @@ async fn harness_with(cfg: Debounce) -> Harness {
 
     let cancel = CancellationToken::new();
     let (published_tx, published_rx) = debounce::channel(store.current());
-    tokio::spawn(debounce::run(
+    let (endpoints, endpoints_rx) = watch::channel(Arc::new(Endpoints::new()));
+    tokio::spawn(debounce::run_with_endpoints(
         store.subscribe(),
+        endpoints_rx,
         published_tx,
         cfg,
         cancel.clone(),
@@ -82,6 +114,7 @@ async fn harness_with(cfg: Debounce) -> Harness {
         2,
         cancel.clone(),
     );
+    let connected = ads.connected_proxies();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(serve_tcp(ads, listener));
@@ -91,6 +124,8 @@ async fn harness_with(cfg: Debounce) -> Harness {
         ops,
         addr,
         metrics,
+        endpoints,
+        connected,
         cancel,
     }
 }
@@ -106,7 +141,20 @@ fn egress_ports(resp: &DiscoveryResponse) -> Vec<Option<u32>> {
         .collect()
 }
 
-pub(super) fn set_front_backends(h: &Harness, backends: serde_json::Value) {
+/// `front` loses its only backend: its egress cluster and route config go, its listener changes.
+pub(super) fn front_drops_back(h: &Harness) {
+    set_front_backends(h, json!([]));
+}
+
+/// `front` calls `back.local` again, as when the harness starts.
+pub(super) fn front_calls_back(h: &Harness) {
+    set_front_backends(
+        h,
+        json!([{"virtualService": {"virtualServiceName": "back.local"}}]),
+    );
+}
+
+fn set_front_backends(h: &Harness, backends: serde_json::Value) {
     let upd: crate::model::UpdateVirtualNodeBody =
         serde_json::from_value(json!({"spec": {"backends": backends}})).unwrap();
     h.ops
@@ -114,12 +162,20 @@ pub(super) fn set_front_backends(h: &Harness, backends: serde_json::Value) {
         .unwrap();
 }
 
+/// Commits a write that changes nothing `front` gets (a new mesh): the store moves, its output not.
+pub(super) fn commit_unrelated_write(h: &Harness) {
+    h.ops
+        .create_mesh(
+            &h.store,
+            serde_json::from_value(json!({"meshName": "other"})).unwrap(),
+        )
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn first_subscribe_gets_the_snapshot_and_an_ack_gets_no_push() {
     let h = harness().await;
-    let mut envoy = FakeEnvoy::connect(h.addr, FRONT, request(CLUSTER, &[], "", ""))
-        .await
-        .unwrap();
+    let mut envoy = h.front(request(CLUSTER, &[], "", "")).await;
     let cds = envoy.recv().await.unwrap();
     assert_eq!(cds.type_url, CLUSTER);
     // The backend's cluster and DROP_ALL's AWS API pass-through.
@@ -132,14 +188,12 @@ async fn first_subscribe_gets_the_snapshot_and_an_ack_gets_no_push() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_change_is_pushed_and_a_nack_is_not_answered_by_resending_the_same_version() {
     let h = harness().await;
-    let mut envoy = FakeEnvoy::connect(h.addr, FRONT, request(LISTENER, &[], "", ""))
-        .await
-        .unwrap();
+    let mut envoy = h.front(request(LISTENER, &[], "", "")).await;
     let lds = envoy.recv().await.unwrap();
     envoy.ack(&lds, &[]).await;
 
     // Removing the backend removes the egress listener: a push with a new version.
-    set_front_backends(&h, json!([]));
+    front_drops_back(&h);
     let pushed = envoy.recv().await.unwrap();
     assert_ne!(pushed.version_info, lds.version_info);
     assert_eq!(
@@ -152,19 +206,11 @@ async fn a_change_is_pushed_and_a_nack_is_not_answered_by_resending_the_same_ver
     envoy.expect_silence(QUIET).await;
     // A committed write that does not change this proxy's output pushes nothing either.
     let generation = h.store.current().generation;
-    h.ops
-        .create_mesh(
-            &h.store,
-            serde_json::from_value(json!({"meshName": "other"})).unwrap(),
-        )
-        .unwrap();
+    commit_unrelated_write(&h);
     assert!(h.store.current().generation > generation);
     envoy.expect_silence(QUIET).await;
     // New input that changes the output is pushed again.
-    set_front_backends(
-        &h,
-        json!([{"virtualService": {"virtualServiceName": "back.local"}}]),
-    );
+    front_calls_back(&h);
     let again = envoy.recv().await.unwrap();
     assert_eq!(
         again.version_info, lds.version_info,
@@ -176,11 +222,9 @@ async fn a_change_is_pushed_and_a_nack_is_not_answered_by_resending_the_same_ver
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_with_a_stale_nonce_is_ignored() {
     let h = harness().await;
-    let mut envoy = FakeEnvoy::connect(h.addr, FRONT, request(CLUSTER, &[], "", ""))
-        .await
-        .unwrap();
+    let mut envoy = h.front(request(CLUSTER, &[], "", "")).await;
     let first = envoy.recv().await.unwrap();
-    set_front_backends(&h, json!([]));
+    front_drops_back(&h);
     let second = envoy.recv().await.unwrap();
     // An ACK of the first response arrives late: it must not trigger anything.
     envoy.ack(&first, &[]).await;
@@ -192,13 +236,9 @@ async fn a_request_with_a_stale_nonce_is_ignored() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn named_subscriptions_get_exactly_the_requested_routes_and_again_when_the_names_change() {
     let h = harness().await;
-    let mut envoy = FakeEnvoy::connect(
-        h.addr,
-        FRONT,
-        request(ROUTE, &["rds_egress_http_8080"], "", ""),
-    )
-    .await
-    .unwrap();
+    let mut envoy = h
+        .front(request(ROUTE, &["rds_egress_http_8080"], "", ""))
+        .await;
     let rds = envoy.recv().await.unwrap();
     assert_eq!(rds.resources.len(), 1);
     envoy.ack(&rds, &["rds_egress_http_8080"]).await;
@@ -214,17 +254,13 @@ async fn named_subscriptions_get_exactly_the_requested_routes_and_again_when_the
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reconnecting_envoy_with_the_current_version_gets_nothing_resent() {
     let h = harness().await;
-    let mut envoy = FakeEnvoy::connect(h.addr, FRONT, request(CLUSTER, &[], "", ""))
-        .await
-        .unwrap();
+    let mut envoy = h.front(request(CLUSTER, &[], "", "")).await;
     let cds = envoy.recv().await.unwrap();
     drop(envoy);
-    let mut again = FakeEnvoy::connect(h.addr, FRONT, request(CLUSTER, &[], &cds.version_info, ""))
-        .await
-        .unwrap();
+    let mut again = h.front(request(CLUSTER, &[], &cds.version_info, "")).await;
     again.expect_silence(QUIET).await;
     // But it still gets later changes.
-    set_front_backends(&h, json!([]));
+    front_drops_back(&h);
     let cds = again.recv().await.unwrap();
     assert_eq!(
         cds.resources.len(),
@@ -289,17 +325,11 @@ fn versions_depend_only_on_content() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_past_the_per_proxy_quota_are_refused_with_resource_exhausted() {
     let h = harness().await;
-    let mut a = FakeEnvoy::connect(h.addr, FRONT, request(CLUSTER, &[], "", ""))
-        .await
-        .unwrap();
-    let mut b = FakeEnvoy::connect(h.addr, FRONT, request(CLUSTER, &[], "", ""))
-        .await
-        .unwrap();
+    let mut a = h.front(request(CLUSTER, &[], "", "")).await;
+    let mut b = h.front(request(CLUSTER, &[], "", "")).await;
     a.recv().await.unwrap();
     b.recv().await.unwrap();
-    let mut c = FakeEnvoy::connect(h.addr, FRONT, request(CLUSTER, &[], "", ""))
-        .await
-        .unwrap();
+    let mut c = h.front(request(CLUSTER, &[], "", "")).await;
     let status = c.recv().await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::ResourceExhausted);
     assert!(
@@ -309,16 +339,14 @@ async fn connections_past_the_per_proxy_quota_are_refused_with_resource_exhauste
     );
     // A slot comes back when a stream ends.
     drop(a);
-    let (_d, first) = eventually_connect(h.addr).await;
+    let (_d, first) = eventually_connect(&h).await;
     assert_eq!(first.type_url, CLUSTER);
 }
 
 /// Connects until the server has a free slot again (slots come back when the old stream's task ends).
-async fn eventually_connect(addr: std::net::SocketAddr) -> (FakeEnvoy, DiscoveryResponse) {
+async fn eventually_connect(h: &Harness) -> (FakeEnvoy, DiscoveryResponse) {
     for _ in 0..50 {
-        let mut e = FakeEnvoy::connect(addr, FRONT, request(CLUSTER, &[], "", ""))
-            .await
-            .unwrap();
+        let mut e = h.front(request(CLUSTER, &[], "", "")).await;
         match e.recv().await {
             Ok(first) => return (e, first),
             Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
@@ -331,10 +359,7 @@ async fn eventually_connect(addr: std::net::SocketAddr) -> (FakeEnvoy, Discovery
 async fn endpoints_asked_for_by_name_that_we_do_not_manage_get_an_empty_assignment() {
     let h = harness().await;
     // The stock App Mesh Envoy image subscribes to EDS for its `local_cluster`.
-    let mut envoy =
-        FakeEnvoy::connect(h.addr, FRONT, request(ENDPOINT, &["local_cluster"], "", ""))
-            .await
-            .unwrap();
+    let mut envoy = h.front(request(ENDPOINT, &["local_cluster"], "", "")).await;
     let eds = envoy.recv().await.unwrap();
     assert_eq!(eds.resources.len(), 1);
     let cla: envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment =
@@ -346,23 +371,23 @@ async fn endpoints_asked_for_by_name_that_we_do_not_manage_get_an_empty_assignme
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_writes_reaches_a_stream_as_one_push() {
     // A quiet period longer than one fsync'd commit takes on a loaded machine, so the burst is one.
-    let h = harness_with(Debounce {
-        quiet: Duration::from_millis(250),
-        max_delay: Duration::from_secs(10),
-    })
+    let h = harness_with(
+        Debounce {
+            quiet: Duration::from_millis(250),
+            max_delay: Duration::from_secs(10),
+        },
+        back_by_dns(),
+    )
     .await;
-    let mut envoy = FakeEnvoy::connect(h.addr, FRONT, request(LISTENER, &[], "", ""))
-        .await
-        .unwrap();
+    let mut envoy = h.front(request(LISTENER, &[], "", "")).await;
     let first = envoy.recv().await.unwrap();
     envoy.ack(&first, &[]).await;
     for i in 0..=10 {
-        let backends = if i % 2 == 0 {
-            json!([])
+        if i % 2 == 0 {
+            front_drops_back(&h);
         } else {
-            json!([{"virtualService": {"virtualServiceName": "back.local"}}])
-        };
-        set_front_backends(&h, backends);
+            front_calls_back(&h);
+        }
     }
     // Eleven commits within the debounce window: the last state (no backends) arrives, in one push.
     let pushed = envoy.recv().await.unwrap();
@@ -377,11 +402,16 @@ async fn a_burst_of_writes_reaches_a_stream_as_one_push() {
 
 /// A fake Envoy of `front` holding clusters, listeners and the egress route config, all ACKed.
 async fn sotw_subscribed_to_everything(h: &Harness) -> FakeEnvoy {
-    let mut envoy = FakeEnvoy::connect(h.addr, FRONT, request(CLUSTER, &[], "", ""))
-        .await
-        .unwrap();
+    let mut envoy = h.front(request(CLUSTER, &[], "", "")).await;
     let cds = envoy.recv().await.unwrap();
     envoy.ack(&cds, &[]).await;
+    take_listeners_and_routes(&mut envoy).await;
+    envoy
+}
+
+/// Has `envoy` subscribe to listeners and the egress route config and ACK both, as an Envoy does
+/// once its clusters are in; nothing else is pending afterwards.
+async fn take_listeners_and_routes(envoy: &mut FakeEnvoy) {
     envoy.send(request(LISTENER, &[], "", "")).await;
     let lds = envoy.recv().await.unwrap();
     envoy.ack(&lds, &[]).await;
@@ -391,14 +421,13 @@ async fn sotw_subscribed_to_everything(h: &Harness) -> FakeEnvoy {
     let rds = envoy.recv().await.unwrap();
     envoy.ack(&rds, &["rds_egress_http_8080"]).await;
     envoy.expect_silence(QUIET).await;
-    envoy
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_cluster_stays_until_the_pushes_that_stop_using_it_are_acked() {
     let h = harness().await;
     let mut envoy = sotw_subscribed_to_everything(&h).await;
-    set_front_backends(&h, json!([]));
+    front_drops_back(&h);
     let cds = envoy.recv().await.unwrap();
     assert_eq!(cds.type_url, CLUSTER);
     assert_eq!(
@@ -429,7 +458,7 @@ async fn a_dropped_cluster_stays_until_the_pushes_that_stop_using_it_are_acked()
 async fn a_nacked_listener_keeps_the_clusters_its_previous_version_uses() {
     let h = harness().await;
     let mut envoy = sotw_subscribed_to_everything(&h).await;
-    set_front_backends(&h, json!([]));
+    front_drops_back(&h);
     let cds = envoy.recv().await.unwrap();
     let lds = envoy.recv().await.unwrap();
     let rds = envoy.recv().await.unwrap();
@@ -439,10 +468,7 @@ async fn a_nacked_listener_keeps_the_clusters_its_previous_version_uses() {
     // The Envoy still runs the old listener: the backend's cluster is not taken away.
     envoy.expect_silence(QUIET).await;
     // A new listener, ACKed, lets the exact clusters go out.
-    set_front_backends(
-        &h,
-        json!([{"virtualService": {"virtualServiceName": "back.local"}}]),
-    );
+    front_calls_back(&h);
     let mut types = Vec::new();
     loop {
         let Ok(r) = tokio::time::timeout(QUIET, envoy.recv()).await else {
@@ -476,57 +502,17 @@ async fn a_nacked_listener_keeps_the_clusters_its_previous_version_uses() {
 /// the connected-proxy set that drives discovery follows the streams.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_endpoint_change_resends_only_the_assignment() {
-    use crate::translate::{CloudMapKey, Endpoints, Instance};
+    use crate::translate::{CloudMapKey, Instance};
     use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
     const CLA: &str = "cds_egress_m_back_http_8080";
 
-    let dir = TempDir::new("xds-eds");
-    let store = Arc::new(Store::open(dir.path()).unwrap());
-    let ops = ops_with_mesh(&store);
-    let back = json!({"virtualNodeName": "back", "spec": {
-        "listeners": [{"portMapping": {"port": 8080, "protocol": "http"}}],
-        "serviceDiscovery": {"awsCloudMap": {"namespaceName": "ns", "serviceName": "back"}}}});
-    ops.create::<VirtualNodes>(&store, M, serde_json::from_value(back).unwrap())
-        .unwrap();
-    let svc = json!({"virtualServiceName": "back.local",
-        "spec": {"provider": {"virtualNode": {"virtualNodeName": "back"}}}});
-    ops.create::<VirtualServices>(&store, M, serde_json::from_value(svc).unwrap())
-        .unwrap();
-    let front = json!({"virtualNodeName": "front", "spec": {
-        "backends": [{"virtualService": {"virtualServiceName": "back.local"}}]}});
-    ops.create::<VirtualNodes>(&store, M, serde_json::from_value(front).unwrap())
-        .unwrap();
-
-    let cancel = CancellationToken::new();
-    let _stop = cancel.clone().drop_guard();
-    let (published_tx, published_rx) = debounce::channel(store.current());
-    let (endpoints_tx, endpoints_rx) = tokio::sync::watch::channel(Arc::new(Endpoints::new()));
-    let cfg = Debounce {
-        quiet: Duration::from_millis(5),
-        max_delay: Duration::from_millis(50),
-    };
-    tokio::spawn(debounce::run_with_endpoints(
-        store.subscribe(),
-        endpoints_rx,
-        published_tx,
-        cfg,
-        cancel.clone(),
-    ));
-    let ads = Ads::new(
-        published_rx,
-        store.subscribe(),
-        Arc::new(Metrics::default()),
-        2,
-        cancel.clone(),
-    );
-    let mut connected = ads.connected_proxies();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(serve_tcp(ads, listener));
-
-    let mut envoy = FakeEnvoy::connect(addr, FRONT, request(CLUSTER, &[], "", ""))
-        .await
-        .unwrap();
+    let h = harness_with(
+        FAST,
+        json!({"awsCloudMap": {"namespaceName": "ns", "serviceName": "back"}}),
+    )
+    .await;
+    let mut connected = h.connected.clone();
+    let mut envoy = h.front(request(CLUSTER, &[], "", "")).await;
     let cds = envoy.recv().await.unwrap();
     envoy.ack(&cds, &[]).await;
     envoy
@@ -549,15 +535,7 @@ async fn an_endpoint_change_resends_only_the_assignment() {
         "not yet discovered: no assignment (an Envoy keeps its own); unmanaged: an empty one"
     );
     envoy.ack(&eds, &[CLA, "local_cluster"]).await;
-    envoy.send(request(LISTENER, &[], "", "")).await;
-    let lds = envoy.recv().await.unwrap();
-    envoy.ack(&lds, &[]).await;
-    envoy
-        .send(request(ROUTE, &["rds_egress_http_8080"], "", ""))
-        .await;
-    let rds = envoy.recv().await.unwrap();
-    envoy.ack(&rds, &["rds_egress_http_8080"]).await;
-    envoy.expect_silence(QUIET).await;
+    take_listeners_and_routes(&mut envoy).await;
     assert!(
         connected
             .borrow_and_update()
@@ -580,7 +558,7 @@ async fn an_endpoint_change_resends_only_the_assignment() {
         }]
         .into(),
     );
-    endpoints_tx.send_replace(Arc::new(e));
+    h.endpoints.send_replace(Arc::new(e));
     let update = envoy.recv().await.unwrap();
     assert_eq!(update.type_url, ENDPOINT, "only the assignment is pushed");
     assert_ne!(update.version_info, eds.version_info);

@@ -1,10 +1,10 @@
 //! The delta ADS rules, scripted with a fake Envoy over a real gRPC stream, on the SotW tests'
 //! harness (mesh `m`: `front` calls `back.local`, provided by `back` on HTTP 8080).
 
-use serde_json::json;
-
 use super::super::snapshot::{CLUSTER, ENDPOINT, LISTENER, ROUTE};
-use super::super::tests::{FRONT, QUIET, harness, set_front_backends};
+use super::super::tests::{
+    Harness, QUIET, commit_unrelated_write, front_calls_back, front_drops_back, harness,
+};
 use crate::test_helpers::delta::{DeltaEnvoy, names, reply, resume, subscribe, versions};
 
 const BACK_CLUSTER: &str = "cds_egress_m_back_http_8080";
@@ -14,9 +14,7 @@ const EGRESS: &str = "lds_egress_0.0.0.0_15001";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wildcard_first_subscribe_gets_every_resource_with_its_version_and_an_ack_gets_no_push() {
     let h = harness().await;
-    let mut envoy = DeltaEnvoy::connect(h.addr, FRONT, subscribe(CLUSTER, &[], &[]))
-        .await
-        .unwrap();
+    let mut envoy = h.delta_front(subscribe(CLUSTER, &[], &[])).await;
     let cds = envoy.recv().await.unwrap();
     assert_eq!(cds.type_url, CLUSTER);
     // The backend's cluster and DROP_ALL's AWS API pass-through.
@@ -32,13 +30,9 @@ async fn a_wildcard_first_subscribe_gets_every_resource_with_its_version_and_an_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_named_subscribe_gets_exactly_those_names_and_unknown_ones_are_reported_removed() {
     let h = harness().await;
-    let mut envoy = DeltaEnvoy::connect(
-        h.addr,
-        FRONT,
-        subscribe(ROUTE, &[BACK_ROUTES, "rds_nope"], &[]),
-    )
-    .await
-    .unwrap();
+    let mut envoy = h
+        .delta_front(subscribe(ROUTE, &[BACK_ROUTES, "rds_nope"], &[]))
+        .await;
     let rds = envoy.recv().await.unwrap();
     assert_eq!(names(&rds), [BACK_ROUTES]);
     assert_eq!(rds.removed_resources, ["rds_nope"]);
@@ -62,13 +56,11 @@ async fn a_named_subscribe_gets_exactly_those_names_and_unknown_ones_are_reporte
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nack_is_recorded_and_not_answered_until_the_input_changes_the_resource() {
     let h = harness().await;
-    let mut envoy = DeltaEnvoy::connect(h.addr, FRONT, subscribe(LISTENER, &[], &[]))
-        .await
-        .unwrap();
+    let mut envoy = h.delta_front(subscribe(LISTENER, &[], &[])).await;
     let lds = envoy.recv().await.unwrap();
     envoy.ack(&lds).await;
 
-    set_front_backends(&h, json!([]));
+    front_drops_back(&h);
     let pushed = envoy.recv().await.unwrap();
     assert_eq!(
         names(&pushed),
@@ -90,18 +82,10 @@ async fn a_nack_is_recorded_and_not_answered_until_the_input_changes_the_resourc
     assert_eq!(nack.as_deref(), Some("listener rejected: bad regex"));
 
     // A commit that does not change this proxy's output pushes nothing.
-    h.ops
-        .create_mesh(
-            &h.store,
-            serde_json::from_value(json!({"meshName": "other"})).unwrap(),
-        )
-        .unwrap();
+    commit_unrelated_write(&h);
     envoy.expect_silence(QUIET).await;
     // New input that changes the listener is pushed again: the original content, same version.
-    set_front_backends(
-        &h,
-        json!([{"virtualService": {"virtualServiceName": "back.local"}}]),
-    );
+    front_calls_back(&h);
     let again = envoy.recv().await.unwrap();
     assert_eq!(versions(&again), versions(&lds));
 }
@@ -109,9 +93,7 @@ async fn a_nack_is_recorded_and_not_answered_until_the_input_changes_the_resourc
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replies_with_stale_or_unknown_nonces_are_ignored_but_their_subscriptions_count() {
     let h = harness().await;
-    let mut envoy = DeltaEnvoy::connect(h.addr, FRONT, subscribe(CLUSTER, &[], &[]))
-        .await
-        .unwrap();
+    let mut envoy = h.delta_front(subscribe(CLUSTER, &[], &[])).await;
     let cds = envoy.recv().await.unwrap();
     envoy.ack(&cds).await;
     envoy.expect_silence(QUIET).await;
@@ -144,26 +126,20 @@ async fn replies_with_stale_or_unknown_nonces_are_ignored_but_their_subscription
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reconnect_with_initial_resource_versions_resends_nothing_unchanged() {
     let h = harness().await;
-    let mut envoy = DeltaEnvoy::connect(h.addr, FRONT, subscribe(CLUSTER, &[], &[]))
-        .await
-        .unwrap();
+    let mut envoy = h.delta_front(subscribe(CLUSTER, &[], &[])).await;
     let cds = envoy.recv().await.unwrap();
     envoy.ack(&cds).await;
     drop(envoy);
 
     let held = versions(&cds);
-    let mut again = DeltaEnvoy::connect(h.addr, FRONT, resume(CLUSTER, &[], held.clone()))
-        .await
-        .unwrap();
+    let mut again = h.delta_front(resume(CLUSTER, &[], held.clone())).await;
     again.expect_silence(QUIET).await;
 
     // A reconnect that holds an outdated cluster and one that no longer exists gets exactly those.
     let mut outdated = held.clone();
     outdated.insert(BACK_CLUSTER.into(), "old".into());
     outdated.insert("cds_gone".into(), "v".into());
-    let mut third = DeltaEnvoy::connect(h.addr, FRONT, resume(CLUSTER, &[], outdated))
-        .await
-        .unwrap();
+    let mut third = h.delta_front(resume(CLUSTER, &[], outdated)).await;
     let fixed = third.recv().await.unwrap();
     assert_eq!(names(&fixed), [BACK_CLUSTER]);
     assert_eq!(fixed.removed_resources, ["cds_gone"]);
@@ -175,7 +151,7 @@ async fn a_removal_is_sent_as_removed_resources_once_the_updates_that_stop_using
     let mut envoy = subscribed_to_everything(&h).await;
 
     // Without its backend, front loses the cluster and the route config; the listener changes.
-    set_front_backends(&h, json!([]));
+    front_drops_back(&h);
     let lds = envoy.recv().await.unwrap();
     assert_eq!(lds.type_url, LISTENER, "updates first");
     assert_eq!(names(&lds), [EGRESS]);
@@ -202,24 +178,16 @@ async fn a_removal_is_sent_as_removed_resources_once_the_updates_that_stop_using
 async fn a_nacked_update_holds_the_removals_so_the_previous_configuration_keeps_working() {
     let h = harness().await;
     let mut envoy = subscribed_to_everything(&h).await;
-    set_front_backends(&h, json!([]));
+    front_drops_back(&h);
     let lds = envoy.recv().await.unwrap();
     envoy.nack(&lds, "listener rejected").await;
     // The Envoy still runs the old listener, which routes to the backend's cluster: keep it.
     envoy.expect_silence(QUIET).await;
-    h.ops
-        .create_mesh(
-            &h.store,
-            serde_json::from_value(json!({"meshName": "other"})).unwrap(),
-        )
-        .unwrap();
+    commit_unrelated_write(&h);
     envoy.expect_silence(QUIET).await;
     // The backend comes back: only the listener moves (the cluster was never taken away), and
     // once it is ACKed nothing is left to remove.
-    set_front_backends(
-        &h,
-        json!([{"virtualService": {"virtualServiceName": "back.local"}}]),
-    );
+    front_calls_back(&h);
     let again = envoy.recv().await.unwrap();
     assert_eq!(again.type_url, LISTENER);
     envoy.ack(&again).await;
@@ -227,10 +195,8 @@ async fn a_nacked_update_holds_the_removals_so_the_previous_configuration_keeps_
 }
 
 /// A fake Envoy of `front` holding clusters, listeners and the egress route config, all ACKed.
-async fn subscribed_to_everything(h: &super::super::tests::Harness) -> DeltaEnvoy {
-    let mut envoy = DeltaEnvoy::connect(h.addr, FRONT, subscribe(CLUSTER, &[], &[]))
-        .await
-        .unwrap();
+async fn subscribed_to_everything(h: &Harness) -> DeltaEnvoy {
+    let mut envoy = h.delta_front(subscribe(CLUSTER, &[], &[])).await;
     let cds = envoy.recv().await.unwrap();
     envoy.ack(&cds).await;
     envoy.send(subscribe(LISTENER, &[], &[])).await;
@@ -246,9 +212,7 @@ async fn subscribed_to_everything(h: &super::super::tests::Harness) -> DeltaEnvo
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unsubscribing_a_name_also_covered_by_the_wildcard_is_answered_either_way() {
     let h = harness().await;
-    let mut envoy = DeltaEnvoy::connect(h.addr, FRONT, subscribe(CLUSTER, &[], &[]))
-        .await
-        .unwrap();
+    let mut envoy = h.delta_front(subscribe(CLUSTER, &[], &[])).await;
     let cds = envoy.recv().await.unwrap();
     envoy.ack(&cds).await;
     envoy
@@ -280,24 +244,18 @@ async fn unsubscribing_a_name_also_covered_by_the_wildcard_is_answered_either_wa
     // Dropping the wildcard itself needs no answer, and later changes no longer reach the client.
     envoy.send(subscribe(CLUSTER, &[], &["*"])).await;
     envoy.expect_silence(QUIET).await;
-    set_front_backends(&h, json!([]));
+    front_drops_back(&h);
     envoy.expect_silence(QUIET).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delta_streams_share_the_per_proxy_quota_and_identity_rules() {
     let h = harness().await;
-    let mut a = DeltaEnvoy::connect(h.addr, FRONT, subscribe(CLUSTER, &[], &[]))
-        .await
-        .unwrap();
-    let mut b = DeltaEnvoy::connect(h.addr, FRONT, subscribe(CLUSTER, &[], &[]))
-        .await
-        .unwrap();
+    let mut a = h.delta_front(subscribe(CLUSTER, &[], &[])).await;
+    let mut b = h.delta_front(subscribe(CLUSTER, &[], &[])).await;
     a.recv().await.unwrap();
     b.recv().await.unwrap();
-    let mut c = DeltaEnvoy::connect(h.addr, FRONT, subscribe(CLUSTER, &[], &[]))
-        .await
-        .unwrap();
+    let mut c = h.delta_front(subscribe(CLUSTER, &[], &[])).await;
     assert_eq!(
         c.recv().await.unwrap_err().code(),
         tonic::Code::ResourceExhausted
@@ -325,14 +283,13 @@ async fn delta_streams_share_the_per_proxy_quota_and_identity_rules() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn endpoints_we_do_not_manage_get_an_empty_assignment_on_delta_too() {
     let h = harness().await;
-    let mut envoy =
-        DeltaEnvoy::connect(h.addr, FRONT, subscribe(ENDPOINT, &["local_cluster"], &[]))
-            .await
-            .unwrap();
+    let mut envoy = h
+        .delta_front(subscribe(ENDPOINT, &["local_cluster"], &[]))
+        .await;
     let eds = envoy.recv().await.unwrap();
     assert_eq!(names(&eds), ["local_cluster"]);
     assert!(eds.removed_resources.is_empty());
     envoy.ack(&eds).await;
-    set_front_backends(&h, json!([]));
+    front_drops_back(&h);
     envoy.expect_silence(QUIET).await;
 }
