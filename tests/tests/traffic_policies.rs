@@ -677,3 +677,69 @@ fn every_virtual_node_policy_is_accepted_by_real_envoy() {
     }
     assert!(Path::new(&chain).exists());
 }
+
+/// `pair` (two endpoints) behind router `pair-router`: `/` by a route without a retry policy
+/// (App Mesh's default, carried by the virtual host), `/once` by one that allows no retry.
+fn routed_pair() -> Value {
+    let mut n = node("pair", http_listener(json!({})), json!({}));
+    n["spec"]["serviceDiscovery"]["dns"]["responseType"] = json!("ENDPOINTS");
+    let route = |name: &str, spec: Value| json!({"meshName": "m", "virtualRouterName": "pair-router", "routeName": name, "spec": spec});
+    let target = json!({"weightedTargets": [{"virtualNode": "pair", "weight": 1}]});
+    json!([
+        {"meshName": "m"},
+        n,
+        {"meshName": "m", "virtualRouterName": "pair-router",
+         "spec": {"listeners": [{"portMapping": {"port": PORT, "protocol": "http"}}]}},
+        route("default", json!({"httpRoute": {"match": {"prefix": "/"}, "action": target}})),
+        route("once", json!({"httpRoute": {"match": {"prefix": "/once"}, "action": target,
+            "retryPolicy": {"maxRetries": 0, "perRetryTimeout": {"unit": "s", "value": 5},
+                "httpRetryEvents": ["server-error"]}}})),
+        {"meshName": "m", "virtualServiceName": "pair.local",
+         "spec": {"provider": {"virtualRouter": {"virtualRouterName": "pair-router"}}}},
+        caller("front", &["pair.local"], json!({})),
+    ])
+}
+
+#[test]
+fn default_retries_turn_one_endpoints_503s_into_200s_and_a_route_without_retries_shows_them() {
+    if !can_run_privileged("retries") {
+        return;
+    }
+    let work = Workdir::new("pol-retry");
+    let unavailable = Behaviour {
+        status: 503,
+        ..Behaviour::ok("bad")
+    };
+    let (env, t) = start_good_bad_and_front(&work, 39, &routed_pair(), unavailable, [20, 21, 22]);
+    let front = &t[2];
+    let get = |path: &str| http_status(front, None, &format!("http://pair.local:{PORT}{path}"));
+    eventually(
+        "front reaches good",
+        Duration::from_secs(20),
+        || match get("/") {
+            (200, b) if b == "good" => Ok(()),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    let retries = || {
+        front.envoy_stat(
+            ADMIN_PORT,
+            &format!("cluster.{PAIR_CLUSTER}.upstream_rq_retry"),
+        )
+    };
+    let before = retries();
+    let answers: Vec<(u16, String)> = (0..30).map(|_| get("/")).collect();
+    assert!(
+        answers.iter().all(|(c, b)| *c == 200 && b == "good"),
+        "every 503 from bad is retried on good: {answers:?}"
+    );
+    assert!(
+        retries() > before,
+        "the 200s came through retries, not because bad was never picked"
+    );
+    // maxRetries 0 on its own route: bad's 503s reach the caller.
+    let once: Vec<u16> = (0..30).map(|_| get("/once").0).collect();
+    assert!(once.contains(&503), "no retry on /once: {once:?}");
+    assert!(once.contains(&200), "good still answers /once: {once:?}");
+    drop(env);
+}

@@ -27,7 +27,7 @@ use output::{Host, Output, Part, RouteConfig};
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::listener::v3::{FilterChain, Listener};
-use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+use envoy_types::pb::envoy::config::route::v3::{RouteConfiguration, VirtualHost};
 
 use crate::model::{
     ClientPolicy, DnsResponseType, EgressFilterType, IpPreference, MeshState, PortProtocol,
@@ -92,6 +92,55 @@ pub fn translate_encoded(
     memo: &Memo,
 ) -> Result<Encoded, Error> {
     Ok(build(state, who, endpoints, memo)?.encode())
+}
+
+/// What a virtual node's translation reads, in a form cheap to compare: the mesh and the node at
+/// their versions, the endpoints' generation, and each backend's shared plan (carried over a
+/// state change only while the resources it read keep their versions). Equal inputs, equal
+/// output: a proxy a change leaves alone keeps its snapshot instead of being translated again.
+#[derive(Debug)]
+pub struct Inputs {
+    resources: [(String, i64); 2],
+    endpoints: u64,
+    plans: Vec<Arc<ServicePlan>>,
+}
+
+impl PartialEq for Inputs {
+    /// Plans compare by identity: each side holds its plans, so an address is never reused.
+    fn eq(&self, other: &Self) -> bool {
+        self.resources == other.resources
+            && self.endpoints == other.endpoints
+            && self.plans.len() == other.plans.len()
+            && self
+                .plans
+                .iter()
+                .zip(&other.plans)
+                .all(|(a, b)| Arc::ptr_eq(a, b))
+    }
+}
+
+/// The inputs of `who`'s translation; `None` for a gateway (always translated again: gateways
+/// are few, and they read gateway routes too) or a proxy whose resource does not exist.
+pub fn inputs(
+    state: &State,
+    who: &ProxyIdentity,
+    endpoints: &Endpoints,
+    memo: &Memo,
+) -> Option<Inputs> {
+    if who.kind != ProxyKind::VirtualNode {
+        return None;
+    }
+    let mesh = state.meshes.get(&who.mesh)?;
+    let node = mesh.virtual_nodes.get(&who.name)?;
+    let version = |m: &crate::model::Metadata| (m.uid.clone(), m.version);
+    Some(Inputs {
+        resources: [version(&mesh.mesh.metadata), version(&node.metadata)],
+        endpoints: endpoints.generation,
+        plans: backend_names(&node.spec)
+            .into_iter()
+            .map(|service| shared_plan(memo, &who.mesh, mesh, service))
+            .collect(),
+    })
 }
 
 fn build(
@@ -218,7 +267,9 @@ fn ingress(
 #[derive(Default)]
 struct PortPlan {
     protocols: BTreeSet<PortProtocol>,
-    hosts: Vec<Host>,
+    hosts: Vec<Arc<Host>>,
+    /// The same services' hosts as the explicit egress chain names them.
+    explicit: Vec<Arc<Host>>,
     /// The TCP services on this port (by name) and their weighted clusters. Only the address the
     /// app connects to tells them apart: each gets the addresses its name resolves to, and the
     /// first also takes whatever matches no address (App Mesh's one service per TCP port).
@@ -275,13 +326,7 @@ fn egress<'a>(ctx: &Ctx<'a>, spec: &'a VirtualNodeSpec, out: &mut Output) {
     let (mesh_name, mesh, endpoints) = (ctx.mesh_name, ctx.mesh, ctx.endpoints);
     let allow_all = mesh.mesh.spec.egress_filter_type() == EgressFilterType::AllowAll;
     let mut ports: BTreeMap<u32, PortPlan> = BTreeMap::new();
-    let backends: BTreeSet<&str> = spec
-        .backends
-        .iter()
-        .flatten()
-        .filter_map(|b| b.virtual_service.as_ref())
-        .map(|vs| vs.virtual_service_name.as_str())
-        .collect();
+    let backends = backend_names(spec);
     let logs = policy::access_logs(spec);
     let (bind, _) = policy::bind(policy::own_ip_preference(mesh, spec));
     ctx.client_policies(
@@ -302,13 +347,14 @@ fn egress<'a>(ctx: &Ctx<'a>, spec: &'a VirtualNodeSpec, out: &mut Output) {
             let at = ports.entry(*port).or_default();
             match entry {
                 PortEntry::Tcp(targets) => at.add_tcp(service, targets.clone()),
-                PortEntry::Http { proto, body } => {
+                PortEntry::Http {
+                    proto,
+                    host,
+                    explicit,
+                } => {
                     at.protocols.insert(*proto);
-                    at.hosts.push(Host {
-                        name: service.to_string(),
-                        domains: vec![service.to_string(), format!("{service}:{port}")],
-                        body: body.clone(),
-                    });
+                    at.hosts.push(host.clone());
+                    at.explicit.push(explicit.clone());
                 }
             }
         }
@@ -326,7 +372,7 @@ fn egress<'a>(ctx: &Ctx<'a>, spec: &'a VirtualNodeSpec, out: &mut Output) {
             continue;
         }
         if explicit {
-            explicit_hosts.extend(plan.hosts.iter().map(|vh| explicit_host(vh, port)));
+            explicit_hosts.extend(plan.explicit);
         }
         let mut hosts = plan.hosts;
         if allow_all {
@@ -394,21 +440,43 @@ fn egress<'a>(ctx: &Ctx<'a>, spec: &'a VirtualNodeSpec, out: &mut Output) {
     ));
 }
 
+/// The virtual services a node declares as backends, each once, by name.
+fn backend_names(spec: &VirtualNodeSpec) -> BTreeSet<&str> {
+    spec.backends
+        .iter()
+        .flatten()
+        .filter_map(|b| b.virtual_service.as_ref())
+        .map(|vs| vs.virtual_service_name.as_str())
+        .collect()
+}
+
 /// A port's virtual host as the explicit egress route config carries it: a proxy request names
 /// the port in its Host unless it is 80, so only those forms match (`NAME` alone would be ambiguous
 /// between ports).
-fn explicit_host(vh: &Host, port: u32) -> Host {
+fn explicit_host(vh: &Host, port: u32) -> Arc<Host> {
     let with_port = format!(":{port}");
-    Host {
-        name: format!("{}{with_port}", vh.name),
-        domains: vh
-            .domains
+    Host::with(
+        format!("{}{with_port}", vh.name),
+        vh.domains
             .iter()
             .filter(|d| d.ends_with(&with_port) || (port == 80 && !d.contains(':')))
             .cloned()
             .collect(),
-        body: vh.body.clone(),
-    }
+        vh.body.clone(),
+    )
+}
+
+/// A service's virtual host on `port` (named after it, for its name with and without the
+/// port) and the same as the explicit egress chain names it.
+fn service_hosts(service: &str, port: u32, vh: VirtualHost) -> (Arc<Host>, Arc<Host>) {
+    let body = Host::new(vh).body.clone();
+    let host = Host::with(
+        service.to_string(),
+        vec![service.to_string(), format!("{service}:{port}")],
+        body,
+    );
+    let explicit = explicit_host(&host, port);
+    (host, explicit)
 }
 
 /// A cluster built for a (node, port): its name, port and protocol.
@@ -593,15 +661,7 @@ impl Ctx<'_> {
     /// leave every cluster it routes to as the memo found it, else built for this caller.
     fn service_plan(&self, service: &str, out: &mut Output) -> Arc<ServicePlan> {
         if let Some(memo) = self.memo {
-            let shared = memo.service(
-                (self.mesh_name, service),
-                |old| old.stamp == stamp(self.mesh, service, &old.lookups),
-                || {
-                    service_plan(self.mesh, service, &mut |node, port| {
-                        cluster_identity(self.mesh_name, self.mesh, node, port)
-                    })
-                },
-            );
+            let shared = shared_plan(memo, self.mesh_name, self.mesh, service);
             // Same lookups in the same order as building would make, so clusters get the same
             // first-service TLS either way.
             let mut same = true;
@@ -616,6 +676,19 @@ impl Ctx<'_> {
             self.node_cluster(node, port, out)
         }))
     }
+}
+
+/// The service's plan as every caller with no refusing policy gets it, from the memo.
+fn shared_plan(memo: &Memo, mesh_name: &str, mesh: &MeshState, service: &str) -> Arc<ServicePlan> {
+    memo.service(
+        (mesh_name, service),
+        |old| old.stamp == stamp(mesh, service, &old.lookups),
+        || {
+            service_plan(mesh, service, &mut |node, port| {
+                cluster_identity(mesh_name, mesh, node, port)
+            })
+        },
+    )
 }
 
 /// The caller-side cluster to `node`'s listener on `port` (its only listener when `None`), as
@@ -653,10 +726,11 @@ struct ServicePlan {
 
 #[derive(Debug)]
 enum PortEntry {
-    /// A virtual host, less its name and domains (the service's and `service:port`).
+    /// The service's virtual host, and the same for the explicit egress chain.
     Http {
         proto: PortProtocol,
-        body: Arc<Blob>,
+        host: Arc<Host>,
+        explicit: Arc<Host>,
     },
     /// Weighted clusters of a TCP proxy.
     Tcp(Vec<(String, u32)>),
@@ -685,9 +759,15 @@ fn service_plan(
         .get(service)
         .and_then(|vs| vs.spec.provider.as_ref());
     if let Some(p) = provider.and_then(|p| p.virtual_node.as_ref()) {
-        node_provided(mesh, &p.virtual_node_name, &mut record, &mut ports);
+        node_provided(mesh, service, &p.virtual_node_name, &mut record, &mut ports);
     } else if let Some(p) = provider.and_then(|p| p.virtual_router.as_ref()) {
-        router_provided(mesh, &p.virtual_router_name, &mut record, &mut ports);
+        router_provided(
+            mesh,
+            service,
+            &p.virtual_router_name,
+            &mut record,
+            &mut ports,
+        );
     }
     let stamp = stamp(mesh, service, &lookups);
     ServicePlan {
@@ -742,6 +822,7 @@ fn stamp(
 
 fn node_provided(
     mesh: &MeshState,
+    service: &str,
     node: &str,
     lookup: &mut dyn FnMut(&str, Option<i64>) -> Built,
     ports: &mut Vec<(u32, PortEntry)>,
@@ -760,14 +841,20 @@ fn node_provided(
             // 15 s default would cut a longer listener timeout short.
             let (per_request, idle) = policy::http_timeouts(l);
             let vh = envoy::virtual_host_timed("", vec![], &cluster, per_request, idle);
-            let body = Host::new(vh).body;
-            ports.push((port, PortEntry::Http { proto, body }));
+            let (host, explicit) = service_hosts(service, port, vh);
+            let entry = PortEntry::Http {
+                proto,
+                host,
+                explicit,
+            };
+            ports.push((port, entry));
         }
     }
 }
 
 fn router_provided(
     mesh: &MeshState,
+    service: &str,
     router: &str,
     lookup: &mut dyn FnMut(&str, Option<i64>) -> Built,
     ports: &mut Vec<(u32, PortEntry)>,
@@ -797,12 +884,22 @@ fn router_provided(
             }
             continue;
         }
-        let envoy_routes: Vec<_> = attached.iter().filter_map(routes::envoy_route).collect();
+        let envoy_routes: Vec<_> = attached
+            .iter()
+            .filter_map(routes::envoy_route_in_host)
+            .collect();
         if envoy_routes.is_empty() {
             continue;
         }
-        let body = Host::new(envoy::virtual_host_with("", vec![], envoy_routes)).body;
-        ports.push((port, PortEntry::Http { proto, body }));
+        let mut vh = envoy::virtual_host_with("", vec![], envoy_routes);
+        vh.retry_policy = Some(routes::host_retry(proto));
+        let (host, explicit) = service_hosts(service, port, vh);
+        let entry = PortEntry::Http {
+            proto,
+            host,
+            explicit,
+        };
+        ports.push((port, entry));
     }
 }
 

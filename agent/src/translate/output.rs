@@ -136,25 +136,40 @@ impl<T: Named> Part<T> {
     }
 }
 
-/// A virtual host: its name and domains as each use needs them, every other field encoded once.
+/// A virtual host: its name and domains as each use needs them, every other field encoded once,
+/// and a hash of the three.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) struct Host {
     pub name: String,
     pub domains: Vec<String>,
     pub body: Arc<Blob>,
+    hash: Hash,
 }
 
 impl Host {
     /// `vh` with its name and domains set aside and the rest encoded (proto3 writes no empty
     /// field, so the body holds fields 3 and up only).
-    pub(super) fn new(mut vh: VirtualHost) -> Self {
+    pub(super) fn new(mut vh: VirtualHost) -> Arc<Self> {
         let name = std::mem::take(&mut vh.name);
         let domains = std::mem::take(&mut vh.domains);
-        Host {
+        Host::with(name, domains, Arc::new(Blob::of(&vh)))
+    }
+
+    pub(super) fn with(name: String, domains: Vec<String>, body: Arc<Blob>) -> Arc<Self> {
+        let mut h = Sha256::new();
+        hash_str(&mut h, &name);
+        h.update((domains.len() as u64).to_le_bytes());
+        for d in &domains {
+            hash_str(&mut h, d);
+        }
+        h.update(body.hash);
+        let hash = h.finalize().into();
+        Arc::new(Host {
             name,
             domains,
-            body: Arc::new(Blob::of(&vh)),
-        }
+            body,
+            hash,
+        })
     }
 
     fn encoded_len(&self) -> usize {
@@ -173,15 +188,6 @@ impl Host {
         encoding::string::encode_repeated(2, &self.domains, buf);
         buf.extend_from_slice(&self.body.bytes);
     }
-
-    fn hash(&self, h: &mut Sha256) {
-        hash_str(h, &self.name);
-        h.update((self.domains.len() as u64).to_le_bytes());
-        for d in &self.domains {
-            hash_str(h, d);
-        }
-        h.update(self.body.hash);
-    }
 }
 
 fn hash_str(h: &mut Sha256, s: &str) {
@@ -193,7 +199,8 @@ fn hash_str(h: &mut Sha256, s: &str) {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) struct RouteConfig {
     pub name: String,
-    pub hosts: Vec<Host>,
+    /// Shared: a service's host is the same in every caller's route configuration.
+    pub hosts: Vec<Arc<Host>>,
 }
 
 impl RouteConfig {
@@ -209,7 +216,7 @@ impl RouteConfig {
         let mut h = Sha256::new();
         hash_str(&mut h, &self.name);
         for host in &self.hosts {
-            host.hash(&mut h);
+            h.update(host.hash);
         }
         Item {
             name: self.name.clone(),

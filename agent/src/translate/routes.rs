@@ -17,8 +17,9 @@ use envoy_types::util::pack_any;
 use super::envoy::{duration, seconds};
 use crate::model::Duration as MeshDuration;
 use crate::model::{
-    DurationUnit, GrpcRetryPolicyEvent, GrpcRoute, HeaderMatchMethod, HttpPathMatch, HttpRoute,
-    HttpRouteHeader, MatchRange, RouteSpec, TcpRetryPolicyEvent,
+    DurationUnit, GrpcRetryPolicy, GrpcRetryPolicyEvent, GrpcRoute, HeaderMatchMethod,
+    HttpPathMatch, HttpRetryPolicy, HttpRoute, HttpRouteHeader, MatchRange, PortProtocol,
+    RouteSpec, TcpRetryPolicyEvent,
 };
 
 /// App Mesh's defaults: 15 s per request, 300 s idle.
@@ -80,24 +81,44 @@ pub(super) fn http_match_len(
         + conditions
 }
 
-/// The Envoy route for an http, http2 or grpc route (tcp routes become tcp_proxy filters).
+/// The Envoy route for an http, http2 or grpc route (tcp routes become tcp_proxy filters), with
+/// App Mesh's default retry policy when it sets none.
 pub(super) fn envoy_route(r: &Named<'_>) -> Option<Route> {
+    route_of(r, true)
+}
+
+/// As [`envoy_route`], but a route without its own retry policy carries none: it takes its
+/// virtual host's, which [`host_retry`] gives. That default is most of a route's bytes, so a
+/// router's virtual host carries it once instead of once per route.
+pub(super) fn envoy_route_in_host(r: &Named<'_>) -> Option<Route> {
+    route_of(r, false)
+}
+
+/// The retry policy of a router's virtual host on a listener of `proto`: App Mesh's default, for
+/// the routes that set none (Envoy applies a virtual host's policy to routes without their own).
+pub(super) fn host_retry(proto: PortProtocol) -> RetryPolicy {
+    default_retry(proto == PortProtocol::Grpc)
+}
+
+fn route_of(r: &Named<'_>, with_default: bool) -> Option<Route> {
     let (r#match, timeout, retry) =
         if let Some(h) = r.spec.http_route.as_ref().or(r.spec.http2_route.as_ref()) {
             (
                 http_match(h),
                 h.timeout.as_ref().map(|t| (&t.per_request, &t.idle)),
-                http_retry(h),
+                h.retry_policy.as_ref().map(http_retry),
             )
         } else if let Some(g) = &r.spec.grpc_route {
             (
                 grpc_match(g),
                 g.timeout.as_ref().map(|t| (&t.per_request, &t.idle)),
-                grpc_retry(g),
+                g.retry_policy.as_ref().map(grpc_retry),
             )
         } else {
             return None;
         };
+    let grpc = r.spec.grpc_route.is_some();
+    let retry = retry.or_else(|| with_default.then(|| default_retry(grpc)));
     let (per_request, idle) = timeout.unwrap_or((&None, &None));
     let mut action = RouteAction {
         timeout: per_request
@@ -108,7 +129,7 @@ pub(super) fn envoy_route(r: &Named<'_>) -> Option<Route> {
             .as_ref()
             .and_then(duration)
             .or_else(|| seconds(DEFAULT_IDLE_S)),
-        retry_policy: Some(retry),
+        retry_policy: retry,
         ..Default::default()
     };
     let total: u32 = r.targets.iter().map(|t| t.weight).sum();
@@ -355,10 +376,7 @@ fn default_retry(grpc: bool) -> RetryPolicy {
     )
 }
 
-fn http_retry(h: &HttpRoute) -> RetryPolicy {
-    let Some(p) = &h.retry_policy else {
-        return default_retry(false);
-    };
+fn http_retry(p: &HttpRetryPolicy) -> RetryPolicy {
     let mut on: Vec<&str> = p
         .http_retry_events
         .iter()
@@ -369,10 +387,7 @@ fn http_retry(h: &HttpRoute) -> RetryPolicy {
     retry(on.join(","), p.max_retries, &p.per_retry_timeout)
 }
 
-fn grpc_retry(g: &GrpcRoute) -> RetryPolicy {
-    let Some(p) = &g.retry_policy else {
-        return default_retry(true);
-    };
+fn grpc_retry(p: &GrpcRetryPolicy) -> RetryPolicy {
     let mut on: Vec<&str> = p
         .grpc_retry_events
         .iter()

@@ -498,21 +498,50 @@ fn http_matches_retries_and_timeouts_map_to_envoy_as_app_mesh_did() {
 }
 
 #[test]
-fn a_route_without_retry_policy_gets_app_mesh_defaults() {
+fn a_route_without_retry_policy_gets_app_mesh_defaults_from_its_virtual_host() {
     let s = routed(
-        &[(
-            "r",
-            json!({"httpRoute": {"match": {"prefix": "/"}, "action": weighted(&[("blue", 1)])}}),
-        )],
+        &[
+            (
+                "r",
+                json!({"httpRoute": {"match": {"prefix": "/"}, "action": weighted(&[("blue", 1)])}}),
+            ),
+            (
+                "s",
+                json!({"httpRoute": {"match": {"prefix": "/s"}, "action": weighted(&[("blue", 1)]),
+                    "retryPolicy": {"maxRetries": 5, "perRetryTimeout": {"unit": "ms", "value": 100}, "httpRetryEvents": ["server-error"]}}}),
+            ),
+        ],
         http_listener(),
     );
     let r = mesh_part(translate(&s, &node("front"), &Endpoints::new()).unwrap());
-    let a = action(&route_config(&r, "rds_egress_http_9080").virtual_hosts[0].routes[0]);
-    let retry = a.retry_policy.as_ref().unwrap();
+    let vh = &route_config(&r, "rds_egress_http_9080").virtual_hosts[0];
+    // Envoy applies the virtual host's policy to routes without their own, so the default is
+    // carried once per virtual host rather than once per route.
+    let retry = vh.retry_policy.as_ref().unwrap();
     assert_eq!(retry.retry_on, "gateway-error,connect-failure");
     assert_eq!(retry.num_retries.as_ref().unwrap().value, 2);
+    assert_eq!(retry.per_try_timeout.as_ref().unwrap().seconds, 15);
+    assert_eq!(
+        retry.retry_host_predicate[0].name,
+        "envoy.retry_host_predicates.previous_hosts"
+    );
+    let by_name = |n: &str| action(vh.routes.iter().find(|rt| rt.name == n).unwrap());
+    let a = by_name("r");
+    assert!(a.retry_policy.is_none(), "inherits the virtual host's");
     assert_eq!(a.timeout.as_ref().unwrap().seconds, 15);
     assert_eq!(a.idle_timeout.as_ref().unwrap().seconds, 300);
+    let own = by_name("s");
+    assert_eq!(own.retry_policy.as_ref().unwrap().retry_on, "5xx");
+    assert_eq!(
+        own.retry_policy
+            .as_ref()
+            .unwrap()
+            .num_retries
+            .as_ref()
+            .unwrap()
+            .value,
+        5
+    );
 }
 
 #[test]
@@ -543,6 +572,14 @@ fn grpc_routes_match_service_and_method_paths_and_only_grpc_requests() {
     );
     assert!(m.grpc.is_some());
     assert_eq!(m.headers[0].name, "tenant");
+    let host_retry = route_config(&r, "rds_egress_grpc_9080").virtual_hosts[0]
+        .retry_policy
+        .as_ref()
+        .unwrap();
+    assert_eq!(
+        host_retry.retry_on, "gateway-error,connect-failure,unavailable",
+        "gRPC's default also retries unavailable"
+    );
     assert_eq!(r.clusters[0].name, "cds_egress_m_blue_grpc_9080");
     assert!(
         r.clusters[0]

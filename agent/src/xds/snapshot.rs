@@ -10,7 +10,7 @@ use tokio::sync::watch;
 
 use super::debounce::{self, Published};
 use crate::model::{ProxyIdentity, State};
-use crate::translate::{self, Encoded, Item, Memo, Resources};
+use crate::translate::{self, Encoded, Inputs, Item, Memo, Resources};
 
 pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 pub const ENDPOINT: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
@@ -63,7 +63,9 @@ pub struct Snapshot {
     pub generation: u64,
     /// The generation of the discovered endpoints it was built from.
     pub endpoints_generation: u64,
-    pub types: BTreeMap<&'static str, TypeSnapshot>,
+    /// Shared: a snapshot kept over a change that left its proxy alone is a new generation over
+    /// the same content.
+    pub types: Arc<BTreeMap<&'static str, TypeSnapshot>>,
 }
 
 impl Snapshot {
@@ -83,7 +85,7 @@ impl Snapshot {
         Snapshot {
             generation,
             endpoints_generation: 0,
-            types,
+            types: Arc::new(types),
         }
     }
 
@@ -129,10 +131,17 @@ fn hex8(digest: &[u8]) -> String {
 /// hashes, an endpoint change moves only the ClusterLoadAssignment versions.
 #[derive(Debug)]
 pub struct Snapshots {
-    cache: Mutex<HashMap<ProxyIdentity, Arc<Snapshot>>>,
+    /// Each proxy's newest snapshot and the inputs it was translated from.
+    cache: Mutex<HashMap<ProxyIdentity, Cached>>,
     /// What the translations of the newest generations share.
     memo: Mutex<Arc<Memo>>,
     published: watch::Receiver<Published>,
+}
+
+#[derive(Debug)]
+struct Cached {
+    snap: Arc<Snapshot>,
+    inputs: Option<Inputs>,
 }
 
 impl Default for Snapshots {
@@ -153,21 +162,35 @@ impl Snapshots {
     }
 
     /// The proxy's snapshot for this state and the newest endpoints, and whether it had to be
-    /// built now.
+    /// built now (a change that leaves the proxy's inputs alone reuses its snapshot).
     pub fn get(
         &self,
         state: &State,
         who: &ProxyIdentity,
     ) -> Result<(Arc<Snapshot>, bool), translate::Error> {
         let endpoints = self.published.borrow().endpoints.clone();
-        if let Some(s) = self.lock().get(who)
-            && s.generation == state.generation
-            && s.endpoints_generation == endpoints.generation
+        if let Some(c) = self.lock().get(who)
+            && c.snap.generation == state.generation
+            && c.snap.endpoints_generation == endpoints.generation
         {
-            return Ok((s.clone(), false));
+            return Ok((c.snap.clone(), false));
         }
         // Built outside the lock: two streams of one proxy may both build once, never block each other.
         let memo = self.memo(state.generation, endpoints.generation);
+        let inputs = translate::inputs(state, who, &endpoints, &memo);
+        let kept = self.lock().get(who).and_then(|c| {
+            let same = inputs.is_some() && c.inputs == inputs;
+            same.then(|| c.snap.clone())
+        });
+        if let Some(old) = kept {
+            let snap = Arc::new(Snapshot {
+                generation: state.generation,
+                endpoints_generation: endpoints.generation,
+                types: old.types.clone(),
+            });
+            self.keep(who, &snap, inputs);
+            return Ok((snap, false));
+        }
         let resources = translate::translate_encoded(state, who, &endpoints, &memo)?;
         // What the translation had to leave out (SDS/ACM certificates...) is the operator's to fix.
         for reason in &resources.unserved {
@@ -176,8 +199,21 @@ impl Snapshots {
         let mut snap = Snapshot::from_encoded(state.generation, resources);
         snap.endpoints_generation = endpoints.generation;
         let snap = Arc::new(snap);
-        self.lock().insert(who.clone(), snap.clone());
+        self.keep(who, &snap, inputs);
         Ok((snap, true))
+    }
+
+    /// Caches `snap` unless a newer one is cached already (streams of one proxy race).
+    fn keep(&self, who: &ProxyIdentity, snap: &Arc<Snapshot>, inputs: Option<Inputs>) {
+        let mut cache = self.lock();
+        let newer = cache.get(who).is_some_and(|c| {
+            (c.snap.generation, c.snap.endpoints_generation)
+                > (snap.generation, snap.endpoints_generation)
+        });
+        if !newer {
+            let snap = snap.clone();
+            cache.insert(who.clone(), Cached { snap, inputs });
+        }
     }
 
     /// The memo for these generations (an older one is replaced; a stream on a newer
@@ -194,7 +230,102 @@ impl Snapshots {
         next
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ProxyIdentity, Arc<Snapshot>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ProxyIdentity, Cached>> {
         self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn proxy(name: &str) -> ProxyIdentity {
+        ProxyIdentity::parse(&format!("mesh/m/virtualNode/{name}")).expect("identity")
+    }
+
+    /// `front-a` calls `a.local` (node `a`), `front-b` calls `b.local` (node `b`).
+    fn two_pairs() -> State {
+        let back = |host: &str| {
+            json!({"listeners": [{"portMapping": {"port": 8080, "protocol": "http"}}],
+                "serviceDiscovery": {"dns": {"hostname": host}}})
+        };
+        let front =
+            |svc: &str| json!({"backends": [{"virtualService": {"virtualServiceName": svc}}]});
+        let mut s = crate::test_helpers::mesh_state(
+            json!({}),
+            &[
+                ("a", back("a.internal")),
+                ("b", back("b.internal")),
+                ("front-a", front("a.local")),
+                ("front-b", front("b.local")),
+            ],
+            &[("a.local", "a"), ("b.local", "b")],
+        );
+        s.generation = 1;
+        s
+    }
+
+    /// As the API does: the spec changes, the version moves, the state gets a new generation.
+    fn retime_b(s: &State) -> State {
+        let mut s = s.clone();
+        let b = s
+            .meshes
+            .get_mut("m")
+            .and_then(|m| m.virtual_nodes.get_mut("b"))
+            .expect("node b");
+        let listener = b.spec.listeners.as_mut().and_then(|l| l.first_mut());
+        let timeout = json!({"http": {"perRequest": {"unit": "s", "value": 42}}});
+        listener.expect("a listener").timeout =
+            Some(serde_json::from_value(timeout).expect("timeout"));
+        b.metadata.version += 1;
+        s.generation += 1;
+        s
+    }
+
+    #[test]
+    fn a_change_rebuilds_only_the_proxies_whose_inputs_it_touches_and_kept_ones_equal_fresh_ones() {
+        let snapshots = Snapshots::default();
+        let s1 = two_pairs();
+        for p in ["front-a", "front-b"] {
+            assert!(
+                snapshots.get(&s1, &proxy(p)).expect("snapshot").1,
+                "{p} built"
+            );
+        }
+        let (a1, b1) = (
+            snapshots.get(&s1, &proxy("front-a")).expect("snapshot").0,
+            snapshots.get(&s1, &proxy("front-b")).expect("snapshot").0,
+        );
+        let s2 = retime_b(&s1);
+        let (a2, a_built) = snapshots.get(&s2, &proxy("front-a")).expect("snapshot");
+        let (b2, b_built) = snapshots.get(&s2, &proxy("front-b")).expect("snapshot");
+        assert!(!a_built, "front-a does not call b: kept");
+        assert!(b_built, "front-b calls b: translated again");
+        assert_eq!((a2.generation, a2.types.clone()), (2, a1.types.clone()));
+        assert_ne!(
+            b2.get(ROUTE),
+            b1.get(ROUTE),
+            "b's new timeout reaches front-b's route"
+        );
+        // What was kept is what a translation from nothing gives.
+        for (p, kept) in [("front-a", &a2), ("front-b", &b2)] {
+            let (fresh, _) = Snapshots::default().get(&s2, &proxy(p)).expect("snapshot");
+            assert_eq!(kept.types, fresh.types, "{p}");
+        }
+        // A mesh change reaches every proxy.
+        let mut s3 = s2.clone();
+        let mesh = &mut s3.meshes.get_mut("m").expect("mesh").mesh;
+        mesh.spec =
+            serde_json::from_value(json!({"egressFilter": {"type": "ALLOW_ALL"}})).expect("spec");
+        mesh.metadata.version += 1;
+        s3.generation += 1;
+        for p in ["front-a", "front-b"] {
+            assert!(
+                snapshots.get(&s3, &proxy(p)).expect("snapshot").1,
+                "{p} rebuilt"
+            );
+        }
     }
 }
