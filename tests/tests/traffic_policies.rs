@@ -743,3 +743,55 @@ fn default_retries_turn_one_endpoints_503s_into_200s_and_a_route_without_retries
     assert!(once.contains(&200), "good still answers /once: {once:?}");
     drop(env);
 }
+
+#[test]
+fn a_route_per_request_timeout_answers_504_on_its_route_only() {
+    if !can_run_privileged("route timeout") {
+        return;
+    }
+    let work = Workdir::new("pol-route-timeout");
+    let route = |name: &str, spec: Value| json!({"meshName": "m", "virtualRouterName": "back-router", "routeName": name, "spec": spec});
+    let target = json!({"weightedTargets": [{"virtualNode": "back", "weight": 1}]});
+    let items = json!([
+        {"meshName": "m"},
+        node("back", http_listener(json!({})), json!({})),
+        {"meshName": "m", "virtualRouterName": "back-router",
+         "spec": {"listeners": [{"portMapping": {"port": PORT, "protocol": "http"}}]}},
+        route("patient", json!({"httpRoute": {"match": {"prefix": "/"}, "action": target}})),
+        route("hasty", json!({"httpRoute": {"match": {"prefix": "/sleep/3"}, "action": target,
+            "timeout": {"perRequest": {"unit": "ms", "value": 1000}}}})),
+        {"meshName": "m", "virtualServiceName": "back.local",
+         "spec": {"provider": {"virtualRouter": {"virtualRouterName": "back-router"}}}},
+        caller("front", &["back.local"], json!({})),
+    ]);
+    let (env, t) = start_back_and_callers(
+        &work,
+        40,
+        &items,
+        &[("back", 23), ("front", 24)],
+        "back",
+        &[],
+    );
+    let front = &t[1];
+    let url = |p: &str| format!("http://back.local:{PORT}{p}");
+    eventually("front reaches back", Duration::from_secs(20), || {
+        front.http_get(None, &url("/"))
+    });
+    assert_eq!(
+        http_status(front, None, &url("/sleep/2")),
+        (200, "slept".into()),
+        "another route keeps the 15 s default"
+    );
+    assert_eq!(
+        http_status(front, None, &url("/sleep/3")),
+        (504, "upstream request timeout".into()),
+        "the route's 1 s, not the 15 s default"
+    );
+    assert!(
+        front.envoy_stat(
+            ADMIN_PORT,
+            "cluster.cds_egress_m_back_http_8080.upstream_rq_timeout"
+        ) >= 1
+    );
+    drop(env);
+}
