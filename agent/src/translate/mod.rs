@@ -468,7 +468,7 @@ fn explicit_host(vh: &Host, port: u32) -> Arc<Host> {
 
 /// A service's virtual host on `port` (named after it, for its name with and without the
 /// port) and the same as the explicit egress chain names it.
-fn service_hosts(service: &str, port: u32, vh: VirtualHost) -> (Arc<Host>, Arc<Host>) {
+fn http_entry(service: &str, port: u32, proto: PortProtocol, vh: VirtualHost) -> PortEntry {
     let body = Host::new(vh).body.clone();
     let host = Host::with(
         service.to_string(),
@@ -476,7 +476,11 @@ fn service_hosts(service: &str, port: u32, vh: VirtualHost) -> (Arc<Host>, Arc<H
         body,
     );
     let explicit = explicit_host(&host, port);
-    (host, explicit)
+    PortEntry::Http {
+        proto,
+        host,
+        explicit,
+    }
 }
 
 /// A cluster built for a (node, port): its name, port and protocol.
@@ -841,13 +845,7 @@ fn node_provided(
             // 15 s default would cut a longer listener timeout short.
             let (per_request, idle) = policy::http_timeouts(l);
             let vh = envoy::virtual_host_timed("", vec![], &cluster, per_request, idle);
-            let (host, explicit) = service_hosts(service, port, vh);
-            let entry = PortEntry::Http {
-                proto,
-                host,
-                explicit,
-            };
-            ports.push((port, entry));
+            ports.push((port, http_entry(service, port, proto, vh)));
         }
     }
 }
@@ -893,13 +891,7 @@ fn router_provided(
         }
         let mut vh = envoy::virtual_host_with("", vec![], envoy_routes);
         vh.retry_policy = Some(routes::host_retry(proto));
-        let (host, explicit) = service_hosts(service, port, vh);
-        let entry = PortEntry::Http {
-            proto,
-            host,
-            explicit,
-        };
-        ports.push((port, entry));
+        ports.push((port, http_entry(service, port, proto, vh)));
     }
 }
 

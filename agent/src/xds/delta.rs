@@ -20,7 +20,7 @@ use tracing::{debug, warn};
 
 use super::Ads;
 use super::snapshot::{ENDPOINT, PUSH_ORDER, Snapshot, TypeSnapshot, is_wildcard_type};
-use super::stream::Session;
+use super::stream::{self, Session};
 
 /// The explicit wildcard subscription of the xDS protocol.
 const WILDCARD: &str = "*";
@@ -105,30 +105,29 @@ pub(super) async fn run_stream(
         nacked_types: BTreeSet::new(),
         removals_due: false,
     };
-    stream.on_request(first, &session.snap).await?;
-    loop {
-        tokio::select! {
-            req = inbound.message() => match req {
-                Ok(Some(req)) => stream.on_request(req, &session.snap).await?,
-                Ok(None) => break,
-                Err(status) => {
-                    debug!(message = status.message(), "stream ended by envoy");
-                    break;
-                }
-            },
-            changed = session.published.changed() => {
-                if changed.is_err() {
-                    break;
-                }
-                if let Some(changed_at) = session.refresh(ads) {
-                    stream.change = Some(changed_at);
-                    stream.push_changes(&session.snap).await?;
-                }
-            }
-            () = ads.cancel.cancelled() => break,
-        }
+    stream::drive(ads, &mut session, inbound, first, &mut stream).await
+}
+
+impl stream::Protocol for Stream<'_> {
+    type Request = DeltaDiscoveryRequest;
+
+    async fn on_request(
+        &mut self,
+        req: DeltaDiscoveryRequest,
+        snap: &Snapshot,
+    ) -> Result<(), Status> {
+        Stream::on_request(self, req, snap).await
     }
-    Ok(())
+
+    async fn on_change(
+        &mut self,
+        changed_at: Instant,
+        _before: &Snapshot,
+        snap: &Snapshot,
+    ) -> Result<(), Status> {
+        self.change = Some(changed_at);
+        self.push_changes(snap).await
+    }
 }
 
 impl Stream<'_> {

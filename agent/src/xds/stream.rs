@@ -233,6 +233,31 @@ async fn run_stream(
         change: None,
         kept_clusters: BTreeMap::new(),
     };
+    drive(ads, &mut session, inbound, first, &mut stream).await
+}
+
+/// One protocol's side of a stream (SotW here, delta in `delta.rs`), which [`drive`] feeds.
+pub(super) trait Protocol {
+    type Request;
+    async fn on_request(&mut self, req: Self::Request, snap: &Snapshot) -> Result<(), Status>;
+    /// After an input change committed at `changed_at`: `before` is what was served until now.
+    async fn on_change(
+        &mut self,
+        changed_at: Instant,
+        before: &Snapshot,
+        snap: &Snapshot,
+    ) -> Result<(), Status>;
+}
+
+/// Serves `first`, then each request and each publication, until Envoy or the agent ends the
+/// stream.
+pub(super) async fn drive<P: Protocol>(
+    ads: &Arc<Ads>,
+    session: &mut Session,
+    mut inbound: Streaming<P::Request>,
+    first: P::Request,
+    stream: &mut P,
+) -> Result<(), Status> {
     stream.on_request(first, &session.snap).await?;
     loop {
         tokio::select! {
@@ -250,14 +275,31 @@ async fn run_stream(
                 }
                 let before = session.snap.clone();
                 if let Some(changed_at) = session.refresh(ads) {
-                    stream.change = Some(changed_at);
-                    stream.push_changes(&before, &session.snap).await?;
+                    stream.on_change(changed_at, &before, &session.snap).await?;
                 }
             }
             () = ads.cancel.cancelled() => break,
         }
     }
     Ok(())
+}
+
+impl Protocol for Stream<'_> {
+    type Request = DiscoveryRequest;
+
+    async fn on_request(&mut self, req: DiscoveryRequest, snap: &Snapshot) -> Result<(), Status> {
+        Stream::on_request(self, req, snap).await
+    }
+
+    async fn on_change(
+        &mut self,
+        changed_at: Instant,
+        before: &Snapshot,
+        snap: &Snapshot,
+    ) -> Result<(), Status> {
+        self.change = Some(changed_at);
+        self.push_changes(before, snap).await
+    }
 }
 
 pub(super) fn build(
