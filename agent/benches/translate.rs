@@ -8,9 +8,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
+use tokio::sync::watch;
 use trellis_agent::model::{MeshState, ProxyIdentity, State};
 use trellis_agent::test_helpers::{mesh_resource, resource};
-use trellis_agent::translate::{Endpoints, Memo, translate_encoded};
+use trellis_agent::translate::{CloudMapKey, Endpoints, Instance, Memo, translate_encoded};
+use trellis_agent::xds::debounce::{self, Published};
 use trellis_agent::xds::snapshot::{ROUTE, Snapshot, Snapshots};
 
 /// Resident memory high-water mark of this process, in KiB (Linux).
@@ -34,7 +36,12 @@ fn quota_mesh() -> State {
     for i in 0..NODES {
         let spec = json!({
             "listeners": [{"portMapping": {"port": 8080, "protocol": "http"}}],
-            "serviceDiscovery": {"dns": {"hostname": format!("n{i}.internal")}},
+            // n0 is found through Cloud Map, the others through DNS.
+            "serviceDiscovery": if i == 0 {
+                json!({"awsCloudMap": {"namespaceName": "ns", "serviceName": "n0"}})
+            } else {
+                json!({"dns": {"hostname": format!("n{i}.internal")}})
+            },
             "backends": (1..=BACKENDS).map(|k| json!({"virtualService": {"virtualServiceName": format!("s{}.local", (i + k) % NODES)}})).collect::<Vec<_>>()
         });
         m.virtual_nodes.insert(
@@ -123,6 +130,28 @@ fn moved(a: &[Arc<Snapshot>], b: &[Arc<Snapshot>]) -> usize {
         .count()
 }
 
+/// Publishes `state` with n0's Cloud Map service answering one instance.
+fn publish_n0(tx: &watch::Sender<Published>, state: &Arc<State>, host: u8, generation: u64) {
+    let mut e = Endpoints::new();
+    let key = CloudMapKey {
+        namespace: "ns".into(),
+        service: "n0".into(),
+        attributes: Default::default(),
+    };
+    let one = Instance {
+        id: format!("i-{host}"),
+        ipv4: Some(std::net::Ipv4Addr::new(10, 0, 0, host)),
+        ipv6: None,
+    };
+    e.cloud_map.insert(key, vec![one].into());
+    e.generation = generation;
+    tx.send_replace(Published {
+        state: state.clone(),
+        endpoints: Arc::new(e),
+        changed_at: tokio::time::Instant::now(),
+    });
+}
+
 /// `state` with one route of router `r0` changed as the API would (spec, version, generation).
 fn one_route_changed(state: &State) -> State {
     let mut changed = state.clone();
@@ -146,7 +175,7 @@ fn main() {
     let ids: Vec<ProxyIdentity> = (0..NODES)
         .map(|i| ProxyIdentity::parse(&format!("mesh/m/virtualNode/n{i}")).expect("identity"))
         .collect();
-    let mut endpoints = Endpoints::new();
+    let endpoints = Endpoints::new();
     let rss_before = peak_rss_kib();
 
     // Full: every proxy of the mesh from nothing, as the agent serves them.
@@ -192,19 +221,34 @@ fn main() {
         counts.0,
         counts.1
     );
-    let memo = Memo::new(state.generation, endpoints.generation);
-    all(&state, &ids, &endpoints, &memo);
-    endpoints.generation += 1;
-    let (endpoint_change, _) = timed(7, || {
-        all(
-            &state,
-            &ids,
-            &endpoints,
-            &memo.next(state.generation, endpoints.generation),
-        )
-    });
+    // Incremental: n0's Cloud Map instances change (the callers of s0 and s199 reach n0).
+    let state = Arc::new(state);
+    let mut times = Vec::new();
+    let mut counts = (0, 0);
+    for round in 0..7u8 {
+        let (tx, rx) = debounce::channel(state.clone());
+        let snapshots = Snapshots::new(rx);
+        publish_n0(&tx, &state, round, 1);
+        let (before, _) = served(&snapshots, &state, &ids);
+        publish_n0(&tx, &state, round.wrapping_add(100), 2);
+        let t = Instant::now();
+        let (after, built) = std::hint::black_box(served(&snapshots, &state, &ids));
+        times.push(t.elapsed());
+        let endpoint = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+        let moved = before
+            .iter()
+            .zip(&after)
+            .filter(|(x, y)| {
+                x.get(endpoint).map(|t| &t.version) != y.get(endpoint).map(|t| &t.version)
+            })
+            .count();
+        counts = (built, moved);
+    }
     println!(
-        "incremental  endpoints publication: median {endpoint_change:?} to translate all {NODES} again (virtual hosts kept)"
+        "incremental  one Cloud Map service's instances: median {:?} for all {NODES} proxies; {} translated again, {} with new endpoints",
+        median(times),
+        counts.0,
+        counts.1
     );
     println!(
         "peak RSS: {} KiB before the runs, {} KiB after (mesh state and {NODES} snapshots included)",

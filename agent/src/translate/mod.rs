@@ -95,13 +95,15 @@ pub fn translate_encoded(
 }
 
 /// What a virtual node's translation reads, in a form cheap to compare: the mesh and the node at
-/// their versions, the endpoints' generation, and each backend's shared plan (carried over a
-/// state change only while the resources it read keep their versions). Equal inputs, equal
+/// their versions, each backend's shared plan (carried over a state change only while the
+/// resources it read keep their versions), and the discovered endpoints those plans use (Cloud
+/// Map instances of the nodes they reach, addresses of their TCP services). Equal inputs, equal
 /// output: a proxy a change leaves alone keeps its snapshot instead of being translated again.
 #[derive(Debug)]
 pub struct Inputs {
     resources: [(String, i64); 2],
-    endpoints: u64,
+    instances: Vec<Option<Arc<[Instance]>>>,
+    addresses: Vec<Option<Arc<[std::net::IpAddr]>>>,
     plans: Vec<Arc<ServicePlan>>,
 }
 
@@ -109,7 +111,8 @@ impl PartialEq for Inputs {
     /// Plans compare by identity: each side holds its plans, so an address is never reused.
     fn eq(&self, other: &Self) -> bool {
         self.resources == other.resources
-            && self.endpoints == other.endpoints
+            && self.instances == other.instances
+            && self.addresses == other.addresses
             && self.plans.len() == other.plans.len()
             && self
                 .plans
@@ -133,13 +136,27 @@ pub fn inputs(
     let mesh = state.meshes.get(&who.mesh)?;
     let node = mesh.virtual_nodes.get(&who.name)?;
     let version = |m: &crate::model::Metadata| (m.uid.clone(), m.version);
+    let services = backend_names(&node.spec);
+    let plans: Vec<_> = services
+        .iter()
+        .map(|service| shared_plan(memo, &who.mesh, mesh, service))
+        .collect();
+    let instances = plans
+        .iter()
+        .flat_map(|p| &p.keys)
+        .map(|k| endpoints.cloud_map.get(k).cloned())
+        .collect();
+    let addresses = services
+        .iter()
+        .zip(&plans)
+        .filter(|(_, p)| p.ports.iter().any(|(_, e)| matches!(e, PortEntry::Tcp(_))))
+        .map(|(service, _)| endpoints.addresses.get(*service).cloned())
+        .collect();
     Some(Inputs {
         resources: [version(&mesh.mesh.metadata), version(&node.metadata)],
-        endpoints: endpoints.generation,
-        plans: backend_names(&node.spec)
-            .into_iter()
-            .map(|service| shared_plan(memo, &who.mesh, mesh, service))
-            .collect(),
+        instances,
+        addresses,
+        plans,
     })
 }
 
@@ -724,6 +741,8 @@ struct ServicePlan {
     /// and what each answered.
     lookups: Vec<((String, Option<i64>), Built)>,
     ports: Vec<(u32, PortEntry)>,
+    /// The Cloud Map keys of the nodes it reaches: their instances are its callers' endpoints.
+    keys: Vec<CloudMapKey>,
     /// What it was built from, as [`stamp`].
     stamp: output::Hash,
 }
@@ -774,9 +793,23 @@ fn service_plan(
         );
     }
     let stamp = stamp(mesh, service, &lookups);
+    let keys = lookups
+        .iter()
+        .filter(|(_, found)| found.is_some())
+        .filter_map(|((node, _), _)| {
+            let sd = mesh
+                .virtual_nodes
+                .get(node)?
+                .spec
+                .service_discovery
+                .as_ref()?;
+            sd.aws_cloud_map.as_ref().map(CloudMapKey::of)
+        })
+        .collect();
     ServicePlan {
         lookups,
         ports,
+        keys,
         stamp,
     }
 }

@@ -328,4 +328,95 @@ mod tests {
             );
         }
     }
+
+    /// `front-a` calls `a.local` (DNS), `front-cm` calls `cm.local` (node `cm`, Cloud Map `ns/cm`).
+    fn dns_and_cloud_map() -> State {
+        let listeners = json!([{"portMapping": {"port": 8080, "protocol": "http"}}]);
+        let front =
+            |svc: &str| json!({"backends": [{"virtualService": {"virtualServiceName": svc}}]});
+        let mut s = crate::test_helpers::mesh_state(
+            json!({}),
+            &[
+                (
+                    "a",
+                    json!({"listeners": listeners, "serviceDiscovery": {"dns": {"hostname": "a.internal"}}}),
+                ),
+                (
+                    "cm",
+                    json!({"listeners": listeners,
+                    "serviceDiscovery": {"awsCloudMap": {"namespaceName": "ns", "serviceName": "cm"}}}),
+                ),
+                ("front-a", front("a.local")),
+                ("front-cm", front("cm.local")),
+            ],
+            &[("a.local", "a"), ("cm.local", "cm")],
+        );
+        s.generation = 1;
+        s
+    }
+
+    fn publish(
+        tx: &watch::Sender<Published>,
+        state: &Arc<State>,
+        service: &str,
+        ip: [u8; 4],
+        generation: u64,
+    ) {
+        let mut e = (*tx.borrow().endpoints).clone();
+        let key = translate::CloudMapKey {
+            namespace: "ns".into(),
+            service: service.into(),
+            attributes: Default::default(),
+        };
+        let one = translate::Instance {
+            id: format!("i-{ip:?}"),
+            ipv4: Some(ip.into()),
+            ipv6: None,
+        };
+        e.cloud_map.insert(key, vec![one].into());
+        e.generation = generation;
+        tx.send_replace(Published {
+            state: state.clone(),
+            endpoints: Arc::new(e),
+            changed_at: tokio::time::Instant::now(),
+        });
+    }
+
+    #[test]
+    fn an_endpoints_change_rebuilds_only_the_proxies_that_reach_its_cloud_map_service() {
+        let state = Arc::new(dns_and_cloud_map());
+        let (tx, rx) = debounce::channel(state.clone());
+        let snapshots = Snapshots::new(rx);
+        let get = |p: &str| snapshots.get(&state, &proxy(p)).expect("snapshot");
+        assert!(get("front-a").1 && get("front-cm").1, "first built");
+        publish(&tx, &state, "cm", [10, 0, 0, 1], 1);
+        assert!(
+            !get("front-a").1,
+            "front-a reaches no Cloud Map service: kept"
+        );
+        let (cm, built) = get("front-cm");
+        assert!(built, "front-cm's endpoints changed");
+        assert!(
+            cm.get(ENDPOINT)
+                .is_some_and(|t| t.resources.contains_key("cds_egress_m_cm_http_8080"))
+        );
+        publish(&tx, &state, "elsewhere", [10, 0, 0, 2], 2);
+        assert!(
+            !get("front-a").1 && !get("front-cm").1,
+            "a service nobody reaches: both kept"
+        );
+        publish(&tx, &state, "cm", [10, 0, 0, 3], 3);
+        let (moved, built) = get("front-cm");
+        assert!(built);
+        assert_ne!(
+            moved.get(ENDPOINT),
+            cm.get(ENDPOINT),
+            "the new instance is served"
+        );
+        // Kept or rebuilt, each equals a translation from nothing.
+        let (fresh, _) = Snapshots::new(tx.subscribe())
+            .get(&state, &proxy("front-cm"))
+            .expect("snapshot");
+        assert_eq!(fresh.types, moved.types);
+    }
 }
