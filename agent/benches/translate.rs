@@ -4,15 +4,15 @@
 //! A plain harness (no criterion): it prints medians of repeated runs. Figures depend on the
 //! machine; compare them as ratios or with the machine named.
 
+use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use tokio::sync::watch;
 use trellis_agent::model::{MeshState, ProxyIdentity, State};
-use trellis_agent::test_helpers::{mesh_resource, resource};
-use trellis_agent::translate::{CloudMapKey, Endpoints, Instance, Memo, translate_encoded};
-use trellis_agent::xds::debounce::{self, Published};
+use trellis_agent::test_helpers::{mesh_resource, publish_one_instance, resource};
+use trellis_agent::translate::{Endpoints, Memo, translate_encoded};
+use trellis_agent::xds::debounce;
 use trellis_agent::xds::snapshot::{ROUTE, Snapshot, Snapshots};
 
 /// Resident memory high-water mark of this process, in KiB (Linux).
@@ -130,28 +130,6 @@ fn moved(a: &[Arc<Snapshot>], b: &[Arc<Snapshot>]) -> usize {
         .count()
 }
 
-/// Publishes `state` with n0's Cloud Map service answering one instance.
-fn publish_n0(tx: &watch::Sender<Published>, state: &Arc<State>, host: u8, generation: u64) {
-    let mut e = Endpoints::new();
-    let key = CloudMapKey {
-        namespace: "ns".into(),
-        service: "n0".into(),
-        attributes: Default::default(),
-    };
-    let one = Instance {
-        id: format!("i-{host}"),
-        ipv4: Some(std::net::Ipv4Addr::new(10, 0, 0, host)),
-        ipv6: None,
-    };
-    e.cloud_map.insert(key, vec![one].into());
-    e.generation = generation;
-    tx.send_replace(Published {
-        state: state.clone(),
-        endpoints: Arc::new(e),
-        changed_at: tokio::time::Instant::now(),
-    });
-}
-
 /// `state` with one route of router `r0` changed as the API would (spec, version, generation).
 fn one_route_changed(state: &State) -> State {
     let mut changed = state.clone();
@@ -228,9 +206,9 @@ fn main() {
     for round in 0..7u8 {
         let (tx, rx) = debounce::channel(state.clone());
         let snapshots = Snapshots::new(rx);
-        publish_n0(&tx, &state, round, 1);
+        publish_one_instance(&tx, &state, "n0", Ipv4Addr::new(10, 0, 0, round), 1);
         let (before, _) = served(&snapshots, &state, &ids);
-        publish_n0(&tx, &state, round.wrapping_add(100), 2);
+        publish_one_instance(&tx, &state, "n0", Ipv4Addr::new(10, 0, 1, round), 2);
         let t = Instant::now();
         let (after, built) = std::hint::black_box(served(&snapshots, &state, &ids));
         times.push(t.elapsed());

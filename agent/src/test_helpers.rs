@@ -373,3 +373,32 @@ pub fn ops_with_mesh(store: &crate::store::Store) -> crate::api::Ops {
     ops.create_mesh(store, mesh).expect("mesh m");
     ops
 }
+
+/// Publishes `state` with the Cloud Map service `ns/service` answering one IPv4 instance (the
+/// other keys as published before), at endpoints generation `generation`.
+pub fn publish_one_instance(
+    tx: &tokio::sync::watch::Sender<crate::xds::debounce::Published>,
+    state: &std::sync::Arc<crate::model::State>,
+    service: &str,
+    ipv4: std::net::Ipv4Addr,
+    generation: u64,
+) {
+    let mut e = (*tx.borrow().endpoints).clone();
+    let key = crate::translate::CloudMapKey {
+        namespace: "ns".into(),
+        service: service.into(),
+        attributes: Default::default(),
+    };
+    let one = crate::translate::Instance {
+        id: format!("i-{ipv4}"),
+        ipv4: Some(ipv4),
+        ipv6: None,
+    };
+    e.cloud_map.insert(key, vec![one].into());
+    e.generation = generation;
+    tx.send_replace(crate::xds::debounce::Published {
+        state: state.clone(),
+        endpoints: std::sync::Arc::new(e),
+        changed_at: tokio::time::Instant::now(),
+    });
+}

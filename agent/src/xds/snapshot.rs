@@ -240,6 +240,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+    use crate::test_helpers::publish_one_instance;
 
     fn proxy(name: &str) -> ProxyIdentity {
         ProxyIdentity::parse(&format!("mesh/m/virtualNode/{name}")).expect("identity")
@@ -355,33 +356,6 @@ mod tests {
         s
     }
 
-    fn publish(
-        tx: &watch::Sender<Published>,
-        state: &Arc<State>,
-        service: &str,
-        ip: [u8; 4],
-        generation: u64,
-    ) {
-        let mut e = (*tx.borrow().endpoints).clone();
-        let key = translate::CloudMapKey {
-            namespace: "ns".into(),
-            service: service.into(),
-            attributes: Default::default(),
-        };
-        let one = translate::Instance {
-            id: format!("i-{ip:?}"),
-            ipv4: Some(ip.into()),
-            ipv6: None,
-        };
-        e.cloud_map.insert(key, vec![one].into());
-        e.generation = generation;
-        tx.send_replace(Published {
-            state: state.clone(),
-            endpoints: Arc::new(e),
-            changed_at: tokio::time::Instant::now(),
-        });
-    }
-
     #[test]
     fn an_endpoints_change_rebuilds_only_the_proxies_that_reach_its_cloud_map_service() {
         let state = Arc::new(dns_and_cloud_map());
@@ -389,7 +363,7 @@ mod tests {
         let snapshots = Snapshots::new(rx);
         let get = |p: &str| snapshots.get(&state, &proxy(p)).expect("snapshot");
         assert!(get("front-a").1 && get("front-cm").1, "first built");
-        publish(&tx, &state, "cm", [10, 0, 0, 1], 1);
+        publish_one_instance(&tx, &state, "cm", [10, 0, 0, 1].into(), 1);
         assert!(
             !get("front-a").1,
             "front-a reaches no Cloud Map service: kept"
@@ -400,12 +374,12 @@ mod tests {
             cm.get(ENDPOINT)
                 .is_some_and(|t| t.resources.contains_key("cds_egress_m_cm_http_8080"))
         );
-        publish(&tx, &state, "elsewhere", [10, 0, 0, 2], 2);
+        publish_one_instance(&tx, &state, "elsewhere", [10, 0, 0, 2].into(), 2);
         assert!(
             !get("front-a").1 && !get("front-cm").1,
             "a service nobody reaches: both kept"
         );
-        publish(&tx, &state, "cm", [10, 0, 0, 3], 3);
+        publish_one_instance(&tx, &state, "cm", [10, 0, 0, 3].into(), 3);
         let (moved, built) = get("front-cm");
         assert!(built);
         assert_ne!(
