@@ -123,6 +123,9 @@ impl Drop for Slot {
             *n = n.saturating_sub(1);
             if *n == 0 {
                 map.remove(&self.who);
+                // Its last stream is gone: a reconnect translates afresh, and memory stays
+                // bounded by the proxies connected.
+                self.ads.snapshots.forget(&self.who);
                 self.ads.connected.send_modify(|c| {
                     c.remove(&self.who);
                 });

@@ -203,6 +203,11 @@ impl Snapshots {
         Ok((snap, true))
     }
 
+    /// Drops the proxy's cached snapshot.
+    pub fn forget(&self, who: &ProxyIdentity) {
+        self.lock().remove(who);
+    }
+
     /// Caches `snap` unless a newer one is cached already (streams of one proxy race).
     fn keep(&self, who: &ProxyIdentity, snap: &Arc<Snapshot>, inputs: Option<Inputs>) {
         let mut cache = self.lock();
@@ -392,5 +397,21 @@ mod tests {
             .get(&state, &proxy("front-cm"))
             .expect("snapshot");
         assert_eq!(fresh.types, moved.types);
+    }
+
+    #[test]
+    fn a_forgotten_proxy_is_translated_afresh() {
+        let snapshots = Snapshots::default();
+        let s = two_pairs();
+        assert!(snapshots.get(&s, &proxy("front-a")).expect("snapshot").1);
+        assert!(
+            !snapshots.get(&s, &proxy("front-a")).expect("snapshot").1,
+            "cached"
+        );
+        snapshots.forget(&proxy("front-a"));
+        assert!(
+            snapshots.get(&s, &proxy("front-a")).expect("snapshot").1,
+            "built again"
+        );
     }
 }
