@@ -183,7 +183,7 @@ fn grpc_routes_send_each_method_to_its_target_and_only_grpc_requests() {
 fn greetings(task: &Task, host: &str, port: u16, n: usize) -> Vec<String> {
     let script = format!(
         "for i in $(seq 1 {n}); do \
-           if exec 3<>/dev/tcp/{host}/{port}; then timeout 5 head -n1 <&3 || echo; exec 3<&-; \
+           if exec 3<>/dev/tcp/{host}/{port}; then timeout 10 head -n1 <&3 || echo; exec 3<&-; \
            else echo; fi; \
          done"
     );
