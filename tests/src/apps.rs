@@ -364,3 +364,102 @@ pub fn file_has(path: &Path, needle: &str) -> Result<String, String> {
         Err(format!("no line with {needle:?} in:\n{text}"))
     }
 }
+
+/// A TCP server on `port` in `task` that greets every connection with `name` and a newline, then
+/// closes it: which server a connection reached, told by its first line.
+pub fn start_banner(work: &Workdir, task: &Task, port: u16, name: &str) -> Proc {
+    let script = format!(
+        "import socketserver\n\
+         class H(socketserver.BaseRequestHandler):\n\
+         \x20   def handle(self):\n\
+         \x20       self.request.sendall(b'{name}\\n')\n\
+         socketserver.ThreadingTCPServer.allow_reuse_address = True\n\
+         socketserver.ThreadingTCPServer(('0.0.0.0', {port}), H).serve_forever()\n"
+    );
+    let path = work.join(&format!("banner-{}.py", task.ns));
+    fs::write(&path, script).expect("write banner");
+    let path_s = path.display().to_string();
+    let proc = Proc::spawn(
+        &format!("banner {name} in {}", task.ns),
+        &mut task.cmd(&["/usr/bin/python3", &path_s]),
+        work.join(&format!("banner-{}.log", task.ns)),
+    );
+    let probe = format!("exec 3<>/dev/tcp/127.0.0.1/{port} && head -n1 <&3");
+    eventually("banner listening", Duration::from_secs(10), || {
+        let out = run(&mut task.cmd(&["timeout", "3", "bash", "-c", &probe]));
+        match String::from_utf8_lossy(&out.stdout).trim() {
+            got if got == name => Ok(()),
+            got => Err(format!("greeted with {got:?}")),
+        }
+    });
+    proc
+}
+
+/// A plain static Envoy (no mesh) in `task` as an h2c app: on `port`, with codec AUTO (HTTP/1.1 or
+/// HTTP/2 with prior knowledge, as a gRPC server takes), it answers every request 200 with the
+/// headers `app-node: NAME` and `grpc-status: 0` and the body `NAME` (which Envoy moves into
+/// `grpc-message` when the request is gRPC); its admin is on 127.0.0.1:`admin_port` (stats prefix
+/// `http.app.`). Waits until it answers HTTP/2 on `port`.
+pub fn start_h2c_app(work: &Workdir, task: &Task, port: u16, admin_port: u16, name: &str) -> Proc {
+    let config = serde_json::json!({
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
+        "static_resources": {"listeners": [{
+            "name": "app",
+            "address": {"socket_address": {"address": "0.0.0.0", "port_value": port}},
+            "filter_chains": [{"filters": [{
+                "name": "envoy.filters.network.http_connection_manager",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                    "stat_prefix": "app",
+                    "codec_type": "AUTO",
+                    "route_config": {"virtual_hosts": [{
+                        "name": "app",
+                        "domains": ["*"],
+                        "routes": [{
+                            "match": {"prefix": "/"},
+                            "direct_response": {"status": 200, "body": {"inline_string": name}},
+                            "response_headers_to_add": [
+                                {"header": {"key": "app-node", "value": name}},
+                                {"header": {"key": "grpc-status", "value": "0"}}
+                            ]
+                        }]
+                    }]},
+                    "http_filters": [{
+                        "name": "envoy.filters.http.router",
+                        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}
+                    }]
+                }
+            }]}]
+        }]}
+    });
+    let path = work.join(&format!("h2c-app-{}.json", task.ns));
+    fs::write(&path, config.to_string()).expect("write h2c app config");
+    let envoy = work.stage(&crate::envoy());
+    let (envoy_s, path_s) = (envoy.display().to_string(), path.display().to_string());
+    let mut proc = Proc::spawn(
+        &format!("h2c app in {}", task.ns),
+        &mut task.cmd(&[
+            &envoy_s,
+            "-c",
+            &path_s,
+            "-l",
+            "warning",
+            "--disable-hot-restart",
+            "--concurrency",
+            "1",
+        ]),
+        work.join(&format!("h2c-app-{}.log", task.ns)),
+    );
+    let url = format!("http://127.0.0.1:{port}/");
+    eventually("h2c app answering", Duration::from_secs(30), || {
+        if !proc.is_running() {
+            panic!("h2c app exited:\n{}", proc.log_text());
+        }
+        let out = run(&mut task.cmd(&["curl", "-sS", "-m", "3", "--http2-prior-knowledge", &url]));
+        match String::from_utf8_lossy(&out.stdout).as_ref() {
+            got if got == name => Ok(()),
+            got => Err(format!("{got:?} {}", String::from_utf8_lossy(&out.stderr))),
+        }
+    });
+    proc
+}
