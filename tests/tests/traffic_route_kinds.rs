@@ -194,18 +194,20 @@ fn greetings(task: &Task, host: &str, port: u16, n: usize) -> Vec<String> {
 }
 
 #[test]
-fn a_tcp_route_splits_connections_by_weight_through_a_router() {
+fn a_tcp_route_splits_connections_by_weight_through_a_router_and_never_to_weight_0() {
     if !can_run_privileged("TCP routes") {
         return;
     }
     let work = Workdir::new("route-tcp");
     let split = json!({"tcpRoute": {"action": {"weightedTargets": [
         {"virtualNode": "db-a", "weight": 70},
-        {"virtualNode": "db-b", "weight": 30}]}}});
+        {"virtualNode": "db-b", "weight": 30},
+        {"virtualNode": "db-c", "weight": 0}]}}});
+    // db-c has no task: a connection sent its way would get no greeting.
     let items = routed_mesh(
         "db.local",
         ("tcp", 5432),
-        &["db-a", "db-b"],
+        &["db-a", "db-b", "db-c"],
         &[("split", split)],
     );
     let agent = Agent::start(&work, Some(&resources_file(&work, &items)));

@@ -906,9 +906,12 @@ fn router_provided(
                 .iter()
                 .find(|n| n.targets.iter().any(|t| t.weight > 0))
             {
+                // Envoy's TCP proxy takes weights of 1 and up (HTTP routes take 0): a target
+                // that may not receive connections is left out.
                 let targets = first
                     .targets
                     .iter()
+                    .filter(|t| t.weight > 0)
                     .map(|t| (t.cluster.clone(), t.weight))
                     .collect();
                 ports.push((port, PortEntry::Tcp(targets)));

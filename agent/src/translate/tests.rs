@@ -614,6 +614,33 @@ fn a_tcp_route_splits_connections_by_weight() {
 }
 
 #[test]
+fn a_tcp_route_leaves_out_weight_0_targets_which_envoys_tcp_proxy_refuses() {
+    let mut s = routed(
+        &[(
+            "t",
+            json!({"tcpRoute": {"action": weighted(&[("blue", 3), ("red", 0)])}}),
+        )],
+        json!([{"portMapping": {"port": 9080, "protocol": "tcp"}}]),
+    );
+    for n in ["blue", "red"] {
+        let vn = s
+            .meshes
+            .get_mut("m")
+            .unwrap()
+            .virtual_nodes
+            .get_mut(n)
+            .unwrap();
+        vn.spec.listeners.as_mut().unwrap()[0].port_mapping.protocol = PortProtocol::Tcp;
+    }
+    let r = mesh_part(translate(&s, &node("front"), &Endpoints::new()).unwrap());
+    assert_eq!(
+        tcp_chains_on(&r, 9080),
+        [(vec![], "cds_egress_m_blue_tcp_9080".to_string())],
+        "blue alone, not a weighted pair with a 0"
+    );
+}
+
+#[test]
 fn drop_all_still_passes_tls_to_amazonaws_com_on_443_by_sni() {
     let mut s = two_tier("DROP_ALL");
     s.meshes
