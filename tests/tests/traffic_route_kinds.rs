@@ -1,5 +1,6 @@
-//! gRPC and TCP routes of a virtual router proven on real traffic: real Envoys in task namespaces,
-//! a gRPC call per method over HTTP/2 end to end, and TCP connections split by weight.
+//! gRPC, HTTP/2 and TCP routes of a virtual router proven on real traffic: real Envoys in task
+//! namespaces, a gRPC call per method and an HTTP/2 request per prefix over HTTP/2 end to end,
+//! and TCP connections split by weight.
 
 use std::fs;
 use std::time::Duration;
@@ -174,6 +175,63 @@ fn grpc_routes_send_each_method_to_its_target_and_only_grpc_requests() {
         assert!(task.envoy_stat(ADMIN_PORT, &ingress) >= 1, "{ingress}");
         let app = "http.app.downstream_cx_http2_total";
         assert!(task.envoy_stat(APP_ADMIN, app) >= 2, "{node}'s {app}");
+    }
+    drop(procs);
+}
+
+#[test]
+fn http2_routes_send_each_prefix_to_its_target_over_http2() {
+    if !can_run_privileged("http2 routes") {
+        return;
+    }
+    let work = Workdir::new("route-http2");
+    let route = |prefix: &str, node: &str| {
+        json!({"http2Route": {"match": {"prefix": prefix},
+            "action": {"weightedTargets": [{"virtualNode": node, "weight": 1}]}}})
+    };
+    let items = routed_mesh(
+        "web.local",
+        ("http2", 8080),
+        &["v1", "v2"],
+        &[("all", route("/", "v1")), ("beta", route("/beta", "v2"))],
+    );
+    let agent = Agent::start(&work, Some(&resources_file(&work, &items)));
+    let mut vpc = Vpc::new(&work, 53);
+    let front = vpc.task("front", 2);
+    let v1 = vpc.task("v1", 3);
+    let v2 = vpc.task("v2", 4);
+    vpc.start_dns(
+        &work,
+        &[
+            (&v1.ip, "v1.trellis.test web.local"),
+            (&v2.ip, "v2.trellis.test"),
+        ],
+    );
+    let mut procs = Vec::new();
+    for (task, node) in [(&v1, "v1"), (&v2, "v2")] {
+        procs.push(start_meshed(&work, &agent, "m", task, node, &[8080]));
+        procs.push(start_h2c_app(&work, task, 8080, APP_ADMIN, node));
+    }
+    procs.push(start_meshed(&work, &agent, "m", &front, "front", &[]));
+
+    // The longer prefix first (App Mesh's order), whatever the route names.
+    for (path, node) in [("/beta/cart", "v2"), ("/cart", "v1")] {
+        let url = format!("http://web.local:8080{path}");
+        eventually(
+            &format!("{path} answered by {node}"),
+            Duration::from_secs(30),
+            || match h2_request(&front, &url, None) {
+                Ok((200, h)) if header(&h, "app-node") == Some(node) => Ok(()),
+                other => Err(format!("{other:?}")),
+            },
+        );
+    }
+    // HTTP/2 at every hop: front to each node, each sidecar to its app.
+    for (task, node) in [(&v1, "v1"), (&v2, "v2")] {
+        let egress = format!("cluster.cds_egress_m_{node}_http2_8080.upstream_cx_http2_total");
+        assert!(front.envoy_stat(ADMIN_PORT, &egress) >= 1, "{egress}");
+        let ingress = format!("cluster.cds_ingress_m_{node}_http2_8080.upstream_cx_http2_total");
+        assert!(task.envoy_stat(ADMIN_PORT, &ingress) >= 1, "{ingress}");
     }
     drop(procs);
 }
