@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use trellis_tests::apps::{start_banner, start_h2c_app, start_meshed};
 use trellis_tests::mesh::{Agent, Task, Vpc};
 use trellis_tests::scenario::{ADMIN_PORT, resources_file};
-use trellis_tests::{Workdir, can_run_privileged, check, eventually, run};
+use trellis_tests::{Proc, Workdir, can_run_privileged, check, eventually, run};
 
 /// The app Envoys' admin port (the sidecar's is [`ADMIN_PORT`]).
 const APP_ADMIN: u16 = 9902;
@@ -98,6 +98,43 @@ fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
         .map(|(_, v)| v.as_str())
 }
 
+/// A running mesh of `front` and two target nodes, each target's app an h2c Envoy on 8080. Field
+/// order is drop order: processes, then namespaces, then the agent.
+struct H2Mesh {
+    _procs: Vec<Proc>,
+    front: Task,
+    targets: Vec<Task>,
+    _vpc: Vpc,
+    _agent: Agent,
+}
+
+impl H2Mesh {
+    /// The agent with `items` and VPC `id`; `service` resolves to the first target's address
+    /// (any address does, as with App Mesh: Envoy routes by authority).
+    fn start(work: &Workdir, id: u8, items: &Value, service: &str, nodes: [&str; 2]) -> Self {
+        let agent = Agent::start(work, Some(&resources_file(work, items)));
+        let mut vpc = Vpc::new(work, id);
+        let front = vpc.task("front", 2);
+        let targets = [vpc.task(nodes[0], 3), vpc.task(nodes[1], 4)];
+        let first = format!("{}.trellis.test {service}", nodes[0]);
+        let second = format!("{}.trellis.test", nodes[1]);
+        vpc.start_dns(work, &[(&targets[0].ip, &first), (&targets[1].ip, &second)]);
+        let mut procs = Vec::new();
+        for (task, node) in targets.iter().zip(nodes) {
+            procs.push(start_meshed(work, &agent, "m", task, node, &[8080]));
+            procs.push(start_h2c_app(work, task, 8080, APP_ADMIN, node));
+        }
+        procs.push(start_meshed(work, &agent, "m", &front, "front", &[]));
+        H2Mesh {
+            _procs: procs,
+            front,
+            targets: targets.into(),
+            _vpc: vpc,
+            _agent: agent,
+        }
+    }
+}
+
 #[test]
 fn grpc_routes_send_each_method_to_its_target_and_only_grpc_requests() {
     if !can_run_privileged("gRPC routes") {
@@ -117,25 +154,8 @@ fn grpc_routes_send_each_method_to_its_target_and_only_grpc_requests() {
             ("remove", route("Remove", "remove")),
         ],
     );
-    let agent = Agent::start(&work, Some(&resources_file(&work, &items)));
-    let mut vpc = Vpc::new(&work, 51);
-    let front = vpc.task("front", 2);
-    let add = vpc.task("add", 3);
-    let remove = vpc.task("remove", 4);
-    // The service name resolves to any address (as with App Mesh); Envoy routes by authority.
-    vpc.start_dns(
-        &work,
-        &[
-            (&add.ip, "add.trellis.test cart.local"),
-            (&remove.ip, "remove.trellis.test"),
-        ],
-    );
-    let mut procs = Vec::new();
-    for (task, node) in [(&add, "add"), (&remove, "remove")] {
-        procs.push(start_meshed(&work, &agent, "m", task, node, &[8080]));
-        procs.push(start_h2c_app(&work, task, 8080, APP_ADMIN, node));
-    }
-    procs.push(start_meshed(&work, &agent, "m", &front, "front", &[]));
+    let mesh = H2Mesh::start(&work, 51, &items, "cart.local", ["add", "remove"]);
+    let (front, add, remove) = (&mesh.front, &mesh.targets[0], &mesh.targets[1]);
     // An empty gRPC message: not compressed, length 0.
     let frame = work.join("empty-grpc-frame");
     fs::write(&frame, [0u8; 5]).expect("write frame");
@@ -146,7 +166,7 @@ fn grpc_routes_send_each_method_to_its_target_and_only_grpc_requests() {
         let h = eventually(
             &format!("shop.Cart/{method} answered by {node}"),
             Duration::from_secs(30),
-            || match h2_request(&front, &url, Some(&frame)) {
+            || match h2_request(front, &url, Some(&frame)) {
                 Ok((200, h)) if header(&h, "app-node") == Some(node) => Ok(h),
                 other => Err(format!("{other:?}")),
             },
@@ -155,12 +175,12 @@ fn grpc_routes_send_each_method_to_its_target_and_only_grpc_requests() {
     }
     // The same path without gRPC's content type matches no route: plain HTTP's 404.
     let add_url = "http://cart.local:8080/shop.Cart/Add";
-    let (code, h) = answer(&front, add_url, None);
+    let (code, h) = answer(front, add_url, None);
     assert_eq!(code, 404, "a non-gRPC request to a gRPC route: {h:?}");
     assert_eq!(header(&h, "app-node"), None, "{h:?}");
     // A method no route names matches none either: Envoy answers a gRPC caller UNIMPLEMENTED (12).
     let list_url = "http://cart.local:8080/shop.Cart/List";
-    let (code, h) = answer(&front, list_url, Some(&frame));
+    let (code, h) = answer(front, list_url, Some(&frame));
     assert_eq!(
         (code, header(&h, "grpc-status"), header(&h, "app-node")),
         (200, Some("12"), None),
@@ -176,7 +196,7 @@ fn grpc_routes_send_each_method_to_its_target_and_only_grpc_requests() {
         let app = "http.app.downstream_cx_http2_total";
         assert!(task.envoy_stat(APP_ADMIN, app) >= 2, "{node}'s {app}");
     }
-    drop(procs);
+    drop(mesh);
 }
 
 #[test]
@@ -195,24 +215,8 @@ fn http2_routes_send_each_prefix_to_its_target_over_http2() {
         &["v1", "v2"],
         &[("all", route("/", "v1")), ("beta", route("/beta", "v2"))],
     );
-    let agent = Agent::start(&work, Some(&resources_file(&work, &items)));
-    let mut vpc = Vpc::new(&work, 53);
-    let front = vpc.task("front", 2);
-    let v1 = vpc.task("v1", 3);
-    let v2 = vpc.task("v2", 4);
-    vpc.start_dns(
-        &work,
-        &[
-            (&v1.ip, "v1.trellis.test web.local"),
-            (&v2.ip, "v2.trellis.test"),
-        ],
-    );
-    let mut procs = Vec::new();
-    for (task, node) in [(&v1, "v1"), (&v2, "v2")] {
-        procs.push(start_meshed(&work, &agent, "m", task, node, &[8080]));
-        procs.push(start_h2c_app(&work, task, 8080, APP_ADMIN, node));
-    }
-    procs.push(start_meshed(&work, &agent, "m", &front, "front", &[]));
+    let mesh = H2Mesh::start(&work, 53, &items, "web.local", ["v1", "v2"]);
+    let (front, v1, v2) = (&mesh.front, &mesh.targets[0], &mesh.targets[1]);
 
     // The longer prefix first (App Mesh's order), whatever the route names.
     for (path, node) in [("/beta/cart", "v2"), ("/cart", "v1")] {
@@ -220,7 +224,7 @@ fn http2_routes_send_each_prefix_to_its_target_over_http2() {
         eventually(
             &format!("{path} answered by {node}"),
             Duration::from_secs(30),
-            || match h2_request(&front, &url, None) {
+            || match h2_request(front, &url, None) {
                 Ok((200, h)) if header(&h, "app-node") == Some(node) => Ok(()),
                 other => Err(format!("{other:?}")),
             },
@@ -233,7 +237,7 @@ fn http2_routes_send_each_prefix_to_its_target_over_http2() {
         let ingress = format!("cluster.cds_ingress_m_{node}_http2_8080.upstream_cx_http2_total");
         assert!(task.envoy_stat(ADMIN_PORT, &ingress) >= 1, "{ingress}");
     }
-    drop(procs);
+    drop(mesh);
 }
 
 /// Opens `n` connections from `task` to `host:port` one after another and returns the first line

@@ -6,29 +6,10 @@ use std::fs;
 use std::time::Duration;
 
 use serde_json::json;
+use trellis_tests::apps::start_banner;
 use trellis_tests::mesh::{Agent, AgentOpts, Task};
 use trellis_tests::scenario::{TaskSpec, resources_file, start_tasks};
-use trellis_tests::{Proc, Workdir, can_run_privileged, eventually, run};
-
-/// A TCP server on 5432 that greets every connection with `name`.
-fn banner(work: &Workdir, task: &Task, name: &str) -> Proc {
-    let script = format!(
-        "import socketserver\n\
-         class H(socketserver.BaseRequestHandler):\n\
-         \x20   def handle(self):\n\
-         \x20       self.request.sendall(b'{name}\\n')\n\
-         socketserver.ThreadingTCPServer.allow_reuse_address = True\n\
-         socketserver.ThreadingTCPServer(('0.0.0.0', 5432), H).serve_forever()\n"
-    );
-    let path = work.join(&format!("banner-{name}.py"));
-    fs::write(&path, script).expect("write banner");
-    let path = path.display().to_string();
-    Proc::spawn(
-        &format!("banner {name}"),
-        &mut task.cmd(&["/usr/bin/python3", &path]),
-        work.join(&format!("banner-{name}.log")),
-    )
-}
+use trellis_tests::{Workdir, can_run_privileged, eventually, run};
 
 /// What a TCP connection from `task` to `host:5432` is greeted with.
 fn greeting(task: &Task, host: &str) -> Result<String, String> {
@@ -124,8 +105,8 @@ fn two_tcp_services_on_one_port_are_reached_by_the_address_the_app_dialled() {
         ],
         &|_| {},
     );
-    procs.push(banner(&work, &orders, "orders-db"));
-    procs.push(banner(&work, &users, "users-db"));
+    procs.push(start_banner(&work, &orders, 5432, "orders-db"));
+    procs.push(start_banner(&work, &users, 5432, "users-db"));
 
     // Before the agent knew the addresses the first service by name took the whole port; once
     // resolved, each name reaches its own database.

@@ -588,13 +588,11 @@ fn grpc_routes_match_service_and_method_paths_and_only_grpc_requests() {
     );
 }
 
-#[test]
-fn a_tcp_route_splits_connections_by_weight() {
+/// `front` calling a TCP router on 9080 whose one tcpRoute splits between blue and red by
+/// `weights`.
+fn tcp_routed(weights: &[(&str, i64)]) -> State {
     let mut s = routed(
-        &[(
-            "t",
-            json!({"tcpRoute": {"action": weighted(&[("blue", 3), ("red", 1)])}}),
-        )],
+        &[("t", json!({"tcpRoute": {"action": weighted(weights)}}))],
         json!([{"portMapping": {"port": 9080, "protocol": "tcp"}}]),
     );
     for n in ["blue", "red"] {
@@ -607,6 +605,12 @@ fn a_tcp_route_splits_connections_by_weight() {
             .unwrap();
         vn.spec.listeners.as_mut().unwrap()[0].port_mapping.protocol = PortProtocol::Tcp;
     }
+    s
+}
+
+#[test]
+fn a_tcp_route_splits_connections_by_weight() {
+    let s = tcp_routed(&[("blue", 3), ("red", 1)]);
     let r = mesh_part(translate(&s, &node("front"), &Endpoints::new()).unwrap());
     assert!(r.routes.is_empty());
     assert_eq!(chain_ports(&r.listeners[0]), [Some(9080)]);
@@ -615,23 +619,7 @@ fn a_tcp_route_splits_connections_by_weight() {
 
 #[test]
 fn a_tcp_route_leaves_out_weight_0_targets_which_envoys_tcp_proxy_refuses() {
-    let mut s = routed(
-        &[(
-            "t",
-            json!({"tcpRoute": {"action": weighted(&[("blue", 3), ("red", 0)])}}),
-        )],
-        json!([{"portMapping": {"port": 9080, "protocol": "tcp"}}]),
-    );
-    for n in ["blue", "red"] {
-        let vn = s
-            .meshes
-            .get_mut("m")
-            .unwrap()
-            .virtual_nodes
-            .get_mut(n)
-            .unwrap();
-        vn.spec.listeners.as_mut().unwrap()[0].port_mapping.protocol = PortProtocol::Tcp;
-    }
+    let s = tcp_routed(&[("blue", 3), ("red", 0)]);
     let r = mesh_part(translate(&s, &node("front"), &Endpoints::new()).unwrap());
     assert_eq!(
         tcp_chains_on(&r, 9080),
