@@ -7,6 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
+use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
@@ -20,7 +21,7 @@ use tracing::{debug, warn};
 
 use super::Ads;
 use super::snapshot::{ENDPOINT, PUSH_ORDER, Snapshot, TypeSnapshot, is_wildcard_type};
-use super::stream::{self, Session};
+use super::stream;
 
 /// The explicit wildcard subscription of the xDS protocol.
 const WILDCARD: &str = "*";
@@ -87,14 +88,10 @@ struct Stream<'a> {
 pub(super) async fn run_stream(
     ads: &Arc<Ads>,
     id: u64,
-    mut inbound: Streaming<DeltaDiscoveryRequest>,
+    inbound: Streaming<DeltaDiscoveryRequest>,
     tx: &mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
 ) -> Result<(), Status> {
-    let Some(first) = inbound.message().await? else {
-        return Ok(());
-    };
-    let mut session = Session::open(ads, id, "delta", first.node.as_ref())?;
-    let mut stream = Stream {
+    let stream = Stream {
         ads,
         id,
         next_nonce: 0,
@@ -105,11 +102,16 @@ pub(super) async fn run_stream(
         nacked_types: BTreeSet::new(),
         removals_due: false,
     };
-    stream::drive(ads, &mut session, inbound, first, &mut stream).await
+    stream::serve(ads, id, inbound, stream).await
 }
 
 impl stream::Protocol for Stream<'_> {
     type Request = DeltaDiscoveryRequest;
+    const NAME: &'static str = "delta";
+
+    fn node(req: &DeltaDiscoveryRequest) -> Option<&Node> {
+        req.node.as_ref()
+    }
 
     async fn on_request(
         &mut self,

@@ -217,14 +217,10 @@ struct Stream<'a> {
 async fn run_stream(
     ads: &Arc<Ads>,
     id: u64,
-    mut inbound: Streaming<DiscoveryRequest>,
+    inbound: Streaming<DiscoveryRequest>,
     tx: &mpsc::Sender<Result<DiscoveryResponse, Status>>,
 ) -> Result<(), Status> {
-    let Some(first) = inbound.message().await? else {
-        return Ok(());
-    };
-    let mut session = Session::open(ads, id, "sotw", first.node.as_ref())?;
-    let mut stream = Stream {
+    let stream = Stream {
         ads,
         id,
         next_nonce: 0,
@@ -233,12 +229,16 @@ async fn run_stream(
         change: None,
         kept_clusters: BTreeMap::new(),
     };
-    drive(ads, &mut session, inbound, first, &mut stream).await
+    serve(ads, id, inbound, stream).await
 }
 
 /// One protocol's side of a stream (SotW here, delta in `delta.rs`), which [`drive`] feeds.
 pub(super) trait Protocol {
     type Request;
+    /// "sotw" or "delta", for logs and metrics.
+    const NAME: &'static str;
+    /// The node a request names (the first one identifies the proxy).
+    fn node(req: &Self::Request) -> Option<&Node>;
     async fn on_request(&mut self, req: Self::Request, snap: &Snapshot) -> Result<(), Status>;
     /// After an input change committed at `changed_at`: `before` is what was served until now.
     async fn on_change(
@@ -249,15 +249,18 @@ pub(super) trait Protocol {
     ) -> Result<(), Status>;
 }
 
-/// Serves `first`, then each request and each publication, until Envoy or the agent ends the
-/// stream.
-pub(super) async fn drive<P: Protocol>(
+/// Opens the session on the first request, serves it, then each request and each publication,
+/// until Envoy or the agent ends the stream.
+pub(super) async fn serve<P: Protocol>(
     ads: &Arc<Ads>,
-    session: &mut Session,
+    id: u64,
     mut inbound: Streaming<P::Request>,
-    first: P::Request,
-    stream: &mut P,
+    mut stream: P,
 ) -> Result<(), Status> {
+    let Some(first) = inbound.message().await? else {
+        return Ok(());
+    };
+    let mut session = Session::open(ads, id, P::NAME, P::node(&first))?;
     stream.on_request(first, &session.snap).await?;
     loop {
         tokio::select! {
@@ -286,6 +289,11 @@ pub(super) async fn drive<P: Protocol>(
 
 impl Protocol for Stream<'_> {
     type Request = DiscoveryRequest;
+    const NAME: &'static str = "sotw";
+
+    fn node(req: &DiscoveryRequest) -> Option<&Node> {
+        req.node.as_ref()
+    }
 
     async fn on_request(&mut self, req: DiscoveryRequest, snap: &Snapshot) -> Result<(), Status> {
         Stream::on_request(self, req, snap).await
