@@ -49,6 +49,23 @@ fn u32_of(v: i64) -> u32 {
     u32::try_from(v.max(0)).unwrap_or(u32::MAX)
 }
 
+/// An HTTP/1 pool (node or gateway): connections, and pending requests (unbounded when unset).
+fn http1_limits(max_connections: i64, max_pending_requests: Option<i64>) -> Limits {
+    Limits {
+        max_connections: Some(u32_of(max_connections)),
+        max_pending_requests: Some(max_pending_requests.map_or(i32::MAX as u32, u32_of)),
+        max_requests: None,
+    }
+}
+
+/// An HTTP/2 or gRPC pool (node or gateway): concurrent requests.
+fn request_limits(max_requests: i64) -> Limits {
+    Limits {
+        max_requests: Some(u32_of(max_requests)),
+        ..Limits::default()
+    }
+}
+
 fn millis(ms: i64) -> Option<PbDuration> {
     envoy::duration(&Duration {
         unit: None,
@@ -100,19 +117,12 @@ pub(super) fn tcp_idle(l: &Listener) -> Option<PbDuration> {
 pub(super) fn limits(l: &Listener) -> Option<Limits> {
     let pool = l.connection_pool.as_ref()?;
     match l.port_mapping.protocol {
-        PortProtocol::Http => pool.http.as_ref().map(|h| Limits {
-            max_connections: Some(u32_of(h.max_connections)),
-            max_pending_requests: Some(h.max_pending_requests.map_or(i32::MAX as u32, u32_of)),
-            max_requests: None,
-        }),
-        PortProtocol::Http2 => pool.http2.as_ref().map(|h| Limits {
-            max_requests: Some(u32_of(h.max_requests)),
-            ..Limits::default()
-        }),
-        PortProtocol::Grpc => pool.grpc.as_ref().map(|g| Limits {
-            max_requests: Some(u32_of(g.max_requests)),
-            ..Limits::default()
-        }),
+        PortProtocol::Http => pool
+            .http
+            .as_ref()
+            .map(|h| http1_limits(h.max_connections, h.max_pending_requests)),
+        PortProtocol::Http2 => pool.http2.as_ref().map(|h| request_limits(h.max_requests)),
+        PortProtocol::Grpc => pool.grpc.as_ref().map(|g| request_limits(g.max_requests)),
         PortProtocol::Tcp => pool.tcp.as_ref().map(|t| Limits {
             max_connections: Some(u32_of(t.max_connections)),
             ..Limits::default()
@@ -540,19 +550,16 @@ pub(super) fn gateway_client_policy(p: &VirtualGatewayClientPolicy) -> ClientPol
 pub(super) fn gateway_limits(l: &VirtualGatewayListener) -> Option<Limits> {
     let pool = l.connection_pool.as_ref()?;
     match l.port_mapping.protocol {
-        VirtualGatewayPortProtocol::Http => pool.http.as_ref().map(|h| Limits {
-            max_connections: Some(u32_of(h.max_connections)),
-            max_pending_requests: Some(h.max_pending_requests.map_or(i32::MAX as u32, u32_of)),
-            max_requests: None,
-        }),
-        VirtualGatewayPortProtocol::Http2 => pool.http2.as_ref().map(|h| Limits {
-            max_requests: Some(u32_of(h.max_requests)),
-            ..Limits::default()
-        }),
-        VirtualGatewayPortProtocol::Grpc => pool.grpc.as_ref().map(|g| Limits {
-            max_requests: Some(u32_of(g.max_requests)),
-            ..Limits::default()
-        }),
+        VirtualGatewayPortProtocol::Http => pool
+            .http
+            .as_ref()
+            .map(|h| http1_limits(h.max_connections, h.max_pending_requests)),
+        VirtualGatewayPortProtocol::Http2 => {
+            pool.http2.as_ref().map(|h| request_limits(h.max_requests))
+        }
+        VirtualGatewayPortProtocol::Grpc => {
+            pool.grpc.as_ref().map(|g| request_limits(g.max_requests))
+        }
     }
 }
 
