@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Generates agent/src/model/generated.rs from botocore's App Mesh model (appmesh 2019-01-25).
+"""Generates model/src/generated.rs from botocore's App Mesh model (appmesh 2019-01-25).
 
 The Rust types mirror the model's shapes exactly (member names, required members, enums, unions),
 and each gets a `Validate` impl that enforces every constraint the model states: lengths, ranges,
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import botocore.session
 
-OUT = Path(__file__).resolve().parent.parent / "agent/src/model/generated.rs"
+OUT = Path(__file__).resolve().parent.parent / "model/src/generated.rs"
 RUST_KEYWORDS = {"type", "match", "override", "ref", "mod", "self", "use", "where", "loop", "move", "box"}
 PRIMITIVE = {"integer": "i64", "long": "i64", "boolean": "bool", "double": "f64", "float": "f64", "timestamp": "f64"}
 

@@ -9,6 +9,8 @@ export TRELLIS_BOTOCORE_PYTHON="$PWD/.venv/bin/python"
 [ -n "${CI:-}" ] && export TRELLIS_REQUIRE_BOTOCORE=1
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
+# The pure crates (model, Envoy types, translation) may not depend on I/O crates.
+bash scripts/check_deps.sh
 cargo build --workspace --bins --locked
 # One test binary at a time: the end-to-end suites share port 9901 inside their own namespaces,
 # but Envoy base ids and CPU are shared.

@@ -9,7 +9,9 @@
 use std::collections::BTreeSet;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use aws_sdk_servicediscovery::Client;
 use aws_sdk_servicediscovery::config::{BehaviorVersion, Credentials, Region};

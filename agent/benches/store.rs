@@ -9,7 +9,9 @@
 
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
 use serde_json::json;

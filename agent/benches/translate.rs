@@ -6,14 +6,16 @@
 
 use std::net::Ipv4Addr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use serde_json::json;
-use trellis_agent::model::{MeshState, ProxyIdentity, State};
 use trellis_agent::test_helpers::{mesh_resource, publish_one_instance, resource};
-use trellis_agent::translate::{Endpoints, Memo, translate_encoded};
 use trellis_agent::xds::debounce;
 use trellis_agent::xds::snapshot::{ROUTE, Snapshot, Snapshots};
+use trellis_model::{MeshState, ProxyIdentity, State};
+use trellis_translate::{Endpoints, Memo, translate_encoded};
 
 /// Resident memory high-water mark of this process, in KiB (Linux).
 fn peak_rss_kib() -> u64 {

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use serde_json::{Value, json};
 
-use crate::model::ProxyIdentity;
+use trellis_model::ProxyIdentity;
 
 pub const ENV_RESOURCE_ARN: &str = "APPMESH_RESOURCE_ARN";
 pub const ENV_RESOURCE_NAME: &str = "APPMESH_RESOURCE_NAME";
@@ -64,7 +64,7 @@ pub enum Error {
     Identity {
         var: &'static str,
         #[source]
-        source: crate::model::IdentityError,
+        source: trellis_model::IdentityError,
     },
     #[error("{var}={value:?}: {rule}")]
     Invalid {
@@ -305,7 +305,7 @@ impl EnvoySettings {
 /// The static cluster SDS secrets are fetched through (gRPC over the Unix socket `path`), under
 /// the name App Mesh's Envoy image gave it, which the translation's SDS configs reference.
 fn sds_cluster(path: &str) -> Value {
-    let name = crate::translate::SDS_CLUSTER;
+    let name = trellis_translate::SDS_CLUSTER;
     json!({
         "name": name,
         "type": "STATIC",

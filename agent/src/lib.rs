@@ -10,10 +10,8 @@ pub mod bootstrap;
 pub mod config;
 pub mod discovery;
 pub mod entrypoint;
-pub mod model;
 pub mod probe;
 pub mod store;
-pub mod translate;
 pub mod xds;
 
 #[cfg(any(test, feature = "testing"))]

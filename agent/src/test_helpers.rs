@@ -11,8 +11,6 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::{Status, Streaming};
 
-use crate::model::{MeshSpec, MeshState, Metadata, Resource};
-
 /// A directory removed on drop.
 #[derive(Debug)]
 pub struct TempDir(PathBuf);
@@ -42,30 +40,7 @@ impl Drop for TempDir {
     }
 }
 
-pub fn metadata(arn: &str) -> Metadata {
-    Metadata {
-        arn: arn.to_string(),
-        created_at: 1.0,
-        last_updated_at: 1.0,
-        mesh_owner: "000000000000".into(),
-        resource_owner: "000000000000".into(),
-        uid: "u".into(),
-        version: 1,
-    }
-}
-
-pub fn resource<S>(arn: &str, spec: S) -> Resource<S> {
-    Resource {
-        metadata: metadata(arn),
-        spec,
-        tags: vec![],
-        client_token: None,
-    }
-}
-
-pub fn mesh_resource(name: &str) -> MeshState {
-    MeshState::new(resource(&format!("mesh/{name}"), MeshSpec::default()))
-}
+pub use trellis_model::testing::{mesh_resource, mesh_state, metadata, resource};
 
 /// The request type of one ADS variant: how its first request carries the node and which RPC
 /// opens its stream. All else a fake Envoy does is the same for both ([`ScriptedEnvoy`]).
@@ -303,31 +278,6 @@ pub mod delta {
     }
 }
 
-/// Mesh `m` with the given spec, virtual nodes (name, spec) and virtual services provided by a
-/// node (name, provider): the fixture of the translation tests.
-pub fn mesh_state(
-    mesh_spec: serde_json::Value,
-    nodes: &[(&str, serde_json::Value)],
-    services: &[(&str, &str)],
-) -> crate::model::State {
-    let mut m = mesh_resource("m");
-    m.mesh.spec = serde_json::from_value(mesh_spec).expect("mesh spec");
-    for (name, spec) in nodes {
-        let spec = serde_json::from_value(spec.clone()).expect("virtual node spec");
-        m.virtual_nodes
-            .insert(name.to_string(), resource(name, spec));
-    }
-    for (name, provider) in services {
-        let spec = serde_json::json!({"provider": {"virtualNode": {"virtualNodeName": provider}}});
-        let spec = serde_json::from_value(spec).expect("virtual service spec");
-        m.virtual_services
-            .insert(name.to_string(), resource(name, spec));
-    }
-    let mut s = crate::model::State::default();
-    s.meshes.insert("m".into(), m);
-    s
-}
-
 /// An agent configuration for benches and tests: the defaults of `serve`, state and socket in
 /// `dir`, the API and ADS (also over TCP, for load generators) on free loopback ports.
 pub fn serve_config(dir: &Path) -> crate::config::ServeConfig {
@@ -378,18 +328,18 @@ pub fn ops_with_mesh(store: &crate::store::Store) -> crate::api::Ops {
 /// other keys as published before), at endpoints generation `generation`.
 pub fn publish_one_instance(
     tx: &tokio::sync::watch::Sender<crate::xds::debounce::Published>,
-    state: &std::sync::Arc<crate::model::State>,
+    state: &std::sync::Arc<trellis_model::State>,
     service: &str,
     ipv4: std::net::Ipv4Addr,
     generation: u64,
 ) {
     let mut e = (*tx.borrow().endpoints).clone();
-    let key = crate::translate::CloudMapKey {
+    let key = trellis_translate::CloudMapKey {
         namespace: "ns".into(),
         service: service.into(),
         attributes: Default::default(),
     };
-    let one = crate::translate::Instance {
+    let one = trellis_translate::Instance {
         id: format!("i-{ipv4}"),
         ipv4: Some(ipv4),
         ipv6: None,

@@ -108,7 +108,7 @@ fn the_generated_model_matches_the_botocore_model() {
         .current_dir(&root));
     assert!(
         out.status.success(),
-        "agent/src/model/generated.rs differs from what scripts/gen_model.py generates: {}",
+        "model/src/generated.rs differs from what scripts/gen_model.py generates: {}",
         String::from_utf8_lossy(&out.stderr)
     );
 }

@@ -56,8 +56,8 @@ impl Error {
     }
 }
 
-impl From<crate::model::FieldError> for Error {
-    fn from(e: crate::model::FieldError) -> Self {
+impl From<trellis_model::FieldError> for Error {
+    fn from(e: trellis_model::FieldError) -> Self {
         Error::BadRequest(e.to_string())
     }
 }

@@ -9,7 +9,7 @@ use serde::de::DeserializeOwned;
 
 use super::Error;
 use super::ops::{CreateParts, Quotas};
-use crate::model::*;
+use trellis_model::*;
 
 /// The parent of routes (a virtual router) or of gateway routes (a virtual gateway).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

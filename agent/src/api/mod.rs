@@ -23,8 +23,8 @@ use kinds::{
 };
 pub use ops::{Account, Ops, Place, Query, Quotas};
 
-use crate::model::State;
 use crate::store::Store;
+use trellis_model::State;
 
 #[derive(Clone)]
 struct Ctx {
@@ -88,9 +88,10 @@ pub fn parse_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Error> {
             .strip_prefix("missing field `")
             .and_then(|r| r.strip_suffix('`'))
         {
-            Some(member) => {
-                Error::bad(&crate::model::validate::join(parent, member), "is required")
-            }
+            Some(member) => Error::bad(
+                &trellis_model::validate::join(parent, member),
+                "is required",
+            ),
             None if parent.is_empty() => Error::BadRequest(text.to_string()),
             None => Error::bad(parent, text),
         }
@@ -417,7 +418,7 @@ pub fn export(state: &State, meshes: &[String]) -> Value {
         if !meshes.is_empty() && !meshes.contains(name) {
             continue;
         }
-        let item = |extra: Value, spec: Value, tags: &Vec<crate::model::TagRef>| {
+        let item = |extra: Value, spec: Value, tags: &Vec<trellis_model::TagRef>| {
             let mut v = json!({"meshName": name});
             if let Value::Object(e) = extra {
                 for (k, x) in e {

@@ -10,11 +10,11 @@ use serde_json::{Value, json};
 
 use super::Error;
 use super::kinds::{Check, Kind};
-use crate::model::{
+use crate::store::Store;
+use trellis_model::{
     CreateMeshBody, EgressFilter, EgressFilterType, MeshSpec, MeshState, Metadata, Resource, State,
     TagRef, TagResourceBody, UntagResourceBody, UpdateMeshBody, Validate,
 };
-use crate::store::Store;
 
 /// App Mesh's default quotas; every one is configurable.
 #[derive(Clone, Debug, Serialize)]

@@ -15,8 +15,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::model::{ProxyIdentity, State};
-use crate::translate::{Endpoints, shared_tcp_services};
+use trellis_model::{ProxyIdentity, State};
+use trellis_translate::{Endpoints, shared_tcp_services};
 
 /// Name resolution: the system resolver in production, a table in unit tests.
 pub trait Resolve: Send + Sync + 'static {

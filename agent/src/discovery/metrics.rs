@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use std::sync::Mutex;
 
 use super::FailureKind;
-use crate::translate::CloudMapKey;
+use trellis_translate::CloudMapKey;
 
 #[derive(Debug, Default)]
 struct Inner {

@@ -21,10 +21,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span};
 
-use crate::model::{ProxyIdentity, State};
-use crate::translate::{CloudMapKey, Endpoints, Instance, cloud_map_keys};
 pub use metrics::Metrics;
 pub use sdk::SdkCloudMap;
+use trellis_model::{ProxyIdentity, State};
+use trellis_translate::{CloudMapKey, Endpoints, Instance, cloud_map_keys};
 
 /// Why a Cloud Map call failed, as far as the operator's next step is concerned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::{CallError, CloudMap, Config, Metrics};
-use crate::translate::{CloudMapKey, Endpoints, Instance};
+use trellis_translate::{CloudMapKey, Endpoints, Instance};
 
 pub(super) const REVISION: &str = "DiscoverInstancesRevision";
 pub(super) const DISCOVER: &str = "DiscoverInstances";

@@ -27,7 +27,7 @@ use tokio::sync::OnceCell;
 use tracing::{debug, info};
 
 use super::{CallError, CloudMap, Discovered, FailureKind};
-use crate::translate::{CloudMapKey, Instance};
+use trellis_translate::{CloudMapKey, Instance};
 
 /// The most instances one `DiscoverInstances` returns (the API's maximum; its default is 100).
 const MAX_RESULTS: i32 = 1000;

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::poller::{Outcome, PollState};
 use super::*;
-use crate::model::ProxyIdentity;
+use trellis_model::ProxyIdentity;
 
 #[derive(Default)]
 struct Script {

@@ -51,7 +51,7 @@ use tracing::{info, warn};
 
 use super::items::{self, Change};
 use super::{Error, StoreArgs, embedded};
-use crate::model::State;
+use trellis_model::State;
 
 const PK: &str = "pk";
 const SK: &str = "sk";

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 
 use super::Error;
-use crate::model::State;
+use trellis_model::State;
 
 pub(super) const STATE_FILE: &str = "state.json";
 

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::model::{MeshState, Resource, State};
+use trellis_model::{MeshState, Resource, State};
 
 /// One resource's new JSON, or `None` when it was deleted.
 pub(crate) type Change = (String, Option<String>);
@@ -371,8 +371,8 @@ pub(crate) fn from_items(items: &BTreeMap<String, String>) -> Result<State, Item
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{RouteSpec, VirtualNodeSpec};
     use crate::test_helpers::{mesh_resource, resource};
+    use trellis_model::{RouteSpec, VirtualNodeSpec};
 
     fn sample() -> State {
         let mut s = State::default();

@@ -17,7 +17,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::model::State;
+use trellis_model::State;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

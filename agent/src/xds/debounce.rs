@@ -11,8 +11,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use crate::model::State;
-use crate::translate::Endpoints;
+use trellis_model::State;
+use trellis_translate::Endpoints;
 
 /// A state and endpoints the ADS streams should serve, and when the first change it contains
 /// happened.

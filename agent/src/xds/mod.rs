@@ -16,11 +16,11 @@ use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::model::ProxyIdentity;
 pub use debounce::{Debounce, Published};
 pub use metrics::Metrics;
 use snapshot::Snapshots;
 pub use stream::AdsService;
+use trellis_model::ProxyIdentity;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -49,7 +49,7 @@ pub struct Ads {
     published: watch::Receiver<Published>,
     /// The store's own channel: a stream that connects reads the freshest committed state, so a
     /// proxy created a moment ago is found before the debouncer publishes it.
-    committed: watch::Receiver<Arc<crate::model::State>>,
+    committed: watch::Receiver<Arc<trellis_model::State>>,
     snapshots: Snapshots,
     pub metrics: Arc<Metrics>,
     next_stream: AtomicU64,
@@ -63,7 +63,7 @@ pub struct Ads {
 impl Ads {
     pub fn new(
         published: watch::Receiver<Published>,
-        committed: watch::Receiver<Arc<crate::model::State>>,
+        committed: watch::Receiver<Arc<trellis_model::State>>,
         metrics: Arc<Metrics>,
         max_per_proxy: usize,
         cancel: CancellationToken,

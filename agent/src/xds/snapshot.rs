@@ -9,8 +9,8 @@ use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 use super::debounce::{self, Published};
-use crate::model::{ProxyIdentity, State};
-use crate::translate::{self, Encoded, Inputs, Item, Memo, Resources};
+use trellis_model::{ProxyIdentity, State};
+use trellis_translate::{Encoded, Inputs, Item, Memo, Resources};
 
 pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 pub const ENDPOINT: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
@@ -167,7 +167,7 @@ impl Snapshots {
         &self,
         state: &State,
         who: &ProxyIdentity,
-    ) -> Result<(Arc<Snapshot>, bool), translate::Error> {
+    ) -> Result<(Arc<Snapshot>, bool), trellis_translate::Error> {
         let endpoints = self.published.borrow().endpoints.clone();
         if let Some(c) = self.lock().get(who)
             && c.snap.generation == state.generation
@@ -177,7 +177,7 @@ impl Snapshots {
         }
         // Built outside the lock: two streams of one proxy may both build once, never block each other.
         let memo = self.memo(state.generation, endpoints.generation);
-        let inputs = translate::inputs(state, who, &endpoints, &memo);
+        let inputs = trellis_translate::inputs(state, who, &endpoints, &memo);
         let kept = self.lock().get(who).and_then(|c| {
             let same = inputs.is_some() && c.inputs == inputs;
             same.then(|| c.snap.clone())
@@ -191,7 +191,7 @@ impl Snapshots {
             self.keep(who, &snap, inputs);
             return Ok((snap, false));
         }
-        let resources = translate::translate_encoded(state, who, &endpoints, &memo)?;
+        let resources = trellis_translate::translate_encoded(state, who, &endpoints, &memo)?;
         // What the translation had to leave out (SDS/ACM certificates...) is the operator's to fix.
         for reason in &resources.unserved {
             tracing::warn!(proxy = %who, generation = state.generation, reason = %reason, "configuration not served");

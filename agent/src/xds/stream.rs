@@ -7,7 +7,6 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Instant as StdInstant;
 
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
@@ -28,8 +27,8 @@ use super::snapshot::{
     CLUSTER, ENDPOINT, PUSH_ORDER, Packed, Snapshot, TypeSnapshot, is_wildcard_type,
 };
 use super::{Ads, Published, Slot};
-use crate::model::{ProxyIdentity, State};
-use crate::translate;
+use trellis_model::{ProxyIdentity, State};
+use trellis_translate as translate;
 
 /// Responses a stream may have queued before it waits for Envoy to read (HTTP/2 flow control).
 const STREAM_QUEUE: usize = 8;
@@ -315,7 +314,7 @@ pub(super) fn build(
     state: &State,
     who: &ProxyIdentity,
 ) -> Result<Arc<Snapshot>, translate::Error> {
-    let start = StdInstant::now();
+    let start = Instant::now();
     let (snap, built) = ads.snapshots.get(state, who)?;
     if built {
         ads.metrics.built(start.elapsed());

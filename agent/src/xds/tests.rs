@@ -17,10 +17,10 @@ use crate::store::Store;
 use crate::test_helpers::ads::{FakeEnvoy, request};
 use crate::test_helpers::delta::DeltaEnvoy;
 use crate::test_helpers::{TempDir, ops_with_mesh};
-use crate::translate::Endpoints;
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DiscoveryRequest, DiscoveryResponse,
 };
+use trellis_translate::Endpoints;
 
 pub(super) const FRONT: &str = "mesh/m/virtualNode/front";
 pub(super) const M: Place<'static> = Place {
@@ -132,12 +132,12 @@ async fn harness_with(cfg: Debounce, back_discovery: serde_json::Value) -> Harne
 
 /// The destination ports of the egress listener's chains in an LDS response.
 fn egress_ports(resp: &DiscoveryResponse) -> Vec<Option<u32>> {
-    use envoy_types::pb::envoy::config::listener::v3::Listener;
+    use trellis_envoy_api::pb::envoy::config::listener::v3::Listener;
     resp.resources
         .iter()
         .map(|a| <Listener as prost::Message>::decode(a.value.as_slice()).unwrap())
         .filter(|l| l.name == "lds_egress_0.0.0.0_15001")
-        .flat_map(|l| crate::translate::chain_ports(&l))
+        .flat_map(|l| trellis_translate::testing::chain_ports(&l))
         .collect()
 }
 
@@ -155,7 +155,7 @@ pub(super) fn front_calls_back(h: &Harness) {
 }
 
 fn set_front_backends(h: &Harness, backends: serde_json::Value) {
-    let upd: crate::model::UpdateVirtualNodeBody =
+    let upd: trellis_model::UpdateVirtualNodeBody =
         serde_json::from_value(json!({"spec": {"backends": backends}})).unwrap();
     h.ops
         .update::<VirtualNodes>(&h.store, M, "front", upd)
@@ -306,7 +306,7 @@ fn versions_depend_only_on_content() {
     let dir = TempDir::new("xds-versions");
     let store = Store::open(dir.path()).unwrap();
     let ops = ops_with_mesh(&store);
-    let who = crate::model::ProxyIdentity::parse("mesh/m/virtualNode/n").unwrap();
+    let who = trellis_model::ProxyIdentity::parse("mesh/m/virtualNode/n").unwrap();
     let node = json!({"virtualNodeName": "n", "spec": {
         "listeners": [{"portMapping": {"port": 80, "protocol": "http"}}],
         "serviceDiscovery": {"dns": {"hostname": "n.internal"}}}});
@@ -502,8 +502,8 @@ async fn a_nacked_listener_keeps_the_clusters_its_previous_version_uses() {
 /// the connected-proxy set that drives discovery follows the streams.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_endpoint_change_resends_only_the_assignment() {
-    use crate::translate::{CloudMapKey, Instance};
     use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+    use trellis_translate::{CloudMapKey, Instance};
     const CLA: &str = "cds_egress_m_back_http_8080";
 
     let h = harness_with(

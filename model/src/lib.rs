@@ -1,5 +1,9 @@
 //! App Mesh resources as the API accepts and returns them, and the identities Envoy presents.
 //!
+//! A crate of its own so that everything above it (translation, the agent) shares one model and
+//! nothing here can reach I/O: its normal dependencies are serde and thiserror
+//! (`scripts/check_deps.sh`).
+//!
 //! The spec types are generated from botocore's model (`generated.rs`, by `scripts/gen_model.py`),
 //! so field names, required members, enums and constraints are exactly App Mesh's. This module adds
 //! what the model does not have: stored metadata, the whole state, and proxy identities.
@@ -8,6 +12,9 @@
 mod generated;
 mod patterns;
 pub mod validate;
+
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 
 use std::collections::BTreeMap;
 use std::fmt;

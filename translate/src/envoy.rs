@@ -1,53 +1,55 @@
 //! Builders for the Envoy protos the translation emits. The only place that spells out proto
 //! structure, so the translation above reads as App Mesh semantics.
 
-use envoy_types::pb::envoy::config::accesslog::v3::{AccessLog, access_log};
-use envoy_types::pb::envoy::config::cluster::v3::{
+use prost::{Message, Name};
+use trellis_envoy_api::pack_any;
+use trellis_envoy_api::pb::envoy::config::accesslog::v3::{AccessLog, access_log};
+use trellis_envoy_api::pb::envoy::config::cluster::v3::{
     CircuitBreakers, Cluster, OutlierDetection, circuit_breakers, cluster,
 };
-use envoy_types::pb::envoy::config::core::v3::Address;
-use envoy_types::pb::envoy::config::core::v3::{
+use trellis_envoy_api::pb::envoy::config::core::v3::Address;
+use trellis_envoy_api::pb::envoy::config::core::v3::{
     AggregatedConfigSource, ApiConfigSource, ApiVersion, CidrRange, ConfigSource, DataSource,
     GrpcService, HealthCheck, Http2ProtocolOptions, SocketAddress, SubstitutionFormatString,
     TrafficDirection, TransportSocket, address, api_config_source, config_source, data_source,
     grpc_service, health_check, socket_address, substitution_format_string, transport_socket,
 };
-use envoy_types::pb::envoy::config::endpoint::v3::{
+use trellis_envoy_api::pb::envoy::config::endpoint::v3::{
     ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, endpoint, lb_endpoint,
 };
-use envoy_types::pb::envoy::config::listener::v3::{
+use trellis_envoy_api::pb::envoy::config::listener::v3::{
     Filter, FilterChain, FilterChainMatch, Listener, ListenerFilter,
     ListenerFilterChainMatchPredicate, filter, listener_filter,
 };
-use envoy_types::pb::envoy::config::route::v3::{
+use trellis_envoy_api::pb::envoy::config::route::v3::{
     Route, RouteAction, RouteMatch, VirtualHost, route, route_action, route_match,
 };
-use envoy_types::pb::envoy::extensions::access_loggers::file::v3::{
+use trellis_envoy_api::pb::envoy::extensions::access_loggers::file::v3::{
     FileAccessLog, file_access_log,
 };
-use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
-use envoy_types::pb::envoy::extensions::filters::listener::original_dst::v3::OriginalDst;
-use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector;
-use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+use trellis_envoy_api::pb::envoy::extensions::filters::http::router::v3::Router;
+use trellis_envoy_api::pb::envoy::extensions::filters::listener::original_dst::v3::OriginalDst;
+use trellis_envoy_api::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector;
+use trellis_envoy_api::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     HttpConnectionManager, HttpFilter, Rds, http_connection_manager, http_filter,
 };
-use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
-use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+use trellis_envoy_api::pb::envoy::extensions::filters::network::tcp_proxy::v3::{
+    TcpProxy, tcp_proxy,
+};
+use trellis_envoy_api::pb::envoy::extensions::transport_sockets::tls::v3::{
     CertificateValidationContext, CommonTlsContext, DownstreamTlsContext, SdsSecretConfig,
     SubjectAltNameMatcher, TlsCertificate, UpstreamTlsContext, common_tls_context,
     subject_alt_name_matcher::SanType,
 };
-use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
+use trellis_envoy_api::pb::envoy::extensions::upstreams::http::v3::{
     HttpProtocolOptions, http_protocol_options,
 };
-use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher};
-use envoy_types::pb::envoy::r#type::v3::CodecClientType;
-use envoy_types::pb::google::protobuf::{Any, BoolValue, Struct, Value, value};
-use envoy_types::pb::google::protobuf::{Duration, UInt32Value};
-use envoy_types::util::pack_any;
-use prost::{Message, Name};
+use trellis_envoy_api::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher};
+use trellis_envoy_api::pb::envoy::r#type::v3::CodecClientType;
+use trellis_envoy_api::pb::google::protobuf::{Any, BoolValue, Struct, Value, value};
+use trellis_envoy_api::pb::google::protobuf::{Duration, UInt32Value};
 
-use crate::model::PortProtocol;
+use trellis_model::PortProtocol;
 
 /// App Mesh's defaults: 1 s connect timeout, 15 s per-request timeout.
 const CONNECT_TIMEOUT_S: i64 = 1;
@@ -61,11 +63,11 @@ pub(super) fn seconds(s: i64) -> Option<Duration> {
 }
 
 /// An App Mesh duration (value + unit, milliseconds when no unit) as a protobuf duration.
-pub(super) fn duration(d: &crate::model::Duration) -> Option<Duration> {
+pub(super) fn duration(d: &trellis_model::Duration) -> Option<Duration> {
     let v = d.value?;
-    let ms = match d.unit.unwrap_or(crate::model::DurationUnit::Ms) {
-        crate::model::DurationUnit::S => v.saturating_mul(1000),
-        crate::model::DurationUnit::Ms => v,
+    let ms = match d.unit.unwrap_or(trellis_model::DurationUnit::Ms) {
+        trellis_model::DurationUnit::S => v.saturating_mul(1000),
+        trellis_model::DurationUnit::Ms => v,
     };
     Some(Duration {
         seconds: ms / 1000,
@@ -791,10 +793,10 @@ pub(super) fn listener(
 /// client's first bytes, which a server-first protocol (MySQL, SMTP, a banner) never sends, so it
 /// runs only where a chain needs to see TLS.
 fn only_on_ports(ports: &[u32]) -> ListenerFilterChainMatchPredicate {
-    use envoy_types::pb::envoy::config::listener::v3::listener_filter_chain_match_predicate::{
+    use trellis_envoy_api::pb::envoy::config::listener::v3::listener_filter_chain_match_predicate::{
         MatchSet, Rule,
     };
-    use envoy_types::pb::envoy::r#type::v3::Int32Range;
+    use trellis_envoy_api::pb::envoy::r#type::v3::Int32Range;
     let one = |p: u32| {
         let p = i64::from(p);
         ListenerFilterChainMatchPredicate {
@@ -831,8 +833,8 @@ pub(super) fn gateway_connection_manager(
     access_log: &[AccessLog],
     health_path: Option<&str>,
 ) -> Filter {
-    use envoy_types::pb::envoy::config::route::v3::{HeaderMatcher, header_matcher};
-    use envoy_types::pb::envoy::extensions::filters::http::health_check::v3::HealthCheck as HealthFilter;
+    use trellis_envoy_api::pb::envoy::config::route::v3::{HeaderMatcher, header_matcher};
+    use trellis_envoy_api::pb::envoy::extensions::filters::http::health_check::v3::HealthCheck as HealthFilter;
     let mut http_filters = Vec::new();
     if let Some(path) = health_path {
         http_filters.push(HttpFilter {

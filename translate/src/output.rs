@@ -12,13 +12,13 @@
 
 use std::sync::Arc;
 
-use envoy_types::pb::envoy::config::cluster::v3::Cluster;
-use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
-use envoy_types::pb::envoy::config::listener::v3::Listener;
-use envoy_types::pb::envoy::config::route::v3::{RouteConfiguration, VirtualHost};
 use prost::Message;
 use prost::encoding::{self, WireType};
 use sha2::{Digest, Sha256};
+use trellis_envoy_api::pb::envoy::config::cluster::v3::Cluster;
+use trellis_envoy_api::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+use trellis_envoy_api::pb::envoy::config::listener::v3::Listener;
+use trellis_envoy_api::pb::envoy::config::route::v3::{RouteConfiguration, VirtualHost};
 
 use super::{Error, Resources};
 
@@ -351,7 +351,7 @@ impl Encoded {
 
 #[cfg(test)]
 mod tests {
-    use envoy_types::pb::envoy::config::route::v3::{Route, RouteMatch, route_match};
+    use trellis_envoy_api::pb::envoy::config::route::v3::{Route, RouteMatch, route_match};
 
     use super::*;
 

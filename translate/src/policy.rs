@@ -29,12 +29,12 @@
 //! - what cannot be served (ACM certificates or ACM PCA trust) fails closed and is listed in
 //!   `Resources::unserved`.
 
-use envoy_types::pb::envoy::config::core::v3::TransportSocket;
-use envoy_types::pb::google::protobuf::Duration as PbDuration;
+use trellis_envoy_api::pb::envoy::config::core::v3::TransportSocket;
+use trellis_envoy_api::pb::google::protobuf::Duration as PbDuration;
 
 use super::envoy::{self, Bind, Cert, Check, Checker, Limits, LogFormat, Lookup, Outlier, Trust};
 use super::routes::{DEFAULT_IDLE_S, DEFAULT_PER_REQUEST_S};
-use crate::model::{
+use trellis_model::{
     ClientPolicy, ClientPolicyTls, ClientTlsCertificate, Duration, HealthCheckPolicy, IpPreference,
     Listener, ListenerTls, ListenerTlsAcmCertificate, ListenerTlsCertificate,
     ListenerTlsFileCertificate, ListenerTlsMode, ListenerTlsSdsCertificate,
@@ -187,7 +187,7 @@ pub(super) fn outlier(l: &Listener) -> Option<Outlier> {
 /// The node's access logs (App Mesh has one, a file), for every filter of its Envoy.
 pub(super) fn access_logs(
     spec: &VirtualNodeSpec,
-) -> Vec<envoy_types::pb::envoy::config::accesslog::v3::AccessLog> {
+) -> Vec<trellis_envoy_api::pb::envoy::config::accesslog::v3::AccessLog> {
     spec.logging
         .as_ref()
         .and_then(|l| l.access_log.as_ref())
@@ -199,7 +199,7 @@ pub(super) fn access_logs(
 /// The gateway's access logs, on every listener's connection manager.
 pub(super) fn gateway_access_logs(
     spec: &VirtualGatewaySpec,
-) -> Vec<envoy_types::pb::envoy::config::accesslog::v3::AccessLog> {
+) -> Vec<trellis_envoy_api::pb::envoy::config::accesslog::v3::AccessLog> {
     spec.logging
         .as_ref()
         .and_then(|l| l.access_log.as_ref())
@@ -212,7 +212,7 @@ pub(super) fn gateway_access_logs(
 fn file_access_logs(
     path: &str,
     format: Option<&LoggingFormat>,
-) -> Vec<envoy_types::pb::envoy::config::accesslog::v3::AccessLog> {
+) -> Vec<trellis_envoy_api::pb::envoy::config::accesslog::v3::AccessLog> {
     let format = match format {
         Some(f) if f.text.is_some() => {
             let mut text = f.text.clone().unwrap_or_default();

@@ -14,6 +14,9 @@ mod output;
 mod policy;
 mod routes;
 
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
+
 pub use envoy::SDS_CLUSTER;
 pub use memo::Memo;
 pub use output::{Blob, Encoded, Hash, Item};
@@ -24,12 +27,12 @@ use std::sync::Arc;
 
 use output::{Host, Output, Part, RouteConfig};
 
-use envoy_types::pb::envoy::config::cluster::v3::Cluster;
-use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
-use envoy_types::pb::envoy::config::listener::v3::{FilterChain, Listener};
-use envoy_types::pb::envoy::config::route::v3::{RouteConfiguration, VirtualHost};
+use trellis_envoy_api::pb::envoy::config::cluster::v3::Cluster;
+use trellis_envoy_api::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+use trellis_envoy_api::pb::envoy::config::listener::v3::{FilterChain, Listener};
+use trellis_envoy_api::pb::envoy::config::route::v3::{RouteConfiguration, VirtualHost};
 
-use crate::model::{
+use trellis_model::{
     ClientPolicy, DnsResponseType, EgressFilterType, IpPreference, MeshState, PortProtocol,
     ProxyIdentity, ProxyKind, RouteSpec, State, VirtualNodeSpec,
 };
@@ -135,7 +138,7 @@ pub fn inputs(
     }
     let mesh = state.meshes.get(&who.mesh)?;
     let node = mesh.virtual_nodes.get(&who.name)?;
-    let version = |m: &crate::model::Metadata| (m.uid.clone(), m.version);
+    let version = |m: &trellis_model::Metadata| (m.uid.clone(), m.version);
     let services = backend_names(&node.spec);
     let plans: Vec<_> = services
         .iter()
@@ -308,7 +311,7 @@ fn tcp_chains(
     port: u32,
     services: &[(String, Vec<(String, u32)>)],
     addresses: &BTreeMap<String, std::sync::Arc<[std::net::IpAddr]>>,
-    logs: &[envoy_types::pb::envoy::config::accesslog::v3::AccessLog],
+    logs: &[trellis_envoy_api::pb::envoy::config::accesslog::v3::AccessLog],
     chains: &mut Vec<FilterChain>,
 ) {
     if services.len() > 1 {
@@ -822,7 +825,7 @@ fn stamp(
     lookups: &[((String, Option<i64>), Built)],
 ) -> output::Hash {
     use sha2::{Digest, Sha256};
-    fn add<S>(h: &mut Sha256, name: &str, r: Option<&crate::model::Resource<S>>) {
+    fn add<S>(h: &mut Sha256, name: &str, r: Option<&trellis_model::Resource<S>>) {
         h.update((name.len() as u64).to_le_bytes());
         h.update(name.as_bytes());
         match r {
@@ -935,7 +938,7 @@ fn router_provided(
 /// to caller-side clusters, in App Mesh's order.
 fn router_routes<'r>(
     lookup: &mut dyn FnMut(&str, Option<i64>) -> Built,
-    routes: Option<&'r BTreeMap<String, crate::model::Resource<RouteSpec>>>,
+    routes: Option<&'r BTreeMap<String, trellis_model::Resource<RouteSpec>>>,
     proto: PortProtocol,
     port: i64,
     listeners: usize,
@@ -1032,17 +1035,6 @@ fn upstream_cluster(
         envoy::set_outlier_detection(&mut c, o);
     }
     Some(c)
-}
-
-/// Names of the filter chains of a listener, for tests and the debug endpoint.
-pub fn chain_ports(l: &Listener) -> Vec<Option<u32>> {
-    let port = |c: &FilterChain| {
-        c.filter_chain_match
-            .as_ref()
-            .and_then(|m| m.destination_port.as_ref())
-            .map(|p| p.value)
-    };
-    l.filter_chains.iter().map(port).collect()
 }
 
 #[cfg(test)]

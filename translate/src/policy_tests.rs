@@ -1,30 +1,31 @@
 //! Virtual-node policies pinned down without a network: where each lands and with what values.
 
-use envoy_types::pb::envoy::config::accesslog::v3::{AccessLog, access_log};
-use envoy_types::pb::envoy::config::cluster::v3::cluster::DnsLookupFamily;
-use envoy_types::pb::envoy::config::core::v3::{
-    TransportSocket, address, health_check, substitution_format_string, transport_socket,
-};
-use envoy_types::pb::envoy::config::endpoint::v3::lb_endpoint;
-use envoy_types::pb::envoy::config::listener::v3::{Filter, FilterChain, filter};
-use envoy_types::pb::envoy::config::route::v3::{RouteAction, route};
-use envoy_types::pb::envoy::extensions::access_loggers::file::v3::{
-    FileAccessLog, file_access_log,
-};
-use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpConnectionManager;
-use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::TcpProxy;
-use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
-    DownstreamTlsContext, SdsSecretConfig, UpstreamTlsContext, common_tls_context,
-};
-use envoy_types::pb::google::protobuf::{Any, value};
 use prost::Message;
 use serde_json::{Value, json};
+use trellis_envoy_api::pb::envoy::config::accesslog::v3::{AccessLog, access_log};
+use trellis_envoy_api::pb::envoy::config::cluster::v3::cluster::DnsLookupFamily;
+use trellis_envoy_api::pb::envoy::config::core::v3::{
+    TransportSocket, address, health_check, substitution_format_string, transport_socket,
+};
+use trellis_envoy_api::pb::envoy::config::endpoint::v3::lb_endpoint;
+use trellis_envoy_api::pb::envoy::config::listener::v3::{Filter, FilterChain, filter};
+use trellis_envoy_api::pb::envoy::config::route::v3::{RouteAction, route};
+use trellis_envoy_api::pb::envoy::extensions::access_loggers::file::v3::{
+    FileAccessLog, file_access_log,
+};
+use trellis_envoy_api::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpConnectionManager;
+use trellis_envoy_api::pb::envoy::extensions::filters::network::tcp_proxy::v3::TcpProxy;
+use trellis_envoy_api::pb::envoy::extensions::transport_sockets::tls::v3::{
+    DownstreamTlsContext, SdsSecretConfig, UpstreamTlsContext, common_tls_context,
+};
+use trellis_envoy_api::pb::google::protobuf::{Any, value};
 
 use super::*;
-use crate::model::State;
+use crate::testing::chain_ports;
+use trellis_model::State;
 
 fn state(mesh_spec: Value, nodes: &[(&str, Value)], services: &[(&str, &str)]) -> State {
-    crate::test_helpers::mesh_state(mesh_spec, nodes, services)
+    trellis_model::testing::mesh_state(mesh_spec, nodes, services)
 }
 
 fn of(s: &State, node: &str) -> Resources {
@@ -101,7 +102,7 @@ fn first_action(r: &Resources, route_config: &str) -> RouteAction {
     }
 }
 
-fn secs(d: &Option<envoy_types::pb::google::protobuf::Duration>) -> f64 {
+fn secs(d: &Option<trellis_envoy_api::pb::google::protobuf::Duration>) -> f64 {
     let d = d.as_ref().unwrap();
     d.seconds as f64 + f64::from(d.nanos) / 1e9
 }
@@ -201,7 +202,7 @@ fn connection_pools_become_circuit_breakers_on_the_local_cluster_only() {
         let back = of(&s, "back");
         let c = cluster(&back, &format!("cds_ingress_m_back_{proto}_8080"));
         let t = &c.circuit_breakers.as_ref().unwrap().thresholds[0];
-        let v = |x: &Option<envoy_types::pb::google::protobuf::UInt32Value>| {
+        let v = |x: &Option<trellis_envoy_api::pb::google::protobuf::UInt32Value>| {
             x.as_ref().map(|v| v.value)
         };
         assert_eq!(
@@ -396,7 +397,7 @@ fn text_formats_get_a_newline_and_json_formats_keep_every_key_deterministically(
                 assert_eq!(
                     src.specifier,
                     Some(
-                        envoy_types::pb::envoy::config::core::v3::data_source::Specifier::InlineString(
+                        trellis_envoy_api::pb::envoy::config::core::v3::data_source::Specifier::InlineString(
                             "%RESPONSE_CODE% %REQ(:PATH)%\n".into()
                         )
                     )
@@ -459,9 +460,9 @@ fn listener_tls_modes_shape_the_ingress_chains() {
     let common = ctx.common_tls_context.unwrap();
     assert_eq!(
         common.tls_certificates[0].certificate_chain,
-        Some(envoy_types::pb::envoy::config::core::v3::DataSource {
+        Some(trellis_envoy_api::pb::envoy::config::core::v3::DataSource {
             specifier: Some(
-                envoy_types::pb::envoy::config::core::v3::data_source::Specifier::Filename(
+                trellis_envoy_api::pb::envoy::config::core::v3::data_source::Specifier::Filename(
                     "/c/cert.pem".into()
                 )
             ),
@@ -520,7 +521,7 @@ fn listener_validation_requires_client_certificates_for_mtls() {
 
 /// The SDS secret `name` from the bootstrap's SDS cluster, not over ADS.
 fn assert_sds(c: &SdsSecretConfig, name: &str) {
-    use envoy_types::pb::envoy::config::core::v3::{
+    use trellis_envoy_api::pb::envoy::config::core::v3::{
         ApiVersion, api_config_source, config_source, grpc_service,
     };
     assert_eq!(c.name, name);
@@ -783,7 +784,7 @@ fn ip_preference_sets_dns_lookup_family_listener_bind_and_local_address() {
         .as_mut()
         .and_then(|sd| sd.dns.as_mut())
     {
-        d.ip_preference = Some(crate::model::IpPreference::Ipv6Only);
+        d.ip_preference = Some(trellis_model::IpPreference::Ipv6Only);
     }
     assert_eq!(
         family(cluster(&of(&s, "front"), BACK_EGRESS)),

@@ -1,15 +1,17 @@
 //! Translation pinned down without a network: names, chains, cluster kinds, egress filter.
 
-use envoy_types::pb::envoy::config::cluster::v3::cluster::{ClusterDiscoveryType, DiscoveryType};
-use envoy_types::pb::envoy::config::listener::v3::Listener;
 use serde_json::{Value, json};
+use trellis_envoy_api::pb::envoy::config::cluster::v3::cluster::{
+    ClusterDiscoveryType, DiscoveryType,
+};
+use trellis_envoy_api::pb::envoy::config::listener::v3::Listener;
 
 use super::*;
-use crate::model::State;
-use crate::test_helpers::resource;
+use crate::testing::{chain_ports, resource};
+use trellis_model::State;
 
 fn state(mesh_spec: Value, nodes: &[(&str, Value)], services: &[(&str, &str)]) -> State {
-    crate::test_helpers::mesh_state(mesh_spec, nodes, services)
+    trellis_model::testing::mesh_state(mesh_spec, nodes, services)
 }
 
 /// The translation without DROP_ALL's AWS API pass-through (the `*.amazonaws.com:443` chain and its
@@ -272,7 +274,7 @@ fn translation_is_deterministic() {
 
 // === Routers and routes ===
 
-use envoy_types::pb::envoy::config::route::v3::{
+use trellis_envoy_api::pb::envoy::config::route::v3::{
     Route, RouteConfiguration, route, route_action, route_match,
 };
 
@@ -342,7 +344,7 @@ fn route_config<'a>(r: &'a Resources, name: &str) -> &'a RouteConfiguration {
         .unwrap_or_else(|| panic!("no route config {name}"))
 }
 
-fn action(r: &Route) -> &envoy_types::pb::envoy::config::route::v3::RouteAction {
+fn action(r: &Route) -> &trellis_envoy_api::pb::envoy::config::route::v3::RouteAction {
     match &r.action {
         Some(route::Action::Route(a)) => a,
         other => panic!("not a route action: {other:?}"),
@@ -652,7 +654,7 @@ fn drop_all_still_passes_tls_to_amazonaws_com_on_443_by_sni() {
     assert!(egress.default_filter_chain.is_none(), "nothing else passes");
     // The TLS inspector looks only at 443: elsewhere a server-first protocol (MySQL, a banner)
     // would wait for client bytes that never come.
-    use envoy_types::pb::envoy::config::listener::v3::listener_filter_chain_match_predicate::Rule;
+    use trellis_envoy_api::pb::envoy::config::listener::v3::listener_filter_chain_match_predicate::Rule;
     let inspector = egress
         .listener_filters
         .iter()
@@ -712,7 +714,7 @@ fn two_tcp_on_one_port() -> State {
 
 /// The (prefix ranges, cluster) of each egress chain on `port`.
 fn tcp_chains_on(r: &Resources, port: u32) -> Vec<(Vec<String>, String)> {
-    use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{
+    use trellis_envoy_api::pb::envoy::extensions::filters::network::tcp_proxy::v3::{
         TcpProxy, tcp_proxy::ClusterSpecifier,
     };
     listener(r, "lds_egress_0.0.0.0_15001")
@@ -733,7 +735,7 @@ fn tcp_chains_on(r: &Resources, port: u32) -> Vec<(Vec<String>, String)> {
                 })
                 .collect();
             let typed = match c.filters[0].config_type.as_ref()? {
-                envoy_types::pb::envoy::config::listener::v3::filter::ConfigType::TypedConfig(
+                trellis_envoy_api::pb::envoy::config::listener::v3::filter::ConfigType::TypedConfig(
                     t,
                 ) => t,
                 _ => return None,

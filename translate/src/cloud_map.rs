@@ -9,10 +9,10 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
-use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+use trellis_envoy_api::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 
 use super::envoy;
-use crate::model::{
+use trellis_model::{
     AwsCloudMapServiceDiscovery, IpPreference, MeshState, PortProtocol, ProxyIdentity, ProxyKind,
     State,
 };

@@ -44,17 +44,17 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use envoy_types::pb::envoy::config::route::v3::{
+use trellis_envoy_api::pb::envoy::config::route::v3::{
     DirectResponseAction, HeaderMatcher, QueryParameterMatcher, Route, RouteAction, RouteMatch,
     header_matcher, query_parameter_matcher, route, route_action, route_match,
 };
-use envoy_types::pb::envoy::r#type::matcher::v3::{
+use trellis_envoy_api::pb::envoy::r#type::matcher::v3::{
     RegexMatchAndSubstitute, StringMatcher, string_matcher,
 };
 
 use super::output::{Output, Part, RouteConfig};
 use super::{Ctx, Endpoints, envoy, policy, routes};
-use crate::model::{
+use trellis_model::{
     DefaultGatewayRouteRewrite, GatewayRouteHostnameMatch, GatewayRouteHostnameRewrite,
     GatewayRouteSpec, GatewayRouteTarget, GrpcGatewayRoute, HttpGatewayRoute,
     HttpGatewayRoutePrefixRewrite, HttpPathMatch, HttpQueryParameter, MeshState,

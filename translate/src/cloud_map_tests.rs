@@ -2,10 +2,10 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-use envoy_types::pb::envoy::config::core::v3::address;
-use envoy_types::pb::envoy::config::core::v3::socket_address::PortSpecifier;
-use envoy_types::pb::envoy::config::endpoint::v3::lb_endpoint::HostIdentifier;
 use serde_json::{Value, json};
+use trellis_envoy_api::pb::envoy::config::core::v3::address;
+use trellis_envoy_api::pb::envoy::config::core::v3::socket_address::PortSpecifier;
+use trellis_envoy_api::pb::envoy::config::endpoint::v3::lb_endpoint::HostIdentifier;
 
 use super::*;
 
@@ -20,7 +20,7 @@ fn mesh_with(cloud_map: Value, mesh: Value) -> State {
     if let (Some(sd), Some(extra)) = (sd.as_object_mut(), cloud_map.as_object()) {
         sd.extend(extra.clone());
     }
-    crate::test_helpers::mesh_state(
+    trellis_model::testing::mesh_state(
         mesh,
         &[
             (
@@ -194,7 +194,7 @@ fn keys_are_found_through_routers() {
     let m = s.meshes.get_mut("m").unwrap();
     m.virtual_services.insert(
         "back.local".into(),
-        crate::test_helpers::resource(
+        trellis_model::testing::resource(
             "back.local",
             serde_json::from_value(
                 json!({"provider": {"virtualRouter": {"virtualRouterName": "r"}}}),
@@ -210,7 +210,7 @@ fn keys_are_found_through_routers() {
     m.routes
         .entry("r".into())
         .or_default()
-        .insert("all".into(), crate::test_helpers::resource("all", route));
+        .insert("all".into(), trellis_model::testing::resource("all", route));
     assert_eq!(
         cloud_map_keys(&s, &node("front-vn"))
             .into_iter()
@@ -247,7 +247,7 @@ fn a_gateway_needs_the_keys_behind_its_gateway_routes() {
     .unwrap();
     m.gateway_routes.entry("gw".into()).or_default().insert(
         "to-back".into(),
-        crate::test_helpers::resource("to-back", route),
+        trellis_model::testing::resource("to-back", route),
     );
     let gw = ProxyIdentity::parse("mesh/m/virtualGateway/gw").unwrap();
     assert_eq!(

@@ -3,20 +3,22 @@
 //! Ordering: routes with a `priority` first (0 is highest), then the rest as App Mesh ordered them,
 //! longest match first; ties by route name so the output is deterministic.
 
-use envoy_types::pb::envoy::config::route::v3::{
+use trellis_envoy_api::pack_any;
+use trellis_envoy_api::pb::envoy::config::route::v3::{
     HeaderMatcher, QueryParameterMatcher, RetryPolicy, Route, RouteAction, RouteMatch,
     WeightedCluster, header_matcher, query_parameter_matcher, retry_policy, route, route_action,
     route_match, weighted_cluster,
 };
-use envoy_types::pb::envoy::extensions::retry::host::previous_hosts::v3::PreviousHostsPredicate;
-use envoy_types::pb::envoy::r#type::matcher::v3::{RegexMatcher, StringMatcher, string_matcher};
-use envoy_types::pb::envoy::r#type::v3::Int64Range;
-use envoy_types::pb::google::protobuf::UInt32Value;
-use envoy_types::util::pack_any;
+use trellis_envoy_api::pb::envoy::extensions::retry::host::previous_hosts::v3::PreviousHostsPredicate;
+use trellis_envoy_api::pb::envoy::r#type::matcher::v3::{
+    RegexMatcher, StringMatcher, string_matcher,
+};
+use trellis_envoy_api::pb::envoy::r#type::v3::Int64Range;
+use trellis_envoy_api::pb::google::protobuf::UInt32Value;
 
 use super::envoy::{duration, seconds};
-use crate::model::Duration as MeshDuration;
-use crate::model::{
+use trellis_model::Duration as MeshDuration;
+use trellis_model::{
     DurationUnit, GrpcRetryPolicy, GrpcRetryPolicyEvent, GrpcRoute, HeaderMatchMethod,
     HttpPathMatch, HttpRetryPolicy, HttpRoute, HttpRouteHeader, MatchRange, PortProtocol,
     RouteSpec, TcpRetryPolicyEvent,
@@ -140,7 +142,7 @@ fn route_of(r: &Named<'_>, with_default: bool) -> Option<Route> {
                 name: r.name.to_string(),
                 r#match: Some(r#match),
                 action: Some(route::Action::DirectResponse(
-                    envoy_types::pb::envoy::config::route::v3::DirectResponseAction {
+                    trellis_envoy_api::pb::envoy::config::route::v3::DirectResponseAction {
                         status: 503,
                         ..Default::default()
                     },

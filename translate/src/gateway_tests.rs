@@ -1,17 +1,17 @@
 //! Gateway translation pinned down without a network: names, order, matches, rewrites, targets.
 
-use envoy_types::pb::envoy::config::route::v3::{
+use serde_json::{Value, json};
+use trellis_envoy_api::pb::envoy::config::route::v3::{
     HeaderMatcher, Route, RouteAction, RouteConfiguration, header_matcher, query_parameter_matcher,
     route, route_action, route_match,
 };
-use envoy_types::pb::envoy::r#type::matcher::v3::string_matcher::MatchPattern;
-use serde_json::{Value, json};
+use trellis_envoy_api::pb::envoy::r#type::matcher::v3::string_matcher::MatchPattern;
 
 use super::*;
-use crate::model::{ProxyIdentity, State};
-use crate::test_helpers::{mesh_resource, resource};
-use crate::translate::Resources;
-use crate::translate::{Endpoints, translate};
+use crate::Resources;
+use crate::{Endpoints, translate};
+use trellis_model::testing::{mesh_resource, resource};
+use trellis_model::{ProxyIdentity, State};
 
 fn node(port: i64) -> Value {
     json!({
@@ -189,7 +189,11 @@ fn each_gateway_listener_gets_lds_ingress_on_its_port_and_an_rds_named_after_pro
         ["lds_ingress_0.0.0.0_8080", "lds_ingress_0.0.0.0_9090"]
     );
     for (l, port) in r.listeners.iter().zip([8080, 9090]) {
-        assert_eq!(super::super::chain_ports(l), [None], "one chain, any port");
+        assert_eq!(
+            crate::testing::chain_ports(l),
+            [None],
+            "one chain, any port"
+        );
         assert!(
             l.listener_filters.is_empty(),
             "no original_dst: a gateway has no iptables redirect"
@@ -737,7 +741,7 @@ fn a_missing_router_gives_no_route_and_a_missing_gateway_is_an_error() {
     let who = ProxyIdentity::parse("mesh/m/virtualGateway/nope").unwrap();
     assert_eq!(
         translate(&s, &who, &Endpoints::new()),
-        Err(crate::translate::Error::VirtualGatewayNotFound {
+        Err(crate::Error::VirtualGatewayNotFound {
             mesh: "m".into(),
             name: "nope".into()
         })
@@ -764,18 +768,18 @@ fn gateway_translation_is_deterministic() {
 // === Gateway policies ===
 
 mod policies {
-    use envoy_types::pb::envoy::config::cluster::v3::Cluster;
-    use envoy_types::pb::envoy::config::core::v3::{TransportSocket, transport_socket};
-    use envoy_types::pb::envoy::config::listener::v3::{FilterChain, Listener, filter};
-    use envoy_types::pb::envoy::extensions::filters::http::health_check::v3::HealthCheck;
-    use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    use prost::Message;
+    use trellis_envoy_api::pb::envoy::config::cluster::v3::Cluster;
+    use trellis_envoy_api::pb::envoy::config::core::v3::{TransportSocket, transport_socket};
+    use trellis_envoy_api::pb::envoy::config::listener::v3::{FilterChain, Listener, filter};
+    use trellis_envoy_api::pb::envoy::extensions::filters::http::health_check::v3::HealthCheck;
+    use trellis_envoy_api::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
         HttpConnectionManager, http_filter,
     };
-    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+    use trellis_envoy_api::pb::envoy::extensions::transport_sockets::tls::v3::{
         DownstreamTlsContext, UpstreamTlsContext, common_tls_context,
     };
-    use envoy_types::pb::google::protobuf::Any;
-    use prost::Message;
+    use trellis_envoy_api::pb::google::protobuf::Any;
 
     use super::*;
 
@@ -945,7 +949,7 @@ mod policies {
         let limits = |name: &str| {
             cluster(&r, name).circuit_breakers.as_ref().map(|cb| {
                 let t = &cb.thresholds[0];
-                let v = |x: &Option<envoy_types::pb::google::protobuf::UInt32Value>| {
+                let v = |x: &Option<trellis_envoy_api::pb::google::protobuf::UInt32Value>| {
                     x.as_ref().map(|v| v.value)
                 };
                 (
