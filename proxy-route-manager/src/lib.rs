@@ -14,8 +14,6 @@ pub mod run;
 pub mod state;
 
 #[cfg(test)]
-mod netns_tests;
-#[cfg(test)]
 mod test_support;
 
 pub use config::{Cli, Config, EnvSource, ProcessEnv};

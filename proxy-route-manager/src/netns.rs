@@ -23,23 +23,4 @@ pub fn enter(path: &Path) -> Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn missing_namespace_file_is_an_error_naming_the_path() {
-        let err = enter(Path::new("/var/run/netns/trellis-does-not-exist")).unwrap_err();
-        assert!(matches!(err, Error::NetnsOpen { .. }));
-        assert!(
-            err.to_string()
-                .contains("/var/run/netns/trellis-does-not-exist"),
-            "{err}"
-        );
-    }
-
-    #[test]
-    fn a_file_that_is_not_a_namespace_cannot_be_entered() {
-        let err = enter(Path::new("/proc/self/status")).unwrap_err();
-        assert!(matches!(err, Error::NetnsEnter { .. }), "{err}");
-    }
-}
+mod tests;

@@ -235,3 +235,6 @@ pub fn shared_tcp_services(state: &State, who: &ProxyIdentity) -> BTreeSet<Strin
         .map(str::to_string)
         .collect()
 }
+
+#[cfg(test)]
+mod tests;

@@ -42,7 +42,7 @@
 //! the gateway itself on its path; `backendDefaults.clientPolicy` TLS on every upstream cluster;
 //! the access log on every listener's connection manager.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
 use trellis_envoy_api::pb::envoy::config::route::v3::{
     DirectResponseAction, HeaderMatcher, QueryParameterMatcher, Route, RouteAction, RouteMatch,
@@ -52,12 +52,13 @@ use trellis_envoy_api::pb::envoy::r#type::matcher::v3::{
     RegexMatchAndSubstitute, StringMatcher, string_matcher,
 };
 
+use super::cluster::{Client, Ctx};
 use super::output::{Output, Part, RouteConfig};
-use super::{Ctx, Endpoints, envoy, policy, routes};
+use super::{Endpoints, envoy, policy, routes};
 use trellis_model::{
-    DefaultGatewayRouteRewrite, GatewayRouteHostnameMatch, GatewayRouteHostnameRewrite,
-    GatewayRouteSpec, GatewayRouteTarget, GrpcGatewayRoute, HttpGatewayRoute,
-    HttpGatewayRoutePrefixRewrite, HttpPathMatch, HttpQueryParameter, MeshState,
+    ClientPolicyTls, DefaultGatewayRouteRewrite, GatewayRouteHostnameMatch,
+    GatewayRouteHostnameRewrite, GatewayRouteSpec, GatewayRouteTarget, GrpcGatewayRoute,
+    HttpGatewayRoute, HttpGatewayRoutePrefixRewrite, HttpPathMatch, HttpQueryParameter, MeshState,
     VirtualGatewayPortProtocol, VirtualGatewaySpec,
 };
 
@@ -78,8 +79,9 @@ pub(super) fn virtual_gateway(
         .as_ref()
         .and_then(|d| d.client_policy.as_ref())
         .map(policy::gateway_client_policy);
+    // The gateway's backendDefaults is the only client policy: gateway backends have none.
+    let client_tls = defaults.as_ref().and_then(|p| p.tls.as_ref());
     let ctx = Ctx::new(mesh_name, mesh, endpoints);
-    ctx.client_policies(defaults.as_ref(), BTreeMap::new());
     let logs = policy::gateway_access_logs(spec);
     let mut out = Output::default();
     // Each listener's pool, with the clusters its routes reach (the first listener wins a cluster
@@ -112,7 +114,9 @@ pub(super) fn virtual_gateway(
         order(&mut attached);
         let mut envoy_routes = Vec::new();
         for (route_name, route_spec) in attached {
-            envoy_routes.extend(gateway_route(&ctx, route_name, route_spec, &mut out));
+            envoy_routes.extend(gateway_route(
+                &ctx, client_tls, route_name, route_spec, &mut out,
+            ));
         }
         if let Some(limits) = policy::gateway_limits(l) {
             pools.push((clusters_of(&envoy_routes), limits));
@@ -606,6 +610,7 @@ fn apply_rewrites(a: &mut RouteAction, path: &PathRewrite, host: Option<&str>) {
 /// The Envoy routes of one gateway route (none when its target cannot be reached).
 fn gateway_route(
     ctx: &Ctx<'_>,
+    client_tls: Option<&ClientPolicyTls>,
     name: &str,
     spec: &GatewayRouteSpec,
     out: &mut Output,
@@ -623,9 +628,15 @@ fn gateway_route(
         return vec![];
     };
     let host = parts.rewrite_host.then_some(service);
-    ctx.serving(service);
+    // A cluster is per (node, port): the first gateway route (in listener and route order) that
+    // reaches one names it for SNI.
+    let client = Client {
+        service,
+        policy: client_tls,
+    };
     if let Some(p) = &provider.virtual_node {
-        let Some((cluster, _, _)) = ctx.node_cluster(&p.virtual_node_name, parts.target.port, out)
+        let Some((cluster, _, _)) =
+            ctx.node_cluster(&p.virtual_node_name, parts.target.port, client, out)
         else {
             return vec![];
         };
@@ -644,7 +655,7 @@ fn gateway_route(
         }];
     }
     if let Some(p) = &provider.virtual_router {
-        return via_router(ctx, name, &parts, &p.virtual_router_name, host, out);
+        return via_router(ctx, client, name, &parts, &p.virtual_router_name, host, out);
     }
     vec![]
 }
@@ -665,6 +676,7 @@ fn gateway_route(
 /// gateway prefix rewrite that changes the prefix, or behind a gateway path rewrite.
 fn via_router(
     ctx: &Ctx<'_>,
+    client: Client<'_>,
     name: &str,
     parts: &Parts<'_>,
     router: &str,
@@ -683,8 +695,8 @@ fn via_router(
     let Some(l) = listener else {
         return vec![];
     };
-    let attached = super::router_routes(
-        &mut |node, port| ctx.node_cluster(node, port, out),
+    let attached = routes::router_routes(
+        &mut |node, port| ctx.node_cluster(node, port, client, out),
         ctx.mesh.routes.get(router),
         l.port_mapping.protocol,
         l.port_mapping.port,
@@ -734,5 +746,4 @@ fn compose_route(parts: &Parts<'_>, name: &str, base: Route, host: Option<&str>)
 }
 
 #[cfg(test)]
-#[path = "gateway_tests.rs"]
 mod tests;

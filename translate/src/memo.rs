@@ -12,8 +12,9 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
+use super::cluster::Built;
 use super::output::Item;
-use super::{Built, ServicePlan};
+use super::plan::ServicePlan;
 
 /// The caller-side cluster to a (node, port) before any client TLS, encoded with what building
 /// it adds: callers that apply no TLS to it share it as is.
@@ -133,3 +134,6 @@ impl Memo {
 fn lock<V>(t: &Table<V>) -> std::sync::MutexGuard<'_, ByMesh<V>> {
     t.lock().unwrap_or_else(PoisonError::into_inner)
 }
+
+#[cfg(test)]
+mod tests;

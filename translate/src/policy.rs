@@ -29,6 +29,7 @@
 //! - what cannot be served (ACM certificates or ACM PCA trust) fails closed and is listed in
 //!   `Resources::unserved`.
 
+use trellis_envoy_api::pb::envoy::config::accesslog::v3::AccessLog;
 use trellis_envoy_api::pb::envoy::config::core::v3::TransportSocket;
 use trellis_envoy_api::pb::google::protobuf::Duration as PbDuration;
 
@@ -185,9 +186,7 @@ pub(super) fn outlier(l: &Listener) -> Option<Outlier> {
 }
 
 /// The node's access logs (App Mesh has one, a file), for every filter of its Envoy.
-pub(super) fn access_logs(
-    spec: &VirtualNodeSpec,
-) -> Vec<trellis_envoy_api::pb::envoy::config::accesslog::v3::AccessLog> {
+pub(super) fn access_logs(spec: &VirtualNodeSpec) -> Vec<AccessLog> {
     spec.logging
         .as_ref()
         .and_then(|l| l.access_log.as_ref())
@@ -197,9 +196,7 @@ pub(super) fn access_logs(
 }
 
 /// The gateway's access logs, on every listener's connection manager.
-pub(super) fn gateway_access_logs(
-    spec: &VirtualGatewaySpec,
-) -> Vec<trellis_envoy_api::pb::envoy::config::accesslog::v3::AccessLog> {
+pub(super) fn gateway_access_logs(spec: &VirtualGatewaySpec) -> Vec<AccessLog> {
     spec.logging
         .as_ref()
         .and_then(|l| l.access_log.as_ref())
@@ -209,10 +206,7 @@ pub(super) fn gateway_access_logs(
 }
 
 /// A file access log; a text format gets the newline Envoy does not add.
-fn file_access_logs(
-    path: &str,
-    format: Option<&LoggingFormat>,
-) -> Vec<trellis_envoy_api::pb::envoy::config::accesslog::v3::AccessLog> {
+fn file_access_logs(path: &str, format: Option<&LoggingFormat>) -> Vec<AccessLog> {
     let format = match format {
         Some(f) if f.text.is_some() => {
             let mut text = f.text.clone().unwrap_or_default();
@@ -592,3 +586,6 @@ pub(super) fn gateway_health_path(
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -16,11 +16,14 @@ use trellis_envoy_api::pb::envoy::r#type::matcher::v3::{
 use trellis_envoy_api::pb::envoy::r#type::v3::Int64Range;
 use trellis_envoy_api::pb::google::protobuf::UInt32Value;
 
+use std::collections::BTreeMap;
+
+use super::cluster::Built;
 use super::envoy::{duration, seconds};
 use trellis_model::Duration as MeshDuration;
 use trellis_model::{
     DurationUnit, GrpcRetryPolicy, GrpcRetryPolicyEvent, GrpcRoute, HeaderMatchMethod,
-    HttpPathMatch, HttpRetryPolicy, HttpRoute, HttpRouteHeader, MatchRange, PortProtocol,
+    HttpPathMatch, HttpRetryPolicy, HttpRoute, HttpRouteHeader, MatchRange, PortProtocol, Resource,
     RouteSpec, TcpRetryPolicyEvent,
 };
 
@@ -40,6 +43,55 @@ pub(super) struct Named<'a> {
     pub name: &'a str,
     pub spec: &'a RouteSpec,
     pub targets: Vec<Target>,
+}
+
+/// The router's routes that attach to its listener (protocol, port), with their targets resolved
+/// to caller-side clusters, in App Mesh's order.
+pub(super) fn router_routes<'r>(
+    lookup: &mut dyn FnMut(&str, Option<i64>) -> Built,
+    routes: Option<&'r BTreeMap<String, Resource<RouteSpec>>>,
+    proto: PortProtocol,
+    port: i64,
+    listeners: usize,
+) -> Vec<Named<'r>> {
+    let mut attached: Vec<Named<'r>> = routes
+        .into_iter()
+        .flatten()
+        .filter(|(_, route)| route_fits(&route.spec, proto, port, listeners))
+        .map(|(name, route)| Named {
+            name,
+            spec: &route.spec,
+            targets: route
+                .spec
+                .weighted_targets()
+                .filter_map(|t| {
+                    let (cluster, _, _) = lookup(&t.virtual_node, t.port)?;
+                    Some(Target {
+                        cluster,
+                        weight: u32::try_from(t.weight).unwrap_or(0),
+                    })
+                })
+                .collect(),
+        })
+        .collect();
+    order(&mut attached);
+    attached
+}
+
+/// Whether a route attaches to the router listener (protocol, port).
+fn route_fits(spec: &RouteSpec, proto: PortProtocol, port: i64, listeners: usize) -> bool {
+    let (kind_proto, match_port) = if let Some(r) = &spec.http_route {
+        (PortProtocol::Http, r.r#match.port)
+    } else if let Some(r) = &spec.http2_route {
+        (PortProtocol::Http2, r.r#match.port)
+    } else if let Some(r) = &spec.grpc_route {
+        (PortProtocol::Grpc, r.r#match.port)
+    } else if let Some(r) = &spec.tcp_route {
+        (PortProtocol::Tcp, r.r#match.as_ref().and_then(|m| m.port))
+    } else {
+        return false;
+    };
+    kind_proto == proto && match_port.map_or(listeners == 1, |p| p == port)
 }
 
 /// Orders routes as App Mesh did: explicit priority first, then longest match, then name.

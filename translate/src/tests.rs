@@ -8,7 +8,7 @@ use trellis_envoy_api::pb::envoy::config::listener::v3::Listener;
 
 use super::*;
 use crate::testing::{chain_ports, resource};
-use trellis_model::State;
+use trellis_model::{PortProtocol, State};
 
 fn state(mesh_spec: Value, nodes: &[(&str, Value)], services: &[(&str, &str)]) -> State {
     trellis_model::testing::mesh_state(mesh_spec, nodes, services)

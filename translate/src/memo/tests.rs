@@ -4,7 +4,8 @@ use std::net::Ipv4Addr;
 
 use serde_json::{Value, json};
 
-use super::*;
+use crate::node::virtual_node;
+use crate::*;
 use trellis_model::testing::resource;
 
 fn from_json<T: serde::de::DeserializeOwned>(v: Value) -> T {

@@ -7,7 +7,7 @@ use trellis_envoy_api::pb::envoy::config::core::v3::address;
 use trellis_envoy_api::pb::envoy::config::core::v3::socket_address::PortSpecifier;
 use trellis_envoy_api::pb::envoy::config::endpoint::v3::lb_endpoint::HostIdentifier;
 
-use super::*;
+use crate::*;
 
 fn node(name: &str) -> ProxyIdentity {
     ProxyIdentity::parse(&format!("mesh/m/virtualNode/{name}")).unwrap()

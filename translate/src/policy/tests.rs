@@ -20,8 +20,8 @@ use trellis_envoy_api::pb::envoy::extensions::transport_sockets::tls::v3::{
 };
 use trellis_envoy_api::pb::google::protobuf::{Any, value};
 
-use super::*;
 use crate::testing::chain_ports;
+use crate::*;
 use trellis_model::State;
 
 fn state(mesh_spec: Value, nodes: &[(&str, Value)], services: &[(&str, &str)]) -> State {
@@ -685,6 +685,50 @@ fn a_backend_client_policy_overrides_defaults_and_enforce_false_or_other_ports_m
         "front",
     );
     assert!(upstream(&this_port).is_some());
+}
+
+/// `back` provides `a.local` and `z.local`; `front` calls both, each with `policies[i]` (JSON
+/// null: none), listed in `order`.
+fn two_services(policies: [Value; 2], order: [usize; 2]) -> Resources {
+    let names = ["a.local", "z.local"];
+    let backends: Vec<Value> = order
+        .iter()
+        .map(|&i| {
+            let mut vs = json!({"virtualServiceName": names[i]});
+            if !policies[i].is_null() {
+                vs["clientPolicy"] = policies[i].clone();
+            }
+            json!({"virtualService": vs})
+        })
+        .collect();
+    let s = state(
+        json!({}),
+        &[
+            (
+                "back",
+                json!({"listeners": [http(8080)], "serviceDiscovery": {"dns": {"hostname": "back.internal"}}}),
+            ),
+            ("front", json!({"backends": backends})),
+        ],
+        &[("a.local", "back"), ("z.local", "back")],
+    );
+    of(&s, "front")
+}
+
+#[test]
+fn a_node_reached_by_two_backends_takes_the_tls_of_the_first_by_name_whatever_their_order() {
+    let tls = client_policy(json!({}));
+    for order in [[0, 1], [1, 0]] {
+        let z_only = two_services([Value::Null, tls.clone()], order);
+        assert!(
+            upstream(&z_only).is_none(),
+            "a.local (no policy) owns the cluster to back: {order:?}"
+        );
+        let a_only = two_services([tls.clone(), Value::Null], order);
+        assert_eq!(upstream(&a_only).expect("TLS").sni, "a.local", "{order:?}");
+        let both = two_services([tls.clone(), tls.clone()], order);
+        assert_eq!(upstream(&both).expect("TLS").sni, "a.local", "{order:?}");
+    }
 }
 
 #[test]

@@ -810,3 +810,27 @@ fn auto_detection_in_a_fresh_namespace_follows_the_iptables_on_path() {
         "looking created no nft table"
     );
 }
+
+mod enter {
+    use std::path::Path;
+
+    use crate::error::Error;
+    use crate::netns::enter;
+
+    #[test]
+    fn missing_namespace_file_is_an_error_naming_the_path() {
+        let err = enter(Path::new("/var/run/netns/trellis-does-not-exist")).unwrap_err();
+        assert!(matches!(err, Error::NetnsOpen { .. }));
+        assert!(
+            err.to_string()
+                .contains("/var/run/netns/trellis-does-not-exist"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_namespace_cannot_be_entered() {
+        let err = enter(Path::new("/proc/self/status")).unwrap_err();
+        assert!(matches!(err, Error::NetnsEnter { .. }), "{err}");
+    }
+}
