@@ -1,5 +1,6 @@
 //! Assembles the agent from its parts and returns the bound addresses, so tests can bind port 0.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -39,47 +40,59 @@ pub struct Bound {
     pub xds_socket: PathBuf,
     pub xds_addr: Option<SocketAddr>,
     pub store: Arc<Store>,
+    tasks: Tasks,
+}
+
+/// The agent's long-running tasks: each named and in its own span, all stopped by one
+/// cancellation token; the first to end (or fail) ends the agent.
+#[derive(Debug, Default)]
+struct Tasks {
     cancel: CancellationToken,
-    tasks: JoinSet<(&'static str, Result<(), String>)>,
+    set: JoinSet<(&'static str, Result<(), String>)>,
+}
+
+impl Tasks {
+    /// Runs the future `task` makes from the agent's cancellation token as the task `name`.
+    fn spawn<F>(&mut self, name: &'static str, task: impl FnOnce(CancellationToken) -> F)
+    where
+        F: Future<Output: Outcome> + Send + 'static,
+    {
+        let run = task(self.cancel.clone());
+        self.set.spawn(
+            async move { (name, run.await.into_result()) }.instrument(info_span!("task", name)),
+        );
+    }
+}
+
+/// How a task ends: a task that returns nothing cannot fail; an error ends the agent.
+trait Outcome {
+    fn into_result(self) -> Result<(), String>;
+}
+
+impl Outcome for () {
+    fn into_result(self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+impl<E: std::fmt::Display> Outcome for Result<(), E> {
+    fn into_result(self) -> Result<(), String> {
+        self.map_err(|e| e.to_string())
+    }
 }
 
 pub async fn build(cfg: ServeConfig) -> Result<Bound, Error> {
     let store = Arc::new(Store::serve(&cfg.data_dir, &cfg.store, &cfg.region).await?);
-    let ops = Arc::new(Ops {
-        account: Account {
-            account_id: cfg.account_id.clone(),
-            region: cfg.region.clone(),
-        },
-        quotas: Quotas {
-            meshes: cfg.quota_meshes,
-            virtual_nodes_per_mesh: cfg.quota_virtual_nodes,
-            virtual_services_per_mesh: cfg.quota_virtual_services,
-            backends_per_virtual_node: cfg.quota_backends,
-            virtual_routers_per_mesh: cfg.quota_virtual_routers,
-            routes_per_router: cfg.quota_routes,
-            weighted_targets_per_route: cfg.quota_weighted_targets,
-            virtual_gateways_per_mesh: cfg.quota_virtual_gateways,
-            gateway_routes_per_gateway: cfg.quota_gateway_routes,
-            tags_per_resource: cfg.quota_tags,
-        },
-    });
+    let ops = Arc::new(ops(&cfg));
     if let Some(path) = &cfg.resources {
         let n = tokio::task::block_in_place(|| api::apply_resources_file(&ops, &store, path))
             .map_err(Error::Resources)?;
         info!(file = %path.display(), resources = n, "applied resources file");
     }
-    let cancel = CancellationToken::new();
-    let mut tasks = JoinSet::new();
-    tasks.spawn(
-        {
-            let (store, cancel) = (store.clone(), cancel.clone());
-            async move {
-                store.run(cancel).await;
-                ("store", Ok(()))
-            }
-        }
-        .instrument(info_span!("store")),
-    );
+    let mut tasks = Tasks::default();
+    let cancel = tasks.cancel.clone();
+    let s = store.clone();
+    tasks.spawn("store", |cancel| async move { s.run(cancel).await });
 
     let listener = tokio::net::TcpListener::bind(cfg.api_addr)
         .await
@@ -100,43 +113,25 @@ pub async fn build(cfg: ServeConfig) -> Result<Bound, Error> {
         ready.clone(),
         store.clone(),
     ));
-    let c = cancel.clone();
-    tasks.spawn(
-        async move {
-            let r = axum::serve(listener, router)
-                .with_graceful_shutdown(c.cancelled_owned())
-                .await;
-            ("api", r.map_err(|e| e.to_string()))
-        }
-        .instrument(info_span!("api")),
-    );
+    tasks.spawn("api", |cancel| async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(cancel.cancelled_owned())
+            .await
+    });
 
     let (published_tx, published_rx) = xds::debounce::channel(store.current());
     let (endpoints_tx, endpoints_rx) =
         tokio::sync::watch::channel(published_rx.borrow().endpoints.clone());
     // Cloud Map pollers and the service-address resolver both publish here.
     let endpoints_tx = Arc::new(endpoints_tx);
-    tasks.spawn(
-        {
-            let (store_rx, cancel) = (store.subscribe(), cancel.clone());
-            let cfg = xds::Debounce {
-                quiet: Duration::from_millis(cfg.xds_debounce_ms),
-                max_delay: Duration::from_millis(cfg.xds_debounce_max_ms),
-            };
-            async move {
-                xds::debounce::run_with_endpoints(
-                    store_rx,
-                    endpoints_rx,
-                    published_tx,
-                    cfg,
-                    cancel,
-                )
-                .await;
-                ("debounce", Ok(()))
-            }
-        }
-        .instrument(info_span!("debounce")),
-    );
+    let store_rx = store.subscribe();
+    let debounce = xds::Debounce {
+        quiet: Duration::from_millis(cfg.xds_debounce_ms),
+        max_delay: Duration::from_millis(cfg.xds_debounce_max_ms),
+    };
+    tasks.spawn("debounce", |cancel| {
+        xds::debounce::run_with_endpoints(store_rx, endpoints_rx, published_tx, debounce, cancel)
+    });
     let ads = Ads::new(
         published_rx,
         store.subscribe(),
@@ -144,44 +139,29 @@ pub async fn build(cfg: ServeConfig) -> Result<Bound, Error> {
         cfg.max_connections_per_proxy,
         cancel.clone(),
     );
-    tasks.spawn(
-        {
-            let (client, settings) = cloud_map(&cfg.cloudmap, &cfg.region);
-            let (state, proxies) = (store.subscribe(), ads.connected_proxies());
-            let (out, m, cancel) = (endpoints_tx.clone(), discovery_metrics, cancel.clone());
-            async move {
-                discovery::run(client, state, proxies, out, m, settings, cancel).await;
-                ("discovery", Ok(()))
-            }
-        }
-        .instrument(info_span!("discovery")),
-    );
-    tasks.spawn(
-        {
-            let (state, proxies) = (store.subscribe(), ads.connected_proxies());
-            let (out, cancel) = (endpoints_tx, cancel.clone());
-            let every = Duration::from_millis(cfg.address_poll_ms);
-            async move {
-                let resolver = Arc::new(discovery::addresses::SystemResolver);
-                discovery::addresses::run(resolver, state, proxies, out, every, cancel).await;
-                ("service-addresses", Ok(()))
-            }
-        }
-        .instrument(info_span!("service_addresses")),
-    );
+    let (client, settings) = cloud_map(&cfg.cloudmap, &cfg.region);
+    let (state, proxies) = (store.subscribe(), ads.connected_proxies());
+    let out = endpoints_tx.clone();
+    tasks.spawn("discovery", |cancel| {
+        discovery::run(
+            client,
+            state,
+            proxies,
+            out,
+            discovery_metrics,
+            settings,
+            cancel,
+        )
+    });
+    let (state, proxies) = (store.subscribe(), ads.connected_proxies());
+    let every = Duration::from_millis(cfg.address_poll_ms);
+    tasks.spawn("service-addresses", |cancel| {
+        let resolver = Arc::new(discovery::addresses::SystemResolver);
+        discovery::addresses::run(resolver, state, proxies, endpoints_tx, every, cancel)
+    });
     let unix = xds::bind_unix(&cfg.xds_socket)?;
-    tasks.spawn(
-        {
-            let ads = ads.clone();
-            async move {
-                (
-                    "xds-unix",
-                    xds::serve_unix(ads, unix).await.map_err(|e| e.to_string()),
-                )
-            }
-        }
-        .instrument(info_span!("xds_unix")),
-    );
+    let a = ads.clone();
+    tasks.spawn("xds-unix", |_| xds::serve_unix(a, unix));
     let xds_addr = match cfg.xds_addr {
         None => None,
         Some(addr) => {
@@ -195,15 +175,7 @@ pub async fn build(cfg: ServeConfig) -> Result<Bound, Error> {
                 addr: addr.to_string(),
                 source,
             })?;
-            tasks.spawn(
-                async move {
-                    (
-                        "xds-tcp",
-                        xds::serve_tcp(ads, l).await.map_err(|e| e.to_string()),
-                    )
-                }
-                .instrument(info_span!("xds_tcp")),
-            );
+            tasks.spawn("xds-tcp", |_| xds::serve_tcp(ads, l));
             Some(bound)
         }
     };
@@ -214,9 +186,30 @@ pub async fn build(cfg: ServeConfig) -> Result<Bound, Error> {
         xds_socket: cfg.xds_socket,
         xds_addr,
         store,
-        cancel,
         tasks,
     })
+}
+
+/// The API's operations, for this account and region with the configured quotas.
+fn ops(cfg: &ServeConfig) -> Ops {
+    Ops {
+        account: Account {
+            account_id: cfg.account_id.clone(),
+            region: cfg.region.clone(),
+        },
+        quotas: Quotas {
+            meshes: cfg.quota_meshes,
+            virtual_nodes_per_mesh: cfg.quota_virtual_nodes,
+            virtual_services_per_mesh: cfg.quota_virtual_services,
+            backends_per_virtual_node: cfg.quota_backends,
+            virtual_routers_per_mesh: cfg.quota_virtual_routers,
+            routes_per_router: cfg.quota_routes,
+            weighted_targets_per_route: cfg.quota_weighted_targets,
+            virtual_gateways_per_mesh: cfg.quota_virtual_gateways,
+            gateway_routes_per_gateway: cfg.quota_gateway_routes,
+            tags_per_resource: cfg.quota_tags,
+        },
+    }
 }
 
 /// The Cloud Map client (connected on first use) and the pollers' timing.
@@ -242,10 +235,10 @@ fn cloud_map(
 impl Bound {
     /// Stops every task (also when one of them fails) and waits up to `deadline` for them.
     pub async fn shutdown(mut self, deadline: Duration) -> Result<(), String> {
-        self.cancel.cancel();
+        self.tasks.cancel.cancel();
         let drain = async {
             let mut first_err = None;
-            while let Some(res) = self.tasks.join_next().await {
+            while let Some(res) = self.tasks.set.join_next().await {
                 match res {
                     Ok((_, Ok(()))) => {}
                     Ok((name, Err(e))) => {
@@ -269,7 +262,7 @@ impl Bound {
     pub async fn wait_termination(mut self) -> Result<(), String> {
         let failed = tokio::select! {
             () = shutdown_signal() => None,
-            res = self.tasks.join_next() => Some(match res {
+            res = self.tasks.set.join_next() => Some(match res {
                 Some(Ok((name, Ok(())))) => format!("{name} stopped unexpectedly"),
                 Some(Ok((name, Err(e)))) => format!("{name}: {e}"),
                 Some(Err(e)) => format!("task panicked: {e}"),

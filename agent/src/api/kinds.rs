@@ -4,83 +4,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use serde::Serialize;
-use serde::de::DeserializeOwned;
-
 use super::Error;
-use super::ops::{CreateParts, Quotas};
+use super::kind::{Check, CreateParts, Kind, Parent, Quotas};
 use trellis_model::*;
-
-/// The parent of routes (a virtual router) or of gateway routes (a virtual gateway).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Parent {
-    Router,
-    Gateway,
-}
-
-impl Parent {
-    pub fn arn_segment(self) -> &'static str {
-        match self {
-            Parent::Router => "virtualRouter",
-            Parent::Gateway => "virtualGateway",
-        }
-    }
-
-    pub fn name_key(self) -> &'static str {
-        match self {
-            Parent::Router => "virtualRouterName",
-            Parent::Gateway => "virtualGatewayName",
-        }
-    }
-
-    pub fn human(self) -> &'static str {
-        match self {
-            Parent::Router => "virtual router",
-            Parent::Gateway => "virtual gateway",
-        }
-    }
-}
-
-/// What the rules of one write can see.
-pub struct Check<'a> {
-    pub mesh_name: &'a str,
-    pub mesh: &'a MeshState,
-    pub parent: Option<&'a str>,
-    pub name: &'a str,
-    pub quotas: &'a Quotas,
-}
-
-pub trait Kind: Send + Sync + 'static {
-    type Spec: Clone + PartialEq + Serialize + DeserializeOwned + Validate + Send + Sync + 'static;
-    type Create: DeserializeOwned + Validate + Send;
-    type Update: DeserializeOwned + Validate + Send;
-    /// The ARN segment and payload key: `virtualNode`.
-    const TYPE: &'static str;
-    const HUMAN: &'static str;
-    const NAME_KEY: &'static str;
-    const LIST_KEY: &'static str;
-    const PARENT: Option<Parent>;
-
-    fn create_parts(b: Self::Create) -> CreateParts<Self::Spec>;
-    fn update_parts(b: Self::Update) -> (Self::Spec, Option<String>);
-    fn map<'m>(
-        m: &'m MeshState,
-        mesh: &str,
-        parent: Option<&str>,
-    ) -> Result<&'m BTreeMap<String, Resource<Self::Spec>>, Error>;
-    fn map_mut<'m>(
-        m: &'m mut MeshState,
-        mesh: &str,
-        parent: Option<&str>,
-    ) -> Result<&'m mut BTreeMap<String, Resource<Self::Spec>>, Error>;
-    /// The limit and what it is counted per.
-    fn quota(q: &Quotas) -> (usize, &'static str);
-    fn check(c: &Check<'_>, spec: &Self::Spec) -> Result<(), Error>;
-    /// Who still references this resource, if anyone (that blocks a delete).
-    fn in_use(m: &MeshState, parent: Option<&str>, name: &str) -> Option<String>;
-    /// Tidies what hangs off a deleted resource (the empty route table of a router).
-    fn after_delete(_m: &mut MeshState, _name: &str) {}
-}
 
 /// The route table of a router that has never had routes.
 static NO_ROUTES: BTreeMap<String, Resource<RouteSpec>> = BTreeMap::new();
@@ -99,6 +25,36 @@ macro_rules! parts {
 
 fn parent_name(parent: Option<&str>) -> &str {
     parent.unwrap_or_default()
+}
+
+/// A table of resources per parent: routes per router, gateway routes per gateway.
+type Children<S> = BTreeMap<String, BTreeMap<String, Resource<S>>>;
+
+/// The children of `parent` (which must exist; one without children has the empty `none`).
+fn children<'m, P, S>(
+    parents: &BTreeMap<String, Resource<P>>,
+    tables: &'m Children<S>,
+    none: &'m BTreeMap<String, Resource<S>>,
+    (kind, mesh, parent): (Parent, &str, Option<&str>),
+) -> Result<&'m BTreeMap<String, Resource<S>>, Error> {
+    let p = parent_name(parent);
+    if !parents.contains_key(p) {
+        return Err(parent_not_found(kind, mesh, p));
+    }
+    Ok(tables.get(p).unwrap_or(none))
+}
+
+/// [`children`], to write to.
+fn children_mut<'m, P, S>(
+    parents: &BTreeMap<String, Resource<P>>,
+    tables: &'m mut Children<S>,
+    (kind, mesh, parent): (Parent, &str, Option<&str>),
+) -> Result<&'m mut BTreeMap<String, Resource<S>>, Error> {
+    let p = parent_name(parent);
+    if !parents.contains_key(p) {
+        return Err(parent_not_found(kind, mesh, p));
+    }
+    Ok(tables.entry(p.to_string()).or_default())
 }
 
 // === Virtual nodes ===
@@ -428,22 +384,19 @@ impl Kind for Routes {
         mesh: &str,
         parent: Option<&str>,
     ) -> Result<&'m BTreeMap<String, Resource<Self::Spec>>, Error> {
-        let p = parent_name(parent);
-        if !m.virtual_routers.contains_key(p) {
-            return Err(router_not_found(mesh, p));
-        }
-        Ok(m.routes.get(p).unwrap_or(&NO_ROUTES))
+        let at = (Parent::Router, mesh, parent);
+        children(&m.virtual_routers, &m.routes, &NO_ROUTES, at)
     }
     fn map_mut<'m>(
         m: &'m mut MeshState,
         mesh: &str,
         parent: Option<&str>,
     ) -> Result<&'m mut BTreeMap<String, Resource<Self::Spec>>, Error> {
-        let p = parent_name(parent);
-        if !m.virtual_routers.contains_key(p) {
-            return Err(router_not_found(mesh, p));
-        }
-        Ok(m.routes.entry(p.to_string()).or_default())
+        children_mut(
+            &m.virtual_routers,
+            &mut m.routes,
+            (Parent::Router, mesh, parent),
+        )
     }
     fn quota(q: &Quotas) -> (usize, &'static str) {
         (q.routes_per_router, "virtual router")
@@ -455,7 +408,7 @@ impl Kind for Routes {
             .mesh
             .virtual_routers
             .get(p)
-            .ok_or_else(|| router_not_found(c.mesh_name, p))?;
+            .ok_or_else(|| parent_not_found(Parent::Router, c.mesh_name, p))?;
         let listeners = router.spec.listeners.as_deref().unwrap_or_default();
         check_route_fits_router(spec, listeners, "spec")?;
         let (kind, targets) = route_kind_and_targets(spec).ok_or_else(|| {
@@ -637,22 +590,21 @@ impl Kind for GatewayRoutes {
         mesh: &str,
         parent: Option<&str>,
     ) -> Result<&'m BTreeMap<String, Resource<Self::Spec>>, Error> {
-        let p = parent_name(parent);
-        if !m.virtual_gateways.contains_key(p) {
-            return Err(gateway_not_found(mesh, p));
-        }
-        Ok(m.gateway_routes.get(p).unwrap_or(&NO_GATEWAY_ROUTES))
+        let at = (Parent::Gateway, mesh, parent);
+        children(
+            &m.virtual_gateways,
+            &m.gateway_routes,
+            &NO_GATEWAY_ROUTES,
+            at,
+        )
     }
     fn map_mut<'m>(
         m: &'m mut MeshState,
         mesh: &str,
         parent: Option<&str>,
     ) -> Result<&'m mut BTreeMap<String, Resource<Self::Spec>>, Error> {
-        let p = parent_name(parent);
-        if !m.virtual_gateways.contains_key(p) {
-            return Err(gateway_not_found(mesh, p));
-        }
-        Ok(m.gateway_routes.entry(p.to_string()).or_default())
+        let at = (Parent::Gateway, mesh, parent);
+        children_mut(&m.virtual_gateways, &mut m.gateway_routes, at)
     }
     fn quota(q: &Quotas) -> (usize, &'static str) {
         (q.gateway_routes_per_gateway, "virtual gateway")
@@ -664,7 +616,7 @@ impl Kind for GatewayRoutes {
             .mesh
             .virtual_gateways
             .get(p)
-            .ok_or_else(|| gateway_not_found(c.mesh_name, p))?;
+            .ok_or_else(|| parent_not_found(Parent::Gateway, c.mesh_name, p))?;
         check_gateway_route_fits(spec, &g.spec.listeners, "spec")?;
         let kind = gateway_route_kind(spec).unwrap_or("httpRoute");
         if let Some(t) = spec.target() {
@@ -871,10 +823,6 @@ fn provider_router(spec: &VirtualServiceSpec) -> Option<&str> {
         .map(|p| p.virtual_router_name.as_str())
 }
 
-fn router_not_found(mesh: &str, name: &str) -> Error {
-    Error::NotFound(format!("virtual router {name} not found in mesh {mesh}"))
-}
-
-fn gateway_not_found(mesh: &str, name: &str) -> Error {
-    Error::NotFound(format!("virtual gateway {name} not found in mesh {mesh}"))
+fn parent_not_found(kind: Parent, mesh: &str, name: &str) -> Error {
+    Error::NotFound(format!("{} {name} not found in mesh {mesh}", kind.human()))
 }

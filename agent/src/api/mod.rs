@@ -2,6 +2,7 @@
 //! the `--resources` import / `export` pair. The rules live in [`ops`] and [`kinds`].
 
 mod error;
+pub mod kind;
 pub mod kinds;
 pub mod ops;
 
@@ -18,10 +19,12 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 pub use error::Error;
+use kind::Kind;
+pub use kind::Quotas;
 use kinds::{
-    GatewayRoutes, Kind, Routes, VirtualGateways, VirtualNodes, VirtualRouters, VirtualServices,
+    GatewayRoutes, Routes, VirtualGateways, VirtualNodes, VirtualRouters, VirtualServices,
 };
-pub use ops::{Account, Ops, Place, Query, Quotas};
+pub use ops::{Account, Ops, Place, Query};
 
 use crate::store::Store;
 use trellis_model::State;

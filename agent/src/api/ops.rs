@@ -9,44 +9,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::Error;
-use super::kinds::{Check, Kind};
+use super::kind::{Check, CreateParts, Kind, Quotas};
 use crate::store::Store;
 use trellis_model::{
     CreateMeshBody, EgressFilter, EgressFilterType, MeshSpec, MeshState, Metadata, Resource, State,
     TagRef, TagResourceBody, UntagResourceBody, UpdateMeshBody, Validate,
 };
-
-/// App Mesh's default quotas; every one is configurable.
-#[derive(Clone, Debug, Serialize)]
-pub struct Quotas {
-    pub meshes: usize,
-    pub virtual_nodes_per_mesh: usize,
-    pub virtual_services_per_mesh: usize,
-    pub virtual_routers_per_mesh: usize,
-    pub routes_per_router: usize,
-    pub weighted_targets_per_route: usize,
-    pub backends_per_virtual_node: usize,
-    pub virtual_gateways_per_mesh: usize,
-    pub gateway_routes_per_gateway: usize,
-    pub tags_per_resource: usize,
-}
-
-impl Default for Quotas {
-    fn default() -> Self {
-        Quotas {
-            meshes: 15,
-            virtual_nodes_per_mesh: 200,
-            virtual_services_per_mesh: 200,
-            virtual_routers_per_mesh: 200,
-            routes_per_router: 50,
-            weighted_targets_per_route: 10,
-            backends_per_virtual_node: 50,
-            virtual_gateways_per_mesh: 3,
-            gateway_routes_per_gateway: 10,
-            tags_per_resource: 50,
-        }
-    }
-}
 
 /// Who this agent is, for ARNs and owners.
 #[derive(Clone, Debug, Serialize)]
@@ -88,15 +56,6 @@ impl Status {
             Status::Deleted => "DELETED",
         }
     }
-}
-
-/// What a create request carries, whatever the kind.
-#[derive(Debug)]
-pub struct CreateParts<S> {
-    pub name: String,
-    pub spec: S,
-    pub tags: Vec<TagRef>,
-    pub client_token: Option<String>,
 }
 
 /// Where a resource lives: its mesh and, for routes and gateway routes, its router or gateway.

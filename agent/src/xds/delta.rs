@@ -20,8 +20,8 @@ use tonic::{Status, Streaming};
 use tracing::{debug, warn};
 
 use super::Ads;
+use super::session::{self, Protocol};
 use super::snapshot::{ENDPOINT, PUSH_ORDER, Snapshot, TypeSnapshot, is_wildcard_type};
-use super::stream;
 
 /// The explicit wildcard subscription of the xDS protocol.
 const WILDCARD: &str = "*";
@@ -102,10 +102,10 @@ pub(super) async fn run_stream(
         nacked_types: BTreeSet::new(),
         removals_due: false,
     };
-    stream::serve(ads, id, inbound, stream).await
+    session::serve(ads, id, inbound, stream).await
 }
 
-impl stream::Protocol for Stream<'_> {
+impl Protocol for Stream<'_> {
     type Request = DeltaDiscoveryRequest;
     const NAME: &'static str = "delta";
 

@@ -4,8 +4,10 @@
 pub mod debounce;
 mod delta;
 pub mod metrics;
+mod service;
+mod session;
 pub mod snapshot;
-mod stream;
+mod sotw;
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
@@ -18,8 +20,8 @@ use tokio_util::sync::CancellationToken;
 
 pub use debounce::{Debounce, Published};
 pub use metrics::Metrics;
+pub use service::AdsService;
 use snapshot::Snapshots;
-pub use stream::AdsService;
 use trellis_model::ProxyIdentity;
 
 #[derive(Debug, thiserror::Error)]

@@ -1,189 +1,26 @@
-//! One Envoy stream: what every stream shares (`Session`: identity, connection quota, snapshot
-//! lookup, metrics), and the SotW request rules (stale nonces ignored, NACKs never answered with the
-//! same version, named vs wildcard subscriptions) with pushes in make-before-break order (a cluster
-//! a push drops stays until what used it is ACKed).
+//! The state-of-the-world ADS machine: stale nonces ignored, NACKs never answered with the same
+//! version, named vs wildcard subscriptions, and pushes in make-before-break order (a cluster a
+//! push drops stays until what used it is ACKed).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
-use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryService;
-use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
-};
+use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use envoy_types::pb::google::protobuf::Any;
 use envoy_types::util::pack_any;
 use sha2::{Digest, Sha256};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, Streaming};
-use tracing::{Instrument, debug, info, info_span, warn};
+use tonic::{Status, Streaming};
+use tracing::{debug, warn};
 
+use super::Ads;
+use super::session::{Protocol, serve};
 use super::snapshot::{
     CLUSTER, ENDPOINT, PUSH_ORDER, Packed, Snapshot, TypeSnapshot, is_wildcard_type,
 };
-use super::{Ads, Published, Slot};
-use trellis_model::{ProxyIdentity, State};
-use trellis_translate as translate;
-
-/// Responses a stream may have queued before it waits for Envoy to read (HTTP/2 flow control).
-const STREAM_QUEUE: usize = 8;
-
-#[derive(Debug)]
-pub struct AdsService(pub(super) Arc<Ads>);
-
-#[tonic::async_trait]
-impl AggregatedDiscoveryService for AdsService {
-    type StreamAggregatedResourcesStream = ReceiverStream<Result<DiscoveryResponse, Status>>;
-    type DeltaAggregatedResourcesStream = ReceiverStream<Result<DeltaDiscoveryResponse, Status>>;
-
-    async fn stream_aggregated_resources(
-        &self,
-        request: Request<Streaming<DiscoveryRequest>>,
-    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        let ads = self.0.clone();
-        let inbound = request.into_inner();
-        Ok(Response::new(spawn_stream(
-            &self.0,
-            "sotw",
-            move |id, tx| async move { run_stream(&ads, id, inbound, &tx).await },
-        )))
-    }
-
-    async fn delta_aggregated_resources(
-        &self,
-        request: Request<Streaming<DeltaDiscoveryRequest>>,
-    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        let ads = self.0.clone();
-        let inbound = request.into_inner();
-        Ok(Response::new(spawn_stream(
-            &self.0,
-            "delta",
-            move |id, tx| async move { super::delta::run_stream(&ads, id, inbound, &tx).await },
-        )))
-    }
-}
-
-/// Runs one stream in its own task and span; a refusal reaches Envoy as the stream's status.
-fn spawn_stream<R, F>(
-    ads: &Ads,
-    variant: &'static str,
-    run: impl FnOnce(u64, mpsc::Sender<Result<R, Status>>) -> F,
-) -> ReceiverStream<Result<R, Status>>
-where
-    R: Send + 'static,
-    F: Future<Output = Result<(), Status>> + Send + 'static,
-{
-    let id = ads.next_stream.fetch_add(1, Ordering::Relaxed);
-    let (tx, rx) = mpsc::channel(STREAM_QUEUE);
-    let stream = run(id, tx.clone());
-    tokio::spawn(
-        async move {
-            if let Err(status) = stream.await {
-                warn!(code = ?status.code(), message = status.message(), "stream refused");
-                // The stream may already be gone; nothing else to tell.
-                let _ = tx.send(Err(status)).await;
-            }
-            debug!("stream closed");
-        }
-        .instrument(info_span!(
-            "ads_stream",
-            stream = id,
-            variant,
-            node = tracing::field::Empty
-        )),
-    );
-    ReceiverStream::new(rx)
-}
-
-/// What every stream holds while open, whatever its protocol variant: the proxy's identity and
-/// connection slot, and the snapshot it serves. Dropping it gives the slot back.
-pub(super) struct Session {
-    pub(super) id: u64,
-    pub(super) who: ProxyIdentity,
-    who_text: String,
-    pub(super) snap: Arc<Snapshot>,
-    pub(super) published: watch::Receiver<Published>,
-    metrics: Arc<super::Metrics>,
-    _slot: Slot,
-}
-
-impl Session {
-    /// Checks the first request's node, takes a connection slot and builds the first snapshot.
-    pub(super) fn open(
-        ads: &Arc<Ads>,
-        id: u64,
-        variant: &'static str,
-        node: Option<&Node>,
-    ) -> Result<Self, Status> {
-        let node = node.ok_or_else(|| {
-            Status::invalid_argument("the first request on a stream must carry node")
-        })?;
-        let who = ProxyIdentity::parse(&node.id)
-            .map_err(|e| Status::invalid_argument(format!("node.id: {e}")))?;
-        tracing::Span::current().record("node", node.id.as_str());
-        let slot = ads.admit(&who).ok_or_else(|| {
-            ads.metrics.refused("connection_quota");
-            Status::resource_exhausted(format!(
-                "{who} already has {} Envoy connections, the limit per virtual node or gateway \
-                 (raise it with --max-connections-per-proxy)",
-                ads.max_per_proxy
-            ))
-        })?;
-        let mut published = ads.published.clone();
-        published.mark_unchanged();
-        let state = ads.committed.borrow().clone();
-        let snap = build(ads, &state, &who).map_err(|e| {
-            ads.metrics.refused("unknown_proxy");
-            unknown_proxy(e)
-        })?;
-        info!(node = %who, "envoy connected");
-        let who_text = who.to_string();
-        ads.metrics.stream_opened(id, &who_text, variant);
-        Ok(Session {
-            id,
-            who,
-            who_text,
-            snap,
-            published,
-            metrics: ads.metrics.clone(),
-            _slot: slot,
-        })
-    }
-
-    /// After `published` changed: serves the newest publication's snapshot and returns when its
-    /// change was committed, or `None` if it is older than what this stream already serves.
-    pub(super) fn refresh(&mut self, ads: &Ads) -> Option<Instant> {
-        let p = self.published.borrow_and_update().clone();
-        if p.state.generation < self.snap.generation {
-            // Published before the state this stream started from; a newer one follows.
-            return None;
-        }
-        self.snap = match build(ads, &p.state, &self.who) {
-            Ok(s) => s,
-            Err(e) => {
-                // The proxy's resource went away: it keeps its stream but gets nothing.
-                warn!(node = %self.who, error = %e, "proxy no longer exists; sending empty configuration");
-                Arc::new(Snapshot::from_resources(
-                    p.state.generation,
-                    Default::default(),
-                ))
-            }
-        };
-        Some(p.changed_at)
-    }
-}
-
-impl Drop for Session {
-    fn drop(&mut self) {
-        self.metrics.stream_closed(self.id, &self.who_text);
-        info!(node = %self.who_text, "envoy disconnected");
-    }
-}
 
 /// What one stream has sent and heard back for one type.
 #[derive(Debug, Default)]
@@ -213,7 +50,7 @@ struct Stream<'a> {
     kept_clusters: BTreeMap<String, Any>,
 }
 
-async fn run_stream(
+pub(super) async fn run_stream(
     ads: &Arc<Ads>,
     id: u64,
     inbound: Streaming<DiscoveryRequest>,
@@ -229,61 +66,6 @@ async fn run_stream(
         kept_clusters: BTreeMap::new(),
     };
     serve(ads, id, inbound, stream).await
-}
-
-/// One protocol's side of a stream (SotW here, delta in `delta.rs`), which [`drive`] feeds.
-pub(super) trait Protocol {
-    type Request;
-    /// "sotw" or "delta", for logs and metrics.
-    const NAME: &'static str;
-    /// The node a request names (the first one identifies the proxy).
-    fn node(req: &Self::Request) -> Option<&Node>;
-    async fn on_request(&mut self, req: Self::Request, snap: &Snapshot) -> Result<(), Status>;
-    /// After an input change committed at `changed_at`: `before` is what was served until now.
-    async fn on_change(
-        &mut self,
-        changed_at: Instant,
-        before: &Snapshot,
-        snap: &Snapshot,
-    ) -> Result<(), Status>;
-}
-
-/// Opens the session on the first request, serves it, then each request and each publication,
-/// until Envoy or the agent ends the stream.
-pub(super) async fn serve<P: Protocol>(
-    ads: &Arc<Ads>,
-    id: u64,
-    mut inbound: Streaming<P::Request>,
-    mut stream: P,
-) -> Result<(), Status> {
-    let Some(first) = inbound.message().await? else {
-        return Ok(());
-    };
-    let mut session = Session::open(ads, id, P::NAME, P::node(&first))?;
-    stream.on_request(first, &session.snap).await?;
-    loop {
-        tokio::select! {
-            req = inbound.message() => match req {
-                Ok(Some(req)) => stream.on_request(req, &session.snap).await?,
-                Ok(None) => break,
-                Err(status) => {
-                    debug!(message = status.message(), "stream ended by envoy");
-                    break;
-                }
-            },
-            changed = session.published.changed() => {
-                if changed.is_err() {
-                    break;
-                }
-                let before = session.snap.clone();
-                if let Some(changed_at) = session.refresh(ads) {
-                    stream.on_change(changed_at, &before, &session.snap).await?;
-                }
-            }
-            () = ads.cancel.cancelled() => break,
-        }
-    }
-    Ok(())
 }
 
 impl Protocol for Stream<'_> {
@@ -307,25 +89,6 @@ impl Protocol for Stream<'_> {
         self.change = Some(changed_at);
         self.push_changes(before, snap).await
     }
-}
-
-pub(super) fn build(
-    ads: &Ads,
-    state: &State,
-    who: &ProxyIdentity,
-) -> Result<Arc<Snapshot>, translate::Error> {
-    let start = Instant::now();
-    let (snap, built) = ads.snapshots.get(state, who)?;
-    if built {
-        ads.metrics.built(start.elapsed());
-    }
-    Ok(snap)
-}
-
-pub(super) fn unknown_proxy(e: translate::Error) -> Status {
-    Status::not_found(format!(
-        "{e}: create it with the App Mesh API before starting its Envoy, or fix APPMESH_RESOURCE_ARN"
-    ))
 }
 
 impl Stream<'_> {
