@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use trellis_tests::mesh::{Agent, Vpc, start_proxy_envoy};
 use trellis_tests::scenario::resources_file;
-use trellis_tests::{Workdir, can_run_privileged, check, run};
+use trellis_tests::{Workdir, can_run_privileged, check, eventually, run};
 
 const ENVOYS: u8 = 20;
 const ADMIN: u16 = 9901;
@@ -61,16 +61,21 @@ fn twenty_envoys_of_one_node_converge_on_a_route_change() {
         "--data-binary",
         r#"{"spec":{"httpRoute":{"match":{"prefix":"/v1-changed"},"action":{"weightedTargets":[{"virtualNode":"backend","weight":1}]}}}}"#,
     ]));
+    // How fast is the ADS bench's business; here every Envoy must get there (a deadline that
+    // only a broken fan-out misses, not a timing assert).
     let mut pending: Vec<usize> = (0..tasks.len()).collect();
-    while !pending.is_empty() {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "{} Envoys still on the old route after 10 s",
-            pending.len()
-        );
-        pending.retain(|i| !has(&tasks[*i], "/v1-changed"));
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    eventually(
+        "every Envoy on the new route",
+        Duration::from_secs(60),
+        || {
+            pending.retain(|i| !has(&tasks[*i], "/v1-changed"));
+            if pending.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("{} Envoys still on the old route", pending.len()))
+            }
+        },
+    );
     eprintln!(
         "{ENVOYS} Envoys converged {:?} after the API write (polling included)",
         start.elapsed()

@@ -6,7 +6,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use trellis_tests::mesh::Agent;
-use trellis_tests::scenario::{BACK_URL, two_tasks};
+use trellis_tests::scenario::{ADMIN_PORT, BACK_URL, EGRESS_CLUSTER, two_tasks};
 use trellis_tests::{Workdir, can_run_privileged, check, eventually, run};
 
 #[test]
@@ -30,8 +30,16 @@ fn a_restarted_agent_loses_no_request_and_resends_nothing_unchanged() {
         .spawn()
         .expect("start traffic");
 
-    std::thread::sleep(Duration::from_millis(500));
+    // The restart happens under load: once the traffic is flowing through front's Envoy.
+    let before = mesh.front.envoy_stat(ADMIN_PORT, EGRESS_CLUSTER);
+    eventually("traffic flows", Duration::from_secs(10), || {
+        let now = mesh.front.envoy_stat(ADMIN_PORT, EGRESS_CLUSTER);
+        (now >= before + 10)
+            .then_some(())
+            .ok_or(format!("{} requests so far", now - before))
+    });
     run(Command::new("kill").args(["-9", &mesh.agent.proc.pid().to_string()]));
+    // The agent stays down for a while (a deliberate outage, not a wait for something).
     std::thread::sleep(Duration::from_secs(1));
     mesh.agent = Agent::start(&work, None);
 

@@ -202,24 +202,25 @@ fn concurrent_writes_through_different_agents_resolve_exactly_as_on_one_agent() 
         );
     }
 
-    // Every agent, and one started now, publishes the same state.
+    // Every agent, and one started now, publishes the same state. No write is in flight, so the
+    // agents must settle on one generation and one listing; each view is read live (a listing
+    // taken from one agent before it replayed the last write would compare stale with fresh).
     let late = agent(&work, &moto, "mesh", "late", &["--quota-meshes", "2"]);
-    let want = listing(a1, "m");
-    for a in all.iter().chain([&late]) {
-        eventually("agents agree", Duration::from_secs(20), || {
-            let got = listing(a, "m");
-            let generation = a.metric("trellis_store_generation");
-            let want_generation = a1.metric("trellis_store_generation");
-            if got == want && generation == want_generation {
-                Ok(())
-            } else {
-                Err(format!(
-                    "{} at {generation} vs {want_generation}:\n{got}\nvs\n{want}",
-                    a.api
-                ))
-            }
-        });
-    }
+    let everyone: Vec<&Agent> = all.iter().chain([&late]).collect();
+    eventually("agents agree", Duration::from_secs(20), || {
+        let views: Vec<(f64, String)> = everyone
+            .iter()
+            .map(|a| (a.metric("trellis_store_generation"), listing(a, "m")))
+            .collect();
+        if views.iter().all(|v| *v == views[0]) {
+            Ok(())
+        } else {
+            let generations: Vec<f64> = views.iter().map(|v| v.0).collect();
+            Err(format!(
+                "generations {generations:?}; listings differ: {views:?}"
+            ))
+        }
+    });
 }
 
 #[test]
@@ -281,7 +282,7 @@ fn export_and_resources_carry_a_mesh_between_the_embedded_store_and_dynamodb() {
     // A second agent given the same file at start changes nothing.
     let generation = shared.metric("trellis_store_generation");
     args.extend(["--resources".into(), file.display().to_string()]);
-    let _second = Agent::start_with(
+    let second = Agent::start_with(
         &work,
         &AgentOpts {
             name: "second",
@@ -290,6 +291,8 @@ fn export_and_resources_carry_a_mesh_between_the_embedded_store_and_dynamodb() {
             ..AgentOpts::default()
         },
     );
+    // Its own view follows its own confirmed writes, so a write it made would show here.
+    assert_eq!(second.metric("trellis_store_generation"), generation);
     assert_eq!(shared.metric("trellis_store_generation"), generation);
 
     // And back: the DynamoDB export makes the same embedded store.
