@@ -190,8 +190,10 @@ fn egress<'a>(ctx: &Ctx<'a>, spec: &'a VirtualNodeSpec, out: &mut Output) {
     let bases: Vec<_> = backends.iter().map(|s| (*s, ctx.base_plan(s))).collect();
     // A cluster is per (node, port), so one backend's client policy and name (SNI) decide its
     // TLS when several backends reach a node: the first by name whose routes reach it.
+    // Without any client policy every cluster is plain whoever owns it: no need to know.
     let mut owners: BTreeMap<(&str, Option<i64>), Client<'_>> = BTreeMap::new();
-    for (service, base) in &bases {
+    let policies = defaults.is_some() || !own.is_empty();
+    for (service, base) in bases.iter().filter(|_| policies) {
         for ((node, port), _) in &base.lookups {
             owners
                 .entry((node.as_str(), *port))
