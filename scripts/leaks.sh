@@ -54,15 +54,16 @@ leaks_begin() {
   : >"$LEAKS_DIR/pids"
   LEAKS_CG=""
   local mount path
-  mount=$(findmnt -n -o TARGET -t cgroup2 2>/dev/null | head -1)
-  path=$(sed -n 's/^0:://p' /proc/self/cgroup)
+  # `|| true`: callers run under set -e, and no cgroup v2 is a case to handle, not an error.
+  mount=$(findmnt -n -o TARGET -t cgroup2 2>/dev/null | head -1 || true)
+  path=$(sed -n 's/^0:://p' /proc/self/cgroup 2>/dev/null || true)
   if [ -n "$mount" ] && mkdir "$mount${path%/}/trellis-run-$$" 2>/dev/null; then
     LEAKS_CG="$mount${path%/}/trellis-run-$$"
   else
     echo "$LEAKS_LABEL: no writable cgroup v2 here: processes are told ours by TRELLIS_RUN_ID in their environment" >&2
   fi
   local triple
-  triple=$(rustc -vV 2>/dev/null | sed -n 's/^host: //p')
+  triple=$(rustc -vV 2>/dev/null | sed -n 's/^host: //p' || true)
   LEAKS_RUNNER_VAR="CARGO_TARGET_$(echo "${triple:-x86_64-unknown-linux-gnu}" | tr 'a-z-' 'A-Z_')_RUNNER"
 }
 
