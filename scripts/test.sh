@@ -21,7 +21,7 @@ The whole test suite, exactly what CI runs (.ci/run), as root from the repositor
 
 Every step runs even when an earlier one failed (tests are skipped only when the build fails), so
 one run reports every failure; the summary at the end names the failed steps and the exit status
-is then 1. On a 2-core VM: about 13 minutes the first time (after demo.sh's build), 7 after that.
+is then 1. On a 2-core VM: about 13 minutes the first time (after demo.sh's build), 7 to 11 after that.
 
 Suites that need root (network namespaces, iptables, the container images) skip with a message
 when not run as root. With CI set (CI=true, as in CI) they fail instead of skipping, and so do the
