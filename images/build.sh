@@ -41,7 +41,7 @@ else
   bin_dir="${CARGO_TARGET_DIR:-$root/target}/release"
 fi
 
-work="$(mktemp -d /tmp/trellis-images.XXXXXX)"
+work="$(mktemp -d "${TMPDIR:-/tmp}/trellis-images.XXXXXX")"
 buildah=(buildah --root "$work/storage" --runroot "$work/run" --storage-driver vfs)
 cleanup() {
   "${buildah[@]}" rmi --all --force >/dev/null 2>&1 || true

@@ -30,7 +30,9 @@ impl fmt::Display for Family {
 /// `--iptables-backend`: how to pick the iptables programs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum BackendChoice {
-    /// Look at the namespace: the backend that already has rules there (see [`crate::detect`]).
+    // These doc comments are `--help` text (clap): no rustdoc links. How auto decides: detect.rs.
+    /// Look at the namespace: the backend that already has more rules there; on a tie, the one
+    /// `iptables` on PATH uses.
     #[default]
     Auto,
     /// `iptables-restore` etc. from PATH: whatever the image's alternatives point at.

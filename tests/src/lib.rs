@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 pub mod cloudmap;
 pub mod dynamo;
 pub mod mesh;
+pub mod reap;
 pub mod scenario;
 pub mod sds;
 
@@ -169,13 +170,14 @@ pub fn check(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// A working directory that uid 1337 can read, removed on drop.
+/// A working directory that uid 1337 can read, removed on drop (kept, with a message, when the
+/// test panics), under [`reap::scratch_dir`].
 #[derive(Debug)]
 pub struct Workdir(PathBuf);
 
 impl Workdir {
     pub fn new(name: &str) -> Self {
-        let p = PathBuf::from(format!("/tmp/trellis-e2e-{name}-{}", std::process::id()));
+        let p = reap::scratch_dir().join(format!("trellis-e2e-{name}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&p);
         fs::create_dir_all(&p).expect("create workdir");
         fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).expect("chmod workdir");
@@ -184,6 +186,13 @@ impl Workdir {
 
     pub fn path(&self) -> &Path {
         &self.0
+    }
+
+    /// Keeps the directory (with its logs) instead of removing it; returns where it is.
+    pub fn keep(self) -> PathBuf {
+        let path = self.0.clone();
+        std::mem::forget(self);
+        path
     }
 
     pub fn join(&self, p: &str) -> PathBuf {
@@ -217,7 +226,8 @@ impl Drop for Workdir {
     }
 }
 
-/// A child process killed on drop, with its output in a log file.
+/// A child process ended on drop together with everything it started (see [`reap::kill_tree`]),
+/// with its output in a log file.
 #[derive(Debug)]
 pub struct Proc {
     pub name: String,
@@ -270,7 +280,10 @@ impl Proc {
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        // Only while it is unreaped is its pid still its own (a reaped pid may be reused).
+        if let Ok(None) = self.child.try_wait() {
+            reap::kill_tree(self.child.id());
+        }
         let _ = self.child.wait();
         if std::thread::panicking() {
             let log = self.log_text();

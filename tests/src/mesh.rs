@@ -24,9 +24,10 @@ pub struct Vpc {
 }
 
 impl Vpc {
-    /// `id` keeps names short and unique (interface names are limited to 15 bytes).
+    /// `id` tells apart the VPCs of one test process. Namespace names carry the whole pid, which
+    /// is how `scripts/test.sh`'s leak check knows them for its run's.
     pub fn new(work: &Workdir, id: u8) -> Self {
-        let ns = format!("trv{}-{id}", std::process::id() % 100_000);
+        let ns = format!("trv{}-{id}", std::process::id());
         let prefix = format!("10.213.{id}");
         check(Command::new("ip").args(["netns", "add", &ns]));
         let vpc = Vpc {
@@ -119,13 +120,6 @@ impl Vpc {
     pub fn task(&mut self, name: &str, host: u8) -> Task {
         let ns = format!("{}-{name}", self.ns);
         let ip = format!("{}.{host}", self.prefix);
-        // Host-side names are global: process, VPC and host keep them apart (15 bytes at most).
-        let vpc = self.prefix.rsplit('.').next().unwrap_or("0");
-        let pid = std::process::id() % 1_000;
-        let (inside, outside) = (
-            format!("trt{pid}-{vpc}-{host}"),
-            format!("trh{pid}-{vpc}-{host}"),
-        );
         check(Command::new("ip").args(["netns", "add", &ns]));
         self.tasks.push(ns.clone());
         let etc = PathBuf::from(format!("/etc/netns/{ns}"));
@@ -135,17 +129,17 @@ impl Vpc {
             format!("nameserver {}\n", self.resolver()),
         )
         .expect("resolv.conf");
-        // veth: one end in the task, the other on the VPC bridge.
+        // veth: eth0 in the task, its peer on the VPC bridge. Made inside the namespaces, so it
+        // never exists in the host's, where a failed test could leave it.
+        let outside = format!("veth{host}");
         check(Command::new("ip").args([
-            "link", "add", &outside, "type", "veth", "peer", "name", &inside,
+            "-n", &ns, "link", "add", "eth0", "type", "veth", "peer", "name", &outside, "netns",
+            &self.ns,
         ]));
-        check(Command::new("ip").args(["link", "set", &inside, "netns", &ns]));
-        check(Command::new("ip").args(["link", "set", &outside, "netns", &self.ns]));
         self.exec(&["ip", "link", "set", &outside, "master", "br0"]);
         self.exec(&["ip", "link", "set", &outside, "up"]);
         let task = Task { ns, ip: ip.clone() };
         task.exec(&["ip", "link", "set", "lo", "up"]);
-        task.exec(&["ip", "link", "set", &inside, "name", "eth0"]);
         task.exec(&["ip", "addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
         task.exec(&["ip", "link", "set", "eth0", "up"]);
         task.exec(&["ip", "route", "add", "default", "via", &self.resolver()]);

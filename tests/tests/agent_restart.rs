@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use trellis_tests::mesh::Agent;
 use trellis_tests::scenario::{ADMIN_PORT, BACK_URL, EGRESS_CLUSTER, two_tasks};
-use trellis_tests::{Workdir, can_run_privileged, check, eventually, run};
+use trellis_tests::{Proc, Workdir, can_run_privileged, check, eventually, run};
 
 #[test]
 fn a_restarted_agent_loses_no_request_and_resends_nothing_unchanged() {
@@ -24,11 +24,12 @@ fn a_restarted_agent_loses_no_request_and_resends_nothing_unchanged() {
     let script = format!(
         "for i in $(seq 1 300); do curl -s -o /dev/null -m 3 -w '%{{http_code}}\\n' {BACK_URL}; sleep 0.01; done"
     );
-    let mut traffic = mesh.front.cmd(&["sh", "-c", &script]);
-    let traffic = traffic
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("start traffic");
+    // A Proc, so a failure before the loop ends does not leave it running.
+    let mut traffic = Proc::spawn(
+        "traffic",
+        &mut mesh.front.cmd(&["sh", "-c", &script]),
+        work.join("traffic.log"),
+    );
 
     // The restart happens under load: once the traffic is flowing through front's Envoy.
     let before = mesh.front.envoy_stat(ADMIN_PORT, EGRESS_CLUSTER);
@@ -43,8 +44,11 @@ fn a_restarted_agent_loses_no_request_and_resends_nothing_unchanged() {
     std::thread::sleep(Duration::from_secs(1));
     mesh.agent = Agent::start(&work, None);
 
-    let out = traffic.wait_with_output().expect("traffic finished");
-    let codes = String::from_utf8_lossy(&out.stdout);
+    // 300 requests of at most 3 s each.
+    eventually("the traffic loop ends", Duration::from_secs(900), || {
+        traffic.exited().ok_or_else(|| "running".to_string())
+    });
+    let codes = traffic.log_text();
     let failed: Vec<&str> = codes.lines().filter(|c| *c != "200").collect();
     assert_eq!(codes.lines().count(), 300);
     assert!(

@@ -101,7 +101,8 @@ impl TaskMetadata {
 }
 
 /// The entrypoint running the real Envoy with an admin port of its own and an access log for the
-/// admin requests (which is how the test sees the drain call arrive).
+/// admin requests (which is how the test sees the drain call arrive). Its Envoy child ends with it:
+/// a [`Proc`] ends the whole tree on drop.
 struct Entrypoint {
     proc: Proc,
     admin: u16,
@@ -190,16 +191,6 @@ impl Entrypoint {
                 .exited()
                 .ok_or_else(|| "still running".to_string())
         })
-    }
-}
-
-impl Drop for Entrypoint {
-    fn drop(&mut self) {
-        // The entrypoint is killed by Proc's drop; its Envoy child must not outlive the test.
-        let envoy = self.envoy_pid();
-        if !envoy.is_empty() {
-            let _ = Command::new("kill").args(["-KILL", &envoy]).status();
-        }
     }
 }
 

@@ -13,9 +13,12 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use serde_json::Value;
-use trellis_tests::{Proc, bin, can_run_privileged, check, eventually, run, workspace_root};
+use trellis_tests::reap::{remove_at_exit, scratch_dir};
+use trellis_tests::{
+    Proc, Workdir, bin, can_run_privileged, check, eventually, run, workspace_root,
+};
 
-/// The OCI layout with all three images, built once per test process.
+/// The OCI layout with all three images, built once per test process and shared by its tests.
 fn layout() -> &'static Path {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT.get_or_init(|| {
@@ -25,17 +28,10 @@ fn layout() -> &'static Path {
             .to_path_buf();
         // Both binaries come from the same (just refreshed) build directory.
         bin("trellis-proxy-route-manager");
-        // A static is never dropped: layouts of earlier runs (their processes gone) go here.
-        for entry in std::fs::read_dir("/tmp").into_iter().flatten().flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if let Some(pid) = name.strip_prefix("trellis-images-test-")
-                && !Path::new(&format!("/proc/{pid}")).exists()
-            {
-                let _ = std::fs::remove_dir_all(entry.path());
-            }
-        }
-        let out = PathBuf::from(format!("/tmp/trellis-images-test-{}", std::process::id()));
+        let out = scratch_dir().join(format!("trellis-images-test-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&out);
+        // A static is never dropped: the layout goes when the test process does, however it ends.
+        remove_at_exit(&out);
         check(
             Command::new("bash")
                 .arg(workspace_root().join("images/build.sh"))
@@ -106,12 +102,9 @@ struct Unpacked {
 }
 
 impl Unpacked {
-    /// `tag` tells apart two unpackings of one image in one test process.
-    fn new(image: &str, cfg: &Value, tag: &str) -> Self {
-        let dir = PathBuf::from(format!(
-            "/tmp/trellis-unpacked-{image}-{tag}-{}",
-            std::process::id()
-        ));
+    /// `tag` tells apart two unpackings of one image in one test.
+    fn new(work: &Workdir, image: &str, cfg: &Value, tag: &str) -> Self {
+        let dir = work.join(&format!("unpacked-{image}-{tag}"));
         let _ = std::fs::remove_dir_all(&dir);
         check(
             Command::new("umoci")
@@ -145,6 +138,8 @@ impl Unpacked {
     }
 
     /// `argv` inside the image: its netns, a pid namespace, its root, its user and environment.
+    /// `--kill-child` does not end the image's program with `unshare` (the uid change clears the
+    /// parent-death signal): a long-running one must be a [`Proc`], whose drop kills the tree.
     fn cmd(&self, argv: &[&str], extra_env: &[(&str, &str)]) -> Command {
         let mut c = Command::new("ip");
         c.args(["netns", "exec", &self.ns])
@@ -243,8 +238,9 @@ fn agent_image_runs_as_1338_and_serves_from_its_own_root() {
     if !tools_ready("agent_image_runs_as_1338_and_serves_from_its_own_root") {
         return;
     }
+    let work = Workdir::new("image-agent");
     let cfg = inspect("trellis-agent", "1338:1338");
-    let img = Unpacked::new("trellis-agent", &cfg, "a");
+    let img = Unpacked::new(&work, "trellis-agent", &cfg, "a");
     let entry = argv(&cfg["Entrypoint"]);
     let bin = img.rootfs().join(entry[0].trim_start_matches('/'));
     assert!(bin.is_file(), "entrypoint {} missing", bin.display());
@@ -264,8 +260,11 @@ fn agent_image_runs_as_1338_and_serves_from_its_own_root() {
         .copied()
         .chain(cmd_args.iter().map(String::as_str))
         .collect();
-    let log = std::env::temp_dir().join(format!("trellis-img-agent-{}.log", std::process::id()));
-    let mut agent = Proc::spawn("agent image", &mut img.cmd(&full, &[]), log);
+    let mut agent = Proc::spawn(
+        "agent image",
+        &mut img.cmd(&full, &[]),
+        work.join("agent.log"),
+    );
     eventually(
         "the agent in the image is healthy",
         Duration::from_secs(60),
@@ -313,8 +312,9 @@ fn route_manager_image_installs_the_redirect_with_its_own_iptables() {
     if !tools_ready("route_manager_image_installs_the_redirect_with_its_own_iptables") {
         return;
     }
+    let work = Workdir::new("image-route-manager");
     let cfg = inspect("trellis-proxy-route-manager", "0:0");
-    let img = Unpacked::new("trellis-proxy-route-manager", &cfg, "a");
+    let img = Unpacked::new(&work, "trellis-proxy-route-manager", &cfg, "a");
     let entry = argv(&cfg["Entrypoint"]);
     let entry: Vec<&str> = entry.iter().map(String::as_str).collect();
     assert!(
@@ -366,8 +366,9 @@ fn envoy_image_starts_envoy_as_1337_and_stops_it_on_sigterm() {
     if !tools_ready("envoy_image_starts_envoy_as_1337_and_stops_it_on_sigterm") {
         return;
     }
+    let work = Workdir::new("image-envoy");
     let cfg = inspect("trellis-envoy", "1337:1337");
-    let img = Unpacked::new("trellis-envoy", &cfg, "a");
+    let img = Unpacked::new(&work, "trellis-envoy", &cfg, "a");
     let entry = argv(&cfg["Entrypoint"]);
     let entry: Vec<&str> = entry.iter().map(String::as_str).collect();
     let version = check(&mut img.cmd(&["/usr/local/bin/envoy", "--version"], &[]));
@@ -379,8 +380,11 @@ fn envoy_image_starts_envoy_as_1337_and_stops_it_on_sigterm() {
         // No agent here: LIVE after the initial fetch gives up instead of waiting forever.
         ("ENVOY_INITIAL_FETCH_TIMEOUT", "1"),
     ];
-    let log = std::env::temp_dir().join(format!("trellis-img-envoy-{}.log", std::process::id()));
-    let mut ep = Proc::spawn("envoy image", &mut img.cmd(&entry, &env), log);
+    let mut ep = Proc::spawn(
+        "envoy image",
+        &mut img.cmd(&entry, &env),
+        work.join("envoy.log"),
+    );
     // The health check trellis-rewrite puts on the Envoy container, run inside the image.
     let health = "curl -s http://localhost:9901/server_info | grep state | grep -q LIVE";
     eventually(
@@ -428,15 +432,18 @@ fn envoy_image_gets_its_config_from_the_agent_image_over_the_host_socket_directo
     }
     // The instance: the agent image (uid 1338) makes the socket in its socket directory, which the
     // Envoy image (uid 1337) gets as the host volume trellis-rewrite mounts, in its own netns.
+    let work = Workdir::new("image-pair");
     let agent_cfg = config("trellis-agent");
-    let agent = Unpacked::new("trellis-agent", &agent_cfg, "b");
+    let agent = Unpacked::new(&work, "trellis-agent", &agent_cfg, "b");
     let entry = argv(&agent_cfg["Entrypoint"]);
     let mut full: Vec<String> = entry.clone();
     full.extend(argv(&agent_cfg["Cmd"]));
     let full: Vec<&str> = full.iter().map(String::as_str).collect();
-    let log =
-        std::env::temp_dir().join(format!("trellis-img-pair-agent-{}.log", std::process::id()));
-    let mut agent_proc = Proc::spawn("agent image", &mut agent.cmd(&full, &[]), log);
+    let mut agent_proc = Proc::spawn(
+        "agent image",
+        &mut agent.cmd(&full, &[]),
+        work.join("agent.log"),
+    );
     let in_agent_ns = |args: &[&str]| {
         let mut c = Command::new("ip");
         c.args(["netns", "exec", &agent.ns]).args(args);
@@ -471,18 +478,20 @@ fn envoy_image_gets_its_config_from_the_agent_image_over_the_host_socket_directo
     }
 
     let envoy_cfg = config("trellis-envoy");
-    let mut envoy = Unpacked::new("trellis-envoy", &envoy_cfg, "b");
+    let mut envoy = Unpacked::new(&work, "trellis-envoy", &envoy_cfg, "b");
     std::fs::create_dir_all(envoy.rootfs().join("var/run/trellis")).expect("mount point");
     envoy.binds.push((
         agent.rootfs().join("var/run/trellis"),
         "/var/run/trellis".into(),
     ));
     let env = [("APPMESH_RESOURCE_ARN", "mesh/shop/virtualNode/web")];
-    let log =
-        std::env::temp_dir().join(format!("trellis-img-pair-envoy-{}.log", std::process::id()));
     let entry = argv(&envoy_cfg["Entrypoint"]);
     let entry: Vec<&str> = entry.iter().map(String::as_str).collect();
-    let mut envoy_proc = Proc::spawn("envoy image", &mut envoy.cmd(&entry, &env), log);
+    let mut envoy_proc = Proc::spawn(
+        "envoy image",
+        &mut envoy.cmd(&entry, &env),
+        work.join("envoy.log"),
+    );
     // LIVE with its listener from the agent (the initial fetch waits for the agent: no timeout).
     eventually(
         "Envoy from the image has the agent's listener",

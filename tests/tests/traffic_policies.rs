@@ -65,8 +65,7 @@ struct Running {
 }
 
 /// Starts the agent with `items`, a VPC with `tasks` (name, host byte), DNS `hosts`, then meshes
-/// each (task, node, app) in order, Envoys with `envoy_env` added; callers (no app) go last. Host bytes must differ across the
-/// tests of this file: the helper names each task's host-side veth by process and host byte.
+/// each (task, node, app) in order, Envoys with `envoy_env` added; callers (no app) go last.
 fn start(
     work: &Workdir,
     id: u8,

@@ -1,6 +1,10 @@
 //! The README's main job: a live two-task mesh on the embedded store, narrated step by step.
+//!
+//! `main` returns its exit code rather than calling `std::process::exit`, so every guard (the
+//! processes, the namespaces, the working directory) is dropped before the process ends.
 
-use std::time::Duration;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
 use trellis_tests::scenario::{ADMIN_PORT, BACK_URL, EGRESS_CLUSTER, INGRESS_CLUSTER, two_tasks};
 use trellis_tests::{Workdir, can_run_privileged};
@@ -9,27 +13,38 @@ fn say(line: &str) {
     eprintln!("[trellis-demo] {line}");
 }
 
-fn main() {
-    if !can_run_privileged("trellis-demo") {
-        std::process::exit(1);
+/// Polls `f` every 200 ms until it returns `Some`, for at most `limit`.
+fn within<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if start.elapsed() >= limit {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(200));
     }
-    let work = Workdir::new("demo");
-    let mesh = two_tasks(&work, &say);
+}
+
+/// The demo itself; true when the mesh behaved as App Mesh would. Everything it started is
+/// stopped when it returns (or panics).
+fn demo(work: &Workdir) -> bool {
+    let mesh = two_tasks(work, &say);
     say(&format!(
         "{} processes running; front's app now calls {BACK_URL}",
         mesh.processes()
     ));
-    let mut answer = Err(String::new());
-    for _ in 0..50 {
-        answer = mesh.front.http_get(None, BACK_URL);
-        if answer.is_ok() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let mut last = String::new();
+    let answer = within(Duration::from_secs(10), || {
+        mesh.front
+            .http_get(None, BACK_URL)
+            .map_err(|e| last = e)
+            .ok()
+    });
     match &answer {
-        Ok(body) => say(&format!("front got: {body:?}")),
-        Err(e) => say(&format!("front got no answer: {e}")),
+        Some(body) => say(&format!("front got: {body:?}")),
+        None => say(&format!("front got no answer within 10 s: {last}")),
     }
     say(&format!(
         "front Envoy {EGRESS_CLUSTER} = {}; back Envoy {INGRESS_CLUSTER} = {}",
@@ -48,24 +63,38 @@ fn main() {
         "--spec",
         "{}",
     ]);
-    let mut refused = None;
-    for _ in 0..50 {
-        if let Err(e) = mesh.front.http_get(None, BACK_URL) {
-            refused = Some(e);
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let refused = within(Duration::from_secs(10), || {
+        mesh.front.http_get(None, BACK_URL).err()
+    });
     match &refused {
-        Some(e) => say(&format!("front's request is now refused: {e}")),
+        Some(e) => {
+            say(&format!("front's request is now refused, as expected: {e}"));
+            say(
+                "  (that error is the point: front's Envoy no longer has back.local among its \
+                 destinations and closes the connection unanswered, which curl reports as \
+                 'Connection reset by peer' or 'Empty reply from server'; that is how DROP_ALL refuses)",
+            );
+        }
         None => say("front's request was still answered after 10 s"),
     }
-    let ok = answer.is_ok() && refused.is_some();
-    say(if ok {
-        "done: the mesh behaved as App Mesh would"
+    say("stopping the Envoys, the apps, dnsmasq and the agent; removing the namespaces");
+    answer.is_some() && refused.is_some()
+}
+
+fn main() -> ExitCode {
+    say("the two-task mesh demo: agent, two awsvpc-like task namespaces, two Envoys (about 20 s)");
+    if !can_run_privileged("trellis-demo") {
+        return ExitCode::FAILURE;
+    }
+    let work = Workdir::new("demo");
+    if demo(&work) {
+        say("done: the mesh behaved as App Mesh would");
+        ExitCode::SUCCESS
     } else {
-        "FAILED: see the logs above"
-    });
-    drop(mesh);
-    std::process::exit(if ok { 0 } else { 1 });
+        say(&format!(
+            "FAILED: see the lines above; logs kept in {}",
+            work.keep().display()
+        ));
+        ExitCode::FAILURE
+    }
 }
