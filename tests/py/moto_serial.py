@@ -1,5 +1,8 @@
 """moto server handling one request at a time: `moto_serial.py HOST PORT`.
 
+PORT 0 binds a port the kernel picks and prints `moto listening on HOST:PORT`: the socket stays
+bound from the start, so no other process can take the port between choosing and binding it.
+
 moto's DynamoDB runs TransactWriteItems without a lock and, when a transaction fails, restores a copy
 of the table taken when it started: two concurrent transactions can both pass one condition, or the
 failing one can undo the other's committed write. DynamoDB isolates transactions; so must its
@@ -15,7 +18,7 @@ from moto.moto_server.werkzeug_app import (
     MotoRequestHandler,
     create_backend_app,
 )
-from werkzeug.serving import run_simple
+from werkzeug.serving import make_server
 
 app = DomainDispatcherApplication(create_backend_app)
 lock = threading.Lock()
@@ -27,10 +30,12 @@ def serial(environ, start_response):
 
 
 if __name__ == "__main__":
-    run_simple(
+    server = make_server(
         sys.argv[1],
         int(sys.argv[2]),
         serial,
         threaded=True,
         request_handler=MotoRequestHandler,
     )
+    print(f"moto listening on {sys.argv[1]}:{server.port}", flush=True)
+    server.serve_forever()

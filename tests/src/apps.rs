@@ -12,7 +12,7 @@ use serde_json::Value;
 
 use crate::mesh::{Agent, Task, rewrite, run_route_manager, start_envoy_with};
 use crate::scenario::app_taskdef;
-use crate::{Proc, Workdir, bin, check, eventually, free_port, run};
+use crate::{Proc, Workdir, bin, check, eventually, run};
 
 /// How the app answers: `/sleep/SECONDS` sleeps then answers 200; `/health` answers
 /// `health_status`; anything else answers `status` with `body`.
@@ -283,7 +283,6 @@ pub fn envoy_accepts_with(
     node: &str,
     extra: &[(&str, &str)],
 ) -> Value {
-    let admin = free_port();
     let tag = node.replace('/', "_");
     let boot = work.join(&format!("boot-{tag}.json"));
     check(
@@ -296,20 +295,44 @@ pub fn envoy_accepts_with(
                 "APPMESH_XDS_ENDPOINT",
                 format!("unix://{}", agent.socket_dir.join("xds.sock").display()),
             )
-            .env("ENVOY_ADMIN_ACCESS_PORT", admin.to_string())
             .env("ENVOY_ADMIN_ACCESS_LOG_FILE", "/dev/null")
             .envs(extra.iter().copied()),
     );
+    // This Envoy runs on the host, beside other tests' Envoys: its admin binds a port the kernel
+    // picks (port 0, which the App Mesh variable does not allow) and Envoy writes down which.
+    let mut config: Value =
+        serde_json::from_str(&fs::read_to_string(&boot).expect("read bootstrap"))
+            .expect("bootstrap JSON");
+    config["admin"]["address"]["socket_address"]["port_value"] = 0.into();
+    fs::write(&boot, config.to_string()).expect("write bootstrap");
+    let admin_path = work.join(&format!("admin-{tag}.address"));
     let envoy = work.stage(&crate::envoy());
     let mut cmd = Command::new(envoy);
-    cmd.arg("-c").arg(&boot).args([
-        "--disable-hot-restart",
-        "--concurrency",
-        "1",
-        "-l",
-        "warning",
-    ]);
-    let _proc = Proc::spawn("envoy", &mut cmd, work.join(&format!("envoy-{tag}.log")));
+    cmd.arg("-c")
+        .arg(&boot)
+        .arg("--admin-address-path")
+        .arg(&admin_path)
+        .args([
+            "--disable-hot-restart",
+            "--concurrency",
+            "1",
+            "-l",
+            "warning",
+        ]);
+    let mut proc = Proc::spawn("envoy", &mut cmd, work.join(&format!("envoy-{tag}.log")));
+    let admin = eventually("envoy admin bound", Duration::from_secs(30), || {
+        if !proc.is_running() {
+            panic!("envoy exited:\n{}", proc.log_text());
+        }
+        fs::read_to_string(&admin_path)
+            .ok()
+            .and_then(|a| {
+                a.trim()
+                    .rsplit_once(':')
+                    .and_then(|(_, p)| p.parse::<u16>().ok())
+            })
+            .ok_or_else(|| "no admin address yet".to_string())
+    });
     let stat = |name: &str| -> u64 {
         let out = run(Command::new("curl").args([
             "-s",

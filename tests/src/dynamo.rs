@@ -6,7 +6,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use crate::{Proc, Workdir, bin, check, free_port, venv, wait_for_http};
+use crate::{Proc, Workdir, bin, check, venv, wait_for_http};
 
 /// A running moto server.
 #[derive(Debug)]
@@ -17,13 +17,14 @@ pub struct Moto {
 
 impl Moto {
     pub fn start(work: &Workdir, name: &str) -> Self {
-        let port = free_port();
-        // moto's own server, with request handling serialised (see the script).
+        // moto's own server, with request handling serialised (see the script), on a port it
+        // binds and then names.
         let mut cmd = Command::new(venv().join("bin/python"));
         cmd.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/py/moto_serial.py"))
-            .args(["127.0.0.1", &port.to_string()]);
+            .args(["127.0.0.1", "0"]);
         let mut proc = Proc::spawn(name, &mut cmd, work.join(&format!("{name}.log")));
-        let endpoint = format!("http://127.0.0.1:{port}");
+        let addr = proc.wait_for_log("moto listening on ", Duration::from_secs(30));
+        let endpoint = format!("http://{addr}");
         wait_for_http(
             &mut proc,
             "moto server up",

@@ -108,7 +108,9 @@ fn nix_is_root() -> bool {
         .unwrap_or(false)
 }
 
-/// A free TCP port on loopback (bound then released; fine for tests on one machine).
+/// A free TCP port on loopback, bound then released: another process may take it before the
+/// caller's child binds it. Prefer a child that binds port 0 and says which port it got
+/// ([`Proc::wait_for_log`]); this is for the few that must be told a port up front.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -258,6 +260,25 @@ impl Proc {
             child,
             log,
         }
+    }
+
+    /// Waits until the log has a line containing `marker` and returns what follows the marker
+    /// on that line, up to the next whitespace: how a child that bound port 0 says which port it
+    /// got (bound and kept by the child, so no other process can take it meanwhile).
+    pub fn wait_for_log(&mut self, marker: &str, timeout: Duration) -> String {
+        let what = format!("{}: a log line with {marker:?}", self.name);
+        eventually(&what, timeout, || {
+            if let Some(found) = self.log_text().lines().find_map(|l| {
+                l.split_once(marker)
+                    .map(|(_, rest)| rest.split_whitespace().next().unwrap_or("").to_string())
+            }) {
+                return Ok(found);
+            }
+            if !self.is_running() {
+                panic!("{} exited:\n{}", self.name, self.log_text());
+            }
+            Err("not yet".into())
+        })
     }
 
     pub fn log_text(&self) -> String {

@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::dynamo::{Moto, aws_env};
-use crate::{Proc, Workdir, bin, check, eventually, free_port, run, wait_for_http};
+use crate::{Proc, Workdir, bin, check, eventually, run, wait_for_http};
 
 /// A bridge in its own namespace, with dnsmasq on the bridge address.
 #[derive(Debug)]
@@ -364,7 +364,6 @@ impl Agent {
         } else {
             opts.name
         };
-        let port = free_port();
         let socket_dir = work.join(&format!("{name}-socket"));
         let mut cmd = match &opts.hosts {
             None => Command::new(bin("trellis-agent")),
@@ -380,8 +379,8 @@ impl Agent {
         cmd.arg("serve")
             .arg("--data-dir")
             .arg(work.join(&format!("{name}-data")))
-            .arg("--api-addr")
-            .arg(format!("127.0.0.1:{port}"))
+            // The agent binds port 0 and logs the port it got ("agent ready api=…").
+            .args(["--api-addr", "127.0.0.1:0"])
             .arg("--xds-socket")
             .arg(socket_dir.join("xds.sock"))
             .args(&opts.args)
@@ -397,8 +396,9 @@ impl Agent {
             &mut cmd,
             work.join(&format!("{name}.log")),
         );
-        let api = format!("http://127.0.0.1:{port}");
         // Generous: a large `--resources` file is applied before the API answers.
+        let addr = proc.wait_for_log(" api=", Duration::from_secs(90));
+        let api = format!("http://{addr}");
         wait_for_http(
             &mut proc,
             "agent API up",

@@ -9,9 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
-use trellis_tests::{
-    Proc, Workdir, aws, bin, check, eventually, free_port, run, venv, workspace_root,
-};
+use trellis_tests::{Proc, Workdir, aws, bin, check, run, venv, workspace_root};
 
 fn kit(rel: &str) -> PathBuf {
     workspace_root().join("deploy/ecs").join(rel)
@@ -226,9 +224,8 @@ fn the_meshed_examples_are_what_trellis_rewrite_makes_of_their_inputs() {
     );
 }
 
-/// moto's ECS on a free port, stopped on drop.
+/// moto's ECS on a port it binds and names, stopped on drop.
 fn moto(work: &Workdir) -> (Proc, String) {
-    let port = free_port();
     let server = venv().join("bin/moto_server");
     assert!(
         server.exists(),
@@ -236,18 +233,10 @@ fn moto(work: &Workdir) -> (Proc, String) {
     );
     let mut proc = Proc::spawn(
         "moto",
-        Command::new(server).args(["-H", "127.0.0.1", "-p", &port.to_string()]),
+        Command::new(server).args(["-H", "127.0.0.1", "-p", "0"]),
         work.join("moto.log"),
     );
-    let url = format!("http://127.0.0.1:{port}");
-    eventually("moto up", Duration::from_secs(30), || {
-        if !proc.is_running() {
-            return Err(format!("moto exited: {}", proc.log_text()));
-        }
-        std::net::TcpStream::connect(("127.0.0.1", port))
-            .map(|_| ())
-            .map_err(|e| e.to_string())
-    });
+    let url = proc.wait_for_log(" * Running on ", Duration::from_secs(30));
     (proc, url)
 }
 

@@ -5,11 +5,10 @@
 
 #![allow(dead_code, unreachable_pub)] // Each test binary uses a different subset of these helpers.
 
-use std::io::Write;
-use std::net::{TcpListener, TcpStream};
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 
@@ -189,32 +188,37 @@ open(sys.argv[2], "wb").write(key.private_bytes(serialization.Encoding.PEM,
 
     fn start_with(extra: &[&str], scheme: &str) -> Option<Self> {
         let bin = peer(venv().join("bin/moto_server"), "moto_server", false)?;
-        let port = {
-            let l = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-            l.local_addr().expect("local addr").port()
-        };
-        let child = Command::new(bin)
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        // Port 0: moto binds a port the kernel picks and names it (" * Running on URL"), so no
+        // other process can take it between choosing and binding.
+        let mut child = Command::new(bin)
+            .args(["-H", "127.0.0.1", "-p", "0"])
             .args(extra)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("start moto_server");
-        let mut moto = Self {
-            child,
-            url: format!("{scheme}://127.0.0.1:{port}"),
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Ok(Some(status)) = moto.child.try_wait() {
-                panic!("moto_server exited early: {status}");
+        let stderr = child.stderr.take().expect("moto's stderr");
+        let (tx, rx) = std::sync::mpsc::channel();
+        // Reads moto's log to the end, so it never blocks on a full pipe.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some((_, url)) = line.split_once(" * Running on ") {
+                    let _ = tx.send(url.trim().to_string());
+                }
             }
-            assert!(
-                Instant::now() < deadline,
-                "moto_server did not listen on {port} within 30 s"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        });
+        let url = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(url) => url,
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "moto_server did not say where it listens within 30 s ({:?})",
+                    child.try_wait()
+                );
+            }
+        };
+        assert!(url.starts_with(scheme), "{url} is not {scheme}");
+        let moto = Self { child, url };
         Some(moto)
     }
 
