@@ -15,7 +15,7 @@ use std::sync::Barrier;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use trellis_tests::dynamo::standin::StandIn;
+use trellis_tests::dynamo::standin::{Fault, StandIn};
 use trellis_tests::dynamo::{Moto, aws_env, create_table};
 use trellis_tests::mesh::Vpc;
 use trellis_tests::mesh::{Agent, AgentOpts, Task, start_proxy_envoy};
@@ -621,4 +621,354 @@ fn a_write_on_one_agent_reaches_envoy_on_another_and_an_outage_keeps_config_and_
             Err(format!("generations {g:?}, up {up}"))
         }
     });
+}
+// === Under DynamoDB's real guarantees (the stand-in) ===
+
+/// A raw request that gives up after `secs` (status 0 then): a store that loops shows as a
+/// timeout instead of a hung test.
+fn raw_within(
+    agent: &Agent,
+    secs: u32,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> (u16, String) {
+    let mut cmd = Command::new("curl");
+    cmd.args([
+        "-s",
+        "-m",
+        &secs.to_string(),
+        "-w",
+        "\n%{http_code}",
+        "-X",
+        method,
+    ])
+    .arg(format!("{}{path}", agent.api));
+    if let Some(b) = body {
+        cmd.args(["-H", "content-type: application/json", "--data-binary", b]);
+    }
+    let out = String::from_utf8_lossy(&trellis_tests::run(&mut cmd).stdout).into_owned();
+    let (body, status) = out.rsplit_once('\n').unwrap_or(("", &out));
+    (status.trim().parse().unwrap_or(0), body.to_string())
+}
+
+/// A name as one URL path segment.
+fn segment(name: &str) -> String {
+    name.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn create_node(agent: &Agent, mesh: &str, node: &str) -> (u16, Option<String>, String) {
+    let body = format!(r#"{{"virtualNodeName":"{node}","spec":{NODE_SPEC}}}"#);
+    agent.raw(
+        "PUT",
+        &format!("/v20190125/meshes/{}/virtualNodes", segment(mesh)),
+        Some(&body),
+    )
+}
+
+/// The tag keys of `arn` as `agent` lists them.
+fn tag_keys(agent: &Agent, arn: &str) -> Vec<String> {
+    let (status, _, body) = agent.raw(
+        "GET",
+        &format!("/v20190125/tags?resourceArn={}", segment(arn)),
+        None,
+    );
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).expect("JSON");
+    let mut keys: Vec<String> = v["tags"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|t| t["key"].as_str().map(String::from))
+        .collect();
+    keys.sort();
+    keys
+}
+
+fn tag(agent: &Agent, arn: &str, key: &str) -> u16 {
+    let body = json!({"tags": [{"key": key, "value": "v"}]}).to_string();
+    agent
+        .raw(
+            "PUT",
+            &format!("/v20190125/tag?resourceArn={}", segment(arn)),
+            Some(&body),
+        )
+        .0
+}
+
+/// Waits until every agent publishes the same generation and the same listing of `mesh`.
+fn agree(what: &str, agents: &[&Agent], mesh: &str) {
+    eventually(what, Duration::from_secs(30), || {
+        let views: Vec<(f64, String)> = agents
+            .iter()
+            .map(|a| (a.metric("trellis_store_generation"), listing(a, mesh)))
+            .collect();
+        if views.iter().all(|v| *v == views[0]) {
+            Ok(())
+        } else {
+            Err(format!("views differ: {views:?}"))
+        }
+    });
+}
+
+/// Sequence 1 of issue 21: agent A commits generation G (a tag on node x) and answers; agent B
+/// loads the table while x's item is not yet applied (DynamoDB's Query is only read-committed
+/// against a transaction). B must still hold the tag: otherwise B serves and caches G without
+/// it, and B's next write of x drops it for every agent (and a create B's load missed succeeds
+/// instead of a ConflictException).
+#[test]
+fn an_agent_that_loads_while_a_transaction_is_half_applied_still_has_every_write_of_its_generation()
+{
+    let work = Workdir::new("dynamo-halfway");
+    let moto = Moto::start(&work, "moto");
+    let standin = StandIn::start(&moto);
+    create_table(&standin.endpoint, "mesh");
+    let store = standin.store_args("mesh");
+    let a = agent_on(&work, &store, "a", &[]);
+    a.appmesh(&["create-mesh", "--mesh-name", "m"]);
+    let created = create_node(&a, "m", "x");
+    assert_eq!(created.0, 200, "{created:?}");
+    let arn = serde_json::from_str::<Value>(&created.2).expect("JSON")["metadata"]["arn"]
+        .as_str()
+        .expect("arn")
+        .to_string();
+
+    // T(G): tag k on x, whose resource item the stand-in applies only when released.
+    standin.hold(|pk, sk| pk == "resource" && sk == "mesh/m/virtualNode/x");
+    assert_eq!(tag(&a, &arn, "k"), 200);
+    assert_eq!(standin.held(), 1, "the transaction's item is held back");
+    let b = agent_on(&work, &store, "b", &[]);
+    standin.release();
+    eventually(
+        "x's item applied",
+        Duration::from_secs(10),
+        || match standin.held() {
+            0 => Ok(()),
+            n => Err(format!("{n} held")),
+        },
+    );
+    assert_eq!(
+        tag_keys(&b, &arn),
+        ["k"],
+        "B's load has all of generation G"
+    );
+    // A write of x through B keeps k, on every agent.
+    assert_eq!(tag(&b, &arn, "j"), 200);
+    agree("A and B agree", &[&a, &b], "m");
+    assert_eq!(tag_keys(&a, &arn), ["j", "k"]);
+    assert_eq!(tag_keys(&b, &arn), ["j", "k"]);
+
+    // A create whose item a load missed: the same name through the new agent is a conflict.
+    standin.hold(|pk, sk| pk == "resource" && sk == "mesh/m/virtualNode/y");
+    assert_eq!(create_node(&a, "m", "y").0, 200);
+    let c = agent_on(&work, &store, "c", &[]);
+    standin.release();
+    let again = create_node(&c, "m", "y");
+    assert_eq!(
+        (again.0, again.1.as_deref()),
+        (409, Some("ConflictException")),
+        "{again:?}"
+    );
+    drop((b, c));
+
+    // Only the generation applied: the change item and z's item are still on their way, so a
+    // loading agent cannot use the log yet. It waits for them (its serializable reads of the
+    // missing change item are cancelled meanwhile) and then has z.
+    standin.hold(|pk, sk| pk == "change" || sk == "mesh/m/virtualNode/z");
+    assert_eq!(create_node(&a, "m", "z").0, 200);
+    let conflicts = standin.conflicts();
+    let d = std::thread::scope(|s| {
+        let starting = s.spawn(|| agent_on(&work, &store, "d", &[]));
+        eventually(
+            "the loading agent meets the transaction in flight",
+            Duration::from_secs(30),
+            || match standin.conflicts() > conflicts {
+                true => Ok(()),
+                false => Err("no conflict yet".to_string()),
+            },
+        );
+        standin.release();
+        starting.join().expect("agent d starts")
+    });
+    assert_eq!(
+        d.raw("GET", "/v20190125/meshes/m/virtualNodes/z", None).0,
+        200,
+        "the load includes the generation's create"
+    );
+    agree("A and D agree", &[&a, &d], "m");
+}
+
+/// Sequence 2 of issue 21: an agent stopped at G over a quiet weekend (every change after G has
+/// expired from the log) boots from its cache during a short outage. When DynamoDB answers, it
+/// must notice the log ends before the table's generation and reload, rather than serve G
+/// forever, and its writes (rejected ones too) must answer promptly rather than loop.
+#[test]
+fn an_agent_whose_missed_changes_expired_reloads_instead_of_serving_stale_state() {
+    let work = Workdir::new("dynamo-expired");
+    let moto = Moto::start(&work, "moto");
+    let standin = StandIn::start(&moto);
+    create_table(&standin.endpoint, "mesh");
+    let store = standin.store_args("mesh");
+    let a = agent_on(&work, &store, "a", &[]);
+    let c = agent_on(&work, &store, "c", &[]);
+    a.appmesh(&["create-mesh", "--mesh-name", "m"]);
+    assert_eq!(create_node(&a, "m", "n1").0, 200);
+    agree("C has n1", &[&a, &c], "m");
+    drop(c);
+    for n in ["n2", "n3"] {
+        assert_eq!(create_node(&a, "m", n).0, 200);
+    }
+    assert!(standin.expire_changes("mesh") >= 2);
+
+    standin.fail(Fault::Outage);
+    let c = agent_on(&work, &store, "c", &[]);
+    assert!(
+        c.proc
+            .log_text()
+            .contains("serving the last good state kept on disk"),
+        "{}",
+        c.proc.log_text()
+    );
+    standin.heal();
+    // A rejected write is answered from the newest state, promptly.
+    let (status, body) = raw_within(
+        &c,
+        30,
+        "PUT",
+        "/v20190125/meshes/m/virtualNodes",
+        Some(&format!(r#"{{"virtualNodeName":"n1","spec":{NODE_SPEC}}}"#)),
+    );
+    assert_eq!(status, 409, "{body}");
+    agree("C reloaded past the gap", &[&a, &c], "m");
+    assert_eq!(
+        c.raw("GET", "/v20190125/meshes/m/virtualNodes/n3", None).0,
+        200
+    );
+    let (status, body) = raw_within(
+        &c,
+        30,
+        "PUT",
+        "/v20190125/meshes/m/virtualNodes",
+        Some(&format!(r#"{{"virtualNodeName":"n4","spec":{NODE_SPEC}}}"#)),
+    );
+    assert_eq!(status, 200, "{body}");
+    agree("A has C's write", &[&a, &c], "m");
+}
+
+/// Sequence 4 of issue 21: the table is deleted and created again, and reseeded to the very
+/// generation an agent (away meanwhile) had. The agent must reload because the table's id
+/// changed, not replay the new table's changes onto the old state or keep it.
+#[test]
+fn a_recreated_table_is_noticed_by_its_id_whatever_its_generation() {
+    let work = Workdir::new("dynamo-recreated");
+    let moto = Moto::start(&work, "moto");
+    let standin = StandIn::start(&moto);
+    create_table(&standin.endpoint, "mesh");
+    let store = standin.store_args("mesh");
+    let old = agent_on(&work, &store, "old", &[]);
+    old.appmesh(&["create-mesh", "--mesh-name", "m"]);
+    for n in ["n1", "n2"] {
+        assert_eq!(create_node(&old, "m", n).0, 200);
+    }
+    let generation = old.metric("trellis_store_generation");
+    drop(old);
+
+    standin.delete_table("mesh");
+    create_table(&standin.endpoint, "mesh");
+    let new = agent_on(&work, &store, "new", &[]);
+    new.appmesh(&["create-mesh", "--mesh-name", "m"]);
+    for n in ["x1", "x2"] {
+        assert_eq!(create_node(&new, "m", n).0, 200);
+    }
+    assert_eq!(new.metric("trellis_store_generation"), generation);
+
+    // The old agent comes back from its cache (the table does not answer at first).
+    standin.fail(Fault::Outage);
+    let old = agent_on(&work, &store, "old", &[]);
+    assert_eq!(
+        old.raw("GET", "/v20190125/meshes/m/virtualNodes/n1", None)
+            .0,
+        200,
+        "serves its cache"
+    );
+    standin.heal();
+    agree("the old agent reloads the new table", &[&old, &new], "m");
+    assert_eq!(
+        old.raw("GET", "/v20190125/meshes/m/virtualNodes/n1", None)
+            .0,
+        404
+    );
+    assert_eq!(create_node(&new, "m", "x3").0, 200);
+    agree("and follows it", &[&old, &new], "m");
+}
+
+/// Sequence 5 of issue 21: names whose item key is over DynamoDB's 1,024-byte sort key limit
+/// are a 400 naming the field (they can never be stored), not a 503 "retry"; and an error
+/// DynamoDB gives for a request that can never succeed is not answered as retryable.
+#[test]
+fn what_the_table_cannot_hold_is_a_400_naming_the_field_and_permanent_errors_are_not_retryable() {
+    let work = Workdir::new("dynamo-limits");
+    let moto = Moto::start(&work, "moto");
+    let standin = StandIn::start(&moto);
+    create_table(&standin.endpoint, "mesh");
+    let a = agent_on(&work, &standin.store_args("mesh"), "a", &[]);
+    // 255 characters of 2 bytes each: a mesh fits (515 bytes with its prefix)…
+    let wide = "é".repeat(255);
+    let made = a.raw(
+        "PUT",
+        "/v20190125/meshes",
+        Some(&json!({ "meshName": wide }).to_string()),
+    );
+    assert_eq!(made.0, 200, "{made:?}");
+    let generation = a.metric("trellis_store_generation");
+    // …but not with a node of such a name (1,038 bytes).
+    let refused = create_node(&a, &wide, &wide);
+    assert_eq!(
+        (refused.0, refused.1.as_deref()),
+        (400, Some("BadRequestException")),
+        "{refused:?}"
+    );
+    assert!(refused.2.contains("virtualNodeName"), "{refused:?}");
+    assert!(refused.2.contains("1024"), "{refused:?}");
+    // 255 characters of 4 bytes: not even the mesh (1,025 bytes).
+    let refused = a.raw(
+        "PUT",
+        "/v20190125/meshes",
+        Some(&json!({ "meshName": "𝄞".repeat(255) }).to_string()),
+    );
+    assert_eq!(
+        (refused.0, refused.1.as_deref()),
+        (400, Some("BadRequestException")),
+        "{refused:?}"
+    );
+    assert!(refused.2.contains("meshName"), "{refused:?}");
+    assert_eq!(
+        a.metric("trellis_store_generation"),
+        generation,
+        "nothing written"
+    );
+
+    // DynamoDB refusing the request itself: an error, but not "retry".
+    standin.fail(Fault::Error {
+        op: "TransactWriteItems".into(),
+        status: 400,
+        code: "ValidationException".into(),
+        message: "Item size has exceeded the maximum allowed size".into(),
+    });
+    let failed = create_node(&a, &wide, "n");
+    assert_eq!(
+        (failed.0, failed.1.as_deref()),
+        (500, Some("InternalServerErrorException")),
+        "{failed:?}"
+    );
+    assert!(failed.2.contains("ValidationException"), "{failed:?}");
+    standin.heal();
+    assert_eq!(create_node(&a, &wide, "n").0, 200);
 }
