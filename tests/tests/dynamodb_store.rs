@@ -862,6 +862,68 @@ fn an_agent_whose_missed_changes_expired_reloads_instead_of_serving_stale_state(
     agree("A has C's write", &[&a, &c], "m");
 }
 
+/// Sequence 3 of issue 21: an agent started with `--resources` during an outage serves its last
+/// good state and applies the file once DynamoDB answers, instead of exiting (ECS would restart
+/// it in a loop).
+#[test]
+fn an_import_that_cannot_be_confirmed_waits_while_the_agent_serves_its_last_good_state() {
+    let work = Workdir::new("dynamo-import-outage");
+    let moto = Moto::start(&work, "moto");
+    let standin = StandIn::start(&moto);
+    create_table(&standin.endpoint, "mesh");
+    let mut items = vec![
+        json!({"meshName": "m"}),
+        json!({"meshName": "m", "virtualNodeName": "a",
+            "spec": serde_json::from_str::<Value>(NODE_SPEC).unwrap()}),
+    ];
+    let file = resources_file(&work, &Value::Array(items.clone()));
+    let opts = |name| AgentOpts {
+        name,
+        resources: Some(&file),
+        args: standin.store_args("mesh"),
+        env: aws_env(),
+        ..AgentOpts::default()
+    };
+    let agent = Agent::start_with(&work, &opts("s"));
+    assert_eq!(
+        agent
+            .raw("GET", "/v20190125/meshes/m/virtualNodes/a", None)
+            .0,
+        200
+    );
+    drop(agent);
+    // While the agent is down the file gains a node.
+    items.push(json!({"meshName": "m", "virtualNodeName": "b",
+        "spec": serde_json::from_str::<Value>(NODE_SPEC).unwrap()}));
+    fs::write(&file, Value::Array(items).to_string()).expect("write resources");
+
+    standin.fail(Fault::Outage);
+    let mut agent = Agent::start_with(&work, &opts("s"));
+    assert_eq!(
+        agent
+            .raw("GET", "/v20190125/meshes/m/virtualNodes/a", None)
+            .0,
+        200,
+        "serves its last good state"
+    );
+    assert_eq!(
+        agent
+            .raw("GET", "/v20190125/meshes/m/virtualNodes/b", None)
+            .0,
+        404,
+        "the import waits for DynamoDB"
+    );
+    standin.heal();
+    eventually("the import lands", Duration::from_secs(60), || match agent
+        .raw("GET", "/v20190125/meshes/m/virtualNodes/b", None)
+        .0
+    {
+        200 => Ok(()),
+        s => Err(format!("status {s}")),
+    });
+    assert!(agent.proc.is_running(), "{}", agent.proc.log_text());
+}
+
 /// Sequence 4 of issue 21: the table is deleted and created again, and reseeded to the very
 /// generation an agent (away meanwhile) had. The agent must reload because the table's id
 /// changed, not replay the new table's changes onto the old state or keep it.
