@@ -805,6 +805,67 @@ fn an_agent_that_loads_while_a_transaction_is_half_applied_still_has_every_write
     agree("A and D agree", &[&a, &d], "m");
 }
 
+/// What makes a full load cheap: a write commits only once the write before it is applied in
+/// full (it checks that write's items), so a load need only lay over its query the writes that
+/// committed while it ran. Without that, agent B's write could commit while A's is still being
+/// applied, and an agent loading just then would miss A's change for good.
+#[test]
+fn a_write_commits_only_once_the_write_before_it_is_applied_in_full() {
+    let work = Workdir::new("dynamo-in-order");
+    let moto = Moto::start(&work, "moto");
+    let standin = StandIn::start(&moto);
+    create_table(&standin.endpoint, "mesh");
+    let store = standin.store_args("mesh");
+    let a = agent_on(&work, &store, "a", &[]);
+    let b = agent_on(&work, &store, "b", &[]);
+    a.appmesh(&["create-mesh", "--mesh-name", "m"]);
+    let created = create_node(&a, "m", "x");
+    assert_eq!(created.0, 200, "{created:?}");
+    let arn = serde_json::from_str::<Value>(&created.2).expect("JSON")["metadata"]["arn"]
+        .as_str()
+        .expect("arn")
+        .to_string();
+    agree("B follows A", &[&a, &b], "m");
+
+    // A's tag on x is committed; x's item is not applied yet.
+    standin.hold(|pk, sk| pk == "resource" && sk == "mesh/m/virtualNode/x");
+    assert_eq!(tag(&a, &arn, "k"), 200);
+    agree("B has A's write", &[&a, &b], "m");
+    let conflicts = standin.conflicts();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        // B writes another node meanwhile: it must wait for x.
+        let writing = s.spawn(|| {
+            let out = raw_within(
+                &b,
+                60,
+                "PUT",
+                "/v20190125/meshes/m/virtualNodes",
+                Some(&format!(r#"{{"virtualNodeName":"w","spec":{NODE_SPEC}}}"#)),
+            );
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+            out
+        });
+        eventually("B's write waits or ends", Duration::from_secs(30), || {
+            if standin.conflicts() > conflicts || done.load(std::sync::atomic::Ordering::SeqCst) {
+                Ok(())
+            } else {
+                Err("neither".to_string())
+            }
+        });
+        // An agent loading now sees x as it was, and lays A's change over it (had B's write
+        // committed ahead of x, the load would lay only B's).
+        let c = agent_on(&work, &store, "c", &[]);
+        assert_eq!(tag_keys(&c, &arn), ["k"], "C's load has A's write");
+        standin.release();
+        let (status, body) = writing.join().expect("B's write");
+        // Retried within its bound, or a retryable answer.
+        assert!(status == 200 || status == 503, "{status} {body}");
+        agree("all agree", &[&a, &b, &c], "m");
+        assert_eq!(tag_keys(&c, &arn), ["k"]);
+    });
+}
+
 /// Sequence 2 of issue 21: an agent stopped at G over a quiet weekend (every change after G has
 /// expired from the log) boots from its cache during a short outage. When DynamoDB answers, it
 /// must notice the log ends before the table's generation and reload, rather than serve G

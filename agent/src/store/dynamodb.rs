@@ -19,22 +19,25 @@
 //!   references, quotas and `clientToken` idempotency hold as on one agent. A closure that fails
 //!   or changes nothing is confirmed by a strongly consistent `GetItem` of the generation item
 //!   (serializable with transactions), so an error is never the product of a stale state.
+//! - A write also checks (`ConditionCheck`, always true) every item of the write before it that
+//!   it does not write itself. DynamoDB cancels a transaction with an item another transaction is
+//!   still applying, so a write commits only once the one before it is applied in full: at any
+//!   moment only the newest writes can be partly visible.
 //! - Agents follow the table by polling that item (`GetItem`, consistent) and replaying change
 //!   items after their own generation. A change item is one item written whole by its
 //!   transaction, so a replay never sees half a write. `Query` is only read-committed against
 //!   transactions (a transaction's items are applied one by one), so the newest change items may
 //!   not be visible yet; a missing one is read again with `TransactGetItems`, which is
-//!   serializable and is cancelled while a transaction holds the item: present means it was in
-//!   flight, absent means time to live deleted it, and the agent reloads instead of trusting a
+//!   serializable and is rejected while a transaction is updating the item: present means it was
+//!   in flight, absent means time to live deleted it, and the agent reloads instead of trusting a
 //!   log with a hole in it.
-//! - A full load queries every resource item, then reads the generation item with
-//!   `TransactGetItems`: every transaction whose writes the query saw is at or below that
-//!   generation. Resource items of the last transactions may still be old in what the query
-//!   returned, so the load lays the change items over it, from that generation down to the
-//!   newest change time to live may have deleted (at least a day old: its transaction, and all
-//!   before it, were applied long before the query) or to the first write.
-//! - Time to live never deletes an item before its `expiresAt` and may keep it longer; an expired
-//!   change item that is still there is simply not needed.
+//! - A full load reads the generation item with `TransactGetItems` (`B`), queries every resource
+//!   item, and reads the generation again (`G`). Every write before `B` was applied in full before
+//!   the query began (the check above); no write after `G` had begun to apply while it ran (the
+//!   second read would have been rejected or seen it). Only writes `B..=G` can be half visible in
+//!   what the query returned, so the load lays their change items (whole values) over it.
+//! - Time to live deletes a change item only after its `expiresAt` (a day after its write), and
+//!   may keep it for days more; an expired item that is still there is replayed like any other.
 //!
 //! When DynamoDB fails, agents keep publishing the last good state (also across a restart, from
 //! the cache file, which keeps the table id), writes fail with a retryable error, and the poller
@@ -54,7 +57,7 @@ use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::config::http::HttpResponse;
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
-use aws_sdk_dynamodb::types::{Delete, Put, TransactWriteItem, Update};
+use aws_sdk_dynamodb::types::{ConditionCheck, Delete, Put, TransactWriteItem, Update};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Mutex, watch};
 use tokio_util::sync::CancellationToken;
@@ -80,8 +83,10 @@ const ATTR_CHANGES: &str = "changes";
 const ATTR_EXPIRES: &str = "expiresAt";
 /// How long change items stay: an agent away for longer reloads everything.
 const CHANGE_TTL: Duration = Duration::from_secs(24 * 3600);
-/// A transaction holds at most 100 actions: the generation, the change, and the resources.
-const MAX_RESOURCES_PER_WRITE: usize = 98;
+/// A transaction holds at most 100 actions.
+const MAX_ACTIONS: usize = 100;
+/// Of which the generation and the change item take two.
+const MAX_RESOURCES_PER_WRITE: usize = MAX_ACTIONS - 2;
 /// Rounds of one write (lost races, or catch-ups before a rejection holds) before it gives up
 /// with a retryable error.
 const MAX_WRITE_ROUNDS: u32 = 25;
@@ -135,6 +140,10 @@ impl From<Error> for Fail {
 struct Local {
     /// `None`: a table written before ids existed (or a cache file from then).
     table_id: Option<String>,
+    /// The resource keys the write that made the published generation touched (`None` when not
+    /// known, as after a start from the cache file): the next write checks that none of its
+    /// items is still being applied.
+    last: Option<(u64, Vec<String>)>,
 }
 
 /// A published state and the table it is of: what the cache file keeps.
@@ -164,6 +173,8 @@ enum CacheIn {
 struct Loaded {
     state: State,
     table_id: Option<String>,
+    /// The resource keys of the write that made its generation, when its change item was read.
+    touched: Option<Vec<String>>,
 }
 
 /// What the change log holds after a generation.
@@ -235,7 +246,9 @@ impl Dynamo {
         info!(table = %store.table, generation = loaded.state.generation,
             meshes = loaded.state.meshes.len(), table_id = ?loaded.table_id,
             "loaded the shared store");
-        store.lock.get_mut().table_id.clone_from(&loaded.table_id);
+        let local = store.lock.get_mut();
+        local.table_id.clone_from(&loaded.table_id);
+        local.last = loaded.touched.map(|k| (loaded.state.generation, k));
         store
             .published
             .send_replace((loaded.table_id, Arc::new(loaded.state.clone())));
@@ -281,7 +294,7 @@ impl Dynamo {
                         let mut s = (*current).clone();
                         items::apply(&mut s, &changes).map_err(|e| E::from(self.item(e)))?;
                         s.generation = current.generation + 1;
-                        self.publish(tx, &mut local, s, Some(table_id));
+                        self.publish(tx, &mut local, s, Some(table_id), Some(keys(&changes)));
                         return out;
                     }
                     Err(Fail::Conflict) => {
@@ -381,14 +394,17 @@ impl Dynamo {
         }
     }
 
-    /// Publishes `state` of table `table_id` (the caller holds the commit lock).
+    /// Publishes `state` of table `table_id`, made by a write that touched `touched` (the caller
+    /// holds the commit lock).
     fn publish(
         &self,
         tx: &watch::Sender<Arc<State>>,
         local: &mut Local,
         state: State,
         table_id: Option<String>,
+        touched: Option<Vec<String>>,
     ) {
+        local.last = touched.map(|k| (state.generation, k));
         let state = Arc::new(state);
         local.table_id.clone_from(&table_id);
         self.published.send_replace((table_id, state.clone()));
@@ -432,12 +448,13 @@ impl Dynamo {
                 .await?
             {
                 Next::Changes(log) => {
+                    let touched = log.last().map(|(_, c)| keys(c));
                     let mut s = (*at).clone();
                     if let Err(e) = replay(&mut s, log) {
                         warn!(table = %self.table, error = %e, "cannot replay changes; reloading");
                         return self.reload(tx, local).await;
                     }
-                    self.publish(tx, local, s, id);
+                    self.publish(tx, local, s, id, touched);
                 }
                 Next::Gap(missing) => {
                     inc(&self.metrics.gaps);
@@ -465,7 +482,7 @@ impl Dynamo {
 
     async fn reload(&self, tx: &watch::Sender<Arc<State>>, local: &mut Local) -> Result<(), Error> {
         let loaded = self.full_load().await?;
-        self.publish(tx, local, loaded.state, loaded.table_id);
+        self.publish(tx, local, loaded.state, loaded.table_id, loaded.touched);
         Ok(())
     }
 
@@ -504,6 +521,10 @@ impl Dynamo {
                 tokio::time::sleep(jittered(pause)).await;
                 pause = (pause * 2).min(MAX_BACKOFF);
             }
+            // Every write before this generation was applied in full before the query starts.
+            let Some(before) = self.read_meta_serializable().await? else {
+                continue;
+            };
             let mut map = BTreeMap::new();
             for row in &self.query(RESOURCE, Range::All).await? {
                 map.insert(
@@ -511,11 +532,16 @@ impl Dynamo {
                     string(row, ATTR_DATA, &self.table)?.to_string(),
                 );
             }
+            // No write after this generation had begun to apply while the query ran.
             let Some(meta) = self.read_meta_serializable().await? else {
                 continue;
             };
+            if meta.table_id != before.table_id {
+                continue;
+            }
+            let id = meta.table_id.as_deref();
             let Some(recent) = self
-                .recent_changes(meta.generation, meta.table_id.as_deref())
+                .changes_between(before.generation, meta.generation, id)
                 .await?
             else {
                 continue;
@@ -535,9 +561,14 @@ impl Dynamo {
                 Err(e) => return Err(self.item(e)),
             };
             state.generation = meta.generation;
+            let touched = recent
+                .last()
+                .filter(|(g, _)| *g == meta.generation)
+                .map(|(_, c)| keys(c));
             return Ok(Loaded {
                 state,
                 table_id: meta.table_id,
+                touched,
             });
         }
         Err(Error::Contention {
@@ -545,72 +576,68 @@ impl Dynamo {
         })
     }
 
-    /// The change items a query of the resources may not reflect yet, oldest first: from `top`
-    /// down to (not including) the newest one that expired or is gone, or down to the first
-    /// write. `None` when one of them is still held by a transaction in flight, or belongs to
-    /// another table: the load starts over.
-    async fn recent_changes(
+    /// The change items of generations `lo..=hi`, oldest first. One that a query does not show is
+    /// read serializably: still held by a transaction in flight gives `None` (the load starts
+    /// over), gone means time to live deleted it, a day after its write (nothing left to apply).
+    async fn changes_between(
         &self,
-        top: u64,
+        lo: u64,
+        hi: u64,
         id: Option<&str>,
     ) -> Result<Option<Vec<(u64, Vec<Change>)>>, Error> {
-        let now = epoch_secs();
-        let mut run = Vec::new();
-        let mut expect = top;
-        let mut probes = 0;
-        let mut start = None;
-        let upto = change_sk(top);
-        let mut pages_done = false;
-        let mut page: std::vec::IntoIter<table::Item> = Vec::new().into_iter();
-        while expect > 0 {
-            let row = match page.next() {
-                Some(row) => Some(row),
-                None if pages_done => None,
-                None => {
-                    let (items, next) = self
-                        .query_page(CHANGE, Range::DownFrom(&upto), start.take())
-                        .await?;
-                    pages_done = next.is_none();
-                    start = next;
-                    page = items.into_iter();
-                    continue;
-                }
-            };
-            let logged = match row {
-                Some(row) => Some(self.logged(&row)?),
-                None => None,
-            };
-            // Change items the query did not show, down to this row's.
-            let below = logged.as_ref().map_or(0, |c| c.generation);
-            while expect > below {
-                probes += 1;
-                if probes > MAX_PROBES {
+        let lo = lo.max(1);
+        if lo > hi {
+            return Ok(Some(Vec::new()));
+        }
+        let mut found = BTreeMap::new();
+        for row in &self.query(CHANGE, Range::After(&change_sk(lo - 1))).await? {
+            let c = self.logged(row)?;
+            if c.generation <= hi {
+                if c.foreign(id) {
                     return Ok(None);
                 }
-                match self.probe_change(expect).await? {
-                    Probe::Found(c) if !c.foreign(id) && !c.expired(now) => {
-                        run.push((c.generation, c.changes));
-                        expect -= 1;
-                    }
-                    Probe::Found(c) if c.expired(now) => return Ok(Some(oldest_first(run))),
-                    Probe::Absent => return Ok(Some(oldest_first(run))),
-                    Probe::Found(_) | Probe::Busy => return Ok(None),
-                }
+                found.insert(c.generation, c.changes);
             }
-            let Some(c) = logged else { break };
-            if c.generation != expect {
+        }
+        let mut probes = 0;
+        for g in lo..=hi {
+            if found.contains_key(&g) {
                 continue;
             }
-            if c.foreign(id) {
+            probes += 1;
+            if probes > MAX_PROBES {
                 return Ok(None);
             }
-            if c.expired(now) {
-                break;
+            match self.probe_change(g).await? {
+                Probe::Found(c) if !c.foreign(id) => {
+                    found.insert(g, c.changes);
+                }
+                Probe::Absent => {}
+                Probe::Found(_) | Probe::Busy => return Ok(None),
             }
-            run.push((c.generation, c.changes));
-            expect -= 1;
         }
-        Ok(Some(oldest_first(run)))
+        Ok(Some(found.into_iter().collect()))
+    }
+
+    /// The items of the write that made generation `cur`: this write checks that none of them
+    /// is still being applied (DynamoDB cancels a transaction that touches an item another one
+    /// is applying), so a write commits only once the write before it is applied in full.
+    async fn prior_items(&self, local: &Local, cur: u64) -> Result<Vec<(String, String)>, Fail> {
+        if cur == 0 {
+            return Ok(Vec::new());
+        }
+        let keys = match &local.last {
+            Some((g, keys)) if *g == cur => keys.clone(),
+            _ => match self.probe_change(cur).await? {
+                Probe::Found(c) => keys(&c.changes),
+                // Deleted by time to live: written over a day ago.
+                Probe::Absent => return Ok(Vec::new()),
+                Probe::Busy => return Err(Fail::Conflict),
+            },
+        };
+        let mut items = vec![(CHANGE.to_string(), change_sk(cur))];
+        items.extend(keys.into_iter().map(|k| (RESOURCE.to_string(), k)));
+        Ok(items)
     }
 
     /// One transaction: generation `cur` → `cur + 1` (on the condition that the generation item
@@ -627,6 +654,19 @@ impl Dynamo {
         let log = serde_json::to_string(changes).map_err(Error::Encode)?;
         limits::check(changes, &log)?;
         let build = |e: aws_sdk_dynamodb::error::BuildError| Error::Config(e.to_string());
+        // The previous write's items this one does not write itself.
+        let mine: std::collections::HashSet<&str> =
+            changes.iter().map(|(k, _)| k.as_str()).collect();
+        let checks: Vec<(String, String)> = self
+            .prior_items(local, cur)
+            .await?
+            .into_iter()
+            .filter(|(pk, sk)| !(pk == RESOURCE && mine.contains(sk.as_str())))
+            .collect();
+        let inline = 2 + changes.len() + checks.len() <= MAX_ACTIONS;
+        if !inline && !self.applied(&checks).await? {
+            return Err(Fail::Conflict);
+        }
         // A table written before ids gets one with its next write.
         let id = local
             .table_id
@@ -692,6 +732,25 @@ impl Dynamo {
                 ),
             };
             ops.push(op.build());
+        }
+        for (pk, sk) in checks.iter().filter(|_| inline) {
+            ops.push(
+                TransactWriteItem::builder()
+                    .condition_check(
+                        ConditionCheck::builder()
+                            .table_name(&self.table)
+                            .key(PK, s(pk))
+                            .key(SK, s(sk))
+                            // Always true: the check is that no transaction is applying the item.
+                            .condition_expression(
+                                "attribute_exists(#pk) OR attribute_not_exists(#pk)",
+                            )
+                            .expression_attribute_names("#pk", PK)
+                            .build()
+                            .map_err(build)?,
+                    )
+                    .build(),
+            );
         }
         inc(&self.metrics.transact);
         let sent = self
@@ -813,9 +872,9 @@ impl Dynamo {
     }
 }
 
-fn oldest_first(mut run: Vec<(u64, Vec<Change>)>) -> Vec<(u64, Vec<Change>)> {
-    run.reverse();
-    run
+/// The resource keys a write touched.
+fn keys(changes: &[Change]) -> Vec<String> {
+    changes.iter().map(|(k, _)| k.clone()).collect()
 }
 
 fn replay(state: &mut State, log: Vec<(u64, Vec<Change>)>) -> Result<(), items::ItemError> {
@@ -829,10 +888,15 @@ fn replay(state: &mut State, log: Vec<(u64, Vec<Change>)>) -> Result<(), items::
 /// The cache file in `dir`, if there is one.
 fn load_cache(dir: &Path, file: &str) -> Result<Option<Loaded>, Error> {
     Ok(embedded::load_file::<CacheIn>(dir, file)?.map(|c| match c {
-        CacheIn::Current { table_id, state } => Loaded { state, table_id },
+        CacheIn::Current { table_id, state } => Loaded {
+            state,
+            table_id,
+            touched: None,
+        },
         CacheIn::Bare(state) => Loaded {
             state,
             table_id: None,
+            touched: None,
         },
     }))
 }

@@ -60,19 +60,12 @@ pub(super) struct Logged {
     pub(super) generation: u64,
     pub(super) changes: Vec<Change>,
     pub(super) table_id: Option<String>,
-    /// When time to live may delete it (epoch seconds).
-    pub(super) expires_at: Option<u64>,
 }
 
 impl Logged {
     /// Whether it belongs to another table than `id` (only items that carry an id can tell).
     pub(super) fn foreign(&self, id: Option<&str>) -> bool {
         self.table_id.is_some() && self.table_id.as_deref() != id
-    }
-
-    /// Whether time to live may already have deleted it, so its write is over a day old.
-    pub(super) fn expired(&self, now: u64) -> bool {
-        self.expires_at.is_some_and(|t| t <= now)
     }
 }
 
@@ -129,29 +122,60 @@ impl Dynamo {
     }
 
     async fn get_serializable(&self, pk: &str, sk: &str) -> Result<Probe<Item>, Error> {
+        let keys = [(pk.to_string(), sk.to_string())];
+        Ok(match self.get_all_serializable(&keys).await? {
+            Probe::Found(mut items) => match items.pop().flatten() {
+                Some(item) => Probe::Found(item),
+                None => Probe::Absent,
+            },
+            Probe::Absent => Probe::Absent,
+            Probe::Busy => Probe::Busy,
+        })
+    }
+
+    /// Whether no transaction is applying any of these items (read serializably, in calls of
+    /// at most 100 items).
+    pub(super) async fn applied(&self, keys: &[(String, String)]) -> Result<bool, Error> {
+        for chunk in keys.chunks(100) {
+            if let Probe::Busy = self.get_all_serializable(chunk).await? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// One `TransactGetItems` of `keys` ((pk, sk), at most 100), retried a few times while a
+    /// transaction in flight holds one of them.
+    async fn get_all_serializable(
+        &self,
+        keys: &[(String, String)],
+    ) -> Result<Probe<Vec<Option<Item>>>, Error> {
         let build = |e: aws_sdk_dynamodb::error::BuildError| Error::Config(e.to_string());
-        let get = Get::builder()
-            .table_name(&self.table)
-            .key(PK, s(pk))
-            .key(SK, s(sk))
-            .build()
-            .map_err(build)?;
+        let mut gets = Vec::with_capacity(keys.len());
+        for (pk, sk) in keys {
+            let get = Get::builder()
+                .table_name(&self.table)
+                .key(PK, s(pk))
+                .key(SK, s(sk))
+                .build()
+                .map_err(build)?;
+            gets.push(TransactGetItem::builder().get(get).build());
+        }
         let mut pause = BUSY_PAUSE;
         for _ in 0..BUSY_TRIES {
             inc(&self.metrics.transact_get);
             let sent = self
                 .client
                 .transact_get_items()
-                .transact_items(TransactGetItem::builder().get(get.clone()).build())
+                .set_transact_items(Some(gets.clone()))
                 .send()
                 .await;
             match sent {
                 Ok(out) => {
                     self.up();
-                    return Ok(match out.responses().first().and_then(|r| r.item()) {
-                        Some(item) => Probe::Found(item.clone()),
-                        None => Probe::Absent,
-                    });
+                    return Ok(Probe::Found(
+                        out.responses().iter().map(|r| r.item().cloned()).collect(),
+                    ));
                 }
                 Err(e) if busy(&e) => {
                     self.up();
@@ -190,13 +214,11 @@ impl Dynamo {
             generation,
             changes,
             table_id: optional_string(item, ATTR_TABLE_ID),
-            expires_at: number(item, ATTR_EXPIRES, &self.table).ok(),
         })
     }
 
-    /// One page of partition `pk`, consistently: sort keys after `after` in ascending order, or
-    /// up to `upto` in descending order; then where the next page starts.
-    pub(super) async fn query_page(
+    /// One page of partition `pk` in `range`, consistently; then where the next page starts.
+    async fn query_page(
         &self,
         pk: &str,
         range: Range<'_>,
@@ -217,11 +239,6 @@ impl Dynamo {
                 .key_condition_expression("#pk = :pk AND #sk > :sk")
                 .expression_attribute_names("#sk", SK)
                 .expression_attribute_values(":sk", s(sk)),
-            Range::DownFrom(sk) => q
-                .key_condition_expression("#pk = :pk AND #sk <= :sk")
-                .expression_attribute_names("#sk", SK)
-                .expression_attribute_values(":sk", s(sk))
-                .scan_index_forward(false),
         };
         let page = q.send().await.map_err(|e| self.failed("Query", e))?;
         self.up();
@@ -249,8 +266,6 @@ impl Dynamo {
 pub(super) enum Range<'a> {
     All,
     After(&'a str),
-    /// At most this one, newest first.
-    DownFrom(&'a str),
 }
 
 /// Whether a `TransactGetItems` was cancelled by a write transaction in flight on its item.
