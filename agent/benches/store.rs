@@ -3,8 +3,9 @@
 //! against moto server (from the venv). For each agent count (default 3 and 30) it runs two full
 //! agents in process (writes go through agent 1; a scripted Envoy streams from agent 2) and the
 //! rest as store pollers, then reports the time from a write on agent 1 until the Envoy on agent 2
-//! has the new route (p50/p99/max), and DynamoDB calls per write, per agent per idle minute and
-//! per agent per minute under 10 writes/s. moto is not DynamoDB: latencies are moto's on this
+//! has the new route (p50/p99/max), DynamoDB calls per write, per agent per idle minute and
+//! per agent per minute under 10 writes/s, and the time and calls of a full load (an agent
+//! joining). moto is not DynamoDB: latencies are moto's on this
 //! machine; call counts are what DynamoDB would bill (each GetItem/Query page ≤ 4 KB: 1 read unit).
 
 use std::process::{Child, Command, Stdio};
@@ -75,8 +76,8 @@ fn serve_config(dir: &TempDir, name: &str, store: StoreArgs) -> ServeConfig {
     }
 }
 
-/// (GetItem, Query, TransactWriteItems) calls so far.
-fn calls(store: &Store) -> [f64; 3] {
+/// (GetItem, Query, TransactWriteItems, TransactGetItems) calls so far.
+fn calls(store: &Store) -> [f64; 4] {
     let text = store.metrics_text();
     let get = |op: &str| {
         text.lines()
@@ -89,14 +90,18 @@ fn calls(store: &Store) -> [f64; 3] {
             })
             .unwrap_or(0.0)
     };
-    [get("GetItem"), get("Query"), get("TransactWriteItems")]
+    [
+        get("GetItem"),
+        get("Query"),
+        get("TransactWriteItems"),
+        get("TransactGetItems"),
+    ]
 }
 
-fn sum(stores: &[Arc<Store>]) -> [f64; 3] {
-    stores
-        .iter()
-        .map(|s| calls(s))
-        .fold([0.0; 3], |a, c| [a[0] + c[0], a[1] + c[1], a[2] + c[2]])
+fn sum(stores: &[Arc<Store>]) -> [f64; 4] {
+    stores.iter().map(|s| calls(s)).fold([0.0; 4], |a, c| {
+        [a[0] + c[0], a[1] + c[1], a[2] + c[2], a[3] + c[3]]
+    })
 }
 
 fn pct(sorted: &[Duration], p: f64) -> Duration {
@@ -275,9 +280,14 @@ async fn run(agents: usize) {
     let i0 = sum(&stores);
     tokio::time::sleep(idle).await;
     let i1 = sum(&stores);
-    let per_agent_min = |a: [f64; 3], b: [f64; 3], span: Duration| {
+    let per_agent_min = |a: [f64; 4], b: [f64; 4], span: Duration| {
         let k = 60.0 / span.as_secs_f64() / agents as f64;
-        ((b[0] - a[0]) * k, (b[1] - a[1]) * k, (b[2] - a[2]) * k)
+        (
+            (b[0] - a[0]) * k,
+            (b[1] - a[1]) * k,
+            (b[2] - a[2]) * k,
+            (b[3] - a[3]) * k,
+        )
     };
 
     // 10 writes per second for 10 s.
@@ -304,6 +314,21 @@ async fn run(agents: usize) {
     }
     let b1 = sum(&stores);
 
+    // An agent joining now reads the table whole (every change item is still retained).
+    let mut loads = Vec::new();
+    let mut load_calls = [0.0; 4];
+    for _ in 0..5 {
+        let start = Instant::now();
+        let s = Store::connect(dir.path(), &args, "us-east-1")
+            .await
+            .expect("full load");
+        loads.push(start.elapsed());
+        for (total, c) in load_calls.iter_mut().zip(calls(&s)) {
+            *total += c / 5.0;
+        }
+    }
+    loads.sort();
+
     let w = WRITES as f64;
     println!(
         "agents={agents} write on agent 1 → route at agent 2's Envoy: p50={:?} p99={:?} max={:?} ({WRITES} writes)",
@@ -312,19 +337,37 @@ async fn run(agents: usize) {
         times[times.len() - 1]
     );
     println!(
-        "  DynamoDB calls per write, all agents: GetItem {:.1}, Query {:.1}, TransactWriteItems {:.1}",
+        "  DynamoDB calls per write, all agents: GetItem {:.1}, Query {:.1}, TransactWriteItems {:.1}, TransactGetItems {:.1}",
         (after[0] - before[0]) / w,
         (after[1] - before[1]) / w,
-        (after[2] - before[2]) / w
+        (after[2] - before[2]) / w,
+        (after[3] - before[3]) / w
     );
-    let (g, q, t) = per_agent_min(i0, i1, idle);
+    let (g, q, t, tg) = per_agent_min(i0, i1, idle);
     println!(
-        "  per agent per idle minute: GetItem {g:.0}, Query {q:.1}, TransactWriteItems {t:.1}"
+        "  per agent per idle minute: GetItem {g:.0}, Query {q:.1}, TransactWriteItems {t:.1}, TransactGetItems {tg:.1}"
     );
-    let (g, q, t) = per_agent_min(b0, b1, busy);
+    let (g, q, t, tg) = per_agent_min(b0, b1, busy);
     println!(
-        "  per agent per minute at {:.1} writes/s: GetItem {g:.0}, Query {q:.0}, TransactWriteItems {t:.0}",
+        "  per agent per minute at {:.1} writes/s: GetItem {g:.0}, Query {q:.0}, TransactWriteItems {t:.0}, TransactGetItems {tg:.0}",
         n as f64 / start.elapsed().as_secs_f64()
+    );
+    println!(
+        "  full load at generation {} ({} resources): median {:?}; calls per load: GetItem {:.0}, Query pages {:.0}, TransactGetItems {:.0}",
+        store.current().generation,
+        store
+            .current()
+            .meshes
+            .get("m")
+            .map_or(0, |m| m.virtual_nodes.len()
+                + m.virtual_routers.len()
+                + m.virtual_services.len()
+                + m.routes.values().map(|r| r.len()).sum::<usize>())
+            + 1,
+        pct(&loads, 0.5),
+        load_calls[0],
+        load_calls[1],
+        load_calls[3]
     );
     cancel.cancel();
     let _ = one.shutdown(Duration::from_secs(5)).await;

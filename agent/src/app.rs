@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, error, info, info_span};
+use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::admin;
 use crate::api::{self, Account, Ops, Quotas};
@@ -84,12 +84,23 @@ impl<E: std::fmt::Display> Outcome for Result<(), E> {
 pub async fn build(cfg: ServeConfig) -> Result<Bound, Error> {
     let store = Arc::new(Store::serve(&cfg.data_dir, &cfg.store, &cfg.region).await?);
     let ops = Arc::new(ops(&cfg));
-    if let Some(path) = &cfg.resources {
-        let n = tokio::task::block_in_place(|| api::apply_resources_file(&ops, &store, path))
-            .map_err(Error::Resources)?;
-        info!(file = %path.display(), resources = n, "applied resources file");
-    }
     let mut tasks = Tasks::default();
+    if let Some(path) = cfg.resources.clone() {
+        match tokio::task::block_in_place(|| api::apply_resources_file(&ops, &store, &path)) {
+            Ok(n) => info!(file = %path.display(), resources = n, "applied resources file"),
+            // The shared store cannot confirm the import now: serve the last good state and
+            // apply the file once the store answers; an agent that can serve never exits for it.
+            Err(api::Error::Store(e)) if e.is_retryable() => {
+                warn!(file = %path.display(), error = %e,
+                    "cannot apply the resources file now; serving, and applying it once the store answers");
+                let (ops, store) = (ops.clone(), store.clone());
+                tasks.spawn("resources", |cancel| {
+                    apply_resources_later(ops, store, path, cancel)
+                });
+            }
+            Err(e) => return Err(Error::Resources(e)),
+        }
+    }
     let cancel = tasks.cancel.clone();
     let s = store.clone();
     tasks.spawn("store", |cancel| async move { s.run(cancel).await });
@@ -188,6 +199,35 @@ pub async fn build(cfg: ServeConfig) -> Result<Bound, Error> {
         store,
         tasks,
     })
+}
+
+/// `--resources` once the store answers: retried with jittered backoff (up to 30 s) while it is
+/// unavailable; a file it rejects ends the agent, as it would have at start. Then idle until
+/// `cancel` (a task that ends stops the agent).
+async fn apply_resources_later(
+    ops: Arc<Ops>,
+    store: Arc<Store>,
+    path: PathBuf,
+    cancel: CancellationToken,
+) -> Result<(), Error> {
+    let mut wait = Duration::from_secs(1);
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return Ok(()),
+            () = tokio::time::sleep(wait.mul_f64(0.5 + fastrand::f64())) => {}
+        }
+        match tokio::task::block_in_place(|| api::apply_resources_file(&ops, &store, &path)) {
+            Ok(n) => {
+                info!(file = %path.display(), resources = n, "applied resources file");
+                cancel.cancelled().await;
+                return Ok(());
+            }
+            Err(api::Error::Store(e)) if e.is_retryable() => {
+                wait = (wait * 2).min(Duration::from_secs(30));
+            }
+            Err(e) => return Err(Error::Resources(e)),
+        }
+    }
 }
 
 /// The API's operations, for this account and region with the configured quotas.

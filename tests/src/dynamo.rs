@@ -1,12 +1,15 @@
 //! moto server's DynamoDB as the shared store of several agents: start it (one request at a time,
 //! as `py/moto_serial.py` explains), create a table with `trellis-agent init-store`, and make it
 //! unreachable (SIGSTOP: requests hang and time out, as on a lost network) and reachable again
-//! (SIGCONT) without losing its in-memory tables.
+//! (SIGCONT) without losing its in-memory tables. [`standin`] puts DynamoDB's weaker guarantees
+//! (and faults) between the agents and moto.
 
 use std::process::Command;
 use std::time::Duration;
 
 use crate::{Proc, Workdir, bin, check, venv, wait_for_http};
+
+pub mod standin;
 
 /// A running moto server.
 #[derive(Debug)]
@@ -37,26 +40,12 @@ impl Moto {
 
     /// `--store dynamodb` flags for an agent (or `export`) on `table`.
     pub fn store_args(&self, table: &str) -> Vec<String> {
-        [
-            "--store",
-            "dynamodb",
-            "--dynamodb-table",
-            table,
-            "--dynamodb-endpoint",
-            &self.endpoint,
-        ]
-        .map(String::from)
-        .to_vec()
+        store_args(&self.endpoint, table)
     }
 
     /// Creates `table` the way an operator would: `trellis-agent init-store`.
     pub fn create_table(&self, table: &str) -> String {
-        let mut cmd = Command::new(bin("trellis-agent"));
-        cmd.arg("init-store").args(self.store_args(table));
-        for (k, v) in aws_env() {
-            cmd.env(k, v);
-        }
-        check(&mut cmd)
+        create_table(&self.endpoint, table)
     }
 
     /// DynamoDB stops answering (the process is frozen; connections hang).
@@ -67,6 +56,30 @@ impl Moto {
     pub fn resume(&self) {
         check(Command::new("kill").args(["-CONT", &self.proc.pid().to_string()]));
     }
+}
+
+/// `--store dynamodb` flags for `table` at the DynamoDB `endpoint`.
+pub fn store_args(endpoint: &str, table: &str) -> Vec<String> {
+    [
+        "--store",
+        "dynamodb",
+        "--dynamodb-table",
+        table,
+        "--dynamodb-endpoint",
+        endpoint,
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// `trellis-agent init-store` for `table` at `endpoint`: its one-line report.
+pub fn create_table(endpoint: &str, table: &str) -> String {
+    let mut cmd = Command::new(bin("trellis-agent"));
+    cmd.arg("init-store").args(store_args(endpoint, table));
+    for (k, v) in aws_env() {
+        cmd.env(k, v);
+    }
+    check(&mut cmd)
 }
 
 /// Credentials for moto, and nothing from the host's AWS configuration or instance metadata.

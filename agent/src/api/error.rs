@@ -34,6 +34,7 @@ impl Error {
             Error::ResourceInUse(_) => "ResourceInUseException",
             Error::LimitExceeded(_) => "LimitExceededException",
             Error::TooManyTags(_) => "TooManyTagsException",
+            Error::Store(e) if e.is_bad_request() => "BadRequestException",
             Error::Store(e) if e.is_retryable() => "ServiceUnavailableException",
             Error::Store(_) => "InternalServerErrorException",
         }
@@ -46,6 +47,7 @@ impl Error {
             }
             Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::Conflict(_) | Error::ResourceInUse(_) => StatusCode::CONFLICT,
+            Error::Store(e) if e.is_bad_request() => StatusCode::BAD_REQUEST,
             Error::Store(e) if e.is_retryable() => StatusCode::SERVICE_UNAVAILABLE,
             Error::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }

@@ -3,55 +3,72 @@
 //! transactions decide who wins.
 //!
 //! Table layout (partition key `pk`, sort key `sk`, both strings; see README "Many instances"):
-//! - `meta` / `generation`: attribute `generation` (number), the number of committed writes.
+//! - `meta` / `generation`: `generation` (number), the number of committed writes, and `tableId`,
+//!   random per table (so a table deleted and created again is another table).
 //! - `resource` / `mesh/M[/KIND/N[/KIND/N]]`: one item per App Mesh resource, attribute `data` (the
 //!   resource's JSON: metadata, spec, tags, clientToken) and `generation` (the write that made it).
 //! - `change` / zero-padded generation: what that write changed, attribute `changes` (JSON list of
-//!   `[key, data or null]`), `generation`, and `expiresAt` for DynamoDB's time to live (a day).
+//!   `[key, data or null]`, whole values), `generation`, `tableId`, and `expiresAt` for DynamoDB's
+//!   time to live (a day).
 //!
-//! A write runs the API's closure on the agent's current state, diffs it, and commits one
-//! `TransactWriteItems`: the generation item updated on the condition that it still holds the
-//! generation the closure saw, the change item, and the resource items. Any two writes therefore
-//! serialise, whichever agents they come through; the loser catches up and re-runs its closure on
-//! the fresh state, so uniqueness, versions, references, quotas and `clientToken` idempotency
-//! (stored in the resource item) hold exactly as on one agent. A closure that fails or changes
-//! nothing is confirmed against a consistent read of the generation, so an error is never the
-//! product of a stale state. One generation for all meshes keeps cross-mesh rules (the mesh quota)
-//! sound at the price of one write at a time per table: tens of writes per second, far above
-//! App Mesh's own API rate for mutations.
+//! Which DynamoDB guarantee each step relies on (ARCHITECTURE.md's store section says the same):
+//! - A write is one `TransactWriteItems` (all or nothing) whose condition is that the generation
+//!   item still holds the generation and table id the closure saw; the item is in every write
+//!   transaction, so any two writes serialise (transactions are serializable with each other).
+//!   The loser catches up and re-runs its closure on the fresh state, so uniqueness, versions,
+//!   references, quotas and `clientToken` idempotency hold as on one agent. A closure that fails
+//!   or changes nothing is confirmed by a strongly consistent `GetItem` of the generation item
+//!   (serializable with transactions), so an error is never the product of a stale state.
+//! - A write also checks (`ConditionCheck`, always true) every item of the write before it that
+//!   it does not write itself. DynamoDB cancels a transaction with an item another transaction is
+//!   still applying, so a write commits only once the one before it is applied in full: at any
+//!   moment only the newest writes can be partly visible.
+//! - Agents follow the table by polling that item (`GetItem`, consistent) and replaying change
+//!   items after their own generation. A change item is one item written whole by its
+//!   transaction, so a replay never sees half a write. `Query` is only read-committed against
+//!   transactions (a transaction's items are applied one by one), so the newest change items may
+//!   not be visible yet; a missing one is read again with `TransactGetItems`, which is
+//!   serializable and is rejected while a transaction is updating the item: present means it was
+//!   in flight, absent means time to live deleted it, and the agent reloads instead of trusting a
+//!   log with a hole in it.
+//! - A full load reads the generation item with `TransactGetItems` (`B`), queries every resource
+//!   item, and reads the generation again (`G`). Every write before `B` was applied in full before
+//!   the query began (the check above); no write after `G` had begun to apply while it ran (the
+//!   second read would have been rejected or seen it). Only writes `B..=G` can be half visible in
+//!   what the query returned, so the load lays their change items (whole values) over it.
+//! - Time to live deletes a change item only after its `expiresAt` (a day after its write), and
+//!   may keep it for days more; an expired item that is still there is replayed like any other.
 //!
-//! Each agent polls the generation item with a strongly consistent `GetItem` and, when it moved,
-//! replays the change items after its own generation (or reloads everything if the log has a
-//! gap). Every agent applies the same changes to the same state, so all publish the same `State`
-//! for a generation, and Envoy resource versions (content hashes) agree across agents. When
-//! DynamoDB fails, agents keep publishing the last good state, writes fail with a retryable error,
-//! and the poller backs off with jitter until the table answers again.
+//! When DynamoDB fails, agents keep publishing the last good state (also across a restart, from
+//! the cache file, which keeps the table id), writes fail with a retryable error, and the poller
+//! backs off with jitter until the table answers again. Every retry loop is bounded.
 
-use std::collections::{BTreeMap, HashMap};
+mod limits;
+mod table;
+
+use std::collections::BTreeMap;
 use std::hash::{BuildHasher, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use aws_config::retry::RetryConfig;
-use aws_config::timeout::TimeoutConfig;
-use aws_config::{BehaviorVersion, Region};
 use aws_sdk_dynamodb::Client;
-use aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_dynamodb::config::http::HttpResponse;
+use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
-use aws_sdk_dynamodb::types::{
-    AttributeDefinition, AttributeValue, BillingMode, Delete, KeySchemaElement, KeyType, Put,
-    ScalarAttributeType, TableStatus, TimeToLiveSpecification, TransactWriteItem, Update,
-};
-use aws_smithy_http_client::tls;
+use aws_sdk_dynamodb::types::{ConditionCheck, Delete, Put, TransactWriteItem, Update};
+use serde::{Deserialize, Serialize};
 use tokio::sync::{Mutex, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::items::{self, Change};
 use super::{Error, StoreArgs, embedded};
+use table::{Meta, Probe, Range, n, s, string};
 use trellis_model::State;
+
+pub(super) use table::create_table;
 
 const PK: &str = "pk";
 const SK: &str = "sk";
@@ -60,31 +77,43 @@ const GENERATION_SK: &str = "generation";
 const RESOURCE: &str = "resource";
 const CHANGE: &str = "change";
 const ATTR_GENERATION: &str = "generation";
+const ATTR_TABLE_ID: &str = "tableId";
 const ATTR_DATA: &str = "data";
 const ATTR_CHANGES: &str = "changes";
 const ATTR_EXPIRES: &str = "expiresAt";
 /// How long change items stay: an agent away for longer reloads everything.
 const CHANGE_TTL: Duration = Duration::from_secs(24 * 3600);
-/// DynamoDB items hold at most 400 KB; keep room for keys and attribute names.
-const MAX_ITEM_BYTES: usize = 390_000;
-/// A transaction holds at most 100 actions: the generation, the change, and the resources.
-const MAX_RESOURCES_PER_WRITE: usize = 98;
-/// Lost races in a row before a write gives up with a retryable error.
-const MAX_CONFLICTS: u32 = 25;
+/// A transaction holds at most 100 actions.
+const MAX_ACTIONS: usize = 100;
+/// Of which the generation and the change item take two.
+const MAX_RESOURCES_PER_WRITE: usize = MAX_ACTIONS - 2;
+/// Rounds of one write (lost races, or catch-ups before a rejection holds) before it gives up
+/// with a retryable error.
+const MAX_WRITE_ROUNDS: u32 = 25;
 /// Longest pause between polls while the table fails.
 const MAX_BACKOFF: Duration = Duration::from_secs(8);
-/// Full reloads raced by writes in a row before giving up.
+/// Rounds of a full load that met writes in flight before giving up.
 const MAX_RELOADS: u32 = 8;
+/// First pause between such rounds (doubling).
+const RELOAD_PAUSE: Duration = Duration::from_millis(20);
+/// Steps of one catch-up (each replays what is visible, or waits for a change in flight).
+const MAX_SYNC_STEPS: u32 = 8;
+/// First pause when the next change item is still in flight (doubling).
+const IN_FLIGHT_PAUSE: Duration = Duration::from_millis(10);
+/// Change items a full load reads serializably because a query did not show them.
+const MAX_PROBES: u32 = 8;
 
 /// DynamoDB calls and their outcomes, for `/metrics` and the store bench.
 #[derive(Debug, Default)]
 struct Metrics {
     get_item: AtomicU64,
+    transact_get: AtomicU64,
     query: AtomicU64,
     transact: AtomicU64,
     errors: AtomicU64,
     conflicts: AtomicU64,
     reloads: AtomicU64,
+    gaps: AtomicU64,
     /// 1 while the last call succeeded.
     up: AtomicU64,
 }
@@ -105,6 +134,61 @@ impl From<Error> for Fail {
     }
 }
 
+/// What this agent knows besides the published state: the id of the table that state is of.
+/// Guarded by the commit lock, so it changes with the state.
+#[derive(Debug, Default)]
+struct Local {
+    /// `None`: a table written before ids existed (or a cache file from then).
+    table_id: Option<String>,
+    /// The resource keys the write that made the published generation touched (`None` when not
+    /// known, as after a start from the cache file): the next write checks that none of its
+    /// items is still being applied.
+    last: Option<(u64, Vec<String>)>,
+}
+
+/// A published state and the table it is of: what the cache file keeps.
+type Published = (Option<String>, Arc<State>);
+
+/// The cache file as written.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct CacheOut<'a> {
+    table_id: Option<&'a str>,
+    state: &'a State,
+}
+
+/// The cache file as read: also a bare state, as agents wrote it before table ids.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum CacheIn {
+    Current {
+        #[serde(rename = "tableId")]
+        table_id: Option<String>,
+        state: State,
+    },
+    Bare(State),
+}
+
+/// A state read whole from the table.
+struct Loaded {
+    state: State,
+    table_id: Option<String>,
+    /// The resource keys of the write that made its generation, when its change item was read.
+    touched: Option<Vec<String>>,
+}
+
+/// What the change log holds after a generation.
+enum Next {
+    /// The next changes, in order (perhaps not yet up to the table's generation).
+    Changes(Vec<(u64, Vec<Change>)>),
+    /// The next change item is gone: time to live deleted it before this agent read it.
+    Gap(u64),
+    /// The next change item belongs to another table.
+    Foreign,
+    /// The next change item is held by a transaction in flight.
+    InFlight,
+}
+
 #[derive(Debug)]
 pub(super) struct Dynamo {
     client: Client,
@@ -115,52 +199,60 @@ pub(super) struct Dynamo {
     /// The runtime that drives the SDK when a synchronous `write` waits for it.
     handle: tokio::runtime::Handle,
     /// Serialises this agent's writes and catch-ups: held across a commit so a catch-up never
-    /// interleaves with it.
-    lock: Mutex<()>,
+    /// interleaves with it (the one lock held across an await, see ARCHITECTURE.md).
+    lock: Mutex<Local>,
+    /// Every published state with its table id, for the cache file.
+    published: watch::Sender<Published>,
     metrics: Metrics,
 }
 
 impl Dynamo {
-    /// Connects and loads the whole state (consistent reads); with a `cache` directory, falls back
-    /// to the last good state kept there when DynamoDB does not answer.
+    /// Connects and loads the whole state; with a `cache` directory, falls back to the last good
+    /// state kept there when DynamoDB does not answer as it should.
     pub(super) async fn connect(
         args: &StoreArgs,
         region: &str,
         cache: Option<&Path>,
     ) -> Result<(Self, State), Error> {
-        let table = table_name(args)?;
+        let table = table::table_name(args)?;
         if let Some(dir) = cache {
             std::fs::create_dir_all(dir).map_err(|source| Error::CreateDir {
                 path: dir.to_path_buf(),
                 source,
             })?;
         }
-        let store = Dynamo {
-            client: client(args, region).await,
+        let mut store = Dynamo {
+            client: table::client(args, region).await,
             cache: cache.map(|dir| (dir.to_path_buf(), format!("dynamodb-{table}.json"))),
             table,
             poll: Duration::from_millis(args.dynamodb_poll_ms.max(10)),
             handle: tokio::runtime::Handle::current(),
-            lock: Mutex::new(()),
+            lock: Mutex::new(Local::default()),
+            published: watch::channel((None, Arc::default())).0,
             metrics: Metrics::default(),
         };
-        let state = match (store.full_load().await, &store.cache) {
-            (Ok(s), _) => s,
-            (Err(e), Some((dir, file))) if e.is_retryable() => {
-                match embedded::load_file(dir, file) {
-                    Ok(Some(s)) => {
-                        warn!(table = %store.table, error = %e, generation = s.generation,
-                            "DynamoDB does not answer; serving the last good state kept on disk");
-                        s
-                    }
-                    _ => return Err(e),
+        let loaded = match (store.full_load().await, &store.cache) {
+            (Ok(l), _) => l,
+            (Err(e), Some((dir, file))) if e.is_outage() => match load_cache(dir, file) {
+                Ok(Some(l)) => {
+                    warn!(table = %store.table, error = %e, generation = l.state.generation,
+                        "DynamoDB does not answer; serving the last good state kept on disk");
+                    l
                 }
-            }
+                _ => return Err(e),
+            },
             (Err(e), _) => return Err(e),
         };
-        info!(table = %store.table, generation = state.generation, meshes = state.meshes.len(),
-            "loaded the shared store from DynamoDB");
-        Ok((store, state))
+        info!(table = %store.table, generation = loaded.state.generation,
+            meshes = loaded.state.meshes.len(), table_id = ?loaded.table_id,
+            "loaded the shared store");
+        let local = store.lock.get_mut();
+        local.table_id.clone_from(&loaded.table_id);
+        local.last = loaded.touched.map(|k| (loaded.state.generation, k));
+        store
+            .published
+            .send_replace((loaded.table_id, Arc::new(loaded.state.clone())));
+        Ok((store, loaded.state))
     }
 
     /// See [`super::Store::write`]. Runs the closure against the newest state this agent has,
@@ -174,9 +266,11 @@ impl Dynamo {
         E: From<Error>,
     {
         let run = async {
-            let _guard = self.lock.lock().await;
-            let mut conflicts = 0u32;
-            loop {
+            let mut local = self.lock.lock().await;
+            for round in 0..MAX_WRITE_ROUNDS {
+                if round > 2 {
+                    tokio::time::sleep(jittered(Duration::from_millis(5 << round.min(6)))).await;
+                }
                 let current = tx.borrow().clone();
                 let mut next = (*current).clone();
                 let out = f(&mut next);
@@ -186,46 +280,33 @@ impl Dynamo {
                 };
                 if changes.is_empty() {
                     // A rejection or a no-op must hold on the newest state, not a stale one.
-                    let g = self.read_generation().await.map_err(E::from)?;
-                    if g == current.generation {
+                    let meta = self.read_meta().await.map_err(E::from)?;
+                    if meta.generation == current.generation && meta.table_id == local.table_id {
                         return out;
                     }
-                    self.sync(tx, Some(g)).await.map_err(E::from)?;
+                    self.sync(tx, &mut local, Some(meta))
+                        .await
+                        .map_err(E::from)?;
                     continue;
                 }
-                match self.commit(current.generation, &changes).await {
-                    Ok(()) => {
+                match self.commit(&local, current.generation, &changes).await {
+                    Ok(table_id) => {
                         let mut s = (*current).clone();
                         items::apply(&mut s, &changes).map_err(|e| E::from(self.item(e)))?;
                         s.generation = current.generation + 1;
-                        tx.send_if_modified(|cur| {
-                            let behind = cur.generation == current.generation;
-                            if behind {
-                                *cur = Arc::new(s);
-                            }
-                            behind
-                        });
+                        self.publish(tx, &mut local, s, Some(table_id), Some(keys(&changes)));
                         return out;
                     }
                     Err(Fail::Conflict) => {
-                        conflicts += 1;
                         inc(&self.metrics.conflicts);
-                        if conflicts >= MAX_CONFLICTS {
-                            return Err(E::from(Error::Contention {
-                                table: self.table.clone(),
-                            }));
-                        }
-                        if conflicts > 2 {
-                            tokio::time::sleep(jittered(Duration::from_millis(
-                                5 << conflicts.min(6),
-                            )))
-                            .await;
-                        }
-                        self.sync(tx, None).await.map_err(E::from)?;
+                        self.sync(tx, &mut local, None).await.map_err(E::from)?;
                     }
                     Err(Fail::Store(e)) => return Err(E::from(e)),
                 }
             }
+            Err(E::from(Error::Contention {
+                table: self.table.clone(),
+            }))
         };
         if tokio::runtime::Handle::try_current().is_ok() {
             tokio::task::block_in_place(|| self.handle.block_on(run))
@@ -237,23 +318,28 @@ impl Dynamo {
     /// Polls the generation item until `cancel`, applying what other agents committed, and keeps
     /// the last good state on disk.
     pub(super) async fn run(&self, tx: &watch::Sender<Arc<State>>, cancel: CancellationToken) {
-        tokio::join!(
-            self.poll_loop(tx, cancel.clone()),
-            self.keep_cache(tx, cancel)
-        );
+        tokio::join!(self.poll_loop(tx, cancel.clone()), self.keep_cache(cancel));
     }
 
-    /// Writes every published state to the cache file (only the newest, if writes fall behind).
-    async fn keep_cache(&self, tx: &watch::Sender<Arc<State>>, cancel: CancellationToken) {
+    /// Writes every published state and its table id to the cache file (only the newest, if
+    /// writes fall behind).
+    async fn keep_cache(&self, cancel: CancellationToken) {
         let Some((dir, file)) = self.cache.clone() else {
             return;
         };
-        let mut rx = tx.subscribe();
+        let mut rx = self.published.subscribe();
         loop {
-            let state = rx.borrow_and_update().clone();
+            let (id, state) = rx.borrow_and_update().clone();
             let (d, f) = (dir.clone(), file.clone());
-            match tokio::task::spawn_blocking(move || embedded::persist_file(&d, &f, &state)).await
-            {
+            let written = tokio::task::spawn_blocking(move || {
+                let out = CacheOut {
+                    table_id: id.as_deref(),
+                    state: &state,
+                };
+                embedded::persist_file(&d, &f, &out)
+            })
+            .await;
+            match written {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => warn!(error = %e, "cannot keep the last good state on disk"),
                 Err(e) => warn!(error = %e, "cannot keep the last good state on disk"),
@@ -282,10 +368,10 @@ impl Dynamo {
                 () = tokio::time::sleep(wait) => {}
             }
             let res = async {
-                let g = self.read_generation().await?;
-                if g != tx.borrow().generation {
-                    let _guard = self.lock.lock().await;
-                    self.sync(tx, Some(g)).await?;
+                let meta = self.read_meta().await?;
+                let mut local = self.lock.lock().await;
+                if meta.generation != tx.borrow().generation || meta.table_id != local.table_id {
+                    self.sync(tx, &mut local, Some(meta)).await?;
                 }
                 Ok::<_, Error>(())
             }
@@ -308,76 +394,85 @@ impl Dynamo {
         }
     }
 
-    /// Brings the published state to the table's generation (`seen` if the caller just read it):
-    /// replays the change log, or reloads everything when the log has a gap or the table went
-    /// backwards (recreated). Callers hold `lock`.
-    async fn sync(&self, tx: &watch::Sender<Arc<State>>, seen: Option<u64>) -> Result<(), Error> {
-        let local = tx.borrow().clone();
-        let g = match seen {
-            // Read before the lock: a write of this agent may have moved past it since.
-            Some(g) if g >= local.generation => g,
-            _ => self.read_generation().await?,
-        };
-        if g == local.generation {
-            return Ok(());
-        }
-        let next = if g > local.generation {
-            match self.changes_since(local.generation).await? {
-                Some(log) => {
-                    let mut s = (*local).clone();
-                    match replay(&mut s, log) {
-                        Ok(()) => s,
-                        Err(e) => {
-                            warn!(table = %self.table, error = %e, "cannot replay changes; reloading");
-                            self.full_load().await?
-                        }
-                    }
-                }
-                None => self.full_load().await?,
-            }
-        } else {
-            warn!(table = %self.table, local = local.generation, table_generation = g,
-                "the table's generation went backwards (recreated?); reloading");
-            self.full_load().await?
-        };
-        if next.generation > local.generation || g < local.generation {
-            tx.send_replace(Arc::new(next));
-        }
-        Ok(())
+    /// Publishes `state` of table `table_id`, made by a write that touched `touched` (the caller
+    /// holds the commit lock).
+    fn publish(
+        &self,
+        tx: &watch::Sender<Arc<State>>,
+        local: &mut Local,
+        state: State,
+        table_id: Option<String>,
+        touched: Option<Vec<String>>,
+    ) {
+        local.last = touched.map(|k| (state.generation, k));
+        let state = Arc::new(state);
+        local.table_id.clone_from(&table_id);
+        self.published.send_replace((table_id, state.clone()));
+        tx.send_replace(state);
     }
 
-    /// The whole state, read consistently: resources, then whatever changed during the read.
-    async fn full_load(&self) -> Result<State, Error> {
-        inc(&self.metrics.reloads);
-        for _ in 0..MAX_RELOADS {
-            let before = self.read_generation().await?;
-            let rows = self.query(RESOURCE, None).await?;
-            let mut map = BTreeMap::new();
-            for row in &rows {
-                map.insert(
-                    string(row, SK, &self.table)?.to_string(),
-                    string(row, ATTR_DATA, &self.table)?.to_string(),
-                );
+    /// Brings the published state to the table's (`seen`, if the caller just read the generation
+    /// item): replays the change log, or reloads everything when the table is another one (its id
+    /// changed), went backwards, or the log has a gap. Progresses or fails: never returns behind
+    /// the generation it read, and gives up after [`MAX_SYNC_STEPS`].
+    async fn sync(
+        &self,
+        tx: &watch::Sender<Arc<State>>,
+        local: &mut Local,
+        seen: Option<Meta>,
+    ) -> Result<(), Error> {
+        let meta = match seen {
+            // Read before the lock, ahead of this agent: still the table's newest news.
+            Some(m) if m.table_id == local.table_id && m.generation > tx.borrow().generation => m,
+            _ => self.read_meta().await?,
+        };
+        let mut pause = IN_FLIGHT_PAUSE;
+        for _ in 0..MAX_SYNC_STEPS {
+            let at = tx.borrow().clone();
+            if meta.table_id != local.table_id {
+                warn!(table = %self.table, local = ?local.table_id, table_id = ?meta.table_id,
+                    "the table is another one (deleted and created again?); reloading");
+                return self.reload(tx, local).await;
             }
-            // A read that overlapped writes can miss a mesh whose children it saw; the replay
-            // below fixes every key those writes touched, so only a hard error is fatal.
-            let mut state = match items::from_items(&map) {
-                Ok(s) => s,
-                Err(items::ItemError::Orphan(_)) => continue,
-                Err(e) => return Err(self.item(e)),
-            };
-            state.generation = before;
-            let after = self.read_generation().await?;
-            if after == before {
-                return Ok(state);
+            if meta.generation == at.generation {
+                return Ok(());
             }
-            // Every item was read at some generation in [before, after]; replaying the changes
-            // after `before` sets each key they touched to its newest value, the rest never moved.
-            if let Some(log) = self.changes_since(before).await?
-                && replay(&mut state, log).is_ok()
-                && state.generation >= after
+            if meta.generation < at.generation {
+                warn!(table = %self.table, local = at.generation, table_generation = meta.generation,
+                    "the table's generation went backwards; reloading");
+                return self.reload(tx, local).await;
+            }
+            let id = local.table_id.clone();
+            match self
+                .changes_after(at.generation, meta.generation, id.as_deref())
+                .await?
             {
-                return Ok(state);
+                Next::Changes(log) => {
+                    let touched = log.last().map(|(_, c)| keys(c));
+                    let mut s = (*at).clone();
+                    if let Err(e) = replay(&mut s, log) {
+                        warn!(table = %self.table, error = %e, "cannot replay changes; reloading");
+                        return self.reload(tx, local).await;
+                    }
+                    self.publish(tx, local, s, id, touched);
+                }
+                Next::Gap(missing) => {
+                    inc(&self.metrics.gaps);
+                    warn!(table = %self.table, local = at.generation,
+                        table_generation = meta.generation, missing,
+                        "the change log ends before the table's generation (changes this agent \
+                         missed have expired); reloading the whole table");
+                    return self.reload(tx, local).await;
+                }
+                Next::Foreign => {
+                    warn!(table = %self.table,
+                        "the change log is another table's (deleted and created again?); reloading");
+                    return self.reload(tx, local).await;
+                }
+                Next::InFlight => {
+                    tokio::time::sleep(jittered(pause)).await;
+                    pause *= 2;
+                }
             }
         }
         Err(Error::Contention {
@@ -385,83 +480,170 @@ impl Dynamo {
         })
     }
 
-    /// The change items after `from`, in order; `None` when some are gone (expired).
-    async fn changes_since(&self, from: u64) -> Result<Option<Vec<(u64, Vec<Change>)>>, Error> {
-        let rows = self.query(CHANGE, Some(change_sk(from))).await?;
-        let mut out = Vec::with_capacity(rows.len());
-        for (i, row) in rows.iter().enumerate() {
-            let g = number(row, ATTR_GENERATION, &self.table)?;
-            if g != from + 1 + i as u64 {
+    async fn reload(&self, tx: &watch::Sender<Arc<State>>, local: &mut Local) -> Result<(), Error> {
+        let loaded = self.full_load().await?;
+        self.publish(tx, local, loaded.state, loaded.table_id, loaded.touched);
+        Ok(())
+    }
+
+    /// The change items after `from` up to `to`, in order, as far as they go without a hole.
+    async fn changes_after(&self, from: u64, to: u64, id: Option<&str>) -> Result<Next, Error> {
+        let rows = self.query(CHANGE, Range::After(&change_sk(from))).await?;
+        let mut out = Vec::new();
+        for row in &rows {
+            let c = self.logged(row)?;
+            if c.generation != from + 1 + out.len() as u64 || c.generation > to {
+                break;
+            }
+            if c.foreign(id) {
+                return Ok(Next::Foreign);
+            }
+            out.push((c.generation, c.changes));
+        }
+        if !out.is_empty() {
+            return Ok(Next::Changes(out));
+        }
+        // The next change item is not visible: still in flight, or deleted by time to live.
+        Ok(match self.probe_change(from + 1).await? {
+            Probe::Found(c) if c.foreign(id) => Next::Foreign,
+            Probe::Found(c) => Next::Changes(vec![(c.generation, c.changes)]),
+            Probe::Absent => Next::Gap(from + 1),
+            Probe::Busy => Next::InFlight,
+        })
+    }
+
+    /// The whole state at one generation (see the module docs for why it is exact).
+    async fn full_load(&self) -> Result<Loaded, Error> {
+        inc(&self.metrics.reloads);
+        let mut pause = RELOAD_PAUSE;
+        for round in 0..MAX_RELOADS {
+            if round > 0 {
+                tokio::time::sleep(jittered(pause)).await;
+                pause = (pause * 2).min(MAX_BACKOFF);
+            }
+            // Every write before this generation was applied in full before the query starts.
+            let Some(before) = self.read_meta_serializable().await? else {
+                continue;
+            };
+            let mut map = BTreeMap::new();
+            for row in &self.query(RESOURCE, Range::All).await? {
+                map.insert(
+                    string(row, SK, &self.table)?.to_string(),
+                    string(row, ATTR_DATA, &self.table)?.to_string(),
+                );
+            }
+            // No write after this generation had begun to apply while the query ran.
+            let Some(meta) = self.read_meta_serializable().await? else {
+                continue;
+            };
+            if meta.table_id != before.table_id {
+                continue;
+            }
+            let id = meta.table_id.as_deref();
+            let Some(recent) = self
+                .changes_between(before.generation, meta.generation, id)
+                .await?
+            else {
+                continue;
+            };
+            // Whole values, oldest first: each key ends at its value at `meta.generation`.
+            for (_, changes) in &recent {
+                for (key, data) in changes {
+                    match data {
+                        Some(d) => map.insert(key.clone(), d.clone()),
+                        None => map.remove(key),
+                    };
+                }
+            }
+            let mut state = match items::from_items(&map) {
+                Ok(s) => s,
+                Err(items::ItemError::Orphan(_)) => continue,
+                Err(e) => return Err(self.item(e)),
+            };
+            state.generation = meta.generation;
+            let touched = recent
+                .last()
+                .filter(|(g, _)| *g == meta.generation)
+                .map(|(_, c)| keys(c));
+            return Ok(Loaded {
+                state,
+                table_id: meta.table_id,
+                touched,
+            });
+        }
+        Err(Error::Contention {
+            table: self.table.clone(),
+        })
+    }
+
+    /// The change items of generations `lo..=hi`, oldest first. One that a query does not show is
+    /// read serializably: still held by a transaction in flight gives `None` (the load starts
+    /// over), gone means time to live deleted it, a day after its write (nothing left to apply).
+    async fn changes_between(
+        &self,
+        lo: u64,
+        hi: u64,
+        id: Option<&str>,
+    ) -> Result<Option<Vec<(u64, Vec<Change>)>>, Error> {
+        let lo = lo.max(1);
+        if lo > hi {
+            return Ok(Some(Vec::new()));
+        }
+        let mut found = BTreeMap::new();
+        for row in &self.query(CHANGE, Range::After(&change_sk(lo - 1))).await? {
+            let c = self.logged(row)?;
+            if c.generation <= hi {
+                if c.foreign(id) {
+                    return Ok(None);
+                }
+                found.insert(c.generation, c.changes);
+            }
+        }
+        let mut probes = 0;
+        for g in lo..=hi {
+            if found.contains_key(&g) {
+                continue;
+            }
+            probes += 1;
+            if probes > MAX_PROBES {
                 return Ok(None);
             }
-            let text = string(row, ATTR_CHANGES, &self.table)?;
-            let changes: Vec<Change> = serde_json::from_str(text).map_err(|source| {
-                self.item(items::ItemError::BadData {
-                    key: change_sk(g),
-                    source,
-                })
-            })?;
-            out.push((g, changes));
-        }
-        Ok(Some(out))
-    }
-
-    async fn read_generation(&self) -> Result<u64, Error> {
-        inc(&self.metrics.get_item);
-        let out = self
-            .client
-            .get_item()
-            .table_name(&self.table)
-            .key(PK, s(META))
-            .key(SK, s(GENERATION_SK))
-            .consistent_read(true)
-            .send()
-            .await
-            .map_err(|e| self.failed("GetItem", e))?;
-        self.metrics.up.store(1, Ordering::Relaxed);
-        match out.item() {
-            None => Ok(0),
-            Some(item) => number(item, ATTR_GENERATION, &self.table),
-        }
-    }
-
-    /// Every item of partition `pk` (after sort key `after`), consistently, page by page.
-    async fn query(
-        &self,
-        pk: &str,
-        after: Option<String>,
-    ) -> Result<Vec<HashMap<String, AttributeValue>>, Error> {
-        let mut out = Vec::new();
-        let mut start = None;
-        loop {
-            inc(&self.metrics.query);
-            let mut q = self
-                .client
-                .query()
-                .table_name(&self.table)
-                .consistent_read(true)
-                .expression_attribute_names("#pk", PK)
-                .expression_attribute_values(":pk", s(pk))
-                .set_exclusive_start_key(start);
-            q = match &after {
-                None => q.key_condition_expression("#pk = :pk"),
-                Some(a) => q
-                    .key_condition_expression("#pk = :pk AND #sk > :after")
-                    .expression_attribute_names("#sk", SK)
-                    .expression_attribute_values(":after", s(a)),
-            };
-            let page = q.send().await.map_err(|e| self.failed("Query", e))?;
-            out.extend(page.items.unwrap_or_default());
-            match page.last_evaluated_key {
-                Some(k) if !k.is_empty() => start = Some(k),
-                _ => return Ok(out),
+            match self.probe_change(g).await? {
+                Probe::Found(c) if !c.foreign(id) => {
+                    found.insert(g, c.changes);
+                }
+                Probe::Absent => {}
+                Probe::Found(_) | Probe::Busy => return Ok(None),
             }
         }
+        Ok(Some(found.into_iter().collect()))
     }
 
-    /// One transaction: generation `cur` → `cur + 1` (the condition), the change item, the
-    /// resource items.
-    async fn commit(&self, cur: u64, changes: &[Change]) -> Result<(), Fail> {
+    /// The items of the write that made generation `cur`: this write checks that none of them
+    /// is still being applied (DynamoDB cancels a transaction that touches an item another one
+    /// is applying), so a write commits only once the write before it is applied in full.
+    async fn prior_items(&self, local: &Local, cur: u64) -> Result<Vec<(String, String)>, Fail> {
+        if cur == 0 {
+            return Ok(Vec::new());
+        }
+        let keys = match &local.last {
+            Some((g, keys)) if *g == cur => keys.clone(),
+            _ => match self.probe_change(cur).await? {
+                Probe::Found(c) => keys(&c.changes),
+                // Deleted by time to live: written over a day ago.
+                Probe::Absent => return Ok(Vec::new()),
+                Probe::Busy => return Err(Fail::Conflict),
+            },
+        };
+        let mut items = vec![(CHANGE.to_string(), change_sk(cur))];
+        items.extend(keys.into_iter().map(|k| (RESOURCE.to_string(), k)));
+        Ok(items)
+    }
+
+    /// One transaction: generation `cur` → `cur + 1` (on the condition that the generation item
+    /// still holds `cur` and this agent's table id), the change item, the resource items. Returns
+    /// the table id now on the generation item.
+    async fn commit(&self, local: &Local, cur: u64, changes: &[Change]) -> Result<String, Fail> {
         if changes.len() > MAX_RESOURCES_PER_WRITE {
             return Err(Fail::Store(Error::Config(format!(
                 "one write changes {} resources; a DynamoDB transaction holds at most {MAX_RESOURCES_PER_WRITE}",
@@ -470,17 +652,30 @@ impl Dynamo {
         }
         let next = cur + 1;
         let log = serde_json::to_string(changes).map_err(Error::Encode)?;
-        if log.len() > MAX_ITEM_BYTES {
-            return Err(Fail::Store(Error::TooLarge {
-                bytes: log.len(),
-                max: MAX_ITEM_BYTES,
-            }));
-        }
+        limits::check(changes, &log)?;
         let build = |e: aws_sdk_dynamodb::error::BuildError| Error::Config(e.to_string());
-        let condition = if cur == 0 {
-            "attribute_not_exists(#g) OR #g = :cur"
-        } else {
-            "#g = :cur"
+        // The previous write's items this one does not write itself.
+        let mine: std::collections::HashSet<&str> =
+            changes.iter().map(|(k, _)| k.as_str()).collect();
+        let checks: Vec<(String, String)> = self
+            .prior_items(local, cur)
+            .await?
+            .into_iter()
+            .filter(|(pk, sk)| !(pk == RESOURCE && mine.contains(sk.as_str())))
+            .collect();
+        let inline = 2 + changes.len() + checks.len() <= MAX_ACTIONS;
+        if !inline && !self.applied(&checks).await? {
+            return Err(Fail::Conflict);
+        }
+        // A table written before ids gets one with its next write.
+        let id = local
+            .table_id
+            .clone()
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let condition = match (&local.table_id, cur) {
+            (Some(_), _) => "#g = :cur AND #id = :id",
+            (None, 0) => "(attribute_not_exists(#g) OR #g = :cur) AND attribute_not_exists(#id)",
+            (None, _) => "#g = :cur AND attribute_not_exists(#id)",
         };
         let mut ops = vec![
             TransactWriteItem::builder()
@@ -489,11 +684,13 @@ impl Dynamo {
                         .table_name(&self.table)
                         .key(PK, s(META))
                         .key(SK, s(GENERATION_SK))
-                        .update_expression("SET #g = :next")
+                        .update_expression("SET #g = :next, #id = :id")
                         .condition_expression(condition)
                         .expression_attribute_names("#g", ATTR_GENERATION)
+                        .expression_attribute_names("#id", ATTR_TABLE_ID)
                         .expression_attribute_values(":cur", n(cur))
                         .expression_attribute_values(":next", n(next))
+                        .expression_attribute_values(":id", s(&id))
                         .build()
                         .map_err(build)?,
                 )
@@ -506,6 +703,7 @@ impl Dynamo {
                         .item(SK, s(&change_sk(next)))
                         .item(ATTR_GENERATION, n(next))
                         .item(ATTR_CHANGES, s(&log))
+                        .item(ATTR_TABLE_ID, s(&id))
                         .item(ATTR_EXPIRES, n(epoch_secs() + CHANGE_TTL.as_secs()))
                         .build()
                         .map_err(build)?,
@@ -535,6 +733,25 @@ impl Dynamo {
             };
             ops.push(op.build());
         }
+        for (pk, sk) in checks.iter().filter(|_| inline) {
+            ops.push(
+                TransactWriteItem::builder()
+                    .condition_check(
+                        ConditionCheck::builder()
+                            .table_name(&self.table)
+                            .key(PK, s(pk))
+                            .key(SK, s(sk))
+                            // Always true: the check is that no transaction is applying the item.
+                            .condition_expression(
+                                "attribute_exists(#pk) OR attribute_not_exists(#pk)",
+                            )
+                            .expression_attribute_names("#pk", PK)
+                            .build()
+                            .map_err(build)?,
+                    )
+                    .build(),
+            );
+        }
         inc(&self.metrics.transact);
         let sent = self
             .client
@@ -546,37 +763,64 @@ impl Dynamo {
             .await;
         match sent {
             Ok(_) => {
-                self.metrics.up.store(1, Ordering::Relaxed);
-                Ok(())
+                self.up();
+                Ok(id)
             }
-            Err(e) => {
-                if let Some(TransactWriteItemsError::TransactionCanceledException(tc)) =
-                    e.as_service_error()
-                {
-                    let lost = tc.cancellation_reasons().iter().any(|r| {
-                        matches!(
-                            r.code(),
-                            Some("ConditionalCheckFailed" | "TransactionConflict")
-                        )
-                    });
-                    // moto and older services may omit the reasons; the only condition is ours.
-                    if lost || tc.cancellation_reasons().is_empty() {
-                        return Err(Fail::Conflict);
-                    }
-                }
-                Err(Fail::Store(self.failed("TransactWriteItems", e)))
-            }
+            Err(e) => Err(self.commit_failed(e)),
         }
     }
 
-    fn failed<E, R>(&self, op: &str, e: SdkError<E, R>) -> Error
+    /// A lost race (our condition failed, or another transaction holds one of the items: catch
+    /// up and re-run), or a failure, retryable or not by the reasons DynamoDB gives.
+    fn commit_failed(&self, e: SdkError<TransactWriteItemsError, HttpResponse>) -> Fail {
+        if let Some(TransactWriteItemsError::TransactionCanceledException(tc)) =
+            e.as_service_error()
+        {
+            let reasons: Vec<&str> = tc
+                .cancellation_reasons()
+                .iter()
+                .filter_map(|r| r.code())
+                .filter(|c| *c != "None")
+                .collect();
+            // moto and older services may omit the reasons; the only condition is ours.
+            if reasons.is_empty()
+                || reasons
+                    .iter()
+                    .any(|c| matches!(*c, "ConditionalCheckFailed" | "TransactionConflict"))
+            {
+                self.up();
+                return Fail::Conflict;
+            }
+            inc(&self.metrics.errors);
+            self.metrics.up.store(0, Ordering::Relaxed);
+            let detail = format!(
+                "TransactWriteItems: TransactionCanceledException: {}",
+                reasons.join(", ")
+            );
+            let table = self.table.clone();
+            let throttled = reasons
+                .iter()
+                .all(|c| matches!(*c, "ThrottlingError" | "ProvisionedThroughputExceeded"));
+            return Fail::Store(if throttled {
+                Error::Unavailable { table, detail }
+            } else {
+                Error::Rejected { table, detail }
+            });
+        }
+        Fail::Store(self.failed("TransactWriteItems", e))
+    }
+
+    fn up(&self) {
+        self.metrics.up.store(1, Ordering::Relaxed);
+    }
+
+    fn failed<E>(&self, op: &str, e: SdkError<E, HttpResponse>) -> Error
     where
         E: std::error::Error + ProvideErrorMetadata + 'static,
-        R: std::fmt::Debug,
     {
         inc(&self.metrics.errors);
         self.metrics.up.store(0, Ordering::Relaxed);
-        classify(&self.table, op, e)
+        table::classify(&self.table, op, e)
     }
 
     fn item(&self, source: items::ItemError) -> Error {
@@ -594,6 +838,7 @@ impl Dynamo {
             "# HELP trellis_store_dynamodb_requests_total DynamoDB calls by operation.\n\
              # TYPE trellis_store_dynamodb_requests_total counter\n\
              trellis_store_dynamodb_requests_total{{operation=\"GetItem\"}} {}\n\
+             trellis_store_dynamodb_requests_total{{operation=\"TransactGetItems\"}} {}\n\
              trellis_store_dynamodb_requests_total{{operation=\"Query\"}} {}\n\
              trellis_store_dynamodb_requests_total{{operation=\"TransactWriteItems\"}} {}\n\
              # HELP trellis_store_dynamodb_errors_total DynamoDB calls that failed (after SDK retries).\n\
@@ -605,6 +850,9 @@ impl Dynamo {
              # HELP trellis_store_full_reloads_total Full reads of the table.\n\
              # TYPE trellis_store_full_reloads_total counter\n\
              trellis_store_full_reloads_total {}\n\
+             # HELP trellis_store_log_gaps_total Catch-ups that found the change log ended before the table's generation (changes expired), each followed by a full reload.\n\
+             # TYPE trellis_store_log_gaps_total counter\n\
+             trellis_store_log_gaps_total {}\n\
              # HELP trellis_store_dynamodb_up 1 if the last DynamoDB call succeeded.\n\
              # TYPE trellis_store_dynamodb_up gauge\n\
              trellis_store_dynamodb_up {}\n\
@@ -612,14 +860,21 @@ impl Dynamo {
              # TYPE trellis_store_generation gauge\n\
              trellis_store_generation {generation}\n",
             get(&m.get_item),
+            get(&m.transact_get),
             get(&m.query),
             get(&m.transact),
             get(&m.errors),
             get(&m.conflicts),
             get(&m.reloads),
+            get(&m.gaps),
             get(&m.up),
         )
     }
+}
+
+/// The resource keys a write touched.
+fn keys(changes: &[Change]) -> Vec<String> {
+    changes.iter().map(|(k, _)| k.clone()).collect()
 }
 
 fn replay(state: &mut State, log: Vec<(u64, Vec<Change>)>) -> Result<(), items::ItemError> {
@@ -630,183 +885,24 @@ fn replay(state: &mut State, log: Vec<(u64, Vec<Change>)>) -> Result<(), items::
     Ok(())
 }
 
-/// Unavailable (retry later) for transport failures, timeouts and throttling; a clear hint when
-/// the table does not exist.
-fn classify<E, R>(table: &str, op: &str, e: SdkError<E, R>) -> Error
-where
-    E: std::error::Error + ProvideErrorMetadata + 'static,
-    R: std::fmt::Debug,
-{
-    if e.code() == Some("ResourceNotFoundException") {
-        return Error::Config(format!(
-            "table {table} does not exist: create it with `trellis-agent init-store --store dynamodb --dynamodb-table {table}`"
-        ));
-    }
-    let detail = match e.code() {
-        Some(code) => format!("{op}: {code}: {}", e.message().unwrap_or_default()),
-        None => format!("{op}: {}", DisplayErrorContext(&e)),
-    };
-    Error::Unavailable {
-        table: table.to_string(),
-        detail,
-    }
-}
-
-fn table_name(args: &StoreArgs) -> Result<String, Error> {
-    args.dynamodb_table
-        .clone()
-        .filter(|t| !t.is_empty())
-        .ok_or_else(|| {
-            Error::Config("--dynamodb-table (TRELLIS_DYNAMODB_TABLE) is required".into())
-        })
-}
-
-/// An SDK client: region and credentials from `aws-config`'s default chain (the `--region` of the
-/// agent when the chain has no region), short timeouts so a dead endpoint fails a write quickly,
-/// the SDK's standard retries (exponential backoff with jitter on throttling).
-async fn client(args: &StoreArgs, region: &str) -> Client {
-    let https = aws_smithy_http_client::Builder::new()
-        .tls_provider(tls::Provider::Rustls(
-            tls::rustls_provider::CryptoMode::Ring,
-        ))
-        .build_https();
-    let mut loader = aws_config::defaults(BehaviorVersion::latest())
-        .http_client(https)
-        .retry_config(RetryConfig::standard().with_max_attempts(3))
-        .timeout_config(
-            TimeoutConfig::builder()
-                .connect_timeout(Duration::from_secs(1))
-                .operation_attempt_timeout(Duration::from_secs(2))
-                .operation_timeout(Duration::from_secs(5))
-                .build(),
-        );
-    if let Some(url) = &args.dynamodb_endpoint {
-        loader = loader.endpoint_url(url);
-    }
-    let mut config = loader.load().await;
-    if config.region().is_none() {
-        config = config
-            .into_builder()
-            .region(Region::new(region.to_string()))
-            .build();
-    }
-    Client::new(&config)
-}
-
-/// Creates the table (on-demand capacity) if it does not exist, waits until it is active, and
-/// turns on time to live for change items.
-pub(super) async fn create_table(args: &StoreArgs, region: &str) -> Result<String, Error> {
-    let table = table_name(args)?;
-    let client = client(args, region).await;
-    let build = |e: aws_sdk_dynamodb::error::BuildError| Error::Config(e.to_string());
-    let attr = |name: &str| {
-        AttributeDefinition::builder()
-            .attribute_name(name)
-            .attribute_type(ScalarAttributeType::S)
-            .build()
-            .map_err(build)
-    };
-    let key = |name: &str, kind: KeyType| {
-        KeySchemaElement::builder()
-            .attribute_name(name)
-            .key_type(kind)
-            .build()
-            .map_err(build)
-    };
-    let created = match client
-        .create_table()
-        .table_name(&table)
-        .billing_mode(BillingMode::PayPerRequest)
-        .attribute_definitions(attr(PK)?)
-        .attribute_definitions(attr(SK)?)
-        .key_schema(key(PK, KeyType::Hash)?)
-        .key_schema(key(SK, KeyType::Range)?)
-        .send()
-        .await
-    {
-        Ok(_) => true,
-        Err(e) if e.code() == Some("ResourceInUseException") => false,
-        Err(e) => return Err(classify(&table, "CreateTable", e)),
-    };
-    let mut active = false;
-    for _ in 0..120 {
-        let out = client
-            .describe_table()
-            .table_name(&table)
-            .send()
-            .await
-            .map_err(|e| classify(&table, "DescribeTable", e))?;
-        if out.table().and_then(|t| t.table_status()) == Some(&TableStatus::Active) {
-            active = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
-    if !active {
-        return Err(Error::Unavailable {
-            table,
-            detail: "the table did not become ACTIVE within two minutes".into(),
-        });
-    }
-    let ttl = TimeToLiveSpecification::builder()
-        .attribute_name(ATTR_EXPIRES)
-        .enabled(true)
-        .build()
-        .map_err(build)?;
-    match client
-        .update_time_to_live()
-        .table_name(&table)
-        .time_to_live_specification(ttl)
-        .send()
-        .await
-    {
-        Ok(_) => {}
-        // Already enabled (a second init-store) is fine.
-        Err(e) if e.code() == Some("ValidationException") => {}
-        Err(e) => return Err(classify(&table, "UpdateTimeToLive", e)),
-    }
-    Ok(format!(
-        "DynamoDB table {table} {} (keys pk/sk, on-demand capacity, time to live on {ATTR_EXPIRES})",
-        if created { "created" } else { "already exists" }
-    ))
-}
-
-fn s(v: &str) -> AttributeValue {
-    AttributeValue::S(v.to_string())
-}
-
-fn n(v: u64) -> AttributeValue {
-    AttributeValue::N(v.to_string())
+/// The cache file in `dir`, if there is one.
+fn load_cache(dir: &Path, file: &str) -> Result<Option<Loaded>, Error> {
+    Ok(embedded::load_file::<CacheIn>(dir, file)?.map(|c| match c {
+        CacheIn::Current { table_id, state } => Loaded {
+            state,
+            table_id,
+            touched: None,
+        },
+        CacheIn::Bare(state) => Loaded {
+            state,
+            table_id: None,
+            touched: None,
+        },
+    }))
 }
 
 fn change_sk(g: u64) -> String {
     format!("{g:020}")
-}
-
-fn string<'a>(
-    item: &'a HashMap<String, AttributeValue>,
-    attr: &str,
-    table: &str,
-) -> Result<&'a str, Error> {
-    match item.get(attr) {
-        Some(AttributeValue::S(v)) => Ok(v),
-        _ => Err(Error::Config(format!(
-            "table {table} holds an item without string attribute {attr:?}: is it a Trellis table?"
-        ))),
-    }
-}
-
-fn number(item: &HashMap<String, AttributeValue>, attr: &str, table: &str) -> Result<u64, Error> {
-    match item.get(attr) {
-        Some(AttributeValue::N(v)) => v.parse().map_err(|_| {
-            Error::Config(format!(
-                "table {table}: attribute {attr:?} is {v:?}, not a generation"
-            ))
-        }),
-        _ => Err(Error::Config(format!(
-            "table {table} holds an item without number attribute {attr:?}: is it a Trellis table?"
-        ))),
-    }
 }
 
 fn epoch_secs() -> u64 {
@@ -850,7 +946,29 @@ mod tests {
 
     #[test]
     fn a_missing_table_name_is_a_clear_error() {
-        let err = table_name(&StoreArgs::default()).unwrap_err();
+        let err = table::table_name(&StoreArgs::default()).unwrap_err();
         assert!(err.to_string().contains("--dynamodb-table"), "{err}");
+    }
+
+    #[test]
+    fn the_cache_file_keeps_the_table_id_and_older_files_still_load() {
+        let dir = crate::test_helpers::TempDir::new("dynamo-cache");
+        let state = State {
+            generation: 7,
+            ..State::default()
+        };
+        let out = CacheOut {
+            table_id: Some("t-1"),
+            state: &state,
+        };
+        embedded::persist_file(dir.path(), "new.json", &out).unwrap();
+        let loaded = load_cache(dir.path(), "new.json").unwrap().unwrap();
+        assert_eq!(loaded.table_id.as_deref(), Some("t-1"));
+        assert_eq!(loaded.state, state);
+        // Written before table ids: the bare state, of a table the agent cannot name.
+        embedded::persist_file(dir.path(), "old.json", &state).unwrap();
+        let loaded = load_cache(dir.path(), "old.json").unwrap().unwrap();
+        assert_eq!((loaded.table_id, loaded.state), (None, state));
+        assert!(load_cache(dir.path(), "none.json").unwrap().is_none());
     }
 }

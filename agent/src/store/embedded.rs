@@ -10,6 +10,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 
 use super::Error;
@@ -65,8 +67,8 @@ pub(super) fn load(dir: &Path) -> Result<Option<State>, Error> {
     load_file(dir, STATE_FILE)
 }
 
-/// The state in `dir/name`, if there is one (creating `dir` if needed).
-pub(super) fn load_file(dir: &Path, name: &str) -> Result<Option<State>, Error> {
+/// The JSON in `dir/name`, if there is one (creating `dir` if needed).
+pub(super) fn load_file<T: DeserializeOwned>(dir: &Path, name: &str) -> Result<Option<T>, Error> {
     fs::create_dir_all(dir).map_err(|source| Error::CreateDir {
         path: dir.to_path_buf(),
         source,
@@ -87,7 +89,7 @@ pub(super) fn persist(dir: &Path, state: &State) -> Result<(), Error> {
 }
 
 /// Writes `state` to `dir/name` crash-safely.
-pub(super) fn persist_file(dir: &Path, name: &str, state: &State) -> Result<(), Error> {
+pub(super) fn persist_file<T: Serialize>(dir: &Path, name: &str, state: &T) -> Result<(), Error> {
     let path = dir.join(name);
     let tmp = dir.join(format!("{name}.tmp"));
     let bytes = serde_json::to_vec_pretty(state).map_err(Error::Encode)?;

@@ -55,14 +55,24 @@ pub enum Error {
         "the DynamoDB table {table} is busy with concurrent writes; the change was not made, retry"
     )]
     Contention { table: String },
+    /// DynamoDB answered that the request can never succeed as sent (a validation error, access
+    /// denied): retrying the same request does not help.
+    #[error("the DynamoDB table {table} refused the request ({detail}); retrying will not help")]
+    Rejected { table: String, detail: String },
+    #[error(
+        "table {table} does not exist: create it with `trellis-agent init-store --store dynamodb --dynamodb-table {table}`"
+    )]
+    NoTable { table: String },
     #[error("DynamoDB table {table}: {source}")]
     Item {
         table: String,
         #[source]
         source: items::ItemError,
     },
-    #[error("the change is too large for one DynamoDB item ({bytes} bytes, at most {max})")]
-    TooLarge { bytes: usize, max: usize },
+    /// The change cannot be stored (a key or an item over DynamoDB's limits): the request itself
+    /// must change. `field` names the request field, `rule` the limit.
+    #[error("{field}: {rule}")]
+    Unstorable { field: String, rule: String },
     #[error("--store dynamodb: {0}")]
     Config(String),
 }
@@ -71,6 +81,17 @@ impl Error {
     /// Whether the same request may succeed later unchanged (the API answers 503 for these).
     pub fn is_retryable(&self) -> bool {
         matches!(self, Error::Unavailable { .. } | Error::Contention { .. })
+    }
+
+    /// Whether the request is at fault and names the field (the API answers 400 for these).
+    pub fn is_bad_request(&self) -> bool {
+        matches!(self, Error::Unstorable { .. })
+    }
+
+    /// Whether the shared store failed to answer as it should (unreachable, busy, refusing,
+    /// gone): a serving agent keeps its last good state through these.
+    fn is_outage(&self) -> bool {
+        self.is_retryable() || matches!(self, Error::Rejected { .. } | Error::NoTable { .. })
     }
 }
 
@@ -116,7 +137,7 @@ impl Default for StoreArgs {
 #[derive(Debug)]
 enum Inner {
     Embedded(embedded::Embedded),
-    Dynamodb(dynamodb::Dynamo),
+    Dynamodb(Box<dynamodb::Dynamo>),
     /// Nothing behind it: see [`Store::scratch`].
     Scratch,
 }
@@ -164,7 +185,7 @@ impl Store {
                 let (inner, state) = dynamodb::Dynamo::connect(args, region, cache).await?;
                 let (tx, _) = watch::channel(Arc::new(state));
                 Ok(Store {
-                    inner: Inner::Dynamodb(inner),
+                    inner: Inner::Dynamodb(Box::new(inner)),
                     tx,
                 })
             }
