@@ -176,6 +176,36 @@ fn dry_run_prints_the_rules_and_exits_0_without_root() {
 }
 
 #[test]
+fn ports_past_ecss_fifteen_are_all_installed_and_the_difference_is_a_warning() {
+    if !can_run_privileged_test("ports_past_ecss_fifteen_are_all_installed") {
+        return;
+    }
+    let ns = Netns::new();
+    let ignored: Vec<String> = (1000..1017).map(|p| p.to_string()).collect();
+    let ignored = ignored.join(",");
+    let mut vars = ENABLED.to_vec();
+    vars.push(("APPMESH_EGRESS_IGNORED_PORTS", &ignored));
+    let output = run(&mut route_manager(&["--netns", ns.path.as_str()], &vars));
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let text = stderr(&output);
+    let warnings: Vec<&str> = text.lines().filter(|l| l.contains("WARN")).collect();
+    assert_eq!(warnings.len(), 1, "{text}");
+    assert!(
+        warnings[0].contains("APPMESH_EGRESS_IGNORED_PORTS (--egress-ignored-ports) lists 17 ports: ECS's App Mesh redirect applied only the first 15 and dropped the rest, Trellis applies them all, so outbound traffic bypasses the proxy where ECS sent it through the proxy for ports 1015,1016"),
+        "{text}"
+    );
+    let saved = Command::new("ip")
+        .args(["netns", "exec", &ns.name, "iptables-save", "-t", "nat"])
+        .output()
+        .expect("iptables-save");
+    let saved = String::from_utf8_lossy(&saved.stdout);
+    assert!(
+        saved.contains("-A APPMESH_EGRESS -p tcp -m multiport --dports 1015,1016,22 -j RETURN"),
+        "{saved}"
+    );
+}
+
+#[test]
 fn status_exits_3_until_installed_then_0_and_3_again_after_cleanup() {
     if !can_run_privileged_test("status_exits_3_until_installed") {
         return;
