@@ -720,6 +720,23 @@ fn app_mesh_definition_migrates_to_the_route_manager() {
 }
 
 #[test]
+fn replacing_ecss_redirect_with_the_route_manager_is_a_warning() {
+    let out = crate::rewrite_with_warnings(app_mesh_definition(), &node()).unwrap();
+    assert_eq!(
+        out.warnings
+            .iter()
+            .map(|w| w.path.as_str())
+            .collect::<Vec<_>>(),
+        ["proxyConfiguration"]
+    );
+    // Kept as ECS's redirect, or a task that never had one: no warning.
+    let out = crate::rewrite_with_warnings(app_mesh_definition(), &proxy_configuration()).unwrap();
+    assert!(out.warnings.is_empty(), "{:?}", out.warnings);
+    let out = crate::rewrite_with_warnings(one_app(), &node()).unwrap();
+    assert!(out.warnings.is_empty(), "{:?}", out.warnings);
+}
+
+#[test]
 fn proxy_configuration_mode() {
     let out = rewrite(app_mesh_definition(), &proxy_configuration()).unwrap();
     assert_eq!(names(&out), ["app", "envoy"]);

@@ -103,6 +103,7 @@ pub(crate) fn rewrite(input: Value, opts: &Options) -> Result<Rewritten, Error> 
         .or_else(|| kept_image(route_manager))
         .unwrap_or_else(|| DEFAULT_ROUTE_MANAGER_IMAGE.to_string());
 
+    let had_proxy_configuration = td.get("proxyConfiguration").is_some_and(|v| !v.is_null());
     // Settings the task already carries, from either redirect mechanism.
     let mut existing = Existing::default();
     if let Some(pc) = td.get("proxyConfiguration").filter(|v| !v.is_null()) {
@@ -217,7 +218,15 @@ pub(crate) fn rewrite(input: Value, opts: &Options) -> Result<Rewritten, Error> 
             }
             validate::proxy_configuration_settings(&settings)?;
         }
-        Some(Redirect::RouteManager) => warnings.extend(past_fifteen(&settings)),
+        Some(Redirect::RouteManager) => {
+            if had_proxy_configuration {
+                warnings.push(Warning {
+                    path: "proxyConfiguration".into(),
+                    message: "ECS's redirect is replaced by the proxy-route-manager init container (pass --proxy-configuration to keep it): ECS installed its rules before any container started, the route manager installs them when it runs, so containers that start before it (a FireLens log router, init containers Envoy waits for) connect directly until then".into(),
+                });
+            }
+            warnings.extend(past_fifteen(&settings));
+        }
         Some(Redirect::Explicit) => warnings.push(Warning {
             path: "--explicit-backends".into(),
             message: "no transparent redirect, unlike App Mesh on ECS: inbound traffic reaches the app directly (the node's listener TLS, timeouts, health checks and outlier detection do not apply to it) and only clients that honour HTTP_PROXY go through Envoy".into(),

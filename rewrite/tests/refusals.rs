@@ -121,7 +121,8 @@ fn a_windows_definition_is_refused_and_nothing_is_printed() {
 
 #[test]
 fn deliberate_differences_from_ecs_are_warned_about_on_stderr() {
-    // AWS's colorapp runs its X-Ray daemon as Envoy's UID, so its traffic bypasses Envoy.
+    // The App Mesh definition's proxyConfiguration becomes the route manager, and AWS's colorapp runs
+    // its X-Ray daemon as Envoy's UID, so its traffic bypasses Envoy.
     let dir = fixture("appmesh-ec2");
     let out = rewrite_cmd()
         .args(fixture_args(&dir))
@@ -133,7 +134,8 @@ fn deliberate_differences_from_ecs_are_warned_about_on_stderr() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), expected);
     assert_eq!(
         String::from_utf8_lossy(&out.stderr),
-        "trellis-rewrite: warning: containerDefinitions[2].user: \"1337\" runs as UID 1337, the identity the redirect ignores (Envoy's own), so all of this container's outbound traffic bypasses Envoy: no mesh routing, TLS, policies or metrics. Right for an agent that must reach its endpoint directly (the X-Ray daemon); for an application, run it as another user\n"
+        "trellis-rewrite: warning: proxyConfiguration: ECS's redirect is replaced by the proxy-route-manager init container (pass --proxy-configuration to keep it): ECS installed its rules before any container started, the route manager installs them when it runs, so containers that start before it (a FireLens log router, init containers Envoy waits for) connect directly until then\n\
+         trellis-rewrite: warning: containerDefinitions[2].user: \"1337\" runs as UID 1337, the identity the redirect ignores (Envoy's own), so all of this container's outbound traffic bypasses Envoy: no mesh routing, TLS, policies or metrics. Right for an agent that must reach its endpoint directly (the X-Ray daemon); for an application, run it as another user\n"
     );
 }
 
