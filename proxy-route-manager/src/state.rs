@@ -151,7 +151,7 @@ fn same(target: &NatState, current: &NatState) -> bool {
     jt == jc
         && OWN_CHAINS
             .iter()
-            .all(|name| chain_done(*name, target, current))
+            .all(|name| chain_done(name, target, current))
 }
 
 /// Whether chain `name` is as `target` wants it in `current`.

@@ -836,12 +836,12 @@ fn firelens_order(containers: &mut [Object]) -> Result<(), Error> {
         return Ok(());
     };
     let router_name = name_of(&containers[router]).to_string();
-    for i in 0..containers.len() {
-        if i == router || log_driver(&containers[i], i)?.as_deref() != Some(FIRELENS_DRIVER) {
+    for (i, c) in containers.iter_mut().enumerate() {
+        if i == router || log_driver(c, i)?.as_deref() != Some(FIRELENS_DRIVER) {
             continue;
         }
         let path = format!("containerDefinitions[{i}]");
-        let deps = json::array_field_mut(&mut containers[i], "dependsOn", &path)?;
+        let deps = json::array_field_mut(c, "dependsOn", &path)?;
         let waits = deps
             .iter()
             .any(|d| d.get("containerName").and_then(Value::as_str) == Some(router_name.as_str()));
