@@ -69,7 +69,8 @@ pub struct Options {
     pub route_manager_image: Option<String>,
     /// Keep the task's own Envoy container (AWS's `aws-appmesh-envoy` image, say) exactly as it is and
     /// only point it at the agent: `APPMESH_XDS_ENDPOINT` plus the socket mount and volume. Nothing
-    /// else in the task changes; the redirect stays whatever the task had.
+    /// else in the task changes; the redirect stays whatever the task had. The options that would
+    /// change Envoy or the redirect are not used (the CLI refuses them with this mode).
     pub keep_envoy: bool,
     /// Host directory holding the agent's `xds.sock`.
     pub socket_host_path: String,
