@@ -38,8 +38,8 @@ pub(crate) struct Existing {
     app_ports: Option<Vec<u16>>,
     ignored_ips: Vec<String>,
     ignored_ports: Vec<u16>,
-    /// Where the task turned IPv6 on (the path of its `APPMESH_ENABLE_IPV6` value), if it did.
-    ipv6: Option<String>,
+    /// Where the task turned IPv6 on (the path of its `APPMESH_ENABLE_IPV6` value, and the value).
+    ipv6: Option<(String, String)>,
 }
 
 /// The effective redirect settings written to the output.
@@ -51,8 +51,8 @@ pub(crate) struct Settings {
     pub(crate) ignored_ips: Vec<String>,
     pub(crate) ignored_ports: Vec<u16>,
     pub(crate) ipv6: bool,
-    /// The task's own IPv6 setting (path of the value), which ECS's proxyConfiguration cannot carry.
-    pub(crate) ipv6_from_task: Option<String>,
+    /// The task's own IPv6 setting (path and value), which ECS's proxyConfiguration cannot carry.
+    pub(crate) ipv6_from_task: Option<(String, String)>,
 }
 
 // === impl Existing ===
@@ -68,7 +68,7 @@ impl Existing {
                 RM_EGRESS_IGNORED_IP => self.ignored_ips.extend(parse_list(&nv.value)),
                 RM_EGRESS_IGNORED_PORTS => self.ignored_ports.extend(parse_ports(nv)?),
                 RM_ENABLE_IPV6 if matches!(nv.value.trim(), "1" | "true") => {
-                    self.ipv6 = Some(nv.path.clone());
+                    self.ipv6 = Some((nv.path.clone(), nv.value.clone()));
                 }
                 RM_INGRESS_PORT => expect_port(nv, ENVOY_INGRESS_PORT, "ingress")?,
                 RM_EGRESS_PORT => expect_port(nv, ENVOY_EGRESS_PORT, "egress")?,

@@ -259,10 +259,10 @@ pub(crate) fn proxy_configuration_settings(settings: &Settings) -> Result<(), Er
             ));
         }
     }
-    if let Some(path) = &settings.ipv6_from_task {
+    if let Some((path, value)) = &settings.ipv6_from_task {
         return Err(Error::invalid(
             path,
-            "\"1\"",
+            format!("{value:?}"),
             format!(
                 "APPMESH_ENABLE_IPV6 cannot be carried into proxyConfiguration: {IPV6_WITH_PROXY_CONFIGURATION}, or remove the variable to redirect IPv4 only"
             ),
