@@ -15,6 +15,12 @@ use crate::iptables::BackendChoice;
 pub const DEFAULT_INGRESS_PORT: u16 = 15000;
 /// The default port of the proxy's egress listener (App Mesh's Envoy).
 pub const DEFAULT_EGRESS_PORT: u16 = 15001;
+/// Destination ports that are never redirected, even when none are listed: SSH, as App Mesh on ECS
+/// ("Even if you list no ports, port 22 is ignored").
+pub const ALWAYS_IGNORED_PORTS: [u16; 1] = [22];
+/// How many ports of a list ECS's App Mesh redirect (its CNI plugin, one multiport rule per list)
+/// applied; it dropped the rest. Trellis applies every port and warns where that differs.
+pub const ECS_PORT_LIMIT: usize = 15;
 /// Addresses that are never redirected: the EC2 instance metadata service and the ECS task metadata /
 /// credentials endpoint. The proxy cannot serve them and the task needs them to start.
 pub const ALWAYS_IGNORED_IPS: [Ipv4Addr; 2] = [
@@ -172,7 +178,7 @@ pub struct Config {
     pub egress_port: u16,
     /// Destinations reached directly, IPv4 and (when enabled) IPv6, always including the metadata IPs.
     pub egress_ignored_ips: Vec<Cidr>,
-    /// Destination ports reached directly.
+    /// Destination ports reached directly, always including [`ALWAYS_IGNORED_PORTS`].
     pub egress_ignored_ports: Vec<u16>,
     /// Whether the IPv6 rule set is installed too.
     pub enable_ipv6: bool,
@@ -185,6 +191,18 @@ pub enum Warning {
     Ipv6Skipped { value: String },
     /// A CIDR had host bits set; the network address is used (as iptables would).
     HostBitsCleared { value: String, network: Cidr },
+    /// `APPMESH_START_ENABLED` is neither empty, "0" nor "1": nothing is installed, as with AWS's
+    /// route manager, but a typo should not pass for a decision.
+    StartSwitchUnrecognised { value: String },
+    /// More than 15 ports in a list: ECS kept the first 15 and dropped the rest, Trellis applies all,
+    /// so traffic to `beyond` takes the other path than it did on ECS.
+    BeyondEcsLimit {
+        var: &'static str,
+        flag: &'static str,
+        count: usize,
+        beyond: Vec<u16>,
+        effect: &'static str,
+    },
 }
 
 impl fmt::Display for Warning {
@@ -200,6 +218,25 @@ impl fmt::Display for Warning {
                 "{} (--{}): {value:?} has host bits set; using network {network}",
                 IGNORED_IPS.var, IGNORED_IPS.flag
             ),
+            Warning::StartSwitchUnrecognised { value } => write!(
+                f,
+                "{} (--{}) is {value:?}, which is neither \"1\" (install) nor \"0\" or empty (do not): nothing is installed; set it to 1 to install the redirect",
+                START_ENABLED.var, START_ENABLED.flag
+            ),
+            Warning::BeyondEcsLimit {
+                var,
+                flag,
+                count,
+                beyond,
+                effect,
+            } => {
+                let beyond: Vec<String> = beyond.iter().map(u16::to_string).collect();
+                write!(
+                    f,
+                    "{var} (--{flag}) lists {count} ports: ECS's App Mesh redirect applied only the first {ECS_PORT_LIMIT} and dropped the rest, Trellis applies them all, so {effect} for ports {}",
+                    beyond.join(",")
+                )
+            }
         }
     }
 }
@@ -207,8 +244,12 @@ impl fmt::Display for Warning {
 /// The result of reading the settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Loaded {
-    /// `APPMESH_START_ENABLED` is not "1": do nothing. Holds the value seen, if any.
-    Disabled { value: Option<String> },
+    /// `APPMESH_START_ENABLED` is not "1": do nothing. Holds the value seen, if any, and a warning
+    /// when that value is not one of the recognised ones.
+    Disabled {
+        value: Option<String>,
+        warnings: Vec<Warning>,
+    },
     /// Install these rules; the warnings should be logged.
     Enabled {
         config: Config,
@@ -230,11 +271,23 @@ pub fn start_enabled(cli: &Cli, env: &dyn EnvSource) -> (bool, Option<String>) {
     (value.as_deref() == Some("1"), value)
 }
 
-/// Reads and validates everything; nothing outside this process is touched.
+/// Reads and validates everything; nothing outside this process is touched. Settings are validated
+/// even when installing is switched off: an invalid one is an error either way, so a broken task
+/// definition does not pass unnoticed until the day the switch is turned on.
 pub fn load(cli: &Cli, env: &dyn EnvSource) -> Result<Loaded> {
     let (enabled, value) = start_enabled(cli, env);
     if !enabled {
-        return Ok(Loaded::Disabled { value });
+        match Config::from_sources(cli, env) {
+            // Nothing to exempt is only a problem for rules that are installed.
+            Ok(_) | Err(Error::NoIgnoredOwner) => {}
+            Err(error) => return Err(error),
+        }
+        let warnings = value
+            .iter()
+            .filter(|v| v.as_str() != "0")
+            .map(|v| Warning::StartSwitchUnrecognised { value: v.clone() })
+            .collect();
+        return Ok(Loaded::Disabled { value, warnings });
     }
     let (config, warnings) = Config::from_sources(cli, env)?;
     Ok(Loaded::Enabled { config, warnings })
@@ -251,10 +304,6 @@ impl Config {
         let ignore_gid = get(&cli.ignored_gid, IGNORE_GID)
             .map(|v| parse_id(&v, IGNORE_GID))
             .transpose()?;
-        if ignore_uid.is_none() && ignore_gid.is_none() {
-            return Err(Error::NoIgnoredOwner);
-        }
-
         let app_ports = match get(&cli.app_ports, APP_PORTS) {
             Some(v) => parse_port_list(&v, APP_PORTS)?,
             None => Vec::new(),
@@ -270,10 +319,38 @@ impl Config {
         if ingress_port == egress_port {
             return Err(Error::SameProxyPort { port: ingress_port });
         }
-        let egress_ignored_ports = match get(&cli.egress_ignored_ports, IGNORED_PORTS) {
+        let mut egress_ignored_ports = match get(&cli.egress_ignored_ports, IGNORED_PORTS) {
             Some(v) => parse_port_list(&v, IGNORED_PORTS)?,
             None => Vec::new(),
         };
+        let mut warnings = Vec::new();
+        for (setting, ports, effect) in [
+            (
+                APP_PORTS,
+                &app_ports,
+                "inbound traffic goes through the proxy where ECS sent it straight to the app",
+            ),
+            (
+                IGNORED_PORTS,
+                &egress_ignored_ports,
+                "outbound traffic bypasses the proxy where ECS sent it through the proxy",
+            ),
+        ] {
+            if ports.len() > ECS_PORT_LIMIT {
+                warnings.push(Warning::BeyondEcsLimit {
+                    var: setting.var,
+                    flag: setting.flag,
+                    count: ports.len(),
+                    beyond: ports[ECS_PORT_LIMIT..].to_vec(),
+                    effect,
+                });
+            }
+        }
+        for port in ALWAYS_IGNORED_PORTS {
+            if !egress_ignored_ports.contains(&port) {
+                egress_ignored_ports.push(port);
+            }
+        }
 
         let enable_ipv6 = if cli.enable_ipv6 {
             true
@@ -297,7 +374,6 @@ impl Config {
             }
         };
 
-        let mut warnings = Vec::new();
         let mut egress_ignored_ips = Vec::new();
         for item in get(&cli.egress_ignored_ips, IGNORED_IPS)
             .as_deref()
@@ -334,6 +410,10 @@ impl Config {
             }
         }
 
+        // Checked last, so that an invalid value elsewhere is reported even when this is the case.
+        if ignore_uid.is_none() && ignore_gid.is_none() {
+            return Err(Error::NoIgnoredOwner);
+        }
         let config = Config {
             ignore_uid,
             ignore_gid,

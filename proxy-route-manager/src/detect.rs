@@ -1,5 +1,7 @@
-//! Choosing the iptables backend when `--iptables-backend` is `auto` (the default), the way
-//! Kubernetes' iptables-wrapper does: whichever of nft and legacy already has rules in the namespace
+//! Choosing the iptables backend when `--iptables-backend` is `auto` (the default). Our own chains
+//! come first: the backend that holds them is the one to act on (re-run, `--status`, `--cleanup`),
+//! whatever else the namespace gained since. Without them, the way Kubernetes' iptables-wrapper
+//! does: whichever of nft and legacy already has rules in the namespace
 //! is the one everybody there uses, so it is the one to add to. Each backend's rules are counted with
 //! `iptables-{nft,legacy}-save` and `ip6tables-{nft,legacy}-save` without `-t` (which would create a
 //! table and so change the next count); the backend with more rules wins. When both have as many
@@ -10,10 +12,11 @@
 use std::fmt;
 use std::process::{Command, Stdio};
 
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::error::{Error, Result};
 use crate::iptables::{Backend, BackendChoice, Family, Iptables, find_on_path};
+use crate::state::NatState;
 
 /// What looking at one backend found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,6 +50,21 @@ pub struct Observed {
     pub path_mode: Option<Backend>,
     /// Whether `iptables-save` is on PATH (images with iptables before 1.8 have no -nft/-legacy names).
     pub path_installed: bool,
+    /// Whether the legacy backend holds our chains (IPv4 or IPv6).
+    pub legacy_ours: bool,
+    /// Whether the nft backend holds our chains (IPv4 or IPv6).
+    pub nft_ours: bool,
+}
+
+/// The programs a run uses, and the other backend when it holds a second copy of our rules (left
+/// by an older route manager that chose by rule count): a run converges the chosen backend and
+/// removes that copy, so the two never redirect at once.
+#[derive(Debug, Clone, Copy)]
+pub struct Resolved {
+    /// The backend every change of the run goes through.
+    pub iptables: Iptables,
+    /// The other backend, when it holds our chains too.
+    pub stray: Option<Iptables>,
 }
 
 /// Why a backend was chosen; logged with the choice.
@@ -54,6 +72,8 @@ pub struct Observed {
 pub enum Reason {
     /// `--iptables-backend` named it.
     Explicit,
+    /// Our own chains are there (and not on the other backend).
+    OwnRules,
     /// It has more rules in the namespace than the other.
     MoreRules { legacy: usize, nft: usize },
     /// Both have as many rules; the `iptables` on PATH is this backend (or says nothing: nft).
@@ -71,6 +91,7 @@ impl fmt::Display for Reason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Reason::Explicit => f.write_str("named by --iptables-backend"),
+            Reason::OwnRules => f.write_str("our own chains are there"),
             Reason::MoreRules { legacy, nft } => write!(
                 f,
                 "it has more rules in the namespace (legacy {legacy}, nft {nft})"
@@ -98,6 +119,12 @@ impl fmt::Display for Reason {
 
 /// The decision, from what was observed; no I/O.
 pub fn choose(observed: &Observed) -> Result<(Backend, Reason)> {
+    match (observed.legacy_ours, observed.nft_ours) {
+        (true, false) => return Ok((Backend::Legacy, Reason::OwnRules)),
+        (false, true) => return Ok((Backend::Nft, Reason::OwnRules)),
+        // On both (an older run chose the other way) or on neither: by the rules, as below.
+        _ => {}
+    }
     match (&observed.legacy, &observed.nft) {
         (Probe::Rules(legacy), Probe::Rules(nft)) if legacy > nft => Ok((
             Backend::Legacy,
@@ -150,29 +177,36 @@ pub fn choose(observed: &Observed) -> Result<(Backend, Reason)> {
     }
 }
 
-/// Counts one backend's rules (IPv4 and IPv6, every table) in the current namespace.
-pub fn probe(backend: Backend) -> Probe {
+/// Counts one backend's rules (IPv4 and IPv6, every table) in the current namespace, and tells
+/// whether our chains are among them.
+pub fn probe(backend: Backend) -> (Probe, bool) {
     let iptables = Iptables::new(backend);
     let program = iptables.program(Family::V4, "save");
     if find_on_path(&program).is_none() {
-        return Probe::Missing { program };
+        return (Probe::Missing { program }, false);
     }
     let v4 = match iptables.save_all(Family::V4) {
-        Ok(text) => count_rules(&text),
+        Ok(text) => text,
         Err(error) => {
-            return Probe::Unreadable {
-                error: error.to_string(),
-            };
+            return (
+                Probe::Unreadable {
+                    error: error.to_string(),
+                },
+                false,
+            );
         }
     };
     let v6 = match iptables.save_all(Family::V6) {
-        Ok(text) => count_rules(&text),
+        Ok(text) => text,
         Err(error) => {
             debug!(%backend, %error, "cannot count IPv6 rules; counting IPv4 only");
-            0
+            String::new()
         }
     };
-    Probe::Rules(v4 + v6)
+    let ours = [&v4, &v6]
+        .iter()
+        .any(|text| !NatState::from_save(text).is_empty());
+    (Probe::Rules(count_rules(&v4) + count_rules(&v6)), ours)
 }
 
 /// The number of rules in `iptables-save` output.
@@ -206,27 +240,37 @@ fn path_mode() -> Option<Backend> {
 /// Looks at the current namespace (for `auto`) and returns the programs to use for the whole run,
 /// after checking they are installed. Logs the choice and why.
 pub fn resolve(choice: BackendChoice) -> Result<Iptables> {
+    resolve_all(choice).map(|r| r.iptables)
+}
+
+/// [`resolve`], also naming the other backend when it holds a second copy of our chains (`auto`
+/// only: a backend named on the command line is used alone).
+pub fn resolve_all(choice: BackendChoice) -> Result<Resolved> {
     let explicit = match choice {
         BackendChoice::Auto => None,
         BackendChoice::Path => Some(Backend::Path),
         BackendChoice::Nft => Some(Backend::Nft),
         BackendChoice::Legacy => Some(Backend::Legacy),
     };
-    let (backend, reason) = match explicit {
+    let (backend, reason, stray) = match explicit {
         Some(backend) => {
             info!(
                 %backend,
                 reason = Reason::Explicit.to_string(),
                 "iptables backend chosen"
             );
-            (backend, Reason::Explicit)
+            (backend, Reason::Explicit, None)
         }
         None => {
+            let (legacy, legacy_ours) = probe(Backend::Legacy);
+            let (nft, nft_ours) = probe(Backend::Nft);
             let observed = Observed {
-                legacy: probe(Backend::Legacy),
-                nft: probe(Backend::Nft),
+                legacy,
+                nft,
                 path_mode: path_mode(),
                 path_installed: find_on_path("iptables-save").is_some(),
+                legacy_ours,
+                nft_ours,
             };
             let (backend, reason) = choose(&observed)?;
             info!(
@@ -234,20 +278,39 @@ pub fn resolve(choice: BackendChoice) -> Result<Iptables> {
                 reason = reason.to_string(),
                 legacy_rules = %observed.legacy,
                 nft_rules = %observed.nft,
+                legacy_ours,
+                nft_ours,
                 path_iptables = observed.path_mode.map_or("unknown".to_owned(), |m| m.to_string()),
                 "iptables backend chosen"
             );
-            (backend, reason)
+            (backend, reason, stray(&observed, backend))
         }
     };
     let iptables = Iptables::new(backend);
-    match iptables.missing_program() {
-        Some(program) => Err(Error::BackendMissing {
+    if let Some(program) = iptables.missing_program() {
+        return Err(Error::BackendMissing {
             backend,
             why: reason.to_string(),
             program,
-        }),
-        None => Ok(iptables),
+        });
+    }
+    let stray = stray.map(Iptables::new);
+    if let Some(other) = stray {
+        warn!(
+            chosen = %backend,
+            other = %other.backend(),
+            "both iptables backends hold our chains (an older run chose the other one); the other copy will be removed"
+        );
+    }
+    Ok(Resolved { iptables, stray })
+}
+
+/// The backend other than `chosen` when it holds our chains too.
+pub fn stray(observed: &Observed, chosen: Backend) -> Option<Backend> {
+    match chosen {
+        Backend::Nft if observed.legacy_ours => Some(Backend::Legacy),
+        Backend::Legacy if observed.nft_ours => Some(Backend::Nft),
+        _ => None,
     }
 }
 

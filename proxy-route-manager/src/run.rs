@@ -13,7 +13,7 @@ use crate::iptables::{
 };
 use crate::netns;
 use crate::plan::Plan;
-use crate::state::{NatState, Status, converge};
+use crate::state::{INGRESS_CHAIN, NatState, OWN_CHAINS, Status, converge};
 
 /// How a run ended (errors aside); `main` turns it into output and an exit code.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,13 +33,19 @@ pub enum Outcome {
 /// Runs the mode the command line asks for.
 pub fn run(cli: &Cli, env: &dyn EnvSource) -> Result<Outcome> {
     if cli.cleanup {
-        let iptables = prepare(cli)?;
-        cleanup(iptables)?;
+        let resolved = prepare(cli)?;
+        cleanup(resolved.iptables)?;
+        if let Some(stray) = resolved.stray {
+            cleanup(stray)?;
+        }
         return Ok(Outcome::CleanedUp);
     }
 
     let plan = match config::load(cli, env)? {
-        Loaded::Disabled { value } => {
+        Loaded::Disabled { value, warnings } => {
+            for warning in &warnings {
+                warn!(%warning, "start switch not recognised");
+            }
             info!(
                 APPMESH_START_ENABLED = value.as_deref().unwrap_or(""),
                 "route manager disabled: APPMESH_START_ENABLED is not \"1\"; leaving the network unchanged"
@@ -48,7 +54,7 @@ pub fn run(cli: &Cli, env: &dyn EnvSource) -> Result<Outcome> {
         }
         Loaded::Enabled { config, warnings } => {
             for warning in &warnings {
-                warn!(%warning, "configuration adjusted");
+                warn!(%warning, "configuration warning");
             }
             info!(
                 ignore_uid = ?config.ignore_uid,
@@ -72,9 +78,22 @@ pub fn run(cli: &Cli, env: &dyn EnvSource) -> Result<Outcome> {
         )));
     }
     if cli.status {
-        let iptables = prepare(cli)?;
+        let resolved = prepare(cli)?;
         let plan = plan.unwrap_or_default();
-        let statuses = status(&plan, iptables)?;
+        let mut statuses = status(&plan, resolved.iptables)?;
+        if let Some(stray) = resolved.stray {
+            // A second copy on the other backend redirects too: not as configured.
+            for (family, copy) in status(&Plan::default(), stray)? {
+                if copy != Status::InPlace {
+                    warn!(%family, backend = %stray.backend(), "a second copy of our rules is on the other iptables backend; a normal run removes it");
+                    for (f, s) in statuses.iter_mut() {
+                        if *f == family {
+                            *s = Status::Different;
+                        }
+                    }
+                }
+            }
+        }
         let in_place = statuses.iter().all(|(_, s)| *s == Status::InPlace);
         let report = statuses
             .iter()
@@ -90,8 +109,12 @@ pub fn run(cli: &Cli, env: &dyn EnvSource) -> Result<Outcome> {
     let Some(plan) = plan else {
         return Ok(Outcome::Disabled);
     };
-    let iptables = prepare(cli)?;
-    install(&plan, iptables)?;
+    let resolved = prepare(cli)?;
+    install(&plan, resolved.iptables)?;
+    if let Some(stray) = resolved.stray {
+        cleanup(stray)?;
+        info!(backend = %stray.backend(), "removed the second copy of our rules from the other iptables backend");
+    }
     Ok(Outcome::Installed)
 }
 
@@ -118,13 +141,13 @@ pub fn dry_run_text(plan: Option<&Plan>, choice: BackendChoice) -> String {
 
 /// Checks the capability, enters the namespace and chooses the iptables backend there: everything
 /// before the first change. The returned programs are used for every later call of the run.
-fn prepare(cli: &Cli) -> Result<Iptables> {
+fn prepare(cli: &Cli) -> Result<detect::Resolved> {
     require_net_admin()?;
     if let Some(path) = cli.netns.as_deref() {
         netns::enter(path)?;
         debug!(netns = %path.display(), "entered network namespace");
     }
-    detect::resolve(cli.iptables_backend)
+    detect::resolve_all(cli.iptables_backend)
 }
 
 /// Fails with an actionable message unless CAP_NET_ADMIN is in the effective set.
@@ -159,6 +182,22 @@ fn converge_family(
     target: &NatState,
     current: &NatState,
 ) -> Result<bool> {
+    for rule in &current.foreign {
+        debug!(%family, chain = %rule.chain, rule = %rule.spec, "a rule of a chain we do not own jumps to ours; left as it is");
+    }
+    for name in OWN_CHAINS {
+        let unwanted = match name {
+            INGRESS_CHAIN => target.ingress.is_none(),
+            _ => target.egress.is_none(),
+        };
+        let present = match name {
+            INGRESS_CHAIN => current.ingress.as_ref(),
+            _ => current.egress.as_ref(),
+        };
+        if unwanted && present.is_some_and(|r| !r.is_empty()) && current.referenced_by_user(name) {
+            warn!(%family, chain = name, "a rule in a chain we do not own jumps to this chain, so it is emptied rather than deleted; remove that rule to let the chain go");
+        }
+    }
     match converge(target, current) {
         None => Ok(false),
         Some(input) => {

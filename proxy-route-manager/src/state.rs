@@ -11,6 +11,9 @@ pub const INGRESS_CHAIN: &str = "APPMESH_INGRESS";
 pub const EGRESS_CHAIN: &str = "APPMESH_EGRESS";
 /// The chains this program owns, in the order they are written.
 pub const OWN_CHAINS: [&str; 2] = [INGRESS_CHAIN, EGRESS_CHAIN];
+/// The nat table's built-in chains: the hooks our jumps hang from. A rule elsewhere that jumps to our
+/// chains is the user's, and is never changed.
+pub const BUILT_IN_CHAINS: [&str; 4] = ["PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"];
 
 /// A rule in a chain we do not own that jumps to one we do, e.g. PREROUTING → APPMESH_INGRESS.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -28,8 +31,11 @@ pub struct NatState {
     pub ingress: Option<Vec<String>>,
     /// Rules of `APPMESH_EGRESS` (each after `-A APPMESH_EGRESS `).
     pub egress: Option<Vec<String>>,
-    /// Rules elsewhere that jump to our chains.
+    /// Rules in the built-in chains that jump to our chains: ours to add, keep or delete.
     pub jumps: Vec<Jump>,
+    /// Rules in chains we do not own (the user's) that jump to ours. Never touched; a chain they
+    /// reference is emptied rather than deleted when it is no longer wanted.
+    pub foreign: Vec<Jump>,
 }
 
 /// Whether a family's rules match the plan.
@@ -68,9 +74,14 @@ impl NatState {
         }
     }
 
-    /// Whether nothing of ours is there.
+    /// Whether nothing of ours is there (the user's references to our chains aside).
     pub fn is_empty(&self) -> bool {
-        *self == NatState::default()
+        self.ingress.is_none() && self.egress.is_none() && self.jumps.is_empty()
+    }
+
+    /// Whether a rule we do not own jumps to chain `name`.
+    pub fn referenced_by_user(&self, name: &str) -> bool {
+        self.foreign.iter().any(|j| targets(&j.spec, name))
     }
 
     /// Reads our part of `iptables-save -t nat` output; everything else is ignored.
@@ -90,11 +101,16 @@ impl NatState {
                         .chain_mut(chain)
                         .get_or_insert_with(Vec::new)
                         .push(spec);
-                } else if targets_own_chain(&spec) {
-                    state.jumps.push(Jump {
+                } else if OWN_CHAINS.iter().any(|own| targets(&spec, own)) {
+                    let jump = Jump {
                         chain: chain.to_owned(),
                         spec,
-                    });
+                    };
+                    if BUILT_IN_CHAINS.contains(&chain) {
+                        state.jumps.push(jump);
+                    } else {
+                        state.foreign.push(jump);
+                    }
                 }
             }
         }
@@ -103,7 +119,7 @@ impl NatState {
 
     /// Compares what is there (`self`) with the plan.
     pub fn status(&self, planned: &NatState) -> Status {
-        if same(self, planned) {
+        if same(planned, self) {
             Status::InPlace
         } else if self.is_empty() {
             Status::Absent
@@ -113,28 +129,37 @@ impl NatState {
     }
 }
 
-/// Whether a rule's target (`-j`/`-g`) is one of our chains.
-fn targets_own_chain(spec: &str) -> bool {
+/// Whether a rule's target (`-j`/`-g`) is chain `name`.
+fn targets(spec: &str, name: &str) -> bool {
     let mut tokens = spec.split_whitespace();
     while let Some(token) = tokens.next() {
-        if matches!(token, "-j" | "--jump" | "-g" | "--goto")
-            && tokens
-                .next()
-                .is_some_and(|target| OWN_CHAINS.contains(&target))
-        {
+        if matches!(token, "-j" | "--jump" | "-g" | "--goto") && tokens.next() == Some(name) {
             return true;
         }
     }
     false
 }
 
-/// Equal up to the order of the jumps (which `iptables-save` prints by chain).
-fn same(a: &NatState, b: &NatState) -> bool {
-    let mut ja = a.jumps.clone();
-    let mut jb = b.jumps.clone();
-    ja.sort();
-    jb.sort();
-    a.ingress == b.ingress && a.egress == b.egress && ja == jb
+/// Whether `current` is what `target` asks for, up to the order of the jumps (which `iptables-save`
+/// prints by chain). A chain the target does without may remain empty while a user's rule still
+/// jumps to it: that is as close to gone as we may make it.
+fn same(target: &NatState, current: &NatState) -> bool {
+    let mut jt = target.jumps.clone();
+    let mut jc = current.jumps.clone();
+    jt.sort();
+    jc.sort();
+    jt == jc
+        && OWN_CHAINS
+            .iter()
+            .all(|name| chain_done(name, target, current))
+}
+
+/// Whether chain `name` is as `target` wants it in `current`.
+fn chain_done(name: &str, target: &NatState, current: &NatState) -> bool {
+    match (target.chain(name), current.chain(name)) {
+        (None, Some(rules)) => rules.is_empty() && current.referenced_by_user(name),
+        (t, c) => t == c,
+    }
 }
 
 /// The `iptables-restore --noflush` input that turns `current` into `target`, or `None` when they
@@ -164,6 +189,9 @@ pub fn converge(target: &NatState, current: &NatState) -> Option<String> {
     for name in OWN_CHAINS {
         match target.chain(name) {
             Some(rules) => lines.extend(rules.iter().map(|rule| format!("-A {name} {rule}"))),
+            // A user's rule still jumps here: deleting the chain would fail (and take the
+            // user's rule's target away); declaring it above has emptied it.
+            None if current.referenced_by_user(name) => {}
             None if current.chain(name).is_some() => lines.push(format!("-X {name}")),
             None => {}
         }

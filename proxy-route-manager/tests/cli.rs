@@ -114,10 +114,53 @@ fn unknown_flag_exits_2() {
 fn disabled_exits_0_without_needing_root_or_the_namespace() {
     let output = run(&mut route_manager(
         &["--netns", "/var/run/netns/trellis-prm-none"],
-        &[("APPMESH_START_ENABLED", "0"), ("APPMESH_APP_PORTS", "x")],
+        &[
+            ("APPMESH_START_ENABLED", "0"),
+            ("APPMESH_APP_PORTS", "8080"),
+        ],
     ));
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
     assert!(stderr(&output).contains("route manager disabled"));
+    assert!(!stderr(&output).contains("WARN"), "{}", stderr(&output));
+}
+
+#[test]
+fn disabled_with_an_invalid_setting_still_exits_2_naming_it() {
+    for switch in ["0", "", "true"] {
+        let output = run(&mut route_manager(
+            &["--netns", "/var/run/netns/trellis-prm-none"],
+            &[
+                ("APPMESH_START_ENABLED", switch),
+                ("APPMESH_APP_PORTS", "x"),
+            ],
+        ));
+        assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+        assert!(
+            error_line(&output).contains(r#"APPMESH_APP_PORTS (--app-ports): "x" is not a port"#),
+            "{}",
+            stderr(&output)
+        );
+    }
+}
+
+#[test]
+fn a_start_switch_that_is_neither_0_nor_1_is_a_warning_and_installs_nothing() {
+    let output = run(&mut route_manager(
+        &["--netns", "/var/run/netns/trellis-prm-none"],
+        &[
+            ("APPMESH_START_ENABLED", "true"),
+            ("APPMESH_IGNORE_UID", "1337"),
+        ],
+    ));
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let text = stderr(&output);
+    let warnings: Vec<&str> = text.lines().filter(|l| l.contains("WARN")).collect();
+    assert_eq!(warnings.len(), 1, "{text}");
+    assert!(
+        warnings[0].contains(r#"APPMESH_START_ENABLED (--start-enabled) is "true", which is neither "1" (install) nor "0" or empty (do not): nothing is installed"#),
+        "{text}"
+    );
+    assert!(text.contains("route manager disabled"), "{text}");
 }
 
 #[test]
@@ -130,6 +173,36 @@ fn dry_run_prints_the_rules_and_exits_0_without_root() {
         "{stdout}"
     );
     assert!(stdout.contains("-A APPMESH_EGRESS -p tcp -j REDIRECT --to-ports 15001\n"));
+}
+
+#[test]
+fn ports_past_ecss_fifteen_are_all_installed_and_the_difference_is_a_warning() {
+    if !can_run_privileged_test("ports_past_ecss_fifteen_are_all_installed") {
+        return;
+    }
+    let ns = Netns::new();
+    let ignored: Vec<String> = (1000..1017).map(|p| p.to_string()).collect();
+    let ignored = ignored.join(",");
+    let mut vars = ENABLED.to_vec();
+    vars.push(("APPMESH_EGRESS_IGNORED_PORTS", &ignored));
+    let output = run(&mut route_manager(&["--netns", ns.path.as_str()], &vars));
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let text = stderr(&output);
+    let warnings: Vec<&str> = text.lines().filter(|l| l.contains("WARN")).collect();
+    assert_eq!(warnings.len(), 1, "{text}");
+    assert!(
+        warnings[0].contains("APPMESH_EGRESS_IGNORED_PORTS (--egress-ignored-ports) lists 17 ports: ECS's App Mesh redirect applied only the first 15 and dropped the rest, Trellis applies them all, so outbound traffic bypasses the proxy where ECS sent it through the proxy for ports 1015,1016"),
+        "{text}"
+    );
+    let saved = Command::new("ip")
+        .args(["netns", "exec", &ns.name, "iptables-save", "-t", "nat"])
+        .output()
+        .expect("iptables-save");
+    let saved = String::from_utf8_lossy(&saved.stdout);
+    assert!(
+        saved.contains("-A APPMESH_EGRESS -p tcp -m multiport --dports 1015,1016,22 -j RETURN"),
+        "{saved}"
+    );
 }
 
 #[test]

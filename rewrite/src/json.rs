@@ -158,3 +158,30 @@ pub(crate) fn set_name_values(
     map.insert(key.to_string(), Value::Array(list));
     Ok(())
 }
+
+/// Sets one entry of an ECS name/value list in place (every entry of that name, if repeated),
+/// appending it when absent; the other entries and their order are left alone.
+pub(crate) fn set_name_value(
+    map: &mut Object,
+    key: &str,
+    path: &str,
+    name: &str,
+    value: &str,
+) -> Result<(), Error> {
+    let list = array_field_mut(map, key, path)?;
+    let mut found = false;
+    for (i, item) in list.iter_mut().enumerate() {
+        let obj = object_mut(item, &format!("{path}.{key}[{i}]"))?;
+        if obj.get("name").and_then(Value::as_str) == Some(name) {
+            obj.insert("value".into(), Value::String(value.to_string()));
+            found = true;
+        }
+    }
+    if !found {
+        let mut o = Object::new();
+        o.insert("name".into(), Value::String(name.to_string()));
+        o.insert("value".into(), Value::String(value.to_string()));
+        list.push(Value::Object(o));
+    }
+    Ok(())
+}

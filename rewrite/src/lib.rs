@@ -11,15 +11,17 @@ mod options;
 mod settings;
 mod transform;
 mod validate;
+mod warning;
 
 pub use diff::unified as diff;
 pub use error::Error;
 pub use options::{
-    ALWAYS_IGNORED_IPS, DEFAULT_ENVOY_IMAGE, DEFAULT_IGNORED_UID, DEFAULT_ROUTE_MANAGER_IMAGE,
-    DEFAULT_SOCKET_HOST_PATH, ENVOY_ADMIN_PORT, ENVOY_CONTAINER, ENVOY_EGRESS_PORT,
-    ENVOY_INGRESS_PORT, Options, ROUTE_MANAGER_CONTAINER, Redirect, SOCKET_CONTAINER_PATH,
-    SOCKET_FILE, SOCKET_VOLUME, Target,
+    ALWAYS_IGNORED_IPS, ALWAYS_IGNORED_PORTS, DEFAULT_ENVOY_IMAGE, DEFAULT_IGNORED_UID,
+    DEFAULT_ROUTE_MANAGER_IMAGE, DEFAULT_SOCKET_HOST_PATH, ENVOY_ADMIN_PORT, ENVOY_CONTAINER,
+    ENVOY_EGRESS_PORT, ENVOY_INGRESS_PORT, Options, PROXY_CONFIGURATION_MAX_PORTS,
+    ROUTE_MANAGER_CONTAINER, Redirect, SOCKET_CONTAINER_PATH, SOCKET_FILE, SOCKET_VOLUME, Target,
 };
+pub use warning::Warning;
 
 use serde_json::Value;
 
@@ -41,6 +43,20 @@ pub fn normalize(input: Value) -> Result<Value, Error> {
 /// `{"taskDefinition": ...}` wrapper); the result is a `RegisterTaskDefinition` request. Rewriting the
 /// result again with the same options returns it unchanged.
 pub fn rewrite(input: Value, opts: &Options) -> Result<Value, Error> {
+    rewrite_with_warnings(input, opts).map(|r| r.definition)
+}
+
+/// A meshed task definition and the deliberate differences from ECS or App Mesh it carries.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rewritten {
+    /// The `RegisterTaskDefinition` request.
+    pub definition: Value,
+    /// Where the output behaves differently from ECS or App Mesh; the CLI prints them on stderr.
+    pub warnings: Vec<Warning>,
+}
+
+/// [`rewrite`], also returning the warnings the operator must see.
+pub fn rewrite_with_warnings(input: Value, opts: &Options) -> Result<Rewritten, Error> {
     transform::rewrite(input, opts)
 }
 

@@ -71,13 +71,28 @@ struct Cli {
     #[arg(long, conflicts_with_all = ["virtual_gateway", "proxy_configuration"])]
     explicit_backends: bool,
 
-    /// Envoy image.
-    #[arg(long, value_name = "IMAGE", default_value = trellis_rewrite::DEFAULT_ENVOY_IMAGE)]
-    envoy_image: String,
+    /// Envoy image [default: the image of a task already meshed for Trellis (a re-run keeps a pinned
+    /// image), else trellis-envoy:0.1.0].
+    #[arg(long, value_name = "IMAGE")]
+    envoy_image: Option<String>,
 
-    /// Route manager image.
-    #[arg(long, value_name = "IMAGE", default_value = trellis_rewrite::DEFAULT_ROUTE_MANAGER_IMAGE)]
-    route_manager_image: String,
+    /// Route manager image [default: the image of a task already meshed for Trellis, else
+    /// trellis-proxy-route-manager:0.1.0].
+    #[arg(long, value_name = "IMAGE", conflicts_with = "keep_envoy_image")]
+    route_manager_image: Option<String>,
+
+    /// Keep the task's own Envoy container (e.g. AWS's aws-appmesh-envoy image) exactly as it is,
+    /// variables and health check included, and only point it at the agent: APPMESH_XDS_ENDPOINT plus
+    /// the socket mount. Nothing else in the task changes (the redirect stays what it was).
+    #[arg(
+        long,
+        conflicts_with_all = [
+            "envoy_image", "proxy_configuration", "explicit_backends", "app_ports", "ignored_uid",
+            "ignored_gid", "egress_ignored_ips", "egress_ignored_ports", "enable_ipv6",
+            "envoy_log_level", "envoy_cpu", "envoy_memory", "sds_socket_path", "envoy_env",
+        ]
+    )]
+    keep_envoy_image: bool,
 
     /// Host directory holding the agent's ADS socket (xds.sock), mounted read-only into Envoy.
     #[arg(long, value_name = "DIR", default_value = trellis_rewrite::DEFAULT_SOCKET_HOST_PATH)]
@@ -174,6 +189,7 @@ impl Cli {
         };
         opts.envoy_image = cli.envoy_image;
         opts.route_manager_image = cli.route_manager_image;
+        opts.keep_envoy = cli.keep_envoy_image;
         opts.socket_host_path = cli.socket_host_path;
         opts.xds_endpoint = cli.xds_endpoint;
         opts.app_ports = cli.app_ports;
@@ -214,7 +230,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .and_then(Value::as_str)
         .map(str::to_string);
     let before = pretty(&trellis_rewrite::normalize(input.clone())?)?;
-    let output = trellis_rewrite::rewrite(input, &cli.options())?;
+    let rewritten = trellis_rewrite::rewrite_with_warnings(input, &cli.options())?;
+    for warning in &rewritten.warnings {
+        eprintln!("trellis-rewrite: warning: {warning}");
+    }
+    let output = rewritten.definition;
     let after = pretty(&output)?;
 
     let mut out = std::io::stdout().lock();

@@ -24,6 +24,12 @@ pub const ENVOY_EGRESS_PORT: u16 = 15001;
 pub const ENVOY_ADMIN_PORT: u16 = 9901;
 /// The ECS task metadata/credentials endpoint and the EC2 instance metadata service: always bypass Envoy.
 pub const ALWAYS_IGNORED_IPS: [&str; 2] = ["169.254.170.2", "169.254.169.254"];
+/// Destination ports that bypass Envoy even when none are listed: SSH, as App Mesh on ECS did ("Even if
+/// you list no ports, port 22 is ignored").
+pub const ALWAYS_IGNORED_PORTS: [u16; 1] = [22];
+/// ECS's App Mesh CNI plugin applies at most this many app ports and ignored egress ports (one iptables
+/// multiport rule each) and silently drops the rest; App Mesh documents the limit for ignored ports.
+pub const PROXY_CONFIGURATION_MAX_PORTS: usize = 15;
 pub(crate) const ENVOY_NOFILE: u32 = 15000;
 
 /// Which App Mesh resource the Envoy in this task represents.
@@ -55,8 +61,17 @@ pub struct Options {
     pub mesh: String,
     pub target: Target,
     pub redirect: Redirect,
-    pub envoy_image: String,
-    pub route_manager_image: String,
+    /// `None`: keep the image of a task Trellis already meshed (one whose Envoy has
+    /// `APPMESH_XDS_ENDPOINT`), else [`DEFAULT_ENVOY_IMAGE`]. A re-run never resets a pinned image.
+    pub envoy_image: Option<String>,
+    /// `None`: keep the image of an already meshed task's route manager, else
+    /// [`DEFAULT_ROUTE_MANAGER_IMAGE`].
+    pub route_manager_image: Option<String>,
+    /// Keep the task's own Envoy container (AWS's `aws-appmesh-envoy` image, say) exactly as it is and
+    /// only point it at the agent: `APPMESH_XDS_ENDPOINT` plus the socket mount and volume. Nothing
+    /// else in the task changes; the redirect stays whatever the task had. The options that would
+    /// change Envoy or the redirect are not used (the CLI refuses them with this mode).
+    pub keep_envoy: bool,
     /// Host directory holding the agent's `xds.sock`.
     pub socket_host_path: String,
     /// `host:port` of an agent reachable over TCP; replaces the socket mount (needed on Fargate).
@@ -92,8 +107,9 @@ impl Options {
             mesh: mesh.into(),
             target,
             redirect: Redirect::RouteManager,
-            envoy_image: DEFAULT_ENVOY_IMAGE.to_string(),
-            route_manager_image: DEFAULT_ROUTE_MANAGER_IMAGE.to_string(),
+            envoy_image: None,
+            route_manager_image: None,
+            keep_envoy: false,
             socket_host_path: DEFAULT_SOCKET_HOST_PATH.to_string(),
             xds_endpoint: None,
             app_ports: None,

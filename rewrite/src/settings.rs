@@ -6,7 +6,8 @@
 use crate::Error;
 use crate::json::NameValue;
 use crate::options::{
-    ALWAYS_IGNORED_IPS, DEFAULT_IGNORED_UID, ENVOY_EGRESS_PORT, ENVOY_INGRESS_PORT, Options,
+    ALWAYS_IGNORED_IPS, ALWAYS_IGNORED_PORTS, DEFAULT_IGNORED_UID, ENVOY_EGRESS_PORT,
+    ENVOY_INGRESS_PORT, Options,
 };
 
 /// Route manager variables (same names as AWS's proxy route manager).
@@ -37,7 +38,8 @@ pub(crate) struct Existing {
     app_ports: Option<Vec<u16>>,
     ignored_ips: Vec<String>,
     ignored_ports: Vec<u16>,
-    ipv6: bool,
+    /// Where the task turned IPv6 on (the path of its `APPMESH_ENABLE_IPV6` value, and the value).
+    ipv6: Option<(String, String)>,
 }
 
 /// The effective redirect settings written to the output.
@@ -49,6 +51,8 @@ pub(crate) struct Settings {
     pub(crate) ignored_ips: Vec<String>,
     pub(crate) ignored_ports: Vec<u16>,
     pub(crate) ipv6: bool,
+    /// The task's own IPv6 setting (path and value), which ECS's proxyConfiguration cannot carry.
+    pub(crate) ipv6_from_task: Option<(String, String)>,
 }
 
 // === impl Existing ===
@@ -63,7 +67,9 @@ impl Existing {
                 RM_APP_PORTS => self.app_ports = Some(parse_ports(nv)?),
                 RM_EGRESS_IGNORED_IP => self.ignored_ips.extend(parse_list(&nv.value)),
                 RM_EGRESS_IGNORED_PORTS => self.ignored_ports.extend(parse_ports(nv)?),
-                RM_ENABLE_IPV6 => self.ipv6 |= matches!(nv.value.trim(), "1" | "true"),
+                RM_ENABLE_IPV6 if matches!(nv.value.trim(), "1" | "true") => {
+                    self.ipv6 = Some((nv.path.clone(), nv.value.clone()));
+                }
                 RM_INGRESS_PORT => expect_port(nv, ENVOY_INGRESS_PORT, "ingress")?,
                 RM_EGRESS_PORT => expect_port(nv, ENVOY_EGRESS_PORT, "egress")?,
                 _ => {}
@@ -112,6 +118,7 @@ impl Settings {
             .ignored_ports
             .into_iter()
             .chain(opts.egress_ignored_ports.iter().copied())
+            .chain(ALWAYS_IGNORED_PORTS)
         {
             if !ignored_ports.contains(&p) {
                 ignored_ports.push(p);
@@ -130,7 +137,8 @@ impl Settings {
                 .unwrap_or(derived_ports),
             ignored_ips,
             ignored_ports,
-            ipv6: opts.enable_ipv6 || existing.ipv6,
+            ipv6: opts.enable_ipv6 || existing.ipv6.is_some(),
+            ipv6_from_task: existing.ipv6,
         }
     }
 

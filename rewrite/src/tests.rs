@@ -174,6 +174,7 @@ fn route_manager_env(app_ports: &str, ips: &str) -> Value {
     json!([
         {"name": "APPMESH_APP_PORTS", "value": app_ports},
         {"name": "APPMESH_EGRESS_IGNORED_IP", "value": ips},
+        {"name": "APPMESH_EGRESS_IGNORED_PORTS", "value": "22"},
         {"name": "APPMESH_ENVOY_EGRESS_PORT", "value": "15001"},
         {"name": "APPMESH_ENVOY_INGRESS_PORT", "value": "15000"},
         {"name": "APPMESH_IGNORE_UID", "value": "1337"},
@@ -218,8 +219,8 @@ fn plain_one_app_awsvpc() {
 #[test]
 fn options_reach_the_owned_containers() {
     let mut opts = node();
-    opts.envoy_image = "registry/envoy:1".into();
-    opts.route_manager_image = "registry/prm:1".into();
+    opts.envoy_image = Some("registry/envoy:1".into());
+    opts.route_manager_image = Some("registry/prm:1".into());
     opts.socket_host_path = "/run/agent".into();
     opts.app_ports = Some(vec![8080, 8443]);
     opts.ignored_uid = Some(2000);
@@ -719,6 +720,23 @@ fn app_mesh_definition_migrates_to_the_route_manager() {
 }
 
 #[test]
+fn replacing_ecss_redirect_with_the_route_manager_is_a_warning() {
+    let out = crate::rewrite_with_warnings(app_mesh_definition(), &node()).unwrap();
+    assert_eq!(
+        out.warnings
+            .iter()
+            .map(|w| w.path.as_str())
+            .collect::<Vec<_>>(),
+        ["proxyConfiguration"]
+    );
+    // Kept as ECS's redirect, or a task that never had one: no warning.
+    let out = crate::rewrite_with_warnings(app_mesh_definition(), &proxy_configuration()).unwrap();
+    assert!(out.warnings.is_empty(), "{:?}", out.warnings);
+    let out = crate::rewrite_with_warnings(one_app(), &node()).unwrap();
+    assert!(out.warnings.is_empty(), "{:?}", out.warnings);
+}
+
+#[test]
 fn proxy_configuration_mode() {
     let out = rewrite(app_mesh_definition(), &proxy_configuration()).unwrap();
     assert_eq!(names(&out), ["app", "envoy"]);
@@ -1204,5 +1222,394 @@ fn an_sds_socket_is_refused_for_a_definition_that_may_run_on_fargate() {
     assert_eq!(
         out["volumes"],
         json!([{"name": "trellis-sds-socket", "host": {"sourcePath": "/run/spire/sockets"}}])
+    );
+}
+
+// ---- ECS's own rules: no silent change of meaning ----
+
+#[test]
+fn windows_task_definitions_are_refused_in_every_mode() {
+    let mut input = one_app();
+    input["runtimePlatform"] =
+        json!({"operatingSystemFamily": "WINDOWS_SERVER_2019_CORE", "cpuArchitecture": "X86_64"});
+    let expected = r#"runtimePlatform.operatingSystemFamily: "WINDOWS_SERVER_2019_CORE" is not valid: Windows tasks cannot be meshed: App Mesh had no Windows Envoy, and ECS does not support user, ulimits, linuxParameters or proxyConfiguration on Windows containers, which the Envoy sidecar and the redirect need"#;
+    let mut keep = node();
+    keep.keep_envoy = true;
+    for opts in [node(), gateway(), proxy_configuration(), explicit(), keep] {
+        check_err(input.clone(), &opts, expected);
+    }
+    // Linux stays accepted.
+    input["runtimePlatform"]["operatingSystemFamily"] = json!("LINUX");
+    rewrite(input, &node()).unwrap();
+}
+
+/// A task with a FireLens log router whose app logs through it.
+fn firelens_task() -> Value {
+    json!({
+        "family": "orders",
+        "networkMode": "awsvpc",
+        "memory": "2048",
+        "containerDefinitions": [
+            {"name": "log_router", "image": "fluent-bit", "essential": true, "memoryReservation": 50,
+             "firelensConfiguration": {"type": "fluentbit"}},
+            {"name": "app", "image": "orders", "portMappings": [{"containerPort": 8000}],
+             "logConfiguration": {"logDriver": "awsfirelens",
+                                  "options": {"Name": "cloudwatch_logs", "log_stream_prefix": "orders/"}}}
+        ]
+    })
+}
+
+#[test]
+fn sidecars_log_through_firelens_so_the_log_router_starts_first_and_everyone_says_so() {
+    let out = rewrite(firelens_task(), &node()).unwrap();
+    // ECS's own order: the log router first; it no longer waits for Envoy.
+    assert!(container(&out, "log_router").get("dependsOn").is_none());
+    assert_eq!(
+        container(&out, "app")["dependsOn"],
+        json!([
+            {"containerName": "envoy", "condition": "HEALTHY"},
+            {"containerName": "log_router", "condition": "START"}
+        ])
+    );
+    let envoy = container(&out, "envoy");
+    assert_eq!(
+        envoy["logConfiguration"],
+        json!({"logDriver": "awsfirelens", "options": {"Name": "cloudwatch_logs", "log_stream_prefix": "envoy/"}})
+    );
+    assert_eq!(
+        envoy["dependsOn"],
+        json!([
+            {"containerName": "proxy-route-manager", "condition": "SUCCESS"},
+            {"containerName": "log_router", "condition": "START"}
+        ])
+    );
+    let rm = container(&out, "proxy-route-manager");
+    assert_eq!(
+        rm["logConfiguration"]["options"]["log_stream_prefix"],
+        "proxy-route-manager/"
+    );
+    assert_eq!(
+        rm["dependsOn"],
+        json!([{"containerName": "log_router", "condition": "START"}])
+    );
+    assert_same(&rewrite(out.clone(), &node()).unwrap(), &out);
+}
+
+#[test]
+fn a_log_router_that_waits_for_envoy_keeps_the_firelens_containers_explicitly_behind_it() {
+    // Envoy logs elsewhere and ECS's native redirect has no route manager: the log router is an
+    // ordinary container that waits for Envoy, which removes ECS's implicit START ordering.
+    let mut input = firelens_task();
+    push_container(
+        &mut input,
+        json!({"name": "envoy", "image": "x", "logConfiguration": {"logDriver": "awslogs",
+               "options": {"awslogs-group": "envoy"}}}),
+    );
+    push_container(
+        &mut input,
+        json!({"name": "worker", "image": "orders", "essential": false,
+               "dependsOn": [{"containerName": "log_router", "condition": "HEALTHY"}],
+               "logConfiguration": {"logDriver": "awsfirelens", "options": {"Name": "stdout"}}}),
+    );
+    input["containerDefinitions"][0]["healthCheck"] = json!({"command": ["CMD", "true"]});
+    let out = rewrite(input, &proxy_configuration()).unwrap();
+    assert_eq!(
+        container(&out, "log_router")["dependsOn"],
+        json!([{"containerName": "envoy", "condition": "HEALTHY"}])
+    );
+    assert_eq!(
+        container(&out, "app")["dependsOn"],
+        json!([
+            {"containerName": "envoy", "condition": "HEALTHY"},
+            {"containerName": "log_router", "condition": "START"}
+        ])
+    );
+    // A dependency the user wrote on the log router is kept as written.
+    assert_eq!(
+        container(&out, "worker")["dependsOn"],
+        json!([
+            {"containerName": "log_router", "condition": "HEALTHY"},
+            {"containerName": "envoy", "condition": "HEALTHY"}
+        ])
+    );
+    assert_eq!(
+        container(&out, "envoy")["logConfiguration"]["logDriver"],
+        "awslogs",
+        "Envoy's own log configuration is kept"
+    );
+}
+
+#[test]
+fn sidecars_inherit_the_apps_awslogs_configuration_under_their_own_stream_prefix() {
+    let mut input = one_app();
+    input["containerDefinitions"][0]["logConfiguration"] = json!({
+        "logDriver": "awslogs",
+        "options": {"awslogs-group": "/ecs/web", "awslogs-region": "us-west-2", "awslogs-stream-prefix": "web"}
+    });
+    // An init container's configuration is not the one taken: the essential app's is.
+    push_container(
+        &mut input,
+        json!({"name": "init", "image": "x", "essential": false, "memory": 32,
+               "logConfiguration": {"logDriver": "awslogs", "options": {"awslogs-group": "/ecs/init"}}}),
+    );
+    let out = rewrite(input, &node()).unwrap();
+    for name in ["envoy", "proxy-route-manager"] {
+        assert_eq!(
+            container(&out, name)["logConfiguration"],
+            json!({"logDriver": "awslogs", "options": {
+                "awslogs-group": "/ecs/web", "awslogs-region": "us-west-2", "awslogs-stream-prefix": name}}),
+            "{name}"
+        );
+    }
+    assert_same(&rewrite(out.clone(), &node()).unwrap(), &out);
+    // No awslogs or FireLens in the app: nothing is invented.
+    let out = rewrite(one_app(), &node()).unwrap();
+    assert!(container(&out, "envoy").get("logConfiguration").is_none());
+}
+
+#[test]
+fn a_pinned_image_survives_a_re_run_without_the_flag() {
+    let mut pinned = node();
+    pinned.envoy_image = Some("reg/trellis-envoy:0.3.2".into());
+    pinned.route_manager_image = Some("reg/trellis-proxy-route-manager:0.3.2".into());
+    pinned.envoy_cpu = Some(128);
+    let out = rewrite(one_app(), &pinned).unwrap();
+    let again = rewrite(out.clone(), &node()).unwrap();
+    assert_same(&again, &out);
+    assert_eq!(
+        container(&again, "envoy")["image"],
+        "reg/trellis-envoy:0.3.2"
+    );
+    assert_eq!(
+        container(&again, "proxy-route-manager")["image"],
+        "reg/trellis-proxy-route-manager:0.3.2"
+    );
+    // A flag still changes it.
+    let mut newer = node();
+    newer.envoy_image = Some("reg/trellis-envoy:0.4.0".into());
+    let upgraded = rewrite(out, &newer).unwrap();
+    assert_eq!(
+        container(&upgraded, "envoy")["image"],
+        "reg/trellis-envoy:0.4.0"
+    );
+    assert_eq!(
+        container(&upgraded, "proxy-route-manager")["image"],
+        "reg/trellis-proxy-route-manager:0.3.2"
+    );
+    // Not meshed for Trellis yet (AWS's image, or an Envoy without APPMESH_XDS_ENDPOINT): defaults.
+    let migrated = rewrite(app_mesh_definition(), &node()).unwrap();
+    assert_eq!(
+        container(&migrated, "envoy")["image"],
+        "trellis-envoy:0.1.0"
+    );
+    let out = rewrite(with_init_and_deps(), &node()).unwrap();
+    assert_eq!(container(&out, "envoy")["image"], "trellis-envoy:0.1.0");
+}
+
+#[test]
+fn ipv6_is_never_dropped_on_the_way_into_proxy_configuration() {
+    let mut opts = proxy_configuration();
+    opts.enable_ipv6 = true;
+    check_err(
+        one_app(),
+        &opts,
+        r#"--enable-ipv6: "" is not valid: ECS's APPMESH proxyConfiguration never redirects IPv6 (the ECS agent does not turn IPv6 on in its App Mesh CNI plugin), so IPv6 traffic would bypass Envoy; drop --proxy-configuration to use the route manager, which redirects IPv6 too"#,
+    );
+    // Switching a route-manager task with IPv6 on to proxyConfiguration names the setting.
+    let mut v6 = node();
+    v6.enable_ipv6 = true;
+    let meshed = rewrite(one_app(), &v6).unwrap();
+    let rm = names(&meshed)
+        .iter()
+        .position(|n| *n == "proxy-route-manager")
+        .unwrap();
+    let var = container(&meshed, "proxy-route-manager")["environment"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .position(|e| e["name"] == "APPMESH_ENABLE_IPV6")
+        .unwrap();
+    check_err(
+        meshed.clone(),
+        &proxy_configuration(),
+        &format!(
+            r#"containerDefinitions[{rm}].environment[{var}].value: "1" is not valid: APPMESH_ENABLE_IPV6 cannot be carried into proxyConfiguration: ECS's APPMESH proxyConfiguration never redirects IPv6 (the ECS agent does not turn IPv6 on in its App Mesh CNI plugin), so IPv6 traffic would bypass Envoy; drop --proxy-configuration to use the route manager, which redirects IPv6 too, or remove the variable to redirect IPv4 only"#
+        ),
+    );
+    // The route manager carries it on every re-run.
+    let again = rewrite(meshed, &node()).unwrap();
+    assert_env(
+        container(&again, "proxy-route-manager"),
+        &[("APPMESH_ENABLE_IPV6", "1")],
+    );
+}
+
+#[test]
+fn a_container_running_as_the_ignored_identity_is_warned_about_by_name() {
+    let mut input = one_app();
+    input["containerDefinitions"][0]["user"] = json!("1337");
+    push_container(
+        &mut input,
+        json!({"name": "xray", "image": "xray", "memory": 32, "user": "2000:1338"}),
+    );
+    push_container(
+        &mut input,
+        json!({"name": "named", "image": "x", "memory": 32, "user": "nginx"}),
+    );
+    let mut opts = node();
+    opts.ignored_gid = Some(1338);
+    let out = crate::rewrite_with_warnings(input.clone(), &opts).unwrap();
+    let warnings: Vec<String> = out.warnings.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        warnings,
+        [
+            r#"containerDefinitions[0].user: "1337" runs as UID 1337, the identity the redirect ignores (Envoy's own), so all of this container's outbound traffic bypasses Envoy: no mesh routing, TLS, policies or metrics. Right for an agent that must reach its endpoint directly (the X-Ray daemon); for an application, run it as another user"#,
+            r#"containerDefinitions[1].user: "2000:1338" runs as GID 1338, the identity the redirect ignores (Envoy's own), so all of this container's outbound traffic bypasses Envoy: no mesh routing, TLS, policies or metrics. Right for an agent that must reach its endpoint directly (the X-Ray daemon); for an application, run it as another user"#,
+        ]
+    );
+    // Without a redirect (gateway, explicit backends) no identity bypasses anything.
+    input["networkMode"] = json!("bridge");
+    let out = crate::rewrite_with_warnings(input, &explicit()).unwrap();
+    assert!(
+        out.warnings.iter().all(|w| !w.path.ends_with(".user")),
+        "{:?}",
+        out.warnings
+    );
+}
+
+#[test]
+fn proxy_configuration_refuses_more_than_fifteen_ports_and_the_route_manager_warns() {
+    // 14 listed plus port 22, always ignored: exactly 15 fit.
+    let mut opts = proxy_configuration();
+    opts.egress_ignored_ports = (1000..1014).collect();
+    let out = rewrite(one_app(), &opts).unwrap();
+    let props = out["proxyConfiguration"]["properties"].as_array().unwrap();
+    let ignored = props
+        .iter()
+        .find(|p| p["name"] == "EgressIgnoredPorts")
+        .unwrap();
+    assert_eq!(ignored["value"].as_str().unwrap().split(',').count(), 15);
+
+    opts.egress_ignored_ports = (1000..1015).collect();
+    check_err(
+        one_app(),
+        &opts,
+        r#"proxyConfiguration.properties.EgressIgnoredPorts: "1000,1001,1002,1003,1004,1005,1006,1007,1008,1009,1010,1011,1012,1013,1014,22" is not valid: ECS's APPMESH proxyConfiguration applies at most 15 ports here and silently drops the rest (16 given, port 22 included); drop --proxy-configuration to use the route manager, which applies them all"#,
+    );
+    let mut opts = proxy_configuration();
+    opts.app_ports = Some((8000..8016).collect());
+    check_err(
+        one_app(),
+        &opts,
+        r#"proxyConfiguration.properties.AppPorts: "8000,8001,8002,8003,8004,8005,8006,8007,8008,8009,8010,8011,8012,8013,8014,8015" is not valid: ECS's APPMESH proxyConfiguration applies at most 15 ports here and silently drops the rest (16 given); drop --proxy-configuration to use the route manager, which applies them all"#,
+    );
+
+    // The route manager takes them all, and says where that differs from ECS.
+    let mut opts = node();
+    opts.egress_ignored_ports = (1000..1015).collect();
+    let out = crate::rewrite_with_warnings(one_app(), &opts).unwrap();
+    assert_eq!(
+        out.warnings
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
+        [
+            "proxy-route-manager.APPMESH_EGRESS_IGNORED_PORTS: 16 ports: ECS's App Mesh redirect applied only the first 15 and dropped the rest, the route manager applies them all; for ports 22 outbound traffic to them now bypasses Envoy where App Mesh sent it through Envoy"
+        ]
+    );
+}
+
+#[test]
+fn port_22_bypasses_envoy_by_default_in_both_redirect_modes() {
+    let out = rewrite(one_app(), &node()).unwrap();
+    assert_env(
+        container(&out, "proxy-route-manager"),
+        &[("APPMESH_EGRESS_IGNORED_PORTS", "22")],
+    );
+    let out = rewrite(one_app(), &proxy_configuration()).unwrap();
+    assert!(
+        out["proxyConfiguration"]["properties"]
+            .as_array()
+            .unwrap()
+            .contains(&json!({"name": "EgressIgnoredPorts", "value": "22"}))
+    );
+    // Listed ports keep their order; 22 is added once.
+    let mut opts = node();
+    opts.egress_ignored_ports = vec![5432];
+    let out = rewrite(one_app(), &opts).unwrap();
+    assert_env(
+        container(&out, "proxy-route-manager"),
+        &[("APPMESH_EGRESS_IGNORED_PORTS", "5432,22")],
+    );
+    opts.egress_ignored_ports = vec![22, 5432];
+    let out = rewrite(one_app(), &opts).unwrap();
+    assert_env(
+        container(&out, "proxy-route-manager"),
+        &[("APPMESH_EGRESS_IGNORED_PORTS", "22,5432")],
+    );
+}
+
+fn keep() -> Options {
+    let mut o = Options::new("old", Target::VirtualNode("colorteller".into()));
+    o.keep_envoy = true;
+    o
+}
+
+#[test]
+fn keep_envoy_image_only_repoints_the_stock_image() {
+    let input = app_mesh_definition();
+    let mut expected = input.clone();
+    let envoy = &mut expected["containerDefinitions"][1];
+    envoy["environment"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"name": "APPMESH_XDS_ENDPOINT", "value": "unix:///var/run/trellis/xds.sock"}));
+    envoy["mountPoints"] = envoy_mount();
+    expected["volumes"] = json!([socket_volume()]);
+    check(input.clone(), &keep(), expected);
+
+    // Over TCP (Fargate): the variable only, no mount or volume.
+    let mut tcp = keep();
+    tcp.xds_endpoint = Some("10.0.0.5:15010".into());
+    let out = rewrite(input.clone(), &tcp).unwrap();
+    assert_eq!(
+        container(&out, "envoy-sidecar")["environment"][2],
+        json!({"name": "APPMESH_XDS_ENDPOINT", "value": "10.0.0.5:15010"})
+    );
+    assert!(
+        container(&out, "envoy-sidecar")
+            .get("mountPoints")
+            .is_none()
+    );
+    assert!(out.get("volumes").is_none());
+}
+
+#[test]
+fn keep_envoy_image_refuses_what_it_cannot_repoint() {
+    let mut other = keep();
+    other.target = Target::VirtualNode("web".into());
+    check_err(
+        app_mesh_definition(),
+        &other,
+        r#"containerDefinitions[1].environment[0].value: "mesh/old/virtualNode/colorteller" is not valid: APPMESH_VIRTUAL_NODE_NAME must name mesh/old/virtualNode/web (its ARN or that path), as --mesh and the target flag say"#,
+    );
+    let mut no_identity = app_mesh_definition();
+    no_identity["containerDefinitions"][1]["environment"] = json!([]);
+    check_err(
+        no_identity,
+        &keep(),
+        "containerDefinitions[1].environment: missing; the kept Envoy image needs APPMESH_RESOURCE_ARN (or APPMESH_VIRTUAL_NODE_NAME) to know which node it is",
+    );
+    check_err(
+        one_app(),
+        &keep(),
+        r#"--keep-envoy-image: "" is not valid: the task has no Envoy container to keep: none is named envoy, named by proxyConfiguration.containerName, or runs AWS's aws-appmesh-envoy image"#,
+    );
+    let mut fargate = app_mesh_definition();
+    fargate["requiresCompatibilities"] = json!(["FARGATE"]);
+    check_err(
+        fargate,
+        &keep(),
+        r#"requiresCompatibilities[0]: "FARGATE" is not valid: Fargate has no host volumes for the agent socket; pass --xds-endpoint HOST:PORT"#,
     );
 }

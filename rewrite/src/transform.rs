@@ -6,14 +6,14 @@ use std::collections::HashSet;
 
 use serde_json::{Value, json};
 
-use crate::Error;
 use crate::json::{self, Object};
 use crate::options::{
-    ALWAYS_IGNORED_IPS, ENVOY_ADMIN_PORT, ENVOY_CONTAINER, ENVOY_EGRESS_PORT, ENVOY_NOFILE,
-    Options, ROUTE_MANAGER_CONTAINER, Redirect, SDS_VOLUME, SOCKET_CONTAINER_PATH, SOCKET_VOLUME,
+    ALWAYS_IGNORED_IPS, DEFAULT_ENVOY_IMAGE, DEFAULT_ROUTE_MANAGER_IMAGE, ENVOY_ADMIN_PORT,
+    ENVOY_CONTAINER, ENVOY_EGRESS_PORT, ENVOY_NOFILE, Options, PROXY_CONFIGURATION_MAX_PORTS,
+    ROUTE_MANAGER_CONTAINER, Redirect, SDS_VOLUME, SOCKET_CONTAINER_PATH, SOCKET_VOLUME,
 };
 use crate::settings::{self, Existing, Settings};
-use crate::validate;
+use crate::{Error, Rewritten, Warning, validate};
 
 /// Fields of `DescribeTaskDefinition` output that `RegisterTaskDefinition` does not accept.
 const READ_ONLY: [&str; 9] = [
@@ -38,24 +38,42 @@ const ENV_XDS_ENDPOINT: &str = "APPMESH_XDS_ENDPOINT";
 const ENV_LOG_LEVEL: &str = "ENVOY_LOG_LEVEL";
 const ENV_ADMIN_PORT: &str = "ENVOY_ADMIN_ACCESS_PORT";
 const ENV_SDS_SOCKET_PATH: &str = "APPMESH_SDS_SOCKET_PATH";
+/// The log driver that sends a container's output through the task's FireLens log router.
+const FIRELENS_DRIVER: &str = "awsfirelens";
+/// The log drivers whose configuration the sidecars take over from the app.
+const INHERITED_DRIVERS: [&str; 2] = ["awslogs", FIRELENS_DRIVER];
 /// Memory reservations given to owned containers only when ECS needs one (no task-level memory).
 const ENVOY_DEFAULT_RESERVATION: u64 = 128;
 const ROUTE_MANAGER_DEFAULT_RESERVATION: u64 = 32;
 
-/// See [`crate::rewrite`].
-pub(crate) fn rewrite(input: Value, opts: &Options) -> Result<Value, Error> {
+/// See [`crate::rewrite_with_warnings`].
+pub(crate) fn rewrite(input: Value, opts: &Options) -> Result<Rewritten, Error> {
     validate::options(opts)?;
     let mut td = task_definition(input)?;
+    validate::operating_system(&td)?;
+    if opts.keep_envoy {
+        return keep_envoy(td, opts).map(|definition| Rewritten {
+            definition,
+            warnings: Vec::new(),
+        });
+    }
     validate::network_mode(&td, opts)?;
     validate::launch_type(&td, opts)?;
     let mode = td.get("networkMode").and_then(Value::as_str);
     // Containers share Envoy's ports in awsvpc and host mode; in bridge mode each has its own.
     let shares_ports = matches!(mode, Some("awsvpc" | "host"));
     let bridge = matches!(mode, Some("bridge") | None);
+    let mut warnings = Vec::new();
 
     let mut containers = take_containers(&mut td)?;
     validate::names(&containers)?;
     let envoy = find_envoy(&td, &containers)?;
+    // A task Trellis already meshed keeps the images it runs unless a flag names others, so a
+    // re-run (a deploy step, say) never resets a pinned image to the defaults.
+    let meshed = match envoy {
+        Some(i) => has_variable(&containers[i], i, ENV_XDS_ENDPOINT)?,
+        None => false,
+    };
     if let Some(i) = envoy {
         rename(&mut containers, i, ENVOY_CONTAINER)?;
     }
@@ -67,7 +85,25 @@ pub(crate) fn rewrite(input: Value, opts: &Options) -> Result<Value, Error> {
     if let Some(i) = route_manager {
         rename(&mut containers, i, ROUTE_MANAGER_CONTAINER)?;
     }
+    let kept_image = |i: Option<usize>| {
+        i.filter(|_| meshed)
+            .and_then(|i| containers[i].get("image"))
+            .and_then(Value::as_str)
+            .filter(|s| !s.trim().is_empty())
+            .map(str::to_string)
+    };
+    let envoy_image = opts
+        .envoy_image
+        .clone()
+        .or_else(|| kept_image(envoy))
+        .unwrap_or_else(|| DEFAULT_ENVOY_IMAGE.to_string());
+    let route_manager_image = opts
+        .route_manager_image
+        .clone()
+        .or_else(|| kept_image(route_manager))
+        .unwrap_or_else(|| DEFAULT_ROUTE_MANAGER_IMAGE.to_string());
 
+    let had_proxy_configuration = td.get("proxyConfiguration").is_some_and(|v| !v.is_null());
     // Settings the task already carries, from either redirect mechanism.
     let mut existing = Existing::default();
     if let Some(pc) = td.get("proxyConfiguration").filter(|v| !v.is_null()) {
@@ -93,12 +129,43 @@ pub(crate) fn rewrite(input: Value, opts: &Options) -> Result<Value, Error> {
         existing.read_route_manager(&json::name_values(&containers[i], "environment", &path)?)?;
     }
 
+    // Logs: the sidecars log where the app logs (awslogs or FireLens), under their own stream
+    // prefix, unless they already have a log configuration.
+    let log_router = containers
+        .iter()
+        .position(|c| c.get("firelensConfiguration").is_some_and(|v| !v.is_null()));
+    let owned = |i: usize| Some(i) == envoy || Some(i) == route_manager;
+    let inherited = inherited_logs(&containers, &owned, log_router)?;
+    let uses_firelens = |i: Option<usize>| -> Result<bool, Error> {
+        let own = match i {
+            Some(i) => log_driver(&containers[i], i)?,
+            None => None,
+        };
+        Ok(match own {
+            Some(driver) => driver == FIRELENS_DRIVER,
+            None => inherited.as_ref().is_some_and(|lc| {
+                lc.get("logDriver").and_then(Value::as_str) == Some(FIRELENS_DRIVER)
+            }),
+        })
+    };
+    let sidecar_firelens = uses_firelens(envoy)?
+        || (opts.redirect() == Some(Redirect::RouteManager) && uses_firelens(route_manager)?);
+    // A sidecar logging through FireLens needs the log router started first (ECS's own order), so
+    // the log router must not wait for Envoy.
+    if let Some(l) = log_router.filter(|_| sidecar_firelens) {
+        undepend(&mut containers[l], l, ENVOY_CONTAINER)?;
+        undepend(&mut containers[l], l, ROUTE_MANAGER_CONTAINER)?;
+    }
+
     // Containers Envoy itself waits for (init containers, log routers) must not wait for Envoy.
     let mut before_envoy = HashSet::new();
     for i in envoy.iter().chain(route_manager.iter()) {
         reachable(&containers, *i, &mut before_envoy);
     }
-    let owned = |i: usize| Some(i) == envoy || Some(i) == route_manager;
+    if let Some(l) = log_router.filter(|_| sidecar_firelens) {
+        before_envoy.insert(l);
+        reachable(&containers, l, &mut before_envoy);
+    }
     let apps: Vec<usize> = (0..containers.len())
         .filter(|&i| !owned(i) && !before_envoy.contains(&i))
         .collect();
@@ -140,12 +207,40 @@ pub(crate) fn rewrite(input: Value, opts: &Options) -> Result<Value, Error> {
     let settings = Settings::resolve(opts, existing, derived_ports);
     // Without a task-level memory, ECS needs a memory value on every container, ours included.
     let needs_memory = validate::task_memory(&td)?.is_none();
-    if opts.redirect() == Some(Redirect::ProxyConfiguration) && settings.app_ports.is_empty() {
-        return Err(Error::option(
-            "app-ports",
-            "",
-            "ECS's APPMESH proxyConfiguration needs AppPorts and no app container declares a containerPort",
-        ));
+    match opts.redirect() {
+        Some(Redirect::ProxyConfiguration) => {
+            if settings.app_ports.is_empty() {
+                return Err(Error::option(
+                    "app-ports",
+                    "",
+                    "ECS's APPMESH proxyConfiguration needs AppPorts and no app container declares a containerPort",
+                ));
+            }
+            validate::proxy_configuration_settings(&settings)?;
+        }
+        Some(Redirect::RouteManager) => {
+            if had_proxy_configuration {
+                warnings.push(Warning {
+                    path: "proxyConfiguration".into(),
+                    message: "ECS's redirect is replaced by the proxy-route-manager init container (pass --proxy-configuration to keep it): ECS installed its rules before any container started, the route manager installs them when it runs, so containers that start before it (a FireLens log router, init containers Envoy waits for) connect directly until then".into(),
+                });
+            }
+            warnings.extend(past_fifteen(&settings));
+        }
+        Some(Redirect::Explicit) => warnings.push(Warning {
+            path: "--explicit-backends".into(),
+            message: "no transparent redirect, unlike App Mesh on ECS: inbound traffic reaches the app directly (the node's listener TLS, timeouts, health checks and outlier detection do not apply to it) and only clients that honour HTTP_PROXY go through Envoy".into(),
+        }),
+        None => {}
+    }
+    if matches!(
+        opts.redirect(),
+        Some(Redirect::RouteManager | Redirect::ProxyConfiguration)
+    ) {
+        for i in (0..containers.len()).filter(|&i| !owned(i)) {
+            let path = format!("containerDefinitions[{i}]");
+            warnings.extend(validate::ignored_user(&containers[i], &path, &settings)?);
+        }
     }
 
     // The Envoy container.
@@ -160,9 +255,15 @@ pub(crate) fn rewrite(input: Value, opts: &Options) -> Result<Value, Error> {
         &mut containers[envoy_idx],
         envoy_idx,
         opts,
+        &envoy_image,
         &settings,
         needs_memory,
     )?;
+    sidecar_logs(
+        &mut containers[envoy_idx],
+        ENVOY_CONTAINER,
+        inherited.as_ref(),
+    );
 
     // The route manager, or ECS's proxyConfiguration, or neither for a gateway.
     let mut remove = None;
@@ -175,7 +276,18 @@ pub(crate) fn rewrite(input: Value, opts: &Options) -> Result<Value, Error> {
                     containers.len() - 1
                 }
             };
-            route_manager_container(&mut containers[i], i, opts, &settings, needs_memory)?;
+            route_manager_container(
+                &mut containers[i],
+                i,
+                &route_manager_image,
+                &settings,
+                needs_memory,
+            )?;
+            sidecar_logs(
+                &mut containers[i],
+                ROUTE_MANAGER_CONTAINER,
+                inherited.as_ref(),
+            );
             depend(
                 &mut containers[envoy_idx],
                 envoy_idx,
@@ -205,6 +317,7 @@ pub(crate) fn rewrite(input: Value, opts: &Options) -> Result<Value, Error> {
             undepend(c, i, ROUTE_MANAGER_CONTAINER)?;
         }
     }
+    firelens_order(&mut containers)?;
 
     socket_volume(&mut td, opts)?;
     validate::resources(&td, &containers)?;
@@ -214,7 +327,77 @@ pub(crate) fn rewrite(input: Value, opts: &Options) -> Result<Value, Error> {
         "containerDefinitions".into(),
         Value::Array(containers.into_iter().map(Value::Object).collect()),
     );
+    Ok(Rewritten {
+        definition: Value::Object(td),
+        warnings,
+    })
+}
+
+/// `--keep-envoy-image`: the task's own Envoy container (AWS's image, say) stays exactly as it is,
+/// variables and health check included; only `APPMESH_XDS_ENDPOINT` and the socket mount (and its
+/// volume) are set, so the image fetches its configuration from the agent instead of App Mesh.
+/// Nothing else in the task changes: the redirect stays what the task had.
+fn keep_envoy(mut td: Object, opts: &Options) -> Result<Value, Error> {
+    validate::fargate_socket(&td, opts)?;
+    let mut containers = take_containers(&mut td)?;
+    validate::names(&containers)?;
+    let Some(i) = find_envoy(&td, &containers)? else {
+        return Err(Error::option(
+            "keep-envoy-image",
+            "",
+            "the task has no Envoy container to keep: none is named envoy, named by proxyConfiguration.containerName, or runs AWS's aws-appmesh-envoy image",
+        ));
+    };
+    let path = format!("containerDefinitions[{i}]");
+    validate::identity(&containers[i], &path, opts)?;
+    json::set_name_value(
+        &mut containers[i],
+        "environment",
+        &path,
+        ENV_XDS_ENDPOINT,
+        &opts.xds_endpoint_value(),
+    )?;
+    socket_mount(&mut containers[i], &path, opts)?;
+    socket_volume(&mut td, opts)?;
+    td.insert(
+        "containerDefinitions".into(),
+        Value::Array(containers.into_iter().map(Value::Object).collect()),
+    );
     Ok(Value::Object(td))
+}
+
+/// Where the route manager (run anywhere) departs from ECS's proxyConfiguration (and AWS's route
+/// manager), which kept the first 15 ports of a list and dropped the rest.
+fn past_fifteen(settings: &Settings) -> Vec<Warning> {
+    let mut out = Vec::new();
+    for (var, ports, effect) in [
+        (
+            settings::RM_APP_PORTS,
+            &settings.app_ports,
+            "inbound traffic to them now goes through Envoy where App Mesh sent it straight to the app",
+        ),
+        (
+            settings::RM_EGRESS_IGNORED_PORTS,
+            &settings.ignored_ports,
+            "outbound traffic to them now bypasses Envoy where App Mesh sent it through Envoy",
+        ),
+    ] {
+        if ports.len() > PROXY_CONFIGURATION_MAX_PORTS {
+            let beyond = ports[PROXY_CONFIGURATION_MAX_PORTS..]
+                .iter()
+                .map(u16::to_string)
+                .collect::<Vec<_>>()
+                .join(",");
+            out.push(Warning {
+                path: format!("{ROUTE_MANAGER_CONTAINER}.{var}"),
+                message: format!(
+                    "{} ports: ECS's App Mesh redirect applied only the first {PROXY_CONFIGURATION_MAX_PORTS} and dropped the rest, the route manager applies them all; for ports {beyond} {effect}",
+                    ports.len()
+                ),
+            });
+        }
+    }
+    out
 }
 
 /// Points an app container at Envoy's egress port as its HTTP proxy. Variables the user already set
@@ -436,13 +619,14 @@ fn envoy_container(
     c: &mut Object,
     i: usize,
     opts: &Options,
+    image: &str,
     settings: &Settings,
     needs_memory: bool,
 ) -> Result<(), Error> {
     let path = format!("containerDefinitions[{i}]");
     let admin = admin_port(Some(c), &path, opts)?;
     c.insert("name".into(), json!(ENVOY_CONTAINER));
-    c.insert("image".into(), json!(opts.envoy_image));
+    c.insert("image".into(), json!(image));
     c.insert("essential".into(), json!(true));
     if opts.is_gateway() {
         c.shift_remove("user");
@@ -470,22 +654,7 @@ fn envoy_container(
     }
     json::set_name_values(c, "environment", &path, &env, &STALE_IDENTITY_VARS)?;
 
-    // The socket mount (or none when Envoy reaches the agent over TCP).
-    let mount = json!({"sourceVolume": SOCKET_VOLUME, "containerPath": SOCKET_CONTAINER_PATH, "readOnly": true});
-    if opts.xds_endpoint.is_none() {
-        let mounts = json::array_field_mut(c, "mountPoints", &path)?;
-        match position_by(mounts, "sourceVolume", SOCKET_VOLUME) {
-            Some(p) => mounts[p] = mount,
-            None => mounts.push(mount),
-        }
-    } else if let Some(Value::Array(mounts)) = c.get_mut("mountPoints")
-        && let Some(p) = position_by(mounts, "sourceVolume", SOCKET_VOLUME)
-    {
-        mounts.remove(p);
-        if mounts.is_empty() {
-            c.shift_remove("mountPoints");
-        }
-    }
+    socket_mount(c, &path, opts)?;
 
     if let Some(dir) = opts.sds_socket_dir() {
         let mount = json!({"sourceVolume": SDS_VOLUME, "containerPath": dir, "readOnly": true});
@@ -528,13 +697,13 @@ fn envoy_container(
 fn route_manager_container(
     c: &mut Object,
     i: usize,
-    opts: &Options,
+    image: &str,
     settings: &Settings,
     needs_memory: bool,
 ) -> Result<(), Error> {
     let path = format!("containerDefinitions[{i}]");
     c.insert("name".into(), json!(ROUTE_MANAGER_CONTAINER));
-    c.insert("image".into(), json!(opts.route_manager_image));
+    c.insert("image".into(), json!(image));
     // It exits once the rules are in; an essential container exiting would stop the task.
     c.insert("essential".into(), json!(false));
     default_reservation(c, needs_memory, ROUTE_MANAGER_DEFAULT_RESERVATION);
@@ -561,6 +730,126 @@ fn route_manager_container(
         &settings.route_manager_env(),
         &settings::ROUTE_MANAGER_VARS,
     )
+}
+
+/// The agent socket's mount in the Envoy container (or none when Envoy reaches the agent over TCP).
+fn socket_mount(c: &mut Object, path: &str, opts: &Options) -> Result<(), Error> {
+    let mount = json!({"sourceVolume": SOCKET_VOLUME, "containerPath": SOCKET_CONTAINER_PATH, "readOnly": true});
+    if opts.xds_endpoint.is_none() {
+        let mounts = json::array_field_mut(c, "mountPoints", path)?;
+        match position_by(mounts, "sourceVolume", SOCKET_VOLUME) {
+            Some(p) => mounts[p] = mount,
+            None => mounts.push(mount),
+        }
+    } else if let Some(Value::Array(mounts)) = c.get_mut("mountPoints")
+        && let Some(p) = position_by(mounts, "sourceVolume", SOCKET_VOLUME)
+    {
+        mounts.remove(p);
+        if mounts.is_empty() {
+            c.shift_remove("mountPoints");
+        }
+    }
+    Ok(())
+}
+
+/// Whether container `i` sets variable `name` (to anything).
+fn has_variable(c: &Object, i: usize, name: &str) -> Result<bool, Error> {
+    let path = format!("containerDefinitions[{i}]");
+    Ok(json::name_values(c, "environment", &path)?
+        .iter()
+        .any(|nv| nv.name == name))
+}
+
+/// Container `i`'s `logConfiguration.logDriver`, if it has a log configuration.
+fn log_driver(c: &Object, i: usize) -> Result<Option<String>, Error> {
+    let path = format!("containerDefinitions[{i}].logConfiguration");
+    match c.get("logConfiguration").filter(|v| !v.is_null()) {
+        None => Ok(None),
+        Some(lc) => Ok(Some(
+            json::str_field(json::object(lc, &path)?, "logDriver", &path)?
+                .unwrap_or_default()
+                .to_string(),
+        )),
+    }
+}
+
+/// The app's log configuration the sidecars take over: the first awslogs or FireLens one among the
+/// essential containers (then the others), leaving out the sidecars and the log router itself.
+fn inherited_logs(
+    containers: &[Object],
+    owned: &dyn Fn(usize) -> bool,
+    log_router: Option<usize>,
+) -> Result<Option<Object>, Error> {
+    let essential = |c: &Object| c.get("essential").and_then(Value::as_bool) != Some(false);
+    for want_essential in [true, false] {
+        for (i, c) in containers.iter().enumerate() {
+            if owned(i) || Some(i) == log_router || essential(c) != want_essential {
+                continue;
+            }
+            if let Some(driver) = log_driver(c, i)?
+                && INHERITED_DRIVERS.contains(&driver.as_str())
+                && let Some(Value::Object(lc)) = c.get("logConfiguration")
+            {
+                return Ok(Some(lc.clone()));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Gives a sidecar without a log configuration the app's, under its own stream prefix, so its logs
+/// are reachable where the app's are (on Fargate there is nowhere else to read them).
+fn sidecar_logs(c: &mut Object, name: &str, inherited: Option<&Object>) {
+    if c.get("logConfiguration").is_some_and(|v| !v.is_null()) {
+        return;
+    }
+    let Some(mut lc) = inherited.cloned() else {
+        return;
+    };
+    let driver = lc
+        .get("logDriver")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
+    if let Some(Value::Object(options)) = lc.get_mut("options") {
+        if driver == FIRELENS_DRIVER {
+            // Fluent Bit's CloudWatch output; other outputs tell containers apart by the
+            // container_name FireLens adds to each record.
+            if options.contains_key("log_stream_prefix") {
+                options.insert("log_stream_prefix".into(), json!(format!("{name}/")));
+            }
+        } else {
+            options.insert("awslogs-stream-prefix".into(), json!(name));
+        }
+    }
+    c.insert("logConfiguration".into(), Value::Object(lc));
+}
+
+/// ECS starts the log router before every container that logs through it only while the log router
+/// has no `dependsOn` of its own; the rewrite may give it one, so the order is written down: each
+/// FireLens container waits for the log router to START unless it already waits for it.
+fn firelens_order(containers: &mut [Object]) -> Result<(), Error> {
+    let Some(router) = containers
+        .iter()
+        .position(|c| c.get("firelensConfiguration").is_some_and(|v| !v.is_null()))
+    else {
+        return Ok(());
+    };
+    let router_name = name_of(&containers[router]).to_string();
+    for (i, c) in containers.iter_mut().enumerate() {
+        if i == router || log_driver(c, i)?.as_deref() != Some(FIRELENS_DRIVER) {
+            continue;
+        }
+        let path = format!("containerDefinitions[{i}]");
+        let deps = json::array_field_mut(c, "dependsOn", &path)?;
+        let waits = deps
+            .iter()
+            .any(|d| d.get("containerName").and_then(Value::as_str) == Some(router_name.as_str()));
+        if !waits {
+            deps.push(json!({"containerName": router_name, "condition": "START"}));
+        }
+    }
+    Ok(())
 }
 
 fn default_reservation(c: &mut Object, needs_memory: bool, mib: u64) {

@@ -7,12 +7,13 @@ use std::net::IpAddr;
 
 use serde_json::Value;
 
-use crate::Error;
 use crate::json::{self, Object};
 use crate::options::{
-    ENVOY_ADMIN_PORT, ENVOY_CONTAINER, ENVOY_EGRESS_PORT, ENVOY_INGRESS_PORT, Options, Redirect,
-    Target,
+    ENVOY_ADMIN_PORT, ENVOY_CONTAINER, ENVOY_EGRESS_PORT, ENVOY_INGRESS_PORT, Options,
+    PROXY_CONFIGURATION_MAX_PORTS, Redirect, Target,
 };
+use crate::settings::{PC_APP_PORTS, PC_EGRESS_IGNORED_PORTS, Settings};
+use crate::{Error, Warning};
 
 const LOG_LEVELS: [&str; 8] = [
     "trace", "debug", "info", "warn", "warning", "error", "critical", "off",
@@ -30,6 +31,9 @@ const ENVOY_MIN_MEMORY: u64 = 64;
 /// ECS's smallest container memory, MiB.
 const MIN_CONTAINER_MEMORY: u32 = 6;
 
+/// Why IPv6 and ECS's native redirect do not mix.
+const IPV6_WITH_PROXY_CONFIGURATION: &str = "ECS's APPMESH proxyConfiguration never redirects IPv6 (the ECS agent does not turn IPv6 on in its App Mesh CNI plugin), so IPv6 traffic would bypass Envoy; drop --proxy-configuration to use the route manager, which redirects IPv6 too";
+
 /// Rejects options that would produce a broken task.
 pub(crate) fn options(opts: &Options) -> Result<(), Error> {
     resource_name("mesh", &opts.mesh)?;
@@ -37,18 +41,25 @@ pub(crate) fn options(opts: &Options) -> Result<(), Error> {
         Target::VirtualNode(n) => resource_name("virtual-node", n)?,
         Target::VirtualGateway(n) => resource_name("virtual-gateway", n)?,
     }
-    if opts.envoy_image.trim().is_empty() {
+    if let Some(image) = opts.envoy_image.as_deref()
+        && image.trim().is_empty()
+    {
+        return Err(Error::option("envoy-image", image, "an image is required"));
+    }
+    if let Some(image) = opts.route_manager_image.as_deref()
+        && image.trim().is_empty()
+    {
         return Err(Error::option(
-            "envoy-image",
-            &opts.envoy_image,
+            "route-manager-image",
+            image,
             "an image is required",
         ));
     }
-    if opts.route_manager_image.trim().is_empty() {
+    if opts.enable_ipv6 && opts.redirect() == Some(Redirect::ProxyConfiguration) {
         return Err(Error::option(
-            "route-manager-image",
-            &opts.route_manager_image,
-            "an image is required",
+            "enable-ipv6",
+            "",
+            IPV6_WITH_PROXY_CONFIGURATION,
         ));
     }
     if !opts.socket_host_path.starts_with('/') {
@@ -208,6 +219,88 @@ pub(crate) fn reserved_owner(port: u32, admin: u16, gateway: bool) -> Option<&'s
     }
 }
 
+/// App Mesh had no Windows Envoy, and ECS rejects `user`, `ulimits`, `linuxParameters` and
+/// `proxyConfiguration` for Windows containers: a Windows task cannot be meshed.
+pub(crate) fn operating_system(td: &Object) -> Result<(), Error> {
+    let Some(platform) = td.get("runtimePlatform").filter(|v| !v.is_null()) else {
+        return Ok(());
+    };
+    let platform = json::object(platform, "runtimePlatform")?;
+    match json::str_field(platform, "operatingSystemFamily", "runtimePlatform")? {
+        Some(family) if family.to_ascii_uppercase().starts_with("WINDOWS") => Err(Error::invalid(
+            "runtimePlatform.operatingSystemFamily",
+            format!("{family:?}"),
+            "Windows tasks cannot be meshed: App Mesh had no Windows Envoy, and ECS does not support user, ulimits, linuxParameters or proxyConfiguration on Windows containers, which the Envoy sidecar and the redirect need",
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// What ECS's native redirect cannot carry: more than 15 ports in a list (its CNI plugin silently
+/// drops the rest) and IPv6 (never redirected).
+pub(crate) fn proxy_configuration_settings(settings: &Settings) -> Result<(), Error> {
+    for (property, ports, note) in [
+        (PC_APP_PORTS, &settings.app_ports, ""),
+        (
+            PC_EGRESS_IGNORED_PORTS,
+            &settings.ignored_ports,
+            ", port 22 included",
+        ),
+    ] {
+        if ports.len() > PROXY_CONFIGURATION_MAX_PORTS {
+            let list = ports.iter().map(u16::to_string).collect::<Vec<_>>();
+            return Err(Error::invalid(
+                format!("proxyConfiguration.properties.{property}"),
+                format!("{:?}", list.join(",")),
+                format!(
+                    "ECS's APPMESH proxyConfiguration applies at most {PROXY_CONFIGURATION_MAX_PORTS} ports here and silently drops the rest ({} given{note}); drop --proxy-configuration to use the route manager, which applies them all",
+                    ports.len()
+                ),
+            ));
+        }
+    }
+    if let Some((path, value)) = &settings.ipv6_from_task {
+        return Err(Error::invalid(
+            path,
+            format!("{value:?}"),
+            format!(
+                "APPMESH_ENABLE_IPV6 cannot be carried into proxyConfiguration: {IPV6_WITH_PROXY_CONFIGURATION}, or remove the variable to redirect IPv4 only"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A container running as the UID (or GID) the redirect ignores sends all its traffic around Envoy:
+/// the mesh's routing, TLS, policies and metrics do not apply to it. App Mesh's examples run agents
+/// such as the X-Ray daemon that way on purpose, so this is a warning, not a refusal.
+pub(crate) fn ignored_user(
+    c: &Object,
+    path: &str,
+    settings: &Settings,
+) -> Result<Option<Warning>, Error> {
+    let Some(user) = json::str_field(c, "user", path)? else {
+        return Ok(None);
+    };
+    let (uid, gid) = match user.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (user, None),
+    };
+    let clash = if uid.trim().parse::<u32>().ok() == Some(settings.uid) {
+        Some(format!("UID {}", settings.uid))
+    } else {
+        gid.and_then(|g| g.trim().parse::<u32>().ok())
+            .filter(|g| Some(*g) == settings.gid)
+            .map(|g| format!("GID {g}"))
+    };
+    Ok(clash.map(|who| Warning {
+        path: format!("{path}.user"),
+        message: format!(
+            "{user:?} runs as {who}, the identity the redirect ignores (Envoy's own), so all of this container's outbound traffic bypasses Envoy: no mesh routing, TLS, policies or metrics. Right for an agent that must reach its endpoint directly (the X-Ray daemon); for an application, run it as another user"
+        ),
+    }))
+}
+
 /// Transparent redirect needs one network namespace per task.
 pub(crate) fn network_mode(td: &Object, opts: &Options) -> Result<(), Error> {
     let mode = json::str_field(td, "networkMode", "")?;
@@ -270,6 +363,61 @@ pub(crate) fn launch_type(td: &Object, opts: &Options) -> Result<(), Error> {
     }
     Ok(())
 }
+
+/// Fargate has no host volumes, so Envoy must reach the agent over TCP there (`--keep-envoy-image`,
+/// where the redirect is not the tool's).
+pub(crate) fn fargate_socket(td: &Object, opts: &Options) -> Result<(), Error> {
+    for (i, c) in json::array_field(td, "requiresCompatibilities", "")?
+        .iter()
+        .enumerate()
+    {
+        if c.as_str() == Some("FARGATE") && opts.xds_endpoint.is_none() {
+            return Err(Error::invalid(
+                format!("requiresCompatibilities[{i}]"),
+                "\"FARGATE\"",
+                "Fargate has no host volumes for the agent socket; pass --xds-endpoint HOST:PORT",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The kept Envoy container names the resource `--mesh` and `--virtual-node`/`--virtual-gateway`
+/// name, in one of the variables AWS's image reads, so it asks the agent for the right node.
+pub(crate) fn identity(c: &Object, path: &str, opts: &Options) -> Result<(), Error> {
+    let env = json::name_values(c, "environment", path)?;
+    let Some(nv) = IDENTITY_VARS.iter().find_map(|var| {
+        env.iter()
+            .find(|nv| nv.name == *var && !nv.value.trim().is_empty())
+    }) else {
+        return Err(Error::Missing {
+            path: format!("{path}.environment"),
+            why: "the kept Envoy image needs APPMESH_RESOURCE_ARN (or APPMESH_VIRTUAL_NODE_NAME) to know which node it is",
+        });
+    };
+    let expected = opts.resource_arn();
+    let matches = trellis_model::ProxyIdentity::parse(nv.value.trim())
+        .is_ok_and(|id| id.to_string() == expected);
+    if matches {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            &nv.path,
+            format!("{:?}", nv.value),
+            format!(
+                "{} must name {expected} (its ARN or that path), as --mesh and the target flag say",
+                nv.name
+            ),
+        ))
+    }
+}
+
+/// The variables AWS's Envoy image takes its identity from, in the order it reads them.
+const IDENTITY_VARS: [&str; 3] = [
+    "APPMESH_RESOURCE_ARN",
+    "APPMESH_RESOURCE_NAME",
+    "APPMESH_VIRTUAL_NODE_NAME",
+];
 
 /// Every container has a unique name. Returns the names in order.
 pub(crate) fn names(containers: &[Object]) -> Result<Vec<String>, Error> {

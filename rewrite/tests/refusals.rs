@@ -1,7 +1,9 @@
 //! What the CLI does with a definition it refuses: the rule on stderr (naming the field and the
 //! flag), a failure exit, and nothing written: no output, no diff, and with `--register` no new
 //! revision in ECS (a moto server, read back with the AWS CLI). The case is the Fargate fixture
-//! with `--sds-socket-path`: Fargate has no host volume to carry the SPIRE agent's socket.
+//! with `--sds-socket-path`: Fargate has no host volume to carry the SPIRE agent's socket. Also: a
+//! Windows definition is refused the same way, and what the output does differently from ECS is a
+//! warning on stderr beside the JSON.
 
 mod support;
 
@@ -74,4 +76,89 @@ fn a_fargate_definition_with_an_sds_socket_is_not_registered() {
             .is_some_and(|a| a.ends_with(":task-definition/checkout:1")),
         "{listed}"
     );
+}
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+#[test]
+fn a_windows_definition_is_refused_and_nothing_is_printed() {
+    let dir = fixture("appmesh-ec2");
+    let mut input: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("input.json")).expect("input"))
+            .expect("JSON");
+    input["runtimePlatform"] =
+        serde_json::json!({"operatingSystemFamily": "WINDOWS_SERVER_2022_CORE"});
+    let work = std::env::temp_dir().join(format!("trellis-rewrite-windows-{}", std::process::id()));
+    std::fs::create_dir_all(&work).expect("temp dir");
+    let path = work.join("windows.json");
+    std::fs::write(&path, input.to_string()).expect("write input");
+    for (args_of, extra) in [
+        ("appmesh-ec2", &[][..]),
+        ("appmesh-stock-envoy", &[]),
+        ("appmesh-ec2", &["--diff"]),
+    ] {
+        let out = fails(
+            rewrite_cmd()
+                .args(fixture_args(&fixture(args_of)))
+                .args(extra)
+                .arg(&path),
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.starts_with(
+                "trellis-rewrite: runtimePlatform.operatingSystemFamily: \"WINDOWS_SERVER_2022_CORE\" is not valid: Windows tasks cannot be meshed"
+            ),
+            "{stderr}"
+        );
+        assert!(out.stdout.is_empty());
+    }
+    std::fs::remove_dir_all(&work).expect("remove temp dir");
+}
+
+#[test]
+fn deliberate_differences_from_ecs_are_warned_about_on_stderr() {
+    // The App Mesh definition's proxyConfiguration becomes the route manager, and AWS's colorapp runs
+    // its X-Ray daemon as Envoy's UID, so its traffic bypasses Envoy.
+    let dir = fixture("appmesh-ec2");
+    let out = rewrite_cmd()
+        .args(fixture_args(&dir))
+        .arg(dir.join("input.json"))
+        .output()
+        .expect("run trellis-rewrite");
+    assert!(out.status.success());
+    let expected = std::fs::read_to_string(dir.join("expected.json")).expect("expected.json");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), expected);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "trellis-rewrite: warning: proxyConfiguration: ECS's redirect is replaced by the proxy-route-manager init container (pass --proxy-configuration to keep it): ECS installed its rules before any container started, the route manager installs them when it runs, so containers that start before it (a FireLens log router, init containers Envoy waits for) connect directly until then\n\
+         trellis-rewrite: warning: containerDefinitions[2].user: \"1337\" runs as UID 1337, the identity the redirect ignores (Envoy's own), so all of this container's outbound traffic bypasses Envoy: no mesh routing, TLS, policies or metrics. Right for an agent that must reach its endpoint directly (the X-Ray daemon); for an application, run it as another user\n"
+    );
+}
+
+#[test]
+fn keep_envoy_image_takes_no_flag_that_would_change_the_envoy_container() {
+    let dir = fixture("appmesh-stock-envoy");
+    for flag in [
+        &["--envoy-image", "x"][..],
+        &["--proxy-configuration"],
+        &["--envoy-env", "A=1"],
+        &["--egress-ignored-ports", "5432"],
+    ] {
+        let out = fails(
+            rewrite_cmd()
+                .args(fixture_args(&dir))
+                .args(flag)
+                .arg(dir.join("input.json")),
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("cannot be used with") && stderr.contains("--keep-envoy-image"),
+            "{flag:?}: {stderr}"
+        );
+        assert!(out.stdout.is_empty());
+    }
 }

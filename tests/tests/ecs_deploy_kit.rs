@@ -45,6 +45,7 @@ fn every_kit_file_fits_botocores_request_shapes() {
         kit("examples/web-meshed.json"),
         kit("examples/appmesh-colorteller.json"),
         kit("examples/appmesh-colorteller-meshed.json"),
+        kit("examples/appmesh-colorteller-stock-envoy.json"),
     ];
     check_request("ecs", "RegisterTaskDefinition", &task_defs).unwrap_or_else(|e| panic!("{e}"));
     check_request("ecs", "CreateService", &[kit("agent-service.json")])
@@ -200,7 +201,11 @@ fn the_meshed_examples_are_what_trellis_rewrite_makes_of_their_inputs() {
             .arg(work.path())
             .env("TRELLIS_REWRITE", bin("trellis-rewrite")),
     );
-    for name in ["web-meshed.json", "appmesh-colorteller-meshed.json"] {
+    for name in [
+        "web-meshed.json",
+        "appmesh-colorteller-meshed.json",
+        "appmesh-colorteller-stock-envoy.json",
+    ] {
         let fresh = std::fs::read_to_string(work.join(name)).expect("regenerated");
         let committed =
             std::fs::read_to_string(kit(&format!("examples/{name}"))).expect("committed");

@@ -18,3 +18,6 @@ images=(
 # An App Mesh task definition (AWS's Envoy image + proxyConfiguration), migrated to Trellis.
 "$rewrite" --mesh appmesh-mesh --virtual-node colorteller-white-vn "${images[@]}" \
   "$here/appmesh-colorteller.json" >"$out/appmesh-colorteller-meshed.json"
+# The same App Mesh task definition keeping AWS's Envoy image, only pointed at the agent's socket.
+"$rewrite" --mesh appmesh-mesh --virtual-node colorteller-white-vn --keep-envoy-image \
+  "$here/appmesh-colorteller.json" >"$out/appmesh-colorteller-stock-envoy.json"

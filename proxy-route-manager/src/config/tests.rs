@@ -39,7 +39,7 @@ fn lead_e2e_variables_give_app_mesh_defaults() {
             ingress_port: 15000,
             egress_port: 15001,
             egress_ignored_ips: vec![cidr("169.254.170.2"), cidr("169.254.169.254")],
-            egress_ignored_ports: vec![],
+            egress_ignored_ports: vec![22],
             enable_ipv6: false,
         }
     );
@@ -227,17 +227,104 @@ fn start_enabled_only_when_exactly_1() {
 }
 
 #[test]
-fn disabled_skips_validation() {
-    let vars = env(&[
-        ("APPMESH_START_ENABLED", "0"),
-        ("APPMESH_APP_PORTS", "not a port"),
-    ]);
+fn disabled_still_refuses_invalid_settings_but_needs_no_uid() {
+    for switch in ["0", "", "yes"] {
+        let vars = env(&[
+            ("APPMESH_START_ENABLED", switch),
+            ("APPMESH_APP_PORTS", "not a port"),
+        ]);
+        let err = load(&Cli::default(), &vars).unwrap_err();
+        assert!(
+            err.is_config() && err.to_string().starts_with("APPMESH_APP_PORTS"),
+            "{switch:?}: {err}"
+        );
+    }
+    // Nothing to exempt matters only when rules are installed.
+    let vars = env(&[("APPMESH_START_ENABLED", "0")]);
     assert_eq!(
         load(&Cli::default(), &vars).unwrap(),
         Loaded::Disabled {
-            value: Some("0".into())
+            value: Some("0".into()),
+            warnings: vec![]
         }
     );
+    assert_eq!(
+        load(&Cli::default(), &env(&[])).unwrap(),
+        Loaded::Disabled {
+            value: None,
+            warnings: vec![]
+        }
+    );
+}
+
+#[test]
+fn an_unrecognised_start_switch_is_a_warning_naming_the_value() {
+    for value in ["true", "yes", "2"] {
+        let vars = env(&[
+            ("APPMESH_START_ENABLED", value),
+            ("APPMESH_IGNORE_UID", "1337"),
+        ]);
+        let Loaded::Disabled { warnings, .. } = load(&Cli::default(), &vars).unwrap() else {
+            panic!("{value} must not enable");
+        };
+        assert_eq!(
+            warnings.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            [format!(
+                "APPMESH_START_ENABLED (--start-enabled) is {value:?}, which is neither \"1\" (install) nor \"0\" or empty (do not): nothing is installed; set it to 1 to install the redirect"
+            )]
+        );
+    }
+}
+
+#[test]
+fn port_22_is_always_ignored() {
+    let (c, _) = config(&[("APPMESH_IGNORE_UID", "1337")]).unwrap();
+    assert_eq!(c.egress_ignored_ports, [22]);
+    let (c, _) = config(&[
+        ("APPMESH_IGNORE_UID", "1337"),
+        ("APPMESH_EGRESS_IGNORED_PORTS", "5432"),
+    ])
+    .unwrap();
+    assert_eq!(c.egress_ignored_ports, [5432, 22]);
+    let (c, _) = config(&[
+        ("APPMESH_IGNORE_UID", "1337"),
+        ("APPMESH_EGRESS_IGNORED_PORTS", "22,5432"),
+    ])
+    .unwrap();
+    assert_eq!(c.egress_ignored_ports, [22, 5432]);
+}
+
+#[test]
+fn more_than_15_ports_are_all_applied_with_a_warning_naming_the_ports_past_ecss_limit() {
+    let app: Vec<String> = (9000..9017).map(|p| p.to_string()).collect();
+    let ignored: Vec<String> = (1000..1016).map(|p| p.to_string()).collect();
+    // The helpers take static strings, as the other tests' literals are.
+    let app: &'static str = Box::leak(app.join(",").into_boxed_str());
+    let ignored: &'static str = Box::leak(ignored.join(",").into_boxed_str());
+    let (c, warnings) = config(&[
+        ("APPMESH_IGNORE_UID", "1337"),
+        ("APPMESH_APP_PORTS", app),
+        ("APPMESH_EGRESS_IGNORED_PORTS", ignored),
+    ])
+    .unwrap();
+    assert_eq!(c.app_ports.len(), 17);
+    assert_eq!(c.egress_ignored_ports.len(), 17, "16 listed and port 22");
+    assert_eq!(
+        warnings.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        [
+            "APPMESH_APP_PORTS (--app-ports) lists 17 ports: ECS's App Mesh redirect applied only the first 15 and dropped the rest, Trellis applies them all, so inbound traffic goes through the proxy where ECS sent it straight to the app for ports 9015,9016",
+            "APPMESH_EGRESS_IGNORED_PORTS (--egress-ignored-ports) lists 16 ports: ECS's App Mesh redirect applied only the first 15 and dropped the rest, Trellis applies them all, so outbound traffic bypasses the proxy where ECS sent it through the proxy for ports 1015",
+        ]
+    );
+    // Fifteen listed (port 22 added by default does not count): no warning.
+    let fifteen: Vec<String> = (1000..1015).map(|p| p.to_string()).collect();
+    let fifteen: &'static str = Box::leak(fifteen.join(",").into_boxed_str());
+    let (_, warnings) = config(&[
+        ("APPMESH_IGNORE_UID", "1337"),
+        ("APPMESH_EGRESS_IGNORED_PORTS", fifteen),
+    ])
+    .unwrap();
+    assert!(warnings.is_empty(), "{warnings:?}");
 }
 
 #[test]

@@ -6,6 +6,8 @@ fn observed(legacy: Probe, nft: Probe, path_mode: Option<Backend>) -> Observed {
         nft,
         path_mode,
         path_installed: true,
+        legacy_ours: false,
+        nft_ours: false,
     }
 }
 

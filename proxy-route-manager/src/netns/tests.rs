@@ -101,6 +101,7 @@ fn e2e_configuration_installs_exactly_app_mesh_rules_reapply_converges_and_clean
             "-A PREROUTING -p tcp -m addrtype ! --src-type LOCAL -j APPMESH_INGRESS",
             "-A OUTPUT -p tcp -m addrtype ! --dst-type LOCAL -j APPMESH_EGRESS",
             "-A APPMESH_EGRESS -m owner --uid-owner 1337 -j RETURN",
+            "-A APPMESH_EGRESS -p tcp -m multiport --dports 22 -j RETURN",
             "-A APPMESH_EGRESS -d 169.254.170.2/32 -p tcp -j RETURN",
             "-A APPMESH_EGRESS -d 169.254.169.254/32 -p tcp -j RETURN",
             "-A APPMESH_EGRESS -p tcp -j REDIRECT --to-ports 15001",
@@ -247,6 +248,7 @@ fn changed_configuration_replaces_the_rules_and_drops_ingress_when_no_app_ports(
             ":APPMESH_EGRESS - [0:0]",
             "-A OUTPUT -p tcp -m addrtype ! --dst-type LOCAL -j APPMESH_EGRESS",
             "-A APPMESH_EGRESS -m owner --gid-owner 1338 -j RETURN",
+            "-A APPMESH_EGRESS -p tcp -m multiport --dports 22 -j RETURN",
             "-A APPMESH_EGRESS -d 169.254.169.254/32 -p tcp -j RETURN",
             "-A APPMESH_EGRESS -d 169.254.170.2/32 -p tcp -j RETURN",
             "-A APPMESH_EGRESS -p tcp -j REDIRECT --to-ports 16001",
@@ -809,6 +811,233 @@ fn auto_detection_in_a_fresh_namespace_follows_the_iptables_on_path() {
         "",
         "looking created no nft table"
     );
+}
+
+#[test]
+fn port_22_bypasses_the_proxy_when_no_ports_are_listed() {
+    if !can_run_privileged_test("port_22_bypasses_the_proxy_when_no_ports_are_listed") {
+        return;
+    }
+    let ns = routed_namespace();
+    // What a task definition without APPMESH_EGRESS_IGNORED_PORTS gives the route manager.
+    let env = [
+        ("APPMESH_START_ENABLED", "1"),
+        ("APPMESH_IGNORE_UID", "1337"),
+    ];
+    let proxy = ns.run_in(|| listen("0.0.0.0:15001"));
+    assert_eq!(
+        run_in(&ns, Cli::default(), &env).unwrap(),
+        Outcome::Installed
+    );
+    ns.run_in(|| {
+        assert_bypassed(&proxy, "203.0.113.7:22");
+        assert_redirected(&proxy, "203.0.113.7:23");
+        assert_redirected(&proxy, "203.0.113.7:2222");
+    });
+}
+
+/// A dozen rules of someone else's on `backend`, in the filter table: enough to outnumber ours.
+fn unrelated_rules(ns: &TestNetns, backend: Backend) {
+    let program = Iptables::new(backend)
+        .program(Family::V4, "save")
+        .replace("-save", "");
+    for port in 9000..9012 {
+        ns.exec(
+            &program,
+            &[
+                "-A",
+                "INPUT",
+                "-p",
+                "udp",
+                "--dport",
+                &port.to_string(),
+                "-j",
+                "ACCEPT",
+            ],
+        );
+    }
+}
+
+fn has_ours(ns: &TestNetns, backend: Backend) -> bool {
+    [Family::V4, Family::V6]
+        .into_iter()
+        .any(|family| ns.saved_nat(backend, family).contains("APPMESH"))
+}
+
+#[test]
+fn auto_detection_follows_our_own_chains_whatever_the_other_backend_gained() {
+    if !can_run_privileged_test("auto_detection_follows_our_own_chains") {
+        return;
+    }
+    for (ours, other) in [
+        (Backend::Nft, Backend::Legacy),
+        (Backend::Legacy, Backend::Nft),
+    ] {
+        let ns = TestNetns::new();
+        let pinned = Cli {
+            iptables_backend: match ours {
+                Backend::Legacy => BackendChoice::Legacy,
+                _ => BackendChoice::Nft,
+            },
+            ..Cli::default()
+        };
+        run_in(&ns, pinned, E2E_ENV).unwrap();
+        // Afterwards the other backend gets more rules than ours has (an agent, a CNI plugin).
+        unrelated_rules(&ns, other);
+        assert_eq!(
+            ns.run_in(|| detect::resolve(BackendChoice::Auto))
+                .unwrap()
+                .backend(),
+            ours,
+            "{ours}"
+        );
+        assert_eq!(
+            run_in(&ns, status_cli(), E2E_ENV).unwrap(),
+            Outcome::Status {
+                in_place: true,
+                report: "ipv4: in place\nipv6: none configured, none present\n".into()
+            },
+            "{ours}"
+        );
+        // A new configuration converges where the rules are; no copy appears on the other backend.
+        let mut changed = E2E_ENV.to_vec();
+        changed.retain(|(k, _)| *k != "APPMESH_APP_PORTS");
+        changed.push(("APPMESH_APP_PORTS", "9090"));
+        run_in(&ns, Cli::default(), &changed).unwrap();
+        let nat = ns.saved_nat(ours, Family::V4);
+        assert!(nat.contains("--dports 9090 -j REDIRECT"), "{ours}: {nat}");
+        assert!(!nat.contains("--dports 8080"), "{ours}: {nat}");
+        assert!(!has_ours(&ns, other), "{ours}: a copy appeared on {other}");
+        // Cleanup finds them too.
+        assert_eq!(run_in(&ns, cleanup_cli(), &[]).unwrap(), Outcome::CleanedUp);
+        assert!(!has_ours(&ns, ours), "{ours}: cleanup left rules");
+        assert_eq!(
+            run_in(&ns, status_cli(), &changed).unwrap(),
+            Outcome::Status {
+                in_place: false,
+                report: "ipv4: absent\nipv6: none configured, none present\n".into()
+            }
+        );
+    }
+}
+
+#[test]
+fn a_second_copy_on_the_other_backend_is_reported_and_removed() {
+    if !can_run_privileged_test("a_second_copy_on_the_other_backend_is_reported_and_removed") {
+        return;
+    }
+    let ns = TestNetns::new();
+    // What an older route manager could leave: the same rules on both backends.
+    for backend in [Backend::Nft, Backend::Legacy] {
+        ns.run_in(|| install(&plan(E2E_ENV), Iptables::new(backend)))
+            .unwrap();
+    }
+    unrelated_rules(&ns, Backend::Legacy);
+    assert!(matches!(
+        run_in(&ns, status_cli(), E2E_ENV).unwrap(),
+        Outcome::Status {
+            in_place: false,
+            ..
+        }
+    ));
+    assert_eq!(
+        run_in(&ns, Cli::default(), E2E_ENV).unwrap(),
+        Outcome::Installed
+    );
+    // Legacy has more rules, so the copy there is kept and the nft one removed.
+    assert!(has_ours(&ns, Backend::Legacy));
+    assert!(!has_ours(&ns, Backend::Nft));
+    assert!(matches!(
+        run_in(&ns, status_cli(), E2E_ENV).unwrap(),
+        Outcome::Status { in_place: true, .. }
+    ));
+    // Cleanup of two copies removes both.
+    ns.run_in(|| install(&plan(E2E_ENV), Iptables::new(Backend::Nft)))
+        .unwrap();
+    run_in(&ns, cleanup_cli(), &[]).unwrap();
+    assert!(!has_ours(&ns, Backend::Legacy) && !has_ours(&ns, Backend::Nft));
+}
+
+#[test]
+fn a_users_rule_jumping_to_our_chain_survives_re_runs_and_cleanup() {
+    if !can_run_privileged_test("a_users_rule_jumping_to_our_chain_survives") {
+        return;
+    }
+    for backend in [Backend::Nft, Backend::Legacy] {
+        let ns = TestNetns::new();
+        // The other backend has rules too, as on a real instance; ours are pinned to `backend`.
+        let other = match backend {
+            Backend::Nft => Backend::Legacy,
+            _ => Backend::Nft,
+        };
+        unrelated_rules(&ns, other);
+        let pinned = Cli {
+            iptables_backend: match backend {
+                Backend::Legacy => BackendChoice::Legacy,
+                _ => BackendChoice::Nft,
+            },
+            ..Cli::default()
+        };
+        let cli = |base: Cli| Cli {
+            iptables_backend: pinned.iptables_backend,
+            ..base
+        };
+        run_in(&ns, cli(Cli::default()), E2E_ENV).unwrap();
+        let program = Iptables::new(backend)
+            .program(Family::V4, "save")
+            .replace("-save", "");
+        ns.exec(&program, &["-t", "nat", "-N", "MINE"]);
+        ns.exec(
+            &program,
+            &[
+                "-t",
+                "nat",
+                "-A",
+                "MINE",
+                "-d",
+                "10.1.0.0/16",
+                "-j",
+                "APPMESH_EGRESS",
+            ],
+        );
+        ns.exec(
+            &program,
+            &["-t", "nat", "-A", "OUTPUT", "-p", "udp", "-j", "MINE"],
+        );
+        let user_rule = "-A MINE -d 10.1.0.0/16 -j APPMESH_EGRESS\n";
+
+        // Same configuration, then another one: the user's rule stays.
+        run_in(&ns, cli(Cli::default()), E2E_ENV).unwrap();
+        let mut changed = E2E_ENV.to_vec();
+        changed.retain(|(k, _)| *k != "APPMESH_APP_PORTS");
+        run_in(&ns, cli(Cli::default()), &changed).unwrap();
+        let nat = ns.saved_nat(backend, Family::V4);
+        assert!(nat.contains(user_rule), "{backend}: {nat}");
+        assert!(!nat.contains("APPMESH_INGRESS"), "{backend}: {nat}");
+        assert!(matches!(
+            run_in(&ns, cli(status_cli()), &changed).unwrap(),
+            Outcome::Status { in_place: true, .. }
+        ));
+
+        // Cleanup: our jumps and rules go; the chain the user's rule names stays, empty.
+        run_in(&ns, cli(cleanup_cli()), &[]).unwrap();
+        let nat = ns.saved_nat(backend, Family::V4);
+        assert!(nat.contains(user_rule), "{backend}: {nat}");
+        assert!(
+            nat.contains("-A OUTPUT -p udp -j MINE\n"),
+            "{backend}: {nat}"
+        );
+        assert!(nat.contains(":APPMESH_EGRESS"), "{backend}: {nat}");
+        assert!(!nat.contains("-A APPMESH_EGRESS"), "{backend}: {nat}");
+        assert!(
+            !nat.contains("-A OUTPUT -p tcp -m addrtype ! --dst-type LOCAL -j APPMESH_EGRESS"),
+            "{backend}: {nat}"
+        );
+        assert!(matches!(
+            run_in(&ns, cli(status_cli()), &[]).unwrap(),
+            Outcome::Status { in_place: true, .. }
+        ));
+    }
 }
 
 mod enter {

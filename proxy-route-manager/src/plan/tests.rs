@@ -51,6 +51,7 @@ fn no_app_ports_means_no_ingress_chain_or_jump() {
 *nat
 :APPMESH_EGRESS - [0:0]
 -A APPMESH_EGRESS -m owner --uid-owner 1337 -j RETURN
+-A APPMESH_EGRESS -p tcp -m multiport --dports 22 -j RETURN
 -A APPMESH_EGRESS -d 169.254.169.254/32 -p tcp -j RETURN
 -A APPMESH_EGRESS -d 169.254.170.2/32 -p tcp -j RETURN
 -A APPMESH_EGRESS -p tcp -j REDIRECT --to-ports 16001
@@ -84,7 +85,7 @@ fn more_than_15_ports_are_split_into_rules_of_at_most_15_and_none_dropped() {
         egress[1..3],
         [
             "-p tcp -m multiport --dports 1000,1001,1002,1003,1004,1005,1006,1007,1008,1009,1010,1011,1012,1013,1014 -j RETURN",
-            "-p tcp -m multiport --dports 1015,1016,1017,1018,1019 -j RETURN",
+            "-p tcp -m multiport --dports 1015,1016,1017,1018,1019,22 -j RETURN",
         ]
     );
     let rendered_ports: Vec<String> = ingress
@@ -99,7 +100,7 @@ fn more_than_15_ports_are_split_into_rules_of_at_most_15_and_none_dropped() {
                 .collect::<Vec<_>>()
         })
         .collect();
-    assert_eq!(rendered_ports, [app, ignored].concat());
+    assert_eq!(rendered_ports, [app, ignored, vec!["22".into()]].concat());
 }
 
 #[test]
@@ -122,6 +123,7 @@ fn ipv6_rules_get_only_ipv6_ignored_addresses_and_ipv4_only_ipv4() {
 :APPMESH_EGRESS - [0:0]
 -A APPMESH_INGRESS -p tcp -m multiport --dports 8080 -j REDIRECT --to-ports 15000
 -A APPMESH_EGRESS -m owner --uid-owner 1337 -j RETURN
+-A APPMESH_EGRESS -p tcp -m multiport --dports 22 -j RETURN
 -A APPMESH_EGRESS -d fd00:ec2::254/128 -p tcp -j RETURN
 -A APPMESH_EGRESS -d 2001:db8::/32 -p tcp -j RETURN
 -A APPMESH_EGRESS -p tcp -j REDIRECT --to-ports 15001
@@ -142,5 +144,5 @@ fn ignoring_everything_is_written_without_an_address_like_iptables_save() {
         ("APPMESH_IGNORE_UID", "1"),
         ("APPMESH_EGRESS_IGNORED_IP", "0.0.0.0/0"),
     ]);
-    assert_eq!(plan.ipv4.egress.as_ref().unwrap()[1], "-p tcp -j RETURN");
+    assert_eq!(plan.ipv4.egress.as_ref().unwrap()[2], "-p tcp -j RETURN");
 }

@@ -10,10 +10,13 @@ const SAVED: &str = "\
 :APPMESH_EGRESS - [0:0]
 :APPMESH_INGRESS - [0:0]
 :OTHER - [0:0]
+:MINE - [0:0]
 -A PREROUTING -p tcp -m addrtype ! --src-type LOCAL -j APPMESH_INGRESS
 -A OUTPUT -p tcp -m addrtype ! --dst-type LOCAL -j APPMESH_EGRESS
 -A OUTPUT -p tcp -m addrtype ! --dst-type LOCAL -j APPMESH_EGRESS
 -A OUTPUT -d 10.0.0.0/8 -j OTHER
+-A OUTPUT -p udp -j MINE
+-A MINE -d 10.1.0.0/16 -j APPMESH_EGRESS
 -A APPMESH_EGRESS -m owner --uid-owner 1337 -j RETURN
 -A APPMESH_EGRESS -p tcp -j REDIRECT --to-ports 15001
 -A APPMESH_INGRESS -p tcp -m multiport --dports 8080 -j REDIRECT --to-ports 15000
@@ -56,6 +59,7 @@ fn from_save_keeps_only_our_chains_and_the_jumps_into_them() {
                 egress_jump.clone(),
                 egress_jump,
             ],
+            foreign: vec![jump("MINE", "-d 10.1.0.0/16 -j APPMESH_EGRESS")],
         }
     );
 }
@@ -97,6 +101,7 @@ COMMIT
 
 #[test]
 fn converge_to_empty_deletes_every_jump_then_the_chains() {
+    // APPMESH_EGRESS is only emptied: the user's chain MINE still jumps to it.
     assert_eq!(
         converge(&NatState::default(), &saved_state()).unwrap(),
         "\
@@ -107,7 +112,6 @@ fn converge_to_empty_deletes_every_jump_then_the_chains() {
 :APPMESH_INGRESS - [0:0]
 :APPMESH_EGRESS - [0:0]
 -X APPMESH_INGRESS
--X APPMESH_EGRESS
 COMMIT
 "
     );
@@ -133,10 +137,35 @@ fn converge_drops_a_chain_the_plan_no_longer_has() {
 
 #[test]
 fn goto_and_long_jump_options_count_as_jumps() {
-    assert!(targets_own_chain("-g APPMESH_EGRESS"));
-    assert!(targets_own_chain("--jump APPMESH_INGRESS"));
-    assert!(!targets_own_chain("-j APPMESH_EGRESS_OTHER"));
-    assert!(!targets_own_chain(
-        "-m comment --comment APPMESH_EGRESS -j RETURN"
+    assert!(targets("-g APPMESH_EGRESS", EGRESS_CHAIN));
+    assert!(targets("--jump APPMESH_INGRESS", INGRESS_CHAIN));
+    assert!(!targets("-j APPMESH_EGRESS_OTHER", EGRESS_CHAIN));
+    assert!(!targets(
+        "-m comment --comment APPMESH_EGRESS -j RETURN",
+        EGRESS_CHAIN
     ));
+}
+
+#[test]
+fn a_users_rule_jumping_to_our_chain_is_never_deleted_and_keeps_the_chain_alive() {
+    // Re-run with a new configuration: the user's rule in MINE is not in any -D line.
+    let mut target = saved_state();
+    target.foreign.clear();
+    target.egress = Some(vec!["-p tcp -j REDIRECT --to-ports 16001".into()]);
+    let text = converge(&target, &saved_state()).unwrap();
+    assert!(!text.contains("MINE"), "{text}");
+
+    // Cleanup: our jumps go, APPMESH_INGRESS is deleted, APPMESH_EGRESS (still referenced by the
+    // user's rule) is emptied but not deleted.
+    let text = converge(&NatState::default(), &saved_state()).unwrap();
+    assert!(!text.contains("MINE"), "{text}");
+    assert!(text.contains(":APPMESH_EGRESS - [0:0]\n") && !text.contains("-X APPMESH_EGRESS"));
+    assert!(text.contains("-X APPMESH_INGRESS\n"));
+
+    // Afterwards that emptied chain counts as gone: nothing more to do, and status says absent.
+    let after = NatState::from_save(
+        "*nat\n:APPMESH_EGRESS - [0:0]\n:MINE - [0:0]\n-A MINE -d 10.1.0.0/16 -j APPMESH_EGRESS\nCOMMIT\n",
+    );
+    assert_eq!(converge(&NatState::default(), &after), None);
+    assert_eq!(after.status(&NatState::default()), Status::InPlace);
 }
