@@ -246,6 +246,19 @@ impl axum::serve::Listener for TlsListener {
     }
 }
 
+/// An error with its causes (`client error (Connect): invalid peer certificate: UnknownIssuer`):
+/// hyper's own message names only the outermost.
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        cur = s.source();
+    }
+    out
+}
+
 /// Outbound HTTP(S): native roots plus the certificates of `ca_bundle`, if given.
 pub type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 

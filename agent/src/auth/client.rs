@@ -181,7 +181,10 @@ async fn call(
         .body(Full::new(Bytes::from(body.unwrap_or_default())))
         .map_err(|e| fail(e.to_string()))?;
     let exchange = async {
-        let resp = client.request(req).await.map_err(|e| fail(e.to_string()))?;
+        let resp = client
+            .request(req)
+            .await
+            .map_err(|e| fail(tls::chain(&e)))?;
         let status = resp.status().as_u16();
         let bytes = resp
             .into_body()

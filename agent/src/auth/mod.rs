@@ -310,9 +310,10 @@ impl Auth {
                 file: None,
             });
         };
-        let claim = sigv4::parse(req, &self.region, now).map_err(|r| (r, None))?;
+        let claim = sigv4::read(req).map_err(|r| (r, None))?;
         let claimed = Some(claim.access_key_id.clone());
         let fail = |r: Refusal| (r, claimed.clone());
+        sigv4::check(&claim, &self.region, now).map_err(fail)?;
         let principal = match &claim.security_token {
             None => {
                 let key = file

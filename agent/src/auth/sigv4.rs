@@ -91,19 +91,29 @@ impl Request<'_> {
 /// Reads the signature's claim and checks what needs no secret: the form, the scope (`region`,
 /// service `appmesh`) and the time (`now`).
 pub fn parse(req: &Request<'_>, region: &str, now: SystemTime) -> Result<Claim, Refusal> {
-    let claim = if let Some(h) = req.headers.get(http::header::AUTHORIZATION) {
+    let claim = read(req)?;
+    check(&claim, region, now)?;
+    Ok(claim)
+}
+
+/// The scope and time checks of [`parse`], for a claim already read.
+pub fn check(claim: &Claim, region: &str, now: SystemTime) -> Result<(), Refusal> {
+    check_scope(claim, region)?;
+    check_time(claim, now)
+}
+
+/// Reads what the request claims (header or presigned form), checking only its shape.
+pub fn read(req: &Request<'_>) -> Result<Claim, Refusal> {
+    if let Some(h) = req.headers.get(http::header::AUTHORIZATION) {
         let h = h
             .to_str()
             .map_err(|_| Refusal::Incomplete("the Authorization header is not ASCII".into()))?;
-        parse_header(req, h)?
+        parse_header(req, h)
     } else if req.query_value("X-Amz-Algorithm").is_some() {
-        parse_presigned(req)?
+        parse_presigned(req)
     } else {
-        return Err(Refusal::MissingToken);
-    };
-    check_scope(&claim, region)?;
-    check_time(&claim, now)?;
-    Ok(claim)
+        Err(Refusal::MissingToken)
+    }
 }
 
 fn parse_header(req: &Request<'_>, header: &str) -> Result<Claim, Refusal> {

@@ -129,11 +129,9 @@ impl Sts {
             .body(Full::new(Bytes::from(proof.body.clone())))
             .map_err(|_| Refusal::BadRequest("the proof's headers are not valid HTTP".into()))?;
         let exchange = async {
-            let resp = self
-                .client
-                .request(req)
-                .await
-                .map_err(|e| Refusal::Unavailable(format!("STS at {}: {e}", self.host)))?;
+            let resp = self.client.request(req).await.map_err(|e| {
+                Refusal::Unavailable(format!("STS at {}: {}", self.host, tls::chain(&e)))
+            })?;
             let status = resp.status();
             let body = resp
                 .into_body()
