@@ -265,3 +265,56 @@ pub fn encode_query(query: &str) -> String {
         .collect::<Vec<_>>()
         .join("&")
 }
+
+/// One boto3 call to `agent`, signed with `key` for [`REGION`] (`extra` overrides or adds request
+/// fields: `token`, `region`, `secret`, `presign`, `signedSecondsAgo`; see `py/appmesh_call.py`).
+/// Returns `{"result": …}` or `{"error": {"code", "message", "status"}}`.
+pub fn boto(agent: &crate::mesh::Agent, key: &Key, op: &str, params: Value, extra: Value) -> Value {
+    let mut req = json!({
+        "endpoint": agent.api, "region": REGION, "key": key.id, "secret": key.secret,
+        "operation": op, "params": params,
+    });
+    if let Some(t) = agent.auth.as_ref().and_then(|a| a.tls.as_ref()) {
+        req["caBundle"] = json!(t.ca);
+    }
+    if let Value::Object(extra) = extra {
+        for (k, v) in extra {
+            req[k] = v;
+        }
+    }
+    let mut child = Command::new(crate::venv().join("bin/python"))
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/py/appmesh_call.py"))
+        .env("AWS_CONFIG_FILE", "/dev/null")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run appmesh_call.py from the venv (scripts/setup.sh)");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(req.to_string().as_bytes())
+        .expect("write the request");
+    let out = child.wait_with_output().expect("appmesh_call.py ran");
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.trim()).unwrap_or_else(|e| {
+        panic!(
+            "appmesh_call.py: {e}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// The (code, status) of a boto3 call that must have failed.
+pub fn refused(answer: &Value) -> (String, u16) {
+    let e = &answer["error"];
+    assert!(e.is_object(), "expected an error, got {answer}");
+    (
+        e["code"].as_str().unwrap_or_default().to_string(),
+        e["status"].as_u64().unwrap_or_default() as u16,
+    )
+}
