@@ -175,10 +175,10 @@ async fn exchange(
         .map_err(|e| e.to_string())?;
     let mut buf = Vec::new();
     // A TLS peer may close without close_notify once the answer is complete.
-    if let Err(e) = s.read_to_end(&mut buf).await {
-        if buf.is_empty() {
-            return Err(e.to_string());
-        }
+    if let Err(e) = s.read_to_end(&mut buf).await
+        && buf.is_empty()
+    {
+        return Err(e.to_string());
     }
     parse_response(&buf)
 }

@@ -867,3 +867,270 @@ fn an_api_beyond_loopback_needs_auth_or_an_explicit_opt_out() {
     ]));
     assert!(!both.status.success());
 }
+
+/// The deploy kit's authenticated path, as an operator and a CI pipeline walk it: the auth file
+/// and the API's certificate go into SSM Parameter Store; `trellis-config-sync.sh` (embedded in
+/// the user data) puts them where the daemon task mounts them; the agent runs with the task
+/// definition's environment (API on 0.0.0.0 with TLS, auth, audit log) and its own health check;
+/// the CI role of `api-auth.example.json` gets credentials through `credential_process` and may
+/// change its mesh only.
+#[test]
+fn the_deploy_kit_serves_the_api_beyond_loopback_over_https_with_a_ci_role() {
+    if !trellis_tests::can_run_privileged("the deploy kit's config sync (chown root:1338)") {
+        return;
+    }
+    let work = Workdir::new("auth-kit");
+    let kit = trellis_tests::workspace_root().join("deploy/ecs");
+    let read = |name: &str| std::fs::read_to_string(kit.join(name)).unwrap();
+    let sync = read("trellis-config-sync.sh");
+    assert!(
+        read("user-data.sh").contains(&format!("<<'SYNC'\n{sync}SYNC\n")),
+        "user-data.sh must carry trellis-config-sync.sh verbatim"
+    );
+    // The instance role's extra policy fits IAM's request shape.
+    let put = work.join("put-role-policy.json");
+    std::fs::write(
+        &put,
+        json!({"RoleName": "ecsInstanceRole", "PolicyName": "trellis-config",
+            "PolicyDocument": read("instance-role-trellis-config-policy.json")})
+        .to_string(),
+    )
+    .unwrap();
+    trellis_tests::check(
+        Command::new(trellis_tests::venv().join("bin/python"))
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/py/check_request.py"))
+            .args(["iam", "PutRolePolicy"])
+            .arg(&put),
+    );
+    // moto as SSM, IAM and STS, in the kit's account.
+    let port = free_port();
+    let moto_url = format!("http://127.0.0.1:{port}");
+    let mut cmd = Command::new(trellis_tests::venv().join("bin/moto_server"));
+    cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        .env("MOTO_ACCOUNT_ID", "111122223333");
+    let mut moto = Proc::spawn("moto", &mut cmd, work.join("moto.log"));
+    trellis_tests::wait_for_http(
+        &mut moto,
+        "moto up",
+        &format!("{moto_url}/moto-api/"),
+        Duration::from_secs(30),
+        |code| !matches!(code, "000" | ""),
+    );
+    let moto_cli = |args: &[&str]| -> Value {
+        let mut c = Command::new(trellis_tests::aws());
+        c.args(args)
+            .args(["--endpoint-url", &moto_url, "--output", "json"])
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .env("AWS_DEFAULT_REGION", "us-west-2")
+            .env("AWS_CONFIG_FILE", "/dev/null")
+            .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null");
+        let out = trellis_tests::check(&mut c);
+        serde_json::from_str(&out).unwrap_or(Value::Null)
+    };
+
+    // The operator: the auth file and the certificate into Parameter Store.
+    let pki = Pki::new(&work, "api");
+    let (cert, key) = pki.issue("api");
+    let file_arg = |p: &std::path::Path| format!("file://{}", p.display());
+    for (name, kind, path) in [
+        (
+            "/trellis/api-auth",
+            "SecureString",
+            kit.join("api-auth.example.json"),
+        ),
+        ("/trellis/api-tls-cert", "String", cert.clone()),
+        ("/trellis/api-tls-key", "SecureString", key.clone()),
+    ] {
+        moto_cli(&[
+            "ssm",
+            "put-parameter",
+            "--name",
+            name,
+            "--type",
+            kind,
+            "--value",
+            &file_arg(&path),
+        ]);
+    }
+    // The instance: the config sync of its user data.
+    let etc = work.join("etc-trellis");
+    trellis_tests::check(
+        Command::new("bash")
+            .arg(kit.join("trellis-config-sync.sh"))
+            .env("TRELLIS_CONFIG_DIR", &etc)
+            .env("AWS_ENDPOINT_URL", &moto_url)
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .env("AWS_DEFAULT_REGION", "us-west-2")
+            .env("AWS_CONFIG_FILE", "/dev/null")
+            .env(
+                "PATH",
+                format!(
+                    "{}:{}",
+                    trellis_tests::venv().join("bin").display(),
+                    std::env::var("PATH").unwrap_or_default()
+                ),
+            ),
+    );
+    let pem = |p: &std::path::Path| std::fs::read_to_string(p).unwrap().trim().to_string();
+    assert_eq!(pem(&etc.join("tls/api.pem")), pem(&cert));
+
+    // The daemon task: its environment, host paths mapped into the work directory.
+    let td: Value = serde_json::from_str(&read("agent-task-definition.json")).unwrap();
+    let c = &td["containerDefinitions"][0];
+    let api_port = free_port();
+    let env: Vec<(String, String)> = c["environment"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let (k, v) = (e["name"].as_str().unwrap(), e["value"].as_str().unwrap());
+            let v = match k {
+                "TRELLIS_API_ADDR" => {
+                    assert!(v.starts_with("0.0.0.0:"), "the kit serves the VPC: {v}");
+                    format!("0.0.0.0:{api_port}")
+                }
+                _ => v
+                    .replace("/etc/trellis", &etc.display().to_string())
+                    .replace("/var/log/trellis", &work.join("log").display().to_string())
+                    .replace("/var/lib/trellis", &work.join("data").display().to_string())
+                    .replace("/var/run/trellis", &work.join("run").display().to_string()),
+            };
+            (k.to_string(), v)
+        })
+        .collect();
+    for needed in [
+        "TRELLIS_API_AUTH",
+        "TRELLIS_API_TLS_CERT",
+        "TRELLIS_API_TLS_KEY",
+        "TRELLIS_AUDIT_LOG",
+        "TRELLIS_API_SERVER_ID",
+    ] {
+        assert!(
+            env.iter().any(|(k, _)| k == needed),
+            "the task definition sets {needed}"
+        );
+    }
+    std::fs::create_dir_all(work.join("log")).unwrap();
+    let mut serve = Command::new(bin("trellis-agent"));
+    serve
+        .args(
+            c["command"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|a| a.as_str().unwrap()),
+        )
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .env("TRELLIS_STS_ENDPOINT", &moto_url)
+        .env("AWS_EC2_METADATA_DISABLED", "true");
+    let mut agent = Proc::spawn("agent", &mut serve, work.join("agent.log"));
+    // Its container health check, with the container's environment.
+    let health = c["healthCheck"]["command"].as_array().unwrap()[2]
+        .as_str()
+        .unwrap()
+        .to_string();
+    eventually(
+        "the health check passes over TLS",
+        Duration::from_secs(60),
+        || {
+            assert!(agent.is_running(), "{}", agent.log_text());
+            let out = run(Command::new(bin("trellis-agent"))
+                .arg(&health)
+                .envs(env.iter().map(|(k, v)| (k, v))));
+            out.status
+                .success()
+                .then_some(())
+                .ok_or(String::from_utf8_lossy(&out.stderr).into_owned())
+        },
+    );
+    let api = format!("https://localhost:{api_port}");
+    let unsigned = run(Command::new("curl").arg("--cacert").arg(&pki.ca).args([
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        &format!("{api}/v20190125/meshes"),
+    ]));
+    assert_eq!(String::from_utf8_lossy(&unsigned.stdout), "403");
+
+    // The CI pipeline: its role, a profile with credential_process, the AWS CLI.
+    moto_cli(&[
+        "iam",
+        "create-role",
+        "--role-name",
+        "trellis-ci",
+        "--assume-role-policy-document",
+        r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Principal":{"AWS":"*"},"Action":"sts:AssumeRole"}]}"#,
+    ]);
+    let assumed = moto_cli(&[
+        "sts",
+        "assume-role",
+        "--role-arn",
+        "arn:aws:iam::111122223333:role/trellis-ci",
+        "--role-session-name",
+        "pipeline-1",
+    ]);
+    let creds = &assumed["Credentials"];
+    let config = work.join("aws-config");
+    std::fs::write(
+        &config,
+        format!(
+            "[profile trellis]\nregion = us-west-2\ncredential_process = {} credentials --endpoint {api} --server-id trellis.mesh.internal --ca-bundle {}\n",
+            bin("trellis-agent").display(),
+            pki.ca.display()
+        ),
+    )
+    .unwrap();
+    let ci = |args: &[&str]| {
+        let mut c = Command::new(trellis_tests::aws());
+        c.args([
+            "--profile",
+            "trellis",
+            "--endpoint-url",
+            &api,
+            "--output",
+            "json",
+        ])
+        .arg("--ca-bundle")
+        .arg(&pki.ca)
+        .args(args)
+        .env("AWS_CONFIG_FILE", &config)
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+        .env("AWS_ACCESS_KEY_ID", creds["AccessKeyId"].as_str().unwrap())
+        .env(
+            "AWS_SECRET_ACCESS_KEY",
+            creds["SecretAccessKey"].as_str().unwrap(),
+        )
+        .env("AWS_SESSION_TOKEN", creds["SessionToken"].as_str().unwrap())
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("AWS_MAX_ATTEMPTS", "1");
+        run(&mut c)
+    };
+    let out = ci(&["appmesh", "create-mesh", "--mesh-name", "shop"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mesh: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        mesh["mesh"]["metadata"]["arn"],
+        "arn:aws:appmesh:us-west-2:111122223333:mesh/shop"
+    );
+    let out = ci(&["appmesh", "create-mesh", "--mesh-name", "lab"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("(AccessDeniedException)"));
+    let out = ci(&["appmesh", "delete-mesh", "--mesh-name", "shop"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("with an explicit deny"));
+    let audit = std::fs::read_to_string(work.join("log/audit.log")).unwrap();
+    assert!(
+        audit
+            .lines()
+            .any(|l| l.contains("\"operation\":\"CreateMesh\"")
+                && l.contains("\"principal\":\"arn:aws:iam::111122223333:role/trellis-ci\"")
+                && l.contains("\"outcome\":\"allowed\"")),
+        "{audit}"
+    );
+}

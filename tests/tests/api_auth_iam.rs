@@ -56,9 +56,12 @@ fn assume(endpoint: &str, role: &str, session: &str) -> Key2 {
     );
     let c = &out["Credentials"];
     Key2 {
-        id: c["AccessKeyId"].as_str().unwrap().into(),
-        secret: c["SecretAccessKey"].as_str().unwrap().into(),
-        token: c["SessionToken"].as_str().unwrap().into(),
+        id: c["AccessKeyId"].as_str().expect("AccessKeyId").into(),
+        secret: c["SecretAccessKey"]
+            .as_str()
+            .expect("SecretAccessKey")
+            .into(),
+        token: c["SessionToken"].as_str().expect("SessionToken").into(),
     }
 }
 
@@ -100,14 +103,18 @@ fn credentials(who: &Key2, endpoint: &str, extra: &[&str]) -> (bool, String, Str
 fn session_key(json_text: &str) -> (Key, String, Value) {
     let v: Value = serde_json::from_str(json_text.trim()).expect("credential_process JSON");
     let key = Key {
-        id: v["AccessKeyId"].as_str().unwrap().into(),
-        secret: v["SecretAccessKey"].as_str().unwrap().into(),
+        id: v["AccessKeyId"].as_str().expect("AccessKeyId").into(),
+        secret: v["SecretAccessKey"]
+            .as_str()
+            .expect("SecretAccessKey")
+            .into(),
     };
-    (key, v["SessionToken"].as_str().unwrap().into(), v)
+    let token = v["SessionToken"].as_str().expect("SessionToken").into();
+    (key, token, v)
 }
 
 fn audit_of(agent: &Agent) -> Vec<Value> {
-    agent.auth.as_ref().unwrap().audit_lines()
+    agent.auth.as_ref().expect("a secured agent").audit_lines()
 }
 
 #[test]

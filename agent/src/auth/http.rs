@@ -158,19 +158,17 @@ async fn guard(auth: &Auth, req: Request, next: Next, request_id: &str) -> Respo
         }
         p => (Some(p.name().to_string()), None),
     };
-    if let Some(op) = &op {
-        if let Err(refusal) = auth.authorize(&who, op) {
-            auth.metrics.refusal(&refusal);
-            let r = record(
-                principal,
-                caller,
-                refusal.outcome(),
-                refusal.status().as_u16(),
-                Some(refusal.code().into()),
-            );
-            auth.record(r).await;
-            return refusal.into_response();
-        }
+    if let Some(Err(refusal)) = op.as_ref().map(|op| auth.authorize(&who, op)) {
+        auth.metrics.refusal(&refusal);
+        let r = record(
+            principal,
+            caller,
+            refusal.outcome(),
+            refusal.status().as_u16(),
+            Some(refusal.code().into()),
+        );
+        auth.record(r).await;
+        return refusal.into_response();
     }
     let mut req = Request::from_parts(parts, Body::from(body));
     req.extensions_mut()
@@ -241,12 +239,13 @@ async fn credentials(State(auth): State<Arc<Auth>>, req: Request) -> Response {
     };
     let result = async {
         // The answer holds a secret: never in clear text across a network.
-        if let Some(c) = conn {
-            if !c.tls && !c.peer.ip().is_loopback() {
-                return Err(Refusal::AccessDenied(
-                    "credentials are handed out over TLS only (start the agent with --api-tls-cert and --api-tls-key)".into(),
-                ));
-            }
+        if let Some(c) = conn
+            && !c.tls
+            && !c.peer.ip().is_loopback()
+        {
+            return Err(Refusal::AccessDenied(
+                "credentials are handed out over TLS only (start the agent with --api-tls-cert and --api-tls-key)".into(),
+            ));
         }
         let proof: Proof = serde_json::from_slice(&body).map_err(|e| {
             Refusal::BadRequest(format!(

@@ -130,6 +130,9 @@ pub struct Settings {
     pub session_duration: Duration,
 }
 
+/// The auth file in force and the digest of the bytes it was read from.
+type Loaded = (Arc<AuthFile>, [u8; 32]);
+
 /// A caller who passed authentication, with the auth file they were checked against.
 #[derive(Debug, Clone)]
 pub struct Authenticated {
@@ -170,7 +173,7 @@ impl Metrics {
 /// The API's gatekeeper.
 #[derive(Debug)]
 pub struct Auth {
-    file: Option<(PathBuf, watch::Sender<(Arc<AuthFile>, [u8; 32])>)>,
+    file: Option<(PathBuf, watch::Sender<Loaded>)>,
     region: String,
     account: String,
     sessions: Option<Sessions>,

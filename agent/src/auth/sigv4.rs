@@ -324,12 +324,12 @@ pub fn verify(req: &Request<'_>, claim: &Claim, secret: &str) -> Result<(), Refu
     let mut payloads = vec![body_hash.clone()];
     match claim.presigned_expires {
         None => {
-            if let Some(sent) = req.headers.get("x-amz-content-sha256") {
-                if sent.as_bytes() != body_hash.as_bytes() {
-                    return Err(Refusal::InvalidSignature(
-                        "The provided 'x-amz-content-sha256' header does not match what was computed: the payload must be signed.".into(),
-                    ));
-                }
+            if let Some(sent) = req.headers.get("x-amz-content-sha256")
+                && sent.as_bytes() != body_hash.as_bytes()
+            {
+                return Err(Refusal::InvalidSignature(
+                    "The provided 'x-amz-content-sha256' header does not match what was computed: the payload must be signed.".into(),
+                ));
             }
         }
         // A presigned URL may leave the payload unsigned; only an empty one, so nothing unsigned
@@ -469,16 +469,15 @@ pub(super) fn decode(s: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'%' {
-            if let Some(v) = bytes
+        if bytes[i] == b'%'
+            && let Some(v) = bytes
                 .get(i + 1..i + 3)
                 .and_then(|h| std::str::from_utf8(h).ok())
                 .and_then(|h| u8::from_str_radix(h, 16).ok())
-            {
-                out.push(v);
-                i += 3;
-                continue;
-            }
+        {
+            out.push(v);
+            i += 3;
+            continue;
         }
         out.push(bytes[i]);
         i += 1;

@@ -21,7 +21,16 @@ const SHOP_ARN_QUERY: &str =
 #[test]
 fn every_kind_maps_to_its_action_and_arn() {
     let m = "/v20190125/meshes";
-    let cases: Vec<(&str, String, Option<&str>, &str, &str, Vec<String>)> = vec![
+    // (method, path, query, body, operation, resources)
+    type Case<'a> = (
+        &'a str,
+        String,
+        Option<&'a str>,
+        &'a str,
+        &'a str,
+        Vec<String>,
+    );
+    let cases: Vec<Case<'_>> = vec![
         ("GET", m.into(), None, "", "ListMeshes", vec!["*".into()]),
         (
             "PUT",
