@@ -1024,6 +1024,8 @@ fn the_deploy_kit_serves_the_api_beyond_loopback_over_https_with_a_ci_role() {
         )
         .envs(env.iter().map(|(k, v)| (k, v)))
         .env("TRELLIS_STS_ENDPOINT", &moto_url)
+        // Clients here reach it as localhost, not as the kit's DNS name.
+        .env("TRELLIS_API_SERVER_ID", "trellis.mesh.internal,localhost")
         .env("AWS_EC2_METADATA_DISABLED", "true");
     let mut agent = Proc::spawn("agent", &mut serve, work.join("agent.log"));
     // Its container health check, with the container's environment.
@@ -1124,6 +1126,76 @@ fn the_deploy_kit_serves_the_api_beyond_loopback_over_https_with_a_ci_role() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("(AccessDeniedException)"));
     let out = ci(&["appmesh", "delete-mesh", "--mesh-name", "shop"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("with an explicit deny"));
+
+    // The README's first hour, as written: an operator's profile (credentials from their SSO
+    // role through `trellis-agent credentials --aws-profile`), then the colorapp walkthrough.
+    moto_cli(&[
+        "iam",
+        "create-role",
+        "--path",
+        "/aws-reserved/sso.amazonaws.com/",
+        "--role-name",
+        "AWSReservedSSO_MeshAdmin_0123456789abcdef",
+        "--assume-role-policy-document",
+        r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Principal":{"AWS":"*"},"Action":"sts:AssumeRole"}]}"#,
+    ]);
+    let sso = moto_cli(&[
+        "sts",
+        "assume-role",
+        "--role-arn",
+        "arn:aws:iam::111122223333:role/aws-reserved/sso.amazonaws.com/AWSReservedSSO_MeshAdmin_0123456789abcdef",
+        "--role-session-name",
+        "alice@example.com",
+    ]);
+    let sso = &sso["Credentials"];
+    let readme =
+        std::fs::read_to_string(trellis_tests::workspace_root().join("README.md")).unwrap();
+    let profile = readme_block(&readme, "first-hour: profile")
+        .replace("https://trellis.mesh.internal:9443", &api)
+        .replace("/etc/trellis/ca.pem", &pki.ca.display().to_string())
+        .replace(
+            "trellis-agent credentials",
+            &format!("{} credentials", bin("trellis-agent").display()),
+        );
+    let operator_config = work.join("operator-config");
+    std::fs::write(
+        &operator_config,
+        format!(
+            "{profile}\n[profile sso-admin]\naws_access_key_id = {}\naws_secret_access_key = {}\naws_session_token = {}\n",
+            sso["AccessKeyId"].as_str().unwrap(),
+            sso["SecretAccessKey"].as_str().unwrap(),
+            sso["SessionToken"].as_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let walkthrough = readme_block(&readme, "first-hour: colorapp");
+    let out = run(Command::new("bash")
+        .args(["-euo", "pipefail", "-c", &walkthrough])
+        .current_dir(trellis_tests::workspace_root())
+        .env(
+            "PATH",
+            format!(
+                "{}:{}",
+                trellis_tests::venv().join("bin").display(),
+                std::env::var("PATH").unwrap_or_default()
+            ),
+        )
+        .env("AWS_CONFIG_FILE", &operator_config)
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        // An operator's shell: the profile's ca_bundle, not a machine-wide one.
+        .env_remove("AWS_CA_BUNDLE")
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .env_remove("AWS_SESSION_TOKEN"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the README's walkthrough failed:\n{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let targets: Value = serde_json::from_str(&stdout).expect("weighted targets");
+    assert_eq!(targets.as_array().map(Vec::len), Some(3), "{targets}");
     let audit = std::fs::read_to_string(work.join("log/audit.log")).unwrap();
     assert!(
         audit
@@ -1133,4 +1205,21 @@ fn the_deploy_kit_serves_the_api_beyond_loopback_over_https_with_a_ci_role() {
                 && l.contains("\"outcome\":\"allowed\"")),
         "{audit}"
     );
+}
+
+/// The fenced block after `<!-- MARKER -->` in the README, unindented.
+fn readme_block(readme: &str, marker: &str) -> String {
+    let start = readme
+        .find(&format!("<!-- {marker} -->"))
+        .unwrap_or_else(|| panic!("README has no {marker} block"));
+    let block = &readme[start..];
+    let mut lines = block.lines().skip(1);
+    let fence = lines.next().expect("a fence");
+    assert!(fence.trim_start().starts_with("```"), "{marker}: {fence}");
+    let indent = fence.len() - fence.trim_start().len();
+    lines
+        .take_while(|l| !l.trim_start().starts_with("```"))
+        .map(|l| l.get(indent..).unwrap_or(l.trim_start()))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
