@@ -147,7 +147,7 @@ pub async fn build(cfg: ServeConfig) -> Result<Bound, Error> {
             )
         });
     } else if !cfg.api_addr.ip().is_loopback() {
-        warn!(api = %cfg.api_addr, "the API is served without TLS beyond loopback: responses cross the network in clear text, and IAM roles get no credentials");
+        warn!(api_addr = %cfg.api_addr, "the API is served without TLS beyond loopback: responses cross the network in clear text, and IAM roles get no credentials");
     }
 
     let listener = tokio::net::TcpListener::bind(cfg.api_addr)
@@ -322,7 +322,7 @@ async fn api_auth(cfg: &ServeConfig, tasks: &mut Tasks) -> Result<Arc<Auth>, Err
         let (a, every) = (auth.clone(), Duration::from_millis(sec.api_reload_ms));
         tasks.spawn("auth-file-reload", |cancel| a.watch_file(every, cancel));
     } else if !cfg.api_addr.ip().is_loopback() {
-        warn!(api = %cfg.api_addr, "--api-auth-disabled: anyone who can reach the API owns the mesh");
+        warn!(api_addr = %cfg.api_addr, "--api-auth-disabled: anyone who can reach the API owns the mesh");
     }
     Ok(auth)
 }

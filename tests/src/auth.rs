@@ -318,3 +318,16 @@ pub fn refused(answer: &Value) -> (String, u16) {
         e["status"].as_u64().unwrap_or_default() as u16,
     )
 }
+
+/// A moto server (IAM, STS, SSM…) with `env` (e.g. `INITIAL_NO_AUTH_ACTION_COUNT`, which makes it
+/// verify signatures as AWS does, or `MOTO_ACCOUNT_ID`), on a port it binds and names: the
+/// process and its endpoint URL.
+pub fn moto_with(work: &Workdir, name: &str, env: &[(&str, &str)]) -> (crate::Proc, String) {
+    let mut cmd = Command::new(crate::venv().join("bin/python"));
+    cmd.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/py/moto_serial.py"))
+        .args(["127.0.0.1", "0"])
+        .envs(env.iter().copied());
+    let mut proc = crate::Proc::spawn(name, &mut cmd, work.join(&format!("{name}.log")));
+    let addr = proc.wait_for_log("moto listening on ", std::time::Duration::from_secs(30));
+    (proc, format!("http://{addr}"))
+}

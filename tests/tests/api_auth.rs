@@ -15,7 +15,7 @@ use trellis_tests::auth::{
     ApiAuth, AuthFile, Key, Pki, Tls, admin_policy, boto, policy, refused, write_atomically,
 };
 use trellis_tests::mesh::{Agent, AgentOpts};
-use trellis_tests::{Proc, Workdir, bin, eventually, free_port, run};
+use trellis_tests::{Proc, Workdir, bin, eventually, run};
 
 fn start(work: &Workdir, name: &str, extra: AuthFile) -> Agent {
     let auth = ApiAuth::admin(work, name, extra);
@@ -801,21 +801,25 @@ fn https_with_a_ca_bundle_and_a_certificate_reloaded_in_place() {
 fn an_api_beyond_loopback_needs_auth_or_an_explicit_opt_out() {
     let work = Workdir::new("auth-open");
     let serve = |name: &str, extra: &[String]| {
-        let port = free_port();
         let mut cmd = Command::new(bin("trellis-agent"));
         cmd.arg("serve")
             .arg("--data-dir")
             .arg(work.join(&format!("{name}-data")))
-            .args(["--api-addr", &format!("0.0.0.0:{port}")])
+            .args(["--api-addr", "0.0.0.0:0"])
             .arg("--xds-socket")
             .arg(work.join(&format!("{name}.sock")))
             .args(extra);
-        (
-            Proc::spawn(name, &mut cmd, work.join(&format!("{name}.log"))),
-            port,
-        )
+        Proc::spawn(name, &mut cmd, work.join(&format!("{name}.log")))
     };
-    let (mut open, _) = serve("open", &[]);
+    // The port a running agent bound (it logs "agent ready api=0.0.0.0:PORT").
+    let port_of = |agent: &mut Proc| -> u16 {
+        let addr = agent.wait_for_log(" api=", Duration::from_secs(30));
+        addr.rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("a port")
+    };
+    let mut open = serve("open", &[]);
     let status = eventually("serve refuses", Duration::from_secs(20), || {
         open.exited().ok_or("still running".to_string())
     });
@@ -837,7 +841,8 @@ fn an_api_beyond_loopback_needs_auth_or_an_explicit_opt_out() {
         ]));
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
-    let (mut disabled, port) = serve("disabled", &["--api-auth-disabled".into()]);
+    let mut disabled = serve("disabled", &["--api-auth-disabled".into()]);
+    let port = port_of(&mut disabled);
     eventually("opted out: open to all", Duration::from_secs(30), || {
         assert!(disabled.is_running(), "{}", disabled.log_text());
         (readyz(port) == "200").then_some(()).ok_or(readyz(port))
@@ -846,10 +851,11 @@ fn an_api_beyond_loopback_needs_auth_or_an_explicit_opt_out() {
     AuthFile::default()
         .key(&Key::new("admin"), admin_policy())
         .write(&auth_file);
-    let (mut locked, port) = serve(
+    let mut locked = serve(
         "locked",
         &["--api-auth".into(), auth_file.display().to_string()],
     );
+    let port = port_of(&mut locked);
     eventually(
         "locked: signatures required",
         Duration::from_secs(30),
@@ -903,19 +909,8 @@ fn the_deploy_kit_serves_the_api_beyond_loopback_over_https_with_a_ci_role() {
             .arg(&put),
     );
     // moto as SSM, IAM and STS, in the kit's account.
-    let port = free_port();
-    let moto_url = format!("http://127.0.0.1:{port}");
-    let mut cmd = Command::new(trellis_tests::venv().join("bin/moto_server"));
-    cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()])
-        .env("MOTO_ACCOUNT_ID", "111122223333");
-    let mut moto = Proc::spawn("moto", &mut cmd, work.join("moto.log"));
-    trellis_tests::wait_for_http(
-        &mut moto,
-        "moto up",
-        &format!("{moto_url}/moto-api/"),
-        Duration::from_secs(30),
-        |code| !matches!(code, "000" | ""),
-    );
+    let (_moto, moto_url) =
+        trellis_tests::auth::moto_with(&work, "moto", &[("MOTO_ACCOUNT_ID", "111122223333")]);
     let moto_cli = |args: &[&str]| -> Value {
         let mut c = Command::new(trellis_tests::aws());
         c.args(args)
@@ -979,7 +974,6 @@ fn the_deploy_kit_serves_the_api_beyond_loopback_over_https_with_a_ci_role() {
     // The daemon task: its environment, host paths mapped into the work directory.
     let td: Value = serde_json::from_str(&read("agent-task-definition.json")).unwrap();
     let c = &td["containerDefinitions"][0];
-    let api_port = free_port();
     let env: Vec<(String, String)> = c["environment"]
         .as_array()
         .unwrap()
@@ -989,7 +983,8 @@ fn the_deploy_kit_serves_the_api_beyond_loopback_over_https_with_a_ci_role() {
             let v = match k {
                 "TRELLIS_API_ADDR" => {
                     assert!(v.starts_with("0.0.0.0:"), "the kit serves the VPC: {v}");
-                    format!("0.0.0.0:{api_port}")
+                    // Port 0: the agent says which port it bound.
+                    "0.0.0.0:0".to_string()
                 }
                 _ => v
                     .replace("/etc/trellis", &etc.display().to_string())
@@ -1028,6 +1023,21 @@ fn the_deploy_kit_serves_the_api_beyond_loopback_over_https_with_a_ci_role() {
         .env("TRELLIS_API_SERVER_ID", "trellis.mesh.internal,localhost")
         .env("AWS_EC2_METADATA_DISABLED", "true");
     let mut agent = Proc::spawn("agent", &mut serve, work.join("agent.log"));
+    // JSON logs (the kit's TRELLIS_LOG_FORMAT): `"api":"0.0.0.0:PORT"` on the ready line.
+    let bound = agent.wait_for_log("\"api\":\"", Duration::from_secs(60));
+    let api_port = bound
+        .split('"')
+        .next()
+        .and_then(|a| a.rsplit(':').next())
+        .and_then(|p| p.parse::<u16>().ok())
+        .expect("the API's port");
+    let env: Vec<(String, String)> = env
+        .into_iter()
+        .map(|(k, v)| match k.as_str() {
+            "TRELLIS_API_ADDR" => (k, format!("0.0.0.0:{api_port}")),
+            _ => (k, v),
+        })
+        .collect();
     // Its container health check, with the container's environment.
     let health = c["healthCheck"]["command"].as_array().unwrap()[2]
         .as_str()

@@ -7,12 +7,12 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use trellis_tests::auth::{ApiAuth, AuthFile, Key, Pki, Tls, admin_policy, boto, policy, refused};
+use trellis_tests::auth::{
+    ApiAuth, AuthFile, Key, Pki, Tls, admin_policy, boto, moto_with, policy, refused,
+};
 use trellis_tests::dynamo::{Moto, aws_env};
 use trellis_tests::mesh::{Agent, AgentOpts};
-use trellis_tests::{
-    Proc, Workdir, aws, bin, check, eventually, free_port, run, venv, wait_for_http,
-};
+use trellis_tests::{Workdir, aws, bin, check, eventually, run};
 
 const ACCOUNT: &str = "123456789012";
 const TRUST: &str = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Principal":{"AWS":"*"},"Action":"sts:AssumeRole"}]}"#;
@@ -122,19 +122,7 @@ fn credential_process_turns_an_assumed_role_into_trellis_credentials_over_https(
     let work = Workdir::new("iam-credentials");
     // moto as IAM and STS: the first four calls (two roles created and assumed) go unsigned; from
     // then on it verifies every signature, as STS does.
-    let port = free_port();
-    let sts = format!("http://127.0.0.1:{port}");
-    let mut cmd = Command::new(venv().join("bin/moto_server"));
-    cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()])
-        .env("INITIAL_NO_AUTH_ACTION_COUNT", "4");
-    let mut moto = Proc::spawn("moto", &mut cmd, work.join("moto.log"));
-    wait_for_http(
-        &mut moto,
-        "moto up",
-        &format!("{sts}/moto-api/"),
-        Duration::from_secs(30),
-        |code| !matches!(code, "000" | ""),
-    );
+    let (_moto, sts) = moto_with(&work, "moto", &[("INITIAL_NO_AUTH_ACTION_COUNT", "4")]);
     let ci = assume(&sts, "ci-deployer", "build-7");
     let intruder = assume(&sts, "intruder", "x1");
 
