@@ -1,5 +1,7 @@
 //! Operator endpoints beside the App Mesh API: `/healthz`, `/readyz`, Prometheus `/metrics`, and
-//! `/debug/xds` (per connected Envoy: versions sent and acknowledged, last rejection).
+//! `/debug/xds` (per connected Envoy: versions sent and acknowledged, last rejection). With
+//! `--api-auth`, the auth layer lets `/metrics` through for `trellis:ReadMetrics` and `/debug/xds`
+//! for `trellis:ReadDebug`; the health endpoints stay open for health checks.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,6 +12,7 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 
+use crate::auth::Auth;
 use crate::discovery;
 use crate::store::Store;
 use crate::xds::Metrics;
@@ -30,6 +33,7 @@ struct Ctx {
     discovery: Arc<discovery::Metrics>,
     ready: Readiness,
     store: Arc<Store>,
+    auth: Arc<Auth>,
 }
 
 pub fn router(
@@ -37,6 +41,7 @@ pub fn router(
     discovery: Arc<discovery::Metrics>,
     ready: Readiness,
     store: Arc<Store>,
+    auth: Arc<Auth>,
 ) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -48,6 +53,7 @@ pub fn router(
             discovery,
             ready,
             store,
+            auth,
         })
 }
 
@@ -63,7 +69,10 @@ async fn metrics_text(State(c): State<Ctx>) -> impl IntoResponse {
     (
         StatusCode::OK,
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        c.metrics.render() + &c.discovery.render() + &c.store.metrics_text(),
+        c.metrics.render()
+            + &c.discovery.render()
+            + &c.store.metrics_text()
+            + &c.auth.metrics_text(),
     )
 }
 

@@ -12,9 +12,11 @@ use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::admin;
 use crate::api::{self, Account, Ops, Quotas};
+use crate::auth::{self, Auth};
 use crate::config::{CloudMapArgs, ServeConfig};
 use crate::discovery::{self, SdkCloudMap};
 use crate::store::{self, Store};
+use crate::tls::{self, ReloadingCert, TlsListener};
 use crate::xds::{self, Ads};
 
 #[derive(Debug, thiserror::Error)]
@@ -31,12 +33,23 @@ pub enum Error {
     },
     #[error(transparent)]
     Xds(#[from] xds::Error),
+    #[error(transparent)]
+    Auth(#[from] auth::Error),
+    #[error("--api-tls-cert/--api-tls-key: {0}")]
+    Tls(#[from] tls::Error),
+    #[error(
+        "the API address {0} is not loopback: give --api-auth FILE (keys and roles allowed to call it), \
+         or --api-auth-disabled to serve it to anyone who can reach the port"
+    )]
+    OpenApi(SocketAddr),
 }
 
 /// A running agent.
 #[derive(Debug)]
 pub struct Bound {
     pub api_addr: SocketAddr,
+    /// Whether the API speaks HTTPS.
+    pub api_tls: bool,
     pub xds_socket: PathBuf,
     pub xds_addr: Option<SocketAddr>,
     pub store: Arc<Store>,
@@ -82,6 +95,15 @@ impl<E: std::fmt::Display> Outcome for Result<(), E> {
 }
 
 pub async fn build(cfg: ServeConfig) -> Result<Bound, Error> {
+    let sec = &cfg.api;
+    // Secure by default: a door to the network needs its lock, or an explicit "leave it open".
+    if !cfg.api_addr.ip().is_loopback() && sec.api_auth.is_none() && !sec.api_auth_disabled {
+        return Err(Error::OpenApi(cfg.api_addr));
+    }
+    let cert = match (&sec.api_tls_cert, &sec.api_tls_key) {
+        (Some(c), Some(k)) => Some(ReloadingCert::load(c, k)?),
+        _ => None,
+    };
     let store = Arc::new(Store::serve(&cfg.data_dir, &cfg.store, &cfg.region).await?);
     let ops = Arc::new(ops(&cfg));
     let mut tasks = Tasks::default();
@@ -105,6 +127,29 @@ pub async fn build(cfg: ServeConfig) -> Result<Bound, Error> {
     let s = store.clone();
     tasks.spawn("store", |cancel| async move { s.run(cancel).await });
 
+    let auth = api_auth(&cfg, &mut tasks).await?;
+    if let Some(cert) = &cert {
+        let (c, a) = (cert.clone(), auth.clone());
+        let every = Duration::from_millis(sec.api_reload_ms);
+        tasks.spawn("api-tls-reload", |cancel| {
+            c.watch(
+                every,
+                move |ok| {
+                    let m = &a.metrics;
+                    let n = if ok {
+                        &m.tls_reloads_ok
+                    } else {
+                        &m.tls_reloads_failed
+                    };
+                    n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                },
+                cancel,
+            )
+        });
+    } else if !cfg.api_addr.ip().is_loopback() {
+        warn!(api_addr = %cfg.api_addr, "the API is served without TLS beyond loopback: responses cross the network in clear text, and IAM roles get no credentials");
+    }
+
     let listener = tokio::net::TcpListener::bind(cfg.api_addr)
         .await
         .map_err(|source| Error::BindApi {
@@ -118,17 +163,36 @@ pub async fn build(cfg: ServeConfig) -> Result<Bound, Error> {
     let metrics = Arc::new(xds::Metrics::default());
     let discovery_metrics = Arc::new(discovery::Metrics::default());
     let ready = admin::Readiness::default();
-    let router = api::router(ops, store.clone()).merge(admin::router(
-        metrics.clone(),
-        discovery_metrics.clone(),
-        ready.clone(),
-        store.clone(),
-    ));
-    tasks.spawn("api", |cancel| async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(cancel.cancelled_owned())
-            .await
-    });
+    let router = api::router(ops, store.clone())
+        .merge(admin::router(
+            metrics.clone(),
+            discovery_metrics.clone(),
+            ready.clone(),
+            store.clone(),
+            auth.clone(),
+        ))
+        .merge(auth::http::routes(auth.clone()))
+        .layer(axum::middleware::from_fn_with_state(
+            auth.clone(),
+            auth::http::layer,
+        ));
+    let app = router.into_make_service_with_connect_info::<auth::http::Conn>();
+    let api_tls = cert.is_some();
+    match &cert {
+        None => tasks.spawn("api", |cancel| async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(cancel.cancelled_owned())
+                .await
+        }),
+        Some(cert) => {
+            let listener = TlsListener::new(listener, cert.server_config()?);
+            tasks.spawn("api", |cancel| async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(cancel.cancelled_owned())
+                    .await
+            })
+        }
+    }
 
     let (published_tx, published_rx) = xds::debounce::channel(store.current());
     let (endpoints_tx, endpoints_rx) =
@@ -191,9 +255,10 @@ pub async fn build(cfg: ServeConfig) -> Result<Bound, Error> {
         }
     };
     ready.set_ready();
-    info!(api = %api_addr, xds_socket = %cfg.xds_socket.display(), xds_tcp = ?xds_addr, "agent ready");
+    info!(api = %api_addr, api_tls, api_auth = auth.enforced(), xds_socket = %cfg.xds_socket.display(), xds_tcp = ?xds_addr, "agent ready");
     Ok(Bound {
         api_addr,
+        api_tls,
         xds_socket: cfg.xds_socket,
         xds_addr,
         store,
@@ -228,6 +293,38 @@ async fn apply_resources_later(
             Err(e) => return Err(Error::Resources(e)),
         }
     }
+}
+
+/// The API's gatekeeper: the auth file (reloaded by a task), the audit log (written by a task), and
+/// session keys in the store, so every agent of a shared store verifies every agent's sessions.
+async fn api_auth(cfg: &ServeConfig, tasks: &mut Tasks) -> Result<Arc<Auth>, Error> {
+    let sec = &cfg.api;
+    let secrets = match &sec.api_auth {
+        Some(_) => {
+            Some(store::secret::Secrets::connect(&cfg.data_dir, &cfg.store, &cfg.region).await?)
+        }
+        None => None,
+    };
+    let settings = auth::Settings {
+        file: sec.api_auth.clone(),
+        region: cfg.region.clone(),
+        account: cfg.account_id.clone(),
+        audit_log: sec.audit_log.clone(),
+        sts_endpoint: sec.sts_endpoint.clone(),
+        server_ids: sec.api_server_id.clone(),
+        session_duration: Duration::from_secs(sec.api_session_seconds),
+    };
+    let (auth, writer) = Auth::new(&settings, secrets).await?;
+    if let Some(w) = writer {
+        tasks.spawn("audit-log", |cancel| w.run(cancel));
+    }
+    if auth.enforced() {
+        let (a, every) = (auth.clone(), Duration::from_millis(sec.api_reload_ms));
+        tasks.spawn("auth-file-reload", |cancel| a.watch_file(every, cancel));
+    } else if !cfg.api_addr.ip().is_loopback() {
+        warn!(api_addr = %cfg.api_addr, "--api-auth-disabled: anyone who can reach the API owns the mesh");
+    }
+    Ok(auth)
 }
 
 /// The API's operations, for this account and region with the configured quotas.

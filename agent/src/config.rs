@@ -33,6 +33,9 @@ pub enum Command {
     Health(crate::probe::HealthArgs),
     /// Create what the store needs: the data directory, or the DynamoDB table (if absent).
     InitStore(InitStoreArgs),
+    /// An AWS CLI credential_process: prove your IAM identity (signed sts:GetCallerIdentity) to
+    /// the agent at --endpoint and print the session credentials it issues.
+    Credentials(crate::auth::client::CredentialsArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -69,9 +72,12 @@ pub struct ServeConfig {
     pub data_dir: PathBuf,
     #[command(flatten)]
     pub store: StoreArgs,
-    /// Address of the App Mesh REST API.
+    /// Address of the App Mesh REST API. Anything but loopback needs --api-auth (or, to leave it
+    /// open on purpose, --api-auth-disabled).
     #[arg(long, env = "TRELLIS_API_ADDR", default_value = "127.0.0.1:9080")]
     pub api_addr: SocketAddr,
+    #[command(flatten)]
+    pub api: ApiSecurityArgs,
     /// Unix socket for ADS (the default transport; mounted into each task's Envoy).
     #[arg(
         long,
@@ -139,6 +145,70 @@ pub struct ServeConfig {
     /// milliseconds (they tell those services apart by address).
     #[arg(long, env = "TRELLIS_ADDRESS_POLL_MS", default_value_t = 5000)]
     pub address_poll_ms: u64,
+}
+
+/// Who may use the API and how it is reached: SigV4 with the auth file's keys and roles, TLS, the
+/// audit log, and the STS that proves IAM identities.
+#[derive(Debug, Clone, Args, serde::Serialize)]
+pub struct ApiSecurityArgs {
+    /// Keys and IAM roles with their policies (JSON; reloaded when it changes). Every API request
+    /// must then be SigV4-signed.
+    #[arg(long, env = "TRELLIS_API_AUTH", conflicts_with = "api_auth_disabled")]
+    pub api_auth: Option<PathBuf>,
+    /// Serve the API without authentication on a non-loopback address, knowingly.
+    #[arg(long, env = "TRELLIS_API_AUTH_DISABLED")]
+    pub api_auth_disabled: bool,
+    /// PEM certificate chain for HTTPS on the API (reloaded when it changes).
+    #[arg(long, env = "TRELLIS_API_TLS_CERT", requires = "api_tls_key")]
+    pub api_tls_cert: Option<PathBuf>,
+    /// PEM private key of --api-tls-cert.
+    #[arg(long, env = "TRELLIS_API_TLS_KEY", requires = "api_tls_cert")]
+    pub api_tls_key: Option<PathBuf>,
+    /// Append one JSON line per mutating or refused API request here.
+    #[arg(long, env = "TRELLIS_AUDIT_LOG")]
+    pub audit_log: Option<PathBuf>,
+    /// Names of this Trellis deployment that an IAM identity proof may carry in its signed
+    /// x-trellis-server-id header (comma-separated; e.g. the API's DNS name). Without one, no
+    /// IAM role can get credentials.
+    #[arg(long, env = "TRELLIS_API_SERVER_ID", value_delimiter = ',')]
+    pub api_server_id: Vec<String>,
+    /// STS endpoint that identity proofs are sent to, instead of https://sts.REGION.amazonaws.com
+    /// (a VPC endpoint, or a test STS).
+    #[arg(long, env = "TRELLIS_STS_ENDPOINT")]
+    pub sts_endpoint: Option<String>,
+    /// Lifetime of the session credentials issued to IAM roles, in seconds.
+    #[arg(
+        long,
+        env = "TRELLIS_API_SESSION_SECONDS",
+        default_value_t = 3600,
+        value_parser = clap::value_parser!(u64).range(900..=43200)
+    )]
+    pub api_session_seconds: u64,
+    /// How often the auth file and the TLS files are checked for changes, in milliseconds.
+    #[arg(
+        long,
+        env = "TRELLIS_API_RELOAD_MS",
+        default_value_t = 2000,
+        value_parser = clap::value_parser!(u64).range(100..)
+    )]
+    pub api_reload_ms: u64,
+}
+
+impl Default for ApiSecurityArgs {
+    /// The command line's defaults (an open API on loopback), for agents built in code.
+    fn default() -> Self {
+        ApiSecurityArgs {
+            api_auth: None,
+            api_auth_disabled: false,
+            api_tls_cert: None,
+            api_tls_key: None,
+            audit_log: None,
+            api_server_id: vec![],
+            sts_endpoint: None,
+            api_session_seconds: 3600,
+            api_reload_ms: 2000,
+        }
+    }
 }
 
 /// Cloud Map discovery: where, how often, and which health filter.
@@ -246,6 +316,11 @@ mod tests {
             (d.backoff_max_ms, d.linger_ms)
         );
         assert_eq!(serve.cloudmap.health_status, d.health_status);
+        let a = ApiSecurityArgs::default();
+        assert_eq!(
+            (serve.api.api_session_seconds, serve.api.api_reload_ms),
+            (a.api_session_seconds, a.api_reload_ms)
+        );
     }
 
     #[test]

@@ -6,12 +6,14 @@
 pub mod admin;
 pub mod api;
 pub mod app;
+pub mod auth;
 pub mod bootstrap;
 pub mod config;
 pub mod discovery;
 pub mod entrypoint;
 pub mod probe;
 pub mod store;
+pub mod tls;
 pub mod xds;
 
 #[cfg(any(test, feature = "testing"))]

@@ -32,6 +32,12 @@ fn main() -> anyhow::Result<()> {
             std::process::exit(code)
         }
         Command::Health(args) => trellis_agent::probe::health(&args).map_err(anyhow::Error::msg),
+        Command::Credentials(args) => {
+            let json = one_shot()?.block_on(trellis_agent::auth::client::run(&args))?;
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "{json}")?;
+            Ok(())
+        }
     }
 }
 

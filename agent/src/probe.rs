@@ -1,11 +1,14 @@
 //! A minimal HTTP/1.1 client for loopback and link-local peers (Envoy's admin, the ECS task
 //! metadata endpoint, the agent's own `/healthz`), and `trellis-agent health`, the daemon task's
-//! container health check: the images carry no curl for the agent.
+//! container health check: the images carry no curl for the agent. When the API speaks HTTPS the
+//! health check does too, trusting exactly the certificate in the agent's own `--api-tls-cert`.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// Bound on each request, so a wedged peer cannot eat a caller's deadline.
@@ -19,6 +22,9 @@ pub struct HealthArgs {
     /// The path to probe (`/readyz` also waits for the first snapshot).
     #[arg(long, default_value = "/healthz")]
     pub path: String,
+    /// The API's certificate: probe over HTTPS, accepting exactly this certificate.
+    #[arg(long, env = "TRELLIS_API_TLS_CERT")]
+    pub api_tls_cert: Option<PathBuf>,
 }
 
 /// Probes the agent: `Ok` when it answers 200, else what went wrong.
@@ -35,10 +41,104 @@ pub fn health(args: &HealthArgs) -> Result<(), String> {
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
-    match rt.block_on(http(&addr.to_string(), "GET", &args.path)) {
+    let (scheme, answer) = match &args.api_tls_cert {
+        None => (
+            "http",
+            rt.block_on(http(&addr.to_string(), "GET", &args.path)),
+        ),
+        Some(cert) => ("https", rt.block_on(https_pinned(addr, cert, &args.path))),
+    };
+    match answer {
         Ok((200, _)) => Ok(()),
         Ok((status, body)) => Err(format!("GET {}: HTTP {status}: {}", args.path, body.trim())),
-        Err(e) => Err(format!("GET http://{addr}{}: {e}", args.path)),
+        Err(e) => Err(format!("GET {scheme}://{addr}{}: {e}", args.path)),
+    }
+}
+
+/// One HTTPS GET to the agent, trusting only the certificate in `cert` (the health check's
+/// peer is its own agent; its name does not matter, its certificate does).
+async fn https_pinned(
+    addr: SocketAddr,
+    cert: &std::path::Path,
+    path: &str,
+) -> Result<(u16, String), String> {
+    use rustls_pki_types::pem::PemObject;
+    let pem = std::fs::read(cert).map_err(|e| format!("{}: {e}", cert.display()))?;
+    let pinned = rustls_pki_types::CertificateDer::pem_slice_iter(&pem)
+        .next()
+        .and_then(Result::ok)
+        .ok_or_else(|| format!("{}: no PEM certificate", cert.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = Arc::new(Pinned {
+        cert: pinned,
+        algorithms: provider.signature_verification_algorithms,
+    });
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let exchange = async {
+        let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+        let name = rustls_pki_types::ServerName::IpAddress(addr.ip().into());
+        let tls = connector
+            .connect(name, tcp)
+            .await
+            .map_err(|e| e.to_string())?;
+        exchange(tls, &addr.to_string(), "GET", path).await
+    };
+    tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+        .await
+        .map_err(|_| format!("no answer within {REQUEST_TIMEOUT:?}"))?
+}
+
+/// Accepts exactly one certificate (whatever its name or issuer), with valid handshake signatures.
+#[derive(Debug)]
+struct Pinned {
+    cert: rustls_pki_types::CertificateDer<'static>,
+    algorithms: rustls::crypto::WebPkiSupportedAlgorithms,
+}
+
+impl rustls::client::danger::ServerCertVerifier for Pinned {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls_pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls_pki_types::CertificateDer<'_>],
+        _server_name: &rustls_pki_types::ServerName<'_>,
+        _ocsp: &[u8],
+        _now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        if end_entity.as_ref() == self.cert.as_ref() {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General(
+                "the agent presents another certificate than --api-tls-cert".into(),
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.algorithms.supported_schemes()
     }
 }
 
@@ -51,22 +151,36 @@ pub(crate) async fn http(
     path: &str,
 ) -> Result<(u16, String), String> {
     let exchange = async {
-        let mut s = TcpStream::connect(authority)
+        let s = TcpStream::connect(authority)
             .await
             .map_err(|e| e.to_string())?;
-        let req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
-        );
-        s.write_all(req.as_bytes())
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut buf = Vec::new();
-        s.read_to_end(&mut buf).await.map_err(|e| e.to_string())?;
-        parse_response(&buf)
+        exchange(s, authority, method, path).await
     };
     tokio::time::timeout(REQUEST_TIMEOUT, exchange)
         .await
         .map_err(|_| format!("no answer within {REQUEST_TIMEOUT:?}"))?
+}
+
+async fn exchange(
+    mut s: impl AsyncRead + AsyncWrite + Unpin,
+    authority: &str,
+    method: &str,
+    path: &str,
+) -> Result<(u16, String), String> {
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+    );
+    s.write_all(req.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut buf = Vec::new();
+    // A TLS peer may close without close_notify once the answer is complete.
+    if let Err(e) = s.read_to_end(&mut buf).await
+        && buf.is_empty()
+    {
+        return Err(e.to_string());
+    }
+    parse_response(&buf)
 }
 
 fn parse_response(buf: &[u8]) -> Result<(u16, String), String> {

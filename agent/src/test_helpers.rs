@@ -286,6 +286,7 @@ pub fn serve_config(dir: &Path) -> crate::config::ServeConfig {
         data_dir: dir.join("data"),
         store: Default::default(),
         api_addr: any_port,
+        api: Default::default(),
         xds_socket: dir.join("xds.sock"),
         xds_addr: Some(any_port),
         resources: None,

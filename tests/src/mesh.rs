@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use crate::auth::{ApiAuth, AuthFile, REGION, encode_query};
 use crate::dynamo::{Moto, aws_env};
 use crate::{Proc, Workdir, bin, check, eventually, run, wait_for_http};
 
@@ -292,6 +293,8 @@ pub struct Agent {
     pub socket_dir: PathBuf,
     /// The agent's own moto server when the suite runs on the DynamoDB store (see [`Agent::start`]).
     pub moto: Option<Moto>,
+    /// With `--api-auth`: the key the helpers sign with, TLS, the audit log.
+    pub auth: Option<ApiAuth>,
     /// How it was started, for [`Agent::restart`].
     started: Started,
 }
@@ -303,6 +306,7 @@ struct Started {
     env: Vec<(String, String)>,
     resources: Option<PathBuf>,
     hosts: Option<PathBuf>,
+    auth: Option<ApiAuth>,
 }
 
 /// How to start an agent beyond the defaults.
@@ -316,16 +320,37 @@ pub struct AgentOpts<'a> {
     /// A hosts file the agent's name lookups see as `/etc/hosts` (a private mount namespace), as
     /// an instance's VPC resolver would answer for the test's names.
     pub hosts: Option<PathBuf>,
+    /// `--api-auth` (and TLS, audit log): the helpers then sign with its key.
+    pub auth: Option<ApiAuth>,
 }
 
 impl Agent {
     /// An agent on the embedded store; with `TRELLIS_TEST_STORE=dynamodb`, on a DynamoDB table
     /// of its own moto server instead, so a suite written for one agent runs on either store.
     pub fn start(work: &Workdir, resources: Option<&Path>) -> Self {
-        let mut opts = AgentOpts {
-            resources,
-            ..AgentOpts::default()
-        };
+        Agent::start_on_test_store(
+            work,
+            AgentOpts {
+                resources,
+                ..AgentOpts::default()
+            },
+        )
+    }
+
+    /// [`Agent::start`] with `--api-auth`: an auth file whose administrator key the helpers
+    /// (`aws`, `raw`, `metric`, `debug_xds`) sign every request with, as a CI pipeline would.
+    pub fn start_secured(work: &Workdir, resources: Option<&Path>) -> Self {
+        Agent::start_on_test_store(
+            work,
+            AgentOpts {
+                resources,
+                auth: Some(ApiAuth::admin(work, "agent", AuthFile::default())),
+                ..AgentOpts::default()
+            },
+        )
+    }
+
+    fn start_on_test_store(work: &Workdir, mut opts: AgentOpts<'_>) -> Self {
         let moto = match std::env::var("TRELLIS_TEST_STORE").as_deref() {
             Ok("dynamodb") => {
                 let moto = Moto::start(work, "moto");
@@ -384,6 +409,7 @@ impl Agent {
             .arg("--xds-socket")
             .arg(socket_dir.join("xds.sock"))
             .args(&opts.args)
+            .args(opts.auth.iter().flat_map(ApiAuth::args))
             .env("TRELLIS_LOG", "info,trellis_agent=debug");
         for (k, v) in &opts.env {
             cmd.env(k, v);
@@ -398,27 +424,57 @@ impl Agent {
         );
         // Generous: a large `--resources` file is applied before the API answers.
         let addr = proc.wait_for_log(" api=", Duration::from_secs(90));
-        let api = format!("http://{addr}");
-        wait_for_http(
-            &mut proc,
-            "agent API up",
-            &format!("{api}/v20190125/meshes"),
-            Duration::from_secs(90),
-            |code| code == "200",
-        );
+        let tls = opts.auth.as_ref().is_some_and(|a| a.tls.is_some());
+        let api = if tls {
+            // The certificate names localhost.
+            let port = addr.rsplit(':').next().unwrap_or_default();
+            format!("https://localhost:{port}")
+        } else {
+            format!("http://{addr}")
+        };
+        if opts.auth.is_some() {
+            eventually("agent API up", Duration::from_secs(90), || {
+                if !proc.is_running() {
+                    panic!("{} exited:\n{}", proc.name, proc.log_text());
+                }
+                let out = run(curl(opts.auth.as_ref())
+                    .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+                    .arg(format!("{api}/v20190125/meshes")));
+                match String::from_utf8_lossy(&out.stdout).as_ref() {
+                    "200" => Ok(()),
+                    code => Err(format!("status {code}")),
+                }
+            });
+        } else {
+            wait_for_http(
+                &mut proc,
+                "agent API up",
+                &format!("{api}/v20190125/meshes"),
+                Duration::from_secs(90),
+                |code| code == "200",
+            );
+        }
         Agent {
             proc,
             api,
             socket_dir,
             moto: None,
+            auth: opts.auth.clone(),
             started: Started {
                 name: name.to_string(),
                 args: opts.args.clone(),
                 env: opts.env.clone(),
                 resources: opts.resources.map(Path::to_path_buf),
                 hosts: opts.hosts.clone(),
+                auth: opts.auth.clone(),
             },
         }
+    }
+
+    /// curl as a client of this agent: signing with the helpers' key and trusting its CA when
+    /// the API is secured.
+    pub fn curl(&self) -> Command {
+        curl(self.auth.as_ref())
     }
 
     /// Stops the agent and starts it again as it was started, on the same store (and moto).
@@ -434,6 +490,7 @@ impl Agent {
                 args: started.args,
                 env: started.env,
                 hosts: started.hosts,
+                auth: started.auth,
             },
         );
         agent.moto = moto;
@@ -442,7 +499,7 @@ impl Agent {
 
     /// A Prometheus sample from the agent's `/metrics` (0 when absent).
     pub fn metric(&self, name: &str) -> f64 {
-        let out = run(Command::new("curl").args(["-s", &format!("{}/metrics", self.api)]));
+        let out = run(self.curl().args(["-s", &format!("{}/metrics", self.api)]));
         String::from_utf8_lossy(&out.stdout)
             .lines()
             .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
@@ -452,7 +509,10 @@ impl Agent {
     /// `/debug/xds`: every connected Envoy's ADS stream (node, variant, per-type versions and
     /// last NACK), by stream id.
     pub fn debug_xds(&self) -> Value {
-        let text = check(Command::new("curl").args(["-sf", &format!("{}/debug/xds", self.api)]));
+        let text = check(
+            self.curl()
+                .args(["-sf", &format!("{}/debug/xds", self.api)]),
+        );
         serde_json::from_str(&text)
             .unwrap_or_else(|e| panic!("/debug/xds is not JSON ({e}): {text}"))
     }
@@ -479,6 +539,15 @@ impl Agent {
             .env("AWS_CONFIG_FILE", "/dev/null")
             .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
             .env("AWS_MAX_ATTEMPTS", "1");
+        if let Some(a) = &self.auth {
+            // Signed for the agent's region with the administrator key.
+            c.env("AWS_ACCESS_KEY_ID", &a.key.id)
+                .env("AWS_SECRET_ACCESS_KEY", &a.key.secret)
+                .env("AWS_DEFAULT_REGION", REGION);
+            if let Some(t) = &a.tls {
+                c.arg("--ca-bundle").arg(&t.ca);
+            }
+        }
         c
     }
 
@@ -489,7 +558,11 @@ impl Agent {
         path: &str,
         body: Option<&str>,
     ) -> (u16, Option<String>, String) {
-        let mut cmd = Command::new("curl");
+        let path = match (&self.auth, path.split_once('?')) {
+            (Some(_), Some((p, q))) => format!("{p}?{}", encode_query(q)),
+            _ => path.to_string(),
+        };
+        let mut cmd = self.curl();
         cmd.args([
             "-s",
             "-D",
@@ -537,6 +610,21 @@ impl Agent {
         );
         String::from_utf8_lossy(&out.stderr).into_owned()
     }
+}
+
+/// curl, signing with `auth`'s key for the agent's region and service and trusting its CA.
+fn curl(auth: Option<&ApiAuth>) -> Command {
+    let mut c = Command::new("curl");
+    if let Some(a) = auth {
+        c.arg("--aws-sigv4")
+            .arg(format!("aws:amz:{REGION}:appmesh"))
+            .arg("--user")
+            .arg(format!("{}:{}", a.key.id, a.key.secret));
+        if let Some(t) = &a.tls {
+            c.arg("--cacert").arg(&t.ca);
+        }
+    }
+    c
 }
 
 /// The task definition `trellis-rewrite` makes of `input` for a virtual node.

@@ -161,9 +161,10 @@ pub fn back_front_items(back: Value, front: bool) -> Value {
 pub fn two_tasks(work: &Workdir, say: &dyn Fn(&str)) -> TwoTasks {
     let resources = resources_file(work, &back_front_items(back_spec(), false));
     say(
-        "starting trellis-agent with mesh m, virtual node back-vn and virtual service back.local (--resources)",
+        "starting trellis-agent with mesh m, virtual node back-vn and virtual service back.local (--resources); \
+         its API takes only SigV4-signed requests from the keys and roles of --api-auth",
     );
-    let agent = Agent::start(work, Some(&resources));
+    let agent = Agent::start_secured(work, Some(&resources));
     say(&format!(
         "agent up: App Mesh API at {}, ADS on {}",
         agent.api,

@@ -59,7 +59,11 @@ fn a_restarted_agent_loses_no_request_and_resends_nothing_unchanged() {
 
     // Both Envoys came back to the new agent, which had nothing new to send them.
     let metrics = |agent: &Agent| {
-        check(Command::new("curl").args(["-sf", &format!("{}/metrics", agent.api)]))
+        check(
+            agent
+                .curl()
+                .args(["-sf", &format!("{}/metrics", agent.api)]),
+        )
     };
     let m = eventually("both Envoys reconnected", Duration::from_secs(30), || {
         let m = metrics(&mesh.agent);

@@ -47,7 +47,7 @@ fn cli_error(stderr: &str, kind: &str, operation: &str) {
 #[test]
 fn aws_cli_creates_describes_lists_updates_and_deletes_meshes_nodes_and_services() {
     let work = Workdir::new("api-cli");
-    let agent = Agent::start(&work, None);
+    let agent = Agent::start_secured(&work, None);
     let mesh = agent.appmesh(&["create-mesh", "--mesh-name", "shop"]);
     assert_eq!(
         mesh["mesh"]["spec"]["egressFilter"]["type"], "DROP_ALL",
@@ -161,7 +161,7 @@ fn aws_cli_creates_describes_lists_updates_and_deletes_meshes_nodes_and_services
 #[test]
 fn responses_fit_the_botocore_output_shapes() {
     let work = Workdir::new("api-shapes");
-    let agent = Agent::start(&work, None);
+    let agent = Agent::start_secured(&work, None);
     let p = "/v20190125/meshes";
     let cases: Vec<(&str, &str, String, Option<String>)> = vec![
         ("CreateMesh", "PUT", p.into(), Some(r#"{"meshName":"m","spec":{"egressFilter":{"type":"ALLOW_ALL"}}}"#.into())),
@@ -228,7 +228,7 @@ fn responses_fit_the_botocore_output_shapes() {
 #[test]
 fn bad_input_gets_app_mesh_error_types_that_name_the_field() {
     let work = Workdir::new("api-errors");
-    let agent = Agent::start(&work, None);
+    let agent = Agent::start_secured(&work, None);
     let p = "/v20190125/meshes";
 
     cli_error(
@@ -333,7 +333,7 @@ fn bad_input_gets_app_mesh_error_types_that_name_the_field() {
 #[test]
 fn a_rejected_write_changes_nothing_and_committed_state_survives_a_restart() {
     let work = Workdir::new("api-restart");
-    let agent = Agent::start(&work, None);
+    let agent = Agent::start_secured(&work, None);
     agent.appmesh(&["create-mesh", "--mesh-name", "m"]);
     let created = agent.appmesh(&[
         "create-virtual-node",
@@ -373,7 +373,7 @@ fn a_rejected_write_changes_nothing_and_committed_state_survives_a_restart() {
 #[test]
 fn lists_paginate_with_limit_and_next_token_and_the_cli_follows_them() {
     let work = Workdir::new("api-pages");
-    let agent = Agent::start(&work, None);
+    let agent = Agent::start_secured(&work, None);
     for i in 0..5 {
         agent.appmesh(&["create-mesh", "--mesh-name", &format!("m{i}")]);
     }
@@ -413,7 +413,7 @@ fn lists_paginate_with_limit_and_next_token_and_the_cli_follows_them() {
 #[test]
 fn concurrent_updates_through_the_api_never_lose_one_another() {
     let work = Workdir::new("api-concurrent");
-    let agent = Agent::start(&work, None);
+    let agent = Agent::start_secured(&work, None);
     agent.appmesh(&["create-mesh", "--mesh-name", "m"]);
     agent.appmesh(&[
         "create-virtual-node",
@@ -426,10 +426,10 @@ fn concurrent_updates_through_the_api_never_lose_one_another() {
     ]);
     let writers: Vec<_> = (0..8)
         .map(|i| {
-            let api = agent.api.clone();
+            let (api, mut curl) = (agent.api.clone(), agent.curl());
             std::thread::spawn(move || {
                 let body = format!(r#"{{"spec":{{"backends":[{{"virtualService":{{"virtualServiceName":"s{i}.local"}}}}]}}}}"#);
-                let out = Command::new("curl")
+                let out = curl
                     .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "PUT", "-H", "content-type: application/json"])
                     .args(["--data-binary", &body, &format!("{api}/v20190125/meshes/m/virtualNodes/a")])
                     .output()

@@ -45,17 +45,23 @@ use trellis_tests::mesh::Agent;
 
 // === Helpers ===
 
-/// An SDK client for the agent, configured as a user would: endpoint, region, static credentials.
+/// An SDK client for the agent, configured as a user would: endpoint, region, static credentials
+/// (the agent's key: every call is SigV4-signed and verified).
 async fn client(agent: &Agent) -> Client {
     // The agent speaks plain HTTP; the client is the SDK's own, built without a TLS stack.
     let http = aws_smithy_http_client::Builder::new().build_http();
+    let key = agent
+        .auth
+        .as_ref()
+        .map(|a| a.key.clone())
+        .expect("a secured agent");
     let config = aws_config::defaults(BehaviorVersion::latest())
         .http_client(http)
         .endpoint_url(&agent.api)
-        .region(Region::new("us-west-2"))
+        .region(Region::new(trellis_tests::auth::REGION))
         .credentials_provider(Credentials::new(
-            "test",
-            "test",
+            key.id,
+            key.secret,
             None,
             None,
             "trellis-tests",
@@ -279,7 +285,7 @@ fn allow_all() -> MeshSpec {
 #[tokio::test]
 async fn every_kind_is_created_described_listed_updated_and_deleted_with_app_mesh_metadata() {
     let work = Workdir::new("sdk-crud");
-    let agent = Agent::start(&work, None);
+    let agent = Agent::start_secured(&work, None);
     let c = client(&agent).await;
 
     // Mesh.
@@ -783,7 +789,7 @@ async fn every_kind_is_created_described_listed_updated_and_deleted_with_app_mes
 #[tokio::test]
 async fn a_missing_resource_is_a_typed_not_found_exception_with_status_404() {
     let work = Workdir::new("sdk-not-found");
-    let agent = Agent::start(&work, None);
+    let agent = Agent::start_secured(&work, None);
     let c = client(&agent).await;
 
     let (e, status) = rejected(
@@ -845,7 +851,7 @@ async fn a_missing_resource_is_a_typed_not_found_exception_with_status_404() {
 #[tokio::test]
 async fn invalid_input_is_a_typed_bad_request_exception_naming_the_field() {
     let work = Workdir::new("sdk-bad-request");
-    let agent = Agent::start(&work, None);
+    let agent = Agent::start_secured(&work, None);
     let c = client(&agent).await;
     c.create_mesh().mesh_name("m").send().await.unwrap();
 
@@ -951,7 +957,7 @@ async fn invalid_input_is_a_typed_bad_request_exception_naming_the_field() {
 #[tokio::test]
 async fn creating_a_name_twice_is_a_typed_conflict_exception_with_status_409() {
     let work = Workdir::new("sdk-conflict");
-    let agent = Agent::start(&work, None);
+    let agent = Agent::start_secured(&work, None);
     let c = client(&agent).await;
     c.create_mesh().mesh_name("m").send().await.unwrap();
     let (e, status) = rejected(
@@ -987,7 +993,7 @@ async fn creating_a_name_twice_is_a_typed_conflict_exception_with_status_409() {
 #[tokio::test]
 async fn deleting_what_is_still_referenced_is_a_typed_resource_in_use_exception() {
     let work = Workdir::new("sdk-in-use");
-    let agent = Agent::start(&work, None);
+    let agent = Agent::start_secured(&work, None);
     let c = client(&agent).await;
     c.create_mesh().mesh_name("m").send().await.unwrap();
     c.create_virtual_node()
@@ -1072,7 +1078,7 @@ async fn deleting_what_is_still_referenced_is_a_typed_resource_in_use_exception(
 #[tokio::test]
 async fn the_sixteenth_mesh_is_a_typed_limit_exceeded_exception() {
     let work = Workdir::new("sdk-limit");
-    let agent = Agent::start(&work, None);
+    let agent = Agent::start_secured(&work, None);
     let c = client(&agent).await;
     for i in 0..15 {
         c.create_mesh()
@@ -1103,7 +1109,7 @@ async fn the_sixteenth_mesh_is_a_typed_limit_exceeded_exception() {
 #[tokio::test]
 async fn tagging_past_fifty_tags_is_a_typed_too_many_tags_exception() {
     let work = Workdir::new("sdk-too-many-tags");
-    let agent = Agent::start(&work, None);
+    let agent = Agent::start_secured(&work, None);
     let c = client(&agent).await;
     let out = c.create_mesh().mesh_name("m").send().await.unwrap();
     let arn = out.mesh().unwrap().metadata().unwrap().arn().to_string();
@@ -1154,7 +1160,7 @@ async fn tagging_past_fifty_tags_is_a_typed_too_many_tags_exception() {
 #[tokio::test]
 async fn lists_page_through_limit_and_next_token_and_the_paginator_sees_every_item_once() {
     let work = Workdir::new("sdk-pages");
-    let agent = Agent::start(&work, None);
+    let agent = Agent::start_secured(&work, None);
     let c = client(&agent).await;
     c.create_mesh().mesh_name("m").send().await.unwrap();
     let names: Vec<String> = (0..7).map(|i| format!("node-{i}")).collect();
@@ -1268,7 +1274,7 @@ async fn lists_page_through_limit_and_next_token_and_the_paginator_sees_every_it
 #[tokio::test]
 async fn tags_given_at_create_are_listed_paged_added_and_removed() {
     let work = Workdir::new("sdk-tags");
-    let agent = Agent::start(&work, None);
+    let agent = Agent::start_secured(&work, None);
     let c = client(&agent).await;
     c.create_mesh().mesh_name("m").send().await.unwrap();
     let out = c
@@ -1389,7 +1395,7 @@ async fn tags_given_at_create_are_listed_paged_added_and_removed() {
 #[tokio::test]
 async fn a_repeated_client_token_is_the_same_create_and_a_changed_request_conflicts() {
     let work = Workdir::new("sdk-idempotency");
-    let agent = Agent::start(&work, None);
+    let agent = Agent::start_secured(&work, None);
     let c = client(&agent).await;
 
     let first = c

@@ -69,6 +69,8 @@ use table::{Meta, Probe, Range, n, s, string};
 use trellis_model::State;
 
 pub(super) use table::create_table;
+// The shared keys of `store::secret` live in the same table, through the same client.
+pub(super) use table::{client, table_name};
 
 const PK: &str = "pk";
 const SK: &str = "sk";

@@ -8,6 +8,7 @@
 pub mod dynamodb;
 mod embedded;
 mod items;
+pub mod secret;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -51,6 +51,16 @@ fn demo(work: &Workdir) -> bool {
         mesh.front.envoy_stat(ADMIN_PORT, EGRESS_CLUSTER),
         mesh.back.envoy_stat(ADMIN_PORT, INGRESS_CLUSTER)
     ));
+    let unsigned = std::process::Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+        .arg(format!("{}/v20190125/meshes", mesh.agent.api))
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    say(&format!(
+        "an unsigned request to the API gets HTTP {unsigned} (MissingAuthenticationTokenException); \
+         the AWS CLI signs with the agent's administrator key"
+    ));
     say(
         "aws appmesh update-virtual-node front-vn --spec '{}' (remove the backend; mesh egress is DROP_ALL)",
     );
@@ -78,7 +88,7 @@ fn demo(work: &Workdir) -> bool {
         None => say("front's request was still answered after 10 s"),
     }
     say("stopping the Envoys, the apps, dnsmasq and the agent; removing the namespaces");
-    answer.is_some() && refused.is_some()
+    answer.is_some() && refused.is_some() && unsigned == "403"
 }
 
 fn main() -> ExitCode {

@@ -311,7 +311,7 @@ where
     }
 }
 
-pub(super) fn table_name(args: &StoreArgs) -> Result<String, Error> {
+pub(in crate::store) fn table_name(args: &StoreArgs) -> Result<String, Error> {
     args.dynamodb_table
         .clone()
         .filter(|t| !t.is_empty())
@@ -323,7 +323,7 @@ pub(super) fn table_name(args: &StoreArgs) -> Result<String, Error> {
 /// An SDK client: region and credentials from `aws-config`'s default chain (the `--region` of the
 /// agent when the chain has no region), short timeouts so a dead endpoint fails a write quickly,
 /// the SDK's standard retries (exponential backoff with jitter on throttling).
-pub(super) async fn client(args: &StoreArgs, region: &str) -> Client {
+pub(in crate::store) async fn client(args: &StoreArgs, region: &str) -> Client {
     let https = aws_smithy_http_client::Builder::new()
         .tls_provider(tls::Provider::Rustls(
             tls::rustls_provider::CryptoMode::Ring,
