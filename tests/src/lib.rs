@@ -13,6 +13,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 pub mod cloudmap;
+pub mod collector;
 pub mod dynamo;
 pub mod mesh;
 pub mod reap;
