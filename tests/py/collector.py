@@ -16,6 +16,7 @@ import os
 import socket
 import sys
 import threading
+import time
 
 LOCK = threading.Lock()
 
@@ -110,14 +111,30 @@ def serve_http(port, out):
         protocol_version = "HTTP/1.1"
 
         def handle_one(self):
-            n = int(self.headers.get("Content-Length") or 0)
-            body = self.rfile.read(n) if n else b""
+            if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+                body = b""
+                while True:
+                    size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                    if size == 0:
+                        while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                            pass
+                        break
+                    body += self.rfile.read(size)
+                    self.rfile.readline()
+            else:
+                n = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(n) if n else b""
+            try:
+                decoded = decode(self.headers.get("Content-Type"), body)
+            except Exception as e:  # recorded, so the test shows what could not be read
+                decoded = {"error": repr(e), "base64": base64.b64encode(body).decode()}
             record(out, {
                 "kind": "http",
+                "at": time.time(),
                 "method": self.command,
                 "path": self.path,
                 "headers": {k.lower(): v for k, v in self.headers.items()},
-                "body": decode(self.headers.get("Content-Type"), body),
+                "body": decoded,
             })
             # The Datadog agent answers trace posts with sampling rates; others ignore the body.
             answer = b'{"rate_by_service": {}}'
@@ -141,7 +158,7 @@ def serve_datagrams(sock, out, where):
     print("collector listening %s" % where, flush=True)
     while True:
         data = sock.recv(65535)
-        record(out, {"kind": "datagram", "data": data.decode("utf-8", "replace")})
+        record(out, {"kind": "datagram", "at": time.time(), "data": data.decode("utf-8", "replace")})
 
 
 def main():

@@ -29,9 +29,13 @@ impl Collector {
         Self::start(work, Some(task), "http", &port.to_string())
     }
 
-    /// Datagrams on a Unix socket at `path` (DogStatsD over `STATSD_SOCKET_PATH`).
-    pub fn unix(work: &Workdir, path: &std::path::Path) -> Self {
-        Self::start(work, None, "unix", &path.display().to_string())
+    /// Datagrams on a Unix socket at `path` (DogStatsD over `STATSD_SOCKET_PATH`), bound in
+    /// `task`. Envoy sends a flush as a burst of datagrams; the kernel's default queue of ten
+    /// per socket would drop most of them while Python reads, so the task's queue is longer
+    /// (as a real DogStatsD daemon's deployment tunes `net.unix.max_dgram_qlen`).
+    pub fn unix(work: &Workdir, task: &Task, path: &std::path::Path) -> Self {
+        task.exec(&["sysctl", "-qw", "net.unix.max_dgram_qlen=4096"]);
+        Self::start(work, Some(task), "unix", &path.display().to_string())
     }
 
     fn start(work: &Workdir, task: Option<&Task>, mode: &str, where_: &str) -> Self {
