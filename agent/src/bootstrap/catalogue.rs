@@ -136,6 +136,10 @@ const NOT_SERVED: &[(&str, Level, &str)] = &[
     ("APPNET_AGENT_MAX_RETENTION_COUNT", Level::Warn, "Envoy logs to standard output (the container's log driver); no log file is written"),
     ("ENABLE_STATS_SNAPSHOT", Level::Warn, "App Mesh's agent stats snapshots are not served; Envoy's /stats is"),
     ("APPNET_ENABLE_RELAY_MODE_FOR_XDS", Level::Warn, "relay mode is not needed: the Trellis agent on the instance is the control plane"),
+    ("APPNET_RELAY_LISTENER_UDS_PATH", Level::Warn, "relay mode is not needed: the Trellis agent on the instance is the control plane"),
+    ("APPNET_CONTAINER_IP_MAPPING", Level::Info, "ECS Service Connect metadata for its control plane"),
+    ("APPNET_LISTENER_PORT_MAPPING", Level::Info, "ECS Service Connect metadata for its control plane"),
+    ("APPNET_FIPS_MODE_ENABLED", Level::Info, "selects App Mesh's FIPS endpoint; Trellis's is APPMESH_XDS_ENDPOINT"),
 ];
 
 /// Families whose every member is explained the same way (ECS Service Connect's relay).
