@@ -15,7 +15,7 @@ pub mod files;
 pub mod observe;
 
 pub use catalogue::{Level, Note};
-pub use observe::{StatsdTarget, Stats, Tracer};
+pub use observe::{Stats, StatsdTarget, Tracer};
 
 pub const ENV_RESOURCE_ARN: &str = "APPMESH_RESOURCE_ARN";
 pub const ENV_RESOURCE_NAME: &str = "APPMESH_RESOURCE_NAME";
@@ -496,7 +496,11 @@ impl EnvoySettings {
         if let Some(list) = bootstrap["static_resources"]["clusters"].as_array_mut() {
             list.extend(clusters);
         }
-        if self.fragments.iter().all(|f| f.var != "ENVOY_STATS_CONFIG_FILE") {
+        if self
+            .fragments
+            .iter()
+            .all(|f| f.var != "ENVOY_STATS_CONFIG_FILE")
+        {
             bootstrap["stats_config"] =
                 json!({"stats_tags": observe::stats_tags(&self.stats, &self.identity)});
         }

@@ -127,14 +127,14 @@ impl DrainSettings {
             ENV_LISTENER_DRAIN_WAIT,
             "must be a whole number of seconds from 5 to 110",
         )?;
-        if let (Some(v), None) = (app_mesh, ours) {
-            if !(5..=110).contains(&v) {
-                return Err(Error::Invalid {
-                    var: ENV_LISTENER_DRAIN_WAIT,
-                    value: v.to_string(),
-                    rule: "must be a whole number of seconds from 5 to 110",
-                });
-            }
+        if let (Some(v), None) = (app_mesh, ours)
+            && !(5..=110).contains(&v)
+        {
+            return Err(Error::Invalid {
+                var: ENV_LISTENER_DRAIN_WAIT,
+                value: v.to_string(),
+                rule: "must be a whole number of seconds from 5 to 110",
+            });
         }
         let timeout = ours.or(app_mesh).unwrap_or(DEFAULT_DRAIN_TIMEOUT_S);
         let metadata = match nonempty(ENV_METADATA_URI) {
@@ -209,7 +209,10 @@ impl RunSettings {
         if self.skip_deprecated_logs
             && ["trace", "debug", "info", "warning", "warn"].contains(&log_level)
         {
-            flags.extend(["--component-log-level".to_string(), "misc:error".to_string()]);
+            flags.extend([
+                "--component-log-level".to_string(),
+                "misc:error".to_string(),
+            ]);
         }
         flags
     }
@@ -242,14 +245,19 @@ pub fn run(args: &EnvoyArgs, vars: &impl Vars) -> Result<i32, Error> {
     let settings = EnvoySettings::from_vars(vars)?;
     for note in &settings.notes {
         match note.level {
-            bootstrap::Level::Warn => warn!(variable = %note.var, detail = %note.text, "Envoy variable"),
-            bootstrap::Level::Info => info!(variable = %note.var, detail = %note.text, "Envoy variable"),
+            bootstrap::Level::Warn => {
+                warn!(variable = %note.var, detail = %note.text, "Envoy variable")
+            }
+            bootstrap::Level::Info => {
+                info!(variable = %note.var, detail = %note.text, "Envoy variable")
+            }
         }
     }
     let drain = DrainSettings::from_vars(vars)?;
     if let (Some(_), Some(_)) = (
         vars.get(ENV_DRAIN_TIMEOUT).filter(|v| !v.trim().is_empty()),
-        vars.get(ENV_LISTENER_DRAIN_WAIT).filter(|v| !v.trim().is_empty()),
+        vars.get(ENV_LISTENER_DRAIN_WAIT)
+            .filter(|v| !v.trim().is_empty()),
     ) {
         warn!(
             variable = ENV_LISTENER_DRAIN_WAIT,
@@ -288,7 +296,12 @@ pub fn run(args: &EnvoyArgs, vars: &impl Vars) -> Result<i32, Error> {
                 Exit::Signalled(code) => return Ok(code),
                 Exit::OnItsOwn(code) if restarts < run.restarts => {
                     restarts += 1;
-                    warn!(code, restart = restarts, of = run.restarts, "Envoy exited: starting it again (APPNET_ENVOY_RESTART_COUNT)");
+                    warn!(
+                        code,
+                        restart = restarts,
+                        of = run.restarts,
+                        "Envoy exited: starting it again (APPNET_ENVOY_RESTART_COUNT)"
+                    );
                 }
                 Exit::OnItsOwn(code) => return Ok(code),
             }
@@ -408,7 +421,9 @@ async fn unix_post(path: &str, target: &str) -> Result<(u16, String), String> {
         let req = format!(
             "POST {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
         );
-        s.write_all(req.as_bytes()).await.map_err(|e| e.to_string())?;
+        s.write_all(req.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
         let mut buf = Vec::new();
         s.read_to_end(&mut buf).await.map_err(|e| e.to_string())?;
         let text = String::from_utf8_lossy(&buf);
@@ -417,7 +432,12 @@ async fn unix_post(path: &str, target: &str) -> Result<(u16, String), String> {
             .nth(1)
             .and_then(|c| c.parse().ok())
             .ok_or("no HTTP status")?;
-        Ok((status, text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()))
+        Ok((
+            status,
+            text.split_once("\r\n\r\n")
+                .map(|(_, b)| b.to_string())
+                .unwrap_or_default(),
+        ))
     };
     tokio::time::timeout(Duration::from_secs(5), exchange)
         .await

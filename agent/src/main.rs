@@ -75,8 +75,12 @@ fn bootstrap(args: BootstrapArgs) -> anyhow::Result<()> {
     let settings = EnvoySettings::from_vars(&ProcessEnv)?;
     for note in &settings.notes {
         match note.level {
-            Level::Warn => tracing::warn!(variable = %note.var, detail = %note.text, "Envoy variable"),
-            Level::Info => tracing::info!(variable = %note.var, detail = %note.text, "Envoy variable"),
+            Level::Warn => {
+                tracing::warn!(variable = %note.var, detail = %note.text, "Envoy variable")
+            }
+            Level::Info => {
+                tracing::info!(variable = %note.var, detail = %note.text, "Envoy variable")
+            }
         }
     }
     let doc = serde_json::to_string_pretty(&settings.bootstrap())?;

@@ -111,11 +111,19 @@ fn xray_segments_from_both_envoys_carry_one_trace() {
     mesh.traffic(3);
     let front = eventually("front's segments", Duration::from_secs(20), || {
         let s = segments(&front_daemon);
-        if s.len() >= 3 { Ok(s) } else { Err(format!("{s:?}")) }
+        if s.len() >= 3 {
+            Ok(s)
+        } else {
+            Err(format!("{s:?}"))
+        }
     });
     let back = eventually("back's segments", Duration::from_secs(20), || {
         let s = segments(&back_daemon);
-        if s.len() >= 3 { Ok(s) } else { Err(format!("{s:?}")) }
+        if s.len() >= 3 {
+            Ok(s)
+        } else {
+            Err(format!("{s:?}"))
+        }
     });
     for s in &front {
         assert_eq!(s["name"], "m/front-vn", "segment name is mesh/node: {s}");
@@ -322,7 +330,8 @@ fn dogstatsd_lines_carry_app_mesh_tags_over_udp_and_a_unix_socket() {
         ],
     );
     mesh.traffic(2);
-    let has = |tags: &[(String, String)], k: &str, v: &str| tags.iter().any(|(a, b)| a == k && b == v);
+    let has =
+        |tags: &[(String, String)], k: &str, v: &str| tags.iter().any(|(a, b)| a == k && b == v);
     let front = eventually("front's upstream requests", Duration::from_secs(20), || {
         statsd_lines(&front_statsd, "envoy.cluster.upstream_rq_total")
             .into_iter()
@@ -341,7 +350,10 @@ fn dogstatsd_lines_carry_app_mesh_tags_over_udp_and_a_unix_socket() {
             .ok_or_else(|| format!("{:?}", back_statsd.datagrams().last()))
     });
     assert!(has(&back, "appmesh.virtual_node", "back-vn"), "{back:?}");
-    assert!(!back.iter().any(|(k, _)| k == "Mesh"), "no extension on back: {back:?}");
+    assert!(
+        !back.iter().any(|(k, _)| k == "Mesh"),
+        "no extension on back: {back:?}"
+    );
     // ENVOY_STATS_FLUSH_INTERVAL=1s: under steady traffic, flushes (bursts of datagrams) arrive
     // about every second; Envoy's default would send one in five seconds.
     let start = front_statsd.records().len();

@@ -22,7 +22,9 @@ const ADMIN: u16 = 9901;
 
 #[test]
 fn the_stock_app_mesh_image_bootstrap_gets_its_configuration_and_traffic_flows() {
-    if !can_run_privileged("the_stock_app_mesh_image_bootstrap_gets_its_configuration_and_traffic_flows") {
+    if !can_run_privileged(
+        "the_stock_app_mesh_image_bootstrap_gets_its_configuration_and_traffic_flows",
+    ) {
         return;
     }
     let work = Workdir::new("stock-envoy");
@@ -75,27 +77,43 @@ fn the_stock_app_mesh_image_bootstrap_gets_its_configuration_and_traffic_flows()
         "stock Envoy in front",
         &mut front.cmd_as(
             "1337",
-            &[&envoy_s, "-c", &path_s, "--disable-hot-restart", "--concurrency", "1"],
+            &[
+                &envoy_s,
+                "-c",
+                &path_s,
+                "--disable-hot-restart",
+                "--concurrency",
+                "1",
+            ],
         ),
         work.join("envoy-stock-front.log"),
     );
-    eventually("the stock Envoy's listeners from Trellis", Duration::from_secs(30), || {
-        if !proc.is_running() {
-            panic!("Envoy exited:\n{}", proc.log_text());
-        }
-        let lds = front.envoy_stat(ADMIN, "listener_manager.lds.update_success");
-        let eds = front.envoy_stat(ADMIN, "cluster.local_cluster.update_success");
-        let connected = front.envoy_stat(ADMIN, "control_plane.connected_state");
-        if lds > 0 && eds > 0 && connected == 1 {
-            Ok(())
-        } else {
-            Err(format!("lds {lds}, local_cluster eds {eds}, connected {connected}"))
-        }
-    });
+    eventually(
+        "the stock Envoy's listeners from Trellis",
+        Duration::from_secs(30),
+        || {
+            if !proc.is_running() {
+                panic!("Envoy exited:\n{}", proc.log_text());
+            }
+            let lds = front.envoy_stat(ADMIN, "listener_manager.lds.update_success");
+            let eds = front.envoy_stat(ADMIN, "cluster.local_cluster.update_success");
+            let connected = front.envoy_stat(ADMIN, "control_plane.connected_state");
+            if lds > 0 && eds > 0 && connected == 1 {
+                Ok(())
+            } else {
+                Err(format!(
+                    "lds {lds}, local_cluster eds {eds}, connected {connected}"
+                ))
+            }
+        },
+    );
     let stream = agent
         .xds_stream("mesh/m/virtualNode/front-vn")
         .expect("the agent serves the stock Envoy's stream");
-    assert_eq!(stream["types"]["Listener"]["sent_version"], stream["types"]["Listener"]["acked_version"], "{stream}");
+    assert_eq!(
+        stream["types"]["Listener"]["sent_version"], stream["types"]["Listener"]["acked_version"],
+        "{stream}"
+    );
 
     let body = eventually("front reaches back", Duration::from_secs(20), || {
         front.http_get(None, BACK_URL)
@@ -128,7 +146,11 @@ fn the_stock_app_mesh_image_bootstrap_gets_its_configuration_and_traffic_flows()
 /// `grpcio` (grpc-core) subscribing to clusters over the socket, the way a stock-image Envoy or
 /// any other grpc-core or grpc-java ADS client does; `authority` overrides the `:authority` it
 /// sends (grpc-java, and grpc-core before 1.4x, sent the socket path itself).
-fn grpcio_ads(work: &Workdir, socket: &std::path::Path, authority: Option<&str>) -> Result<String, String> {
+fn grpcio_ads(
+    work: &Workdir,
+    socket: &std::path::Path,
+    authority: Option<&str>,
+) -> Result<String, String> {
     let script = r#"
 import sys, grpc
 sock, node, authority = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -163,7 +185,11 @@ except grpc.RpcError as e:
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    if out.status.success() { Ok(text) } else { Err(text) }
+    if out.status.success() {
+        Ok(text)
+    } else {
+        Err(text)
+    }
 }
 
 #[test]
@@ -173,9 +199,16 @@ fn grpc_core_clients_speak_ads_on_the_socket_whatever_authority_they_send() {
     let agent = Agent::start(&work, Some(&resources));
     let socket = agent.socket_dir.join("xds.sock");
     check(Command::new(venv().join("bin/python")).args(["-c", "import grpc"]));
-    for authority in [None, Some("localhost"), Some(socket.to_str().expect("utf-8 path"))] {
+    for authority in [
+        None,
+        Some("localhost"),
+        Some(socket.to_str().expect("utf-8 path")),
+    ] {
         let out = grpcio_ads(&work, &socket, authority)
             .unwrap_or_else(|e| panic!("authority {authority:?}: {e}"));
-        assert!(out.contains("response") && out.contains("True"), "authority {authority:?}: {out}");
+        assert!(
+            out.contains("response") && out.contains("True"),
+            "authority {authority:?}: {out}"
+        );
     }
 }

@@ -106,46 +106,190 @@ pub const SERVED: &[&str] = &[
 
 /// Known variables that change nothing in Trellis, and why.
 const NOT_SERVED: &[(&str, Level, &str)] = &[
-    ("APPMESH_PREVIEW", Level::Info, "selects App Mesh's preview endpoint; Trellis's is APPMESH_XDS_ENDPOINT"),
-    ("APPMESH_DUALSTACK_ENDPOINT", Level::Info, "selects App Mesh's dual-stack endpoint; Trellis's is APPMESH_XDS_ENDPOINT"),
-    ("APPMESH_SIGNING_NAME", Level::Info, "names the SigV4 service for App Mesh's endpoint; the agent's socket needs no signing"),
-    ("APPMESH_PLATFORM_K8S_VERSION", Level::Info, "EKS metadata for App Mesh's control plane"),
-    ("APPMESH_PLATFORM_K8S_POD_UID", Level::Info, "EKS metadata for App Mesh's control plane"),
-    ("APPMESH_PLATFORM_APP_MESH_CONTROLLER_VERSION", Level::Info, "EKS metadata for App Mesh's control plane"),
-    ("APPMESH_APP_PORTS", Level::Info, "read by the route manager, not by Envoy"),
-    ("APPMESH_IGNORE_UID", Level::Info, "read by the route manager, not by Envoy"),
-    ("APPMESH_IGNORE_GID", Level::Info, "read by the route manager, not by Envoy"),
-    ("APPMESH_ENVOY_INGRESS_PORT", Level::Info, "read by the route manager, not by Envoy"),
-    ("APPMESH_ENVOY_EGRESS_PORT", Level::Info, "read by the route manager, not by Envoy"),
-    ("APPMESH_EGRESS_IGNORED_IP", Level::Info, "read by the route manager, not by Envoy"),
-    ("APPMESH_EGRESS_IGNORED_PORTS", Level::Info, "read by the route manager, not by Envoy"),
-    ("APPMESH_ENABLE_IPV6", Level::Info, "read by the route manager, not by Envoy"),
-    ("APPMESH_START_ENABLED", Level::Info, "read by the route manager, not by Envoy"),
-    ("APPNET_AGENT_ADMIN_MODE", Level::Warn, "App Mesh's agent management server (/status, /stats/prometheus, /drain_listeners) is not served; use Envoy's admin port"),
-    ("APPNET_AGENT_HTTP_PORT", Level::Warn, "App Mesh's agent management server is not served; use Envoy's admin port"),
-    ("APPNET_AGENT_HTTP_BIND_ADDRESS", Level::Warn, "App Mesh's agent management server is not served; use Envoy's admin port"),
-    ("APPNET_AGENT_ADMIN_UDS_PATH", Level::Warn, "App Mesh's agent management server is not served; use Envoy's admin port"),
-    ("APPNET_AGENT_LOGGING_RESET_TIMEOUT", Level::Warn, "App Mesh's agent /enableLogging is not served; Envoy's admin /logging is"),
-    ("APPNET_AGENT_POLL_ENVOY_READINESS_INTERVAL_S", Level::Info, "App Mesh's EKS readiness poll; ECS health-checks Envoy's /server_info"),
-    ("APPNET_AGENT_POLL_ENVOY_READINESS_TIMEOUT_S", Level::Info, "App Mesh's EKS readiness poll; ECS health-checks Envoy's /server_info"),
-    ("HC_POLL_INTERVAL_MS", Level::Info, "App Mesh's agent health poll; ECS health-checks Envoy's /server_info"),
-    ("HC_DISCONNECTED_TIMEOUT_S", Level::Info, "App Mesh's agent health poll; ECS health-checks Envoy's /server_info"),
-    ("APPNET_ENVOY_LOG_DESTINATION", Level::Warn, "Envoy logs to standard output (the container's log driver); no log file is written"),
-    ("APPNET_ENVOY_LOG_NAME", Level::Warn, "Envoy logs to standard output (the container's log driver); no log file is written"),
-    ("APPNET_AGENT_MAX_LOG_FILE_SIZE", Level::Warn, "Envoy logs to standard output (the container's log driver); no log file is written"),
-    ("APPNET_AGENT_MAX_RETENTION_COUNT", Level::Warn, "Envoy logs to standard output (the container's log driver); no log file is written"),
-    ("ENABLE_STATS_SNAPSHOT", Level::Warn, "App Mesh's agent stats snapshots are not served; Envoy's /stats is"),
-    ("APPNET_ENABLE_RELAY_MODE_FOR_XDS", Level::Warn, "relay mode is not needed: the Trellis agent on the instance is the control plane"),
-    ("APPNET_RELAY_LISTENER_UDS_PATH", Level::Warn, "relay mode is not needed: the Trellis agent on the instance is the control plane"),
-    ("APPNET_CONTAINER_IP_MAPPING", Level::Info, "ECS Service Connect metadata for its control plane"),
-    ("APPNET_LISTENER_PORT_MAPPING", Level::Info, "ECS Service Connect metadata for its control plane"),
-    ("APPNET_FIPS_MODE_ENABLED", Level::Info, "selects App Mesh's FIPS endpoint; Trellis's is APPMESH_XDS_ENDPOINT"),
+    (
+        "APPMESH_PREVIEW",
+        Level::Info,
+        "selects App Mesh's preview endpoint; Trellis's is APPMESH_XDS_ENDPOINT",
+    ),
+    (
+        "APPMESH_DUALSTACK_ENDPOINT",
+        Level::Info,
+        "selects App Mesh's dual-stack endpoint; Trellis's is APPMESH_XDS_ENDPOINT",
+    ),
+    (
+        "APPMESH_SIGNING_NAME",
+        Level::Info,
+        "names the SigV4 service for App Mesh's endpoint; the agent's socket needs no signing",
+    ),
+    (
+        "APPMESH_PLATFORM_K8S_VERSION",
+        Level::Info,
+        "EKS metadata for App Mesh's control plane",
+    ),
+    (
+        "APPMESH_PLATFORM_K8S_POD_UID",
+        Level::Info,
+        "EKS metadata for App Mesh's control plane",
+    ),
+    (
+        "APPMESH_PLATFORM_APP_MESH_CONTROLLER_VERSION",
+        Level::Info,
+        "EKS metadata for App Mesh's control plane",
+    ),
+    (
+        "APPMESH_APP_PORTS",
+        Level::Info,
+        "read by the route manager, not by Envoy",
+    ),
+    (
+        "APPMESH_IGNORE_UID",
+        Level::Info,
+        "read by the route manager, not by Envoy",
+    ),
+    (
+        "APPMESH_IGNORE_GID",
+        Level::Info,
+        "read by the route manager, not by Envoy",
+    ),
+    (
+        "APPMESH_ENVOY_INGRESS_PORT",
+        Level::Info,
+        "read by the route manager, not by Envoy",
+    ),
+    (
+        "APPMESH_ENVOY_EGRESS_PORT",
+        Level::Info,
+        "read by the route manager, not by Envoy",
+    ),
+    (
+        "APPMESH_EGRESS_IGNORED_IP",
+        Level::Info,
+        "read by the route manager, not by Envoy",
+    ),
+    (
+        "APPMESH_EGRESS_IGNORED_PORTS",
+        Level::Info,
+        "read by the route manager, not by Envoy",
+    ),
+    (
+        "APPMESH_ENABLE_IPV6",
+        Level::Info,
+        "read by the route manager, not by Envoy",
+    ),
+    (
+        "APPMESH_START_ENABLED",
+        Level::Info,
+        "read by the route manager, not by Envoy",
+    ),
+    (
+        "APPNET_AGENT_ADMIN_MODE",
+        Level::Warn,
+        "App Mesh's agent management server (/status, /stats/prometheus, /drain_listeners) is not served; use Envoy's admin port",
+    ),
+    (
+        "APPNET_AGENT_HTTP_PORT",
+        Level::Warn,
+        "App Mesh's agent management server is not served; use Envoy's admin port",
+    ),
+    (
+        "APPNET_AGENT_HTTP_BIND_ADDRESS",
+        Level::Warn,
+        "App Mesh's agent management server is not served; use Envoy's admin port",
+    ),
+    (
+        "APPNET_AGENT_ADMIN_UDS_PATH",
+        Level::Warn,
+        "App Mesh's agent management server is not served; use Envoy's admin port",
+    ),
+    (
+        "APPNET_AGENT_LOGGING_RESET_TIMEOUT",
+        Level::Warn,
+        "App Mesh's agent /enableLogging is not served; Envoy's admin /logging is",
+    ),
+    (
+        "APPNET_AGENT_POLL_ENVOY_READINESS_INTERVAL_S",
+        Level::Info,
+        "App Mesh's EKS readiness poll; ECS health-checks Envoy's /server_info",
+    ),
+    (
+        "APPNET_AGENT_POLL_ENVOY_READINESS_TIMEOUT_S",
+        Level::Info,
+        "App Mesh's EKS readiness poll; ECS health-checks Envoy's /server_info",
+    ),
+    (
+        "HC_POLL_INTERVAL_MS",
+        Level::Info,
+        "App Mesh's agent health poll; ECS health-checks Envoy's /server_info",
+    ),
+    (
+        "HC_DISCONNECTED_TIMEOUT_S",
+        Level::Info,
+        "App Mesh's agent health poll; ECS health-checks Envoy's /server_info",
+    ),
+    (
+        "APPNET_ENVOY_LOG_DESTINATION",
+        Level::Warn,
+        "Envoy logs to standard output (the container's log driver); no log file is written",
+    ),
+    (
+        "APPNET_ENVOY_LOG_NAME",
+        Level::Warn,
+        "Envoy logs to standard output (the container's log driver); no log file is written",
+    ),
+    (
+        "APPNET_AGENT_MAX_LOG_FILE_SIZE",
+        Level::Warn,
+        "Envoy logs to standard output (the container's log driver); no log file is written",
+    ),
+    (
+        "APPNET_AGENT_MAX_RETENTION_COUNT",
+        Level::Warn,
+        "Envoy logs to standard output (the container's log driver); no log file is written",
+    ),
+    (
+        "ENABLE_STATS_SNAPSHOT",
+        Level::Warn,
+        "App Mesh's agent stats snapshots are not served; Envoy's /stats is",
+    ),
+    (
+        "APPNET_ENABLE_RELAY_MODE_FOR_XDS",
+        Level::Warn,
+        "relay mode is not needed: the Trellis agent on the instance is the control plane",
+    ),
+    (
+        "APPNET_RELAY_LISTENER_UDS_PATH",
+        Level::Warn,
+        "relay mode is not needed: the Trellis agent on the instance is the control plane",
+    ),
+    (
+        "APPNET_CONTAINER_IP_MAPPING",
+        Level::Info,
+        "ECS Service Connect metadata for its control plane",
+    ),
+    (
+        "APPNET_LISTENER_PORT_MAPPING",
+        Level::Info,
+        "ECS Service Connect metadata for its control plane",
+    ),
+    (
+        "APPNET_FIPS_MODE_ENABLED",
+        Level::Info,
+        "selects App Mesh's FIPS endpoint; Trellis's is APPMESH_XDS_ENDPOINT",
+    ),
 ];
 
 /// Families whose every member is explained the same way (ECS Service Connect's relay).
 const NOT_SERVED_PREFIXES: &[(&str, Level, &str)] = &[
-    ("APPNET_MANAGEMENT_", Level::Warn, "relay mode is not needed: the Trellis agent on the instance is the control plane"),
-    ("RELAY_", Level::Warn, "relay mode is not needed: the Trellis agent on the instance is the control plane"),
+    (
+        "APPNET_MANAGEMENT_",
+        Level::Warn,
+        "relay mode is not needed: the Trellis agent on the instance is the control plane",
+    ),
+    (
+        "RELAY_",
+        Level::Warn,
+        "relay mode is not needed: the Trellis agent on the instance is the control plane",
+    ),
 ];
 
 /// Notes for every set variable of the families that is not served: why it changes nothing, or
@@ -160,10 +304,11 @@ pub fn notes(vars: &impl Vars, extra_known: &[&str]) -> Vec<Note> {
         if !in_family || SERVED.contains(&name.as_str()) || extra_known.contains(&name.as_str()) {
             continue;
         }
-        let known = NOT_SERVED
-            .iter()
-            .find(|(n, _, _)| *n == name)
-            .or_else(|| NOT_SERVED_PREFIXES.iter().find(|(p, _, _)| name.starts_with(p)));
+        let known = NOT_SERVED.iter().find(|(n, _, _)| *n == name).or_else(|| {
+            NOT_SERVED_PREFIXES
+                .iter()
+                .find(|(p, _, _)| name.starts_with(p))
+        });
         out.push(match known {
             Some((_, level, why)) => Note {
                 var: name,

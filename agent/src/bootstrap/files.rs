@@ -142,10 +142,7 @@ fn append(dst: &mut Map<String, Value>, key: &str, value: Value) -> Result<(), S
     let Value::Array(items) = value else {
         return Err(format!("{key} must be a list"));
     };
-    match dst
-        .entry(key)
-        .or_insert_with(|| Value::Array(Vec::new()))
-    {
+    match dst.entry(key).or_insert_with(|| Value::Array(Vec::new())) {
         Value::Array(list) => {
             list.extend(items);
             Ok(())

@@ -152,12 +152,23 @@ fn xray_sampling(env: &Env<'_, impl Vars>) -> Result<Option<String>, Error> {
         let doc: Value = serde_json::from_str(&text).map_err(|e| file(format!("not JSON: {e}")))?;
         match doc["version"].as_u64() {
             Some(2) => {}
-            Some(1) => return Err(file("version 1 manifests are not supported by Envoy's X-Ray tracer; use version 2".into())),
-            _ => return Err(file("must be an X-Ray sampling rule manifest with \"version\": 2".into())),
+            Some(1) => {
+                return Err(file(
+                    "version 1 manifests are not supported by Envoy's X-Ray tracer; use version 2"
+                        .into(),
+                ));
+            }
+            _ => {
+                return Err(file(
+                    "must be an X-Ray sampling rule manifest with \"version\": 2".into(),
+                ));
+            }
         }
         let default = &doc["default"];
         if !(default["fixed_target"].is_u64() && default["rate"].is_number()) {
-            return Err(file("needs a \"default\" rule with \"fixed_target\" and \"rate\"".into()));
+            return Err(file(
+                "needs a \"default\" rule with \"fixed_target\" and \"rate\"".into(),
+            ));
         }
         return Ok(Some(text));
     }

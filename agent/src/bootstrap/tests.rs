@@ -12,7 +12,13 @@ fn defaults_match_the_app_mesh_envoy_image() {
     let s = EnvoySettings::from_vars(&vars(&[(ENV_RESOURCE_ARN, "mesh/m/virtualNode/a")])).unwrap();
     assert_eq!(s.node_id, "mesh/m/virtualNode/a");
     assert_eq!(s.cluster, "mesh/m/virtualNode/a");
-    assert_eq!(s.admin, Admin::Tcp { port: 9901, ipv6: false });
+    assert_eq!(
+        s.admin,
+        Admin::Tcp {
+            port: 9901,
+            ipv6: false
+        }
+    );
     assert_eq!(s.xds, XdsEndpoint::Unix("/var/run/trellis/xds.sock".into()));
     let b = s.bootstrap();
     assert_eq!(b["node"]["id"], "mesh/m/virtualNode/a");
@@ -124,8 +130,16 @@ fn bad_values_name_the_variable() {
         ("ENABLE_ENVOY_XRAY_TRACING", "on", ""),
         ("XRAY_SAMPLING_RATE", "1.5", "ENABLE_ENVOY_XRAY_TRACING"),
         ("XRAY_DAEMON_PORT", "70000", "ENABLE_ENVOY_XRAY_TRACING"),
-        ("AWS_XRAY_DAEMON_ADDRESS", "xray.local:2000", "ENABLE_ENVOY_XRAY_TRACING"),
-        ("JAEGER_TRACER_ADDRESS", "jaeger host", "ENABLE_ENVOY_JAEGER_TRACING"),
+        (
+            "AWS_XRAY_DAEMON_ADDRESS",
+            "xray.local:2000",
+            "ENABLE_ENVOY_XRAY_TRACING",
+        ),
+        (
+            "JAEGER_TRACER_ADDRESS",
+            "jaeger host",
+            "ENABLE_ENVOY_JAEGER_TRACING",
+        ),
         ("ENABLE_ENVOY_STATS_TAGS", "2", ""),
         ("STATSD_ADDRESS", "statsd.local", "ENABLE_ENVOY_DOG_STATSD"),
         ("ENVOY_STATS_FLUSH_INTERVAL", "10", ""),
@@ -133,7 +147,11 @@ fn bad_values_name_the_variable() {
         ("APPMESH_METRIC_EXTENSION_VERSION", "2", ""),
         ("APPMESH_SET_TRACING_DECISION", "maybe", ""),
         ("ENVOY_TRACING_CFG_FILE", "/nonexistent/tracing.yaml", ""),
-        ("XRAY_SAMPLING_RULE_MANIFEST", "/nonexistent/rules.json", "ENABLE_ENVOY_XRAY_TRACING"),
+        (
+            "XRAY_SAMPLING_RULE_MANIFEST",
+            "/nonexistent/rules.json",
+            "ENABLE_ENVOY_XRAY_TRACING",
+        ),
         (ENV_INITIAL_FETCH_TIMEOUT, "soon", ""),
         (ENV_CONCURRENCY, "0", ""),
         (ENV_SDS_SOCKET_PATH, "run/spire/agent.sock", ""),
@@ -180,7 +198,6 @@ fn an_sds_socket_adds_the_static_sds_cluster_app_mesh_named() {
         );
 }
 
-
 fn settings(pairs: &[(&str, &str)]) -> EnvoySettings {
     let mut all = vec![(ENV_RESOURCE_ARN, "mesh/shop/virtualNode/web")];
     all.extend_from_slice(pairs);
@@ -208,10 +225,16 @@ fn xray_tracing_as_app_mesh_wrote_it() {
     assert_eq!(cfg["daemon_endpoint"]["port_value"], 2001);
     assert_eq!(cfg["daemon_endpoint"]["address"], "127.0.0.1");
     assert_eq!(cfg["segment_fields"]["origin"], "AWS::AppMesh::Proxy");
-    assert_eq!(cfg["segment_fields"]["aws"]["app_mesh"]["mesh_name"], "shop");
-    let manifest: Value =
-        serde_json::from_str(cfg["sampling_rule_manifest"]["inline_string"].as_str().unwrap())
-            .unwrap();
+    assert_eq!(
+        cfg["segment_fields"]["aws"]["app_mesh"]["mesh_name"],
+        "shop"
+    );
+    let manifest: Value = serde_json::from_str(
+        cfg["sampling_rule_manifest"]["inline_string"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
     assert_eq!(manifest["version"], 2);
     assert_eq!(manifest["default"]["rate"], 1.0);
     // X-Ray's own default rate writes no manifest; a segment name and daemon address override.
@@ -219,7 +242,10 @@ fn xray_tracing_as_app_mesh_wrote_it() {
         ("ENABLE_ENVOY_XRAY_TRACING", "true"),
         ("XRAY_SAMPLING_RATE", "0.05"),
         ("XRAY_SEGMENT_NAME", "web-seg"),
-        ("AWS_XRAY_DAEMON_ADDRESS", "tcp:10.0.0.9:2000 udp:10.0.0.9:2002"),
+        (
+            "AWS_XRAY_DAEMON_ADDRESS",
+            "tcp:10.0.0.9:2000 udp:10.0.0.9:2002",
+        ),
     ])
     .bootstrap();
     let cfg = &b["tracing"]["http"]["typed_config"];
@@ -238,8 +264,8 @@ fn datadog_and_jaeger_tracing_with_their_collector_clusters() {
     let dd = &b["static_resources"]["clusters"][1];
     assert_eq!(dd["name"], "datadog_agent");
     assert_eq!(
-        dd["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
-            ["socket_address"]["port_value"],
+        dd["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+            ["port_value"],
         8126
     );
     let b = settings(&[
@@ -283,11 +309,20 @@ fn stats_tags_dogstatsd_and_flush_interval() {
     assert_eq!(fixed("appmesh.virtual_node"), Some(json!("web")));
     assert_eq!(fixed("Mesh"), Some(json!("shop")));
     assert_eq!(fixed("VirtualNode"), Some(json!("web")));
-    assert_eq!(b["node"]["metadata"]["aws.appmesh.metric_filter"]["level"], "1");
+    assert_eq!(
+        b["node"]["metadata"]["aws.appmesh.metric_filter"]["level"],
+        "1"
+    );
     let sink = &b["stats_sinks"][0];
     assert_eq!(sink["name"], "envoy.stat_sinks.dog_statsd");
-    assert_eq!(sink["typed_config"]["address"]["socket_address"]["port_value"], 8200);
-    assert_eq!(sink["typed_config"]["address"]["socket_address"]["protocol"], "UDP");
+    assert_eq!(
+        sink["typed_config"]["address"]["socket_address"]["port_value"],
+        8200
+    );
+    assert_eq!(
+        sink["typed_config"]["address"]["socket_address"]["protocol"],
+        "UDP"
+    );
     assert_eq!(b["stats_flush_interval"], "1.500000000s");
     // Without the variables: only the listener tags, no sink.
     let b = settings(&[]).bootstrap();
@@ -299,7 +334,11 @@ fn stats_tags_dogstatsd_and_flush_interval() {
         .collect();
     assert_eq!(
         names,
-        ["appmesh.listener_protocol", "appmesh.listener_port", "envoy_rds_route_config"]
+        [
+            "appmesh.listener_protocol",
+            "appmesh.listener_port",
+            "envoy_rds_route_config"
+        ]
     );
     assert!(b.get("stats_sinks").is_none());
     let b = settings(&[
@@ -315,7 +354,11 @@ fn stats_tags_dogstatsd_and_flush_interval() {
 
 #[test]
 fn admin_ipv6_uds_and_runtime() {
-    let b = settings(&[(ENV_ADMIN_IPV6, "true"), (ENV_MAX_REQUESTS_PER_IO_CYCLE, "1")]).bootstrap();
+    let b = settings(&[
+        (ENV_ADMIN_IPV6, "true"),
+        (ENV_MAX_REQUESTS_PER_IO_CYCLE, "1"),
+    ])
+    .bootstrap();
     assert_eq!(b["admin"]["address"]["socket_address"]["address"], "::");
     assert_eq!(b["admin"]["address"]["socket_address"]["ipv4_compat"], true);
     let layer = &b["layered_runtime"]["layers"][0]["static_layer"];
@@ -341,13 +384,23 @@ fn unknown_and_unserved_variables_are_named_never_dropped() {
     assert_eq!(unknown.level, Level::Warn);
     assert!(unknown.text.contains("unknown"), "{}", unknown.text);
     assert_eq!(by("APPMESH_PREVIEW").unwrap().level, Level::Info);
-    assert_eq!(by("APPMESH_SET_TRACING_DECISION").unwrap().level, Level::Warn);
-    assert_eq!(by("ENVOY_ENABLE_TCP_POOL_IDLE_TIMEOUT").unwrap().level, Level::Warn);
+    assert_eq!(
+        by("APPMESH_SET_TRACING_DECISION").unwrap().level,
+        Level::Warn
+    );
+    assert_eq!(
+        by("ENVOY_ENABLE_TCP_POOL_IDLE_TIMEOUT").unwrap().level,
+        Level::Warn
+    );
     assert_eq!(by("RELAY_STREAM_IDLE_TIMEOUT").unwrap().level, Level::Warn);
     // Envoy's Datadog tracer reads DD_* itself; other variables are not ours to judge.
     assert!(by("DD_ENV").is_none());
     assert!(by("PATH").is_none());
-    assert!(settings(&[("ENABLE_ENVOY_XRAY_TRACING", "1")]).notes.is_empty());
+    assert!(
+        settings(&[("ENABLE_ENVOY_XRAY_TRACING", "1")])
+            .notes
+            .is_empty()
+    );
 }
 
 #[test]
@@ -363,8 +416,14 @@ fn operator_files_merge_as_app_mesh_merged_them() {
         "tracing.yaml",
         "tracing:\n  http:\n    name: envoy.tracers.zipkin\nstaticResources:\n  clusters:\n  - name: zipkin\n",
     );
-    let stats = write("stats.json", r#"{"stats_config": {"use_all_default_tags": false}}"#);
-    let sinks = write("sinks.yaml", "stats_sinks:\n- name: envoy.stat_sinks.statsd\n");
+    let stats = write(
+        "stats.json",
+        r#"{"stats_config": {"use_all_default_tags": false}}"#,
+    );
+    let sinks = write(
+        "sinks.yaml",
+        "stats_sinks:\n- name: envoy.stat_sinks.statsd\n",
+    );
     let b = settings(&[
         ("ENABLE_ENVOY_DOG_STATSD", "1"),
         ("ENVOY_TRACING_CFG_FILE", &tracing),
@@ -375,7 +434,10 @@ fn operator_files_merge_as_app_mesh_merged_them() {
     assert_eq!(b["tracing"]["http"]["name"], "envoy.tracers.zipkin");
     assert_eq!(b["stats_config"], json!({"use_all_default_tags": false}));
     // The sinks file replaces DogStatsD (App Mesh: it overrides all DogStatsD variables).
-    assert_eq!(b["stats_sinks"], json!([{"name": "envoy.stat_sinks.statsd"}]));
+    assert_eq!(
+        b["stats_sinks"],
+        json!([{"name": "envoy.stat_sinks.statsd"}])
+    );
     let names: Vec<_> = b["static_resources"]["clusters"]
         .as_array()
         .unwrap()
