@@ -30,6 +30,10 @@ use crate::probe::http;
 pub const ENV_DRAIN_TIMEOUT: &str = "ENVOY_DRAIN_TIMEOUT";
 /// Set by the ECS agent in every container: the task metadata endpoint v4 for this container.
 pub const ENV_METADATA_URI: &str = "ECS_CONTAINER_METADATA_URI_V4";
+/// App Mesh's name for the drain wait (5 to 110 s); `ENVOY_DRAIN_TIMEOUT` wins when both are set.
+pub const ENV_LISTENER_DRAIN_WAIT: &str = "LISTENER_DRAIN_WAIT_TIME_S";
+pub const ENV_RESTART_COUNT: &str = "APPNET_ENVOY_RESTART_COUNT";
+pub const ENV_PID_POLL: &str = "PID_POLL_INTERVAL_MS";
 pub const DEFAULT_DRAIN_TIMEOUT_S: u64 = 20;
 /// How often the task metadata is read while holding Envoy.
 const POLL: Duration = Duration::from_millis(500);
@@ -100,16 +104,39 @@ pub struct MetadataUri {
 impl DrainSettings {
     pub fn from_vars(vars: &impl Vars) -> Result<Self, Error> {
         let nonempty = |n: &str| vars.get(n).filter(|v| !v.trim().is_empty());
-        let timeout = match nonempty(ENV_DRAIN_TIMEOUT) {
-            None => DEFAULT_DRAIN_TIMEOUT_S,
-            Some(v) => v.trim().trim_end_matches('s').parse::<u64>().map_err(|_| {
-                Error::Invalid {
-                    var: ENV_DRAIN_TIMEOUT,
-                    value: v.clone(),
-                    rule: "must be a whole number of seconds (0 stops Envoy without holding it)",
-                }
-            })?,
+        let seconds = |var: &'static str, rule: &'static str| {
+            nonempty(var)
+                .map(|v| {
+                    v.trim()
+                        .trim_end_matches('s')
+                        .parse::<u64>()
+                        .map_err(|_| Error::Invalid {
+                            var,
+                            value: v.clone(),
+                            rule,
+                        })
+                })
+                .transpose()
         };
+        let ours = seconds(
+            ENV_DRAIN_TIMEOUT,
+            "must be a whole number of seconds (0 stops Envoy without holding it)",
+        )?;
+        // App Mesh's name for the same wait, with its bounds (ECS allows a stopTimeout of 120 s).
+        let app_mesh = seconds(
+            ENV_LISTENER_DRAIN_WAIT,
+            "must be a whole number of seconds from 5 to 110",
+        )?;
+        if let (Some(v), None) = (app_mesh, ours)
+            && !(5..=110).contains(&v)
+        {
+            return Err(Error::Invalid {
+                var: ENV_LISTENER_DRAIN_WAIT,
+                value: v.to_string(),
+                rule: "must be a whole number of seconds from 5 to 110",
+            });
+        }
+        let timeout = ours.or(app_mesh).unwrap_or(DEFAULT_DRAIN_TIMEOUT_S);
         let metadata = match nonempty(ENV_METADATA_URI) {
             None => None,
             Some(v) => Some(MetadataUri::parse(&v).ok_or(Error::Invalid {
@@ -122,6 +149,72 @@ impl DrainSettings {
             timeout: Duration::from_secs(timeout),
             metadata,
         })
+    }
+}
+
+/// How the entrypoint runs Envoy, from the App Mesh agent's variables.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunSettings {
+    /// `APPNET_ENVOY_RESTART_COUNT`: how often an Envoy that exits on its own is started again.
+    pub restarts: u32,
+    /// `DISABLE_HOT_RESTART` (true): Envoy's `--disable-hot-restart`.
+    pub disable_hot_restart: bool,
+    /// `ENVOY_SKIP_DEPRECATED_LOGS` (true): Envoy's deprecation warnings are not logged.
+    pub skip_deprecated_logs: bool,
+    /// `ENVOY_CONFIG_FILE`: the operator's whole bootstrap, used instead of a generated one.
+    pub config_file: Option<PathBuf>,
+}
+
+impl RunSettings {
+    pub fn from_vars(vars: &impl Vars) -> Result<Self, Error> {
+        let env = bootstrap::Env::new(vars);
+        let restarts = match env.get(ENV_RESTART_COUNT) {
+            None => 0,
+            Some(v) => v
+                .parse::<u32>()
+                .ok()
+                .filter(|n| *n <= 10)
+                .ok_or(Error::Invalid {
+                    var: ENV_RESTART_COUNT,
+                    value: v,
+                    rule: "must be a whole number from 0 to 10",
+                })?,
+        };
+        if let Some(v) = env.get(ENV_PID_POLL) {
+            // Envoy's exit is seen at once (it is our child); the value is checked, not needed.
+            if !v.parse::<u32>().is_ok_and(|ms| (100..=1000).contains(&ms)) {
+                return Err(Error::Invalid {
+                    var: ENV_PID_POLL,
+                    value: v,
+                    rule: "must be a whole number of milliseconds from 100 to 1000",
+                });
+            }
+        }
+        Ok(RunSettings {
+            restarts,
+            disable_hot_restart: env.flag("DISABLE_HOT_RESTART", true)?,
+            skip_deprecated_logs: env.flag("ENVOY_SKIP_DEPRECATED_LOGS", true)?,
+            config_file: env.get("ENVOY_CONFIG_FILE").map(PathBuf::from),
+        })
+    }
+
+    /// Flags added to Envoy's (unless the operator's extra flags already say them).
+    fn envoy_flags(&self, log_level: &str, extra: &[String]) -> Vec<String> {
+        let mut flags = Vec::new();
+        if self.disable_hot_restart && !extra.iter().any(|a| a == "--disable-hot-restart") {
+            flags.push("--disable-hot-restart".to_string());
+        }
+        // Deprecation warnings are logged by Envoy's `misc` logger; quieting it only ever lowers
+        // what is logged.
+        if self.skip_deprecated_logs
+            && ["trace", "debug", "info", "warning", "warn"].contains(&log_level)
+        {
+            flags.extend([
+                "--component-log-level".to_string(),
+                "misc:error".to_string(),
+            ]);
+        }
+        flags
     }
 }
 
@@ -150,12 +243,45 @@ impl MetadataUri {
 /// Runs Envoy to completion and returns the exit code to leave with.
 pub fn run(args: &EnvoyArgs, vars: &impl Vars) -> Result<i32, Error> {
     let settings = EnvoySettings::from_vars(vars)?;
+    for note in &settings.notes {
+        match note.level {
+            bootstrap::Level::Warn => {
+                warn!(variable = %note.var, detail = %note.text, "Envoy variable")
+            }
+            bootstrap::Level::Info => {
+                info!(variable = %note.var, detail = %note.text, "Envoy variable")
+            }
+        }
+    }
     let drain = DrainSettings::from_vars(vars)?;
-    let doc = serde_json::to_string_pretty(&settings.bootstrap()).unwrap_or_default();
-    std::fs::write(&args.bootstrap, doc + "\n").map_err(|source| Error::Write {
-        path: args.bootstrap.clone(),
-        source,
-    })?;
+    if let (Some(_), Some(_)) = (
+        vars.get(ENV_DRAIN_TIMEOUT).filter(|v| !v.trim().is_empty()),
+        vars.get(ENV_LISTENER_DRAIN_WAIT)
+            .filter(|v| !v.trim().is_empty()),
+    ) {
+        warn!(
+            variable = ENV_LISTENER_DRAIN_WAIT,
+            detail = "ENVOY_DRAIN_TIMEOUT is set too and wins",
+            "Envoy variable"
+        );
+    }
+    let run = RunSettings::from_vars(vars)?;
+    let config = match &run.config_file {
+        // App Mesh's image: a non-empty ENVOY_CONFIG_FILE is the operator's whole bootstrap.
+        Some(path) if std::fs::metadata(path).is_ok_and(|m| m.len() > 0) => {
+            info!(path = %path.display(), "ENVOY_CONFIG_FILE: using the operator's bootstrap");
+            path.clone()
+        }
+        other => {
+            let path = other.clone().unwrap_or_else(|| args.bootstrap.clone());
+            let doc = serde_json::to_string_pretty(&settings.bootstrap()).unwrap_or_default();
+            std::fs::write(&path, doc + "\n").map_err(|source| Error::Write {
+                path: path.clone(),
+                source,
+            })?;
+            path
+        }
+    };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -163,24 +289,52 @@ pub fn run(args: &EnvoyArgs, vars: &impl Vars) -> Result<i32, Error> {
             what: "start the runtime",
             source,
         })?;
-    rt.block_on(supervise(args, &settings, &drain))
+    rt.block_on(async {
+        let mut restarts = 0;
+        loop {
+            match supervise(args, &config, &settings, &drain, &run).await? {
+                Exit::Signalled(code) => return Ok(code),
+                Exit::OnItsOwn(code) if restarts < run.restarts => {
+                    restarts += 1;
+                    warn!(
+                        code,
+                        restart = restarts,
+                        of = run.restarts,
+                        "Envoy exited: starting it again (APPNET_ENVOY_RESTART_COUNT)"
+                    );
+                }
+                Exit::OnItsOwn(code) => return Ok(code),
+            }
+        }
+    })
+}
+
+/// How an Envoy run ended.
+enum Exit {
+    /// We stopped it (a signal to the entrypoint).
+    Signalled(i32),
+    /// It exited by itself (crash, bad configuration, /quitquitquit).
+    OnItsOwn(i32),
 }
 
 async fn supervise(
     args: &EnvoyArgs,
+    config: &std::path::Path,
     settings: &EnvoySettings,
     drain: &DrainSettings,
-) -> Result<i32, Error> {
+    run: &RunSettings,
+) -> Result<Exit, Error> {
     let sig = |kind, what| signal(kind).map_err(|source| Error::Io { what, source });
     let mut sigterm = sig(SignalKind::terminate(), "listen for SIGTERM")?;
     let mut sigint = sig(SignalKind::interrupt(), "listen for SIGINT")?;
 
-    let mut envoy_args = settings.envoy_args(&args.bootstrap.to_string_lossy());
+    let mut envoy_args = settings.envoy_args(&config.to_string_lossy());
     // Envoy's graceful drain period matches our hold, so listeners close no later than we stop it.
     envoy_args.extend([
         "--drain-time-s".to_string(),
         drain.timeout.as_secs().max(1).to_string(),
     ]);
+    envoy_args.extend(run.envoy_flags(&settings.log_level, &args.extra));
     envoy_args.extend(args.extra.iter().cloned());
     let mut child = Command::new(&args.envoy)
         .args(&envoy_args)
@@ -192,7 +346,7 @@ async fn supervise(
     info!(envoy = %args.envoy.display(), args = ?envoy_args, "Envoy started");
 
     let first = tokio::select! {
-        status = child.wait() => return finish(status),
+        status = child.wait() => return finish(status).map(Exit::OnItsOwn),
         _ = sigint.recv() => Signal::SIGINT,
         _ = sigterm.recv() => Signal::SIGTERM,
     };
@@ -202,16 +356,16 @@ async fn supervise(
             timeout_s = drain.timeout.as_secs(),
             "SIGTERM: draining Envoy"
         );
-        admin_drain(settings.admin_port).await;
+        admin_drain(&settings.admin).await;
         tokio::select! {
-            status = child.wait() => return finish(status),
+            status = child.wait() => return finish(status).map(Exit::Signalled),
             _ = sigint.recv() => info!("SIGINT while draining: stopping Envoy now"),
             _ = sigterm.recv() => info!("second SIGTERM while draining: stopping Envoy now"),
             why = hold(drain, deadline) => info!(reason = why, "drain over: stopping Envoy"),
         }
     }
     forward(&child, first);
-    finish(child.wait().await)
+    finish(child.wait().await).map(Exit::Signalled)
 }
 
 fn forward(child: &Child, sig: Signal) {
@@ -242,13 +396,52 @@ pub fn exit_code(status: ExitStatus) -> i32 {
 
 /// Asks Envoy to drain its inbound listeners gracefully: new inbound connections are refused and
 /// keep-alive ones are told to close, while outbound (egress) keeps serving the app's shutdown.
-async fn admin_drain(port: u16) {
-    let authority = format!("127.0.0.1:{port}");
-    match http(&authority, "POST", "/drain_listeners?inboundonly&graceful").await {
+async fn admin_drain(admin: &bootstrap::Admin) {
+    const DRAIN: &str = "/drain_listeners?inboundonly&graceful";
+    let answer = match admin {
+        bootstrap::Admin::Tcp { port, .. } => {
+            http(&format!("127.0.0.1:{port}"), "POST", DRAIN).await
+        }
+        bootstrap::Admin::Uds(path) => unix_post(path, DRAIN).await,
+    };
+    match answer {
         Ok((200, _)) => info!("Envoy is draining its inbound listeners"),
         Ok((status, body)) => warn!(status, body, "Envoy refused to drain"),
         Err(error) => warn!(%error, "cannot reach Envoy's admin to drain"),
     }
+}
+
+/// A POST to Envoy's admin on its Unix socket (`ENVOY_ADMIN_MODE=uds`).
+async fn unix_post(path: &str, target: &str) -> Result<(u16, String), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut s = tokio::net::UnixStream::connect(path)
+            .await
+            .map_err(|e| e.to_string())?;
+        let req = format!(
+            "POST {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+        );
+        s.write_all(req.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await.map_err(|e| e.to_string())?;
+        let text = String::from_utf8_lossy(&buf);
+        let status = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or("no HTTP status")?;
+        Ok((
+            status,
+            text.split_once("\r\n\r\n")
+                .map(|(_, b)| b.to_string())
+                .unwrap_or_default(),
+        ))
+    };
+    tokio::time::timeout(Duration::from_secs(5), exchange)
+        .await
+        .map_err(|_| "no answer within 5s".to_string())?
 }
 
 /// Returns when the task's other containers have all stopped, or at the deadline.

@@ -4,7 +4,7 @@ use std::io::Write;
 
 use anyhow::Context;
 use clap::Parser;
-use trellis_agent::bootstrap::{EnvoySettings, ProcessEnv};
+use trellis_agent::bootstrap::{EnvoySettings, Level, ProcessEnv};
 use trellis_agent::config::{BootstrapArgs, Cli, Command, ExportArgs, InitStoreArgs};
 
 fn main() -> anyhow::Result<()> {
@@ -23,7 +23,10 @@ fn main() -> anyhow::Result<()> {
                 bound.wait_termination().await.map_err(anyhow::Error::msg)
             })
         }
-        Command::Bootstrap(args) => bootstrap(args),
+        Command::Bootstrap(args) => {
+            init_tracing("text");
+            bootstrap(args)
+        }
         Command::Export(args) => export(args),
         Command::InitStore(args) => init_store(args),
         Command::Envoy(args) => {
@@ -76,6 +79,16 @@ fn init_store(args: InitStoreArgs) -> anyhow::Result<()> {
 
 fn bootstrap(args: BootstrapArgs) -> anyhow::Result<()> {
     let settings = EnvoySettings::from_vars(&ProcessEnv)?;
+    for note in &settings.notes {
+        match note.level {
+            Level::Warn => {
+                tracing::warn!(variable = %note.var, detail = %note.text, "Envoy variable")
+            }
+            Level::Info => {
+                tracing::info!(variable = %note.var, detail = %note.text, "Envoy variable")
+            }
+        }
+    }
     let doc = serde_json::to_string_pretty(&settings.bootstrap())?;
     match &args.output {
         None => {

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 pub mod auth;
 pub mod cloudmap;
+pub mod collector;
 pub mod dynamo;
 pub mod mesh;
 pub mod reap;

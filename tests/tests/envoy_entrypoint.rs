@@ -326,3 +326,98 @@ fn a_missing_identity_fails_before_envoy_starts_and_names_the_variable() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("APPMESH_RESOURCE_ARN"), "{err}");
 }
+
+#[test]
+fn envoy_log_level_off_starts_envoy_as_app_mesh_allowed() {
+    let dir = Workdir::new("entrypoint-log-off");
+    let mut ep = Entrypoint::start(&dir, &[("ENVOY_LOG_LEVEL", "off".into())]);
+    ep.admin_get("/server_info")
+        .expect("Envoy serves its admin with logging off");
+    let args = ep.proc.log_text();
+    assert!(args.contains("\"-l\", \"off\""), "{args}");
+    assert!(ep.proc.exited().is_none(), "{args}");
+}
+
+#[test]
+fn listener_drain_wait_time_s_is_app_mesh_name_for_the_drain_deadline() {
+    let dir = Workdir::new("entrypoint-listener-drain");
+    let meta = TaskMetadata::start("RUNNING");
+    let mut ep = Entrypoint::start(
+        &dir,
+        &[
+            ("ECS_CONTAINER_METADATA_URI_V4", meta.uri.clone()),
+            ("LISTENER_DRAIN_WAIT_TIME_S", "5".into()),
+        ],
+    );
+    let sent = Instant::now();
+    ep.signal("-TERM");
+    let status = ep.wait_exit(Duration::from_secs(60));
+    assert!(
+        sent.elapsed() >= Duration::from_secs(5),
+        "left after {:?}, before App Mesh's 5 s wait",
+        sent.elapsed()
+    );
+    assert_eq!(status.code(), Some(0), "{}", ep.proc.log_text());
+    assert!(ep.drain_requested(), "Envoy was not asked to drain");
+}
+
+#[test]
+fn appnet_envoy_restart_count_starts_a_dead_envoy_again_then_gives_up() {
+    let dir = Workdir::new("entrypoint-restart");
+    let mut ep = Entrypoint::start(&dir, &[("APPNET_ENVOY_RESTART_COUNT", "1".into())]);
+    let first = ep.envoy_pid();
+    assert!(!first.is_empty(), "no Envoy child found");
+    let kill = |pid: &str| {
+        assert!(
+            Command::new("kill")
+                .args(["-KILL", pid])
+                .status()
+                .expect("kill")
+                .success()
+        );
+    };
+    kill(&first);
+    let second = eventually("a second Envoy", Duration::from_secs(30), || {
+        let pid = ep.envoy_pid();
+        (!pid.is_empty() && pid != first)
+            .then_some(pid)
+            .ok_or_else(|| "not yet".to_string())
+    });
+    eventually("the second Envoy serves", Duration::from_secs(60), || {
+        ep.admin_get("/server_info").map(|_| ())
+    });
+    kill(&second);
+    let status = ep.wait_exit(Duration::from_secs(60));
+    assert_eq!(status.code(), Some(128 + 9), "{}", ep.proc.log_text());
+    assert!(ep.proc.log_text().contains("starting it again"));
+}
+
+#[test]
+fn an_unknown_variable_of_the_image_families_is_a_warning_that_names_it() {
+    let dir = Workdir::new("entrypoint-unknown-var");
+    let ep = Entrypoint::start(&dir, &[("ENABLE_ENVOY_ZIPKIN_TRACING", "1".into())]);
+    let log = ep.proc.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("ENABLE_ENVOY_ZIPKIN_TRACING"))
+        .unwrap_or_else(|| panic!("not named:\n{log}"));
+    assert!(line.contains("WARN") && line.contains("unknown"), "{line}");
+}
+
+#[test]
+fn a_bad_value_fails_before_envoy_starts_naming_the_variable_and_the_rule() {
+    let out = Command::new(bin("trellis-agent"))
+        .args(["envoy", "--envoy", "/nonexistent/envoy", "--bootstrap"])
+        .arg(std::env::temp_dir().join("trellis-entrypoint-badvalue.json"))
+        .env("APPMESH_RESOURCE_ARN", "mesh/shop/virtualNode/web")
+        .env("XRAY_SAMPLING_RATE", "2")
+        .env("ENABLE_ENVOY_XRAY_TRACING", "1")
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("XRAY_SAMPLING_RATE=\"2\": must be a decimal between 0 and 1.00"),
+        "{err}"
+    );
+}

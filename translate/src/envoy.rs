@@ -616,7 +616,9 @@ pub(super) fn virtual_host_with(
     }
 }
 
-/// A connection manager routing by RDS `route_name`, writing the node's access logs.
+/// A connection manager routing by RDS `route_name`, writing the node's access logs. Tracing is
+/// on, as App Mesh had it on every connection manager: spans go to the tracer the bootstrap
+/// configures (the App Mesh Envoy image's tracing variables), and nowhere without one.
 pub(super) fn http_connection_manager(
     stat_prefix: &str,
     route_name: &str,
@@ -637,6 +639,7 @@ pub(super) fn http_connection_manager(
             ))),
             ..Default::default()
         }],
+        tracing: Some(http_connection_manager::Tracing::default()),
         ..Default::default()
     };
     Filter {
@@ -881,6 +884,8 @@ pub(super) fn gateway_connection_manager(
         strip_port_mode: Some(http_connection_manager::StripPortMode::StripAnyHostPort(
             true,
         )),
+        // As on every App Mesh connection manager (see `http_connection_manager`).
+        tracing: Some(http_connection_manager::Tracing::default()),
         ..Default::default()
     };
     Filter {

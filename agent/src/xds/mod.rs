@@ -1,6 +1,7 @@
 //! The ADS server (state of the world and delta): a debouncer turns store commits into publications, one task
 //! per Envoy stream serves them with the per-type ACK/NACK state machine of the xDS protocol.
 
+mod authority;
 pub mod debounce;
 mod delta;
 pub mod metrics;
@@ -162,7 +163,11 @@ pub async fn serve_unix(ads: Arc<Ads>, listener: tokio::net::UnixListener) -> Re
     tonic::transport::Server::builder()
         .add_service(ads.service())
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::UnixListenerStream::new(listener),
+            // grpc-core and grpc-java clients name the socket path as :authority (authority.rs).
+            tokio_stream::StreamExt::map(
+                tokio_stream::wrappers::UnixListenerStream::new(listener),
+                |conn| conn.map(authority::AuthorityTolerant::new),
+            ),
             cancel.cancelled_owned(),
         )
         .await?;
