@@ -15,8 +15,9 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use super::Found;
 use trellis_model::{ProxyIdentity, State};
-use trellis_translate::{Endpoints, shared_tcp_services};
+use trellis_translate::shared_tcp_services;
 
 /// Name resolution: the system resolver in production, a table in unit tests.
 pub trait Resolve: Send + Sync + 'static {
@@ -47,12 +48,12 @@ pub fn demand(state: &State, proxies: &BTreeSet<ProxyIdentity>) -> BTreeSet<Stri
 }
 
 /// Runs until `cancel`: resolves the demanded names every `every` (and at once when the demand
-/// changes) and publishes changes in `Endpoints::addresses`.
+/// changes) and publishes changes in `Endpoints::addresses` (of [`super::Found`]).
 pub async fn run(
     resolver: Arc<dyn Resolve>,
     mut state: watch::Receiver<Arc<State>>,
     mut proxies: watch::Receiver<BTreeSet<ProxyIdentity>>,
-    out: Arc<watch::Sender<Arc<Endpoints>>>,
+    out: Arc<watch::Sender<Found>>,
     every: Duration,
     cancel: CancellationToken,
 ) {
@@ -77,15 +78,15 @@ pub async fn run(
                 }
             }
         }
-        out.send_if_modified(|e| {
-            let mut next = e.addresses.clone();
+        out.send_if_modified(|f| {
+            let mut next = f.endpoints.addresses.clone();
             next.retain(|name, _| wanted.contains(name));
             next.extend(found);
-            if next == e.addresses {
+            if next == f.endpoints.addresses {
                 return false;
             }
             debug!(names = next.len(), "service addresses changed");
-            let m = Arc::make_mut(e);
+            let m = Arc::make_mut(&mut f.endpoints);
             m.addresses = next;
             m.generation += 1;
             true
@@ -107,6 +108,7 @@ mod tests {
 
     use super::*;
     use crate::test_helpers::mesh_state;
+    use trellis_translate::Endpoints;
 
     /// A resolver answering from a table that the test changes; `None` fails the lookup.
     #[derive(Default)]
@@ -145,12 +147,12 @@ mod tests {
         )
     }
 
-    async fn next(rx: &mut watch::Receiver<Arc<Endpoints>>) -> Arc<Endpoints> {
+    async fn next(rx: &mut watch::Receiver<Found>) -> Arc<Endpoints> {
         tokio::time::timeout(Duration::from_secs(5), rx.changed())
             .await
             .expect("a publication")
             .expect("open");
-        rx.borrow_and_update().clone()
+        rx.borrow_and_update().endpoints.clone()
     }
 
     #[tokio::test]
@@ -160,7 +162,7 @@ mod tests {
         table.set("b.local", Some(&["10.0.0.3", "10.0.0.2"]));
         let (_state_tx, state) = watch::channel(Arc::new(tcp_pair()));
         let (proxies_tx, proxies) = watch::channel(BTreeSet::new());
-        let (out, mut rx) = watch::channel(Arc::new(Endpoints::new()));
+        let (out, mut rx) = watch::channel(Found::default());
         let cancel = CancellationToken::new();
         let _stop = cancel.clone().drop_guard();
         tokio::spawn(run(
@@ -172,7 +174,10 @@ mod tests {
             cancel,
         ));
         tokio::time::sleep(Duration::from_millis(60)).await;
-        assert!(rx.borrow().addresses.is_empty(), "no proxy, no lookups");
+        assert!(
+            rx.borrow().endpoints.addresses.is_empty(),
+            "no proxy, no lookups"
+        );
 
         proxies_tx.send_replace([ProxyIdentity::parse("mesh/m/virtualNode/front").unwrap()].into());
         let e = next(&mut rx).await;
@@ -186,7 +191,10 @@ mod tests {
         // The resolver fails: nothing changes. Then a new answer arrives.
         table.set("a.local", None);
         tokio::time::sleep(Duration::from_millis(100)).await;
-        assert_eq!(rx.borrow().addresses["a.local"][0].to_string(), "10.0.0.1");
+        assert_eq!(
+            rx.borrow().endpoints.addresses["a.local"][0].to_string(),
+            "10.0.0.1"
+        );
         table.set("a.local", Some(&["10.0.0.9"]));
         let e = next(&mut rx).await;
         assert_eq!(e.addresses["a.local"][0].to_string(), "10.0.0.9");

@@ -1,8 +1,12 @@
 //! What every ADS stream shares, whatever its protocol variant: the session (identity, connection
-//! quota, the snapshot it serves, metrics) and the driver that feeds a [`Protocol`] its requests
-//! and the agent's publications until either side ends the stream.
+//! quota, the snapshot it serves, metrics), what its Envoy has of the clusters ([`Warmth`]: a
+//! listener or route goes only once the clusters it may use are warm), and the driver that feeds
+//! a [`Protocol`] its requests, the agent's publications and its wake-ups until either side ends
+//! the stream.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::time::Duration;
 
 use envoy_types::pb::envoy::config::core::v3::Node;
 use tokio::sync::watch;
@@ -10,7 +14,7 @@ use tokio::time::Instant;
 use tonic::{Status, Streaming};
 use tracing::{debug, info, warn};
 
-use super::snapshot::Snapshot;
+use super::snapshot::{CLUSTER, Snapshot};
 use super::{Ads, Published, Slot};
 use trellis_model::{ProxyIdentity, State};
 
@@ -114,6 +118,10 @@ pub(super) trait Protocol {
         before: &Snapshot,
         snap: &Snapshot,
     ) -> Result<(), Status>;
+    /// When the stream wants [`Protocol::on_wake`] called even if nothing else happens.
+    fn wake_at(&self) -> Option<Instant>;
+    /// The time asked for by [`Protocol::wake_at`] has come.
+    async fn on_wake(&mut self, snap: &Snapshot) -> Result<(), Status>;
 }
 
 /// Opens the session on the first request, serves it, then each request and each publication,
@@ -148,10 +156,122 @@ pub(super) async fn serve<P: Protocol>(
                     stream.on_change(changed_at, &before, &session.snap).await?;
                 }
             }
+            () = sleep_until_opt(stream.wake_at()) => stream.on_wake(&session.snap).await?,
             () = ads.cancel.cancelled() => break,
         }
     }
     Ok(())
+}
+
+async fn sleep_until_opt(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// What a stream's Envoy has of the clusters that listeners and routes may point at. Envoy keeps
+/// a new cluster warming (not routable: a request to it fails with 503) until its endpoints
+/// arrive, so listeners and routes go only once every cluster of the snapshot is in a CDS
+/// response Envoy has ACKed and, for an EDS cluster, has an assignment Envoy has ACKed. A cluster
+/// whose endpoints do not come within the hold (Cloud Map has not answered) is waited on no
+/// longer: the listener or route goes, and Envoy's own warming takes over.
+#[derive(Debug, Default)]
+pub(super) struct Warmth {
+    /// In a CDS response Envoy ACKed, or held when it connected.
+    clusters: BTreeSet<String>,
+    /// EDS clusters with an assignment Envoy ACKed, or held when it connected.
+    endpoints: BTreeSet<String>,
+    /// Not waited on any more: the hold ran out, or Envoy went ahead without them.
+    given_up: BTreeSet<String>,
+    /// When the current wait ends, while one is on.
+    until: Option<Instant>,
+}
+
+impl Warmth {
+    /// Envoy has exactly these clusters (a SotW CDS ACK); endpoints of clusters it no longer
+    /// has are gone with them (a cluster added again warms afresh).
+    pub(super) fn clusters_are(&mut self, names: impl IntoIterator<Item = String>) {
+        let before = std::mem::replace(&mut self.clusters, names.into_iter().collect());
+        let clusters = &self.clusters;
+        self.endpoints.retain(|n| clusters.contains(n));
+        self.given_up
+            .retain(|n| clusters.contains(n) || !before.contains(n));
+    }
+
+    /// Envoy has these clusters too (delta, or held when it connected).
+    pub(super) fn clusters_added(&mut self, names: impl IntoIterator<Item = String>) {
+        self.clusters.extend(names);
+    }
+
+    /// Envoy no longer has these clusters (delta removals).
+    pub(super) fn clusters_removed<'n>(&mut self, names: impl IntoIterator<Item = &'n String>) {
+        for n in names {
+            self.clusters.remove(n);
+            self.endpoints.remove(n);
+            self.given_up.remove(n);
+        }
+    }
+
+    /// Envoy has endpoints for these clusters.
+    pub(super) fn endpoints_added(&mut self, names: impl IntoIterator<Item = String>) {
+        self.endpoints.extend(names);
+    }
+
+    /// These will not warm through us (Envoy rejected them): nothing to wait for.
+    pub(super) fn give_up_on(&mut self, names: impl IntoIterator<Item = String>) {
+        self.given_up.extend(names);
+    }
+
+    /// The snapshot's clusters Envoy does not have warm yet (and that are still waited on).
+    fn cold<'s>(&'s self, snap: &'s Snapshot) -> impl Iterator<Item = &'s String> + 's {
+        snap.get(CLUSTER)
+            .into_iter()
+            .flat_map(|t| t.resources.keys())
+            .filter(move |n| {
+                !self.given_up.contains(*n)
+                    && (!self.clusters.contains(*n)
+                        || (snap.is_eds(n) && !self.endpoints.contains(*n)))
+            })
+    }
+
+    /// Whether listeners and routes may go now; if not, the hold starts (once) and
+    /// [`Warmth::wake_at`] says when it ends.
+    pub(super) fn ready(&mut self, snap: &Snapshot, hold: Duration) -> bool {
+        if self.cold(snap).next().is_none() {
+            self.until = None;
+            return true;
+        }
+        let now = Instant::now();
+        let until = *self.until.get_or_insert(now + hold);
+        if now < until {
+            return false;
+        }
+        debug!(
+            clusters = ?self.cold(snap).collect::<Vec<_>>(),
+            "clusters still warming after the hold; listeners and routes go anyway"
+        );
+        self.give_up(snap);
+        true
+    }
+
+    /// Envoy goes ahead without the clusters still cold (its own initialisation gave up on
+    /// them): they are not waited on.
+    pub(super) fn give_up(&mut self, snap: &Snapshot) {
+        let cold: Vec<String> = self.cold(snap).cloned().collect();
+        self.given_up.extend(cold);
+        self.until = None;
+    }
+
+    /// Nothing waits for warm clusters any more: the hold, if one is on, ends.
+    pub(super) fn stand_down(&mut self) {
+        self.until = None;
+    }
+
+    /// When the current hold ends, if one is on.
+    pub(super) fn wake_at(&self) -> Option<Instant> {
+        self.until
+    }
 }
 
 pub(super) fn build(
