@@ -22,7 +22,7 @@ use tonic::{Status, Streaming};
 use tracing::{debug, warn};
 
 use super::Ads;
-use super::session::{self, Protocol, Warmth};
+use super::session::{self, Holds, Protocol, Warmth};
 use super::snapshot::{
     CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE, Snapshot, TypeSnapshot, is_served_type,
     is_wildcard_type,
@@ -182,17 +182,11 @@ impl Stream<'_> {
             // nothing it holds is removed before this stream's listeners are in.
             self.resumed = true;
             self.removals_due = true;
-            let held = req.initial_resource_versions.keys().cloned();
-            match type_url {
-                CLUSTER => self.warmth.clusters_added(held),
-                ENDPOINT => self.warmth.endpoints_added(held),
-                _ => {}
-            }
         }
         if fresh && USERS.contains(&type_url) {
             // A starting Envoy asks for listeners once its clusters are initialised, and for
             // routes once it has listeners: it goes ahead without what is still warming.
-            self.warmth.give_up(snap);
+            self.warmth.give_up(snap, &DeltaHolds(&self.types));
         }
         let gated = USERS.contains(&type_url) && !fresh && !self.clusters_warm(snap);
         let ts = self.types.entry(type_url.to_string()).or_default();
@@ -257,15 +251,10 @@ impl Stream<'_> {
                         // What it rejected will not warm through us: nothing to wait for.
                         self.warmth.give_up_on(p.names.iter().cloned());
                     }
-                    continue;
-                }
-                for n in &p.names {
-                    ts.rejected.remove(n);
-                }
-                match type_url {
-                    CLUSTER => self.warmth.clusters_added(p.names.iter().cloned()),
-                    ENDPOINT => self.warmth.endpoints_added(p.names.iter().cloned()),
-                    _ => {}
+                } else {
+                    for n in &p.names {
+                        ts.rejected.remove(n);
+                    }
                 }
             }
         }
@@ -360,7 +349,10 @@ impl Stream<'_> {
     /// Whether listeners and routes may go: every cluster they may use is warm in Envoy (or
     /// waited on long enough). Without a cluster subscription there is nothing to wait for.
     fn clusters_warm(&mut self, snap: &Snapshot) -> bool {
-        !self.types.contains_key(CLUSTER) || self.warmth.ready(snap, self.ads.warming_hold)
+        !self.types.contains_key(CLUSTER)
+            || self
+                .warmth
+                .ready(snap, &DeltaHolds(&self.types), self.ads.warming_hold)
     }
 
     /// Removals wait while any response is unanswered (the configuration that stops using what
@@ -413,8 +405,8 @@ impl Stream<'_> {
         self.next_nonce += 1;
         let nonce = self.next_nonce;
         if type_url == CLUSTER {
-            // Gone from the client: one added again warms afresh.
-            self.warmth.clusters_removed(&delta.removed);
+            // Gone from the client: one added again is waited on again.
+            self.warmth.forget(&delta.removed);
         }
         let ts = self.types.entry(type_url.to_string()).or_default();
         ts.pending.insert(
@@ -449,6 +441,32 @@ impl Stream<'_> {
             .await
             .map_err(|_| Status::cancelled("envoy went away"))?;
         Ok(nonce)
+    }
+}
+
+/// What a delta client has: what was sent to it (or it held when it connected) and is not in a
+/// response it has yet to answer.
+struct DeltaHolds<'s>(&'s HashMap<String, TypeState>);
+
+impl DeltaHolds<'_> {
+    fn has(&self, type_url: &str, name: &str) -> bool {
+        self.0.get(type_url).is_some_and(|ts| {
+            ts.have.contains_key(name)
+                && !ts
+                    .pending
+                    .values()
+                    .any(|p| p.names.iter().any(|n| n == name))
+        })
+    }
+}
+
+impl Holds for DeltaHolds<'_> {
+    fn has_cluster(&self, name: &str) -> bool {
+        self.has(CLUSTER, name)
+    }
+
+    fn has_endpoints(&self, name: &str) -> bool {
+        self.has(ENDPOINT, name)
     }
 }
 

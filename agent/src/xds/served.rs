@@ -87,23 +87,25 @@ impl Served {
         served
     }
 
-    /// Remembers the set sent under `version` (built only when it is new).
-    pub(super) fn record(&self, version: &str, clusters: impl FnOnce() -> Vec<Any>) {
+    /// Remembers the set sent under `version` (built only when it is new); returns it, shared
+    /// with every stream that was sent the same set.
+    pub(super) fn record(
+        &self,
+        version: &str,
+        clusters: impl FnOnce() -> Vec<(String, Any)>,
+    ) -> Clusters {
         let mut inner = self.lock();
         inner.clock += 1;
         let now = inner.clock;
         if let Some(e) = inner.by_version.get_mut(version) {
             e.used = now;
-            return;
+            return e.clusters.clone();
         }
-        let clusters: BTreeMap<String, Any> = clusters()
-            .into_iter()
-            .filter_map(|a| Some((cluster_name(&a)?, a)))
-            .collect();
+        let clusters: Clusters = Arc::new(clusters().into_iter().collect());
         inner.by_version.insert(
             version.to_string(),
             Entry {
-                clusters: Arc::new(clusters),
+                clusters: clusters.clone(),
                 used: now,
             },
         );
@@ -118,6 +120,7 @@ impl Served {
         }
         drop(inner);
         self.dirty.notify_one();
+        clusters
     }
 
     /// The set sent under `version`, if remembered.
@@ -228,11 +231,12 @@ mod tests {
     use super::*;
     use crate::test_helpers::TempDir;
 
-    fn cluster(name: &str) -> Any {
-        envoy_types::util::pack_any(Cluster {
+    fn cluster(name: &str) -> (String, Any) {
+        let any = envoy_types::util::pack_any(Cluster {
             name: name.into(),
             ..Default::default()
-        })
+        });
+        (name.to_string(), any)
     }
 
     #[tokio::test]
@@ -244,14 +248,15 @@ mod tests {
         let writer = tokio::spawn(served.clone().run(cancel.clone()));
         served.record("v1", || vec![cluster("a"), cluster("b")]);
         served.record("v2", || vec![cluster("a")]);
-        served.record("v1", || unreachable!("already remembered"));
+        let again = served.record("v1", || unreachable!("already remembered"));
+        assert_eq!(again.len(), 2);
         cancel.cancel();
         writer.await.unwrap();
 
         let again = Served::load(&path);
         let v1 = again.get("v1").expect("v1 survives the restart");
         assert_eq!(v1.keys().collect::<Vec<_>>(), ["a", "b"]);
-        assert_eq!(v1["a"], cluster("a"));
+        assert_eq!(v1["a"], cluster("a").1);
         assert!(again.get("v3").is_none());
 
         let small = Served::in_memory();

@@ -170,75 +170,48 @@ async fn sleep_until_opt(t: Option<Instant>) {
     }
 }
 
-/// What a stream's Envoy has of the clusters that listeners and routes may point at. Envoy keeps
-/// a new cluster warming (not routable: a request to it fails with 503) until its endpoints
-/// arrive, so listeners and routes go only once every cluster of the snapshot is in a CDS
-/// response Envoy has ACKed and, for an EDS cluster, has an assignment Envoy has ACKed. A cluster
-/// whose endpoints do not come within the hold (Cloud Map has not answered) is waited on no
-/// longer: the listener or route goes, and Envoy's own warming takes over.
+/// What a protocol machine knows its client has, from the state it keeps anyway.
+pub(super) trait Holds {
+    /// The cluster is in a CDS response the client ACKed, or it held it when it connected.
+    fn has_cluster(&self, name: &str) -> bool;
+    /// The client ACKed an assignment for the cluster, or held one when it connected.
+    fn has_endpoints(&self, name: &str) -> bool;
+}
+
+/// Whether listeners and routes may go to what a stream's Envoy has. Envoy keeps a new cluster
+/// warming (not routable: a request to it fails with 503) until its endpoints arrive, so
+/// listeners and routes go only once every cluster of the snapshot is in a CDS response Envoy has
+/// ACKed and, for an EDS cluster, has an assignment Envoy has ACKed ([`Holds`]). A cluster whose
+/// endpoints do not come within the hold (Cloud Map has not answered) is waited on no longer: the
+/// listener or route goes, and Envoy's own warming takes over.
 #[derive(Debug, Default)]
 pub(super) struct Warmth {
-    /// In a CDS response Envoy ACKed, or held when it connected.
-    clusters: BTreeSet<String>,
-    /// EDS clusters with an assignment Envoy ACKed, or held when it connected.
-    endpoints: BTreeSet<String>,
-    /// Not waited on any more: the hold ran out, or Envoy went ahead without them.
+    /// Not waited on any more: the hold ran out, Envoy went ahead without them, or rejected them.
     given_up: BTreeSet<String>,
     /// When the current wait ends, while one is on.
     until: Option<Instant>,
 }
 
 impl Warmth {
-    /// Envoy has exactly these clusters (a SotW CDS ACK); endpoints of clusters it no longer
-    /// has are gone with them (a cluster added again warms afresh).
-    pub(super) fn clusters_are(&mut self, names: impl IntoIterator<Item = String>) {
-        let before = std::mem::replace(&mut self.clusters, names.into_iter().collect());
-        let clusters = &self.clusters;
-        self.endpoints.retain(|n| clusters.contains(n));
-        self.given_up
-            .retain(|n| clusters.contains(n) || !before.contains(n));
-    }
-
-    /// Envoy has these clusters too (delta, or held when it connected).
-    pub(super) fn clusters_added(&mut self, names: impl IntoIterator<Item = String>) {
-        self.clusters.extend(names);
-    }
-
-    /// Envoy no longer has these clusters (delta removals).
-    pub(super) fn clusters_removed<'n>(&mut self, names: impl IntoIterator<Item = &'n String>) {
-        for n in names {
-            self.clusters.remove(n);
-            self.endpoints.remove(n);
-            self.given_up.remove(n);
-        }
-    }
-
-    /// Envoy has endpoints for these clusters.
-    pub(super) fn endpoints_added(&mut self, names: impl IntoIterator<Item = String>) {
-        self.endpoints.extend(names);
-    }
-
-    /// These will not warm through us (Envoy rejected them): nothing to wait for.
-    pub(super) fn give_up_on(&mut self, names: impl IntoIterator<Item = String>) {
-        self.given_up.extend(names);
-    }
-
-    /// The snapshot's clusters Envoy does not have warm yet (and that are still waited on).
-    fn cold<'s>(&'s self, snap: &'s Snapshot) -> impl Iterator<Item = &'s String> + 's {
+    /// The snapshot's clusters the client does not have warm yet (and that are still waited on).
+    fn cold<'s>(
+        &'s self,
+        snap: &'s Snapshot,
+        holds: &'s impl Holds,
+    ) -> impl Iterator<Item = &'s String> + 's {
         snap.get(CLUSTER)
             .into_iter()
             .flat_map(|t| t.resources.keys())
             .filter(move |n| {
                 !self.given_up.contains(*n)
-                    && (!self.clusters.contains(*n)
-                        || (snap.is_eds(n) && !self.endpoints.contains(*n)))
+                    && (!holds.has_cluster(n) || (snap.is_eds(n) && !holds.has_endpoints(n)))
             })
     }
 
     /// Whether listeners and routes may go now; if not, the hold starts (once) and
     /// [`Warmth::wake_at`] says when it ends.
-    pub(super) fn ready(&mut self, snap: &Snapshot, hold: Duration) -> bool {
-        if self.cold(snap).next().is_none() {
+    pub(super) fn ready(&mut self, snap: &Snapshot, holds: &impl Holds, hold: Duration) -> bool {
+        if self.cold(snap, holds).next().is_none() {
             self.until = None;
             return true;
         }
@@ -248,19 +221,31 @@ impl Warmth {
             return false;
         }
         debug!(
-            clusters = ?self.cold(snap).collect::<Vec<_>>(),
+            clusters = ?self.cold(snap, holds).collect::<Vec<_>>(),
             "clusters still warming after the hold; listeners and routes go anyway"
         );
-        self.give_up(snap);
+        self.give_up(snap, holds);
         true
     }
 
-    /// Envoy goes ahead without the clusters still cold (its own initialisation gave up on
-    /// them): they are not waited on.
-    pub(super) fn give_up(&mut self, snap: &Snapshot) {
-        let cold: Vec<String> = self.cold(snap).cloned().collect();
+    /// The client goes ahead without the clusters still cold (its own initialisation gave up on
+    /// them, or it rejected them): they are not waited on.
+    pub(super) fn give_up(&mut self, snap: &Snapshot, holds: &impl Holds) {
+        let cold: Vec<String> = self.cold(snap, holds).cloned().collect();
         self.given_up.extend(cold);
         self.until = None;
+    }
+
+    /// These will not warm through this stream (the client rejected them).
+    pub(super) fn give_up_on(&mut self, names: impl IntoIterator<Item = String>) {
+        self.given_up.extend(names);
+    }
+
+    /// The client no longer has these clusters: added again, they are waited on again.
+    pub(super) fn forget<'n>(&mut self, names: impl IntoIterator<Item = &'n String>) {
+        for n in names {
+            self.given_up.remove(n);
+        }
     }
 
     /// Nothing waits for warm clusters any more: the hold, if one is on, ends.

@@ -20,7 +20,8 @@ use tonic::{Status, Streaming};
 use tracing::{debug, info, warn};
 
 use super::Ads;
-use super::session::{Protocol, Warmth, serve};
+use super::served::Clusters;
+use super::session::{Holds, Protocol, Warmth, serve};
 use super::snapshot::{
     CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, Packed, ROUTE, Snapshot, TypeSnapshot, is_served_type,
     is_wildcard_type,
@@ -37,8 +38,6 @@ struct TypeState {
     sent_nonce: Option<String>,
     /// When the change behind the last push was committed (none for the first push).
     sent_change: Option<Instant>,
-    /// The resources of the last response, by name (clusters, assignments...).
-    sent_names: Vec<String>,
     /// The last response is not answered yet.
     awaiting: bool,
     /// The last full response was NACKed: the client still runs this type's previous resources.
@@ -78,9 +77,31 @@ struct Stream<'a> {
     /// stream's listeners (the client's listeners are older than the stream).
     kept_from_before: bool,
     warmth: Warmth,
+    /// The clusters of the last CDS response, and of the last one the client ACKed (or held
+    /// when it connected): sets shared with every stream sent the same ones.
+    cds_sent: Option<Clusters>,
+    cds_acked: Option<Clusters>,
     /// Endpoint names the client has an assignment for: sent on this stream, or held when it
     /// connected. Those are never replaced by an empty assignment that is not an answer.
     eds_held: BTreeSet<String>,
+}
+
+/// What a SotW client has, as its stream knows it.
+struct SotwHolds<'s> {
+    clusters: Option<&'s Clusters>,
+    endpoints: &'s BTreeSet<String>,
+    /// The last endpoint response is answered (its assignments are in).
+    endpoints_settled: bool,
+}
+
+impl Holds for SotwHolds<'_> {
+    fn has_cluster(&self, name: &str) -> bool {
+        self.clusters.is_some_and(|c| c.contains_key(name))
+    }
+
+    fn has_endpoints(&self, name: &str) -> bool {
+        self.endpoints_settled && self.endpoints.contains(name)
+    }
 }
 
 pub(super) async fn run_stream(
@@ -99,6 +120,8 @@ pub(super) async fn run_stream(
         kept_clusters: BTreeMap::new(),
         kept_from_before: false,
         warmth: Warmth::default(),
+        cds_sent: None,
+        cds_acked: None,
         eds_held: BTreeSet::new(),
     };
     serve(ads, id, inbound, stream).await
@@ -191,7 +214,8 @@ impl Stream<'_> {
                 .nacked(self.id, &req.type_url, &err.message);
             if type_url == CLUSTER || type_url == ENDPOINT {
                 // What it rejected will not warm through us: nothing to wait for.
-                self.warmth.give_up_on(ts.sent_names.clone());
+                let holds = holds(&self.types, self.cds_acked.as_ref(), &self.eds_held);
+                self.warmth.give_up(snap, &holds);
             }
             if !first && !added.is_empty() {
                 // It asks for new names too (a listener it took since): answer those, or that
@@ -206,11 +230,8 @@ impl Stream<'_> {
                 ts.nacked = false;
             }
             let since = ts.sent_change.take().map(|t| t.elapsed());
-            let acked = ts.sent_names.clone();
-            match type_url.as_str() {
-                CLUSTER => self.warmth.clusters_are(acked),
-                ENDPOINT => self.warmth.endpoints_added(acked),
-                _ => {}
+            if type_url == CLUSTER {
+                self.clusters_acked(self.cds_sent.clone());
             }
             self.ads
                 .metrics
@@ -237,12 +258,13 @@ impl Stream<'_> {
             (CLUSTER, Some(version)) => return self.resume_clusters(version, snap).await,
             (ENDPOINT, Some(_)) => {
                 self.eds_held.extend(req.resource_names.iter().cloned());
-                self.warmth
-                    .endpoints_added(req.resource_names.iter().cloned());
             }
             // A starting Envoy asks for listeners once its clusters are initialised, and for
             // routes once it has listeners: it goes ahead without what is still warming.
-            (LISTENER | ROUTE, None) => self.warmth.give_up(snap),
+            (LISTENER | ROUTE, None) => {
+                let holds = holds(&self.types, self.cds_acked.as_ref(), &self.eds_held);
+                self.warmth.give_up(snap, &holds);
+            }
             _ => {}
         }
         let current = self.version(type_url, snap);
@@ -264,11 +286,8 @@ impl Stream<'_> {
     /// A reconnecting Envoy holds the clusters this agent sent under `version`: those the
     /// snapshot drops are kept until this stream's listeners and routes no longer use them.
     async fn resume_clusters(&mut self, version: &str, snap: &Snapshot) -> Result<(), Status> {
-        let current: BTreeSet<&String> = snap
-            .get(CLUSTER)
-            .into_iter()
-            .flat_map(|t| t.resources.keys())
-            .collect();
+        let t = snap.get(CLUSTER);
+        let current: BTreeSet<&String> = t.into_iter().flat_map(|t| t.resources.keys()).collect();
         match self.ads.served.get(version) {
             Some(held) => {
                 for (name, any) in held.iter() {
@@ -277,11 +296,16 @@ impl Stream<'_> {
                     }
                 }
                 self.kept_from_before = !self.kept_clusters.is_empty();
-                self.warmth.clusters_are(held.keys().cloned());
+                self.clusters_acked(Some(held));
             }
             None if version == self.version(CLUSTER, snap) => {
-                self.warmth
-                    .clusters_are(current.iter().map(|n| n.to_string()));
+                let held = self.ads.served.record(version, || {
+                    t.into_iter()
+                        .flat_map(|t| &t.resources)
+                        .map(|(n, r)| (n.clone(), r.any()))
+                        .collect()
+                });
+                self.clusters_acked(Some(held));
             }
             None => {
                 info!(
@@ -364,7 +388,25 @@ impl Stream<'_> {
     /// Whether listeners and routes may go: every cluster they may use is warm in Envoy (or
     /// waited on long enough). Without a CDS subscription there is nothing to wait for.
     fn clusters_warm(&mut self, snap: &Snapshot) -> bool {
-        !self.types.contains_key(CLUSTER) || self.warmth.ready(snap, self.ads.warming_hold)
+        if !self.types.contains_key(CLUSTER) {
+            return true;
+        }
+        let holds = holds(&self.types, self.cds_acked.as_ref(), &self.eds_held);
+        self.warmth.ready(snap, &holds, self.ads.warming_hold)
+    }
+
+    /// The client has these clusters now: endpoints of clusters it no longer has are gone with
+    /// them (one added again warms afresh, and gets its assignment again).
+    fn clusters_acked(&mut self, clusters: Option<Clusters>) {
+        let Some(now) = clusters else {
+            return;
+        };
+        if let Some(before) = &self.cds_acked {
+            let gone: Vec<&String> = before.keys().filter(|n| !now.contains_key(*n)).collect();
+            self.warmth.forget(gone.iter().copied());
+            self.eds_held.retain(|n| !gone.contains(&n));
+        }
+        self.cds_acked = Some(now);
     }
 
     /// Whether the type is subscribed and its version differs from the one last sent.
@@ -493,9 +535,8 @@ impl Stream<'_> {
         let version = self.version(type_url, snap);
         let resources = self.resources(type_url, snap);
         if type_url == CLUSTER {
-            self.ads.served.record(&version, || {
-                resources.iter().map(|(_, a)| a.clone()).collect()
-            });
+            let sent = self.ads.served.record(&version, || resources.clone());
+            self.cds_sent = Some(sent);
         }
         self.respond(type_url, version, resources, false).await
     }
@@ -530,15 +571,14 @@ impl Stream<'_> {
     ) -> Result<(), Status> {
         self.next_nonce += 1;
         let nonce = self.next_nonce.to_string();
-        let names: Vec<String> = resources.iter().map(|(n, _)| n.clone()).collect();
         if type_url == ENDPOINT {
-            self.eds_held.extend(names.iter().cloned());
+            self.eds_held
+                .extend(resources.iter().map(|(n, _)| n.clone()));
         }
         let ts = self.types.entry(type_url.to_string()).or_default();
         ts.sent_version = Some(version.clone());
         ts.sent_nonce = Some(nonce.clone());
         ts.sent_change = self.change;
-        ts.sent_names = names;
         ts.awaiting = true;
         ts.partial = partial;
         if !partial {
@@ -559,6 +599,19 @@ impl Stream<'_> {
             .send(Ok(resp))
             .await
             .map_err(|_| Status::cancelled("envoy went away"))
+    }
+}
+
+/// What the client has, from the stream's fields (borrowed apart from its `Warmth`).
+fn holds<'s>(
+    types: &'s HashMap<String, TypeState>,
+    clusters: Option<&'s Clusters>,
+    endpoints: &'s BTreeSet<String>,
+) -> SotwHolds<'s> {
+    SotwHolds {
+        clusters,
+        endpoints,
+        endpoints_settled: types.get(ENDPOINT).is_none_or(|ts| !ts.awaiting),
     }
 }
 
