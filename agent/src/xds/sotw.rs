@@ -417,7 +417,12 @@ impl Stream<'_> {
         if ts.names.is_empty() && !is_wildcard_type(type_url) {
             return false;
         }
-        ts.sent_version.as_deref() != Some(&self.version(type_url, snap))
+        let sent = ts.sent_version.as_deref();
+        if type_url != CLUSTER || self.kept_clusters.is_empty() {
+            // The snapshot's version as it is: no string built per check.
+            return sent != Some(snap.get(type_url).map_or("", |t| t.version.as_str()));
+        }
+        sent != Some(&self.version(type_url, snap))
     }
 
     fn due(&self, type_url: &str) -> bool {
