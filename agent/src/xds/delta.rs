@@ -185,8 +185,8 @@ impl Stream<'_> {
         }
         if fresh && USERS.contains(&type_url) {
             // A starting Envoy asks for listeners once its clusters are initialised, and for
-            // routes once it has listeners: it goes ahead without what is still warming.
-            self.warmth.give_up(snap, &DeltaHolds(&self.types));
+            // routes once it has listeners: it went ahead without endpoints still missing.
+            self.warmth.went_ahead(snap, &DeltaHolds(&self.types));
         }
         let gated = USERS.contains(&type_url) && !fresh && !self.clusters_warm(snap);
         let ts = self.types.entry(type_url.to_string()).or_default();

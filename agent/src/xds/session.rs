@@ -228,12 +228,24 @@ impl Warmth {
         true
     }
 
-    /// The client goes ahead without the clusters still cold (its own initialisation gave up on
-    /// them, or it rejected them): they are not waited on.
+    /// The clusters still cold are not waited on any more (the hold ran out, or the client
+    /// rejected what would warm them).
     pub(super) fn give_up(&mut self, snap: &Snapshot, holds: &impl Holds) {
         let cold: Vec<String> = self.cold(snap, holds).cloned().collect();
         self.given_up.extend(cold);
         self.until = None;
+    }
+
+    /// The client went ahead without the endpoints of clusters it has (a starting Envoy asks
+    /// for listeners once its clusters are initialised, endpoints or not): those are not waited
+    /// on any more.
+    pub(super) fn went_ahead(&mut self, snap: &Snapshot, holds: &impl Holds) {
+        let without: Vec<String> = self
+            .cold(snap, holds)
+            .filter(|n| holds.has_cluster(n))
+            .cloned()
+            .collect();
+        self.given_up.extend(without);
     }
 
     /// These will not warm through this stream (the client rejected them).

@@ -260,10 +260,10 @@ impl Stream<'_> {
                 self.eds_held.extend(req.resource_names.iter().cloned());
             }
             // A starting Envoy asks for listeners once its clusters are initialised, and for
-            // routes once it has listeners: it goes ahead without what is still warming.
+            // routes once it has listeners: it went ahead without endpoints still missing.
             (LISTENER | ROUTE, None) => {
                 let holds = holds(&self.types, self.cds_acked.as_ref(), &self.eds_held);
-                self.warmth.give_up(snap, &holds);
+                self.warmth.went_ahead(snap, &holds);
             }
             _ => {}
         }
