@@ -22,7 +22,7 @@ use tracing::{debug, info, warn};
 
 /// Versions remembered: enough for every proxy of a quota-sized mesh to be a few changes behind.
 const MAX_VERSIONS: usize = 1024;
-/// A burst of new versions is written once.
+/// After a write, further new versions wait this long, so a burst of them is written once.
 const WRITE_DELAY: Duration = Duration::from_millis(500);
 
 /// A cluster set as sent: name → the `Any` Envoy got.
@@ -133,8 +133,9 @@ impl Served {
         Some(e.clusters.clone())
     }
 
-    /// Runs until `cancel`: writes the sets to the file a moment after they change (and once
-    /// more on the way out), so a restarted agent finds what its Envoys hold.
+    /// Runs until `cancel`: writes the sets to the file as soon as a new one is sent (then at
+    /// most every [`WRITE_DELAY`] while more come, and once more on the way out), so a restarted
+    /// agent finds what its Envoys hold.
     pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
         let Some(path) = self.path.clone() else {
             return;
@@ -144,13 +145,10 @@ impl Served {
                 () = self.dirty.notified() => {}
                 () = cancel.cancelled() => break,
             }
+            self.write(&path).await;
             tokio::select! {
                 () = tokio::time::sleep(WRITE_DELAY) => {}
-                () = cancel.cancelled() => {}
-            }
-            self.write(&path).await;
-            if cancel.is_cancelled() {
-                return;
+                () = cancel.cancelled() => break,
             }
         }
         self.write(&path).await;
