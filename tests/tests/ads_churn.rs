@@ -205,6 +205,7 @@ struct Churn {
     proxy: FaultProxy,
     _moto: Moto,
     env: Vec<(String, String)>,
+    api_type: String,
 }
 
 /// The mesh with the route on `blue`, front's Envoy on ADS variant `api_type`.
@@ -265,6 +266,7 @@ fn churn_mesh(work: &Workdir, vpc_id: u8, api_type: &str) -> Churn {
         proxy,
         _moto: moto,
         env,
+        api_type: api_type.to_string(),
     }
 }
 
@@ -292,6 +294,20 @@ impl Churn {
     /// Kills the agent (no goodbye to its streams) and starts it again with the route on
     /// `target`, as a daemon restarted onto a state that moved while it was down.
     fn restart_agent(&mut self, work: &Workdir, target: &str) {
+        // A daemon restarts long after its Envoys connected: by then the agent has written the
+        // cluster sets it sent them on SotW (at once, but not within the same instant). Delta
+        // Envoys say what they hold themselves.
+        let served = work.join("agent-data/xds-served.pb");
+        if self.api_type == "GRPC" {
+            eventually(
+                "the agent recorded what it sent",
+                WAIT,
+                || match std::fs::metadata(&served) {
+                    Ok(m) if m.len() > 0 => Ok(()),
+                    other => Err(format!("{other:?}")),
+                },
+            );
+        }
         run(Command::new("kill").args(["-9", &self.agent.proc.pid().to_string()]));
         eventually("agent gone", WAIT, || {
             self.agent
