@@ -22,6 +22,9 @@ use tracing::{debug, info, warn};
 
 /// Versions remembered: enough for every proxy of a quota-sized mesh to be a few changes behind.
 const MAX_VERSIONS: usize = 1024;
+/// And at most this many bytes of them (memory, and the file rewritten as they change). Only a
+/// proxy whose clusters changed across a restart needs its old set, so the oldest go first.
+const MAX_BYTES: usize = 16 << 20;
 /// After a write, further new versions wait this long, so a burst of them is written once.
 const WRITE_DELAY: Duration = Duration::from_millis(500);
 
@@ -41,12 +44,50 @@ struct Inner {
     by_version: HashMap<String, Entry>,
     /// A use counter: the entry used longest ago goes first.
     clock: u64,
+    /// The encoded size of every set remembered.
+    bytes: usize,
 }
 
 #[derive(Debug)]
 struct Entry {
     clusters: Clusters,
     used: u64,
+    bytes: usize,
+}
+
+impl Inner {
+    fn insert(&mut self, version: String, clusters: Clusters) {
+        self.clock += 1;
+        let bytes = clusters.iter().map(|(n, a)| n.len() + a.value.len()).sum();
+        self.bytes += bytes;
+        let used = self.clock;
+        let old = self.by_version.insert(
+            version,
+            Entry {
+                clusters,
+                used,
+                bytes,
+            },
+        );
+        if let Some(old) = old {
+            self.bytes -= old.bytes;
+        }
+        while self.by_version.len() > MAX_VERSIONS
+            || (self.bytes > MAX_BYTES && self.by_version.len() > 1)
+        {
+            let Some(oldest) = self
+                .by_version
+                .iter()
+                .min_by_key(|(_, e)| e.used)
+                .map(|(v, _)| v.clone())
+            else {
+                break;
+            };
+            if let Some(e) = self.by_version.remove(&oldest) {
+                self.bytes -= e.bytes;
+            }
+        }
+    }
 }
 
 impl Served {
@@ -68,9 +109,7 @@ impl Served {
                     let n = entries.len();
                     let mut inner = served.lock();
                     for (version, clusters) in entries {
-                        inner.clock += 1;
-                        let used = inner.clock;
-                        inner.by_version.insert(version, Entry { clusters, used });
+                        inner.insert(version, clusters);
                     }
                     drop(inner);
                     info!(path = %path.display(), versions = n, "cluster sets sent before the restart loaded");
@@ -102,22 +141,7 @@ impl Served {
             return e.clusters.clone();
         }
         let clusters: Clusters = Arc::new(clusters().into_iter().collect());
-        inner.by_version.insert(
-            version.to_string(),
-            Entry {
-                clusters: clusters.clone(),
-                used: now,
-            },
-        );
-        if inner.by_version.len() > MAX_VERSIONS
-            && let Some(oldest) = inner
-                .by_version
-                .iter()
-                .min_by_key(|(_, e)| e.used)
-                .map(|(v, _)| v.clone())
-        {
-            inner.by_version.remove(&oldest);
-        }
+        inner.insert(version.to_string(), clusters.clone());
         drop(inner);
         self.dirty.notify_one();
         clusters
