@@ -195,8 +195,7 @@ pub async fn build(cfg: ServeConfig) -> Result<Bound, Error> {
     }
 
     let (published_tx, published_rx) = xds::debounce::channel(store.current());
-    let (endpoints_tx, endpoints_rx) =
-        tokio::sync::watch::channel(published_rx.borrow().endpoints.clone());
+    let (endpoints_tx, endpoints_rx) = tokio::sync::watch::channel(discovery::Found::default());
     // Cloud Map pollers and the service-address resolver both publish here.
     let endpoints_tx = Arc::new(endpoints_tx);
     let store_rx = store.subscribe();
@@ -207,11 +206,18 @@ pub async fn build(cfg: ServeConfig) -> Result<Bound, Error> {
     tasks.spawn("debounce", |cancel| {
         xds::debounce::run_with_endpoints(store_rx, endpoints_rx, published_tx, debounce, cancel)
     });
+    // What SotW Envoys were sent, so a restart keeps the clusters their listeners still use.
+    let served = Arc::new(xds::Served::load(&cfg.data_dir.join(xds::SERVED_FILE)));
+    let s = served.clone();
+    tasks.spawn("xds-served", |cancel| s.run(cancel));
     let ads = Ads::new(
         published_rx,
         store.subscribe(),
         metrics.clone(),
-        cfg.max_connections_per_proxy,
+        xds::Settings {
+            served,
+            ..xds::Settings::new(cfg.max_connections_per_proxy)
+        },
         cancel.clone(),
     );
     let (client, settings) = cloud_map(&cfg.cloudmap, &cfg.region);

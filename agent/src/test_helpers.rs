@@ -350,6 +350,7 @@ pub fn publish_one_instance(
     tx.send_replace(crate::xds::debounce::Published {
         state: state.clone(),
         endpoints: std::sync::Arc::new(e),
+        unanswered: Default::default(),
         changed_at: tokio::time::Instant::now(),
     });
 }

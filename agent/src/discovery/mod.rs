@@ -1,6 +1,7 @@
 //! Endpoint discovery (I/O): one Cloud Map poller per key that this agent's connected proxies
 //! need, started when the first proxy needs it and stopped a linger period after the last one
-//! leaves; their answers are published together as `translate::Endpoints` on a `watch`.
+//! leaves; their answers are published together as [`Found`] (`translate::Endpoints` and which
+//! keys were never answered) on a `watch`.
 //!
 //! Demand = `translate::cloud_map_keys` of every connected proxy against the committed state, so
 //! Cloud Map calls grow with the services in use on this agent, never with the number of Envoys.
@@ -74,6 +75,18 @@ impl FailureKind {
     }
 }
 
+/// What discovery publishes: the endpoints translation reads, and the Cloud Map keys that are
+/// in them only because every call for them has failed so far. Both change together, in one
+/// publication, so a snapshot never pairs endpoints with another moment's failures.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Found {
+    pub endpoints: Arc<Endpoints>,
+    /// Published empty (a new Envoy is not held waiting on them) but never answered on this
+    /// agent: an Envoy that already has their endpoints keeps them, because a failed Cloud Map
+    /// call never changes what Envoy has.
+    pub unanswered: Arc<BTreeSet<CloudMapKey>>,
+}
+
 /// A failed Cloud Map call.
 #[derive(Clone, Debug, thiserror::Error)]
 #[error("{message}")]
@@ -145,7 +158,7 @@ pub async fn run(
     client: Arc<dyn CloudMap>,
     mut state: watch::Receiver<Arc<State>>,
     mut proxies: watch::Receiver<BTreeSet<ProxyIdentity>>,
-    out: Arc<watch::Sender<Arc<Endpoints>>>,
+    out: Arc<watch::Sender<Found>>,
     metrics: Arc<Metrics>,
     cfg: Config,
     cancel: CancellationToken,
@@ -202,13 +215,16 @@ pub async fn run(
                 p.cancel.cancel();
                 info!(key = %key, "cloud map poller stopped: no connected proxy needs it");
                 metrics.forget(&key);
-                out.send_if_modified(|e| {
-                    if !e.cloud_map.contains_key(&key) {
+                out.send_if_modified(|f| {
+                    if !f.endpoints.cloud_map.contains_key(&key) {
                         return false;
                     }
-                    let m = Arc::make_mut(e);
+                    let m = Arc::make_mut(&mut f.endpoints);
                     m.cloud_map.remove(&key);
                     m.generation += 1;
+                    if f.unanswered.contains(&key) {
+                        Arc::make_mut(&mut f.unanswered).remove(&key);
+                    }
                     true
                 });
             }

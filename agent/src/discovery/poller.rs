@@ -1,6 +1,7 @@
 //! One key's poller: `DiscoverInstancesRevision` every poll interval, `DiscoverInstances` when
 //! the revision moved or the slower refresh is due (health changes do not move the revision).
-//! A failed call never changes what is published: the last known instances stay.
+//! A failed call never changes what is published: the last known instances stay. A key whose
+//! first calls fail is published empty and marked unanswered (see [`super::Found`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,8 +11,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{CallError, CloudMap, Config, Metrics};
-use trellis_translate::{CloudMapKey, Endpoints, Instance};
+use super::{CallError, CloudMap, Config, Found, Metrics};
+use trellis_translate::{CloudMapKey, Instance};
 
 pub(super) const REVISION: &str = "DiscoverInstancesRevision";
 pub(super) const DISCOVER: &str = "DiscoverInstances";
@@ -96,7 +97,7 @@ impl PollState {
 pub(super) async fn run(
     key: CloudMapKey,
     client: Arc<dyn CloudMap>,
-    out: Arc<watch::Sender<Arc<Endpoints>>>,
+    out: Arc<watch::Sender<Found>>,
     metrics: Arc<Metrics>,
     cfg: Config,
     cancel: CancellationToken,
@@ -111,14 +112,17 @@ pub(super) async fn run(
             Outcome::Unchanged => debug!("unchanged"),
             Outcome::Changed(instances) => {
                 let n = instances.len();
-                let published = out.send_if_modified(|e| {
+                let published = out.send_if_modified(|f| {
                     // A stopped poller's late answer must not resurrect its key.
                     if cancel.is_cancelled() {
                         return false;
                     }
-                    let m = Arc::make_mut(e);
+                    let m = Arc::make_mut(&mut f.endpoints);
                     m.cloud_map.insert(key.clone(), instances);
                     m.generation += 1;
+                    if f.unanswered.contains(&key) {
+                        Arc::make_mut(&mut f.unanswered).remove(&key);
+                    }
                     true
                 });
                 if published {
@@ -130,14 +134,16 @@ pub(super) async fn run(
                 metrics.failed(op, e.kind);
                 // A key never answered is sent as no assignment (so a reconnecting Envoy keeps
                 // its endpoints); once its first call fails, it is known empty instead, so a new
-                // Envoy's initialisation is not held waiting on it.
-                out.send_if_modified(|e| {
-                    if cancel.is_cancelled() || e.cloud_map.contains_key(&key) {
+                // Envoy's initialisation is not held waiting on it, and marked unanswered, so
+                // an Envoy that has its endpoints from before keeps them (the xDS layer's rule).
+                out.send_if_modified(|f| {
+                    if cancel.is_cancelled() || f.endpoints.cloud_map.contains_key(&key) {
                         return false;
                     }
-                    let m = Arc::make_mut(e);
+                    let m = Arc::make_mut(&mut f.endpoints);
                     m.cloud_map.insert(key.clone(), Vec::new().into());
                     m.generation += 1;
+                    Arc::make_mut(&mut f.unanswered).insert(key.clone());
                     true
                 });
                 warn!(

@@ -176,14 +176,8 @@ fn failures_back_off_exponentially_up_to_the_maximum_and_success_resets() {
 }
 
 /// A poller publishing into a channel, with the fake behind it.
-async fn poller(
-    fake: Arc<Fake>,
-) -> (
-    watch::Receiver<Arc<Endpoints>>,
-    Arc<Metrics>,
-    CancellationToken,
-) {
-    let (tx, rx) = watch::channel(Arc::new(Endpoints::new()));
+async fn poller(fake: Arc<Fake>) -> (watch::Receiver<Found>, Arc<Metrics>, CancellationToken) {
+    let (tx, rx) = watch::channel(Found::default());
     let metrics = Arc::new(Metrics::default());
     let cancel = CancellationToken::new();
     tokio::spawn(poller::run(
@@ -203,19 +197,19 @@ async fn failures_keep_the_last_known_endpoints_and_recovery_picks_up_changes() 
     fake.with(|s| s.instances = vec![inst("a", 1)]);
     let (mut rx, metrics, cancel) = poller(fake.clone()).await;
     rx.changed().await.unwrap();
-    assert_eq!(rx.borrow().get(&key("s")).len(), 1);
-    let published = rx.borrow().generation;
+    assert_eq!(rx.borrow().endpoints.get(&key("s")).len(), 1);
+    let published = rx.borrow().endpoints.generation;
 
     fake.with(|s| s.fail = Some(FailureKind::Throttled));
     tokio::time::sleep(Duration::from_secs(30)).await;
     let (revisions_while_failing, _) = fake.calls();
     assert_eq!(
-        rx.borrow().generation,
+        rx.borrow().endpoints.generation,
         published,
         "nothing published while failing"
     );
     assert_eq!(
-        rx.borrow().get(&key("s")).len(),
+        rx.borrow().endpoints.get(&key("s")).len(),
         1,
         "last known endpoints kept"
     );
@@ -234,31 +228,45 @@ async fn failures_keep_the_last_known_endpoints_and_recovery_picks_up_changes() 
         s.instances = vec![inst("a", 1), inst("b", 2)];
     });
     tokio::time::sleep(Duration::from_secs(10)).await;
-    assert_eq!(rx.borrow().get(&key("s")).len(), 2);
+    assert_eq!(rx.borrow().endpoints.get(&key("s")).len(), 2);
     cancel.cancel();
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_key_whose_first_call_fails_is_known_empty_until_an_answer() {
+async fn a_key_whose_first_call_fails_is_known_empty_and_unanswered_until_an_answer() {
     let fake = Arc::new(Fake::default());
     fake.with(|s| s.fail = Some(FailureKind::Unreachable));
     let (rx, _metrics, cancel) = poller(fake.clone()).await;
     assert!(
-        !rx.borrow().cloud_map.contains_key(&key("s")),
+        !rx.borrow().endpoints.cloud_map.contains_key(&key("s")),
         "before any call the key is undiscovered (no assignment is sent)"
     );
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(
-        rx.borrow().cloud_map.get(&key("s")).map(|i| i.len()),
+        rx.borrow()
+            .endpoints
+            .cloud_map
+            .get(&key("s"))
+            .map(|i| i.len()),
         Some(0),
         "after a failed first call: known empty, so no Envoy waits on it"
+    );
+    assert!(
+        rx.borrow().unanswered.contains(&key("s")),
+        "and unanswered, so an Envoy that has its endpoints keeps them"
     );
     fake.with(|s| {
         s.fail = None;
         s.instances = vec![inst("a", 1)];
     });
     tokio::time::sleep(Duration::from_secs(20)).await;
-    assert_eq!(rx.borrow().get(&key("s")).len(), 1);
+    assert_eq!(rx.borrow().endpoints.get(&key("s")).len(), 1);
+    assert!(rx.borrow().unanswered.is_empty());
+    // A failure after an answer changes nothing: the key stays answered.
+    fake.with(|s| s.fail = Some(FailureKind::Throttled));
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    assert_eq!(rx.borrow().endpoints.get(&key("s")).len(), 1);
+    assert!(rx.borrow().unanswered.is_empty());
     cancel.cancel();
 }
 
@@ -293,7 +301,7 @@ async fn proxies_sharing_a_service_share_one_poller_which_lingers_then_stops() {
     fake.with(|s| s.instances = vec![inst("a", 1)]);
     let (_state_tx, state_rx) = watch::channel(state());
     let (proxies_tx, proxies_rx) = watch::channel(BTreeSet::new());
-    let (out_tx, mut out) = watch::channel(Arc::new(Endpoints::new()));
+    let (out_tx, mut out) = watch::channel(Found::default());
     let metrics = Arc::new(Metrics::default());
     let cancel = CancellationToken::new();
     tokio::spawn(run(
@@ -310,7 +318,7 @@ async fn proxies_sharing_a_service_share_one_poller_which_lingers_then_stops() {
 
     proxies_tx.send_replace([proxy("a"), proxy("b"), proxy("c")].into());
     out.changed().await.unwrap();
-    assert_eq!(out.borrow().get(&key("s")).len(), 1);
+    assert_eq!(out.borrow().endpoints.get(&key("s")).len(), 1);
     assert_eq!(metrics.pollers(), 1);
     tokio::time::sleep(Duration::from_millis(4500)).await;
     let (revisions, _) = fake.calls();
@@ -323,10 +331,10 @@ async fn proxies_sharing_a_service_share_one_poller_which_lingers_then_stops() {
     proxies_tx.send_replace([proxy("c")].into());
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(metrics.pollers(), 1, "still lingering");
-    assert!(out.borrow().cloud_map.contains_key(&key("s")));
+    assert!(out.borrow().endpoints.cloud_map.contains_key(&key("s")));
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(metrics.pollers(), 0);
-    assert!(!out.borrow().cloud_map.contains_key(&key("s")));
+    assert!(!out.borrow().endpoints.cloud_map.contains_key(&key("s")));
     let calls = fake.calls();
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(fake.calls(), calls, "a stopped poller makes no calls");
@@ -339,7 +347,7 @@ async fn a_proxy_back_within_the_linger_keeps_its_poller_and_endpoints() {
     fake.with(|s| s.instances = vec![inst("a", 1)]);
     let (_state_tx, state_rx) = watch::channel(state());
     let (proxies_tx, proxies_rx) = watch::channel([proxy("a")].into());
-    let (out_tx, mut out) = watch::channel(Arc::new(Endpoints::new()));
+    let (out_tx, mut out) = watch::channel(Found::default());
     let metrics = Arc::new(Metrics::default());
     let cancel = CancellationToken::new();
     tokio::spawn(run(
@@ -362,6 +370,6 @@ async fn a_proxy_back_within_the_linger_keeps_its_poller_and_endpoints() {
             .render()
             .contains("trellis_cloudmap_pollers_started_total 1")
     );
-    assert_eq!(out.borrow().get(&key("s")).len(), 1);
+    assert_eq!(out.borrow().endpoints.get(&key("s")).len(), 1);
     cancel.cancel();
 }

@@ -11,8 +11,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
+use crate::discovery::Found;
 use trellis_model::State;
-use trellis_translate::Endpoints;
+use trellis_translate::{CloudMapKey, Endpoints};
 
 /// A state and endpoints the ADS streams should serve, and when the first change it contains
 /// happened.
@@ -20,6 +21,8 @@ use trellis_translate::Endpoints;
 pub struct Published {
     pub state: Arc<State>,
     pub endpoints: Arc<Endpoints>,
+    /// The Cloud Map keys in `endpoints` only as known empty, never answered (see [`Found`]).
+    pub unanswered: Arc<std::collections::BTreeSet<CloudMapKey>>,
     pub changed_at: Instant,
 }
 
@@ -43,6 +46,7 @@ pub fn channel(initial: Arc<State>) -> (watch::Sender<Published>, watch::Receive
     watch::channel(Published {
         state: initial,
         endpoints: Arc::new(Endpoints::new()),
+        unanswered: Arc::default(),
         changed_at: Instant::now(),
     })
 }
@@ -55,7 +59,7 @@ pub async fn run(
     cfg: Debounce,
     cancel: CancellationToken,
 ) {
-    let (_keep, endpoints) = watch::channel(Arc::new(Endpoints::new()));
+    let (_keep, endpoints) = watch::channel(Found::default());
     run_with_endpoints(store, endpoints, out, cfg, cancel).await;
 }
 
@@ -63,7 +67,7 @@ pub async fn run(
 /// becomes one publication on `out`.
 pub async fn run_with_endpoints(
     mut store: watch::Receiver<Arc<State>>,
-    mut endpoints: watch::Receiver<Arc<Endpoints>>,
+    mut endpoints: watch::Receiver<Found>,
     out: watch::Sender<Published>,
     cfg: Debounce,
     cancel: CancellationToken,
@@ -107,17 +111,18 @@ pub async fn run_with_endpoints(
             }
         }
         let state = store.borrow_and_update().clone();
-        let endpoints_now = endpoints.borrow_and_update().clone();
+        let found = endpoints.borrow_and_update().clone();
         debug!(
             generation = state.generation,
-            endpoints_generation = endpoints_now.generation,
+            endpoints_generation = found.endpoints.generation,
             merged,
             waited_ms = first.elapsed().as_millis() as u64,
             "publishing"
         );
         out.send_replace(Published {
             state,
-            endpoints: endpoints_now,
+            endpoints: found.endpoints,
+            unanswered: found.unanswered,
             changed_at: first,
         });
     }
@@ -192,7 +197,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_endpoint_change_alone_is_published_with_the_same_state() {
         let (store_tx, store_rx) = watch::channel(state(3));
-        let (ep_tx, ep_rx) = watch::channel(Arc::new(Endpoints::new()));
+        let (ep_tx, ep_rx) = watch::channel(Found::default());
         let (out_tx, mut out_rx) = channel(state(3));
         let cancel = CancellationToken::new();
         tokio::spawn(run_with_endpoints(
@@ -203,10 +208,13 @@ mod tests {
             cancel.clone(),
         ));
         out_rx.mark_unchanged();
-        ep_tx.send_replace(Arc::new(Endpoints {
-            generation: 7,
-            ..Endpoints::default()
-        }));
+        ep_tx.send_replace(Found {
+            endpoints: Arc::new(Endpoints {
+                generation: 7,
+                ..Endpoints::default()
+            }),
+            unanswered: Arc::default(),
+        });
         tokio::time::sleep(Duration::from_millis(30)).await;
         assert!(out_rx.has_changed().unwrap());
         let p = out_rx.borrow_and_update().clone();

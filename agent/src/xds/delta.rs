@@ -1,8 +1,11 @@
 //! One Envoy stream on incremental ADS (`DeltaAggregatedResources`): per-resource versions (the
 //! snapshot's content hashes), wildcard and named subscriptions, `initial_resource_versions` on
-//! reconnect, `removed_resources` (only once the updates that stop using them are ACKed), and the
-//! SotW stream's NACK rule: a rejected resource is not sent again until its content changes.
-//! Identity, quota, snapshot lookup and metrics are the shared `Session`'s.
+//! reconnect, and make before break: `removed_resources` only once every response that stops
+//! using them is ACKed (also across a reconnect: what the client held waits for this stream's
+//! listeners), listener and route updates only once the clusters they may use are warm
+//! ([`Warmth`]). The SotW stream's NACK rule holds too: a rejected resource is not sent again
+//! until its content changes, and it holds removals while it still exists. Identity, quota,
+//! snapshot lookup and metrics are the shared `Session`'s.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -12,7 +15,6 @@ use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
 };
-use envoy_types::pb::google::protobuf::Any;
 use envoy_types::util::pack_any;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -20,16 +22,22 @@ use tonic::{Status, Streaming};
 use tracing::{debug, warn};
 
 use super::Ads;
-use super::session::{self, Protocol};
-use super::snapshot::{ENDPOINT, PUSH_ORDER, Snapshot, TypeSnapshot, is_wildcard_type};
+use super::session::{self, Holds, Protocol, Warmth};
+use super::snapshot::{
+    CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE, Snapshot, TypeSnapshot, is_served_type,
+    is_wildcard_type,
+};
 
 /// The explicit wildcard subscription of the xDS protocol.
 const WILDCARD: &str = "*";
 /// Version of the empty assignment answered for endpoint names Trellis does not manage.
 const UNMANAGED_VERSION: &str = "unmanaged";
 /// Unanswered responses remembered per type: Envoy answers each in turn, so a few suffice, and a
-/// client that never answers cannot grow the stream's memory.
+/// client that never answers cannot grow the stream's memory. A forgotten one is settled by the
+/// answer to any later one (answers come in order).
 const MAX_PENDING: usize = 16;
+/// The types whose resources point at clusters: their updates wait for the clusters to be warm.
+const USERS: [&str; 2] = [LISTENER, ROUTE];
 
 /// A response not yet ACKed or NACKed.
 #[derive(Debug)]
@@ -38,6 +46,8 @@ struct Pending {
     version: String,
     /// When the change behind it was committed (none for answers to requests).
     change: Option<Instant>,
+    /// The resources it carried, by name.
+    names: Vec<String>,
 }
 
 /// What one stream knows of one type.
@@ -52,6 +62,10 @@ struct TypeState {
     absent: BTreeSet<String>,
     /// Unanswered responses by nonce.
     pending: BTreeMap<u64, Pending>,
+    /// Resources whose last version sent was rejected: the client runs an older one, which may
+    /// use what a removal would take away. Cleared by an ACK of a newer version, and moot once
+    /// the resource itself is gone.
+    rejected: BTreeSet<String>,
 }
 
 /// What a type's subscription needs sent: new or changed resources, and names that are gone.
@@ -75,14 +89,14 @@ struct Stream<'a> {
     tx: &'a mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
     /// The commit time of the publication being pushed, while it is new to this stream.
     change: Option<Instant>,
-    /// Updates pushed after input changes and not yet answered: removals wait for them, so
-    /// nothing is removed while the configuration that stops using it may still be rejected.
-    updates_unacked: BTreeSet<u64>,
-    /// Types whose last answer was a NACK: the client still runs their previous resources, which
-    /// may use what a removal would take away. Removals wait until those types are ACKed again.
-    nacked_types: BTreeSet<String>,
-    /// Removals may be due since the last input change.
+    /// Removals may be due since the last input change (or the reconnect).
     removals_due: bool,
+    /// Listener or route updates may be due, waiting for warm clusters.
+    updates_due: bool,
+    /// A first request said what the client held (a reconnect): its listeners are older than
+    /// this stream, so removals also wait until this stream has served listeners.
+    resumed: bool,
+    warmth: Warmth,
 }
 
 pub(super) async fn run_stream(
@@ -98,9 +112,10 @@ pub(super) async fn run_stream(
         types: HashMap::new(),
         tx,
         change: None,
-        updates_unacked: BTreeSet::new(),
-        nacked_types: BTreeSet::new(),
         removals_due: false,
+        updates_due: false,
+        resumed: false,
+        warmth: Warmth::default(),
     };
     session::serve(ads, id, inbound, stream).await
 }
@@ -130,6 +145,15 @@ impl Protocol for Stream<'_> {
         self.change = Some(changed_at);
         self.push_changes(snap).await
     }
+
+    fn wake_at(&self) -> Option<Instant> {
+        self.warmth.wake_at()
+    }
+
+    async fn on_wake(&mut self, snap: &Snapshot) -> Result<(), Status> {
+        self.flush(snap).await?;
+        self.remove_when_safe(snap).await
+    }
 }
 
 impl Stream<'_> {
@@ -143,26 +167,45 @@ impl Stream<'_> {
                 "type_url is required on an aggregated stream",
             ));
         }
+        if !is_served_type(&req.type_url) {
+            debug!(type_url = %req.type_url, "request for a type Trellis does not serve ignored");
+            self.ads.metrics.unknown_type();
+            return Ok(());
+        }
+        let type_url = req.type_url.as_str();
         let empty = TypeSnapshot::default();
-        let t = snap.get(&req.type_url).unwrap_or(&empty);
-        let first = !self.types.contains_key(&req.type_url);
-        let ts = self.types.entry(req.type_url.clone()).or_default();
+        let t = snap.get(type_url).unwrap_or(&empty);
+        let first = !self.types.contains_key(type_url);
+        let fresh = first && req.initial_resource_versions.is_empty();
+        if first && !fresh {
+            // A reconnecting Envoy says what it holds: unchanged resources are not resent, and
+            // nothing it holds is removed before this stream's listeners are in.
+            self.resumed = true;
+            self.removals_due = true;
+        }
+        if fresh && USERS.contains(&type_url) {
+            // A starting Envoy asks for listeners once its clusters are initialised, and for
+            // routes once it has listeners: it went ahead without endpoints still missing.
+            self.warmth.went_ahead(snap, &DeltaHolds(&self.types));
+        }
+        let gated = USERS.contains(&type_url) && !fresh && !self.clusters_warm(snap);
+        let ts = self.types.entry(type_url.to_string()).or_default();
         if first {
             // Legacy wildcard: a first request naming nothing asks for everything (LDS, CDS).
             if req.resource_names_subscribe.is_empty()
                 && req.resource_names_unsubscribe.is_empty()
-                && is_wildcard_type(&req.type_url)
+                && is_wildcard_type(type_url)
             {
                 ts.subscribed.insert(WILDCARD.to_string());
             }
-            // A reconnecting Envoy says what it holds: unchanged resources are not resent.
             ts.have = req
                 .initial_resource_versions
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect();
         }
-        let reply = if req.response_nonce.is_empty() {
+        // A nonce on a first request is left from an earlier stream, not an answer.
+        let reply = if req.response_nonce.is_empty() || first {
             None
         } else {
             on_reply(self.ads, self.id, ts, &req)
@@ -194,63 +237,143 @@ impl Stream<'_> {
                 ts.have.remove(name);
             }
         }
-        // While an input change's removals wait (see `remove_when_safe`), none goes out here.
-        let held =
-            self.removals_due || !self.updates_unacked.is_empty() || !self.nacked_types.is_empty();
+        if ts.subscribed.is_empty() {
+            // Watching nothing of this type, the client answers nothing of it any more.
+            ts.pending.clear();
+            ts.rejected.clear();
+        }
+        if let Some((answered, settled)) = reply {
+            let nack = req.error_detail.is_some();
+            for (nonce, p) in &settled {
+                if nack && *nonce == answered {
+                    ts.rejected.extend(p.names.iter().cloned());
+                    if type_url == CLUSTER || type_url == ENDPOINT {
+                        // What it rejected will not warm through us: nothing to wait for.
+                        self.warmth.give_up_on(p.names.iter().cloned());
+                    }
+                } else {
+                    for n in &p.names {
+                        ts.rejected.remove(n);
+                    }
+                }
+            }
+        }
+        let resources = if gated {
+            if !offers(type_url, ts, t, snap).is_empty() {
+                self.updates_due = true;
+            }
+            vec![]
+        } else {
+            updates(type_url, ts, t, snap)
+        };
+        // While removals wait (see `remove_when_safe`), none goes out here.
+        let held = self.removals_due || self.removals_held(snap);
+        let ts = self.types.entry(type_url.to_string()).or_default();
         let delta = Delta {
-            resources: updates(&req.type_url, ts, t),
+            resources,
             removed: if held {
                 vec![]
             } else {
-                removals(&req.type_url, ts, t)
+                removals(type_url, ts, t)
             },
         };
-        if let Some(settled) = reply {
-            for nonce in &settled {
-                self.updates_unacked.remove(nonce);
-            }
-            if req.error_detail.is_some() {
-                self.nacked_types.insert(req.type_url.clone());
-            } else {
-                self.nacked_types.remove(&req.type_url);
-            }
-        }
         // A first request is always answered (Envoy waits for it), unless the Envoy already
         // holds exactly what it asked for.
-        let answer_anyway = first && req.initial_resource_versions.is_empty();
-        if answer_anyway || !delta.is_empty() {
-            self.send(&req.type_url, t, delta).await?;
+        if fresh || !delta.is_empty() {
+            self.send(type_url, t, delta).await?;
         }
+        self.flush(snap).await?;
         self.remove_when_safe(snap).await
     }
 
-    /// After an input change: what moved, in make-before-break order (clusters, endpoints,
-    /// listeners, routes); what is gone follows once every update is ACKed.
+    /// After an input change: what moved, in make-before-break order (clusters and endpoints at
+    /// once, listeners and routes once what they use is warm); what is gone follows once every
+    /// response is ACKed.
     async fn push_changes(&mut self, snap: &Snapshot) -> Result<(), Status> {
         let empty = TypeSnapshot::default();
-        for type_url in PUSH_ORDER {
+        for type_url in [CLUSTER, ENDPOINT] {
             let Some(ts) = self.types.get_mut(type_url) else {
                 continue;
             };
             let t = snap.get(type_url).unwrap_or(&empty);
-            let resources = updates(type_url, ts, t);
+            let resources = updates(type_url, ts, t, snap);
             if !resources.is_empty() {
                 let delta = Delta {
                     resources,
                     removed: vec![],
                 };
-                let nonce = self.send(type_url, t, delta).await?;
-                self.updates_unacked.insert(nonce);
+                self.send(type_url, t, delta).await?;
             }
         }
-        self.change = None;
+        self.updates_due = true;
         self.removals_due = true;
+        self.flush(snap).await?;
         self.remove_when_safe(snap).await
     }
 
-    /// Sends what is gone, in push order, once no update is unanswered or rejected.
+    /// Sends the listener and route updates that wait, once the clusters they may use are warm.
+    async fn flush(&mut self, snap: &Snapshot) -> Result<(), Status> {
+        if !self.updates_due {
+            self.warmth.stand_down();
+            return Ok(());
+        }
+        let empty = TypeSnapshot::default();
+        let owed = USERS.iter().any(|type_url| {
+            self.types.get(*type_url).is_some_and(|ts| {
+                !offers(type_url, ts, snap.get(type_url).unwrap_or(&empty), snap).is_empty()
+            })
+        });
+        if owed && !self.clusters_warm(snap) {
+            return Ok(());
+        }
+        self.warmth.stand_down();
+        self.updates_due = false;
+        for type_url in USERS {
+            let Some(ts) = self.types.get_mut(type_url) else {
+                continue;
+            };
+            let t = snap.get(type_url).unwrap_or(&empty);
+            let resources = updates(type_url, ts, t, snap);
+            if !resources.is_empty() {
+                let delta = Delta {
+                    resources,
+                    removed: vec![],
+                };
+                self.send(type_url, t, delta).await?;
+            }
+        }
+        self.change = None;
+        Ok(())
+    }
+
+    /// Whether listeners and routes may go: every cluster they may use is warm in Envoy (or
+    /// waited on long enough). Without a cluster subscription there is nothing to wait for.
+    fn clusters_warm(&mut self, snap: &Snapshot) -> bool {
+        !self.types.contains_key(CLUSTER)
+            || self
+                .warmth
+                .ready(snap, &DeltaHolds(&self.types), self.ads.warming_hold)
+    }
+
+    /// Removals wait while any response is unanswered (the configuration that stops using what
+    /// goes may still be rejected), while a rejected resource still exists (the client runs its
+    /// older version), while updates wait for warm clusters, and after a reconnect until this
+    /// stream has served listeners.
+    fn removals_held(&self, snap: &Snapshot) -> bool {
+        self.updates_due
+            || (self.resumed && !self.types.contains_key(LISTENER))
+            || self.types.iter().any(|(type_url, ts)| {
+                !ts.pending.is_empty()
+                    || ts.rejected.iter().any(|n| {
+                        snap.get(type_url)
+                            .is_some_and(|t| t.resources.contains_key(n))
+                    })
+            })
+    }
+
+    /// Sends what is gone, in push order, once nothing holds removals.
     async fn remove_when_safe(&mut self, snap: &Snapshot) -> Result<(), Status> {
-        if !self.removals_due || !self.updates_unacked.is_empty() || !self.nacked_types.is_empty() {
+        if !self.removals_due || self.removals_held(snap) {
             return Ok(());
         }
         self.removals_due = false;
@@ -281,12 +404,17 @@ impl Stream<'_> {
     ) -> Result<u64, Status> {
         self.next_nonce += 1;
         let nonce = self.next_nonce;
+        if type_url == CLUSTER {
+            // Gone from the client: one added again is waited on again.
+            self.warmth.forget(&delta.removed);
+        }
         let ts = self.types.entry(type_url.to_string()).or_default();
         ts.pending.insert(
             nonce,
             Pending {
                 version: t.version.clone(),
                 change: self.change,
+                names: delta.resources.iter().map(|r| r.name.clone()).collect(),
             },
         );
         while ts.pending.len() > MAX_PENDING {
@@ -316,15 +444,42 @@ impl Stream<'_> {
     }
 }
 
-/// An ACK or NACK; returns the nonces it settles. One whose nonce is not an unanswered response
-/// of this type is stale and ignored; a NACK is recorded and never answered by sending the same
+/// What a delta client has: what was sent to it (or it held when it connected) and is not in a
+/// response it has yet to answer.
+struct DeltaHolds<'s>(&'s HashMap<String, TypeState>);
+
+impl DeltaHolds<'_> {
+    fn has(&self, type_url: &str, name: &str) -> bool {
+        self.0.get(type_url).is_some_and(|ts| {
+            ts.have.contains_key(name)
+                && !ts
+                    .pending
+                    .values()
+                    .any(|p| p.names.iter().any(|n| n == name))
+        })
+    }
+}
+
+impl Holds for DeltaHolds<'_> {
+    fn has_cluster(&self, name: &str) -> bool {
+        self.has(CLUSTER, name)
+    }
+
+    fn has_endpoints(&self, name: &str) -> bool {
+        self.has(ENDPOINT, name)
+    }
+}
+
+/// An ACK or NACK: the nonce it answers and the responses it settles (Envoy answers in order, so
+/// the older unanswered ones with it). One whose nonce is not an unanswered response of this
+/// type is stale and ignored; a NACK is recorded and never answered by sending the same
 /// versions again.
 fn on_reply(
     ads: &Ads,
     id: u64,
     ts: &mut TypeState,
     req: &DeltaDiscoveryRequest,
-) -> Option<Vec<u64>> {
+) -> Option<(u64, BTreeMap<u64, Pending>)> {
     let Some(nonce) = req
         .response_nonce
         .parse::<u64>()
@@ -335,7 +490,6 @@ fn on_reply(
         ads.metrics.stale();
         return None;
     };
-    // Envoy answers responses in order: this reply also settles the older unanswered ones.
     let newer = ts.pending.split_off(&(nonce + 1));
     let settled = std::mem::replace(&mut ts.pending, newer);
     let p = settled.get(&nonce)?;
@@ -353,36 +507,76 @@ fn on_reply(
         ads.metrics
             .acked(id, &req.type_url, &p.version, p.change.map(|c| c.elapsed()));
     }
-    Some(settled.into_keys().collect())
+    Some((nonce, settled))
 }
 
-/// The new or changed resources the subscription needs; records them as held.
-fn updates(type_url: &str, ts: &mut TypeState, t: &TypeSnapshot) -> Vec<Resource> {
+/// What the subscription needs sent, as (name, version): new or changed resources, and an empty
+/// assignment for endpoint names Trellis does not manage (the App Mesh Envoy image's
+/// `local_cluster`, as on SotW). Never an assignment that is empty only because Cloud Map has
+/// not answered over endpoints the client has, nor one for a name the client has endpoints for
+/// that the snapshot no longer has (a cluster kept until what uses it is gone).
+fn offers(
+    type_url: &str,
+    ts: &TypeState,
+    t: &TypeSnapshot,
+    snap: &Snapshot,
+) -> Vec<(String, String)> {
+    let keeps = |name: &str| {
+        type_url == ENDPOINT && snap.unanswered.contains(name) && ts.have.contains_key(name)
+    };
     let wildcard = ts.subscribed.contains(WILDCARD);
     let mut out = Vec::new();
+    let mut offer = |name: &str, version: &str| {
+        if ts.have.get(name).map(String::as_str) != Some(version) {
+            out.push((name.to_string(), version.to_string()));
+        }
+    };
     if wildcard {
-        for (name, any) in &t.resources {
-            offer(ts, &mut out, name, version_of(t, name), || any.any());
+        for name in t.resources.keys() {
+            if !keeps(name) {
+                offer(name, version_of(t, name));
+            }
         }
     }
     for name in named(ts) {
-        if let Some(any) = t.resources.get(&name) {
-            ts.absent.remove(&name);
-            if !wildcard {
-                offer(ts, &mut out, &name, version_of(t, &name), || any.any());
+        if t.resources.contains_key(&name) {
+            if !wildcard && !keeps(&name) {
+                offer(&name, version_of(t, &name));
             }
-        } else if type_url == ENDPOINT && !t.pending.contains(&name) {
-            // Endpoints asked for that we do not manage (the App Mesh Envoy image's
-            // `local_cluster`) get an empty assignment, as on SotW, so Envoy does not wait on them.
-            offer(ts, &mut out, &name, UNMANAGED_VERSION, || {
-                pack_any(ClusterLoadAssignment {
-                    cluster_name: name.clone(),
-                    ..Default::default()
-                })
-            });
+        } else if type_url == ENDPOINT && !t.pending.contains(&name) && !ts.have.contains_key(&name)
+        {
+            offer(&name, UNMANAGED_VERSION);
         }
     }
     out
+}
+
+/// The new or changed resources the subscription needs ([`offers`]); records them as held.
+fn updates(type_url: &str, ts: &mut TypeState, t: &TypeSnapshot, snap: &Snapshot) -> Vec<Resource> {
+    for name in named(ts) {
+        if t.resources.contains_key(&name) {
+            ts.absent.remove(&name);
+        }
+    }
+    offers(type_url, ts, t, snap)
+        .into_iter()
+        .map(|(name, version)| {
+            let any = match t.resources.get(&name) {
+                Some(r) => r.any(),
+                None => pack_any(ClusterLoadAssignment {
+                    cluster_name: name.clone(),
+                    ..Default::default()
+                }),
+            };
+            ts.have.insert(name.clone(), version.clone());
+            Resource {
+                name,
+                version,
+                resource: Some(any),
+                ..Default::default()
+            }
+        })
+        .collect()
 }
 
 /// The names the client must be told are gone or do not exist; records them as not held.
@@ -429,26 +623,6 @@ fn named(ts: &TypeState) -> Vec<String> {
         .filter(|n| *n != WILDCARD)
         .cloned()
         .collect()
-}
-
-/// Adds the resource to the delta unless the client already holds this version.
-fn offer(
-    ts: &mut TypeState,
-    out: &mut Vec<Resource>,
-    name: &str,
-    version: &str,
-    any: impl FnOnce() -> Any,
-) {
-    if ts.have.get(name).map(String::as_str) == Some(version) {
-        return;
-    }
-    ts.have.insert(name.to_string(), version.to_string());
-    out.push(Resource {
-        name: name.to_string(),
-        version: version.to_string(),
-        resource: Some(any()),
-        ..Default::default()
-    });
 }
 
 fn version_of<'t>(t: &'t TypeSnapshot, name: &str) -> &'t str {

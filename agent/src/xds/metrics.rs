@@ -65,6 +65,7 @@ struct Inner {
     acks: BTreeMap<String, u64>,
     nacks: BTreeMap<String, u64>,
     stale: u64,
+    unknown_type: u64,
     refused: BTreeMap<&'static str, u64>,
     push_to_ack: Histogram,
     build: Histogram,
@@ -146,6 +147,12 @@ impl Metrics {
         self.lock().stale += 1;
     }
 
+    /// A request for a type Trellis does not serve: counted without its name, so clients cannot
+    /// grow the label set.
+    pub fn unknown_type(&self) {
+        self.lock().unknown_type += 1;
+    }
+
     pub fn built(&self, d: Duration) {
         self.lock().build.observe(d);
     }
@@ -178,6 +185,15 @@ impl Metrics {
         }
         let _ = writeln!(out, "# TYPE trellis_xds_stale_requests_total counter");
         let _ = writeln!(out, "trellis_xds_stale_requests_total {}", m.stale);
+        let _ = writeln!(
+            out,
+            "# TYPE trellis_xds_unknown_type_requests_total counter"
+        );
+        let _ = writeln!(
+            out,
+            "trellis_xds_unknown_type_requests_total {}",
+            m.unknown_type
+        );
         let _ = writeln!(out, "# TYPE trellis_xds_refused_streams_total counter");
         for (reason, n) in &m.refused {
             let _ = writeln!(

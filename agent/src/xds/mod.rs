@@ -5,6 +5,7 @@ mod authority;
 pub mod debounce;
 mod delta;
 pub mod metrics;
+mod served;
 mod service;
 mod session;
 pub mod snapshot;
@@ -14,6 +15,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
 use tokio::sync::watch;
@@ -21,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use debounce::{Debounce, Published};
 pub use metrics::Metrics;
+pub use served::Served;
 pub use service::AdsService;
 use snapshot::Snapshots;
 use trellis_model::ProxyIdentity;
@@ -46,6 +49,36 @@ pub enum Error {
 /// App Mesh's limit of Envoy connections per virtual node or gateway.
 pub const DEFAULT_CONNECTIONS_PER_PROXY: usize = 50;
 
+/// How long listeners and routes wait for a new cluster's endpoints before they go anyway:
+/// Envoy's own default wait for an EDS cluster (its initial fetch timeout), so a route is never
+/// held past the moment Envoy itself would stop warming the cluster.
+pub const DEFAULT_WARMING_HOLD: Duration = Duration::from_secs(15);
+
+/// The file in the data directory where the cluster sets sent on SotW CDS outlive a restart.
+pub const SERVED_FILE: &str = "xds-served.pb";
+
+/// How the ADS server treats its streams.
+#[derive(Debug)]
+pub struct Settings {
+    /// Envoy connections per virtual node or gateway.
+    pub max_per_proxy: usize,
+    /// See [`DEFAULT_WARMING_HOLD`].
+    pub warming_hold: Duration,
+    /// The cluster sets sent on SotW CDS, so a reconnecting Envoy keeps what it still uses.
+    pub served: Arc<Served>,
+}
+
+impl Settings {
+    /// The defaults, with `max_per_proxy` connections per proxy and sets kept in memory only.
+    pub fn new(max_per_proxy: usize) -> Self {
+        Settings {
+            max_per_proxy,
+            warming_hold: DEFAULT_WARMING_HOLD,
+            served: Arc::new(Served::in_memory()),
+        }
+    }
+}
+
 /// Shared by every stream.
 #[derive(Debug)]
 pub struct Ads {
@@ -58,6 +91,8 @@ pub struct Ads {
     next_stream: AtomicU64,
     cancel: CancellationToken,
     max_per_proxy: usize,
+    warming_hold: Duration,
+    served: Arc<Served>,
     per_proxy: Mutex<HashMap<ProxyIdentity, usize>>,
     /// The proxies with at least one stream: what discovery must serve on this agent.
     connected: watch::Sender<BTreeSet<ProxyIdentity>>,
@@ -68,7 +103,7 @@ impl Ads {
         published: watch::Receiver<Published>,
         committed: watch::Receiver<Arc<trellis_model::State>>,
         metrics: Arc<Metrics>,
-        max_per_proxy: usize,
+        settings: Settings,
         cancel: CancellationToken,
     ) -> Arc<Self> {
         Arc::new(Ads {
@@ -78,7 +113,9 @@ impl Ads {
             metrics,
             next_stream: AtomicU64::new(1),
             cancel,
-            max_per_proxy,
+            max_per_proxy: settings.max_per_proxy,
+            warming_hold: settings.warming_hold,
+            served: settings.served,
             per_proxy: Mutex::new(HashMap::new()),
             connected: watch::channel(BTreeSet::new()).0,
         })

@@ -1,8 +1,12 @@
 //! What every ADS stream shares, whatever its protocol variant: the session (identity, connection
-//! quota, the snapshot it serves, metrics) and the driver that feeds a [`Protocol`] its requests
-//! and the agent's publications until either side ends the stream.
+//! quota, the snapshot it serves, metrics), what its Envoy has of the clusters ([`Warmth`]: a
+//! listener or route goes only once the clusters it may use are warm), and the driver that feeds
+//! a [`Protocol`] its requests, the agent's publications and its wake-ups until either side ends
+//! the stream.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::time::Duration;
 
 use envoy_types::pb::envoy::config::core::v3::Node;
 use tokio::sync::watch;
@@ -10,7 +14,7 @@ use tokio::time::Instant;
 use tonic::{Status, Streaming};
 use tracing::{debug, info, warn};
 
-use super::snapshot::Snapshot;
+use super::snapshot::{CLUSTER, Snapshot};
 use super::{Ads, Published, Slot};
 use trellis_model::{ProxyIdentity, State};
 
@@ -114,6 +118,10 @@ pub(super) trait Protocol {
         before: &Snapshot,
         snap: &Snapshot,
     ) -> Result<(), Status>;
+    /// When the stream wants [`Protocol::on_wake`] called even if nothing else happens.
+    fn wake_at(&self) -> Option<Instant>;
+    /// The time asked for by [`Protocol::wake_at`] has come.
+    async fn on_wake(&mut self, snap: &Snapshot) -> Result<(), Status>;
 }
 
 /// Opens the session on the first request, serves it, then each request and each publication,
@@ -148,10 +156,119 @@ pub(super) async fn serve<P: Protocol>(
                     stream.on_change(changed_at, &before, &session.snap).await?;
                 }
             }
+            () = sleep_until_opt(stream.wake_at()) => stream.on_wake(&session.snap).await?,
             () = ads.cancel.cancelled() => break,
         }
     }
     Ok(())
+}
+
+async fn sleep_until_opt(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// What a protocol machine knows its client has, from the state it keeps anyway.
+pub(super) trait Holds {
+    /// The cluster is in a CDS response the client ACKed, or it held it when it connected.
+    fn has_cluster(&self, name: &str) -> bool;
+    /// The client ACKed an assignment for the cluster, or held one when it connected.
+    fn has_endpoints(&self, name: &str) -> bool;
+}
+
+/// Whether listeners and routes may go to what a stream's Envoy has. Envoy keeps a new cluster
+/// warming (not routable: a request to it fails with 503) until its endpoints arrive, so
+/// listeners and routes go only once every cluster of the snapshot is in a CDS response Envoy has
+/// ACKed and, for an EDS cluster, has an assignment Envoy has ACKed ([`Holds`]). A cluster whose
+/// endpoints do not come within the hold (Cloud Map has not answered) is waited on no longer: the
+/// listener or route goes, and Envoy's own warming takes over.
+#[derive(Debug, Default)]
+pub(super) struct Warmth {
+    /// Not waited on any more: the hold ran out, Envoy went ahead without them, or rejected them.
+    given_up: BTreeSet<String>,
+    /// When the current wait ends, while one is on.
+    until: Option<Instant>,
+}
+
+impl Warmth {
+    /// The snapshot's clusters the client does not have warm yet (and that are still waited on).
+    fn cold<'s>(
+        &'s self,
+        snap: &'s Snapshot,
+        holds: &'s impl Holds,
+    ) -> impl Iterator<Item = &'s String> + 's {
+        snap.get(CLUSTER)
+            .into_iter()
+            .flat_map(|t| t.resources.keys())
+            .filter(move |n| {
+                !self.given_up.contains(*n)
+                    && (!holds.has_cluster(n) || (snap.is_eds(n) && !holds.has_endpoints(n)))
+            })
+    }
+
+    /// Whether listeners and routes may go now; if not, the hold starts (once) and
+    /// [`Warmth::wake_at`] says when it ends.
+    pub(super) fn ready(&mut self, snap: &Snapshot, holds: &impl Holds, hold: Duration) -> bool {
+        if self.cold(snap, holds).next().is_none() {
+            self.until = None;
+            return true;
+        }
+        let now = Instant::now();
+        let until = *self.until.get_or_insert(now + hold);
+        if now < until {
+            return false;
+        }
+        debug!(
+            clusters = ?self.cold(snap, holds).collect::<Vec<_>>(),
+            "clusters still warming after the hold; listeners and routes go anyway"
+        );
+        self.give_up(snap, holds);
+        true
+    }
+
+    /// The clusters still cold are not waited on any more (the hold ran out, or the client
+    /// rejected what would warm them).
+    pub(super) fn give_up(&mut self, snap: &Snapshot, holds: &impl Holds) {
+        let cold: Vec<String> = self.cold(snap, holds).cloned().collect();
+        self.given_up.extend(cold);
+        self.until = None;
+    }
+
+    /// The client went ahead without the endpoints of clusters it has (a starting Envoy asks
+    /// for listeners once its clusters are initialised, endpoints or not): those are not waited
+    /// on any more.
+    pub(super) fn went_ahead(&mut self, snap: &Snapshot, holds: &impl Holds) {
+        let without: Vec<String> = self
+            .cold(snap, holds)
+            .filter(|n| holds.has_cluster(n))
+            .cloned()
+            .collect();
+        self.given_up.extend(without);
+    }
+
+    /// These will not warm through this stream (the client rejected them).
+    pub(super) fn give_up_on(&mut self, names: impl IntoIterator<Item = String>) {
+        self.given_up.extend(names);
+    }
+
+    /// The client no longer has these clusters: added again, they are waited on again.
+    pub(super) fn forget<'n>(&mut self, names: impl IntoIterator<Item = &'n String>) {
+        for n in names {
+            self.given_up.remove(n);
+        }
+    }
+
+    /// Nothing waits for warm clusters any more: the hold, if one is on, ends.
+    pub(super) fn stand_down(&mut self) {
+        self.until = None;
+    }
+
+    /// When the current hold ends, if one is on.
+    pub(super) fn wake_at(&self) -> Option<Instant> {
+        self.until
+    }
 }
 
 pub(super) fn build(

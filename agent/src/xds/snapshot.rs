@@ -10,7 +10,7 @@ use tokio::sync::watch;
 
 use super::debounce::{self, Published};
 use trellis_model::{ProxyIdentity, State};
-use trellis_translate::{Encoded, Inputs, Item, Memo, Resources};
+use trellis_translate::{CloudMapKey, Encoded, Inputs, Item, Memo, Resources};
 
 pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 pub const ENDPOINT: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
@@ -23,6 +23,12 @@ pub const PUSH_ORDER: [&str; 4] = [CLUSTER, ENDPOINT, LISTENER, ROUTE];
 /// Whether an empty `resource_names` means "everything" for this type (SotW wildcard).
 pub fn is_wildcard_type(type_url: &str) -> bool {
     type_url == CLUSTER || type_url == LISTENER
+}
+
+/// Whether Trellis serves this type: per-stream state and metric labels exist only for these, so
+/// a client naming other types cannot grow either.
+pub fn is_served_type(type_url: &str) -> bool {
+    PUSH_ORDER.contains(&type_url)
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -66,6 +72,10 @@ pub struct Snapshot {
     /// Shared: a snapshot kept over a change that left its proxy alone is a new generation over
     /// the same content.
     pub types: Arc<BTreeMap<&'static str, TypeSnapshot>>,
+    /// Endpoints (cluster names) assigned empty only because Cloud Map has not answered for them
+    /// on this agent yet (every call failed): sent to an Envoy that has nothing for them, never
+    /// over endpoints an Envoy already has.
+    pub unanswered: Arc<BTreeSet<String>>,
 }
 
 impl Snapshot {
@@ -86,12 +96,52 @@ impl Snapshot {
             generation,
             endpoints_generation: 0,
             types: Arc::new(types),
+            unanswered: Arc::default(),
         }
     }
 
     pub fn get(&self, type_url: &str) -> Option<&TypeSnapshot> {
         self.types.get(type_url)
     }
+
+    /// Whether `cluster` is an EDS cluster of this snapshot (assigned, or waiting on discovery).
+    pub fn is_eds(&self, cluster: &str) -> bool {
+        self.get(ENDPOINT)
+            .is_some_and(|t| t.resources.contains_key(cluster) || t.pending.contains(cluster))
+    }
+}
+
+/// The clusters of `who`'s mesh whose Cloud Map key is in `keys`, by the name every caller gives
+/// them: App Mesh's `cds_egress_MESH_NODE_PROTO_PORT`, one per listener of the node (a test pins
+/// it to what translation names them).
+fn cluster_names_of(
+    state: &State,
+    who: &ProxyIdentity,
+    keys: &BTreeSet<CloudMapKey>,
+) -> Arc<BTreeSet<String>> {
+    if keys.is_empty() {
+        return Arc::default();
+    }
+    let Some(mesh) = state.meshes.get(&who.mesh) else {
+        return Arc::default();
+    };
+    let mut names = BTreeSet::new();
+    for (node, vn) in &mesh.virtual_nodes {
+        let key = vn
+            .spec
+            .service_discovery
+            .as_ref()
+            .and_then(|sd| sd.aws_cloud_map.as_ref())
+            .map(CloudMapKey::of);
+        if !key.is_some_and(|k| keys.contains(&k)) {
+            continue;
+        }
+        for l in vn.spec.listeners.iter().flatten() {
+            let (proto, port) = (l.port_mapping.protocol.as_str(), l.port_mapping.port);
+            names.insert(format!("cds_egress_{}_{node}_{proto}_{port}", who.mesh));
+        }
+    }
+    Arc::new(names)
 }
 
 /// Versions are the items' own hashes (computed with the encoding, from parts for route
@@ -168,7 +218,10 @@ impl Snapshots {
         state: &State,
         who: &ProxyIdentity,
     ) -> Result<(Arc<Snapshot>, bool), trellis_translate::Error> {
-        let endpoints = self.published.borrow().endpoints.clone();
+        let (endpoints, unanswered) = {
+            let p = self.published.borrow();
+            (p.endpoints.clone(), p.unanswered.clone())
+        };
         if let Some(c) = self.lock().get(who)
             && c.snap.generation == state.generation
             && c.snap.endpoints_generation == endpoints.generation
@@ -182,11 +235,13 @@ impl Snapshots {
             let same = inputs.is_some() && c.inputs == inputs;
             same.then(|| c.snap.clone())
         });
+        let unanswered = cluster_names_of(state, who, &unanswered);
         if let Some(old) = kept {
             let snap = Arc::new(Snapshot {
                 generation: state.generation,
                 endpoints_generation: endpoints.generation,
                 types: old.types.clone(),
+                unanswered,
             });
             self.keep(who, &snap, inputs);
             return Ok((snap, false));
@@ -198,6 +253,7 @@ impl Snapshots {
         }
         let mut snap = Snapshot::from_encoded(state.generation, resources);
         snap.endpoints_generation = endpoints.generation;
+        snap.unanswered = unanswered;
         let snap = Arc::new(snap);
         self.keep(who, &snap, inputs);
         Ok((snap, true))

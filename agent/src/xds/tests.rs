@@ -30,22 +30,29 @@ pub(super) const M: Place<'static> = Place {
 };
 pub(super) const QUIET: Duration = Duration::from_millis(300);
 /// Short enough that a test waits little for pushes, long enough to merge one write's changes.
-const FAST: Debounce = Debounce {
+pub(super) const FAST: Debounce = Debounce {
     quiet: Duration::from_millis(5),
     max_delay: Duration::from_millis(50),
 };
 
 pub(super) struct Harness {
-    _dir: TempDir,
+    dir: TempDir,
     pub(super) store: Arc<Store>,
     pub(super) ops: Ops,
     pub(super) addr: std::net::SocketAddr,
     pub(super) metrics: Arc<Metrics>,
-    /// Stands in for discovery: what it last found, fed to the debouncer.
-    endpoints: watch::Sender<Arc<Endpoints>>,
+    /// What discovery last found, fed to the debouncer: set by the test, or by discovery itself
+    /// polling the scripted Cloud Map.
+    endpoints: Arc<watch::Sender<crate::discovery::Found>>,
     /// The proxies with a stream open, which is what discovery follows.
     connected: watch::Receiver<BTreeSet<ProxyIdentity>>,
+    /// Stops this agent's tasks (a restart makes a new one).
     cancel: CancellationToken,
+    debounce: Debounce,
+    /// A scripted Cloud Map that real discovery polls, when the test wants one.
+    pub(super) cloud_map: Option<Arc<ScriptedCloudMap>>,
+    /// Writes the cluster sets sent into the data directory.
+    writer: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Drop for Harness {
@@ -64,6 +71,145 @@ impl Harness {
     pub(super) async fn delta_front(&self, first: DeltaDiscoveryRequest) -> DeltaEnvoy {
         DeltaEnvoy::connect(self.addr, FRONT, first).await.unwrap()
     }
+
+    /// Publishes Cloud Map service `ns/service` answering one instance per address, as
+    /// discovery does when Cloud Map answers.
+    pub(super) fn set_instances(&self, service: &str, ips: &[std::net::Ipv4Addr]) {
+        use trellis_translate::{CloudMapKey, Instance};
+        let key = CloudMapKey {
+            namespace: "ns".into(),
+            service: service.into(),
+            attributes: Default::default(),
+        };
+        let instances: Vec<Instance> = ips
+            .iter()
+            .map(|ip| Instance {
+                id: format!("i-{ip}"),
+                ipv4: Some(*ip),
+                ipv6: None,
+            })
+            .collect();
+        self.endpoints.send_modify(|f| {
+            let e = Arc::make_mut(&mut f.endpoints);
+            e.cloud_map.insert(key, instances.into());
+            e.generation += 1;
+        });
+    }
+
+    /// Stops the agent (every stream ends, everything it kept in memory is gone) and starts it
+    /// again on the same store and data directory, at a new address.
+    pub(super) async fn restart(&mut self) {
+        self.stop().await;
+        self.start().await;
+    }
+
+    /// Stops the agent: every stream ends, and what it kept in memory is gone (what it writes
+    /// to its data directory is written).
+    pub(super) async fn stop(&mut self) {
+        self.cancel.cancel();
+        if let Some(w) = self.writer.take() {
+            w.await.unwrap();
+        }
+    }
+
+    /// Starts the agent again after [`Harness::stop`], on the same store and data directory,
+    /// at a new address.
+    pub(super) async fn start(&mut self) {
+        let agent = start_agent(
+            &self.store,
+            self.dir.path(),
+            self.debounce,
+            self.cloud_map.clone(),
+        )
+        .await;
+        self.addr = agent.addr;
+        self.metrics = agent.metrics;
+        self.endpoints = agent.endpoints;
+        self.connected = agent.connected;
+        self.cancel = agent.cancel;
+        self.writer = Some(agent.writer);
+    }
+}
+
+/// A Cloud Map that answers each service's scripted instances, or fails every call.
+#[derive(Debug, Default)]
+pub(super) struct ScriptedCloudMap {
+    instances: std::sync::Mutex<std::collections::BTreeMap<String, Vec<std::net::Ipv4Addr>>>,
+    failing: std::sync::atomic::AtomicBool,
+    calls: std::sync::atomic::AtomicU32,
+}
+
+impl ScriptedCloudMap {
+    pub(super) fn set(&self, service: &str, ips: &[std::net::Ipv4Addr]) {
+        self.instances
+            .lock()
+            .unwrap()
+            .insert(service.to_string(), ips.to_vec());
+    }
+
+    /// Every call fails as throttled while `on`.
+    pub(super) fn throttle(&self, on: bool) {
+        self.failing.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub(super) fn calls(&self) -> u32 {
+        self.calls.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn answer<T>(
+        &self,
+        f: impl FnOnce(Vec<std::net::Ipv4Addr>) -> T,
+        service: &str,
+    ) -> Result<T, crate::discovery::CallError> {
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if self.failing.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(crate::discovery::CallError {
+                kind: crate::discovery::FailureKind::Throttled,
+                message: "Rate exceeded".into(),
+            });
+        }
+        let ips = self
+            .instances
+            .lock()
+            .unwrap()
+            .get(service)
+            .cloned()
+            .unwrap_or_default();
+        Ok(f(ips))
+    }
+}
+
+impl crate::discovery::CloudMap for ScriptedCloudMap {
+    fn discover<'a>(
+        &'a self,
+        key: &'a trellis_translate::CloudMapKey,
+    ) -> futures::future::BoxFuture<
+        'a,
+        Result<crate::discovery::Discovered, crate::discovery::CallError>,
+    > {
+        let r = self.answer(
+            |ips| crate::discovery::Discovered {
+                instances: ips
+                    .into_iter()
+                    .map(|ip| trellis_translate::Instance {
+                        id: format!("i-{ip}"),
+                        ipv4: Some(ip),
+                        ipv6: None,
+                    })
+                    .collect(),
+            },
+            &key.service,
+        );
+        Box::pin(async move { r })
+    }
+
+    fn revision<'a>(
+        &'a self,
+        key: &'a trellis_translate::CloudMapKey,
+    ) -> futures::future::BoxFuture<'a, Result<i64, crate::discovery::CallError>> {
+        let r = self.answer(|ips| ips.len() as i64, &key.service);
+        Box::pin(async move { r })
+    }
 }
 
 /// Operations as the API runs them, on a store that already holds mesh `m`, where `front` calls
@@ -76,9 +222,30 @@ fn back_by_dns() -> serde_json::Value {
     json!({"dns": {"hostname": "back.internal"}})
 }
 
+/// Found through Cloud Map service `ns/NAME`.
+pub(super) fn by_cloud_map(service: &str) -> serde_json::Value {
+    json!({"awsCloudMap": {"namespaceName": "ns", "serviceName": service}})
+}
+
 /// The harness with debounce `cfg` and `back` found through `back_discovery` (a virtual node's
 /// `serviceDiscovery`), served over ADS on a loopback port.
-async fn harness_with(cfg: Debounce, back_discovery: serde_json::Value) -> Harness {
+pub(super) async fn harness_with(cfg: Debounce, back_discovery: serde_json::Value) -> Harness {
+    harness_full(cfg, back_discovery, None).await
+}
+
+/// [`harness_with`] where real discovery polls `cloud_map` for the Cloud Map services.
+pub(super) async fn harness_polling(
+    back_discovery: serde_json::Value,
+    cloud_map: Arc<ScriptedCloudMap>,
+) -> Harness {
+    harness_full(FAST, back_discovery, Some(cloud_map)).await
+}
+
+async fn harness_full(
+    cfg: Debounce,
+    back_discovery: serde_json::Value,
+    cloud_map: Option<Arc<ScriptedCloudMap>>,
+) -> Harness {
     let dir = TempDir::new("xds");
     let store = Arc::new(Store::open(dir.path()).unwrap());
     let ops = ops_with_mesh(&store);
@@ -95,10 +262,45 @@ async fn harness_with(cfg: Debounce, back_discovery: serde_json::Value) -> Harne
         "backends": [{"virtualService": {"virtualServiceName": "back.local"}}]}});
     ops.create::<VirtualNodes>(&store, M, serde_json::from_value(front).unwrap())
         .unwrap();
+    let agent = start_agent(&store, dir.path(), cfg, cloud_map.clone()).await;
+    Harness {
+        dir,
+        store,
+        ops,
+        addr: agent.addr,
+        metrics: agent.metrics,
+        endpoints: agent.endpoints,
+        connected: agent.connected,
+        cancel: agent.cancel,
+        debounce: cfg,
+        cloud_map,
+        writer: Some(agent.writer),
+    }
+}
 
+/// One run of the agent's ADS side over `store`.
+struct Agent {
+    addr: std::net::SocketAddr,
+    metrics: Arc<Metrics>,
+    endpoints: Arc<watch::Sender<crate::discovery::Found>>,
+    connected: watch::Receiver<BTreeSet<ProxyIdentity>>,
+    cancel: CancellationToken,
+    writer: tokio::task::JoinHandle<()>,
+}
+
+/// How long listeners and routes wait for a new cluster's endpoints in these tests.
+pub(super) const WARMING_HOLD: Duration = Duration::from_millis(1500);
+
+async fn start_agent(
+    store: &Arc<Store>,
+    dir: &std::path::Path,
+    cfg: Debounce,
+    cloud_map: Option<Arc<ScriptedCloudMap>>,
+) -> Agent {
     let cancel = CancellationToken::new();
     let (published_tx, published_rx) = debounce::channel(store.current());
-    let (endpoints, endpoints_rx) = watch::channel(Arc::new(Endpoints::new()));
+    let (endpoints, endpoints_rx) = watch::channel(crate::discovery::Found::default());
+    let endpoints = Arc::new(endpoints);
     tokio::spawn(debounce::run_with_endpoints(
         store.subscribe(),
         endpoints_rx,
@@ -107,26 +309,48 @@ async fn harness_with(cfg: Debounce, back_discovery: serde_json::Value) -> Harne
         cancel.clone(),
     ));
     let metrics = Arc::new(Metrics::default());
+    let served = Arc::new(Served::load(&dir.join(SERVED_FILE)));
+    let writer = tokio::spawn(served.clone().run(cancel.clone()));
     let ads = Ads::new(
         published_rx,
         store.subscribe(),
         metrics.clone(),
-        2,
+        Settings {
+            max_per_proxy: 2,
+            warming_hold: WARMING_HOLD,
+            served,
+        },
         cancel.clone(),
     );
     let connected = ads.connected_proxies();
+    if let Some(client) = cloud_map {
+        let timing = crate::discovery::Config {
+            poll: Duration::from_millis(50),
+            refresh: Duration::from_millis(500),
+            jitter: 0.0,
+            backoff_max: Duration::from_millis(100),
+            linger: Duration::from_secs(5),
+        };
+        tokio::spawn(crate::discovery::run(
+            client,
+            store.subscribe(),
+            ads.connected_proxies(),
+            endpoints.clone(),
+            Arc::new(crate::discovery::Metrics::default()),
+            timing,
+            cancel.clone(),
+        ));
+    }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(serve_tcp(ads, listener));
-    Harness {
-        _dir: dir,
-        store,
-        ops,
+    Agent {
         addr,
         metrics,
         endpoints,
         connected,
         cancel,
+        writer,
     }
 }
 
@@ -154,12 +378,37 @@ pub(super) fn front_calls_back(h: &Harness) {
     );
 }
 
-fn set_front_backends(h: &Harness, backends: serde_json::Value) {
+pub(super) fn set_front_backends(h: &Harness, backends: serde_json::Value) {
     let upd: trellis_model::UpdateVirtualNodeBody =
         serde_json::from_value(json!({"spec": {"backends": backends}})).unwrap();
     h.ops
         .update::<VirtualNodes>(&h.store, M, "front", upd)
         .unwrap();
+}
+
+/// Virtual node `name` serving HTTP on `port`, found through `discovery`, providing `NAME.local`
+/// (nobody calls it yet).
+pub(super) fn add_service(h: &Harness, name: &str, port: u16, discovery: serde_json::Value) {
+    let node = json!({"virtualNodeName": name, "spec": {
+        "listeners": [{"portMapping": {"port": port, "protocol": "http"}}],
+        "serviceDiscovery": discovery}});
+    h.ops
+        .create::<VirtualNodes>(&h.store, M, serde_json::from_value(node).unwrap())
+        .unwrap();
+    let svc = json!({"virtualServiceName": format!("{name}.local"),
+        "spec": {"provider": {"virtualNode": {"virtualNodeName": name}}}});
+    h.ops
+        .create::<VirtualServices>(&h.store, M, serde_json::from_value(svc).unwrap())
+        .unwrap();
+}
+
+/// `front` calls exactly these virtual services.
+pub(super) fn front_calls(h: &Harness, services: &[&str]) {
+    let backends: Vec<serde_json::Value> = services
+        .iter()
+        .map(|s| json!({"virtualService": {"virtualServiceName": s}}))
+        .collect();
+    set_front_backends(h, json!(backends));
 }
 
 /// Commits a write that changes nothing `front` gets (a new mesh): the store moves, its output not.
@@ -401,7 +650,7 @@ async fn a_burst_of_writes_reaches_a_stream_as_one_push() {
 }
 
 /// A fake Envoy of `front` holding clusters, listeners and the egress route config, all ACKed.
-async fn sotw_subscribed_to_everything(h: &Harness) -> FakeEnvoy {
+pub(super) async fn sotw_subscribed_to_everything(h: &Harness) -> FakeEnvoy {
     let mut envoy = h.front(request(CLUSTER, &[], "", "")).await;
     let cds = envoy.recv().await.unwrap();
     envoy.ack(&cds, &[]).await;
@@ -411,7 +660,7 @@ async fn sotw_subscribed_to_everything(h: &Harness) -> FakeEnvoy {
 
 /// Has `envoy` subscribe to listeners and the egress route config and ACK both, as an Envoy does
 /// once its clusters are in; nothing else is pending afterwards.
-async fn take_listeners_and_routes(envoy: &mut FakeEnvoy) {
+pub(super) async fn take_listeners_and_routes(envoy: &mut FakeEnvoy) {
     envoy.send(request(LISTENER, &[], "", "")).await;
     let lds = envoy.recv().await.unwrap();
     envoy.ack(&lds, &[]).await;
@@ -558,7 +807,10 @@ async fn an_endpoint_change_resends_only_the_assignment() {
         }]
         .into(),
     );
-    h.endpoints.send_replace(Arc::new(e));
+    h.endpoints.send_replace(crate::discovery::Found {
+        endpoints: Arc::new(e),
+        unanswered: Arc::default(),
+    });
     let update = envoy.recv().await.unwrap();
     assert_eq!(update.type_url, ENDPOINT, "only the assignment is pushed");
     assert_ne!(update.version_info, eds.version_info);
