@@ -492,9 +492,9 @@ pub fn start_h2c_app(work: &Workdir, task: &Task, port: u16, admin_port: u16, na
 /// after every rewrite — unless a path below says otherwise:
 /// - a `Latency: SECONDS` request header delays the answer (the walkthroughs' colour tellers);
 /// - `/status/CODE…` answers CODE;
-/// - `/hold…` waits until `/release` is called (or two minutes pass), so a test can hold many
-///   requests in flight at once and count them with `/peak` (the most held at once) and
-///   `/active`;
+/// - a path with `/hold` waits until `/release` is called (or two minutes pass; `/arm` makes it
+///   hold again), so a test can hold many requests in flight at once and count them with `/peak`
+///   (the most held at once) and `/active`;
 /// - `/count/PATH` answers how many requests for `/PATH` arrived (retries included).
 ///
 /// Threads per request, a deep accept queue: thousands of requests may be in flight.
@@ -520,6 +520,9 @@ class H(http.server.BaseHTTPRequestHandler):
         elif path == '/release':
             release.set()
             body = 'released'
+        elif path == '/arm':
+            release.clear()
+            body = 'armed'
         else:
             with lock:
                 counts[path] = counts.get(path, 0) + 1
@@ -531,7 +534,7 @@ class H(http.server.BaseHTTPRequestHandler):
                 time.sleep(delay)
             if path.startswith('/status/'):
                 status = int(path.split('/')[2])
-            elif path.startswith('/hold'):
+            elif '/hold' in path:
                 with lock:
                     held['active'] += 1
                     held['peak'] = max(held['peak'], held['active'])
@@ -588,7 +591,8 @@ pub fn start_load(
     path: &str,
     n: usize,
 ) -> Load {
-    let out = work.join(&format!("load-{}-{}.json", task.ns, free_port()));
+    let id = format!("{}-{}", task.ns, free_port());
+    let out = work.join(&format!("load-{id}.json"));
     let script = format!(
         r#"import asyncio, json, socket, sys
 async def one():
@@ -612,13 +616,13 @@ asyncio.run(main())
 "#,
         out = out.display().to_string()
     );
-    let path_py = work.join(&format!("load-{}.py", task.ns));
+    let path_py = work.join(&format!("load-{id}.py"));
     fs::write(&path_py, script).expect("write load client");
     let path_s = path_py.display().to_string();
     let proc = Proc::spawn(
         &format!("load from {}", task.ns),
         &mut task.cmd(&["/usr/bin/python3", &path_s]),
-        work.join(&format!("load-{}.log", task.ns)),
+        work.join(&format!("load-{id}.log")),
     );
     Load { proc, out }
 }
@@ -723,6 +727,92 @@ pub fn start_h2c_front(
             panic!("h2c front exited:\n{}", proc.log_text());
         }
         let out = run(&mut task.cmd(&["curl", "-sS", "-m", "3", "--http2-prior-knowledge", &url]));
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    });
+    proc
+}
+
+/// A TCP server on `port` in `task` that greets every connection with `name` and a newline and
+/// then keeps it open, silent, until the peer closes it: a server that never ends an idle
+/// connection itself.
+pub fn start_silent_tcp(work: &Workdir, task: &Task, port: u16, name: &str) -> Proc {
+    let script = format!(
+        "import socketserver\n\
+         class H(socketserver.BaseRequestHandler):\n\
+         \x20   def handle(self):\n\
+         \x20       self.request.sendall(b'{name}\\n')\n\
+         \x20       while self.request.recv(4096):\n\
+         \x20           pass\n\
+         class S(socketserver.ThreadingTCPServer):\n\
+         \x20   allow_reuse_address = True\n\
+         \x20   daemon_threads = True\n\
+         S(('0.0.0.0', {port}), H).serve_forever()\n"
+    );
+    let path = work.join(&format!("silent-{}.py", task.ns));
+    fs::write(&path, script).expect("write silent server");
+    let path_s = path.display().to_string();
+    let proc = Proc::spawn(
+        &format!("silent tcp {name} in {}", task.ns),
+        &mut task.cmd(&["/usr/bin/python3", &path_s]),
+        work.join(&format!("silent-{}.log", task.ns)),
+    );
+    let probe = format!("exec 3<>/dev/tcp/127.0.0.1/{port} && head -n1 <&3");
+    eventually("silent server listening", Duration::from_secs(10), || {
+        let out = run(&mut task.cmd(&["timeout", "3", "bash", "-c", &probe]));
+        match String::from_utf8_lossy(&out.stdout).trim() {
+            got if got == name => Ok(()),
+            got => Err(format!("greeted with {got:?}")),
+        }
+    });
+    proc
+}
+
+/// The walkthroughs' "colour gateway" app (howto-timeout-policy): every GET on `port` in `task` is
+/// passed on to `upstream` (`http://NAME:PORT`, through the task's Envoy like any app's call) with
+/// the same path and `Latency` header; the upstream's status and body come back.
+pub fn start_forwarder(work: &Workdir, task: &Task, port: u16, upstream: &str) -> Proc {
+    let script = format!(
+        r#"import http.server, urllib.request, urllib.error
+UP = {upstream:?}
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = 'HTTP/1.1'
+    def do_GET(self):
+        req = urllib.request.Request(UP + self.path)
+        if self.headers.get('Latency'):
+            req.add_header('Latency', self.headers.get('Latency'))
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                status, body = r.status, r.read()
+        except urllib.error.HTTPError as e:
+            status, body = e.code, e.read()
+        except Exception as e:
+            status, body = 502, str(e).encode()
+        self.send_response(status)
+        self.send_header('Content-Length', str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+class S(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+S(('0.0.0.0', {port}), H).serve_forever()
+"#
+    );
+    let path = work.join(&format!("forwarder-{}.py", task.ns));
+    fs::write(&path, script).expect("write forwarder");
+    let path_s = path.display().to_string();
+    let proc = Proc::spawn(
+        &format!("forwarder in {}", task.ns),
+        &mut task.cmd(&["/usr/bin/python3", &path_s]),
+        work.join(&format!("forwarder-{}.log", task.ns)),
+    );
+    let probe = format!("exec 3<>/dev/tcp/127.0.0.1/{port}");
+    eventually("forwarder listening", Duration::from_secs(10), || {
+        let out = run(&mut task.cmd(&["bash", "-c", &probe]));
         if out.status.success() {
             Ok(())
         } else {

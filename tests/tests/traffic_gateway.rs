@@ -135,7 +135,9 @@ fn gateway_routes_rewrite_prefix_path_and_host_and_reach_node_and_router_provide
                 "match": {"path": {"exact": "/health"}},
                 "action": {"target": to("b.local"), "rewrite": {"path": {"exact": "/status"}}}}})),
             gateway_route("to-router", json!({"httpRoute": {
-                "match": {"prefix": "/r/"}, "action": {"target": to("r.local")}}}))
+                "match": {"prefix": "/r/"}, "action": {"target": to("r.local")}}})),
+            gateway_route("chapter", json!({"httpRoute": {
+                "match": {"prefix": "/chapter"}, "action": {"target": to("b.local")}}}))
         ]),
     );
     let agent = Agent::start(&work, Some(&resources));
@@ -225,6 +227,16 @@ fn gateway_routes_rewrite_prefix_path_and_host_and_reach_node_and_router_provide
         get("shop.example.com", "/r/other"),
         (200, "a GET /other r.local".to_string())
     );
+
+    // A prefix without a trailing slash, as virtual_gateways.md tells it: "/chapter/1" is
+    // rewritten to "/1" (not "//1"), and "/chapter1" to "/1" too.
+    for (sent, seen) in [("/chapter/1", "/1"), ("/chapter1", "/1"), ("/chapter", "/")] {
+        assert_eq!(
+            get("shop.example.com", sent),
+            (200, format!("b GET {seen} b.local")),
+            "{sent}"
+        );
+    }
 
     // No gateway route matches: 404 from the gateway.
     assert_eq!(get("shop.example.com", "/nowhere").0, 404);
@@ -404,7 +416,8 @@ fn a_gateway_listener_terminates_sds_tls_answers_health_limits_with_its_pool_and
     let overflow = codes.iter().filter(|c| **c == 503).count();
     assert!(ok >= 1 && overflow >= 1 && ok + overflow == 6, "{codes:?}");
     assert_eq!(
-        stat("cluster.cds_egress_m_a-vn_http_8080.upstream_rq_pending_overflow") as usize,
+        stat("cluster.cds_ingress_m_gw_self_redirect_http_15001.upstream_rq_pending_overflow")
+            as usize,
         overflow,
         "every 503 is the gateway's pool overflowing"
     );
