@@ -1025,7 +1025,7 @@ fn howto_circuit_breakers() {
         &env.agent,
         "virtual-node",
         &[("virtual-node-name", "colorteller-white-vn")],
-        &white(json!({"http": {"maxConnections": 10, "maxPendingRequests": 5}})),
+        &white(json!({"http": {"maxConnections": 10, "maxPendingRequests": 5}}))["spec"],
     );
     in_place(white_task, "\"max_pending_requests\": 5");
     let load = start_load(&work, wrk, (&gw_ip, 9080), "gw", "/color1/tell/hold", 50);
@@ -1061,7 +1061,7 @@ fn howto_circuit_breakers() {
         &env.agent,
         "virtual-node",
         &[("virtual-node-name", "colorteller-black-vn")],
-        &black(json!({"http2": {"maxRequests": 10}})),
+        &black(json!({"http2": {"maxRequests": 10}}))["spec"],
     );
     in_place(black_task, "\"max_requests\": 10");
     let load = start_load(&work, wrk, (&gw_ip, 9080), "gw", "/color2/tell/hold", 50);
