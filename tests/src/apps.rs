@@ -508,7 +508,8 @@ release = threading.Event()
 class H(http.server.BaseHTTPRequestHandler):
     protocol_version = 'HTTP/1.1'
     def answer(self):
-        path = self.path
+        # The path as sent: http.server collapses a leading '//' in self.path.
+        path = self.raw_requestline.split()[1].decode()
         status, body = 200, '%s %s %s %s' % (NAME, self.command, path, self.headers.get('Host'))
         if path.startswith('/count/'):
             with lock:

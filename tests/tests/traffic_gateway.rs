@@ -44,13 +44,14 @@ fn to(service: &str) -> Value {
 }
 
 /// An app answering every request with `NAME METHOD PATH HOST`: what reached it, after the
-/// gateway's rewrites.
+/// gateway's rewrites (the path as sent: `self.path` would hide a leading `//`).
 fn start_echo_app(work: &Workdir, task: &Task, name: &str) -> Proc {
     let script = format!(
         "import http.server\n\
          class H(http.server.BaseHTTPRequestHandler):\n\
          \x20   def answer(self):\n\
-         \x20       b = ('{name} %s %s %s' % (self.command, self.path, self.headers.get('Host'))).encode()\n\
+         \x20       path = self.raw_requestline.split()[1].decode()\n\
+         \x20       b = ('{name} %s %s %s' % (self.command, path, self.headers.get('Host'))).encode()\n\
          \x20       self.send_response(200)\n\
          \x20       self.send_header('Content-Length', str(len(b)))\n\
          \x20       self.end_headers()\n\
