@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use trellis_envoy_api::pb::envoy::config::route::v3::VirtualHost;
+use trellis_envoy_api::pb::google::protobuf::Duration as PbDuration;
 use trellis_model::{MeshState, PortProtocol};
 
 use super::cluster::{Built, cluster_identity};
@@ -92,7 +93,7 @@ pub(super) enum PortEntry {
 #[derive(Clone, Debug, PartialEq)]
 pub(super) struct TcpTargets {
     pub clusters: Vec<(String, u32)>,
-    pub idle: Option<trellis_envoy_api::pb::google::protobuf::Duration>,
+    pub idle: Option<PbDuration>,
 }
 
 /// Builds a service's plan, finding clusters through `lookup`. A backend may name a service that

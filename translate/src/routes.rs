@@ -14,7 +14,7 @@ use trellis_envoy_api::pb::envoy::r#type::matcher::v3::{
     RegexMatcher, StringMatcher, string_matcher,
 };
 use trellis_envoy_api::pb::envoy::r#type::v3::Int64Range;
-use trellis_envoy_api::pb::google::protobuf::UInt32Value;
+use trellis_envoy_api::pb::google::protobuf::{Duration as PbDuration, UInt32Value};
 
 use std::collections::BTreeMap;
 
@@ -24,7 +24,7 @@ use trellis_model::Duration as MeshDuration;
 use trellis_model::{
     GrpcRetryPolicy, GrpcRetryPolicyEvent, GrpcRoute, HeaderMatchMethod, HttpPathMatch,
     HttpRetryPolicy, HttpRoute, HttpRouteHeader, MatchRange, PortProtocol, Resource, RouteSpec,
-    TcpRetryPolicyEvent,
+    TcpRetryPolicyEvent, TcpRoute,
 };
 
 /// App Mesh's defaults: 15 s per request, 300 s idle.
@@ -34,9 +34,7 @@ pub(super) const DEFAULT_IDLE_S: i64 = 300;
 /// A caller's TCP idle timeout to a service: its tcp route's `timeout.idle`, else App Mesh's 300 s
 /// ("Idle duration – The default is 300 seconds. A value of 0 disables the timeout.",
 /// routes.md). Envoy's own default would be one hour.
-pub(super) fn tcp_idle(
-    route: Option<&trellis_model::TcpRoute>,
-) -> Option<trellis_envoy_api::pb::google::protobuf::Duration> {
+pub(super) fn tcp_idle(route: Option<&TcpRoute>) -> Option<PbDuration> {
     route
         .and_then(|r| r.timeout.as_ref())
         .and_then(|t| t.idle.as_ref())

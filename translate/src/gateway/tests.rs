@@ -926,7 +926,6 @@ mod policies {
 
     const LISTENER: &str = "lds_ingress_0.0.0.0_8088";
     const A_CLUSTER: &str = "cds_egress_m_a-vn_http_8080";
-    const B_CLUSTER: &str = "cds_egress_m_b-vn_http_8080";
 
     fn unpack<T: Message + Default>(any: &Any) -> T {
         T::decode(any.value.as_slice()).unwrap()
