@@ -822,3 +822,74 @@ S(('0.0.0.0', {port}), H).serve_forever()
     });
     proc
 }
+
+/// A plain static Envoy in `task` as a gRPC app that fails on demand: on `port` (h2c, codec
+/// AUTO) a request for `/fail.CODE/…` is answered HTTP 200 with `grpc-status: CODE` (a
+/// trailers-only gRPC error, CODE 0 to 16), anything else with `grpc-status: 0`; admin on
+/// 127.0.0.1:`admin_port`, where `http.app.downstream_rq_total` counts the attempts that reached
+/// it.
+pub fn start_grpc_status_app(work: &Workdir, task: &Task, port: u16, admin_port: u16) -> Proc {
+    let answer = |prefix: String, code: u32| {
+        serde_json::json!({
+            "match": {"prefix": prefix},
+            "direct_response": {"status": 200},
+            "response_headers_to_add": [
+                {"header": {"key": "content-type", "value": "application/grpc"}},
+                {"header": {"key": "grpc-status", "value": code.to_string()}}
+            ]
+        })
+    };
+    let mut routes: Vec<Value> = (0..=16).map(|c| answer(format!("/fail.{c}/"), c)).collect();
+    routes.push(answer("/".into(), 0));
+    let config = serde_json::json!({
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
+        "static_resources": {"listeners": [{
+            "name": "app",
+            "address": {"socket_address": {"address": "0.0.0.0", "port_value": port}},
+            "filter_chains": [{"filters": [{
+                "name": "envoy.filters.network.http_connection_manager",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                    "stat_prefix": "app",
+                    "codec_type": "AUTO",
+                    "route_config": {"virtual_hosts": [{"name": "app", "domains": ["*"], "routes": routes}]},
+                    "http_filters": [{
+                        "name": "envoy.filters.http.router",
+                        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}
+                    }]
+                }
+            }]}]
+        }]}
+    });
+    let path = work.join(&format!("grpc-status-app-{}.json", task.ns));
+    fs::write(&path, config.to_string()).expect("write grpc status app config");
+    let envoy = work.stage(&crate::envoy());
+    let (envoy_s, path_s) = (envoy.display().to_string(), path.display().to_string());
+    let mut proc = Proc::spawn(
+        &format!("grpc status app in {}", task.ns),
+        &mut task.cmd(&[
+            &envoy_s,
+            "-c",
+            &path_s,
+            "-l",
+            "warning",
+            "--disable-hot-restart",
+            "--concurrency",
+            "1",
+        ]),
+        work.join(&format!("grpc-status-app-{}.log", task.ns)),
+    );
+    let url = format!("http://127.0.0.1:{port}/");
+    eventually("grpc status app answering", Duration::from_secs(30), || {
+        if !proc.is_running() {
+            panic!("grpc status app exited:\n{}", proc.log_text());
+        }
+        let out = run(&mut task.cmd(&["curl", "-sS", "-m", "3", "--http2-prior-knowledge", &url]));
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    });
+    proc
+}

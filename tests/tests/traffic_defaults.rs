@@ -7,7 +7,9 @@
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use trellis_tests::apps::{echo_number, http_status, start_echo, start_load, start_meshed};
+use trellis_tests::apps::{
+    echo_number, http_status, start_echo, start_grpc_status_app, start_load, start_meshed,
+};
 use trellis_tests::mesh::{Agent, Task, Vpc, start_gateway_envoy};
 use trellis_tests::scenario::{ADMIN_PORT, resources_file};
 use trellis_tests::{Proc, Workdir, can_run_privileged, check, eventually, run};
@@ -248,4 +250,84 @@ fn default_retries_retry_503_twice_and_never_502_or_504_for_every_kind_of_target
         }
     }
     drop(mesh);
+}
+
+/// envoy-defaults.md: "gRPC retry events – UNAVAILABLE". A gRPC call answered UNAVAILABLE (14)
+/// is tried three times, one answered INTERNAL (13) once.
+#[test]
+fn default_retries_retry_grpc_unavailable_twice_and_not_internal() {
+    if !can_run_privileged("default grpc retries") {
+        return;
+    }
+    let work = Workdir::new("defaults-grpc");
+    const RPC: u16 = 9090;
+    const APP_ADMIN: u16 = 9903;
+    let items = json!([
+        {"meshName": "m"},
+        {"meshName": "m", "virtualNodeName": "rpc", "spec": {
+            "listeners": [{"portMapping": {"port": RPC, "protocol": "grpc"}}],
+            "serviceDiscovery": {"dns": {"hostname": "rpc.trellis.test"}}}},
+        {"meshName": "m", "virtualServiceName": "rpc.local",
+         "spec": {"provider": {"virtualNode": {"virtualNodeName": "rpc"}}}},
+        {"meshName": "m", "virtualNodeName": "front", "spec": {"backends": [
+            {"virtualService": {"virtualServiceName": "rpc.local"}}]}},
+    ]);
+    let agent = Agent::start(&work, Some(&resources_file(&work, &items)));
+    let mut vpc = Vpc::new(&work, 43);
+    let rpc = vpc.task("rpc", 2);
+    let front = vpc.task("front", 3);
+    vpc.start_dns(&work, &[(&rpc.ip, "rpc.trellis.test rpc.local")]);
+    let _procs = [
+        start_meshed(&work, &agent, "m", &rpc, "rpc", &[RPC]),
+        start_grpc_status_app(&work, &rpc, RPC, APP_ADMIN),
+        start_meshed(&work, &agent, "m", &front, "front", &[]),
+    ];
+    // A unary gRPC call's framing over HTTP/2 (h2c); the answer's grpc-status.
+    let call = |method: &str| {
+        let out = run(&mut front.cmd(&[
+            "curl",
+            "-sS",
+            "-m",
+            "10",
+            "--http2-prior-knowledge",
+            "-X",
+            "POST",
+            "-H",
+            "content-type: application/grpc",
+            "-H",
+            "te: trailers",
+            "-o",
+            "/dev/null",
+            "-D",
+            "-",
+            &format!("http://rpc.local:{RPC}{method}"),
+        ]));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix("grpc-status: "))
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    };
+    eventually("front calls rpc", Duration::from_secs(30), || {
+        match call("/shop.Cart/Ok").as_str() {
+            "0" => Ok(()),
+            other => Err(format!("grpc-status {other:?}")),
+        }
+    });
+    let attempts = |method: &str, status: &str| {
+        let before = rpc.envoy_stat(APP_ADMIN, "http.app.downstream_rq_total");
+        assert_eq!(call(method), status, "{method}");
+        rpc.envoy_stat(APP_ADMIN, "http.app.downstream_rq_total") - before
+    };
+    assert_eq!(
+        attempts("/fail.14/Unavailable", "14"),
+        3,
+        "UNAVAILABLE is retried twice"
+    );
+    assert_eq!(
+        attempts("/fail.13/Internal", "13"),
+        1,
+        "INTERNAL is not retried"
+    );
+    assert_eq!(attempts("/fail.4/DeadlineExceeded", "4"), 1);
 }
