@@ -592,7 +592,9 @@ pub fn start_load(
     path: &str,
     n: usize,
 ) -> Load {
-    let id = format!("{}-{}", task.ns, free_port());
+    static LOADS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n_load = LOADS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let id = format!("{}-{n_load}", task.ns);
     let out = work.join(&format!("load-{id}.json"));
     let script = format!(
         r#"import asyncio, json, socket, sys
