@@ -4,10 +4,14 @@
 //!
 //! **Names** (App Mesh named gateway resources after the listener port):
 //! - one listener per gateway listener, `lds_ingress_0.0.0.0_PORT`, bound on 0.0.0.0:PORT, with
-//!   one filter chain holding an HTTP connection manager (stat prefix `ingress`) — http, http2
-//!   and grpc alike (codec AUTO);
+//!   one filter chain holding an HTTP connection manager (stat prefix `ingress.PROTO.PORT`, as
+//!   App Mesh's) — http, http2 and grpc alike (codec AUTO);
 //! - its route config `rds_ingress_PROTO_PORT` (PROTO: the listener's protocol), with one virtual
-//!   host `ingress` for any domain (`*`) holding the gateway routes of that listener in order;
+//!   host `ingress` for any domain (`*`) holding the gateway routes of that listener in order and
+//!   App Mesh's default retry policy for those without their own;
+//! - with a connection pool, the listener's self-redirect (see [`self_redirect`]):
+//!   `cds_ingress_MESH_GATEWAY_self_redirect_PROTO_PORT` to `lds_egress_127.0.0.1_PORT` with
+//!   `rds_egress_PROTO_PORT`;
 //! - clusters `cds_egress_MESH_NODE_PROTO_PORT`, the very clusters (and discovery) of virtual
 //!   nodes' egress, built by the same code.
 //!
@@ -26,7 +30,8 @@
 //! `/SERVICE/`, metadata as header matchers.
 //!
 //! **Rewrites**, as App Mesh's defaults: a prefix match rewrites the matched prefix to `/`
-//! (`defaultPrefix` ENABLED or unset), to `value` when set, or not at all (DISABLED); an exact or
+//! (`defaultPrefix` ENABLED or unset), to `value` when set, or not at all (DISABLED), a prefix
+//! without a trailing slash as App Mesh did (see [`forwards`]); an exact or
 //! regex path match is rewritten to `path.exact` when set; Host is rewritten to the target
 //! virtual service's name unless `hostname.defaultTargetHostname` is DISABLED.
 //!
@@ -38,7 +43,7 @@
 //! **Policies** (App Mesh semantics in `policy.rs`): listener TLS (file or SDS certificates,
 //! STRICT / PERMISSIVE / DISABLED, client-certificate validation) on the listener's chains, an
 //! unservable (ACM) certificate refusing a STRICT listener altogether; the connection pool as
-//! circuit breakers on the clusters the listener's routes reach; the health check answered by
+//! circuit breakers on one cluster all the listener's requests cross; the health check answered by
 //! the gateway itself on its path; `backendDefaults.clientPolicy` TLS on every upstream cluster;
 //! the access log on every listener's connection manager.
 
