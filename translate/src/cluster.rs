@@ -105,17 +105,17 @@ impl Ctx<'_> {
             Some(s) => s.built.clone()?,
             None => cluster_identity(self.mesh_name, self.mesh, node, port)?,
         };
-        let identity = self
-            .mesh
-            .virtual_nodes
-            .get(node)
-            .and_then(|n| policy::discovery_name(&n.spec));
+        // Only a client policy reads the target (for the SANs it demands by default).
+        let target = client
+            .policy
+            .and_then(|_| self.mesh.virtual_nodes.get(node))
+            .map(|n| &n.spec);
         let tls = policy::client_tls(
             client.policy,
             client.service,
             port_n,
             proto,
-            identity.as_deref(),
+            target,
             &mut out.unserved,
         );
         match (tls, shared) {

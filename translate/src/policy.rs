@@ -387,15 +387,15 @@ pub(super) enum ClientTls {
 /// ports in the client policy matches the port of the server's policy, the client policy is
 /// used"), verifying the server against the trusted CA and SANs, with the client certificate for
 /// mTLS. SNI is the virtual service's name. Without SANs in the policy the server must present
-/// `discovery_name`, the target's service-discovery name (tls.md: "If you don't specify SANs on
-/// the originating mesh endpoint, the SAN on the certificate provided by the terminating
-/// endpoint must match the mesh endpoint service discovery configuration").
+/// the service-discovery name of `target` (tls.md: "If you don't specify SANs on the originating
+/// mesh endpoint, the SAN on the certificate provided by the terminating endpoint must match the
+/// mesh endpoint service discovery configuration").
 pub(super) fn client_tls(
     policy: Option<&ClientPolicyTls>,
     sni: &str,
     port: u32,
     proto: PortProtocol,
-    discovery_name: Option<&str>,
+    target: Option<&VirtualNodeSpec>,
     notes: &mut Vec<String>,
 ) -> ClientTls {
     let Some(p) = policy else {
@@ -434,7 +434,7 @@ pub(super) fn client_tls(
     });
     let mut sans = sans(p.validation.subject_alternative_names.as_ref());
     if sans.is_empty() {
-        sans.extend(discovery_name.map(str::to_string));
+        sans.extend(target.and_then(discovery_name));
     }
     ClientTls::Tls(envoy::upstream_tls(
         sni,
