@@ -486,3 +486,412 @@ pub fn start_h2c_app(work: &Workdir, task: &Task, port: u16, admin_port: u16, na
     });
     proc
 }
+
+/// A colour-teller-like app for the App Mesh walkthroughs and the routing suites, on `port` in
+/// `task` (as root, like an app container), answering `NAME METHOD PATH HOST` — what reached it
+/// after every rewrite — unless a path below says otherwise:
+/// - a `Latency: SECONDS` request header delays the answer (the walkthroughs' colour tellers);
+/// - `/status/CODE…` answers CODE;
+/// - a path with `/hold` waits until `/release` is called (or two minutes pass; `/arm` makes it
+///   hold again), so a test can hold many requests in flight at once and count them with `/peak`
+///   (the most held at once) and `/active`;
+/// - `/count/PATH` answers how many requests for `/PATH` arrived (retries included).
+///
+/// Threads per request, a deep accept queue: thousands of requests may be in flight.
+pub fn start_echo(work: &Workdir, task: &Task, port: u16, name: &str) -> Proc {
+    let script = format!(
+        r#"import http.server, socketserver, threading, time
+NAME = {name:?}
+lock = threading.Lock()
+counts, held = {{}}, {{'active': 0, 'peak': 0}}
+release = threading.Event()
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = 'HTTP/1.1'
+    def answer(self):
+        # The path as sent: http.server collapses a leading '//' in self.path.
+        path = self.raw_requestline.split()[1].decode()
+        status, body = 200, '%s %s %s %s' % (NAME, self.command, path, self.headers.get('Host'))
+        if path.startswith('/count/'):
+            with lock:
+                body = str(counts.get(path[len('/count'):], 0))
+        elif path == '/peak':
+            body = str(held['peak'])
+        elif path == '/active':
+            body = str(held['active'])
+        elif path == '/release':
+            release.set()
+            body = 'released'
+        elif path == '/arm':
+            release.clear()
+            body = 'armed'
+        else:
+            with lock:
+                counts[path] = counts.get(path, 0) + 1
+            length = int(self.headers.get('Content-Length') or 0)
+            if length:
+                self.rfile.read(length)
+            delay = float(self.headers.get('Latency') or 0)
+            if delay:
+                time.sleep(delay)
+            if path.startswith('/status/'):
+                status = int(path.split('/')[2])
+            elif '/hold' in path:
+                with lock:
+                    held['active'] += 1
+                    held['peak'] = max(held['peak'], held['active'])
+                release.wait(120)
+                with lock:
+                    held['active'] -= 1
+        b = body.encode()
+        self.send_response(status)
+        self.send_header('Content-Length', str(len(b)))
+        self.end_headers()
+        self.wfile.write(b)
+    do_GET = do_POST = do_PUT = do_DELETE = answer
+    def log_message(self, *a):
+        pass
+class S(http.server.ThreadingHTTPServer):
+    request_queue_size = 4096
+    daemon_threads = True
+S(('0.0.0.0', {port}), H).serve_forever()
+"#
+    );
+    let path = work.join(&format!("echo-{}.py", task.ns));
+    fs::write(&path, script).expect("write echo app");
+    let path_s = path.display().to_string();
+    let proc = Proc::spawn(
+        &format!("echo {name} in {}", task.ns),
+        &mut task.cmd(&["/usr/bin/python3", &path_s]),
+        work.join(&format!("echo-{}.log", task.ns)),
+    );
+    eventually("echo app listening", Duration::from_secs(10), || {
+        task.http_get(None, &format!("http://127.0.0.1:{port}/peak"))
+            .map(|_| ())
+    });
+    proc
+}
+
+/// A number the [`start_echo`] app in `task` on `port` answers at `path` (asked directly, not
+/// through Envoy).
+pub fn echo_number(task: &Task, port: u16, path: &str) -> u64 {
+    task.http_get(None, &format!("http://127.0.0.1:{port}{path}"))
+        .ok()
+        .and_then(|b| b.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// `n` HTTP/1.1 requests at once from `task` (as root: through its Envoy like the app's own),
+/// each on its own connection to `host`:`port` with `path` and `Host: host_header`, started in the
+/// background; [`Load::statuses`] waits for them. What a load tool (wrk) did in the walkthroughs,
+/// with every request in flight at the same time.
+pub fn start_load(
+    work: &Workdir,
+    task: &Task,
+    (host, port): (&str, u16),
+    host_header: &str,
+    path: &str,
+    n: usize,
+) -> Load {
+    static LOADS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n_load = LOADS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let id = format!("{}-{n_load}", task.ns);
+    let out = work.join(&format!("load-{id}.json"));
+    let script = format!(
+        r#"import asyncio, json, socket, sys
+async def one():
+    try:
+        r, w = await asyncio.open_connection({host:?}, {port})
+        w.write(b'GET {path} HTTP/1.1\r\nHost: {host_header}\r\nConnection: close\r\n\r\n')
+        await w.drain()
+        head = await r.readuntil(b'\r\n')
+        w.close()
+        return int(head.split(b' ')[1])
+    except Exception:
+        return 0
+async def main():
+    codes = await asyncio.gather(*[one() for _ in range({n})])
+    counts = {{}}
+    for c in codes:
+        counts[str(c)] = counts.get(str(c), 0) + 1
+    with open({out:?}, 'w') as f:
+        json.dump(counts, f)
+asyncio.run(main())
+"#,
+        out = out.display().to_string()
+    );
+    let path_py = work.join(&format!("load-{id}.py"));
+    fs::write(&path_py, script).expect("write load client");
+    let path_s = path_py.display().to_string();
+    let proc = Proc::spawn(
+        &format!("load from {}", task.ns),
+        &mut task.cmd(&["/usr/bin/python3", &path_s]),
+        work.join(&format!("load-{id}.log")),
+    );
+    Load { proc, out }
+}
+
+/// Requests started by [`start_load`].
+#[derive(Debug)]
+pub struct Load {
+    proc: Proc,
+    out: PathBuf,
+}
+
+impl Load {
+    /// Waits (up to `timeout`) for every request to be answered: how many got each status (0:
+    /// no HTTP answer).
+    pub fn statuses(mut self, timeout: Duration) -> std::collections::BTreeMap<u16, usize> {
+        let text = eventually("every request answered", timeout, || {
+            if let Some(status) = self.proc.exited() {
+                return fs::read_to_string(&self.out)
+                    .map_err(|e| format!("load exited {status}: {e}\n{}", self.proc.log_text()));
+            }
+            Err("requests still in flight".into())
+        });
+        let counts: std::collections::BTreeMap<String, usize> =
+            serde_json::from_str(&text).expect("load result is JSON");
+        counts
+            .into_iter()
+            .map(|(k, v)| (k.parse().unwrap_or(0), v))
+            .collect()
+    }
+}
+
+/// A plain static Envoy in `task` as an h2c app in front of an HTTP/1.1 app on `upstream`: on
+/// `port`, codec AUTO (HTTP/2 with prior knowledge as a meshed http2 listener sends it), every
+/// request passed on with no timeout and no circuit breaker of its own; admin on
+/// 127.0.0.1:`admin_port`. So an http2 virtual node's app can hold requests ([`start_echo`]).
+pub fn start_h2c_front(
+    work: &Workdir,
+    task: &Task,
+    port: u16,
+    admin_port: u16,
+    upstream: u16,
+) -> Proc {
+    const BIG: u32 = i32::MAX as u32;
+    let config = serde_json::json!({
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
+        "static_resources": {
+            "listeners": [{
+                "name": "app",
+                "address": {"socket_address": {"address": "0.0.0.0", "port_value": port}},
+                "filter_chains": [{"filters": [{
+                    "name": "envoy.filters.network.http_connection_manager",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                        "stat_prefix": "app",
+                        "codec_type": "AUTO",
+                        "route_config": {"virtual_hosts": [{
+                            "name": "app",
+                            "domains": ["*"],
+                            "routes": [{"match": {"prefix": "/"},
+                                        "route": {"cluster": "app", "timeout": "0s"}}]
+                        }]},
+                        "http_filters": [{
+                            "name": "envoy.filters.http.router",
+                            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}
+                        }]
+                    }
+                }]}]
+            }],
+            "clusters": [{
+                "name": "app",
+                "type": "STATIC",
+                "connect_timeout": "1s",
+                "circuit_breakers": {"thresholds": [{"max_connections": BIG,
+                    "max_pending_requests": BIG, "max_requests": BIG, "max_retries": BIG}]},
+                "load_assignment": {"cluster_name": "app", "endpoints": [{"lb_endpoints": [{
+                    "endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": upstream}}}
+                }]}]}
+            }]
+        }
+    });
+    let path = work.join(&format!("h2c-front-{}.json", task.ns));
+    fs::write(&path, config.to_string()).expect("write h2c front config");
+    let envoy = work.stage(&crate::envoy());
+    let (envoy_s, path_s) = (envoy.display().to_string(), path.display().to_string());
+    let mut proc = Proc::spawn(
+        &format!("h2c front in {}", task.ns),
+        &mut task.cmd(&[
+            &envoy_s,
+            "-c",
+            &path_s,
+            "-l",
+            "warning",
+            "--disable-hot-restart",
+            "--concurrency",
+            "1",
+        ]),
+        work.join(&format!("h2c-front-{}.log", task.ns)),
+    );
+    let url = format!("http://127.0.0.1:{port}/peak");
+    eventually("h2c front answering", Duration::from_secs(30), || {
+        if !proc.is_running() {
+            panic!("h2c front exited:\n{}", proc.log_text());
+        }
+        let out = run(&mut task.cmd(&["curl", "-sS", "-m", "3", "--http2-prior-knowledge", &url]));
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    });
+    proc
+}
+
+/// A TCP server on `port` in `task` that greets every connection with `name` and a newline and
+/// then keeps it open, silent, until the peer closes it: a server that never ends an idle
+/// connection itself.
+pub fn start_silent_tcp(work: &Workdir, task: &Task, port: u16, name: &str) -> Proc {
+    let script = format!(
+        "import socketserver\n\
+         class H(socketserver.BaseRequestHandler):\n\
+         \x20   def handle(self):\n\
+         \x20       self.request.sendall(b'{name}\\n')\n\
+         \x20       while self.request.recv(4096):\n\
+         \x20           pass\n\
+         class S(socketserver.ThreadingTCPServer):\n\
+         \x20   allow_reuse_address = True\n\
+         \x20   daemon_threads = True\n\
+         S(('0.0.0.0', {port}), H).serve_forever()\n"
+    );
+    let path = work.join(&format!("silent-{}.py", task.ns));
+    fs::write(&path, script).expect("write silent server");
+    let path_s = path.display().to_string();
+    let proc = Proc::spawn(
+        &format!("silent tcp {name} in {}", task.ns),
+        &mut task.cmd(&["/usr/bin/python3", &path_s]),
+        work.join(&format!("silent-{}.log", task.ns)),
+    );
+    let probe = format!("exec 3<>/dev/tcp/127.0.0.1/{port} && head -n1 <&3");
+    eventually("silent server listening", Duration::from_secs(10), || {
+        let out = run(&mut task.cmd(&["timeout", "3", "bash", "-c", &probe]));
+        match String::from_utf8_lossy(&out.stdout).trim() {
+            got if got == name => Ok(()),
+            got => Err(format!("greeted with {got:?}")),
+        }
+    });
+    proc
+}
+
+/// The walkthroughs' "colour gateway" app (howto-timeout-policy): every GET on `port` in `task` is
+/// passed on to `upstream` (`http://NAME:PORT`, through the task's Envoy like any app's call) with
+/// the same path and `Latency` header; the upstream's status and body come back.
+pub fn start_forwarder(work: &Workdir, task: &Task, port: u16, upstream: &str) -> Proc {
+    let script = format!(
+        r#"import http.server, urllib.request, urllib.error
+UP = {upstream:?}
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = 'HTTP/1.1'
+    def do_GET(self):
+        req = urllib.request.Request(UP + self.path)
+        if self.headers.get('Latency'):
+            req.add_header('Latency', self.headers.get('Latency'))
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                status, body = r.status, r.read()
+        except urllib.error.HTTPError as e:
+            status, body = e.code, e.read()
+        except Exception as e:
+            status, body = 502, str(e).encode()
+        self.send_response(status)
+        self.send_header('Content-Length', str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+class S(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+S(('0.0.0.0', {port}), H).serve_forever()
+"#
+    );
+    let path = work.join(&format!("forwarder-{}.py", task.ns));
+    fs::write(&path, script).expect("write forwarder");
+    let path_s = path.display().to_string();
+    let proc = Proc::spawn(
+        &format!("forwarder in {}", task.ns),
+        &mut task.cmd(&["/usr/bin/python3", &path_s]),
+        work.join(&format!("forwarder-{}.log", task.ns)),
+    );
+    let probe = format!("exec 3<>/dev/tcp/127.0.0.1/{port}");
+    eventually("forwarder listening", Duration::from_secs(10), || {
+        let out = run(&mut task.cmd(&["bash", "-c", &probe]));
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    });
+    proc
+}
+
+/// A plain static Envoy in `task` as a gRPC app that fails on demand: on `port` (h2c, codec
+/// AUTO) a request for `/fail.CODE/…` is answered HTTP 200 with `grpc-status: CODE` (a
+/// trailers-only gRPC error, CODE 0 to 16), anything else with `grpc-status: 0`; admin on
+/// 127.0.0.1:`admin_port`, where `http.app.downstream_rq_total` counts the attempts that reached
+/// it.
+pub fn start_grpc_status_app(work: &Workdir, task: &Task, port: u16, admin_port: u16) -> Proc {
+    let answer = |prefix: String, code: u32| {
+        serde_json::json!({
+            "match": {"prefix": prefix},
+            "direct_response": {"status": 200},
+            "response_headers_to_add": [
+                {"header": {"key": "content-type", "value": "application/grpc"}},
+                {"header": {"key": "grpc-status", "value": code.to_string()}}
+            ]
+        })
+    };
+    let mut routes: Vec<Value> = (0..=16).map(|c| answer(format!("/fail.{c}/"), c)).collect();
+    routes.push(answer("/".into(), 0));
+    let config = serde_json::json!({
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
+        "static_resources": {"listeners": [{
+            "name": "app",
+            "address": {"socket_address": {"address": "0.0.0.0", "port_value": port}},
+            "filter_chains": [{"filters": [{
+                "name": "envoy.filters.network.http_connection_manager",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                    "stat_prefix": "app",
+                    "codec_type": "AUTO",
+                    "route_config": {"virtual_hosts": [{"name": "app", "domains": ["*"], "routes": routes}]},
+                    "http_filters": [{
+                        "name": "envoy.filters.http.router",
+                        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}
+                    }]
+                }
+            }]}]
+        }]}
+    });
+    let path = work.join(&format!("grpc-status-app-{}.json", task.ns));
+    fs::write(&path, config.to_string()).expect("write grpc status app config");
+    let envoy = work.stage(&crate::envoy());
+    let (envoy_s, path_s) = (envoy.display().to_string(), path.display().to_string());
+    let mut proc = Proc::spawn(
+        &format!("grpc status app in {}", task.ns),
+        &mut task.cmd(&[
+            &envoy_s,
+            "-c",
+            &path_s,
+            "-l",
+            "warning",
+            "--disable-hot-restart",
+            "--concurrency",
+            "1",
+        ]),
+        work.join(&format!("grpc-status-app-{}.log", task.ns)),
+    );
+    let url = format!("http://127.0.0.1:{port}/");
+    eventually("grpc status app answering", Duration::from_secs(30), || {
+        if !proc.is_running() {
+            panic!("grpc status app exited:\n{}", proc.log_text());
+        }
+        let out = run(&mut task.cmd(&["curl", "-sS", "-m", "3", "--http2-prior-knowledge", &url]));
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    });
+    proc
+}

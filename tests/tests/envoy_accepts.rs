@@ -221,9 +221,13 @@ fn sds_and_gateway_policies_are_accepted_by_real_envoy() {
         envoy_accepts_with(&work, &agent, proxy, &env);
     }
     let dump = envoy_accepts_with(&work, &agent, "mesh/m/virtualGateway/gw", &env);
+    // Each pooled listener's second hop, on loopback (its pool limits all its services at once).
     assert_eq!(
         names_in(&dump, "listener"),
         [
+            "lds_egress_127.0.0.1_15001",
+            "lds_egress_127.0.0.1_15002",
+            "lds_egress_127.0.0.1_15003",
             "lds_ingress_0.0.0.0_8088",
             "lds_ingress_0.0.0.0_8089",
             "lds_ingress_0.0.0.0_8090"

@@ -44,13 +44,14 @@ fn to(service: &str) -> Value {
 }
 
 /// An app answering every request with `NAME METHOD PATH HOST`: what reached it, after the
-/// gateway's rewrites.
+/// gateway's rewrites (the path as sent: `self.path` would hide a leading `//`).
 fn start_echo_app(work: &Workdir, task: &Task, name: &str) -> Proc {
     let script = format!(
         "import http.server\n\
          class H(http.server.BaseHTTPRequestHandler):\n\
          \x20   def answer(self):\n\
-         \x20       b = ('{name} %s %s %s' % (self.command, self.path, self.headers.get('Host'))).encode()\n\
+         \x20       path = self.raw_requestline.split()[1].decode()\n\
+         \x20       b = ('{name} %s %s %s' % (self.command, path, self.headers.get('Host'))).encode()\n\
          \x20       self.send_response(200)\n\
          \x20       self.send_header('Content-Length', str(len(b)))\n\
          \x20       self.end_headers()\n\
@@ -135,7 +136,9 @@ fn gateway_routes_rewrite_prefix_path_and_host_and_reach_node_and_router_provide
                 "match": {"path": {"exact": "/health"}},
                 "action": {"target": to("b.local"), "rewrite": {"path": {"exact": "/status"}}}}})),
             gateway_route("to-router", json!({"httpRoute": {
-                "match": {"prefix": "/r/"}, "action": {"target": to("r.local")}}}))
+                "match": {"prefix": "/r/"}, "action": {"target": to("r.local")}}})),
+            gateway_route("chapter", json!({"httpRoute": {
+                "match": {"prefix": "/chapter"}, "action": {"target": to("b.local")}}}))
         ]),
     );
     let agent = Agent::start(&work, Some(&resources));
@@ -225,6 +228,16 @@ fn gateway_routes_rewrite_prefix_path_and_host_and_reach_node_and_router_provide
         get("shop.example.com", "/r/other"),
         (200, "a GET /other r.local".to_string())
     );
+
+    // A prefix without a trailing slash, as virtual_gateways.md tells it: "/chapter/1" is
+    // rewritten to "/1" (not "//1"), and "/chapter1" to "/1" too.
+    for (sent, seen) in [("/chapter/1", "/1"), ("/chapter1", "/1"), ("/chapter", "/")] {
+        assert_eq!(
+            get("shop.example.com", sent),
+            (200, format!("b GET {seen} b.local")),
+            "{sent}"
+        );
+    }
 
     // No gateway route matches: 404 from the gateway.
     assert_eq!(get("shop.example.com", "/nowhere").0, 404);
@@ -404,7 +417,8 @@ fn a_gateway_listener_terminates_sds_tls_answers_health_limits_with_its_pool_and
     let overflow = codes.iter().filter(|c| **c == 503).count();
     assert!(ok >= 1 && overflow >= 1 && ok + overflow == 6, "{codes:?}");
     assert_eq!(
-        stat("cluster.cds_egress_m_a-vn_http_8080.upstream_rq_pending_overflow") as usize,
+        stat("cluster.cds_ingress_m_gw_self_redirect_http_15001.upstream_rq_pending_overflow")
+            as usize,
         overflow,
         "every 503 is the gateway's pool overflowing"
     );

@@ -1,10 +1,13 @@
 //! IP preference on real traffic, dual-stack tasks: a node's `ipPreference` decides the family its
 //! callers' Envoys resolve it in (DNS lookup family) and the address its own Envoy binds and
-//! reaches the app on (`::`/`::1` for IPv6 preferences, `0.0.0.0`/`127.0.0.1` otherwise).
+//! reaches the app on (`::`/`::1` for IPv6 preferences, `::`/`127.0.0.1` for IPv4 ones); with no
+//! preference anywhere, App Mesh's default: DNS IPv6 first then IPv4, Cloud Map's IPv4 address
+//! else its IPv6 one.
 
 use std::time::Duration;
 
 use serde_json::json;
+use trellis_tests::cloudmap::{AWS_ENV, Moto};
 use trellis_tests::mesh::{Agent, Task, Vpc, rewrite_with, run_route_manager, start_envoy};
 use trellis_tests::scenario::{self, BACK_URL, app_taskdef, back_front_items, resources_file};
 use trellis_tests::{Proc, Workdir, can_run_privileged, eventually};
@@ -115,4 +118,70 @@ fn ipv6_preference_reaches_the_node_over_ipv6_and_ipv4_only_switches_it_back() {
         },
     );
     assert!(hosts.contains(&format!("{}:8080", back.ip)), "{hosts}");
+}
+
+/// virtual_nodes.md, "IP version preference", Default: "Envoy's DNS resolver prefers IPv6 and
+/// falls back to IPv4" and "We use the IPv4 address returned by AWS Cloud Map if available and
+/// falls back to using the IPv6 address". With no preference anywhere, a node whose name has only
+/// an IPv6 address, and a Cloud Map instance registered with only `AWS_INSTANCE_IPV6`, are
+/// reached over IPv6.
+#[test]
+fn with_no_preference_ipv6_only_dns_names_and_cloud_map_instances_are_reached() {
+    if !can_run_privileged("default ip family") {
+        return;
+    }
+    let work = Workdir::new("ippref-default");
+    let moto = Moto::start(&work, trellis_tests::free_port());
+    let svc = moto.create_service("ns", "v6cm");
+    let listener = json!([{"portMapping": {"port": 8080, "protocol": "http"}}]);
+    let items = json!([
+        {"meshName": "m"},
+        {"meshName": "m", "virtualNodeName": "v6dns", "spec": {"listeners": listener,
+            "serviceDiscovery": {"dns": {"hostname": "v6dns.trellis.test"}}}},
+        {"meshName": "m", "virtualNodeName": "v6cm", "spec": {"listeners": listener,
+            "serviceDiscovery": {"awsCloudMap": {"namespaceName": "ns", "serviceName": "v6cm"}}}},
+        {"meshName": "m", "virtualServiceName": "v6dns.local",
+         "spec": {"provider": {"virtualNode": {"virtualNodeName": "v6dns"}}}},
+        {"meshName": "m", "virtualServiceName": "v6cm.local",
+         "spec": {"provider": {"virtualNode": {"virtualNodeName": "v6cm"}}}},
+        {"meshName": "m", "virtualNodeName": "front", "spec": {"backends": [
+            {"virtualService": {"virtualServiceName": "v6dns.local"}},
+            {"virtualService": {"virtualServiceName": "v6cm.local"}}]}},
+    ]);
+    let mut env: Vec<(&str, &str)> = AWS_ENV.to_vec();
+    env.extend([
+        ("TRELLIS_CLOUDMAP_ENDPOINT", moto.url.as_str()),
+        ("TRELLIS_CLOUDMAP_POLL_INTERVAL_MS", "200"),
+    ]);
+    let agent = Agent::start_with_env(&work, Some(&resources_file(&work, &items)), &env);
+    let mut vpc = Vpc::new(&work, 20);
+    let front = vpc.task("front", 2);
+    let dns_back = vpc.task("v6dns", 3);
+    let cm_back = vpc.task("v6cm", 4);
+    let front_v6 = vpc.add_ipv6(&front);
+    let dns_v6 = vpc.add_ipv6(&dns_back);
+    let cm_v6 = vpc.add_ipv6(&cm_back);
+    // The node's own name has only an IPv6 address; the service names resolve (to any address)
+    // for the app, whose connection Envoy takes.
+    vpc.start_dns(
+        &work,
+        &[
+            (&dns_v6, "v6dns.trellis.test"),
+            (&dns_back.ip, "v6dns.local v6cm.local"),
+        ],
+    );
+    moto.register(&svc, "i-v6", &[("AWS_INSTANCE_IPV6", &cm_v6)]);
+    let _procs = [
+        dns_back.start_http_app_dual_stack(&work, 8080, "v6dns"),
+        cm_back.start_http_app_dual_stack(&work, 8080, "v6cm"),
+        mesh_task(&work, &agent, &front, "front", &[]),
+    ];
+    for name in ["v6dns", "v6cm"] {
+        let body = eventually(
+            &format!("front reaches {name}"),
+            Duration::from_secs(30),
+            || front.http_get(None, &format!("http://{name}.local:8080/")),
+        );
+        assert_eq!(body, format!("{name} from {front_v6}"), "over IPv6");
+    }
 }

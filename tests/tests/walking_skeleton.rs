@@ -33,12 +33,12 @@ fn an_http_request_crosses_two_envoys_and_drop_all_refuses_it_once_the_backend_i
         back.envoy_stat(ADMIN_PORT, INGRESS_CLUSTER) >= 1,
         "back's ingress cluster saw no request"
     );
-    assert!(back.envoy_stat(ADMIN_PORT, "http.ingress.downstream_rq_total") >= 1);
+    assert!(back.envoy_stat(ADMIN_PORT, "http.ingress.http.8080.downstream_rq_total") >= 1);
 
     // The Envoy uid bypasses the egress redirect: front's Envoy sees nothing more, back's ingress
     // (which redirects every non-local source) still answers.
     let egress_before = front.envoy_stat(ADMIN_PORT, "http.egress.downstream_rq_total");
-    let ingress_before = back.envoy_stat(ADMIN_PORT, "http.ingress.downstream_rq_total");
+    let ingress_before = back.envoy_stat(ADMIN_PORT, "http.ingress.http.8080.downstream_rq_total");
     let direct = front
         .http_get(Some("1337"), BACK_URL)
         .expect("uid 1337 reaches back directly");
@@ -51,7 +51,7 @@ fn an_http_request_crosses_two_envoys_and_drop_all_refuses_it_once_the_backend_i
         "back's ingress counted the direct request",
         Duration::from_secs(5),
         || {
-            let now = back.envoy_stat(ADMIN_PORT, "http.ingress.downstream_rq_total");
+            let now = back.envoy_stat(ADMIN_PORT, "http.ingress.http.8080.downstream_rq_total");
             if now > ingress_before {
                 Ok(())
             } else {

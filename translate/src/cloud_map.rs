@@ -87,15 +87,16 @@ impl Endpoints {
     }
 }
 
-/// The address an instance is reached at under an IP preference. No preference is IPv4 only,
-/// as for DNS discovery (App Mesh's behaviour before IP preferences existed).
+/// The address an instance is reached at under an IP preference. No preference is IPv4 when the
+/// instance has one, else IPv6 (virtual_nodes.md, "Default": "We use the IPv4 address returned by
+/// AWS Cloud Map if available and falls back to using the IPv6 address").
 pub(super) fn address(i: &Instance, pref: Option<IpPreference>) -> Option<String> {
     let v4 = i.ipv4.map(|a| a.to_string());
     let v6 = i.ipv6.map(|a| a.to_string());
     match pref {
-        None | Some(IpPreference::Ipv4Only) => v4,
+        Some(IpPreference::Ipv4Only) => v4,
         Some(IpPreference::Ipv6Only) => v6,
-        Some(IpPreference::Ipv4Preferred) => v4.or(v6),
+        None | Some(IpPreference::Ipv4Preferred) => v4.or(v6),
         Some(IpPreference::Ipv6Preferred) => v6.or(v4),
     }
 }

@@ -105,17 +105,24 @@ impl Ctx<'_> {
             Some(s) => s.built.clone()?,
             None => cluster_identity(self.mesh_name, self.mesh, node, port)?,
         };
+        // Only a client policy reads the target (for the SANs it demands by default).
+        let target = client
+            .policy
+            .and_then(|_| self.mesh.virtual_nodes.get(node))
+            .map(|n| &n.spec);
         let tls = policy::client_tls(
             client.policy,
             client.service,
             port_n,
             proto,
+            target,
             &mut out.unserved,
         );
         match (tls, shared) {
             (policy::ClientTls::Refuse, _) => None,
-            // No caller policy applies: the cluster is the same for every caller.
-            (policy::ClientTls::Plain, Some(shared)) => {
+            // No caller policy applies: the cluster (with the TLS the server's listener asks
+            // for) is the same for every caller.
+            (policy::ClientTls::ServerDecides, Some(shared)) => {
                 out.clusters
                     .extend(shared.cluster.clone().map(Part::Shared));
                 out.endpoints
@@ -248,8 +255,8 @@ pub(super) fn cluster_identity(
 }
 
 /// The caller-side cluster for one listener of a backend's provider node, with that listener's
-/// health check and outlier detection, DNS resolved by the target's IP preference (IPv4 only
-/// when it has none; `Ctx::node_cluster` falls back to the mesh's).
+/// health check, outlier detection and the TLS its mode asks of callers without a client policy,
+/// DNS resolved by the target's IP preference (`Ctx::node_cluster` falls back to the mesh's).
 fn upstream_cluster(
     name: &str,
     target: &VirtualNodeSpec,
@@ -297,6 +304,13 @@ fn upstream_cluster(
     }
     if let Some(o) = outlier {
         envoy::set_outlier_detection(&mut c, o);
+    }
+    let sni = policy::discovery_name(target);
+    if let Some(tls) = listener
+        .zip(sni.as_deref())
+        .and_then(|(l, sni)| policy::server_tls(l, sni, proto))
+    {
+        envoy::set_transport_socket(&mut c, tls);
     }
     Some(c)
 }

@@ -112,11 +112,14 @@ fn load_assignment(name: &str, host: &str, port: u32) -> ClusterLoadAssignment {
     }
 }
 
+/// Every cluster starts with App Mesh's circuit breakers (envoy-defaults.md, "Default circuit
+/// breaker": all four limits 2147483647); a connection pool lowers the limits it names.
 fn base_cluster(name: &str, kind: cluster::DiscoveryType, proto: PortProtocol) -> Cluster {
     let mut c = Cluster {
         name: name.to_string(),
         connect_timeout: seconds(CONNECT_TIMEOUT_S),
         cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(kind as i32)),
+        circuit_breakers: Some(circuit_breakers_of(Limits::default())),
         ..Default::default()
     };
     if matches!(proto, PortProtocol::Http2 | PortProtocol::Grpc) {
@@ -210,7 +213,13 @@ pub(super) fn set_dns_lookup(c: &mut Cluster, lookup: Lookup) {
     c.dns_lookup_family = family as i32;
 }
 
-/// Circuit-breaker limits at default priority; `None` keeps Envoy's default for that limit.
+/// App Mesh's value for a circuit-breaker limit it does not want to bind: i32::MAX, the
+/// 2147483647 of envoy-defaults.md (Envoy's own defaults would be 1024 connections, pending and
+/// requests and 3 concurrent retries).
+pub(super) const UNLIMITED: u32 = i32::MAX as u32;
+
+/// Circuit-breaker limits at default priority (a connection pool's); `None` is App Mesh's
+/// [`UNLIMITED`]. Retries are never limited.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(super) struct Limits {
     pub max_connections: Option<u32>,
@@ -218,17 +227,27 @@ pub(super) struct Limits {
     pub max_requests: Option<u32>,
 }
 
-pub(super) fn set_circuit_breakers(c: &mut Cluster, l: Limits) {
-    let v = |n: Option<u32>| n.map(|value| UInt32Value { value });
-    c.circuit_breakers = Some(CircuitBreakers {
+fn circuit_breakers_of(l: Limits) -> CircuitBreakers {
+    let v = |n: Option<u32>| {
+        Some(UInt32Value {
+            value: n.unwrap_or(UNLIMITED),
+        })
+    };
+    CircuitBreakers {
         thresholds: vec![circuit_breakers::Thresholds {
             max_connections: v(l.max_connections),
             max_pending_requests: v(l.max_pending_requests),
             max_requests: v(l.max_requests),
+            max_retries: v(None),
             ..Default::default()
         }],
         ..Default::default()
-    });
+    }
+}
+
+/// A connection pool's limits on `c`, App Mesh's unlimited value for the rest.
+pub(super) fn set_circuit_breakers(c: &mut Cluster, l: Limits) {
+    c.circuit_breakers = Some(circuit_breakers_of(l));
 }
 
 /// What an active health check sends.
@@ -528,6 +547,21 @@ pub(super) fn downstream_tls(
     }
 }
 
+/// TLS origination that does not verify the server: what App Mesh gave a caller with no client
+/// policy for a server whose listener terminates TLS with a file (or SDS) certificate (tls.md:
+/// "configures a client to negotiate TLS, but the certificate of the server is not validated").
+pub(super) fn upstream_tls_unverified(sni: &str, alpn: &[&str]) -> TransportSocket {
+    let ctx = UpstreamTlsContext {
+        common_tls_context: Some(common_tls(None, None, alpn)),
+        sni: sni.to_string(),
+        ..Default::default()
+    };
+    TransportSocket {
+        name: "envoy.transport_sockets.tls".into(),
+        config_type: Some(transport_socket::ConfigType::TypedConfig(pack_any(ctx))),
+    }
+}
+
 /// TLS origination from a cluster, verifying the server; `cert` is presented for mTLS.
 pub(super) fn upstream_tls(
     sni: &str,
@@ -618,11 +652,14 @@ pub(super) fn virtual_host_with(
 
 /// A connection manager routing by RDS `route_name`, writing the node's access logs. Tracing is
 /// on, as App Mesh had it on every connection manager: spans go to the tracer the bootstrap
-/// configures (the App Mesh Envoy image's tracing variables), and nowhere without one.
+/// configures (the App Mesh Envoy image's tracing variables), and nowhere without one. With
+/// `normalize_paths`, what App Mesh set where routes match paths or prefixes (routes.md):
+/// `normalize_path` and `merge_slashes`, so `//admin/./x` is routed (and sent) as `/admin/x`.
 pub(super) fn http_connection_manager(
     stat_prefix: &str,
     route_name: &str,
     access_log: &[AccessLog],
+    normalize_paths: bool,
 ) -> Filter {
     let hcm = HttpConnectionManager {
         access_log: access_log.to_vec(),
@@ -640,6 +677,8 @@ pub(super) fn http_connection_manager(
             ..Default::default()
         }],
         tracing: Some(http_connection_manager::Tracing::default()),
+        normalize_path: normalize_paths.then_some(BoolValue { value: true }),
+        merge_slashes: normalize_paths,
         ..Default::default()
     };
     Filter {
@@ -912,11 +951,12 @@ pub(super) fn gateway_chain(
     }
 }
 
-/// A gateway listener on 0.0.0.0:`port`: clients connect to it directly (a gateway has no
+/// A gateway listener on `address`:`port`: clients connect to it directly (a gateway has no
 /// iptables redirect, hence no original_dst filter), with the TLS inspector when its chains tell
 /// TLS from plaintext (PERMISSIVE).
 pub(super) fn gateway_listener(
     name: &str,
+    address: &str,
     port: u32,
     chains: Vec<FilterChain>,
     tls_inspector: bool,
@@ -934,7 +974,7 @@ pub(super) fn gateway_listener(
     };
     Listener {
         name: name.to_string(),
-        address: Some(socket("0.0.0.0", port)),
+        address: Some(socket(address, port)),
         filter_chains: chains,
         listener_filters,
         traffic_direction: TrafficDirection::Inbound as i32,

@@ -4,10 +4,14 @@
 //!
 //! **Names** (App Mesh named gateway resources after the listener port):
 //! - one listener per gateway listener, `lds_ingress_0.0.0.0_PORT`, bound on 0.0.0.0:PORT, with
-//!   one filter chain holding an HTTP connection manager (stat prefix `ingress`) — http, http2
-//!   and grpc alike (codec AUTO);
+//!   one filter chain holding an HTTP connection manager (stat prefix `ingress.PROTO.PORT`, as
+//!   App Mesh's) — http, http2 and grpc alike (codec AUTO);
 //! - its route config `rds_ingress_PROTO_PORT` (PROTO: the listener's protocol), with one virtual
-//!   host `ingress` for any domain (`*`) holding the gateway routes of that listener in order;
+//!   host `ingress` for any domain (`*`) holding the gateway routes of that listener in order and
+//!   App Mesh's default retry policy for those without their own;
+//! - with a connection pool, the listener's self-redirect (see [`self_redirect`]):
+//!   `cds_ingress_MESH_GATEWAY_self_redirect_PROTO_PORT` to `lds_egress_127.0.0.1_PORT` with
+//!   `rds_egress_PROTO_PORT`;
 //! - clusters `cds_egress_MESH_NODE_PROTO_PORT`, the very clusters (and discovery) of virtual
 //!   nodes' egress, built by the same code.
 //!
@@ -26,7 +30,8 @@
 //! `/SERVICE/`, metadata as header matchers.
 //!
 //! **Rewrites**, as App Mesh's defaults: a prefix match rewrites the matched prefix to `/`
-//! (`defaultPrefix` ENABLED or unset), to `value` when set, or not at all (DISABLED); an exact or
+//! (`defaultPrefix` ENABLED or unset), to `value` when set, or not at all (DISABLED), a prefix
+//! without a trailing slash as App Mesh did (see [`forwards`]); an exact or
 //! regex path match is rewritten to `path.exact` when set; Host is rewritten to the target
 //! virtual service's name unless `hostname.defaultTargetHostname` is DISABLED.
 //!
@@ -38,7 +43,7 @@
 //! **Policies** (App Mesh semantics in `policy.rs`): listener TLS (file or SDS certificates,
 //! STRICT / PERMISSIVE / DISABLED, client-certificate validation) on the listener's chains, an
 //! unservable (ACM) certificate refusing a STRICT listener altogether; the connection pool as
-//! circuit breakers on the clusters the listener's routes reach; the health check answered by
+//! circuit breakers on one cluster all the listener's requests cross; the health check answered by
 //! the gateway itself on its path; `backendDefaults.clientPolicy` TLS on every upstream cluster;
 //! the access log on every listener's connection manager.
 
@@ -46,7 +51,7 @@ use std::collections::BTreeSet;
 
 use trellis_envoy_api::pb::envoy::config::route::v3::{
     DirectResponseAction, HeaderMatcher, QueryParameterMatcher, Route, RouteAction, RouteMatch,
-    header_matcher, query_parameter_matcher, route, route_action, route_match,
+    VirtualHost, header_matcher, query_parameter_matcher, route, route_action, route_match,
 };
 use trellis_envoy_api::pb::envoy::r#type::matcher::v3::{
     RegexMatchAndSubstitute, StringMatcher, string_matcher,
@@ -54,7 +59,7 @@ use trellis_envoy_api::pb::envoy::r#type::matcher::v3::{
 
 use super::cluster::{Client, Ctx};
 use super::output::{Output, Part, RouteConfig};
-use super::{Endpoints, envoy, policy, routes};
+use super::{Endpoints, envoy, node, policy, routes};
 use trellis_model::{
     ClientPolicyTls, DefaultGatewayRouteRewrite, GatewayRouteHostnameMatch,
     GatewayRouteHostnameRewrite, GatewayRouteSpec, GatewayRouteTarget, GrpcGatewayRoute,
@@ -62,9 +67,10 @@ use trellis_model::{
     VirtualGatewayPortProtocol, VirtualGatewaySpec,
 };
 
-/// The virtual host of every gateway route config, and the listeners' stat prefix.
+/// The virtual host of every gateway route config.
 pub(super) const VIRTUAL_HOST: &str = "ingress";
-const STAT_PREFIX: &str = "ingress";
+/// The first loopback port of a pooled listener's second hop (App Mesh's egress port).
+const SELF_REDIRECT_PORT: u32 = 15001;
 
 /// The configuration of the gateway `name`: its listeners and the gateway routes behind them.
 pub(super) fn virtual_gateway(
@@ -84,10 +90,8 @@ pub(super) fn virtual_gateway(
     let ctx = Ctx::new(mesh_name, mesh, endpoints);
     let logs = policy::gateway_access_logs(spec);
     let mut out = Output::default();
-    // Each listener's pool, with the clusters its routes reach (the first listener wins a cluster
-    // several listeners reach, as clusters are per target).
-    let mut pools: Vec<(BTreeSet<String>, envoy::Limits)> = Vec::new();
     let gateway_routes = mesh.gateway_routes.get(name);
+    let mut loopback = LoopbackPorts::new(spec);
     for l in &spec.listeners {
         let Ok(port) = u32::try_from(l.port_mapping.port) else {
             continue;
@@ -118,21 +122,32 @@ pub(super) fn virtual_gateway(
                 &ctx, client_tls, route_name, route_spec, &mut out,
             ));
         }
-        if let Some(limits) = policy::gateway_limits(l) {
-            pools.push((clusters_of(&envoy_routes), limits));
-        }
+        // App Mesh's default retry policy for every route that sets none (a router route's own
+        // policy travels with it).
+        let mut routed = envoy::virtual_host_with(VIRTUAL_HOST, vec!["*".into()], envoy_routes);
+        routed.retry_policy = Some(routes::host_retry());
         let rds = format!("rds_ingress_{}_{port}", proto.as_str());
-        out.routes.push(RouteConfig::of(
-            &rds,
-            vec![envoy::virtual_host_with(
-                VIRTUAL_HOST,
-                vec!["*".into()],
-                envoy_routes,
-            )],
-        ));
+        match policy::gateway_limits(l) {
+            None => out.routes.push(RouteConfig::of(&rds, vec![routed])),
+            Some(limits) => {
+                let inner = loopback.next();
+                let redirect =
+                    self_redirect(mesh_name, name, proto, inner, limits, routed, &mut out);
+                // Hop 1 only passes requests through the pool; the timeouts are hop 2's.
+                let through = envoy::virtual_host_timed(
+                    VIRTUAL_HOST,
+                    vec!["*".into()],
+                    &redirect,
+                    envoy::seconds(0),
+                    envoy::seconds(0),
+                );
+                out.routes.push(RouteConfig::of(&rds, vec![through]));
+            }
+        }
         // A listener without routes still listens (404s), as App Mesh's gateways did.
         let health = policy::gateway_health_path(l, &mut out.unserved);
-        let hcm = envoy::gateway_connection_manager(STAT_PREFIX, &rds, &logs, health.as_deref());
+        let stats = node::ingress_stat_prefix(proto.as_str(), port);
+        let hcm = envoy::gateway_connection_manager(&stats, &rds, &logs, health.as_deref());
         let (chains, inspect) = match tls_plan {
             policy::ListenerTlsPlan::Plain => (vec![envoy::gateway_chain(hcm, None, "")], false),
             policy::ListenerTlsPlan::Strict(ts) => {
@@ -149,39 +164,78 @@ pub(super) fn virtual_gateway(
         };
         out.listeners.push(envoy::gateway_listener(
             &format!("lds_ingress_0.0.0.0_{port}"),
+            "0.0.0.0",
             port,
             chains,
             inspect,
         ));
     }
-    // The gateway's context has no memo, so every cluster is built here and can take its pool.
-    for c in &mut out.clusters {
-        if let Part::Built(c) = c
-            && let Some((_, limits)) = pools.iter().find(|(names, _)| names.contains(&c.name))
-        {
-            envoy::set_circuit_breakers(c, *limits);
-        }
-    }
     out.finish()
 }
 
-/// The clusters a listener's routes send to.
-fn clusters_of(routes: &[Route]) -> BTreeSet<String> {
-    let mut names = BTreeSet::new();
-    for r in routes {
-        if let Some(route::Action::Route(a)) = &r.action {
-            match &a.cluster_specifier {
-                Some(route_action::ClusterSpecifier::Cluster(c)) => {
-                    names.insert(c.clone());
-                }
-                Some(route_action::ClusterSpecifier::WeightedClusters(w)) => {
-                    names.extend(w.clusters.iter().map(|c| c.name.clone()));
-                }
-                _ => {}
-            }
+/// Where a gateway's self-redirect listeners go: loopback ports from App Mesh's 15001 up, past
+/// the gateway's own listener ports.
+struct LoopbackPorts {
+    taken: BTreeSet<u32>,
+    next: u32,
+}
+
+impl LoopbackPorts {
+    fn new(spec: &VirtualGatewaySpec) -> Self {
+        LoopbackPorts {
+            taken: spec
+                .listeners
+                .iter()
+                .filter_map(|l| u32::try_from(l.port_mapping.port).ok())
+                .collect(),
+            next: SELF_REDIRECT_PORT,
         }
     }
-    names
+
+    fn next(&mut self) -> u32 {
+        while self.taken.contains(&self.next) {
+            self.next += 1;
+        }
+        let port = self.next;
+        self.taken.insert(port);
+        port
+    }
+}
+
+/// A gateway listener's connection pool as App Mesh applied it: one limit for all the services
+/// behind the listener (howto-circuit-breakers: the overflow shows on
+/// `cds_ingress_MESH_GATEWAY_self_redirect_http_15001`, whatever the backend). Envoy's circuit
+/// breakers are per cluster, so as App Mesh's gateway did, the listener sends every request
+/// through one cluster carrying the pool, `cds_ingress_MESH_GATEWAY_self_redirect_PROTO_PORT`,
+/// to the gateway's own loopback listener `lds_egress_127.0.0.1_PORT`, whose route config
+/// `rds_egress_PROTO_PORT` holds the listener's routes (`routed`). HTTP/1 for an http pool (it
+/// counts connections and queued requests), HTTP/2 for http2 and grpc (concurrent requests).
+/// Returns the cluster's name.
+fn self_redirect(
+    mesh_name: &str,
+    gateway: &str,
+    proto: VirtualGatewayPortProtocol,
+    port: u32,
+    limits: envoy::Limits,
+    routed: VirtualHost,
+    out: &mut Output,
+) -> String {
+    let p = proto.as_str();
+    let rds = format!("rds_egress_{p}_{port}");
+    out.routes.push(RouteConfig::of(&rds, vec![routed]));
+    let hcm = envoy::gateway_connection_manager("egress", &rds, &[], None);
+    out.listeners.push(envoy::gateway_listener(
+        &format!("lds_egress_127.0.0.1_{port}"),
+        "127.0.0.1",
+        port,
+        vec![envoy::gateway_chain(hcm, None, "")],
+        false,
+    ));
+    let name = format!("cds_ingress_{mesh_name}_{gateway}_self_redirect_{p}_{port}");
+    let mut c = envoy::static_cluster(&name, "127.0.0.1", port, policy::gateway_proto(proto));
+    envoy::set_circuit_breakers(&mut c, limits);
+    out.clusters.push(Part::built(c));
+    name
 }
 
 /// The listener protocol a gateway route needs, and the port it names.
@@ -607,6 +661,29 @@ fn apply_rewrites(a: &mut RouteAction, path: &PathRewrite, host: Option<&str>) {
     }
 }
 
+/// The plain Envoy prefix rewrites that together forward a prefix match as App Mesh did. Envoy
+/// replaces the matched prefix verbatim, so `/chapter` rewritten to `/` would send `/chapter/1`
+/// as `//1`; App Mesh sent `/1` (virtual_gateways.md: "if you have configured the Gateway route
+/// match prefix to `/chapter`, and, if the incoming request is `/chapter/1`, the request would be
+/// rewritten to `/1`"), and `/chapter1` as `/1` (aws-app-mesh-roadmap#247). So when the target
+/// ends with `/` and the match does not, `PREFIX/` → `TO` comes first, then `PREFIX` → `TO`.
+fn forwards(f: &Forward) -> Vec<Forward> {
+    match f {
+        Forward::Prefix { matched, to }
+            if to != matched && to.ends_with('/') && !matched.ends_with('/') =>
+        {
+            vec![
+                Forward::Prefix {
+                    matched: format!("{matched}/"),
+                    to: to.clone(),
+                },
+                f.clone(),
+            ]
+        }
+        _ => vec![f.clone()],
+    }
+}
+
 /// The Envoy routes of one gateway route (none when its target cannot be reached).
 fn gateway_route(
     ctx: &Ctx<'_>,
@@ -640,19 +717,28 @@ fn gateway_route(
         else {
             return vec![];
         };
-        let path = own_path(&parts.forward);
-        let mut action = RouteAction {
-            cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(cluster)),
-            timeout: envoy::seconds(routes::DEFAULT_PER_REQUEST_S),
-            ..Default::default()
-        };
-        apply_rewrites(&mut action, &path.rewrite, host);
-        return vec![Route {
-            name: name.to_string(),
-            r#match: Some(parts.route_match(&path, vec![], vec![], false)),
-            action: Some(route::Action::Route(action)),
-            ..Default::default()
-        }];
+        // App Mesh's route defaults (15 s, 300 s idle); the retry default is the virtual host's.
+        return forwards(&parts.forward)
+            .iter()
+            .map(|f| {
+                let path = own_path(f);
+                let mut action = RouteAction {
+                    cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(
+                        cluster.clone(),
+                    )),
+                    timeout: envoy::seconds(routes::DEFAULT_PER_REQUEST_S),
+                    idle_timeout: envoy::seconds(routes::DEFAULT_IDLE_S),
+                    ..Default::default()
+                };
+                apply_rewrites(&mut action, &path.rewrite, host);
+                Route {
+                    name: name.to_string(),
+                    r#match: Some(parts.route_match(&path, vec![], vec![], false)),
+                    action: Some(route::Action::Route(action)),
+                    ..Default::default()
+                }
+            })
+            .collect();
     }
     if let Some(p) = &provider.virtual_router {
         return via_router(ctx, client, name, &parts, &p.virtual_router_name, host, out);
@@ -668,9 +754,11 @@ fn gateway_route(
 /// name) becomes one Envoy route whose match is the gateway route's match AND the router
 /// route's match, the latter restated on the path the client sent (the router sees the path
 /// after the gateway's rewrite; see [`compose`]). Each composed route keeps the router route's
-/// action whole — weighted clusters, retry policy, timeouts — plus the gateway's rewrites. A
-/// final route with the gateway route's own match answers 404, as the router does when none of
-/// its routes matches: once a gateway route matched, later gateway routes are not tried.
+/// action whole — weighted clusters, its own retry policy (else the virtual host's default),
+/// timeouts — plus the gateway's rewrites. A route with the gateway route's own match then
+/// answers 404, as the router does when none of its routes matches: once a gateway route
+/// matched, later gateway routes are not tried. A prefix forwarded by two plain rewrites
+/// ([`forwards`]) gets this sequence once per rewrite, the longer prefix first.
 ///
 /// Not expressible, so those router routes are left out: a router regex path match behind a
 /// gateway prefix rewrite that changes the prefix, or behind a gateway path rewrite.
@@ -702,25 +790,39 @@ fn via_router(
         l.port_mapping.port,
         listeners.len(),
     );
-    let mut composed: Vec<Route> = attached
+    let bases: Vec<Route> = attached
         .iter()
-        .filter_map(routes::envoy_route)
-        .filter_map(|base| compose_route(parts, name, base, host))
+        .filter_map(routes::envoy_route_in_host)
         .collect();
-    composed.push(Route {
-        name: format!("{name}/no-route"),
-        r#match: Some(parts.route_match(&own_path(&parts.forward), vec![], vec![], false)),
-        action: Some(route::Action::DirectResponse(DirectResponseAction {
-            status: 404,
+    let mut composed = Vec::new();
+    for f in forwards(&parts.forward) {
+        composed.extend(
+            bases
+                .iter()
+                .filter_map(|base| compose_route(parts, &f, name, base.clone(), host)),
+        );
+        composed.push(Route {
+            name: format!("{name}/no-route"),
+            r#match: Some(parts.route_match(&own_path(&f), vec![], vec![], false)),
+            action: Some(route::Action::DirectResponse(DirectResponseAction {
+                status: 404,
+                ..Default::default()
+            })),
             ..Default::default()
-        })),
-        ..Default::default()
-    });
+        });
+    }
     composed
 }
 
-/// A router route (as `routes::envoy_route` built it) behind the gateway route `parts`.
-fn compose_route(parts: &Parts<'_>, name: &str, base: Route, host: Option<&str>) -> Option<Route> {
+/// A router route (as `routes::envoy_route_in_host` built it) behind the gateway route `parts`
+/// forwarding its path by `forward`.
+fn compose_route(
+    parts: &Parts<'_>,
+    forward: &Forward,
+    name: &str,
+    base: Route,
+    host: Option<&str>,
+) -> Option<Route> {
     let Route {
         name: route_name,
         r#match,
@@ -728,7 +830,7 @@ fn compose_route(parts: &Parts<'_>, name: &str, base: Route, host: Option<&str>)
         ..
     } = base;
     let m = r#match?;
-    let path = compose(&parts.forward, m.path_specifier.as_ref()?)?;
+    let path = compose(forward, m.path_specifier.as_ref()?)?;
     let route_match = parts.route_match(&path, m.headers, m.query_parameters, m.grpc.is_some());
     let action = match action? {
         route::Action::Route(mut a) => {

@@ -11,7 +11,7 @@ use trellis_model::{ClientPolicy, EgressFilterType, MeshState, PortProtocol, Vir
 
 use super::cluster::{Client, Ctx};
 use super::output::{Host, Output, Part, RouteConfig};
-use super::plan::PortEntry;
+use super::plan::{PortEntry, TcpTargets};
 use super::{EGRESS_PORT, INGRESS_PORT, envoy, policy};
 
 /// What DROP_ALL still lets through: AWS API endpoints over TLS.
@@ -54,8 +54,9 @@ fn ingress(
             envoy::set_circuit_breakers(&mut local_cluster, limits);
         }
         out.clusters.push(Part::built(local_cluster));
+        let stats = ingress_stat_prefix(proto.as_str(), port);
         let filter = if proto == PortProtocol::Tcp {
-            envoy::tcp_proxy("ingress", &[(cluster, 1)], policy::tcp_idle(l), &logs)
+            envoy::tcp_proxy(&stats, &[(cluster, 1)], policy::tcp_idle(l), &logs)
         } else {
             let route_name = format!("rds_ingress_{}_{port}", proto.as_str());
             let (per_request, idle) = policy::http_timeouts(l);
@@ -69,7 +70,7 @@ fn ingress(
                     idle,
                 )],
             ));
-            envoy::http_connection_manager("ingress", &route_name, &logs)
+            envoy::http_connection_manager(&stats, &route_name, &logs, false)
         };
         match policy::listener_tls(
             l.tls.as_ref(),
@@ -113,14 +114,14 @@ struct PortPlan {
     hosts: Vec<Arc<Host>>,
     /// The same services' hosts as the explicit egress chain names them.
     explicit: Vec<Arc<Host>>,
-    /// The TCP services on this port (by name) and their weighted clusters. Only the address the
+    /// The TCP services on this port (by name) and their proxies' targets. Only the address the
     /// app connects to tells them apart: each gets the addresses its name resolves to, and the
     /// first also takes whatever matches no address (App Mesh's one service per TCP port).
-    tcp: Vec<(String, Vec<(String, u32)>)>,
+    tcp: Vec<(String, TcpTargets)>,
 }
 
 impl PortPlan {
-    fn add_tcp(&mut self, service: &str, targets: Vec<(String, u32)>) {
+    fn add_tcp(&mut self, service: &str, targets: TcpTargets) {
         if !self.tcp.iter().any(|(s, _)| s == service) {
             self.tcp.push((service.to_string(), targets));
         }
@@ -132,7 +133,7 @@ impl PortPlan {
 /// the port alone for the first service.
 fn tcp_chains(
     port: u32,
-    services: &[(String, Vec<(String, u32)>)],
+    services: &[(String, TcpTargets)],
     addresses: &BTreeMap<String, std::sync::Arc<[std::net::IpAddr]>>,
     logs: &[AccessLog],
     chains: &mut Vec<FilterChain>,
@@ -150,7 +151,7 @@ fn tcp_chains(
                 chains.push(envoy::filter_chain_to(
                     port,
                     &own,
-                    envoy::tcp_proxy("egress", targets, None, logs),
+                    envoy::tcp_proxy("egress", &targets.clusters, targets.idle, logs),
                 ));
             }
         }
@@ -158,7 +159,7 @@ fn tcp_chains(
     if let Some((_, targets)) = services.first() {
         chains.push(envoy::filter_chain(
             Some(port),
-            envoy::tcp_proxy("egress", targets, None, logs),
+            envoy::tcp_proxy("egress", &targets.clusters, targets.idle, logs),
         ));
     }
 }
@@ -260,7 +261,7 @@ fn egress<'a>(ctx: &Ctx<'a>, spec: &'a VirtualNodeSpec, out: &mut Output) {
         });
         chains.push(envoy::filter_chain(
             Some(port),
-            envoy::http_connection_manager("egress", &route_name, &logs),
+            envoy::http_connection_manager("egress", &route_name, &logs, true),
         ));
     }
     if !explicit_hosts.is_empty() {
@@ -271,7 +272,7 @@ fn egress<'a>(ctx: &Ctx<'a>, spec: &'a VirtualNodeSpec, out: &mut Output) {
         });
         chains.push(envoy::filter_chain(
             Some(EGRESS_PORT),
-            envoy::http_connection_manager("egress", &route_name, &logs),
+            envoy::http_connection_manager("egress", &route_name, &logs, true),
         ));
     }
     let default_chain = if allow_all {
@@ -303,6 +304,14 @@ fn egress<'a>(ctx: &Ctx<'a>, spec: &'a VirtualNodeSpec, out: &mut Output) {
         default_chain,
         if allow_all { &[] } else { &[AWS_API_PORT] },
     ));
+}
+
+/// The stat prefix of a listener port's connection manager or TCP proxy, as App Mesh's control
+/// plane named it and its Envoy image's stats tags parse it (`appmesh.listener_protocol`,
+/// `appmesh.listener_port` from `*.ingress.PROTOCOL.PORT.*`, aws/amazon-ecs-service-connect-agent
+/// `envoy_bootstrap.go`): `http.ingress.http.8080.downstream_rq_2xx`.
+pub(super) fn ingress_stat_prefix(proto: &str, port: u32) -> String {
+    format!("ingress.{proto}.{port}")
 }
 
 /// The virtual services a node declares as backends, each once, by name.

@@ -6,11 +6,12 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use trellis_envoy_api::pb::envoy::config::route::v3::VirtualHost;
+use trellis_envoy_api::pb::google::protobuf::Duration as PbDuration;
 use trellis_model::{MeshState, PortProtocol};
 
 use super::cluster::{Built, cluster_identity};
 use super::output::{Hash, Host};
-use super::{CloudMapKey, Memo, envoy, policy, routes};
+use super::{CloudMapKey, Memo, envoy, routes};
 
 /// A port's virtual host as the explicit egress route config carries it: a proxy request names
 /// the port in its Host unless it is 80, so only those forms match (`NAME` alone would be ambiguous
@@ -84,8 +85,15 @@ pub(super) enum PortEntry {
         host: Arc<Host>,
         explicit: Arc<Host>,
     },
-    /// Weighted clusters of a TCP proxy.
-    Tcp(Vec<(String, u32)>),
+    /// A TCP proxy: its weighted clusters and idle timeout.
+    Tcp(TcpTargets),
+}
+
+/// What a caller's TCP proxy to a service sends where, and when it closes an idle connection.
+#[derive(Clone, Debug, PartialEq)]
+pub(super) struct TcpTargets {
+    pub clusters: Vec<(String, u32)>,
+    pub idle: Option<PbDuration>,
 }
 
 /// Builds a service's plan, finding clusters through `lookup`. A backend may name a service that
@@ -201,12 +209,26 @@ fn node_provided(
             continue;
         };
         if proto == PortProtocol::Tcp {
-            ports.push((port, PortEntry::Tcp(vec![(cluster, 1)])));
+            let targets = TcpTargets {
+                clusters: vec![(cluster, 1)],
+                idle: routes::tcp_idle(None),
+            };
+            ports.push((port, PortEntry::Tcp(targets)));
         } else {
-            // The provider's listener timeouts hold on the caller's side too, or the caller's
-            // 15 s default would cut a longer listener timeout short.
-            let (per_request, idle) = policy::http_timeouts(l);
-            let vh = envoy::virtual_host_timed("", vec![], &cluster, per_request, idle);
+            // The caller's side keeps App Mesh's route defaults (15 s per request, 300 s idle)
+            // whatever the provider's listener says: "If you specify a timeout greater than the
+            // default, make sure to set up a virtual router and a route with a timeout greater
+            // than the default" (virtual_nodes.md). App Mesh's default retry policy, on the
+            // virtual host, as for a router's routes: App Mesh "creates an Envoy route when you
+            // [...] define a virtual node provider" (envoy-defaults.md).
+            let mut vh = envoy::virtual_host_timed(
+                "",
+                vec![],
+                &cluster,
+                envoy::seconds(routes::DEFAULT_PER_REQUEST_S),
+                envoy::seconds(routes::DEFAULT_IDLE_S),
+            );
+            vh.retry_policy = Some(routes::host_retry());
             ports.push((port, http_entry(service, port, proto, vh)));
         }
     }
@@ -238,13 +260,14 @@ fn router_provided(
             {
                 // Envoy's TCP proxy takes weights of 1 and up (HTTP routes take 0): a target
                 // that may not receive connections is left out.
-                let targets = first
+                let clusters = first
                     .targets
                     .iter()
                     .filter(|t| t.weight > 0)
                     .map(|t| (t.cluster.clone(), t.weight))
                     .collect();
-                ports.push((port, PortEntry::Tcp(targets)));
+                let idle = routes::tcp_idle(first.spec.tcp_route.as_ref());
+                ports.push((port, PortEntry::Tcp(TcpTargets { clusters, idle })));
             }
             continue;
         }
@@ -256,7 +279,7 @@ fn router_provided(
             continue;
         }
         let mut vh = envoy::virtual_host_with("", vec![], envoy_routes);
-        vh.retry_policy = Some(routes::host_retry(proto));
+        vh.retry_policy = Some(routes::host_retry());
         ports.push((port, http_entry(service, port, proto, vh)));
     }
 }

@@ -6,18 +6,19 @@
 //! - listener timeout, connection pool, listener TLS: the node's own ingress (destination side);
 //! - health check, outlier detection: every caller's egress cluster for that listener;
 //! - client policy TLS: the caller's egress cluster, from the backend's `clientPolicy`, else the
-//!   caller's `backendDefaults`;
+//!   caller's `backendDefaults`; where none applies, the target listener's TLS mode decides
+//!   (TLS without verification toward STRICT and PERMISSIVE listeners);
 //! - access log: every connection manager and TCP proxy of the node's Envoy;
 //! - IP preference: the node's own listener bind and local app address (its own preference, else
-//!   the mesh's), and DNS resolution of a target (the target's `dns.ipPreference`, else the
-//!   mesh's).
+//!   the mesh's), DNS resolution of a target (the target's `dns.ipPreference`, else the mesh's),
+//!   the Cloud Map address used (the target's, else the mesh's); with none at all, as
+//!   virtual_nodes.md's "Default": DNS IPv6 first then IPv4, Cloud Map's IPv4 address else its
+//!   IPv6 one, listeners on IPv4 and the app over IPv4.
 //!
 //! Choices where App Mesh's documents are silent:
-//! - a node-provided service also gets its provider's listener timeouts on the caller's egress
-//!   route (else the caller's 15 s default would cut a longer listener timeout short);
-//! - IPv6 preferences bind `::` dual-stack (IPv4 callers and the IPv4 REDIRECT keep working) and
-//!   reach the app on `::1`; listener names keep App Mesh's `0.0.0.0` spelling either way;
-//!   with no preference anywhere DNS is IPv4 only, as App Mesh did;
+//! - listeners that bind "all IPv4 and IPv6 addresses" bind `::` dual-stack (IPv4 callers and the
+//!   IPv4 REDIRECT keep working); listener names keep App Mesh's `0.0.0.0` spelling either way;
+//! - a client policy with `enforce: false` does not apply: the server decides, as without one;
 //! - HTTP health checks expect 200 (Envoy's default); the check's `port` becomes each endpoint's
 //!   health-check port;
 //! - a caller cluster is per (node, port), so when several backends reach one node with
@@ -247,29 +248,31 @@ pub(super) fn mesh_ip_preference(mesh: &MeshState) -> Option<IpPreference> {
         .and_then(|sd| sd.ip_preference)
 }
 
-/// Listener bind and local app address. IPv6 preferences bind `::` dual-stack (the route
-/// manager redirects IPv4 too) and reach the app on `::1`; otherwise `0.0.0.0` and `127.0.0.1`.
+/// Listener bind and local app address, as virtual_nodes.md ("IP version preference") lists
+/// them: with no preference "The Envoy listeners bind to all IPv4 addresses" and the local app is
+/// reached over IPv4; with any preference they "bind to all IPv4 and IPv6 addresses" (`::`
+/// dual-stack: the route manager's IPv4 redirect still lands) and the app is reached on `::1` for
+/// the IPv6 preferences, `127.0.0.1` for the IPv4 ones.
 pub(super) fn bind(pref: Option<IpPreference>) -> (Bind<'static>, &'static str) {
+    let dual = Bind {
+        address: "::",
+        ipv4_compat: true,
+    };
     match pref {
-        Some(IpPreference::Ipv6Preferred | IpPreference::Ipv6Only) => (
-            Bind {
-                address: "::",
-                ipv4_compat: true,
-            },
-            "::1",
-        ),
-        _ => (envoy::BIND_V4, "127.0.0.1"),
+        None => (envoy::BIND_V4, "127.0.0.1"),
+        Some(IpPreference::Ipv6Preferred | IpPreference::Ipv6Only) => (dual, "::1"),
+        Some(IpPreference::Ipv4Preferred | IpPreference::Ipv4Only) => (dual, "127.0.0.1"),
     }
 }
 
-/// DNS lookup family. Without a preference App Mesh resolved IPv4 only; IPv6_PREFERRED is
-/// Envoy's AUTO (IPv6 first, then IPv4).
+/// DNS lookup family (virtual_nodes.md): with no preference, as with IPv6_PREFERRED, "Envoy's
+/// DNS resolver prefers IPv6 and falls back to IPv4" (Envoy's AUTO).
 pub(super) fn lookup(pref: Option<IpPreference>) -> Lookup {
     match pref {
-        None | Some(IpPreference::Ipv4Only) => Lookup::V4Only,
+        None | Some(IpPreference::Ipv6Preferred) => Lookup::Auto,
+        Some(IpPreference::Ipv4Only) => Lookup::V4Only,
         Some(IpPreference::Ipv6Only) => Lookup::V6Only,
         Some(IpPreference::Ipv4Preferred) => Lookup::V4Preferred,
-        Some(IpPreference::Ipv6Preferred) => Lookup::Auto,
     }
 }
 
@@ -372,33 +375,40 @@ pub(super) fn client_policy<'a>(
 /// What a caller's client policy asks of its cluster to a target port.
 #[derive(Debug)]
 pub(super) enum ClientTls {
-    Plain,
+    /// No client policy applies: the server's listener decides ([`server_tls`]).
+    ServerDecides,
     Tls(TransportSocket),
     /// Enforced TLS whose trust or certificate this control plane cannot serve: no cluster.
     Refuse,
 }
 
 /// Client-policy TLS for the cluster to `port`: enforced unless `enforce` is false, only on
-/// `ports` when given, verifying the server against the trusted CA file and SANs, with the
-/// client certificate for mTLS. SNI is the virtual service's name.
+/// `ports` when given (tls.md: "When a client policy is enforcing the use of TLS, and one of the
+/// ports in the client policy matches the port of the server's policy, the client policy is
+/// used"), verifying the server against the trusted CA and SANs, with the client certificate for
+/// mTLS. SNI is the virtual service's name. Without SANs in the policy the server must present
+/// the service-discovery name of `target` (tls.md: "If you don't specify SANs on the originating
+/// mesh endpoint, the SAN on the certificate provided by the terminating endpoint must match the
+/// mesh endpoint service discovery configuration").
 pub(super) fn client_tls(
     policy: Option<&ClientPolicyTls>,
     sni: &str,
     port: u32,
     proto: PortProtocol,
+    target: Option<&VirtualNodeSpec>,
     notes: &mut Vec<String>,
 ) -> ClientTls {
     let Some(p) = policy else {
-        return ClientTls::Plain;
+        return ClientTls::ServerDecides;
     };
     if p.enforce == Some(false) {
-        return ClientTls::Plain;
+        return ClientTls::ServerDecides;
     }
     if let Some(ports) = &p.ports
         && !ports.is_empty()
         && !ports.contains(&i64::from(port))
     {
-        return ClientTls::Plain;
+        return ClientTls::ServerDecides;
     }
     let mut refuse = |what: &str| {
         notes.push(format!(
@@ -422,15 +432,43 @@ pub(super) fn client_tls(
             })
             .or_else(|| c.sds.as_ref().map(|s| Cert::Sds(s.secret_name.clone())))
     });
+    let mut sans = sans(p.validation.subject_alternative_names.as_ref());
+    if sans.is_empty() {
+        sans.extend(target.and_then(discovery_name));
+    }
     ClientTls::Tls(envoy::upstream_tls(
         sni,
         cert.as_ref(),
-        &envoy::Validation {
-            trust,
-            sans: sans(p.validation.subject_alternative_names.as_ref()),
-        },
+        &envoy::Validation { trust, sans },
         alpn(proto),
     ))
+}
+
+/// The TLS a caller negotiates with a node's listener when none of its client policies applies:
+/// the server decides (tls.md, "Without client policies": "If a client has not specified a
+/// matching client policy, and a server has been configured with TLS modes STRICT or
+/// PERMISSIVE, the proxies will be configured to negotiate TLS" and, for certificates from files,
+/// "the certificate of the server is not validated"). Certificates from SDS are treated the same
+/// (App Mesh documents none; without a client policy the caller has no trust to validate with).
+/// An ACM certificate is not served here (the listener is plaintext or refused), so plain.
+/// `sni`: the target's service-discovery name, the name its certificate carries.
+pub(super) fn server_tls(l: &Listener, sni: &str, proto: PortProtocol) -> Option<TransportSocket> {
+    let tls = l.tls.as_ref()?;
+    let served = tls.certificate.file.is_some() || tls.certificate.sds.is_some();
+    (tls.mode != ListenerTlsMode::Disabled && served)
+        .then(|| envoy::upstream_tls_unverified(sni, alpn(proto)))
+}
+
+/// The name a node's certificate must carry for callers (tls.md, "Certificate requirements"):
+/// its DNS hostname, or `SERVICE.NAMESPACE` for Cloud Map.
+pub(super) fn discovery_name(spec: &VirtualNodeSpec) -> Option<String> {
+    let sd = spec.service_discovery.as_ref()?;
+    if let Some(dns) = &sd.dns {
+        return Some(dns.hostname.clone());
+    }
+    sd.aws_cloud_map
+        .as_ref()
+        .map(|c| format!("{}.{}", c.service_name, c.namespace_name))
 }
 
 // === Virtual gateways ===

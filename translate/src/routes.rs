@@ -14,7 +14,7 @@ use trellis_envoy_api::pb::envoy::r#type::matcher::v3::{
     RegexMatcher, StringMatcher, string_matcher,
 };
 use trellis_envoy_api::pb::envoy::r#type::v3::Int64Range;
-use trellis_envoy_api::pb::google::protobuf::UInt32Value;
+use trellis_envoy_api::pb::google::protobuf::{Duration as PbDuration, UInt32Value};
 
 use std::collections::BTreeMap;
 
@@ -22,14 +22,25 @@ use super::cluster::Built;
 use super::envoy::{duration, seconds};
 use trellis_model::Duration as MeshDuration;
 use trellis_model::{
-    DurationUnit, GrpcRetryPolicy, GrpcRetryPolicyEvent, GrpcRoute, HeaderMatchMethod,
-    HttpPathMatch, HttpRetryPolicy, HttpRoute, HttpRouteHeader, MatchRange, PortProtocol, Resource,
-    RouteSpec, TcpRetryPolicyEvent,
+    GrpcRetryPolicy, GrpcRetryPolicyEvent, GrpcRoute, HeaderMatchMethod, HttpPathMatch,
+    HttpRetryPolicy, HttpRoute, HttpRouteHeader, MatchRange, PortProtocol, Resource, RouteSpec,
+    TcpRetryPolicyEvent, TcpRoute,
 };
 
 /// App Mesh's defaults: 15 s per request, 300 s idle.
 pub(super) const DEFAULT_PER_REQUEST_S: i64 = 15;
 pub(super) const DEFAULT_IDLE_S: i64 = 300;
+
+/// A caller's TCP idle timeout to a service: its tcp route's `timeout.idle`, else App Mesh's 300 s
+/// ("Idle duration – The default is 300 seconds. A value of 0 disables the timeout.",
+/// routes.md). Envoy's own default would be one hour.
+pub(super) fn tcp_idle(route: Option<&TcpRoute>) -> Option<PbDuration> {
+    route
+        .and_then(|r| r.timeout.as_ref())
+        .and_then(|t| t.idle.as_ref())
+        .and_then(duration)
+        .or_else(|| seconds(DEFAULT_IDLE_S))
+}
 
 /// One weighted target resolved to its Envoy cluster.
 #[derive(Clone, Debug, PartialEq)]
@@ -135,26 +146,21 @@ pub(super) fn http_match_len(
         + conditions
 }
 
-/// The Envoy route for an http, http2 or grpc route (tcp routes become tcp_proxy filters), with
-/// App Mesh's default retry policy when it sets none.
-pub(super) fn envoy_route(r: &Named<'_>) -> Option<Route> {
-    route_of(r, true)
-}
-
-/// As [`envoy_route`], but a route without its own retry policy carries none: it takes its
-/// virtual host's, which [`host_retry`] gives. That default is most of a route's bytes, so a
-/// router's virtual host carries it once instead of once per route.
+/// The Envoy route for an http, http2 or grpc route (tcp routes become tcp_proxy filters). A
+/// route without its own retry policy carries none: it takes its virtual host's, which
+/// [`host_retry`] gives. That default is most of a route's bytes, so a virtual host carries it
+/// once instead of once per route.
 pub(super) fn envoy_route_in_host(r: &Named<'_>) -> Option<Route> {
-    route_of(r, false)
+    route_of(r)
 }
 
-/// The retry policy of a router's virtual host on a listener of `proto`: App Mesh's default, for
-/// the routes that set none (Envoy applies a virtual host's policy to routes without their own).
-pub(super) fn host_retry(proto: PortProtocol) -> RetryPolicy {
-    default_retry(proto == PortProtocol::Grpc)
+/// The retry policy of a virtual host: App Mesh's default, for the routes that set none (Envoy
+/// applies a virtual host's policy to routes without their own).
+pub(super) fn host_retry() -> RetryPolicy {
+    default_retry()
 }
 
-fn route_of(r: &Named<'_>, with_default: bool) -> Option<Route> {
+fn route_of(r: &Named<'_>) -> Option<Route> {
     let (r#match, timeout, retry) =
         if let Some(h) = r.spec.http_route.as_ref().or(r.spec.http2_route.as_ref()) {
             (
@@ -171,8 +177,6 @@ fn route_of(r: &Named<'_>, with_default: bool) -> Option<Route> {
         } else {
             return None;
         };
-    let grpc = r.spec.grpc_route.is_some();
-    let retry = retry.or_else(|| with_default.then(|| default_retry(grpc)));
     let (per_request, idle) = timeout.unwrap_or((&None, &None));
     let mut action = RouteAction {
         timeout: per_request
@@ -412,23 +416,27 @@ fn grpc_event(e: GrpcRetryPolicyEvent) -> &'static str {
     }
 }
 
-/// App Mesh's default policy for routes that set none: 2 retries, 15 s per try, on gateway
-/// errors and connection failures (for gRPC also `unavailable`).
-fn default_retry(grpc: bool) -> RetryPolicy {
-    let on = if grpc {
-        "gateway-error,connect-failure,unavailable"
-    } else {
-        "gateway-error,connect-failure"
-    };
-    retry(
-        on.to_string(),
-        2,
-        &MeshDuration {
-            unit: Some(DurationUnit::S),
-            value: Some(15),
-        },
-    )
+/// App Mesh's default policy for routes that set none (envoy-defaults.md, "Default route retry
+/// policy"; the Envoy form announced in aws-app-mesh-roadmap#229, with `reset` added by #284): 2
+/// retries on HTTP 503, gRPC UNAVAILABLE, connect failures, refused streams and resets, on
+/// another host when there is one (5 host selections), with no per-try timeout (a try may use the
+/// whole request timeout). The same for every protocol: `unavailable` reads `grpc-status`, which
+/// plain HTTP answers do not carry.
+fn default_retry() -> RetryPolicy {
+    let mut p = retry(
+        DEFAULT_RETRY_ON.to_string(),
+        DEFAULT_MAX_RETRIES,
+        &MeshDuration::default(),
+    );
+    p.retriable_status_codes = vec![503];
+    p.host_selection_retry_max_attempts = 5;
+    p
 }
+
+/// App Mesh's default retry conditions and count.
+pub(super) const DEFAULT_RETRY_ON: &str =
+    "unavailable,connect-failure,refused-stream,retriable-status-codes,reset";
+const DEFAULT_MAX_RETRIES: i64 = 2;
 
 fn http_retry(p: &HttpRetryPolicy) -> RetryPolicy {
     let mut on: Vec<&str> = p

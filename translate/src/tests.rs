@@ -5,6 +5,7 @@ use trellis_envoy_api::pb::envoy::config::cluster::v3::cluster::{
     ClusterDiscoveryType, DiscoveryType,
 };
 use trellis_envoy_api::pb::envoy::config::listener::v3::Listener;
+use trellis_envoy_api::pb::envoy::config::route::v3::RetryPolicy;
 
 use super::*;
 use crate::testing::{chain_ports, resource};
@@ -499,6 +500,24 @@ fn http_matches_retries_and_timeouts_map_to_envoy_as_app_mesh_did() {
     );
 }
 
+/// envoy-defaults.md, "Default route retry policy": max retries 2; gRPC UNAVAILABLE; HTTP 503;
+/// connect-failure and refused-stream; reset. No per-try timeout (a try may take the request's
+/// whole timeout), on another host than the one that failed.
+pub(crate) fn assert_app_mesh_default_retry(retry: &RetryPolicy) {
+    assert_eq!(
+        retry.retry_on,
+        "unavailable,connect-failure,refused-stream,retriable-status-codes,reset"
+    );
+    assert_eq!(retry.retriable_status_codes, [503]);
+    assert_eq!(retry.num_retries.as_ref().unwrap().value, 2);
+    assert!(retry.per_try_timeout.is_none());
+    assert_eq!(retry.host_selection_retry_max_attempts, 5);
+    assert_eq!(
+        retry.retry_host_predicate[0].name,
+        "envoy.retry_host_predicates.previous_hosts"
+    );
+}
+
 #[test]
 fn a_route_without_retry_policy_gets_app_mesh_defaults_from_its_virtual_host() {
     let s = routed(
@@ -519,14 +538,7 @@ fn a_route_without_retry_policy_gets_app_mesh_defaults_from_its_virtual_host() {
     let vh = &route_config(&r, "rds_egress_http_9080").virtual_hosts[0];
     // Envoy applies the virtual host's policy to routes without their own, so the default is
     // carried once per virtual host rather than once per route.
-    let retry = vh.retry_policy.as_ref().unwrap();
-    assert_eq!(retry.retry_on, "gateway-error,connect-failure");
-    assert_eq!(retry.num_retries.as_ref().unwrap().value, 2);
-    assert_eq!(retry.per_try_timeout.as_ref().unwrap().seconds, 15);
-    assert_eq!(
-        retry.retry_host_predicate[0].name,
-        "envoy.retry_host_predicates.previous_hosts"
-    );
+    assert_app_mesh_default_retry(vh.retry_policy.as_ref().unwrap());
     let by_name = |n: &str| action(vh.routes.iter().find(|rt| rt.name == n).unwrap());
     let a = by_name("r");
     assert!(a.retry_policy.is_none(), "inherits the virtual host's");
@@ -578,10 +590,7 @@ fn grpc_routes_match_service_and_method_paths_and_only_grpc_requests() {
         .retry_policy
         .as_ref()
         .unwrap();
-    assert_eq!(
-        host_retry.retry_on, "gateway-error,connect-failure,unavailable",
-        "gRPC's default also retries unavailable"
-    );
+    assert_app_mesh_default_retry(host_retry);
     assert_eq!(r.clusters[0].name, "cds_egress_m_blue_grpc_9080");
     assert!(
         r.clusters[0]

@@ -97,13 +97,19 @@ fn two_stacks() -> Vec<Instance> {
     ]
 }
 
+/// virtual_nodes.md, "Default": "We use the IPv4 address returned by AWS Cloud Map if available
+/// and falls back to using the IPv6 address".
 #[test]
-fn instances_become_endpoints_on_the_listener_port_ipv4_only_by_default() {
+fn instances_become_endpoints_on_the_listener_port_ipv4_first_then_ipv6_by_default() {
     let s = mesh_with(json!({}), json!({}));
     let e = endpoints(key(&[]), two_stacks());
     assert_eq!(
         hosts(&s, &e),
-        vec![("10.0.0.1".into(), 8080), ("10.0.0.2".into(), 8080)]
+        vec![
+            ("10.0.0.1".into(), 8080),
+            ("10.0.0.2".into(), 8080),
+            ("fd00::3".into(), 8080)
+        ]
     );
 }
 
@@ -175,7 +181,7 @@ fn attributes_are_part_of_the_key_in_any_order() {
     let r = translate(&s, &node("front-vn"), &endpoints(key(&[]), two_stacks())).unwrap();
     assert_eq!(r.pending, ["cds_egress_m_back-vn_http_8080"]);
     let filtered = endpoints(key(&[("zone", "b"), ("stage", "blue")]), two_stacks());
-    assert_eq!(hosts(&s, &filtered).len(), 2);
+    assert_eq!(hosts(&s, &filtered).len(), 3);
 }
 
 #[test]

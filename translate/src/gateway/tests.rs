@@ -236,6 +236,147 @@ fn a_node_provided_target_uses_the_egress_cluster_with_app_mesh_default_rewrites
     );
 }
 
+/// virtual_gateways.md: "if you have configured the Gateway route match prefix to `/chapter`,
+/// and, if the incoming request is `/chapter/1`, the request would be rewritten to `/1`"; and
+/// `/chapter1` to `/1` (aws-app-mesh-roadmap#247). Envoy's verbatim prefix rewrite needs the
+/// `/chapter/` form first for that.
+#[test]
+fn a_prefix_without_a_trailing_slash_is_rewritten_as_app_mesh_did() {
+    let s = state(
+        http_listener(8080),
+        &[
+            ("chapter", http_to("a.local", json!({"prefix": "/chapter"}))),
+            (
+                "book",
+                json!({"httpRoute": {"match": {"prefix": "/book"}, "action": {
+                    "target": {"virtualService": {"virtualServiceName": "b.local"}},
+                    "rewrite": {"prefix": {"value": "/library/"}}}}}),
+            ),
+            (
+                "kept",
+                json!({"httpRoute": {"match": {"prefix": "/kept"}, "action": {
+                    "target": {"virtualService": {"virtualServiceName": "b.local"}},
+                    "rewrite": {"prefix": {"defaultPrefix": "DISABLED"}}}}}),
+            ),
+        ],
+        &[],
+    );
+    let r = gateway(&s);
+    let routes = routes_of(&r, "rds_ingress_http_8080");
+    let seen: Vec<(&str, route_match::PathSpecifier, &str)> = routes
+        .iter()
+        .map(|rt| {
+            (
+                rt.name.as_str(),
+                path(rt).clone(),
+                action(rt).prefix_rewrite.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("chapter", prefix("/chapter/"), "/"),
+            ("chapter", prefix("/chapter"), "/"),
+            ("book", prefix("/book/"), "/library/"),
+            ("book", prefix("/book"), "/library/"),
+            ("kept", prefix("/kept"), ""),
+        ]
+    );
+}
+
+/// howto-match-and-rewrite-at-ingress: gateway route `/red` to a router whose route matches
+/// `/tell`; `GET /red/tell` reaches red (forwarded as `/tell`).
+#[test]
+fn a_prefix_without_a_trailing_slash_composes_with_the_router_routes() {
+    let s = state(
+        http_listener(8080),
+        &[("red", http_to("r.local", json!({"prefix": "/red"})))],
+        &[(
+            "tell",
+            json!({"httpRoute": {"match": {"prefix": "/tell"},
+                "action": {"weightedTargets": [{"virtualNode": "a-vn", "weight": 1}]}}}),
+        )],
+    );
+    let r = gateway(&s);
+    let routes = routes_of(&r, "rds_ingress_http_8080");
+    let seen: Vec<(&str, route_match::PathSpecifier)> = routes
+        .iter()
+        .map(|rt| (rt.name.as_str(), path(rt).clone()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("red/tell", prefix("/red/tell")),
+            ("red/no-route", prefix("/red/")),
+            ("red/tell", prefix("/redtell")),
+            ("red/no-route", prefix("/red")),
+        ]
+    );
+    assert_eq!(action(&routes[0]).prefix_rewrite, "/tell");
+    assert_eq!(action(&routes[2]).prefix_rewrite, "/tell");
+}
+
+/// envoy-defaults.md: the default retry policy applies wherever no retry policy is defined,
+/// gateway routes included; the gateway's listener stats carry App Mesh's `ingress.PROTO.PORT`.
+#[test]
+fn gateway_routes_without_their_own_policy_take_app_mesh_default_retries() {
+    let s = state(
+        http_listener(8080),
+        &[
+            ("to-a", http_to("a.local", json!({"prefix": "/a/"}))),
+            ("to-r", http_to("r.local", json!({"prefix": "/r/"}))),
+        ],
+        &[
+            (
+                "plain",
+                json!({"httpRoute": {"match": {"prefix": "/"},
+                    "action": {"weightedTargets": [{"virtualNode": "c-vn", "weight": 1}]}}}),
+            ),
+            (
+                "own",
+                json!({"httpRoute": {"match": {"prefix": "/own"},
+                    "retryPolicy": {"maxRetries": 4, "perRetryTimeout": {"unit": "ms", "value": 250},
+                                    "httpRetryEvents": ["server-error"]},
+                    "action": {"weightedTargets": [{"virtualNode": "c-vn", "weight": 1}]}}}),
+            ),
+        ],
+    );
+    let r = gateway(&s);
+    let rc = r
+        .routes
+        .iter()
+        .find(|rc| rc.name == "rds_ingress_http_8080")
+        .unwrap();
+    crate::tests::assert_app_mesh_default_retry(rc.virtual_hosts[0].retry_policy.as_ref().unwrap());
+    let routes = &rc.virtual_hosts[0].routes;
+    let by = |n: &str| routes.iter().find(|rt| rt.name == n).unwrap();
+    assert!(
+        action(by("to-a")).retry_policy.is_none(),
+        "the virtual host's"
+    );
+    assert_eq!(action(by("to-a")).timeout.as_ref().unwrap().seconds, 15);
+    assert_eq!(
+        action(by("to-a")).idle_timeout.as_ref().unwrap().seconds,
+        300
+    );
+    assert!(
+        action(by("to-r/plain")).retry_policy.is_none(),
+        "the virtual host's"
+    );
+    assert_eq!(
+        action(by("to-r/own"))
+            .retry_policy
+            .as_ref()
+            .unwrap()
+            .num_retries
+            .as_ref()
+            .unwrap()
+            .value,
+        4
+    );
+}
+
 #[test]
 fn prefix_rewrite_value_and_disabled_defaults_are_honoured() {
     let with_rewrite = |rewrite: Value| {
@@ -785,7 +926,6 @@ mod policies {
 
     const LISTENER: &str = "lds_ingress_0.0.0.0_8088";
     const A_CLUSTER: &str = "cds_egress_m_a-vn_http_8080";
-    const B_CLUSTER: &str = "cds_egress_m_b-vn_http_8080";
 
     fn unpack<T: Message + Default>(any: &Any) -> T {
         T::decode(any.value.as_slice()).unwrap()
@@ -914,12 +1054,31 @@ mod policies {
         assert!(l.filter_chains[0].transport_socket.is_none());
     }
 
+    /// (connections, pending, requests, retries) of a cluster's breakers.
+    fn limits(c: &Cluster) -> (u32, u32, u32, u32) {
+        let t = &c.circuit_breakers.as_ref().unwrap().thresholds[0];
+        let v = |x: &Option<trellis_envoy_api::pb::google::protobuf::UInt32Value>| {
+            x.as_ref().unwrap().value
+        };
+        (
+            v(&t.max_connections),
+            v(&t.max_pending_requests),
+            v(&t.max_requests),
+            v(&t.max_retries),
+        )
+    }
+
+    const U: u32 = 2_147_483_647;
+
+    /// howto-circuit-breakers: a gateway listener's pool is one limit for every service behind
+    /// it, seen on `cds_ingress_MESH_GATEWAY_self_redirect_http_15001`; the gateway's clusters to
+    /// the services keep App Mesh's unlimited defaults.
     #[test]
-    fn a_gateway_connection_pool_limits_the_clusters_its_listener_routes_to() {
+    fn a_gateway_connection_pool_limits_all_its_listeners_services_together() {
         let listeners = json!([
             {"portMapping": {"port": 8088, "protocol": "http"},
              "connectionPool": {"http": {"maxConnections": 3, "maxPendingRequests": 2}}},
-            {"portMapping": {"port": 8089, "protocol": "http2"},
+            {"portMapping": {"port": 15002, "protocol": "http2"},
              "connectionPool": {"http2": {"maxRequests": 7}}},
             {"portMapping": {"port": 8090, "protocol": "http"}}
         ]);
@@ -932,9 +1091,13 @@ mod policies {
             &[
                 (
                     "to-a",
-                    http_to("a.local", json!({"prefix": "/", "port": 8088})),
+                    http_to("a.local", json!({"prefix": "/a/", "port": 8088})),
                 ),
-                ("to-b", h2_to("b.local", 8089)),
+                (
+                    "to-b",
+                    http_to("b.local", json!({"prefix": "/", "port": 8088})),
+                ),
+                ("h2-to-b", h2_to("b.local", 15002)),
                 (
                     "to-r",
                     http_to("r.local", json!({"prefix": "/", "port": 8090})),
@@ -946,26 +1109,53 @@ mod policies {
                 "action": {"weightedTargets": [{"virtualNode": "c-vn", "weight": 1}]}}}),
             )],
         ));
-        let limits = |name: &str| {
-            cluster(&r, name).circuit_breakers.as_ref().map(|cb| {
-                let t = &cb.thresholds[0];
-                let v = |x: &Option<trellis_envoy_api::pb::google::protobuf::UInt32Value>| {
-                    x.as_ref().map(|v| v.value)
-                };
-                (
-                    v(&t.max_connections),
-                    v(&t.max_pending_requests),
-                    v(&t.max_requests),
-                )
-            })
-        };
-        assert_eq!(limits(A_CLUSTER), Some((Some(3), Some(2), None)));
-        assert_eq!(limits(B_CLUSTER), Some((None, None, Some(7))));
+        // The http listener: everything through one cluster carrying its pool, to a loopback
+        // listener (15001; the next free one for the second, past its own port 15002).
+        let outer = routes_of(&r, "rds_ingress_http_8088");
+        assert_eq!(outer.len(), 1);
+        assert_eq!(*path(&outer[0]), prefix("/"));
+        let redirect = "cds_ingress_m_gw_self_redirect_http_15001";
+        assert_eq!(super::cluster(&outer[0]), redirect);
+        assert_eq!(action(&outer[0]).timeout.as_ref().unwrap().seconds, 0);
+        assert_eq!(limits(cluster(&r, redirect)), (3, 2, U, U));
         assert_eq!(
-            limits("cds_egress_m_c-vn_http_8080"),
-            None,
-            "a listener without a pool"
+            hcm(&listener(&r, LISTENER).unwrap().filter_chains[0]).stat_prefix,
+            "ingress.http.8088",
+            "App Mesh's stat prefix"
         );
+        let inner = listener(&r, "lds_egress_127.0.0.1_15001").unwrap();
+        assert!(format!("{:?}", inner.address).contains("\"127.0.0.1\""));
+        assert_eq!(hcm(&inner.filter_chains[0]).stat_prefix, "egress");
+        assert_eq!(
+            names(routes_of(&r, "rds_egress_http_15001")),
+            ["to-a", "to-b"],
+            "the listener's routes, behind the pool"
+        );
+        let h2 = "cds_ingress_m_gw_self_redirect_http2_15003";
+        assert_eq!(
+            super::cluster(&routes_of(&r, "rds_ingress_http2_15002")[0]),
+            h2
+        );
+        assert_eq!(limits(cluster(&r, h2)), (U, U, 7, U));
+        assert!(
+            cluster(&r, h2)
+                .typed_extension_protocol_options
+                .contains_key("envoy.extensions.upstreams.http.v3.HttpProtocolOptions"),
+            "HTTP/2 to the second hop: the pool counts streams"
+        );
+        assert_eq!(names(routes_of(&r, "rds_egress_http2_15003")), ["h2-to-b"]);
+        // A listener without a pool routes directly; every service cluster is unlimited.
+        assert_eq!(
+            names(routes_of(&r, "rds_ingress_http_8090")),
+            ["to-r/all", "to-r/no-route"]
+        );
+        for c in [
+            "cds_egress_m_a-vn_http_8080",
+            "cds_egress_m_b-vn_http_8080",
+            "cds_egress_m_c-vn_http_8080",
+        ] {
+            assert_eq!(limits(cluster(&r, c)), (U, U, U, U), "{c}");
+        }
     }
 
     #[test]

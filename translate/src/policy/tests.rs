@@ -133,11 +133,25 @@ fn listener_timeouts_default_to_15s_and_300s_and_bound_both_the_ingress_and_the_
     let s = pair(json!({}), timed, json!({}));
     let a = first_action(&of(&s, "back"), "rds_ingress_http_8080");
     assert_eq!((secs(&a.timeout), secs(&a.idle_timeout)), (1.5, 42.0));
+    // virtual_nodes.md: "If you specify a timeout greater than the default, make sure to set up
+    // a virtual router and a route with a timeout greater than the default": the caller's side
+    // of a node-provided service keeps App Mesh's route defaults.
+    let a = first_action(&of(&s, "front"), "rds_egress_http_8080");
+    assert_eq!((secs(&a.timeout), secs(&a.idle_timeout)), (15.0, 300.0));
+    let longer = with(
+        http(8080),
+        json!({"timeout": {"http": {"perRequest": {"unit": "s", "value": 20}}}}),
+    );
+    let s = pair(json!({}), longer, json!({}));
     let a = first_action(&of(&s, "front"), "rds_egress_http_8080");
     assert_eq!(
-        (secs(&a.timeout), secs(&a.idle_timeout)),
-        (1.5, 42.0),
-        "a node-provided service keeps its listener's timeout on the caller's side"
+        secs(&a.timeout),
+        15.0,
+        "a router's route is needed past 15 s"
+    );
+    assert_eq!(
+        secs(&first_action(&of(&s, "back"), "rds_ingress_http_8080").timeout),
+        20.0
     );
 }
 
@@ -167,61 +181,98 @@ fn grpc_and_tcp_listener_timeouts_land_on_the_route_and_the_tcp_proxy() {
     }
 }
 
+/// (connections, pending, requests, retries) of a cluster's default-priority thresholds.
+fn thresholds(c: &Cluster) -> (u32, u32, u32, u32) {
+    let t = &c.circuit_breakers.as_ref().unwrap().thresholds[0];
+    let v = |x: &Option<trellis_envoy_api::pb::google::protobuf::UInt32Value>| {
+        x.as_ref().map(|v| v.value).unwrap()
+    };
+    (
+        v(&t.max_connections),
+        v(&t.max_pending_requests),
+        v(&t.max_requests),
+        v(&t.max_retries),
+    )
+}
+
+const UNLIMITED: u32 = 2_147_483_647;
+
 #[test]
-fn connection_pools_become_circuit_breakers_on_the_local_cluster_only() {
+fn connection_pools_lower_the_local_clusters_breakers_the_rest_stay_app_mesh_unlimited() {
+    const U: u32 = UNLIMITED;
     let cases = [
         (
             "http",
             json!({"http": {"maxConnections": 10}}),
-            (Some(10), Some(i32::MAX as u32), None),
+            (10, U, U, U),
         ),
         (
             "http",
             json!({"http": {"maxConnections": 10, "maxPendingRequests": 3}}),
-            (Some(10), Some(3), None),
+            (10, 3, U, U),
         ),
-        (
-            "http2",
-            json!({"http2": {"maxRequests": 7}}),
-            (None, None, Some(7)),
-        ),
-        (
-            "grpc",
-            json!({"grpc": {"maxRequests": 8}}),
-            (None, None, Some(8)),
-        ),
-        (
-            "tcp",
-            json!({"tcp": {"maxConnections": 4}}),
-            (Some(4), None, None),
-        ),
+        ("http2", json!({"http2": {"maxRequests": 7}}), (U, U, 7, U)),
+        ("grpc", json!({"grpc": {"maxRequests": 8}}), (U, U, 8, U)),
+        ("tcp", json!({"tcp": {"maxConnections": 4}}), (4, U, U, U)),
     ];
     for (proto, pool, want) in cases {
         let l = json!({"portMapping": {"port": 8080, "protocol": proto}, "connectionPool": pool});
         let s = pair(json!({}), l, json!({}));
         let back = of(&s, "back");
         let c = cluster(&back, &format!("cds_ingress_m_back_{proto}_8080"));
-        let t = &c.circuit_breakers.as_ref().unwrap().thresholds[0];
-        let v = |x: &Option<trellis_envoy_api::pb::google::protobuf::UInt32Value>| {
-            x.as_ref().map(|v| v.value)
-        };
-        assert_eq!(
-            (
-                v(&t.max_connections),
-                v(&t.max_pending_requests),
-                v(&t.max_requests)
-            ),
-            want,
-            "{proto}"
-        );
+        assert_eq!(thresholds(c), want, "{proto}");
         let front = of(&s, "front");
-        assert!(
-            cluster(&front, &format!("cds_egress_m_back_{proto}_8080"))
-                .circuit_breakers
-                .is_none(),
+        assert_eq!(
+            thresholds(cluster(&front, &format!("cds_egress_m_back_{proto}_8080"))),
+            (U, U, U, U),
             "pools are destination-side"
         );
     }
+}
+
+/// envoy-defaults.md, "Default circuit breaker": `max_requests`, `max_pending_requests`,
+/// `max_connections` and `max_retries` are 2147483647 on every Envoy App Mesh configures.
+#[test]
+fn every_cluster_without_a_pool_has_app_mesh_unlimited_circuit_breakers() {
+    let s = state(
+        json!({"egressFilter": {"type": "ALLOW_ALL"}}),
+        &[
+            (
+                "back",
+                json!({"listeners": [http(8080)], "serviceDiscovery": {"dns": {"hostname": "back.internal"}}}),
+            ),
+            (
+                "front",
+                json!({"listeners": [http(9090)],
+                    "backends": [{"virtualService": {"virtualServiceName": "back.local"}}]}),
+            ),
+        ],
+        &[("back.local", "back")],
+    );
+    let front = of(&s, "front");
+    let names: Vec<&str> = front.clusters.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "cds_egress_m_allow_all",
+            "cds_egress_m_back_http_8080",
+            "cds_ingress_m_front_http_9090"
+        ]
+    );
+    for c in &front.clusters {
+        assert_eq!(
+            thresholds(c),
+            (UNLIMITED, UNLIMITED, UNLIMITED, UNLIMITED),
+            "{}",
+            c.name
+        );
+    }
+    let drop_all = pair(json!({}), http(8080), json!({}));
+    let aws = of(&drop_all, "front");
+    assert_eq!(
+        thresholds(cluster(&aws, "cds_egress_m_amazonaws")),
+        (UNLIMITED, UNLIMITED, UNLIMITED, UNLIMITED)
+    );
 }
 
 fn hc(protocol: &str, extra: Value) -> Value {
@@ -797,15 +848,13 @@ fn ip_preference_sets_dns_lookup_family_listener_bind_and_local_address() {
             want,
             "{pref}"
         );
+        // virtual_nodes.md: with any preference "The Envoy listeners bind to all IPv4 and IPv6
+        // addresses"; the local app is reached over the preferred family.
         let back = of(&s, "back");
         let v6 = pref.starts_with("IPv6");
         assert_eq!(
             bound(listener(&back, INGRESS)),
-            if v6 {
-                ("::".into(), true)
-            } else {
-                ("0.0.0.0".into(), false)
-            },
+            ("::".into(), true),
             "{pref}"
         );
         assert_eq!(
@@ -813,12 +862,17 @@ fn ip_preference_sets_dns_lookup_family_listener_bind_and_local_address() {
             if v6 { "::1" } else { "127.0.0.1" }
         );
     }
-    // No preference anywhere: IPv4 only, as App Mesh did.
+    // No preference anywhere, virtual_nodes.md's "Default": "Envoy's DNS resolver prefers IPv6
+    // and falls back to IPv4", "The endpoint created for the local app uses an IPv4 address",
+    // "The Envoy listeners bind to all IPv4 addresses".
     let s = pair(json!({}), http(8080), json!({}));
     assert_eq!(
         family(cluster(&of(&s, "front"), BACK_EGRESS)),
-        DnsLookupFamily::V4Only
+        DnsLookupFamily::Auto
     );
+    let back = of(&s, "back");
+    assert_eq!(bound(listener(&back, INGRESS)), ("0.0.0.0".into(), false));
+    assert_eq!(local_host(cluster(&back, BACK_INGRESS)), "127.0.0.1");
     // The target's own dns.ipPreference wins over the mesh's.
     let mut s = pair(mesh("IPv4_ONLY"), http(8080), json!({}));
     let m = s.meshes.get_mut("m").unwrap();
@@ -835,4 +889,226 @@ fn ip_preference_sets_dns_lookup_family_listener_bind_and_local_address() {
         DnsLookupFamily::V6Only
     );
     assert_eq!(bound(listener(&of(&s, "back"), INGRESS)).0, "::");
+}
+
+/// The SAN values a cluster's TLS validation demands (each name once, DNS and URI matchers alike).
+fn demanded_sans(ctx: &UpstreamTlsContext) -> Vec<String> {
+    let mut names: Vec<String> = match &ctx.common_tls_context.as_ref().unwrap().validation_context_type {
+        Some(common_tls_context::ValidationContextType::ValidationContext(v)) => v
+            .match_typed_subject_alt_names
+            .iter()
+            .filter_map(|m| match &m.matcher.as_ref()?.match_pattern {
+                Some(trellis_envoy_api::pb::envoy::r#type::matcher::v3::string_matcher::MatchPattern::Exact(e)) => Some(e.clone()),
+                _ => None,
+            })
+            .collect(),
+        other => panic!("{other:?}"),
+    };
+    names.dedup();
+    names
+}
+
+/// tls.md, "Without client policies": "If a client has not specified a matching client policy,
+/// and a server has been configured with TLS modes STRICT or PERMISSIVE, the proxies will be
+/// configured to negotiate TLS"; with a file certificate "the certificate of the server is not
+/// validated".
+#[test]
+fn without_a_matching_client_policy_the_servers_tls_mode_decides_and_nothing_is_validated() {
+    let tls = |mode: &str, certificate: Value| {
+        with(
+            http(8080),
+            json!({"tls": {"mode": mode, "certificate": certificate}}),
+        )
+    };
+    for mode in ["STRICT", "PERMISSIVE"] {
+        for certificate in [
+            cert("/b"),
+            json!({"sds": {"secretName": "spiffe://x/back"}}),
+        ] {
+            let r = of(
+                &pair(json!({}), tls(mode, certificate.clone()), json!({})),
+                "front",
+            );
+            let ctx = upstream(&r).unwrap_or_else(|| panic!("{mode} {certificate}: TLS"));
+            assert_eq!(
+                ctx.sni, "back.internal",
+                "the name back's certificate carries"
+            );
+            let common = ctx.common_tls_context.unwrap();
+            assert!(common.validation_context_type.is_none(), "not validated");
+            assert!(
+                common.tls_certificates.is_empty()
+                    && common.tls_certificate_sds_secret_configs.is_empty()
+            );
+            assert_eq!(common.alpn_protocols, ["http/1.1"]);
+        }
+    }
+    // DISABLED, no TLS, or a certificate this control plane cannot serve (the listener is then
+    // plaintext or refused): plaintext.
+    let acm =
+        json!({"acm": {"certificateArn": "arn:aws:acm:us-west-2:111122223333:certificate/x"}});
+    for listener in [
+        http(8080),
+        tls("DISABLED", cert("/b")),
+        tls("PERMISSIVE", acm),
+    ] {
+        let r = of(&pair(json!({}), listener.clone(), json!({})), "front");
+        assert!(upstream(&r).is_none(), "{listener}");
+    }
+    // A client policy on other ports, or not enforced, does not match: the server decides.
+    for policy in [json!({"ports": [9443]}), json!({"enforce": false})] {
+        let front = json!({"backendDefaults": {"clientPolicy": client_policy(policy.clone())}});
+        let r = of(&pair(json!({}), tls("STRICT", cert("/b")), front), "front");
+        let ctx = upstream(&r).unwrap_or_else(|| panic!("{policy}"));
+        assert!(
+            ctx.common_tls_context
+                .unwrap()
+                .validation_context_type
+                .is_none(),
+            "{policy}"
+        );
+    }
+    // A matching client policy validates as it says.
+    let front = json!({"backendDefaults": {"clientPolicy": client_policy(json!({}))}});
+    let r = of(&pair(json!({}), tls("STRICT", cert("/b")), front), "front");
+    assert_eq!(demanded_sans(&upstream(&r).unwrap()), ["back.local"]);
+}
+
+/// tls.md: "If you don't specify SANs on the originating mesh endpoint, the SAN on the
+/// certificate provided by the terminating endpoint must match the mesh endpoint service
+/// discovery configuration": the DNS hostname, or `SERVICE.NAMESPACE` for Cloud Map
+/// ("Certificate requirements").
+#[test]
+fn a_client_policy_without_sans_demands_the_targets_service_discovery_name() {
+    let no_sans = json!({"backendDefaults": {"clientPolicy": {"tls": {"validation": {
+        "trust": {"file": {"certificateChain": "/c/ca.pem"}}}}}}});
+    let r = of(&pair(json!({}), http(8080), no_sans.clone()), "front");
+    assert_eq!(demanded_sans(&upstream(&r).unwrap()), ["back.internal"]);
+
+    let mut s = pair(json!({}), http(8080), no_sans);
+    let back = &mut s
+        .meshes
+        .get_mut("m")
+        .unwrap()
+        .virtual_nodes
+        .get_mut("back")
+        .unwrap()
+        .spec;
+    back.service_discovery = serde_json::from_value(
+        json!({"awsCloudMap": {"namespaceName": "apps.local", "serviceName": "back"}}),
+    )
+    .unwrap();
+    let r = of(&s, "front");
+    assert_eq!(demanded_sans(&upstream(&r).unwrap()), ["back.apps.local"]);
+}
+
+/// routes.md: "If you enable Path/Prefix based matching, App Mesh enables path normalization
+/// (normalize_path and merge_slashes)": on the connection managers that route by path (egress,
+/// explicit egress); the ingress sends everything to the app and leaves its paths alone.
+#[test]
+fn egress_connection_managers_normalize_paths_and_merge_slashes_the_ingress_does_not() {
+    let s = pair(json!({}), http(8080), json!({"listeners": [http(9090)]}));
+    let front = of(&s, "front");
+    let egress = listener(&front, EGRESS);
+    let http_chains: Vec<HttpConnectionManager> = egress
+        .filter_chains
+        .iter()
+        .filter(|c| c.filters[0].name == "envoy.filters.network.http_connection_manager")
+        .map(hcm)
+        .collect();
+    assert_eq!(http_chains.len(), 2, "8080 and the explicit 15001");
+    for m in &http_chains {
+        assert!(
+            m.normalize_path.unwrap().value && m.merge_slashes,
+            "{}",
+            m.stat_prefix
+        );
+        assert_eq!(m.stat_prefix, "egress");
+    }
+    let ingress = hcm(&listener(&front, INGRESS).filter_chains[0]);
+    assert!(ingress.normalize_path.is_none() && !ingress.merge_slashes);
+}
+
+/// App Mesh's ingress stat prefix, which its Envoy image's stats tags parse
+/// (`appmesh.listener_protocol`, `appmesh.listener_port` from `.ingress.PROTOCOL.PORT.`).
+#[test]
+fn ingress_stat_prefixes_name_protocol_and_port() {
+    let s = state(
+        json!({}),
+        &[(
+            "back",
+            json!({"listeners": [http(8080), {"portMapping": {"port": 5432, "protocol": "tcp"}}],
+                "serviceDiscovery": {"dns": {"hostname": "back.internal"}}}),
+        )],
+        &[],
+    );
+    let back = of(&s, "back");
+    let chains = &listener(&back, INGRESS).filter_chains;
+    let prefixes: Vec<String> = chains
+        .iter()
+        .map(|c| match c.filters[0].name.as_str() {
+            "envoy.filters.network.tcp_proxy" => {
+                unpack::<TcpProxy>(typed(&c.filters[0])).stat_prefix
+            }
+            _ => hcm(c).stat_prefix,
+        })
+        .collect();
+    assert_eq!(prefixes, ["ingress.http.8080", "ingress.tcp.5432"]);
+}
+
+/// routes.md, TCP: "Idle duration – The default is 300 seconds. A value of 0 disables the
+/// timeout." On the caller's TCP proxy: the tcp route's, else 300 s; a node-provided service
+/// gets the default.
+#[test]
+fn a_tcp_routes_idle_timeout_lands_on_the_callers_tcp_proxy() {
+    let tcp = json!({"portMapping": {"port": 5432, "protocol": "tcp"}});
+    let idle_of = |s: &State| {
+        let front = of(s, "front");
+        let chain = listener(&front, EGRESS)
+            .filter_chains
+            .iter()
+            .find(|c| {
+                c.filter_chain_match
+                    .as_ref()
+                    .and_then(|m| m.destination_port.as_ref())
+                    .map(|p| p.value)
+                    == Some(5432)
+            })
+            .unwrap();
+        let proxy: TcpProxy = unpack(typed(&chain.filters[0]));
+        secs(&proxy.idle_timeout)
+    };
+    assert_eq!(
+        idle_of(&pair(json!({}), tcp.clone(), json!({}))),
+        300.0,
+        "node-provided"
+    );
+    for (timeout, want) in [
+        (json!(null), 300.0),
+        (json!({"idle": {"unit": "s", "value": 42}}), 42.0),
+        (json!({"idle": {"unit": "ms", "value": 0}}), 0.0),
+    ] {
+        let mut route = json!({"tcpRoute": {"action": {"weightedTargets": [{"virtualNode": "back", "weight": 1}]}}});
+        if !timeout.is_null() {
+            route["tcpRoute"]["timeout"] = timeout;
+        }
+        let mut s = pair(json!({}), tcp.clone(), json!({}));
+        let m = s.meshes.get_mut("m").unwrap();
+        m.virtual_routers.insert(
+            "vr".into(),
+            crate::testing::resource(
+                "vr",
+                serde_json::from_value(json!({"listeners": [tcp.clone()]})).unwrap(),
+            ),
+        );
+        m.routes.entry("vr".into()).or_default().insert(
+            "t".into(),
+            crate::testing::resource("t", serde_json::from_value(route).unwrap()),
+        );
+        m.virtual_services.get_mut("back.local").unwrap().spec = serde_json::from_value(
+            json!({"provider": {"virtualRouter": {"virtualRouterName": "vr"}}}),
+        )
+        .unwrap();
+        assert_eq!(idle_of(&s), want);
+    }
 }

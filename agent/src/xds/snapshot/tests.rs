@@ -28,8 +28,10 @@ fn two_pairs() -> State {
     s
 }
 
-/// As the API does: the spec changes, the version moves, the state gets a new generation.
-fn retime_b(s: &State) -> State {
+/// As the API does: the spec changes, the version moves, the state gets a new generation. b's
+/// listener moves to another port, which its callers' routes name (a listener timeout would not
+/// reach them: callers keep App Mesh's route defaults).
+fn move_b(s: &State) -> State {
     let mut s = s.clone();
     let b = s
         .meshes
@@ -37,8 +39,7 @@ fn retime_b(s: &State) -> State {
         .and_then(|m| m.virtual_nodes.get_mut("b"))
         .expect("node b");
     let listener = b.spec.listeners.as_mut().and_then(|l| l.first_mut());
-    let timeout = json!({"http": {"perRequest": {"unit": "s", "value": 42}}});
-    listener.expect("a listener").timeout = Some(serde_json::from_value(timeout).expect("timeout"));
+    listener.expect("a listener").port_mapping.port = 8081;
     b.metadata.version += 1;
     s.generation += 1;
     s
@@ -58,7 +59,7 @@ fn a_change_rebuilds_only_the_proxies_whose_inputs_it_touches_and_kept_ones_equa
         snapshots.get(&s1, &proxy("front-a")).expect("snapshot").0,
         snapshots.get(&s1, &proxy("front-b")).expect("snapshot").0,
     );
-    let s2 = retime_b(&s1);
+    let s2 = move_b(&s1);
     let (a2, a_built) = snapshots.get(&s2, &proxy("front-a")).expect("snapshot");
     let (b2, b_built) = snapshots.get(&s2, &proxy("front-b")).expect("snapshot");
     assert!(!a_built, "front-a does not call b: kept");
@@ -67,7 +68,7 @@ fn a_change_rebuilds_only_the_proxies_whose_inputs_it_touches_and_kept_ones_equa
     assert_ne!(
         b2.get(ROUTE),
         b1.get(ROUTE),
-        "b's new timeout reaches front-b's route"
+        "b's new port reaches front-b's route"
     );
     // What was kept is what a translation from nothing gives.
     for (p, kept) in [("front-a", &a2), ("front-b", &b2)] {
