@@ -172,10 +172,9 @@ fn an_http_request_crosses_two_envoys_and_drop_all_refuses_it_once_the_backend_i
         "DROP_ALL let TLS to example.org:443 through"
     );
     // The agent's own view: ready, both Envoys connected, every push acknowledged.
+    // Signed as the helpers sign every API call when the agent runs with `--api-auth`.
     let get = |path: &str| {
-        trellis_tests::check(
-            std::process::Command::new("curl").args(["-sf", &format!("{}{path}", agent.api)]),
-        )
+        trellis_tests::check(agent.curl().args(["-sf", &format!("{}{path}", agent.api)]))
     };
     assert_eq!(get("/readyz"), "ready\n");
     let metrics = get("/metrics");
