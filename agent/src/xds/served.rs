@@ -230,12 +230,11 @@ fn decode(mut bytes: &[u8]) -> Result<Vec<(String, Clusters)>, prost::DecodeErro
 }
 
 /// Temp file, fsync, rename: a crash leaves the previous file or the new one, never half.
+/// The data directory is the store's (created when it opens); one removed under a running
+/// agent is not made again here.
 fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
     let tmp = path.with_extension("tmp");
     let mut f = std::fs::OpenOptions::new()
         .write(true)

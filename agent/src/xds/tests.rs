@@ -36,7 +36,9 @@ pub(super) const FAST: Debounce = Debounce {
 };
 
 pub(super) struct Harness {
-    dir: TempDir,
+    /// Shared with the cluster-set writer, which writes once more after cancellation: the
+    /// directory goes only when both are done, so no test leaves it behind.
+    dir: Arc<TempDir>,
     pub(super) store: Arc<Store>,
     pub(super) ops: Ops,
     pub(super) addr: std::net::SocketAddr,
@@ -117,7 +119,7 @@ impl Harness {
     pub(super) async fn start(&mut self) {
         let agent = start_agent(
             &self.store,
-            self.dir.path(),
+            &self.dir,
             self.debounce,
             self.cloud_map.clone(),
         )
@@ -246,7 +248,7 @@ async fn harness_full(
     back_discovery: serde_json::Value,
     cloud_map: Option<Arc<ScriptedCloudMap>>,
 ) -> Harness {
-    let dir = TempDir::new("xds");
+    let dir = Arc::new(TempDir::new("xds"));
     let store = Arc::new(Store::open(dir.path()).unwrap());
     let ops = ops_with_mesh(&store);
     let back = json!({"virtualNodeName": "back", "spec": {
@@ -262,7 +264,7 @@ async fn harness_full(
         "backends": [{"virtualService": {"virtualServiceName": "back.local"}}]}});
     ops.create::<VirtualNodes>(&store, M, serde_json::from_value(front).unwrap())
         .unwrap();
-    let agent = start_agent(&store, dir.path(), cfg, cloud_map.clone()).await;
+    let agent = start_agent(&store, &dir, cfg, cloud_map.clone()).await;
     Harness {
         dir,
         store,
@@ -293,7 +295,7 @@ pub(super) const WARMING_HOLD: Duration = Duration::from_millis(1500);
 
 async fn start_agent(
     store: &Arc<Store>,
-    dir: &std::path::Path,
+    dir: &Arc<TempDir>,
     cfg: Debounce,
     cloud_map: Option<Arc<ScriptedCloudMap>>,
 ) -> Agent {
@@ -309,8 +311,12 @@ async fn start_agent(
         cancel.clone(),
     ));
     let metrics = Arc::new(Metrics::default());
-    let served = Arc::new(Served::load(&dir.join(SERVED_FILE)));
-    let writer = tokio::spawn(served.clone().run(cancel.clone()));
+    let served = Arc::new(Served::load(&dir.path().join(SERVED_FILE)));
+    let (keep, run) = (dir.clone(), served.clone().run(cancel.clone()));
+    let writer = tokio::spawn(async move {
+        run.await;
+        drop(keep);
+    });
     let ads = Ads::new(
         published_rx,
         store.subscribe(),
