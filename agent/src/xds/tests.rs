@@ -319,6 +319,7 @@ async fn start_agent(
             max_per_proxy: 2,
             warming_hold: WARMING_HOLD,
             served,
+            attestor: Arc::new(crate::attest::Attestor::none()),
         },
         cancel.clone(),
     );
