@@ -41,9 +41,9 @@ pub const ENV_XDS_API_TYPE: &str = "TRELLIS_XDS_API_TYPE";
 /// Trellis's own: mutual TLS to a TCP `APPMESH_XDS_ENDPOINT` (the agent's `--xds-addr`). Paths in
 /// the Envoy container of its client certificate (whose URI SAN names the node), key, and the CA
 /// the agent's certificate must chain to; all three or none.
-pub const ENV_XDS_TLS_CERT: &str = "TRELLIS_XDS_TLS_CERT";
-pub const ENV_XDS_TLS_KEY: &str = "TRELLIS_XDS_TLS_KEY";
-pub const ENV_XDS_TLS_CA: &str = "TRELLIS_XDS_TLS_CA";
+pub const ENV_XDS_CLIENT_CERT: &str = "TRELLIS_XDS_CLIENT_CERT";
+pub const ENV_XDS_CLIENT_KEY: &str = "TRELLIS_XDS_CLIENT_KEY";
+pub const ENV_XDS_SERVER_CA: &str = "TRELLIS_XDS_SERVER_CA";
 
 /// Where the agent's socket is when nothing says otherwise (the host directory the rewriter mounts).
 pub const DEFAULT_XDS_ENDPOINT: &str = "unix:///var/run/trellis/xds.sock";
@@ -634,9 +634,9 @@ fn sds_cluster(path: &str) -> Value {
     })
 }
 
-/// `TRELLIS_XDS_TLS_*`: all three absolute paths, or none; only with a TCP endpoint.
+/// `TRELLIS_XDS_CLIENT_CERT`, `_CLIENT_KEY`, `_SERVER_CA`: all three absolute paths, or none; only with a TCP endpoint.
 fn xds_tls<V: Vars>(env: &Env<'_, V>, xds: &XdsEndpoint) -> Result<Option<XdsTls>, Error> {
-    let vars = [ENV_XDS_TLS_CERT, ENV_XDS_TLS_KEY, ENV_XDS_TLS_CA];
+    let vars = [ENV_XDS_CLIENT_CERT, ENV_XDS_CLIENT_KEY, ENV_XDS_SERVER_CA];
     let [cert, key, ca] = vars.map(|v| env.get(v));
     if cert.is_none() && key.is_none() && ca.is_none() {
         return Ok(None);
@@ -647,7 +647,7 @@ fn xds_tls<V: Vars>(env: &Env<'_, V>, xds: &XdsEndpoint) -> Result<Option<XdsTls
                 return Err(Error::Invalid {
                     var,
                     value: String::new(),
-                    rule: "TRELLIS_XDS_TLS_CERT, TRELLIS_XDS_TLS_KEY and TRELLIS_XDS_TLS_CA go together",
+                    rule: "TRELLIS_XDS_CLIENT_CERT, TRELLIS_XDS_CLIENT_KEY and TRELLIS_XDS_SERVER_CA go together",
                 });
             }
             Some(v) if !v.starts_with('/') => {
@@ -664,7 +664,7 @@ fn xds_tls<V: Vars>(env: &Env<'_, V>, xds: &XdsEndpoint) -> Result<Option<XdsTls
         return Err(Error::Invalid {
             var: ENV_XDS_ENDPOINT,
             value: format!("unix://{path}"),
-            rule: "TRELLIS_XDS_TLS_* need a host:port endpoint (the agent's --xds-addr)",
+            rule: "TRELLIS_XDS_CLIENT_CERT/_KEY and TRELLIS_XDS_SERVER_CA need a host:port endpoint (the agent's --xds-addr)",
         });
     }
     Ok(cert

@@ -1,7 +1,7 @@
 //! TCP ADS (`--xds-addr`): no plain, unauthenticated door unless a lab asks for one
 //! (`--xds-tcp-insecure`); with `--xds-tls-*`, mutual TLS where the node id must be a URI SAN of
 //! the Envoy's client certificate. A real Envoy bootstrapped by `trellis-agent bootstrap` with
-//! `TRELLIS_XDS_TLS_*` gets its configuration; one whose certificate names another node does not.
+//! `TRELLIS_XDS_CLIENT_CERT`/`_CLIENT_KEY`/`_SERVER_CA` gets its configuration; one whose certificate names another node does not.
 
 use std::path::Path;
 use std::process::Command;
@@ -34,9 +34,9 @@ fn envoy(
             .env_clear()
             .env("APPMESH_RESOURCE_ARN", NODE)
             .env("APPMESH_XDS_ENDPOINT", addr)
-            .env("TRELLIS_XDS_TLS_CERT", cert)
-            .env("TRELLIS_XDS_TLS_KEY", key)
-            .env("TRELLIS_XDS_TLS_CA", ca)
+            .env("TRELLIS_XDS_CLIENT_CERT", cert)
+            .env("TRELLIS_XDS_CLIENT_KEY", key)
+            .env("TRELLIS_XDS_SERVER_CA", ca)
             .env("ENVOY_ADMIN_ACCESS_PORT", admin.to_string())
             .env("ENVOY_ADMIN_ACCESS_LOG_FILE", "/dev/null"),
     );

@@ -468,9 +468,9 @@ fn operator_files_merge_as_app_mesh_merged_them() {
 fn tcp_ads_over_mutual_tls_takes_all_three_paths_and_checks_the_agents_name() {
     let node = (ENV_RESOURCE_ARN, "mesh/m/virtualNode/a");
     let tls = [
-        (ENV_XDS_TLS_CERT, "/tls/envoy.pem"),
-        (ENV_XDS_TLS_KEY, "/tls/envoy.key"),
-        (ENV_XDS_TLS_CA, "/tls/ca.pem"),
+        (ENV_XDS_CLIENT_CERT, "/tls/envoy.pem"),
+        (ENV_XDS_CLIENT_KEY, "/tls/envoy.key"),
+        (ENV_XDS_SERVER_CA, "/tls/ca.pem"),
     ];
     let mut all = vec![node, (ENV_XDS_ENDPOINT, "trellis.internal:15128")];
     all.extend(tls);
@@ -492,7 +492,7 @@ fn tcp_ads_over_mutual_tls_takes_all_three_paths_and_checks_the_agents_name() {
     );
     // Two of three, or TLS on the Unix socket: refused by name.
     let err = EnvoySettings::from_vars(&vars(&[node, tls[0], tls[1]])).unwrap_err();
-    assert!(err.to_string().contains(ENV_XDS_TLS_CA), "{err}");
+    assert!(err.to_string().contains(ENV_XDS_SERVER_CA), "{err}");
     let mut unix = vec![node];
     unix.extend(tls);
     let err = EnvoySettings::from_vars(&vars(&unix)).unwrap_err();
