@@ -12,6 +12,7 @@ use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::admin;
 use crate::api::{self, Account, Ops, Quotas};
+use crate::attest::{self, Attestor};
 use crate::auth::{self, Auth};
 use crate::config::{CloudMapArgs, ServeConfig};
 use crate::discovery::{self, SdkCloudMap};
@@ -42,6 +43,16 @@ pub enum Error {
          or --api-auth-disabled to serve it to anyone who can reach the port"
     )]
     OpenApi(SocketAddr),
+    #[error(
+        "--xds-addr {0}: TCP ADS needs --xds-tls-cert, --xds-tls-key and --xds-tls-client-ca (each \
+         Envoy proves its node with a client certificate), or --xds-tcp-insecure to serve any node's \
+         configuration in plain text to anyone who can reach the port"
+    )]
+    OpenXds(SocketAddr),
+    #[error("--xds-tls-cert/--xds-tls-key/--xds-tls-client-ca: {0}")]
+    XdsTls(#[source] tls::Error),
+    #[error(transparent)]
+    Pattern(#[from] attest::cgroup::PatternError),
 }
 
 /// A running agent.
@@ -100,6 +111,22 @@ pub async fn build(cfg: ServeConfig) -> Result<Bound, Error> {
     if !cfg.api_addr.ip().is_loopback() && sec.api_auth.is_none() && !sec.api_auth_disabled {
         return Err(Error::OpenApi(cfg.api_addr));
     }
+    let xsec = &cfg.xds_security;
+    let xds_tls = match (
+        &cfg.xds_addr,
+        &xsec.xds_tls_cert,
+        &xsec.xds_tls_key,
+        &xsec.xds_tls_client_ca,
+    ) {
+        (Some(_), Some(c), Some(k), Some(ca)) => {
+            let cert = ReloadingCert::load(c, k).map_err(Error::XdsTls)?;
+            let config = cert.mtls_server_config(ca).map_err(Error::XdsTls)?;
+            Some((cert, config))
+        }
+        (Some(addr), ..) if !xsec.xds_tcp_insecure => return Err(Error::OpenXds(*addr)),
+        _ => None,
+    };
+    let attestor = attestor(&cfg)?;
     let cert = match (&sec.api_tls_cert, &sec.api_tls_key) {
         (Some(c), Some(k)) => Some(ReloadingCert::load(c, k)?),
         _ => None,
@@ -216,6 +243,7 @@ pub async fn build(cfg: ServeConfig) -> Result<Bound, Error> {
         metrics.clone(),
         xds::Settings {
             served,
+            attestor,
             ..xds::Settings::new(cfg.max_connections_per_proxy)
         },
         cancel.clone(),
@@ -240,7 +268,7 @@ pub async fn build(cfg: ServeConfig) -> Result<Bound, Error> {
         let resolver = Arc::new(discovery::addresses::SystemResolver);
         discovery::addresses::run(resolver, state, proxies, endpoints_tx, every, cancel)
     });
-    let unix = xds::bind_unix(&cfg.xds_socket)?;
+    let unix = xds::bind_unix(&cfg.xds_socket, xsec.xds_socket_group)?;
     let a = ads.clone();
     tasks.spawn("xds-unix", |_| xds::serve_unix(a, unix));
     let xds_addr = match cfg.xds_addr {
@@ -256,7 +284,19 @@ pub async fn build(cfg: ServeConfig) -> Result<Bound, Error> {
                 addr: addr.to_string(),
                 source,
             })?;
-            tasks.spawn("xds-tcp", |_| xds::serve_tcp(ads, l));
+            match xds_tls {
+                Some((cert, config)) => {
+                    let every = Duration::from_millis(sec.api_reload_ms);
+                    let c = cert.clone();
+                    tasks.spawn("xds-tls-reload", |cancel| c.watch(every, |_| {}, cancel));
+                    let l = TlsListener::new(l, config);
+                    tasks.spawn("xds-tcp", |_| xds::serve_tls(ads, l));
+                }
+                None => {
+                    warn!(xds_addr = %bound, "--xds-tcp-insecure: anyone who can reach this port gets any node's configuration");
+                    tasks.spawn("xds-tcp", |_| xds::serve_tcp(ads, l));
+                }
+            }
             Some(bound)
         }
     };
@@ -331,6 +371,30 @@ async fn api_auth(cfg: &ServeConfig, tasks: &mut Tasks) -> Result<Arc<Auth>, Err
         warn!(api_addr = %cfg.api_addr, "--api-auth-disabled: anyone who can reach the API owns the mesh");
     }
     Ok(auth)
+}
+
+/// Who may claim which node on the Unix socket (`--xds-attestation`).
+fn attestor(cfg: &ServeConfig) -> Result<Arc<Attestor>, Error> {
+    let x = &cfg.xds_security;
+    match x.xds_attestation {
+        attest::Mode::None => {
+            warn!(socket = %cfg.xds_socket.display(), "--xds-attestation none: any process that can open the ADS socket gets any node's configuration");
+            Ok(Arc::new(Attestor::none()))
+        }
+        attest::Mode::Ecs => {
+            let ecs = attest::Ecs::new(attest::EcsSettings {
+                agent_uri: x.ecs_agent_uri.clone(),
+                endpoint: x.ecs_endpoint.clone(),
+                fallback_region: cfg.region.clone(),
+                cache_file: Some(cfg.data_dir.join(attest::ecs::CACHE_FILE)),
+                pattern: attest::cgroup::ContainerPattern::new(
+                    &x.xds_attestation_container_pattern,
+                )?,
+            })
+            .map_err(Error::XdsTls)?;
+            Ok(Arc::new(Attestor::ecs(ecs)))
+        }
+    }
 }
 
 /// The API's operations, for this account and region with the configured quotas.

@@ -38,6 +38,12 @@ pub const ENV_SDS_SOCKET_PATH: &str = "APPMESH_SDS_SOCKET_PATH";
 /// Trellis's own: `DELTA_GRPC` makes Envoy use incremental ADS; `GRPC` (state of the world, the
 /// only variant App Mesh's image spoke) is the default.
 pub const ENV_XDS_API_TYPE: &str = "TRELLIS_XDS_API_TYPE";
+/// Trellis's own: mutual TLS to a TCP `APPMESH_XDS_ENDPOINT` (the agent's `--xds-addr`). Paths in
+/// the Envoy container of its client certificate (whose URI SAN names the node), key, and the CA
+/// the agent's certificate must chain to; all three or none.
+pub const ENV_XDS_CLIENT_CERT: &str = "TRELLIS_XDS_CLIENT_CERT";
+pub const ENV_XDS_CLIENT_KEY: &str = "TRELLIS_XDS_CLIENT_KEY";
+pub const ENV_XDS_SERVER_CA: &str = "TRELLIS_XDS_SERVER_CA";
 
 /// Where the agent's socket is when nothing says otherwise (the host directory the rewriter mounts).
 pub const DEFAULT_XDS_ENDPOINT: &str = "unix:///var/run/trellis/xds.sock";
@@ -218,6 +224,8 @@ pub struct EnvoySettings {
     /// `APPMESH_SDS_SOCKET_PATH`: when set, the bootstrap gets the static SDS cluster.
     pub sds_socket: Option<String>,
     pub api_type: ApiType,
+    /// Mutual TLS to a TCP ADS endpoint.
+    pub xds_tls: Option<XdsTls>,
     pub tracer: Option<Tracer>,
     pub stats: Stats,
     /// Envoy runtime keys of the static layer.
@@ -246,6 +254,14 @@ impl ApiType {
             ApiType::Delta => "DELTA_GRPC",
         }
     }
+}
+
+/// Envoy's client certificate, key and the agent's CA, as paths in Envoy's container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct XdsTls {
+    pub cert: String,
+    pub key: String,
+    pub ca: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -357,6 +373,7 @@ impl EnvoySettings {
                 }
             },
         };
+        let xds_tls = xds_tls(&env, &xds)?;
         let mut notes = catalogue::notes(vars, extra_known);
         let runtime = runtime(&env, &mut notes)?;
         let tracer = observe::tracer(&env, &identity)?;
@@ -386,6 +403,7 @@ impl EnvoySettings {
             concurrency,
             sds_socket,
             api_type,
+            xds_tls,
             tracer,
             stats,
             runtime,
@@ -420,6 +438,10 @@ impl EnvoySettings {
                 "STRICT_DNS"
             }
             _ => "STATIC",
+        };
+        let xds_tls = match (&self.xds, &self.xds_tls) {
+            (XdsEndpoint::Tcp { host, .. }, Some(t)) => Some(xds_transport_socket(host, t)),
+            _ => None,
         };
         let ads_source = json!({
             "ads": {},
@@ -485,6 +507,9 @@ impl EnvoySettings {
             }
         });
         let mut clusters = Vec::new();
+        if let Some(ts) = xds_tls {
+            bootstrap["static_resources"]["clusters"][0]["transport_socket"] = ts;
+        }
         if let Some(path) = &self.sds_socket {
             clusters.push(sds_cluster(path));
         }
@@ -607,6 +632,70 @@ fn sds_cluster(path: &str) -> Value {
             "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"pipe": {"path": path}}}}]}]
         }
     })
+}
+
+/// `TRELLIS_XDS_CLIENT_CERT`, `_CLIENT_KEY`, `_SERVER_CA`: all three absolute paths, or none; only with a TCP endpoint.
+fn xds_tls<V: Vars>(env: &Env<'_, V>, xds: &XdsEndpoint) -> Result<Option<XdsTls>, Error> {
+    let vars = [ENV_XDS_CLIENT_CERT, ENV_XDS_CLIENT_KEY, ENV_XDS_SERVER_CA];
+    let [cert, key, ca] = vars.map(|v| env.get(v));
+    if cert.is_none() && key.is_none() && ca.is_none() {
+        return Ok(None);
+    }
+    for (var, value) in vars.into_iter().zip([&cert, &key, &ca]) {
+        match value {
+            None => {
+                return Err(Error::Invalid {
+                    var,
+                    value: String::new(),
+                    rule: "TRELLIS_XDS_CLIENT_CERT, TRELLIS_XDS_CLIENT_KEY and TRELLIS_XDS_SERVER_CA go together",
+                });
+            }
+            Some(v) if !v.starts_with('/') => {
+                return Err(Error::Invalid {
+                    var,
+                    value: v.clone(),
+                    rule: "must be an absolute path in the Envoy container",
+                });
+            }
+            Some(_) => {}
+        }
+    }
+    if let XdsEndpoint::Unix(path) = xds {
+        return Err(Error::Invalid {
+            var: ENV_XDS_ENDPOINT,
+            value: format!("unix://{path}"),
+            rule: "TRELLIS_XDS_CLIENT_CERT/_KEY and TRELLIS_XDS_SERVER_CA need a host:port endpoint (the agent's --xds-addr)",
+        });
+    }
+    Ok(cert
+        .zip(key)
+        .zip(ca)
+        .map(|((cert, key), ca)| XdsTls { cert, key, ca }))
+}
+
+/// Envoy's side of TCP ADS over mutual TLS: its certificate, and the agent's checked against
+/// the CA and the endpoint's name (DNS name or IP address SAN).
+fn xds_transport_socket(host: &str, t: &XdsTls) -> Value {
+    let is_ip = host.parse::<std::net::IpAddr>().is_ok();
+    let san_type = if is_ip { "IP_ADDRESS" } else { "DNS" };
+    let mut ctx = json!({
+        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+        "common_tls_context": {
+            "alpn_protocols": ["h2"],
+            "tls_certificates": [{
+                "certificate_chain": {"filename": t.cert},
+                "private_key": {"filename": t.key},
+            }],
+            "validation_context": {
+                "trusted_ca": {"filename": t.ca},
+                "match_typed_subject_alt_names": [{"san_type": san_type, "matcher": {"exact": host}}],
+            },
+        },
+    });
+    if !is_ip {
+        ctx["sni"] = json!(host);
+    }
+    json!({"name": "envoy.transport_sockets.tls", "typed_config": ctx})
 }
 
 fn parse_xds(v: &str) -> Result<XdsEndpoint, Error> {

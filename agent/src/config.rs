@@ -85,9 +85,12 @@ pub struct ServeConfig {
         default_value = "/var/run/trellis/xds.sock"
     )]
     pub xds_socket: PathBuf,
-    /// Also serve ADS over TCP at this address (off unless given).
+    /// Also serve ADS over TCP at this address (off unless given). Needs --xds-tls-cert,
+    /// --xds-tls-key and --xds-tls-client-ca (or, in a lab, --xds-tcp-insecure).
     #[arg(long, env = "TRELLIS_XDS_ADDR")]
     pub xds_addr: Option<SocketAddr>,
+    #[command(flatten)]
+    pub xds_security: XdsSecurityArgs,
     /// JSON list of App Mesh create-request bodies to apply at start-up (idempotently).
     #[arg(long, env = "TRELLIS_RESOURCES")]
     pub resources: Option<PathBuf>,
@@ -207,6 +210,71 @@ impl Default for ApiSecurityArgs {
             sts_endpoint: None,
             api_session_seconds: 3600,
             api_reload_ms: 2000,
+        }
+    }
+}
+
+/// Who may open an ADS stream as which node: attestation of Unix socket peers (the kernel and
+/// ECS), mutual TLS on TCP.
+#[derive(Debug, Clone, Args, serde::Serialize)]
+pub struct XdsSecurityArgs {
+    /// How a Unix socket stream proves its node: `ecs` (the peer's pid, cgroup, ECS task
+    /// definition; the agent task needs `pidMode: host`) or `none` (any process that can open
+    /// the socket may claim any node: labs and the local demo only).
+    #[arg(
+        long,
+        env = "TRELLIS_XDS_ATTESTATION",
+        value_enum,
+        default_value = "ecs"
+    )]
+    pub xds_attestation: crate::attest::Mode,
+    /// The ECS agent's introspection API (task and container of a Docker id).
+    #[arg(long, env = "TRELLIS_ECS_AGENT_URI", default_value = crate::attest::ecs::DEFAULT_AGENT_URI)]
+    pub ecs_agent_uri: String,
+    /// ECS API endpoint for DescribeTaskDefinition instead of the region's (a VPC endpoint, tests).
+    #[arg(long, env = "TRELLIS_ECS_ENDPOINT")]
+    pub ecs_endpoint: Option<String>,
+    /// Regular expression matched against each component of a process's cgroup paths; its one
+    /// capture group is the container id (default: a 64-hex id, bare, `docker-ID.scope`,
+    /// `cri-containerd-ID.scope`, …).
+    #[arg(long, env = "TRELLIS_XDS_ATTESTATION_CONTAINER_PATTERN", default_value = crate::attest::cgroup::DEFAULT_PATTERN)]
+    pub xds_attestation_container_pattern: String,
+    /// Group (numeric id) owning the ADS socket; the socket is then 0660 instead of 0666.
+    #[arg(long, env = "TRELLIS_XDS_SOCKET_GROUP")]
+    pub xds_socket_group: Option<u32>,
+    /// PEM certificate chain of TCP ADS (reloaded when it changes).
+    #[arg(long, env = "TRELLIS_XDS_TLS_CERT", requires_all = ["xds_tls_key", "xds_tls_client_ca"])]
+    pub xds_tls_cert: Option<PathBuf>,
+    /// PEM private key of --xds-tls-cert.
+    #[arg(long, env = "TRELLIS_XDS_TLS_KEY", requires = "xds_tls_cert")]
+    pub xds_tls_key: Option<PathBuf>,
+    /// PEM CA bundle that TCP Envoys' client certificates must chain to; the node id must be a
+    /// URI SAN of the certificate (the node's ARN, or spiffe://DOMAIN/mesh/M/virtualNode/N).
+    #[arg(long, env = "TRELLIS_XDS_TLS_CLIENT_CA", requires = "xds_tls_cert")]
+    pub xds_tls_client_ca: Option<PathBuf>,
+    /// Serve TCP ADS in plain text to anyone who can reach --xds-addr, as any node they claim
+    /// (labs only).
+    #[arg(
+        long,
+        env = "TRELLIS_XDS_TCP_INSECURE",
+        conflicts_with = "xds_tls_cert"
+    )]
+    pub xds_tcp_insecure: bool,
+}
+
+impl Default for XdsSecurityArgs {
+    /// The command line's defaults, for agents built in code.
+    fn default() -> Self {
+        XdsSecurityArgs {
+            xds_attestation: crate::attest::Mode::Ecs,
+            ecs_agent_uri: crate::attest::ecs::DEFAULT_AGENT_URI.into(),
+            ecs_endpoint: None,
+            xds_attestation_container_pattern: crate::attest::cgroup::DEFAULT_PATTERN.into(),
+            xds_socket_group: None,
+            xds_tls_cert: None,
+            xds_tls_key: None,
+            xds_tls_client_ca: None,
+            xds_tcp_insecure: false,
         }
     }
 }

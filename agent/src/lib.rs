@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod api;
 pub mod app;
+pub mod attest;
 pub mod auth;
 pub mod bootstrap;
 pub mod config;

@@ -279,7 +279,8 @@ pub mod delta {
 }
 
 /// An agent configuration for benches and tests: the defaults of `serve`, state and socket in
-/// `dir`, the API and ADS (also over TCP, for load generators) on free loopback ports.
+/// `dir`, the API and ADS (also over plain TCP, for load generators) on free loopback ports,
+/// without attestation.
 pub fn serve_config(dir: &Path) -> crate::config::ServeConfig {
     let any_port = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
     crate::config::ServeConfig {
@@ -289,6 +290,12 @@ pub fn serve_config(dir: &Path) -> crate::config::ServeConfig {
         api: Default::default(),
         xds_socket: dir.join("xds.sock"),
         xds_addr: Some(any_port),
+        // Load generators and in-process tests are no ECS tasks: a lab's settings.
+        xds_security: crate::config::XdsSecurityArgs {
+            xds_attestation: crate::attest::Mode::None,
+            xds_tcp_insecure: true,
+            ..Default::default()
+        },
         resources: None,
         account_id: "000000000000".into(),
         region: "us-east-1".into(),

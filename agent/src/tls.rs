@@ -170,6 +170,33 @@ impl ReloadingCert {
     }
 }
 
+impl ReloadingCert {
+    /// A server configuration for gRPC (h2) that requires a client certificate issued by a CA of
+    /// `client_ca` (PEM bundle), and always presents the current pair.
+    pub fn mtls_server_config(
+        self: &Arc<Self>,
+        client_ca: &Path,
+    ) -> Result<Arc<rustls::ServerConfig>, Error> {
+        let mut roots = rustls::RootCertStore::empty();
+        add_pem_roots(&mut roots, client_ca)?;
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider(),
+        )
+        .build()
+        .map_err(|e| Error::Pem {
+            path: client_ca.to_path_buf(),
+            detail: format!("unusable client CA: {e}"),
+        })?;
+        let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?
+            .with_client_cert_verifier(verifier)
+            .with_cert_resolver(self.clone());
+        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Arc::new(cfg))
+    }
+}
+
 impl ResolvesServerCert for ReloadingCert {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         self.current.read().ok().map(|c| c.0.clone())
@@ -270,30 +297,36 @@ pub fn client_config(ca_bundle: Option<&Path>) -> Result<rustls::ClientConfig, E
         let _ = roots.add(cert);
     }
     if let Some(path) = ca_bundle {
-        let pem = read(path)?;
-        let mut n = 0;
-        for cert in CertificateDer::pem_slice_iter(&pem) {
-            let cert = cert.map_err(|e| Error::Pem {
-                path: path.to_path_buf(),
-                detail: format!("not a PEM certificate bundle: {e}"),
-            })?;
-            roots.add(cert).map_err(|e| Error::Pem {
-                path: path.to_path_buf(),
-                detail: format!("unusable certificate: {e}"),
-            })?;
-            n += 1;
-        }
-        if n == 0 {
-            return Err(Error::Pem {
-                path: path.to_path_buf(),
-                detail: "holds no CERTIFICATE block".into(),
-            });
-        }
+        add_pem_roots(&mut roots, path)?;
     }
     Ok(rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
         .with_no_client_auth())
+}
+
+/// Adds every certificate of a PEM bundle (at least one) to `roots`.
+fn add_pem_roots(roots: &mut rustls::RootCertStore, path: &Path) -> Result<(), Error> {
+    let pem = read(path)?;
+    let mut n = 0;
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        let cert = cert.map_err(|e| Error::Pem {
+            path: path.to_path_buf(),
+            detail: format!("not a PEM certificate bundle: {e}"),
+        })?;
+        roots.add(cert).map_err(|e| Error::Pem {
+            path: path.to_path_buf(),
+            detail: format!("unusable certificate: {e}"),
+        })?;
+        n += 1;
+    }
+    if n == 0 {
+        return Err(Error::Pem {
+            path: path.to_path_buf(),
+            detail: "holds no CERTIFICATE block".into(),
+        });
+    }
+    Ok(())
 }
 
 pub fn http_client(ca_bundle: Option<&Path>) -> Result<HttpClient, Error> {

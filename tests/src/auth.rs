@@ -94,7 +94,7 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) {
     fs::rename(&tmp, path).expect("rename into place");
 }
 
-/// A private CA (the `openssl` CLI) that issues server certificates.
+/// A private CA (the `openssl` CLI) that issues server and client certificates.
 #[derive(Debug)]
 pub struct Pki {
     dir: PathBuf,
@@ -122,6 +122,16 @@ impl Pki {
 
     /// A certificate for `localhost` and 127.0.0.1 signed by this CA: (cert, key) paths.
     pub fn issue(&self, name: &str) -> (PathBuf, PathBuf) {
+        self.issue_with(name, "DNS:localhost,IP:127.0.0.1", "serverAuth")
+    }
+
+    /// A client certificate whose one SAN is the URI `uri`: (cert, key) paths.
+    pub fn issue_client(&self, name: &str, uri: &str) -> (PathBuf, PathBuf) {
+        self.issue_with(name, &format!("URI:{uri}"), "clientAuth")
+    }
+
+    /// A certificate with subjectAltName `san` and extendedKeyUsage `usage`: (cert, key) paths.
+    fn issue_with(&self, name: &str, san: &str, usage: &str) -> (PathBuf, PathBuf) {
         let (cert, key, csr, ext) = (
             self.dir.join(format!("{name}.pem")),
             self.dir.join(format!("{name}.key")),
@@ -144,7 +154,7 @@ impl Pki {
         );
         fs::write(
             &ext,
-            "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+            format!("subjectAltName={san}\nbasicConstraints=CA:FALSE\nextendedKeyUsage={usage}\n"),
         )
         .expect("write ext");
         check(

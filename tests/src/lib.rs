@@ -16,6 +16,7 @@ pub mod auth;
 pub mod cloudmap;
 pub mod collector;
 pub mod dynamo;
+pub mod ecs;
 pub mod mesh;
 pub mod reap;
 pub mod scenario;

@@ -411,6 +411,10 @@ impl Agent {
             .args(&opts.args)
             .args(opts.auth.iter().flat_map(ApiAuth::args))
             .env("TRELLIS_LOG", "info,trellis_agent=debug");
+        // Test Envoys run in no ECS task: a lab's setting, unless the test attests on purpose.
+        if !opts.args.iter().any(|a| a == "--xds-attestation") {
+            cmd.args(["--xds-attestation", "none"]);
+        }
         for (k, v) in &opts.env {
             cmd.env(k, v);
         }
@@ -711,6 +715,18 @@ pub fn start_envoy_with(
     taskdef: &Value,
     extra: &[(&str, &str)],
 ) -> Proc {
+    start_envoy_in(work, task, taskdef, extra, None)
+}
+
+/// [`start_envoy_with`], the Envoy in container cgroup `cgroup` from its start when given (as a
+/// container runtime starts it).
+pub fn start_envoy_in(
+    work: &Workdir,
+    task: &Task,
+    taskdef: &Value,
+    extra: &[(&str, &str)],
+    cgroup: Option<&Path>,
+) -> Proc {
     let c = container(taskdef, "envoy");
     let user = c["user"]
         .as_str()
@@ -749,19 +765,30 @@ pub fn start_envoy_with(
         .unwrap_or("info".into());
     let boot_s = bootstrap_path.display().to_string();
     let envoy_s = envoy.display().to_string();
-    let mut cmd = task.cmd_as(
-        &user,
-        &[
-            &envoy_s,
-            "-c",
-            &boot_s,
-            "-l",
-            &log_level,
-            "--disable-hot-restart",
-            "--concurrency",
-            "1",
-        ],
-    );
+    let envoy_args = [
+        envoy_s.as_str(),
+        "-c",
+        &boot_s,
+        "-l",
+        &log_level,
+        "--disable-hot-restart",
+        "--concurrency",
+        "1",
+    ];
+    let mut cmd = match cgroup {
+        None => task.cmd_as(&user, &envoy_args),
+        Some(cg) => {
+            let (reuid, regid) = (format!("--reuid={user}"), format!("--regid={user}"));
+            // Into the cgroup before `ip netns exec`, whose fresh /sys hides the cgroup mounts.
+            let mut args = vec!["ip", "netns", "exec", &task.ns, "setpriv"];
+            args.extend([reuid.as_str(), &regid, "--clear-groups", "--"]);
+            args.extend(envoy_args);
+            let argv = crate::ecs::in_cgroup(cg, &args);
+            let mut c = Command::new(&argv[0]);
+            c.args(&argv[1..]);
+            c
+        }
+    };
     let proc = Proc::spawn(
         &format!("envoy in {}", task.ns),
         &mut cmd,

@@ -88,7 +88,7 @@ fn every_kit_file_fits_botocores_request_shapes() {
 }
 
 #[test]
-fn the_iam_policy_grants_cloud_map_discovery_and_the_shared_store() {
+fn the_iam_policy_grants_cloud_map_discovery_the_shared_store_and_attestation() {
     let policy = read_json(&kit("agent-task-role-policy.json"));
     let actions: Vec<String> = policy["Statement"]
         .as_array()
@@ -105,6 +105,8 @@ fn the_iam_policy_grants_cloud_map_discovery_and_the_shared_store() {
         "dynamodb:PutItem",
         "dynamodb:Query",
         "dynamodb:TransactWriteItems",
+        // Envoy attestation reads the task definition of the container that connects.
+        "ecs:DescribeTaskDefinition",
     ] {
         assert!(actions.iter().any(|a| a == needed), "policy lacks {needed}");
     }
@@ -118,6 +120,8 @@ fn the_iam_policy_grants_cloud_map_discovery_and_the_shared_store() {
 fn the_daemon_task_runs_unprivileged_on_host_networking_with_the_socket_dir_tasks_mount() {
     let td = read_json(&kit("agent-task-definition.json"));
     assert_eq!(td["networkMode"], "host");
+    // Attestation: the pids of other tasks' Envoys (SO_PEERCRED) are the host's.
+    assert_eq!(td["pidMode"], "host");
     let c = &td["containerDefinitions"][0];
     let user = c["user"].as_str().expect("user");
     assert!(

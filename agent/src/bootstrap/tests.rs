@@ -463,3 +463,38 @@ fn operator_files_merge_as_app_mesh_merged_them() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn tcp_ads_over_mutual_tls_takes_all_three_paths_and_checks_the_agents_name() {
+    let node = (ENV_RESOURCE_ARN, "mesh/m/virtualNode/a");
+    let tls = [
+        (ENV_XDS_CLIENT_CERT, "/tls/envoy.pem"),
+        (ENV_XDS_CLIENT_KEY, "/tls/envoy.key"),
+        (ENV_XDS_SERVER_CA, "/tls/ca.pem"),
+    ];
+    let mut all = vec![node, (ENV_XDS_ENDPOINT, "trellis.internal:15128")];
+    all.extend(tls);
+    let b = EnvoySettings::from_vars(&vars(&all)).unwrap().bootstrap();
+    let ts = &b["static_resources"]["clusters"][0]["transport_socket"]["typed_config"];
+    assert_eq!(ts["sni"], "trellis.internal");
+    let ctx = &ts["common_tls_context"];
+    assert_eq!(
+        ctx["tls_certificates"][0]["private_key"]["filename"],
+        "/tls/envoy.key"
+    );
+    assert_eq!(
+        ctx["validation_context"]["trusted_ca"]["filename"],
+        "/tls/ca.pem"
+    );
+    assert_eq!(
+        ctx["validation_context"]["match_typed_subject_alt_names"][0],
+        json!({"san_type": "DNS", "matcher": {"exact": "trellis.internal"}})
+    );
+    // Two of three, or TLS on the Unix socket: refused by name.
+    let err = EnvoySettings::from_vars(&vars(&[node, tls[0], tls[1]])).unwrap_err();
+    assert!(err.to_string().contains(ENV_XDS_SERVER_CA), "{err}");
+    let mut unix = vec![node];
+    unix.extend(tls);
+    let err = EnvoySettings::from_vars(&vars(&unix)).unwrap_err();
+    assert!(err.to_string().contains(ENV_XDS_ENDPOINT), "{err}");
+}

@@ -102,6 +102,7 @@ struct Stream<'a> {
 pub(super) async fn run_stream(
     ads: &Arc<Ads>,
     id: u64,
+    peer: crate::attest::Peer,
     inbound: Streaming<DeltaDiscoveryRequest>,
     tx: &mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
 ) -> Result<(), Status> {
@@ -117,7 +118,7 @@ pub(super) async fn run_stream(
         resumed: false,
         warmth: Warmth::default(),
     };
-    session::serve(ads, id, inbound, stream).await
+    session::serve(ads, id, peer, inbound, stream).await
 }
 
 impl Protocol for Stream<'_> {

@@ -21,6 +21,7 @@ use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::attest::Attestor;
 pub use debounce::{Debounce, Published};
 pub use metrics::Metrics;
 pub use served::Served;
@@ -66,6 +67,8 @@ pub struct Settings {
     pub warming_hold: Duration,
     /// The cluster sets sent on SotW CDS, so a reconnecting Envoy keeps what it still uses.
     pub served: Arc<Served>,
+    /// Who may claim which node ([`Attestor::none`] unless set).
+    pub attestor: Arc<Attestor>,
 }
 
 impl Settings {
@@ -75,6 +78,7 @@ impl Settings {
             max_per_proxy,
             warming_hold: DEFAULT_WARMING_HOLD,
             served: Arc::new(Served::in_memory()),
+            attestor: Arc::new(Attestor::none()),
         }
     }
 }
@@ -93,6 +97,7 @@ pub struct Ads {
     max_per_proxy: usize,
     warming_hold: Duration,
     served: Arc<Served>,
+    attestor: Arc<Attestor>,
     per_proxy: Mutex<HashMap<ProxyIdentity, usize>>,
     /// The proxies with at least one stream: what discovery must serve on this agent.
     connected: watch::Sender<BTreeSet<ProxyIdentity>>,
@@ -116,6 +121,7 @@ impl Ads {
             max_per_proxy: settings.max_per_proxy,
             warming_hold: settings.warming_hold,
             served: settings.served,
+            attestor: settings.attestor,
             per_proxy: Mutex::new(HashMap::new()),
             connected: watch::channel(BTreeSet::new()).0,
         })
@@ -174,8 +180,9 @@ impl Drop for Slot {
     }
 }
 
-/// Binds the Unix socket so that any local uid (Envoy runs as 1337) can connect.
-pub fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener, Error> {
+/// Binds the Unix socket so that any local uid (Envoy runs as 1337) can connect, or only the
+/// members of `group` (0660). Connecting proves nothing by itself: each stream is attested.
+pub fn bind_unix(path: &Path, group: Option<u32>) -> Result<tokio::net::UnixListener, Error> {
     use std::os::unix::fs::PermissionsExt;
     let err = |source| Error::BindUnix {
         path: path.display().to_string(),
@@ -191,7 +198,14 @@ pub fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener, Error> {
         Err(e) => return Err(err(e)),
     }
     let listener = tokio::net::UnixListener::bind(path).map_err(err)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).map_err(err)?;
+    let mode = match group {
+        Some(gid) => {
+            std::os::unix::fs::chown(path, None, Some(gid)).map_err(err)?;
+            0o660
+        }
+        None => 0o666,
+    };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(err)?;
     Ok(listener)
 }
 
@@ -217,6 +231,19 @@ pub async fn serve_tcp(ads: Arc<Ads>, listener: tokio::net::TcpListener) -> Resu
         .add_service(ads.service())
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
+            cancel.cancelled_owned(),
+        )
+        .await?;
+    Ok(())
+}
+
+/// TCP ADS over mutual TLS: the node of each stream must be a URI SAN of its client certificate.
+pub async fn serve_tls(ads: Arc<Ads>, listener: crate::tls::TlsListener) -> Result<(), Error> {
+    let cancel = ads.cancel.clone();
+    tonic::transport::Server::builder()
+        .add_service(ads.service())
+        .serve_with_incoming_shutdown(
+            Box::pin(crate::attest::mtls::incoming(listener)),
             cancel.cancelled_owned(),
         )
         .await?;

@@ -16,6 +16,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, debug, info_span, warn};
 
 use super::{Ads, delta, sotw};
+use crate::attest::Peer;
 
 /// Responses a stream may have queued before it waits for Envoy to read (HTTP/2 flow control).
 const STREAM_QUEUE: usize = 8;
@@ -33,11 +34,12 @@ impl AggregatedDiscoveryService for AdsService {
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
         let ads = self.0.clone();
+        let peer = Peer::of(request.extensions());
         let inbound = request.into_inner();
         Ok(Response::new(spawn_stream(
             &self.0,
             "sotw",
-            move |id, tx| async move { sotw::run_stream(&ads, id, inbound, &tx).await },
+            move |id, tx| async move { sotw::run_stream(&ads, id, peer, inbound, &tx).await },
         )))
     }
 
@@ -46,11 +48,12 @@ impl AggregatedDiscoveryService for AdsService {
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
         let ads = self.0.clone();
+        let peer = Peer::of(request.extensions());
         let inbound = request.into_inner();
         Ok(Response::new(spawn_stream(
             &self.0,
             "delta",
-            move |id, tx| async move { delta::run_stream(&ads, id, inbound, &tx).await },
+            move |id, tx| async move { delta::run_stream(&ads, id, peer, inbound, &tx).await },
         )))
     }
 }

@@ -16,6 +16,7 @@ use tracing::{debug, info, warn};
 
 use super::snapshot::{CLUSTER, Snapshot};
 use super::{Ads, Published, Slot};
+use crate::attest::Peer;
 use trellis_model::{ProxyIdentity, State};
 
 /// What every stream holds while open, whatever its protocol variant: the proxy's identity and
@@ -31,11 +32,13 @@ pub(super) struct Session {
 }
 
 impl Session {
-    /// Checks the first request's node, takes a connection slot and builds the first snapshot.
-    pub(super) fn open(
+    /// Checks the first request's node and that the peer may claim it, takes a connection slot
+    /// and builds the first snapshot.
+    pub(super) async fn open(
         ads: &Arc<Ads>,
         id: u64,
         variant: &'static str,
+        peer: &Peer,
         node: Option<&Node>,
     ) -> Result<Self, Status> {
         let node = node.ok_or_else(|| {
@@ -44,6 +47,11 @@ impl Session {
         let who = ProxyIdentity::parse(&node.id)
             .map_err(|e| Status::invalid_argument(format!("node.id: {e}")))?;
         tracing::Span::current().record("node", node.id.as_str());
+        if let Err(refusal) = ads.attestor.verify(peer, &who).await {
+            ads.metrics.refused(refusal.reason());
+            warn!(node = %who, peer = ?peer, reason = refusal.reason(), error = %refusal, "stream refused: the caller may not claim this node");
+            return Err(Status::permission_denied(refusal.to_string()));
+        }
         let slot = ads.admit(&who).ok_or_else(|| {
             ads.metrics.refused("connection_quota");
             Status::resource_exhausted(format!(
@@ -129,13 +137,14 @@ pub(super) trait Protocol {
 pub(super) async fn serve<P: Protocol>(
     ads: &Arc<Ads>,
     id: u64,
+    peer: Peer,
     mut inbound: Streaming<P::Request>,
     mut stream: P,
 ) -> Result<(), Status> {
     let Some(first) = inbound.message().await? else {
         return Ok(());
     };
-    let mut session = Session::open(ads, id, P::NAME, P::node(&first))?;
+    let mut session = Session::open(ads, id, P::NAME, &peer, P::node(&first)).await?;
     stream.on_request(first, &session.snap).await?;
     loop {
         tokio::select! {

@@ -107,6 +107,7 @@ impl Holds for SotwHolds<'_> {
 pub(super) async fn run_stream(
     ads: &Arc<Ads>,
     id: u64,
+    peer: crate::attest::Peer,
     inbound: Streaming<DiscoveryRequest>,
     tx: &mpsc::Sender<Result<DiscoveryResponse, Status>>,
 ) -> Result<(), Status> {
@@ -124,7 +125,7 @@ pub(super) async fn run_stream(
         cds_acked: None,
         eds_held: BTreeSet::new(),
     };
-    serve(ads, id, inbound, stream).await
+    serve(ads, id, peer, inbound, stream).await
 }
 
 impl Protocol for Stream<'_> {

@@ -325,6 +325,7 @@ async fn start_agent(
             max_per_proxy: 2,
             warming_hold: WARMING_HOLD,
             served,
+            attestor: Arc::new(crate::attest::Attestor::none()),
         },
         cancel.clone(),
     );
@@ -835,4 +836,21 @@ async fn an_endpoint_change_resends_only_the_assignment() {
     })
     .await
     .expect("the proxy leaves the connected set when its stream ends");
+}
+
+#[tokio::test]
+async fn the_socket_is_open_to_every_uid_or_to_one_group() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = TempDir::new("xds-socket");
+    let open = dir.path().join("open.sock");
+    let _l = bind_unix(&open, None).unwrap();
+    let meta = std::fs::metadata(&open).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o666);
+    // A group this process may give its files (its own), as the operator's Envoy group would be.
+    let gid = std::fs::metadata(dir.path()).unwrap().gid();
+    let grouped = dir.path().join("grouped.sock");
+    let _g = bind_unix(&grouped, Some(gid)).unwrap();
+    let meta = std::fs::metadata(&grouped).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    assert_eq!(meta.gid(), gid);
 }
