@@ -14,18 +14,21 @@
 //! clusters, rewrites, retries, timeouts), cluster and endpoints, a loopback hop back into the
 //! proxy's own listener — in [`walk`]; Envoy's matchers in [`matching`]; the App Mesh field behind
 //! each Envoy decision, and what to change when a request is refused, in [`spec`]; the request
-//! itself in [`request`]; the text form in [`render`].
+//! itself in [`request`]; the text form in [`render`]. [`edges`] says what a proxy's clusters stand
+//! for, so its load reports can be told per edge (caller → virtual service → target node).
 
+mod edges;
 mod matching;
 mod render;
 mod request;
 mod spec;
 mod walk;
 
+pub use edges::{ClusterTarget, ClusterUse, cluster_uses};
 pub use render::text;
 pub use request::{Request, Scheme};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use trellis_model::{ProxyIdentity, State};
 use trellis_translate::Resources;
 
@@ -40,7 +43,7 @@ pub enum Error {
 }
 
 /// Which way the request crosses the proxy.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub enum Direction {
     /// A virtual node's app calls out (iptables sends it to Envoy's egress listener), or a client
@@ -51,7 +54,7 @@ pub enum Direction {
 }
 
 /// What happened to the request, step by step, and how it ended.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Explanation {
     /// `mesh/M/virtualNode/N` or `mesh/M/virtualGateway/G`.
@@ -63,7 +66,7 @@ pub struct Explanation {
 }
 
 /// One decision Envoy makes.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Step {
     pub stage: Stage,
@@ -72,14 +75,14 @@ pub struct Step {
     /// What was chosen, and why.
     pub decision: String,
     /// The App Mesh fields it came from.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub from: Vec<Field>,
     /// Candidates tried before it and why each was passed over (routes, in Envoy's order).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub passed: Vec<Passed>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub enum Stage {
     Listener,
@@ -121,7 +124,7 @@ impl Stage {
 /// An App Mesh field: the resource (`mesh/M/virtualRouter/R/route/X`), the field's path in it
 /// (`spec.httpRoute.match.prefix`) and its value as App Mesh's JSON shows it (`(unset)` when
 /// absent).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Field {
     pub resource: String,
     pub field: String,
@@ -129,16 +132,16 @@ pub struct Field {
 }
 
 /// A candidate Envoy tried and passed over.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Passed {
     pub envoy: String,
     pub reason: String,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub from: Vec<Field>,
 }
 
 /// What to change, where, for the request to go through.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Fix {
     pub resource: String,
     pub field: String,
@@ -146,7 +149,7 @@ pub struct Fix {
 }
 
 /// How the request ends at this proxy.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "camelCase")]
 pub enum Outcome {
     /// An HTTP request sent upstream, to one of `targets` by their shares, as `authority` and
@@ -163,19 +166,19 @@ pub enum Outcome {
     LocalReply {
         status: u16,
         reason: String,
-        #[serde(skip_serializing_if = "Vec::is_empty")]
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
         fix: Vec<Fix>,
     },
     /// Envoy closes the connection (no listener or filter chain takes it).
     Closed {
         reason: String,
-        #[serde(skip_serializing_if = "Vec::is_empty")]
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
         fix: Vec<Fix>,
     },
 }
 
 /// One cluster a request may go to.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Target {
     pub cluster: String,

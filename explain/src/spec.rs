@@ -1457,6 +1457,41 @@ impl<'a> Spec<'a> {
         })
     }
 
+    // === Load reports (edges.rs) ===
+
+    /// The virtual service of a gateway route's Envoy route (`GR`, `GR/ROUTE`).
+    pub(crate) fn gateway_route_service(&self, route: &str) -> Option<String> {
+        let gr = route.split_once('/').map_or(route, |(g, _)| g);
+        let g = self.mesh?.gateway_routes.get(&self.who.name)?.get(gr)?;
+        g.spec
+            .target()
+            .map(|t| t.virtual_service.virtual_service_name.clone())
+    }
+
+    /// The virtual service a caller's virtual host is named after.
+    pub(crate) fn service_of_host(&self, vhost: &str) -> Option<String> {
+        self.service_named(vhost).map(str::to_string)
+    }
+
+    /// The caller's backends that listen on `port`.
+    pub(crate) fn backends_on(&self, port: u32) -> Vec<String> {
+        self.backends()
+            .into_iter()
+            .filter(|(_, s)| self.service_ports(s).iter().any(|(p, _)| *p == port))
+            .map(|(_, s)| s.to_string())
+            .collect()
+    }
+
+    pub(crate) fn cluster_target(&self, cluster: &str) -> super::edges::ClusterTarget {
+        use super::edges::ClusterTarget as T;
+        match self.clusters_entry(cluster) {
+            Some(ClusterOf::Egress { node, port }) => T::VirtualNode { name: node, port },
+            Some(ClusterOf::Ingress { port }) => T::LocalApp { port },
+            Some(ClusterOf::AllowAll | ClusterOf::Amazonaws) => T::External,
+            Some(ClusterOf::SelfRedirect { .. }) | None => T::Other,
+        }
+    }
+
     pub(crate) fn no_endpoints(&self, clusters: &[&str]) -> (String, Vec<Fix>) {
         let fixes = clusters
             .iter()

@@ -195,10 +195,16 @@ pub fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener, Error> {
     Ok(listener)
 }
 
-pub async fn serve_unix(ads: Arc<Ads>, listener: tokio::net::UnixListener) -> Result<(), Error> {
+/// Serves ADS (and `lrs`, load reports, beside it) on the Unix socket.
+pub async fn serve_unix(
+    ads: Arc<Ads>,
+    lrs: Arc<crate::lrs::Lrs>,
+    listener: tokio::net::UnixListener,
+) -> Result<(), Error> {
     let cancel = ads.cancel.clone();
     tonic::transport::Server::builder()
         .add_service(ads.service())
+        .add_service(lrs.service())
         .serve_with_incoming_shutdown(
             // grpc-core and grpc-java clients name the socket path as :authority (authority.rs).
             tokio_stream::StreamExt::map(
@@ -211,10 +217,16 @@ pub async fn serve_unix(ads: Arc<Ads>, listener: tokio::net::UnixListener) -> Re
     Ok(())
 }
 
-pub async fn serve_tcp(ads: Arc<Ads>, listener: tokio::net::TcpListener) -> Result<(), Error> {
+/// Serves ADS (and `lrs`) over TCP.
+pub async fn serve_tcp(
+    ads: Arc<Ads>,
+    lrs: Arc<crate::lrs::Lrs>,
+    listener: tokio::net::TcpListener,
+) -> Result<(), Error> {
     let cancel = ads.cancel.clone();
     tonic::transport::Server::builder()
         .add_service(ads.service())
+        .add_service(lrs.service())
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
             cancel.cancelled_owned(),

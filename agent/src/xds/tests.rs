@@ -311,6 +311,7 @@ async fn start_agent(
     let metrics = Arc::new(Metrics::default());
     let served = Arc::new(Served::load(&dir.join(SERVED_FILE)));
     let writer = tokio::spawn(served.clone().run(cancel.clone()));
+    let lrs = crate::lrs::Lrs::new(Duration::from_secs(1), published_rx.clone(), cancel.clone());
     let ads = Ads::new(
         published_rx,
         store.subscribe(),
@@ -343,7 +344,7 @@ async fn start_agent(
     }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(serve_tcp(ads, listener));
+    tokio::spawn(serve_tcp(ads, lrs, listener));
     Agent {
         addr,
         metrics,
