@@ -29,7 +29,7 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{Instrument, debug, info_span};
 use trellis_explain::{ClusterTarget, ClusterUse};
 use trellis_model::{ProxyIdentity, ProxyKind};
 
@@ -584,7 +584,8 @@ impl LoadReportingService for LrsService {
                             Ok(Some(req)) => lrs.report(&who, id, &req.cluster_stats),
                             Ok(None) => break,
                             Err(status) => {
-                                warn!(code = ?status.code(), message = status.message(), "load report stream failed");
+                                // Also how an Envoy that exits ends its stream: not worth a warning.
+                                debug!(code = ?status.code(), message = status.message(), "load report stream failed");
                                 break;
                             }
                         },
