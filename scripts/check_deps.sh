@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# The pure crates stay pure: the App Mesh model, the Envoy message types and the translation may not
-# depend (even indirectly) on anything that does I/O. Translation's purity is what lets the xDS
-# layer version resources by content hash and lets `explain` run it offline; this makes it a fact
-# Cargo checks rather than a sentence in ARCHITECTURE.md. Exits 1 naming each crate and the path
+# The pure crates stay pure: the App Mesh model, the Envoy message types, the translation and its
+# explanation (`trellis-agent explain`) may not depend (even indirectly) on anything that does I/O.
+# Translation's purity is what lets the xDS layer version resources by content hash and lets
+# `explain` run it offline; this makes it a fact Cargo checks rather than a sentence in
+# ARCHITECTURE.md. Exits 1 naming each crate and the path
 # that brought it in.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-pure=(trellis-model trellis-envoy-api trellis-translate)
+pure=(trellis-model trellis-envoy-api trellis-translate trellis-explain)
 # Runtimes, network stacks, gRPC transport, AWS SDKs, and envoy-types (which brings tonic's transport).
 forbidden='^(tokio|tokio-[a-z-]+|mio|socket2|aws-[a-z-]+|tonic|tonic-[a-z-]+|hyper|hyper-[a-z-]+|h2|axum|axum-[a-z-]+|tower|tower-[a-z-]+|reqwest|envoy-types) '
 

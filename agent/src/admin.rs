@@ -1,4 +1,5 @@
-//! Operator endpoints beside the App Mesh API: `/healthz`, `/readyz`, Prometheus `/metrics`, and
+//! Operator endpoints beside the App Mesh API: `/healthz`, `/readyz`, Prometheus `/metrics` (with
+//! the load reports' per-edge figures), and
 //! `/debug/xds` (per connected Envoy: versions sent and acknowledged, last rejection). With
 //! `--api-auth`, the auth layer lets `/metrics` through for `trellis:ReadMetrics` and `/debug/xds`
 //! for `trellis:ReadDebug`; the health endpoints stay open for health checks.
@@ -14,6 +15,7 @@ use axum::routing::get;
 
 use crate::auth::Auth;
 use crate::discovery;
+use crate::lrs::Lrs;
 use crate::store::Store;
 use crate::xds::Metrics;
 
@@ -34,6 +36,7 @@ struct Ctx {
     ready: Readiness,
     store: Arc<Store>,
     auth: Arc<Auth>,
+    lrs: Arc<Lrs>,
 }
 
 pub fn router(
@@ -42,6 +45,7 @@ pub fn router(
     ready: Readiness,
     store: Arc<Store>,
     auth: Arc<Auth>,
+    lrs: Arc<Lrs>,
 ) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -54,6 +58,7 @@ pub fn router(
             ready,
             store,
             auth,
+            lrs,
         })
 }
 
@@ -72,7 +77,8 @@ async fn metrics_text(State(c): State<Ctx>) -> impl IntoResponse {
         c.metrics.render()
             + &c.discovery.render()
             + &c.store.metrics_text()
-            + &c.auth.metrics_text(),
+            + &c.auth.metrics_text()
+            + &c.lrs.metrics_text(),
     )
 }
 

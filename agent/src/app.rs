@@ -16,8 +16,10 @@ use crate::attest::{self, Attestor};
 use crate::auth::{self, Auth};
 use crate::config::{CloudMapArgs, ServeConfig};
 use crate::discovery::{self, SdkCloudMap};
+use crate::lrs::Lrs;
 use crate::store::{self, Store};
 use crate::tls::{self, ReloadingCert, TlsListener};
+use crate::ui;
 use crate::xds::{self, Ads};
 
 #[derive(Debug, thiserror::Error)]
@@ -190,6 +192,13 @@ pub async fn build(cfg: ServeConfig) -> Result<Bound, Error> {
     let metrics = Arc::new(xds::Metrics::default());
     let discovery_metrics = Arc::new(discovery::Metrics::default());
     let ready = admin::Readiness::default();
+    // What the ADS streams serve: also what `explain` explains and load reports are read against.
+    let (published_tx, published_rx) = xds::debounce::channel(store.current());
+    let lrs = Lrs::new(
+        Duration::from_millis(cfg.load_report_interval_ms),
+        published_rx.clone(),
+        cancel.clone(),
+    );
     let router = api::router(ops, store.clone())
         .merge(admin::router(
             metrics.clone(),
@@ -197,6 +206,13 @@ pub async fn build(cfg: ServeConfig) -> Result<Bound, Error> {
             ready.clone(),
             store.clone(),
             auth.clone(),
+            lrs.clone(),
+        ))
+        .merge(ui::router(
+            published_rx.clone(),
+            lrs.clone(),
+            &cfg.region,
+            auth.enforced(),
         ))
         .merge(auth::http::routes(auth.clone()))
         .layer(axum::middleware::from_fn_with_state(
@@ -221,7 +237,6 @@ pub async fn build(cfg: ServeConfig) -> Result<Bound, Error> {
         }
     }
 
-    let (published_tx, published_rx) = xds::debounce::channel(store.current());
     let (endpoints_tx, endpoints_rx) = tokio::sync::watch::channel(discovery::Found::default());
     // Cloud Map pollers and the service-address resolver both publish here.
     let endpoints_tx = Arc::new(endpoints_tx);
@@ -269,8 +284,8 @@ pub async fn build(cfg: ServeConfig) -> Result<Bound, Error> {
         discovery::addresses::run(resolver, state, proxies, endpoints_tx, every, cancel)
     });
     let unix = xds::bind_unix(&cfg.xds_socket, xsec.xds_socket_group)?;
-    let a = ads.clone();
-    tasks.spawn("xds-unix", |_| xds::serve_unix(a, unix));
+    let (a, l) = (ads.clone(), lrs.clone());
+    tasks.spawn("xds-unix", |_| xds::serve_unix(a, l, unix));
     let xds_addr = match cfg.xds_addr {
         None => None,
         Some(addr) => {
@@ -290,11 +305,11 @@ pub async fn build(cfg: ServeConfig) -> Result<Bound, Error> {
                     let c = cert.clone();
                     tasks.spawn("xds-tls-reload", |cancel| c.watch(every, |_| {}, cancel));
                     let l = TlsListener::new(l, config);
-                    tasks.spawn("xds-tcp", |_| xds::serve_tls(ads, l));
+                    tasks.spawn("xds-tcp", |_| xds::serve_tls(ads, lrs, l));
                 }
                 None => {
                     warn!(xds_addr = %bound, "--xds-tcp-insecure: anyone who can reach this port gets any node's configuration");
-                    tasks.spawn("xds-tcp", |_| xds::serve_tcp(ads, l));
+                    tasks.spawn("xds-tcp", |_| xds::serve_tcp(ads, lrs, l));
                 }
             }
             Some(bound)

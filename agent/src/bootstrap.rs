@@ -535,8 +535,15 @@ impl EnvoySettings {
         if let Some(interval) = &self.stats.flush_interval {
             bootstrap["stats_flush_interval"] = json!(interval);
         }
+        // Per-cluster load reports to the agent (its LRS service beside ADS): the topology page's
+        // and `/metrics`' per-edge figures.
+        bootstrap["cluster_manager"] = json!({"load_stats_config": {
+            "api_type": "GRPC",
+            "transport_api_version": "V3",
+            "grpc_services": [{"envoy_grpc": {"cluster_name": XDS_CLUSTER}}]
+        }});
         if let Some(path) = &self.outlier_log {
-            bootstrap["cluster_manager"] = json!({"outlier_detection": {"event_log_path": path}});
+            bootstrap["cluster_manager"]["outlier_detection"] = json!({"event_log_path": path});
         }
         bootstrap
     }

@@ -36,6 +36,9 @@ pub enum Command {
     /// An AWS CLI credential_process: prove your IAM identity (signed sts:GetCallerIdentity) to
     /// the agent at --endpoint and print the session credentials it issues.
     Credentials(crate::auth::client::CredentialsArgs),
+    /// Where does this request go, and why: run it through the Envoy configuration the agent sends
+    /// the proxy, and print each decision with the App Mesh field it came from.
+    Explain(crate::explain::ExplainArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -148,6 +151,10 @@ pub struct ServeConfig {
     /// milliseconds (they tell those services apart by address).
     #[arg(long, env = "TRELLIS_ADDRESS_POLL_MS", default_value_t = 5000)]
     pub address_poll_ms: u64,
+    /// How often Envoys send load reports (per-cluster request counts, for `/metrics`, the
+    /// topology page and `/trellis/v1/load`), in milliseconds; 0 asks for none.
+    #[arg(long, env = "TRELLIS_LOAD_REPORT_INTERVAL_MS", default_value_t = 5000)]
+    pub load_report_interval_ms: u64,
 }
 
 /// Who may use the API and how it is reached: SigV4 with the auth file's keys and roles, TLS, the

@@ -12,9 +12,12 @@ pub mod bootstrap;
 pub mod config;
 pub mod discovery;
 pub mod entrypoint;
+pub mod explain;
+pub mod lrs;
 pub mod probe;
 pub mod store;
 pub mod tls;
+pub mod ui;
 pub mod xds;
 
 #[cfg(any(test, feature = "testing"))]

@@ -35,6 +35,12 @@ fn main() -> anyhow::Result<()> {
             std::process::exit(code)
         }
         Command::Health(args) => trellis_agent::probe::health(&args).map_err(anyhow::Error::msg),
+        Command::Explain(args) => {
+            let text = one_shot()?.block_on(trellis_agent::explain::run(&args))?;
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "{}", text.trim_end())?;
+            Ok(())
+        }
         Command::Credentials(args) => {
             let json = one_shot()?.block_on(trellis_agent::auth::client::run(&args))?;
             let mut out = std::io::stdout().lock();

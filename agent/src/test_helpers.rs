@@ -315,6 +315,7 @@ pub fn serve_config(dir: &Path) -> crate::config::ServeConfig {
         log_format: "text".into(),
         cloudmap: Default::default(),
         address_poll_ms: 5000,
+        load_report_interval_ms: 5000,
     }
 }
 

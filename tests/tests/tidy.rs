@@ -32,6 +32,7 @@ fn crate_sources() -> Vec<PathBuf> {
         "model",
         "envoy-api",
         "translate",
+        "explain",
         "agent",
         "rewrite",
         "proxy-route-manager",

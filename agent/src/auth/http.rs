@@ -1,10 +1,11 @@
 //! The HTTP side: a middleware in front of every route (request id, signature, policy, audit),
 //! the credential exchange endpoints, and what a connection tells about its peer.
 //!
-//! Open without a signature: `/healthz`, `/readyz` (container and load balancer health checks)
-//! and the credential exchange (`/trellis/v1/sts`, `/trellis/v1/credentials`), whose request is
-//! its own proof. `/metrics` needs `trellis:ReadMetrics` and `/debug/xds` `trellis:ReadDebug`;
-//! every App Mesh operation its `appmesh:` action on its resources.
+//! Open without a signature: `/healthz`, `/readyz` (container and load balancer health checks),
+//! the credential exchange (`/trellis/v1/sts`, `/trellis/v1/credentials`), whose request is its
+//! own proof, and the topology page `/ui` (code only: it signs its own data requests). Trellis's
+//! endpoints need their `trellis:` actions (`operation::trellis`); every App Mesh operation its
+//! `appmesh:` action on its resources.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -76,7 +77,12 @@ pub fn routes(auth: Arc<Auth>) -> Router {
 pub async fn layer(State(auth): State<Arc<Auth>>, req: Request, next: Next) -> Response {
     let request_id = uuid::Uuid::new_v4().to_string();
     let path = req.uri().path();
-    let open = matches!(path, "/healthz" | "/readyz" | STS_PATH | CREDENTIALS_PATH);
+    // The topology page holds no mesh data and no secret; what it shows comes from requests it
+    // signs itself (ui/mod.rs).
+    let open = matches!(
+        path,
+        "/healthz" | "/readyz" | STS_PATH | CREDENTIALS_PATH | crate::ui::PAGE_PATH
+    );
     let mut resp = if open {
         let mut req = req;
         req.extensions_mut().insert(RequestId(request_id.clone()));
@@ -116,7 +122,7 @@ async fn guard(auth: &Auth, req: Request, next: Next, request_id: &str) -> Respo
         authority: parts.uri.authority().map(|a| a.as_str()),
         body: &body,
     };
-    let op = operation::trellis(parts.uri.path())
+    let op = operation::trellis(sreq.path, sreq.query, &body, &auth.scope())
         .or_else(|| operation::appmesh(sreq.method, sreq.path, sreq.query, &body, &auth.scope()));
     let now = SystemTime::now();
     let record = |principal: Option<String>,

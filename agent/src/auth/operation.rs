@@ -67,19 +67,47 @@ const KINDS: &[(&str, &str, &str, &str)] = &[
     ),
 ];
 
-/// Trellis's own endpoints beside the API.
-pub fn trellis(path: &str) -> Option<Operation> {
-    let name = match path {
-        "/metrics" => "ReadMetrics",
-        "/debug/xds" => "ReadDebug",
-        _ => return None,
-    };
-    Some(Operation {
+/// Trellis's own endpoints beside the API: `/metrics` and `/trellis/v1/load` need
+/// `trellis:ReadMetrics`, `/debug/xds` `trellis:ReadDebug` (on `*`); `/trellis/v1/topology?mesh=M`
+/// needs `trellis:ReadTopology` on the mesh's ARN, and `POST /trellis/v1/explain`
+/// `trellis:Explain` on the ARN of the virtual node or gateway it explains (as describing it
+/// would need its own ARN).
+pub fn trellis(
+    path: &str,
+    query: Option<&str>,
+    body: &[u8],
+    scope: &Scope<'_>,
+) -> Option<Operation> {
+    let read = |name: &'static str, resources: Vec<String>| Operation {
         name,
         action: format!("trellis:{name}"),
-        resources: vec!["*".into()],
+        resources,
         mutating: false,
-    })
+    };
+    match path {
+        "/metrics" | "/trellis/v1/load" => Some(read("ReadMetrics", vec!["*".into()])),
+        "/debug/xds" => Some(read("ReadDebug", vec!["*".into()])),
+        "/trellis/v1/topology" => {
+            let mesh = query_param(query, "mesh").unwrap_or_default();
+            Some(read(
+                "ReadTopology",
+                vec![scope.arn(scope.account, &format!("mesh/{mesh}"))],
+            ))
+        }
+        "/trellis/v1/explain" => {
+            let doc = serde_json::from_slice::<Value>(body).unwrap_or(Value::Null);
+            let mesh = text(&doc, &["meshName"]);
+            let (kind, name) = match doc.get("virtualGatewayName").and_then(Value::as_str) {
+                Some(g) => ("virtualGateway", g.to_string()),
+                None => ("virtualNode", text(&doc, &["virtualNodeName"])),
+            };
+            Some(read(
+                "Explain",
+                vec![scope.arn(scope.account, &format!("mesh/{mesh}/{kind}/{name}"))],
+            ))
+        }
+        _ => None,
+    }
 }
 
 /// The App Mesh operation at `method` and raw `path`, or `None` when none is served there.

@@ -107,6 +107,8 @@ pub const KNOWN_ACTIONS: &[&str] = &[
     "appmesh:UpdateVirtualService",
     "trellis:ReadMetrics",
     "trellis:ReadDebug",
+    "trellis:ReadTopology",
+    "trellis:Explain",
 ];
 
 impl Policy {

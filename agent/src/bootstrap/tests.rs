@@ -32,6 +32,12 @@ fn defaults_match_the_app_mesh_envoy_image() {
             ["endpoint"]["address"]["pipe"]["path"],
         "/var/run/trellis/xds.sock"
     );
+    let lrs = &b["cluster_manager"]["load_stats_config"];
+    assert_eq!(
+        lrs["grpc_services"][0]["envoy_grpc"]["cluster_name"],
+        XDS_CLUSTER
+    );
+    assert_eq!(lrs["transport_api_version"], "V3");
 }
 
 #[test]

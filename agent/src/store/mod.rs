@@ -193,6 +193,16 @@ impl Store {
         }
     }
 
+    /// A store in memory only, nothing persisted: what `explain --resources` reads a resources
+    /// file into, with the API's own checks.
+    pub fn in_memory() -> Store {
+        let (tx, _) = watch::channel(Arc::new(State::default()));
+        Store {
+            inner: Inner::Scratch,
+            tx,
+        }
+    }
+
     /// An in-memory copy of the embedded store's state for a batch of writes that is then
     /// committed as one ([`Store::commit_scratch`]): applying a big `--resources` file costs one
     /// persist instead of one per resource, and a rejected item leaves nothing behind. `None` for

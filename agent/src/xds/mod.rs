@@ -209,10 +209,16 @@ pub fn bind_unix(path: &Path, group: Option<u32>) -> Result<tokio::net::UnixList
     Ok(listener)
 }
 
-pub async fn serve_unix(ads: Arc<Ads>, listener: tokio::net::UnixListener) -> Result<(), Error> {
+/// Serves ADS (and `lrs`, load reports, beside it) on the Unix socket.
+pub async fn serve_unix(
+    ads: Arc<Ads>,
+    lrs: Arc<crate::lrs::Lrs>,
+    listener: tokio::net::UnixListener,
+) -> Result<(), Error> {
     let cancel = ads.cancel.clone();
     tonic::transport::Server::builder()
         .add_service(ads.service())
+        .add_service(lrs.service(ads.attestor.clone()))
         .serve_with_incoming_shutdown(
             // grpc-core and grpc-java clients name the socket path as :authority (authority.rs).
             tokio_stream::StreamExt::map(
@@ -225,10 +231,16 @@ pub async fn serve_unix(ads: Arc<Ads>, listener: tokio::net::UnixListener) -> Re
     Ok(())
 }
 
-pub async fn serve_tcp(ads: Arc<Ads>, listener: tokio::net::TcpListener) -> Result<(), Error> {
+/// Serves ADS (and `lrs`) over TCP.
+pub async fn serve_tcp(
+    ads: Arc<Ads>,
+    lrs: Arc<crate::lrs::Lrs>,
+    listener: tokio::net::TcpListener,
+) -> Result<(), Error> {
     let cancel = ads.cancel.clone();
     tonic::transport::Server::builder()
         .add_service(ads.service())
+        .add_service(lrs.service(ads.attestor.clone()))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
             cancel.cancelled_owned(),
@@ -237,11 +249,17 @@ pub async fn serve_tcp(ads: Arc<Ads>, listener: tokio::net::TcpListener) -> Resu
     Ok(())
 }
 
-/// TCP ADS over mutual TLS: the node of each stream must be a URI SAN of its client certificate.
-pub async fn serve_tls(ads: Arc<Ads>, listener: crate::tls::TlsListener) -> Result<(), Error> {
+/// TCP ADS (and `lrs`) over mutual TLS: the node of each stream must be a URI SAN of its
+/// client certificate.
+pub async fn serve_tls(
+    ads: Arc<Ads>,
+    lrs: Arc<crate::lrs::Lrs>,
+    listener: crate::tls::TlsListener,
+) -> Result<(), Error> {
     let cancel = ads.cancel.clone();
     tonic::transport::Server::builder()
         .add_service(ads.service())
+        .add_service(lrs.service(ads.attestor.clone()))
         .serve_with_incoming_shutdown(
             Box::pin(crate::attest::mtls::incoming(listener)),
             cancel.cancelled_owned(),

@@ -317,6 +317,7 @@ async fn start_agent(
         run.await;
         drop(keep);
     });
+    let lrs = crate::lrs::Lrs::new(Duration::from_secs(1), published_rx.clone(), cancel.clone());
     let ads = Ads::new(
         published_rx,
         store.subscribe(),
@@ -350,7 +351,7 @@ async fn start_agent(
     }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(serve_tcp(ads, listener));
+    tokio::spawn(serve_tcp(ads, lrs, listener));
     Agent {
         addr,
         metrics,

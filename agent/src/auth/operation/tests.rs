@@ -180,8 +180,31 @@ fn every_kind_maps_to_its_action_and_arn() {
         None
     );
     assert_eq!(appmesh("GET", "/healthz", None, b"", &SCOPE), None);
-    assert_eq!(trellis("/metrics").unwrap().action, "trellis:ReadMetrics");
-    assert_eq!(trellis("/debug/xds").unwrap().action, "trellis:ReadDebug");
+    let t = |path, query, body: &str| trellis(path, query, body.as_bytes(), &SCOPE).unwrap();
+    assert_eq!(t("/metrics", None, "").action, "trellis:ReadMetrics");
+    assert_eq!(
+        t("/trellis/v1/load", None, "").action,
+        "trellis:ReadMetrics"
+    );
+    assert_eq!(t("/debug/xds", None, "").action, "trellis:ReadDebug");
+    let topology = t("/trellis/v1/topology", Some("mesh=shop"), "");
+    assert_eq!(topology.action, "trellis:ReadTopology");
+    assert_eq!(topology.resources, vec![arn("mesh/shop")]);
+    let explain = t(
+        "/trellis/v1/explain",
+        None,
+        r#"{"meshName":"shop","virtualNodeName":"web","url":"http://a/"}"#,
+    );
+    assert_eq!(explain.action, "trellis:Explain");
+    assert_eq!(explain.resources, vec![arn("mesh/shop/virtualNode/web")]);
+    let gw = t(
+        "/trellis/v1/explain",
+        None,
+        r#"{"meshName":"shop","virtualGatewayName":"in","url":"http://a/"}"#,
+    );
+    assert_eq!(gw.resources, vec![arn("mesh/shop/virtualGateway/in")]);
+    assert!(!explain.mutating && !topology.mutating);
+    assert_eq!(trellis("/ui", None, b"", &SCOPE), None);
 }
 
 #[test]
