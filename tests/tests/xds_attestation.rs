@@ -158,6 +158,23 @@ fn only_the_container_whose_task_definition_names_the_node_gets_it_even_with_ecs
     );
     wait_refused(&agent, "attestation_wrong_node", before);
     assert_eq!(streams_of(&agent, "mesh/m/virtualNode/back-vn"), 1);
+    // Its load reports (LRS, same socket) are refused as its ADS stream was: no caller passes
+    // traffic figures off as another node's.
+    eventually(
+        "the impostor's load reports are refused",
+        Duration::from_secs(20),
+        || {
+            let log = agent.proc.log_text();
+            log.lines()
+                .any(|l| {
+                    l.contains("load reports refused") && l.contains("mesh/m/virtualNode/back-vn")
+                })
+                .then_some(())
+                .ok_or_else(|| {
+                    "no refused load report stream for back-vn in the agent's log".to_string()
+                })
+        },
+    );
 
     // A host process (no container cgroup) claiming front's node.
     let before = refused(&agent, "attestation_not_a_container");
