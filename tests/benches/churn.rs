@@ -30,18 +30,11 @@ fn main() {
         }
         let t = run_scenario(n, &size);
         eprintln!(
-            "churn {n} {name}: {}/{} failed{}{}",
-            t.failed,
-            t.total(),
+            "churn {n} {name}: {t}{}",
             if lossless {
                 ""
             } else {
                 " (bounded, not lossless)"
-            },
-            if t.reasons.is_empty() {
-                String::new()
-            } else {
-                format!(" {:?}", t.reasons)
             }
         );
     }

@@ -77,6 +77,10 @@ pub struct Tally {
     pub ok: u64,
     pub failed: u64,
     pub reasons: BTreeMap<String, u64>,
+    /// Answered requests that took over 500 ms (a try on a gone task waits out the connect
+    /// timeout before the retry), and the slowest answer.
+    pub slow: u64,
+    pub worst_ms: u64,
 }
 
 impl Tally {
@@ -87,7 +91,14 @@ impl Tally {
 
 impl std::fmt::Display for Tally {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{} failed", self.failed, self.total())?;
+        write!(
+            f,
+            "{}/{} failed, {} over 500 ms, slowest {} ms",
+            self.failed,
+            self.total(),
+            self.slow,
+            self.worst_ms
+        )?;
         if !self.reasons.is_empty() {
             write!(f, " {:?}", self.reasons)?;
         }
@@ -102,7 +113,7 @@ const LOAD: &str = r#"
 import http.client, json, os, sys, threading, time
 target, clients, stop, progress = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 lock = threading.Lock()
-ok = [0]; failed = [0]; reasons = {}
+ok = [0]; failed = [0]; reasons = {}; slow = [0]; worst = [0.0]
 done = [False]
 def fail(why):
     with lock:
@@ -114,12 +125,16 @@ def client():
         try:
             if conn is None:
                 conn = http.client.HTTPConnection(target, 8080, timeout=30)
+            t = time.monotonic()
             conn.request('GET', '/', headers={'Host': 'back.local:8080'})
             r = conn.getresponse()
             body = r.read()
+            ms = (time.monotonic() - t) * 1000
             if r.status == 200:
                 with lock:
                     ok[0] += 1
+                    slow[0] += ms > 500
+                    worst[0] = max(worst[0], ms)
             else:
                 fail('%d %s' % (r.status, body[:100].decode(errors='replace')))
             if r.getheader('connection', '').lower() == 'close':
@@ -141,7 +156,8 @@ while not os.path.exists(stop):
     time.sleep(0.1)
 done[0] = True
 for t in threads: t.join()
-print('TALLY ' + json.dumps({'ok': ok[0], 'failed': failed[0], 'reasons': reasons}), flush=True)
+print('TALLY ' + json.dumps({'ok': ok[0], 'failed': failed[0], 'reasons': reasons,
+      'slow': slow[0], 'worst_ms': round(worst[0])}), flush=True)
 "#;
 
 /// Task metadata v4 stand-in: `/v4/ID` is the Envoy container, `/v4/ID/task` the task with its
@@ -230,6 +246,8 @@ impl Load {
         Tally {
             ok: v["ok"].as_u64().unwrap_or(0),
             failed: v["failed"].as_u64().unwrap_or(0),
+            slow: v["slow"].as_u64().unwrap_or(0),
+            worst_ms: v["worst_ms"].as_u64().unwrap_or(0),
             reasons: v["reasons"]
                 .as_object()
                 .map(|m| {
