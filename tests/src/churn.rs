@@ -54,8 +54,8 @@ impl Size {
     pub fn ci() -> Self {
         Size {
             clients: 4,
-            settle: Duration::from_secs(3),
-            outage: Duration::from_secs(10),
+            settle: Duration::from_secs(2),
+            outage: Duration::from_secs(8),
             stop_timeout: Duration::from_secs(30),
         }
     }
