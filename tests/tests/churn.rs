@@ -47,7 +47,13 @@ fn a_store_outage_under_two_agents_loses_no_request() {
     lossless(5);
 }
 
+/// The bound for a task killed outright (no deregistration): a try that meets it is retried on
+/// another task, so only a response it had begun to send when it died can be lost, at most one
+/// per client connection.
 #[test]
-fn a_back_task_killed_outright_loses_no_request_either() {
-    lossless(6);
+fn a_back_task_killed_outright_loses_at_most_the_answers_it_had_begun() {
+    if let Some(t) = scenario(6) {
+        let bound = Size::ci().clients as u64;
+        assert!(t.failed <= bound, "scenario 6 lost more than {bound}: {t}");
+    }
 }
