@@ -450,6 +450,8 @@ fn cloud_map(
         jitter: f64::from(args.jitter_percent) / 100.0,
         backoff_max: Duration::from_millis(args.backoff_max_ms),
         linger: Duration::from_millis(args.linger_ms),
+        churn_poll: Duration::from_millis(args.churn_poll_ms),
+        churn_window: Duration::from_millis(args.churn_window_ms),
     };
     (Arc::new(client), cfg)
 }

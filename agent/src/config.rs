@@ -301,6 +301,23 @@ pub struct CloudMapArgs {
         value_parser = clap::value_parser!(u64).range(100..)
     )]
     pub poll_ms: u64,
+    /// How often a service whose instances changed within the churn window is checked, in ms
+    /// (a rolling deployment's next deregistration reaches callers sooner).
+    #[arg(
+        long = "cloudmap-churn-poll-interval-ms",
+        env = "TRELLIS_CLOUDMAP_CHURN_POLL_INTERVAL_MS",
+        default_value_t = 1000,
+        value_parser = clap::value_parser!(u64).range(100..)
+    )]
+    pub churn_poll_ms: u64,
+    /// How long after a service's instances changed the churn poll interval applies, in ms (0:
+    /// never).
+    #[arg(
+        long = "cloudmap-churn-window-ms",
+        env = "TRELLIS_CLOUDMAP_CHURN_WINDOW_MS",
+        default_value_t = 60000
+    )]
+    pub churn_window_ms: u64,
     /// How often instances are fetched even when the revision is unchanged (health), in ms.
     #[arg(
         long = "cloudmap-refresh-interval-ms",
@@ -347,6 +364,8 @@ impl Default for CloudMapArgs {
         CloudMapArgs {
             endpoint: None,
             poll_ms: 5000,
+            churn_poll_ms: 1000,
+            churn_window_ms: 60000,
             refresh_ms: 30000,
             jitter_percent: 10,
             backoff_max_ms: 60000,
@@ -389,6 +408,10 @@ mod tests {
         assert_eq!(
             (serve.cloudmap.backoff_max_ms, serve.cloudmap.linger_ms),
             (d.backoff_max_ms, d.linger_ms)
+        );
+        assert_eq!(
+            (serve.cloudmap.churn_poll_ms, serve.cloudmap.churn_window_ms),
+            (d.churn_poll_ms, d.churn_window_ms)
         );
         assert_eq!(serve.cloudmap.health_status, d.health_status);
         let a = ApiSecurityArgs::default();

@@ -161,12 +161,20 @@ impl Moto {
 /// An HTTP/1.1 proxy in front of moto that throttles on demand. Each request is forwarded on a
 /// fresh upstream connection; when moto is down the client connection is closed unanswered, as a
 /// dead endpoint would leave it.
+///
+/// With [`FaultProxy::documented_revision`] it also answers `DiscoverInstancesRevision` as Cloud
+/// Map documents it ("If a new instance is registered or deregistered, the InstancesRevision
+/// updates"), where moto answers the sum of its current instances' revisions: one instance
+/// registered and another deregistered between two polls leave moto's sum unchanged.
 #[derive(Debug, Clone)]
 pub struct FaultProxy {
     pub url: String,
     throttle: Arc<AtomicBool>,
     throttled: Arc<AtomicU64>,
     requests: Arc<AtomicU64>,
+    documented_revision: Arc<AtomicBool>,
+    /// Registrations and deregistrations moto accepted through this proxy.
+    changes: Arc<AtomicU64>,
 }
 
 /// Cloud Map's throttling answer (awsJson 1.1).
@@ -181,6 +189,8 @@ impl FaultProxy {
             throttle: Arc::default(),
             throttled: Arc::default(),
             requests: Arc::default(),
+            documented_revision: Arc::default(),
+            changes: Arc::default(),
         };
         let shared = p.clone();
         std::thread::spawn(move || {
@@ -190,6 +200,12 @@ impl FaultProxy {
             }
         });
         p
+    }
+
+    /// Answers `DiscoverInstancesRevision` with a revision that moves on every registration and
+    /// deregistration sent through this proxy (so send them through [`FaultProxy::url`]).
+    pub fn documented_revision(&self) {
+        self.documented_revision.store(true, Ordering::SeqCst);
     }
 
     pub fn set_throttling(&self, on: bool) {
@@ -234,6 +250,30 @@ impl FaultProxy {
                     up.write_all(&request).ok()?;
                     read_message(&mut BufReader::new(up))
                 });
+            let op = target(&request);
+            let answer = answer.map(|resp| {
+                let ok = resp.starts_with(b"HTTP/1.1 200");
+                if ok && matches!(op.as_str(), "RegisterInstance" | "DeregisterInstance") {
+                    self.changes.fetch_add(1, Ordering::SeqCst);
+                }
+                if ok
+                    && op == "DiscoverInstancesRevision"
+                    && self.documented_revision.load(Ordering::SeqCst)
+                {
+                    let body = format!(
+                        r#"{{"InstancesRevision": {}}}"#,
+                        self.changes.load(Ordering::SeqCst)
+                    );
+                    format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/x-amz-json-1.1\r\n\
+                         Content-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    )
+                    .into_bytes()
+                } else {
+                    resp
+                }
+            });
             match answer {
                 Some(resp) if client.write_all(&resp).is_ok() => {}
                 _ => {
@@ -243,6 +283,19 @@ impl FaultProxy {
             }
         }
     }
+}
+
+/// The operation of an awsJson request (`X-Amz-Target: Service.Operation`), or "".
+fn target(request: &[u8]) -> String {
+    String::from_utf8_lossy(request)
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case("x-amz-target")
+                .then(|| v.trim().rsplit('.').next().unwrap_or("").to_string())
+        })
+        .unwrap_or_default()
 }
 
 /// One HTTP/1.1 message (head and a Content-Length body), as raw bytes; None at end of stream.

@@ -13,6 +13,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 pub mod auth;
+pub mod churn;
 pub mod cloudmap;
 pub mod collector;
 pub mod dynamo;

@@ -302,8 +302,9 @@ fn upstream_cluster(
     if let Some((hc, _)) = check {
         envoy::set_health_check(&mut c, hc);
     }
-    if let Some(o) = outlier {
-        envoy::set_outlier_detection(&mut c, o);
+    match outlier {
+        Some(o) => envoy::set_outlier_detection(&mut c, o),
+        None => envoy::set_connection_failure_outlier_detection(&mut c),
     }
     let sni = policy::discovery_name(target);
     if let Some(tls) = listener

@@ -124,6 +124,12 @@ pub struct Config {
     /// How long a key nobody needs any more keeps being polled (an Envoy reconnecting finds its
     /// endpoints still there).
     pub linger: Duration,
+    /// The poll interval while a service churns: for `churn_window` after its instances last
+    /// changed, so the next step of a deployment (the old task deregistered right after its
+    /// replacement registered) reaches callers within this rather than `poll`.
+    pub churn_poll: Duration,
+    /// How long after a change the faster `churn_poll` applies (zero: never).
+    pub churn_window: Duration,
 }
 
 impl Default for Config {
@@ -134,6 +140,8 @@ impl Default for Config {
             jitter: 0.1,
             backoff_max: Duration::from_secs(60),
             linger: Duration::from_secs(60),
+            churn_poll: Duration::from_secs(1),
+            churn_window: Duration::from_secs(60),
         }
     }
 }

@@ -1,6 +1,7 @@
 //! One key's poller: `DiscoverInstancesRevision` every poll interval, `DiscoverInstances` when
 //! the revision moved or the slower refresh is due (health changes do not move the revision).
-//! A failed call never changes what is published: the last known instances stay. A key whose
+//! For a while after the instances change the revision is checked more often (a deployment
+//! moves one task after another). A failed call never changes what is published: the last known instances stay. A key whose
 //! first calls fail is published empty and marked unanswered (see [`super::Found`]).
 
 use std::sync::Arc;
@@ -33,6 +34,8 @@ pub(super) struct PollState {
     revision: Option<i64>,
     pub(super) instances: Option<Arc<[Instance]>>,
     next_refresh: Option<Instant>,
+    /// When the instances last changed after the first answer (a service churning).
+    changed_at: Option<Instant>,
     /// Consecutive failed rounds.
     pub(super) failures: u32,
 }
@@ -71,6 +74,9 @@ impl PollState {
         if self.instances.as_deref() == Some(&*instances) {
             return Outcome::Unchanged;
         }
+        if self.instances.is_some() {
+            self.changed_at = Some(now);
+        }
         self.instances = Some(instances.clone());
         Outcome::Changed(instances)
     }
@@ -80,10 +86,16 @@ impl PollState {
         Outcome::Failed(op, e)
     }
 
-    /// The wait before the next round: the poll interval, doubled per consecutive failure up to
-    /// the maximum, stretched by `spread` (in -1..=1) times the jitter fraction.
+    /// The wait before the next round: the poll interval (the churn interval within the churn
+    /// window of the last change), doubled per consecutive failure up to the maximum, stretched
+    /// by `spread` (in -1..=1) times the jitter fraction.
     pub(super) fn delay(&self, cfg: &Config, spread: f64) -> Duration {
-        let base = if self.failures == 0 {
+        let churning = self
+            .changed_at
+            .is_some_and(|t| Instant::now() < t + cfg.churn_window);
+        let base = if self.failures == 0 && churning {
+            cfg.poll.min(cfg.churn_poll)
+        } else if self.failures == 0 {
             cfg.poll
         } else {
             let factor = 2u32.saturating_pow(self.failures.min(16));

@@ -92,6 +92,8 @@ fn cfg() -> Config {
         jitter: 0.0,
         backoff_max: Duration::from_secs(8),
         linger: Duration::from_secs(5),
+        churn_poll: Duration::from_secs(1),
+        churn_window: Duration::ZERO,
     }
 }
 
@@ -173,6 +175,43 @@ fn failures_back_off_exponentially_up_to_the_maximum_and_success_resets() {
     let jittered = Config { jitter: 0.1, ..c };
     assert_eq!(st.delay(&jittered, 1.0), Duration::from_millis(1100));
     assert_eq!(st.delay(&jittered, -1.0), Duration::from_millis(900));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_changed_service_is_checked_at_the_churn_interval_until_the_window_passes() {
+    let fake = Fake::default();
+    fake.with(|s| s.instances = vec![inst("a", 1)]);
+    let (m, k) = (Metrics::default(), key("s"));
+    let c = Config {
+        poll: Duration::from_secs(5),
+        churn_poll: Duration::from_secs(1),
+        churn_window: Duration::from_secs(30),
+        ..cfg()
+    };
+    let mut st = PollState::default();
+    st.tick(&k, &fake, &m, &c).await;
+    assert_eq!(
+        st.delay(&c, 0.0),
+        Duration::from_secs(5),
+        "the first answer is no churn"
+    );
+    fake.with(|s| {
+        s.revision = 2;
+        s.instances = vec![inst("a", 1), inst("b", 2)];
+    });
+    tokio::time::advance(Duration::from_secs(5)).await;
+    assert!(matches!(
+        st.tick(&k, &fake, &m, &c).await,
+        Outcome::Changed(_)
+    ));
+    assert_eq!(st.delay(&c, 0.0), Duration::from_secs(1));
+    tokio::time::advance(Duration::from_secs(29)).await;
+    assert_eq!(st.delay(&c, 0.0), Duration::from_secs(1));
+    tokio::time::advance(Duration::from_secs(2)).await;
+    assert_eq!(st.delay(&c, 0.0), Duration::from_secs(5), "window over");
+    // Failures still back off from the normal interval.
+    st.failures = 1;
+    assert_eq!(st.delay(&c, 0.0), Duration::from_secs(8));
 }
 
 /// A poller publishing into a channel, with the fake behind it.

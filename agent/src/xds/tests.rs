@@ -338,6 +338,8 @@ async fn start_agent(
             jitter: 0.0,
             backoff_max: Duration::from_millis(100),
             linger: Duration::from_secs(5),
+            churn_poll: Duration::from_millis(50),
+            churn_window: Duration::ZERO,
         };
         tokio::spawn(crate::discovery::run(
             client,

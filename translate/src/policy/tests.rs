@@ -383,6 +383,31 @@ fn outlier_detection_ejects_on_consecutive_server_errors_from_callers_clusters()
     );
 }
 
+#[test]
+fn without_outlier_detection_callers_eject_only_hosts_whose_connections_fail() {
+    let s = pair(json!({}), http(8080), json!({}));
+    let o = cluster(&of(&s, "front"), BACK_EGRESS)
+        .outlier_detection
+        .clone()
+        .unwrap();
+    assert!(o.split_external_local_origin_errors);
+    assert_eq!(o.consecutive_local_origin_failure.unwrap().value, 5);
+    assert_eq!(
+        o.enforcing_consecutive_local_origin_failure.unwrap().value,
+        100
+    );
+    assert_eq!(
+        o.max_ejection_percent.unwrap().value,
+        50,
+        "one of three tasks"
+    );
+    // Answers never eject: no 5xx, gateway-error or success-rate ejection.
+    assert_eq!(o.enforcing_consecutive_5xx.unwrap().value, 0);
+    assert_eq!(o.enforcing_consecutive_gateway_failure.unwrap().value, 0);
+    assert_eq!(o.enforcing_success_rate.unwrap().value, 0);
+    assert_eq!(o.enforcing_local_origin_success_rate.unwrap().value, 0);
+}
+
 fn file_log(l: &AccessLog) -> FileAccessLog {
     assert_eq!(l.name, "envoy.access_loggers.file");
     match &l.config_type {
