@@ -403,10 +403,13 @@ impl Coordinator {
                 k.applied = None;
             }
         }
+        // In a fallback the held keys are read too: they are the probe that ends it when every
+        // key this agent needs is (by now) its own.
+        let probe = self.fallback;
         let ask: Vec<CloudMapKey> = self
             .keys
             .iter()
-            .filter(|(_, k)| !matches!(k.role, Role::Holder(_)))
+            .filter(|(_, k)| probe || !matches!(k.role, Role::Holder(_)))
             .map(|(key, _)| key.clone())
             .collect();
         if ask.is_empty() {
@@ -423,6 +426,9 @@ impl Coordinator {
             let Some(k) = self.keys.get(key) else {
                 continue;
             };
+            if matches!(k.role, Role::Holder(_)) {
+                continue;
+            }
             let in_grace = matches!(k.role, Role::Fallback(_)) && self.fallback;
             let free = lease
                 .as_ref()

@@ -488,6 +488,41 @@ async fn while_the_table_fails_every_agent_polls_its_own_demand_then_follows_aga
 }
 
 #[tokio::test(start_paused = true)]
+async fn an_agent_that_takes_the_lease_over_in_a_fallback_leaves_the_fallback() {
+    let board = Arc::new(MemBoard::default());
+    let cm = script(vec![inst("a", 1)]);
+    let agents: Vec<Agent> = (0..2)
+        .map(|i| agent(&format!("agent{i}"), &board, &cm))
+        .collect();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let holder = board.holder(&key()).expect("a holder");
+    board.with(|t| t.down = true);
+    tokio::time::sleep(POLL * 5).await;
+    let other = agents.iter().find(|a| a.me != holder).unwrap();
+    assert!(other.metrics.fleet_state().unwrap().1, "in fallback");
+    // The holder dies while the table fails; once it answers, the other agent takes over.
+    let dead = agents.iter().find(|a| a.me == holder).unwrap();
+    dead.client.dead.store(true, Ordering::SeqCst);
+    board.with(|t| {
+        t.dead.insert(holder.clone());
+        t.down = false;
+    });
+    watching(
+        POLL * 10,
+        &[other],
+        |a| a.instances() == vec!["a"],
+        "the endpoints stay through the takeover",
+    )
+    .await;
+    assert_eq!(board.holder(&key()).as_deref(), Some(other.me.as_str()));
+    assert_eq!(
+        other.metrics.fleet_state().unwrap(),
+        (1, false),
+        "holds the lease and follows the table"
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_new_holder_starts_from_the_tables_answer_and_never_publishes_a_failure_over_it() {
     let board = Arc::new(MemBoard::default());
     let cm = script(vec![inst("a", 1)]);
