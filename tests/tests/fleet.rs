@@ -10,14 +10,7 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use envoy_types::pb::envoy::config::core::v3::{Node, address, socket_address};
-use envoy_types::pb::envoy::config::endpoint::v3::{ClusterLoadAssignment, lb_endpoint};
-use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
-use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
-use prost::Message;
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use trellis_tests::auth::{ApiAuth, AuthFile};
 use trellis_tests::cloudmap::{FaultProxy, Moto as CloudMap};
 use trellis_tests::dynamo::standin::{Fault, StandIn};
@@ -26,8 +19,6 @@ use trellis_tests::mesh::{Agent, AgentOpts};
 use trellis_tests::scenario::resources_file;
 use trellis_tests::{Workdir, check, eventually, free_port, run};
 
-const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
-const ENDPOINT: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
 const BACK: &str = "cds_egress_m_back_http_8080";
 const POLL_MS: u64 = 500;
 const WAIT: Duration = Duration::from_secs(60);
@@ -98,71 +89,12 @@ impl Watcher {
 }
 
 async fn watch(addr: &str, seen: &Arc<Mutex<Seen>>) -> Result<(), tonic::Status> {
-    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}"))
-        .await
-        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-    let (tx, rx) = mpsc::channel(16);
-    let req = |type_url: &str, names: Vec<String>, version: &str, nonce: &str| DiscoveryRequest {
-        type_url: type_url.into(),
-        resource_names: names,
-        version_info: version.into(),
-        response_nonce: nonce.into(),
-        ..Default::default()
-    };
-    let mut first = req(CLUSTER, vec![], "", "");
-    first.node = Some(Node {
-        id: "mesh/m/virtualNode/front".into(),
-        ..Default::default()
-    });
-    let _ = tx.send(first).await;
-    let _ = tx.send(req(ENDPOINT, vec![BACK.into()], "", "")).await;
-    let mut inbound = client
-        .stream_aggregated_resources(ReceiverStream::new(rx))
-        .await?
-        .into_inner();
-    while let Some(r) = inbound.message().await? {
-        let names = if r.type_url == ENDPOINT {
-            vec![BACK.to_string()]
-        } else {
-            vec![]
-        };
-        if r.type_url == ENDPOINT {
-            for any in &r.resources {
-                let Ok(cla) = ClusterLoadAssignment::decode(any.value.as_slice()) else {
-                    continue;
-                };
-                if cla.cluster_name != BACK {
-                    continue;
-                }
-                let set: BTreeSet<String> = cla
-                    .endpoints
-                    .iter()
-                    .flat_map(|l| &l.lb_endpoints)
-                    .filter_map(|e| match &e.host_identifier {
-                        Some(lb_endpoint::HostIdentifier::Endpoint(ep)) => ep.address.as_ref(),
-                        _ => None,
-                    })
-                    .filter_map(|a| match &a.address {
-                        Some(address::Address::SocketAddress(s)) => {
-                            let port = match s.port_specifier {
-                                Some(socket_address::PortSpecifier::PortValue(p)) => p,
-                                _ => 0,
-                            };
-                            Some(format!("{}:{port}", s.address))
-                        }
-                        _ => None,
-                    })
-                    .collect();
-                let mut s = seen.lock().unwrap_or_else(|p| p.into_inner());
-                s.now = Some(set.clone());
-                s.history.push(set);
-            }
-        }
-        let _ = tx
-            .send(req(&r.type_url, names, &r.version_info, &r.nonce))
-            .await;
-    }
-    Ok(())
+    trellis_tests::eds::watch(addr, "mesh/m/virtualNode/front", BACK, |set| {
+        let mut s = seen.lock().unwrap_or_else(|p| p.into_inner());
+        s.now = Some(set.clone());
+        s.history.push(set);
+    })
+    .await
 }
 
 /// Cloud Map (moto, behind a counting proxy) with service ns/back, and DynamoDB (moto, behind
