@@ -286,6 +286,8 @@ async fn run(streams: usize, delta: bool) {
             &streams.to_string(),
             variant,
         ])
+        // A heap profiler preloaded into this process (heaptrack) profiles the agent only.
+        .env_remove("LD_PRELOAD")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
