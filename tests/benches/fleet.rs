@@ -105,6 +105,8 @@ fn start_agent(
         [
             "--xds-addr",
             "127.0.0.1:0",
+            // The simulated Envoys are plain-text ADS clients on loopback.
+            "--xds-tcp-insecure",
             "--max-connections-per-proxy",
             &m.to_string(),
         ]

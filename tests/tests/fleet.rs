@@ -159,7 +159,8 @@ impl World {
         let resources = resources_file(&self.work, &mesh());
         let mut args = trellis_tests::dynamo::store_args(&self.table_endpoint, "mesh");
         args.extend(
-            ["--xds-addr", "127.0.0.1:0"]
+            // Plain-text ADS on loopback for the watchers.
+            ["--xds-addr", "127.0.0.1:0", "--xds-tcp-insecure"]
                 .iter()
                 .chain(extra)
                 .map(|a| a.to_string()),
