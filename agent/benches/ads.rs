@@ -1,14 +1,15 @@
 //! `cargo bench -p trellis-agent --features testing --bench ads [-- STREAMS... [sotw|delta]]`: a
-//! load generator of lightweight ADS clients against an in-process agent. For each stream count
-//! (default 100, 1,000, 10,000) spread over 100 virtual nodes, and each ADS variant (default both:
-//! state of the world, then delta), it reports the time from a route update until each stream has
-//! ACKed the new route configuration (p50/p99/max), the agent process's CPU time, peak memory and
-//! memory per stream. Figures depend on the machine: report them with it.
+//! load generator of lightweight ADS clients against an agent. For each stream count (default
+//! 100, 1,000, 10,000) spread over 100 virtual nodes, and each ADS variant (default both: state of
+//! the world, then delta), it reports the time from a route update until each stream has ACKed the
+//! new route configuration (p50/p99/max), the agent's CPU time, resident memory and memory per
+//! stream. The simulated Envoys run in a child process (this binary again, `--clients`), so the
+//! CPU and memory figures are the agent's alone; times are wall-clock on one machine. Figures
+//! depend on the machine: report them with it.
 
-use std::sync::Arc;
-use std::time::Duration;
-
-use tokio::time::Instant;
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
@@ -16,7 +17,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
 };
 use serde_json::json;
-use tokio::sync::{Mutex, mpsc};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 use trellis_agent::api::Place;
@@ -28,6 +29,15 @@ const NODES: usize = 100;
 const ROUTE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
 const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
 const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+/// What the update puts in the route configuration.
+const MARKER: &[u8] = b"/v1-update";
+
+/// Wall-clock microseconds: the agent and the clients are two processes on one machine.
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
 
 fn proc_stat() -> (u64, u64) {
     // (utime + stime in clock ticks, VmHWM KiB)
@@ -75,8 +85,8 @@ fn request(
 }
 
 /// One simulated Envoy: subscribes CDS, LDS and the route config, ACKs everything, and reports
-/// when it has ACKed a route config that contains `marker`.
-async fn envoy(channel: Channel, node: String, marker: Marker, ready: mpsc::UnboundedSender<()>) {
+/// when it has ACKed a route config that contains [`MARKER`].
+async fn envoy(channel: Channel, node: String, done: Done, ready: mpsc::UnboundedSender<()>) {
     let mut client = AggregatedDiscoveryServiceClient::new(channel);
     let (tx, rx) = mpsc::channel(16);
     let n = Node {
@@ -125,25 +135,18 @@ async fn envoy(channel: Channel, node: String, marker: Marker, ready: mpsc::Unbo
                 got_routes = true;
                 let _ = ready.send(());
             }
-            let m = marker.lock().await;
-            if let Some((text, done)) = m.as_ref()
-                && r.resources
-                    .iter()
-                    .any(|a| a.value.windows(text.len()).any(|w| w == text.as_bytes()))
+            if r.resources
+                .iter()
+                .any(|a| a.value.windows(MARKER.len()).any(|w| w == MARKER))
             {
-                let _ = done.send(Instant::now());
+                let _ = done.send(now_us());
             }
         }
     }
 }
 
 /// The same simulated Envoy on delta ADS: wildcard CDS and LDS, the route config by name.
-async fn delta_envoy(
-    channel: Channel,
-    node: String,
-    marker: Marker,
-    ready: mpsc::UnboundedSender<()>,
-) {
+async fn delta_envoy(channel: Channel, node: String, done: Done, ready: mpsc::UnboundedSender<()>) {
     let mut client = AggregatedDiscoveryServiceClient::new(channel);
     let (tx, rx) = mpsc::channel(16);
     let sub = |type_url: &str, names: &[&str]| DeltaDiscoveryRequest {
@@ -188,23 +191,30 @@ async fn delta_envoy(
                 got_routes = true;
                 let _ = ready.send(());
             }
-            let m = marker.lock().await;
-            if let Some((text, done)) = m.as_ref()
-                && r.resources
-                    .iter()
-                    .filter_map(|x| x.resource.as_ref())
-                    .any(|a| a.value.windows(text.len()).any(|w| w == text.as_bytes()))
+            if r.resources
+                .iter()
+                .filter_map(|x| x.resource.as_ref())
+                .any(|a| a.value.windows(MARKER.len()).any(|w| w == MARKER))
             {
-                let _ = done.send(Instant::now());
+                let _ = done.send(now_us());
             }
         }
     }
 }
 
-/// What an update looks like in the route config, and where to report seeing it.
-type Marker = Arc<Mutex<Option<(String, mpsc::UnboundedSender<Instant>)>>>;
+/// Where a stream reports when it has ACKed the update (wall-clock microseconds).
+type Done = mpsc::UnboundedSender<u64>;
+
+fn read_line<R: BufRead>(mut r: R) -> (String, R) {
+    let mut l = String::new();
+    let _ = r.read_line(&mut l);
+    (l, r)
+}
 
 fn pct(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i.min(sorted.len() - 1)]
 }
@@ -266,10 +276,73 @@ async fn run(streams: usize, delta: bool) {
         .expect("vn");
     }
     let (ticks0, rss0) = proc_stat();
+    let addr = bound.xds_addr.expect("xds tcp address");
+    let exe = std::env::current_exe().expect("this binary");
+    let variant = if delta { "delta" } else { "sotw" };
+    let mut child = Command::new(exe)
+        .args([
+            "--clients",
+            &addr.to_string(),
+            &streams.to_string(),
+            variant,
+        ])
+        // A heap profiler preloaded into this process (heaptrack) profiles the agent only.
+        .env_remove("LD_PRELOAD")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("clients");
+    let mut to_child = child.stdin.take().expect("stdin");
+    let mut from_child = BufReader::new(child.stdout.take().expect("stdout"));
+    // Lines are read on a blocking thread: the agent runs on this runtime meanwhile.
+    let (ready, back) = tokio::task::spawn_blocking(move || read_line(from_child))
+        .await
+        .expect("read");
+    assert_eq!(ready.trim(), "ready", "clients: {ready}");
+    from_child = back;
+    let (_, rss_connected) = proc_stat();
+    let start = now_us();
+    ops.update::<Routes>(
+        &store,
+        rp,
+        "rt",
+        serde_json::from_value(json!({"spec": route("/v1-update")["spec"]})).expect("upd"),
+    )
+    .expect("update");
+    let _ = writeln!(to_child, "updated");
+    let (done, _) = tokio::task::spawn_blocking(move || read_line(from_child))
+        .await
+        .expect("read");
+    let _ = child.wait();
+    let mut lat: Vec<Duration> = done
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|t| t.parse::<u64>().ok())
+        .map(|t| Duration::from_micros(t.saturating_sub(start)))
+        .collect();
+    lat.sort();
+    let (ticks1, rss1) = proc_stat();
+    let tick = 100.0; // USER_HZ on Linux
+    println!(
+        "{variant:<5} streams={streams:>6} nodes={NODES} converged={}/{streams} update->ACK p50={:?} p99={:?} max={:?} | agent CPU {:.2}s | agent RSS {} MiB (+{:.1} KiB per stream)",
+        lat.len(),
+        pct(&lat, 0.5),
+        pct(&lat, 0.99),
+        lat.last().copied().unwrap_or_default(),
+        (ticks1 - ticks0) as f64 / tick,
+        rss1 / 1024,
+        rss_connected.saturating_sub(rss0) as f64 / streams as f64,
+    );
+    let _ = bound.shutdown(Duration::from_secs(5)).await;
+}
+
+/// The child process: `streams` simulated Envoys on the agent at `addr`. Prints `ready` once
+/// every stream has its routes, waits for a line (the update is made), then prints `done` and
+/// the wall-clock time each stream ACKed the update at (or what arrived within a minute).
+async fn clients(addr: String, streams: usize, delta: bool) {
     // Streams share a few HTTP/2 connections, as many Envoys would share none: this measures the
     // agent, not the client's connection setup.
     let conns = streams.div_ceil(20).max(1);
-    let addr = bound.xds_addr.expect("xds tcp address");
     let mut channels = Vec::new();
     for _ in 0..conns {
         let ch = Endpoint::from_shared(format!("http://{addr}"))
@@ -279,61 +352,56 @@ async fn run(streams: usize, delta: bool) {
             .expect("connect");
         channels.push(ch);
     }
-    let marker = Arc::new(Mutex::new(None));
     let (ready_tx, mut ready_rx) = mpsc::unbounded_channel();
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel();
     for s in 0..streams {
         let node = format!("mesh/m/virtualNode/n{}", s % NODES);
-        let (ch, m, r) = (
+        let (ch, d, r) = (
             channels[s % conns].clone(),
-            marker.clone(),
+            done_tx.clone(),
             ready_tx.clone(),
         );
         if delta {
-            tokio::spawn(delta_envoy(ch, node, m, r));
+            tokio::spawn(delta_envoy(ch, node, d, r));
         } else {
-            tokio::spawn(envoy(ch, node, m, r));
+            tokio::spawn(envoy(ch, node, d, r));
         }
     }
     for _ in 0..streams {
         ready_rx.recv().await.expect("stream ready");
     }
-    let (_, rss_connected) = proc_stat();
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel();
-    *marker.lock().await = Some(("/v1-update".to_string(), done_tx));
-    let start = Instant::now();
-    ops.update::<Routes>(
-        &store,
-        rp,
-        "rt",
-        serde_json::from_value(json!({"spec": route("/v1-update")["spec"]})).expect("upd"),
-    )
-    .expect("update");
-    let mut lat = Vec::with_capacity(streams);
-    while lat.len() < streams {
+    println!("ready");
+    let _ = std::io::stdout().flush();
+    let _ = tokio::task::spawn_blocking(|| {
+        let mut l = String::new();
+        let _ = std::io::stdin().read_line(&mut l);
+    })
+    .await;
+    let mut times = Vec::with_capacity(streams);
+    while times.len() < streams {
         match tokio::time::timeout(Duration::from_secs(60), done_rx.recv()).await {
-            Ok(Some(t)) => lat.push(t.duration_since(start)),
+            Ok(Some(t)) => times.push(t.to_string()),
             _ => break,
         }
     }
-    lat.sort();
-    let (ticks1, rss1) = proc_stat();
-    let tick = 100.0; // USER_HZ on Linux
-    println!(
-        "{:<5} streams={streams:>6} nodes={NODES} converged={}/{streams} update->ACK p50={:?} p99={:?} max={:?} | process CPU {:.2}s | RSS {} MiB (+{} KiB per stream)",
-        if delta { "delta" } else { "sotw" },
-        lat.len(),
-        pct(&lat, 0.5),
-        pct(&lat, 0.99),
-        lat.last().copied().unwrap_or_default(),
-        (ticks1 - ticks0) as f64 / tick,
-        rss1 / 1024,
-        (rss_connected.saturating_sub(rss0)) / streams as u64,
-    );
-    let _ = bound.shutdown(Duration::from_secs(5)).await;
+    println!("done {}", times.join(" "));
+    let _ = std::io::stdout().flush();
+    std::process::exit(0);
 }
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if let [flag, addr, n, variant] = args.as_slice()
+        && flag == "--clients"
+    {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let n = n.parse().expect("stream count");
+        rt.block_on(clients(addr.clone(), n, variant == "delta"));
+        return;
+    }
     let counts: Vec<usize> = args.iter().filter_map(|a| a.parse().ok()).collect();
     let counts = if counts.is_empty() {
         vec![100, 1_000, 10_000]
@@ -352,7 +420,7 @@ fn main() {
         .build()
         .expect("runtime");
     println!(
-        "ADS fan-out: one agent, simulated Envoys in the same process (client work included in CPU and RSS)"
+        "ADS fan-out: one agent, simulated Envoys in a child process (CPU and RSS are the agent's)"
     );
     for n in counts {
         for &d in &variants {

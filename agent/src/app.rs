@@ -266,16 +266,35 @@ pub async fn build(cfg: ServeConfig) -> Result<Bound, Error> {
     let (client, settings) = cloud_map(&cfg.cloudmap, &cfg.region);
     let (state, proxies) = (store.subscribe(), ads.connected_proxies());
     let out = endpoints_tx.clone();
-    tasks.spawn("discovery", |cancel| {
-        discovery::run(
-            client,
-            state,
-            proxies,
-            out,
-            discovery_metrics,
-            settings,
-            cancel,
-        )
+    let fleet = fleet(&cfg, discovery_metrics.clone()).await?;
+    tasks.spawn("discovery", |cancel| async move {
+        match fleet {
+            Some(fleet) => {
+                discovery::fleet::run(
+                    fleet,
+                    client,
+                    state,
+                    proxies,
+                    out,
+                    discovery_metrics,
+                    settings,
+                    cancel,
+                )
+                .await
+            }
+            None => {
+                discovery::run(
+                    client,
+                    state,
+                    proxies,
+                    out,
+                    discovery_metrics,
+                    settings,
+                    cancel,
+                )
+                .await
+            }
+        }
     });
     let (state, proxies) = (store.subscribe(), ads.connected_proxies());
     let every = Duration::from_millis(cfg.address_poll_ms);
@@ -432,6 +451,25 @@ fn ops(cfg: &ServeConfig) -> Ops {
             tags_per_resource: cfg.quota_tags,
         },
     }
+}
+
+/// With the DynamoDB store (unless `--cloudmap-shared-pollers false`): this agent's part in the
+/// pollers shared by every agent of the table.
+async fn fleet(
+    cfg: &ServeConfig,
+    metrics: Arc<discovery::Metrics>,
+) -> Result<Option<discovery::fleet::Fleet>, Error> {
+    if cfg.store.backend != store::Backend::Dynamodb || !cfg.cloudmap.shared_pollers {
+        return Ok(None);
+    }
+    let table = store::dynamodb::FleetTable::connect(
+        &cfg.store,
+        &cfg.region,
+        &cfg.cloudmap.health_status,
+        metrics,
+    )
+    .await?;
+    Ok(Some(discovery::fleet::Fleet::new(Arc::new(table))))
 }
 
 /// The Cloud Map client (connected on first use) and the pollers' timing.

@@ -356,6 +356,16 @@ pub struct CloudMapArgs {
         value_parser = ["HEALTHY", "HEALTHY_OR_ELSE_ALL", "ALL"]
     )]
     pub health_status: String,
+    /// With --store dynamodb: one poller per Cloud Map service for every agent of the table,
+    /// elected with a lease in it, its answers served by all (false: each agent polls Cloud Map
+    /// for its own Envoys).
+    #[arg(
+        long = "cloudmap-shared-pollers",
+        env = "TRELLIS_CLOUDMAP_SHARED_POLLERS",
+        default_value_t = true,
+        action = clap::ArgAction::Set
+    )]
+    pub shared_pollers: bool,
 }
 
 impl Default for CloudMapArgs {
@@ -371,6 +381,7 @@ impl Default for CloudMapArgs {
             backoff_max_ms: 60000,
             linger_ms: 60000,
             health_status: "HEALTHY".into(),
+            shared_pollers: true,
         }
     }
 }

@@ -175,6 +175,8 @@ pub struct FaultProxy {
     documented_revision: Arc<AtomicBool>,
     /// Registrations and deregistrations moto accepted through this proxy.
     changes: Arc<AtomicU64>,
+    /// Requests by operation (`X-Amz-Target`'s last part: `DiscoverInstances`, …).
+    by_op: Arc<std::sync::Mutex<BTreeMap<String, u64>>>,
 }
 
 /// Cloud Map's throttling answer (awsJson 1.1).
@@ -191,6 +193,7 @@ impl FaultProxy {
             requests: Arc::default(),
             documented_revision: Arc::default(),
             changes: Arc::default(),
+            by_op: Arc::default(),
         };
         let shared = p.clone();
         std::thread::spawn(move || {
@@ -222,6 +225,12 @@ impl FaultProxy {
         self.requests.load(Ordering::SeqCst)
     }
 
+    /// Requests of operation `op` (`DiscoverInstances`, `DiscoverInstancesRevision`) so far.
+    pub fn calls(&self, op: &str) -> u64 {
+        let by_op = self.by_op.lock().unwrap_or_else(|p| p.into_inner());
+        by_op.get(op).copied().unwrap_or(0)
+    }
+
     fn serve(&self, conn: TcpStream, upstream_port: u16) {
         let mut reader = BufReader::new(match conn.try_clone() {
             Ok(c) => c,
@@ -230,6 +239,10 @@ impl FaultProxy {
         let mut client = conn;
         while let Some(request) = read_message(&mut reader) {
             self.requests.fetch_add(1, Ordering::SeqCst);
+            {
+                let mut by_op = self.by_op.lock().unwrap_or_else(|p| p.into_inner());
+                *by_op.entry(target(&request)).or_default() += 1;
+            }
             if self.throttle.load(Ordering::SeqCst) {
                 self.throttled.fetch_add(1, Ordering::SeqCst);
                 let resp = format!(

@@ -18,6 +18,7 @@ pub mod cloudmap;
 pub mod collector;
 pub mod dynamo;
 pub mod ecs;
+pub mod eds;
 pub mod mesh;
 pub mod reap;
 pub mod scenario;

@@ -102,6 +102,8 @@ fn the_iam_policy_grants_cloud_map_discovery_the_shared_store_and_attestation() 
         "servicediscovery:DiscoverInstances",
         "servicediscovery:DiscoverInstancesRevision",
         "dynamodb:GetItem",
+        // The shared Cloud Map pollers read leases and answers in batches.
+        "dynamodb:BatchGetItem",
         "dynamodb:PutItem",
         "dynamodb:Query",
         "dynamodb:TransactWriteItems",

@@ -1,5 +1,7 @@
 //! The App Mesh REST API (`/v20190125/...`): all 38 operations, body parsing with field paths, and
-//! the `--resources` import / `export` pair. The rules live in [`ops`] and [`kinds`].
+//! the `--resources` import / `export` pair. The rules live in [`ops`] and [`kinds`]. Reads
+//! (describe, list) answer from [`Store::fresh`]: with a shared store, they see every write any
+//! agent acknowledged before them.
 
 mod error;
 pub mod kind;
@@ -144,7 +146,8 @@ async fn unknown_operation() -> Response {
 }
 
 async fn list_meshes(AxState(c): AxState<Ctx>, UriQuery(q): UriQuery<Query>) -> Response {
-    reply(c.ops.list_meshes(&c.store.current(), &q))
+    let state = c.store.fresh().await;
+    reply(c.ops.list_meshes(&state, &q))
 }
 
 async fn create_mesh(AxState(c): AxState<Ctx>, body: Bytes) -> Response {
@@ -156,10 +159,12 @@ async fn describe_mesh(
     UriPath(p): UriPath<Params>,
     UriQuery(q): UriQuery<Query>,
 ) -> Response {
-    reply(uri_name(&p, "mesh", "meshName").and_then(|m| {
-        c.ops
-            .describe_mesh(&c.store.current(), m, q.mesh_owner.as_deref())
-    }))
+    let mesh = match uri_name(&p, "mesh", "meshName") {
+        Ok(m) => m,
+        Err(e) => return e.into_response(),
+    };
+    let state = c.store.fresh().await;
+    reply(c.ops.describe_mesh(&state, mesh, q.mesh_owner.as_deref()))
 }
 
 async fn update_mesh(
@@ -184,7 +189,12 @@ async fn list<K: Kind>(
     UriPath(p): UriPath<Params>,
     UriQuery(q): UriQuery<Query>,
 ) -> Response {
-    reply(place::<K>(&p, &q).and_then(|at| c.ops.list::<K>(&c.store.current(), at, &q)))
+    let at = match place::<K>(&p, &q) {
+        Ok(at) => at,
+        Err(e) => return e.into_response(),
+    };
+    let state = c.store.fresh().await;
+    reply(c.ops.list::<K>(&state, at, &q))
 }
 
 async fn create<K: Kind>(
@@ -204,10 +214,13 @@ async fn describe<K: Kind>(
     UriPath(p): UriPath<Params>,
     UriQuery(q): UriQuery<Query>,
 ) -> Response {
-    reply(place::<K>(&p, &q).and_then(|at| {
-        let name = uri_name(&p, "name", K::NAME_KEY)?;
-        c.ops.describe::<K>(&c.store.current(), at, name)
-    }))
+    let (at, name) =
+        match place::<K>(&p, &q).and_then(|at| Ok((at, uri_name(&p, "name", K::NAME_KEY)?))) {
+            Ok(v) => v,
+            Err(e) => return e.into_response(),
+        };
+    let state = c.store.fresh().await;
+    reply(c.ops.describe::<K>(&state, at, name))
 }
 
 async fn update<K: Kind>(
@@ -235,7 +248,8 @@ async fn delete<K: Kind>(
 }
 
 async fn list_tags(AxState(c): AxState<Ctx>, UriQuery(q): UriQuery<Query>) -> Response {
-    reply(c.ops.list_tags(&c.store.current(), &q))
+    let state = c.store.fresh().await;
+    reply(c.ops.list_tags(&state, &q))
 }
 
 async fn tag_resource(

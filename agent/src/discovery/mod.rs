@@ -5,8 +5,11 @@
 //!
 //! Demand = `translate::cloud_map_keys` of every connected proxy against the committed state, so
 //! Cloud Map calls grow with the services in use on this agent, never with the number of Envoys.
+//! With the DynamoDB store, [`fleet`] shares one poller per key across every agent of the table,
+//! so they do not grow with the number of agents either.
 
 pub mod addresses;
+pub mod fleet;
 mod metrics;
 mod poller;
 pub mod sdk;

@@ -41,6 +41,15 @@ pub(super) struct PollState {
 }
 
 impl PollState {
+    /// A poller taking over a key whose last answer it already has (from the table): the same
+    /// answer again is no change.
+    pub(super) fn seeded(instances: Option<Arc<[Instance]>>) -> Self {
+        PollState {
+            instances,
+            ..PollState::default()
+        }
+    }
+
     pub(super) async fn tick(
         &mut self,
         key: &CloudMapKey,
@@ -105,6 +114,58 @@ impl PollState {
     }
 }
 
+/// Publishes `key`'s answer (unless `cancel`: a stopped poller's late answer must not resurrect
+/// its key). Returns whether it changed what was published.
+pub(super) fn answered(
+    out: &watch::Sender<Found>,
+    key: &CloudMapKey,
+    instances: Arc<[Instance]>,
+    cancel: &CancellationToken,
+    metrics: &Metrics,
+) -> bool {
+    let n = instances.len();
+    let published = out.send_if_modified(|f| {
+        if cancel.is_cancelled()
+            || (f.endpoints.cloud_map.get(key) == Some(&instances) && !f.unanswered.contains(key))
+        {
+            return false;
+        }
+        let m = Arc::make_mut(&mut f.endpoints);
+        m.cloud_map.insert(key.clone(), instances);
+        m.generation += 1;
+        if f.unanswered.contains(key) {
+            Arc::make_mut(&mut f.unanswered).remove(key);
+        }
+        true
+    });
+    if published {
+        metrics.updated(key, n);
+        debug!(key = %key, instances = n, "endpoints published");
+    }
+    published
+}
+
+/// Every call for `key` failed. A key never answered is sent as no assignment (so a reconnecting
+/// Envoy keeps its endpoints); once its first call fails, it is known empty instead, so a new
+/// Envoy's initialisation is not held waiting on it, and marked unanswered, so an Envoy that has
+/// its endpoints from before keeps them (the xDS layer's rule). A key with endpoints keeps them.
+pub(super) fn unanswered(
+    out: &watch::Sender<Found>,
+    key: &CloudMapKey,
+    cancel: &CancellationToken,
+) {
+    out.send_if_modified(|f| {
+        if cancel.is_cancelled() || f.endpoints.cloud_map.contains_key(key) {
+            return false;
+        }
+        let m = Arc::make_mut(&mut f.endpoints);
+        m.cloud_map.insert(key.clone(), Vec::new().into());
+        m.generation += 1;
+        Arc::make_mut(&mut f.unanswered).insert(key.clone());
+        true
+    });
+}
+
 /// Runs until `cancel`: rounds of calls, each answer that changed published on `out`.
 pub(super) async fn run(
     key: CloudMapKey,
@@ -124,40 +185,13 @@ pub(super) async fn run(
             Outcome::Unchanged => debug!("unchanged"),
             Outcome::Changed(instances) => {
                 let n = instances.len();
-                let published = out.send_if_modified(|f| {
-                    // A stopped poller's late answer must not resurrect its key.
-                    if cancel.is_cancelled() {
-                        return false;
-                    }
-                    let m = Arc::make_mut(&mut f.endpoints);
-                    m.cloud_map.insert(key.clone(), instances);
-                    m.generation += 1;
-                    if f.unanswered.contains(&key) {
-                        Arc::make_mut(&mut f.unanswered).remove(&key);
-                    }
-                    true
-                });
-                if published {
-                    metrics.updated(&key, n);
+                if answered(&out, &key, instances, &cancel, &metrics) {
                     info!(instances = n, "cloud map endpoints changed");
                 }
             }
             Outcome::Failed(op, e) => {
                 metrics.failed(op, e.kind);
-                // A key never answered is sent as no assignment (so a reconnecting Envoy keeps
-                // its endpoints); once its first call fails, it is known empty instead, so a new
-                // Envoy's initialisation is not held waiting on it, and marked unanswered, so
-                // an Envoy that has its endpoints from before keeps them (the xDS layer's rule).
-                out.send_if_modified(|f| {
-                    if cancel.is_cancelled() || f.endpoints.cloud_map.contains_key(&key) {
-                        return false;
-                    }
-                    let m = Arc::make_mut(&mut f.endpoints);
-                    m.cloud_map.insert(key.clone(), Vec::new().into());
-                    m.generation += 1;
-                    Arc::make_mut(&mut f.unanswered).insert(key.clone());
-                    true
-                });
+                unanswered(&out, &key, &cancel);
                 warn!(
                     op,
                     reason = e.kind.label(),

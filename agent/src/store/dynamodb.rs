@@ -43,6 +43,7 @@
 //! the cache file, which keeps the table id), writes fail with a retryable error, and the poller
 //! backs off with jitter until the table answers again. Every retry loop is bounded.
 
+pub mod fleet;
 mod limits;
 mod table;
 
@@ -60,14 +61,16 @@ use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::{ConditionCheck, Delete, Put, TransactWriteItem, Update};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Mutex, watch};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::items::{self, Change};
 use super::{Error, StoreArgs, embedded};
 use table::{Meta, Probe, Range, n, s, string};
 use trellis_model::State;
 
+pub use fleet::FleetTable;
 pub(super) use table::create_table;
 // The shared keys of `store::secret` live in the same table, through the same client.
 pub(super) use table::{client, table_name};
@@ -118,6 +121,12 @@ struct Metrics {
     gaps: AtomicU64,
     /// 1 while the last call succeeded.
     up: AtomicU64,
+    /// Consistent reads of the generation item made for API reads (read-your-writes).
+    read_checks: AtomicU64,
+    /// API reads answered by a check another read started after they arrived.
+    read_checks_shared: AtomicU64,
+    /// API reads answered without confirmation (the table did not answer the check).
+    read_checks_unconfirmed: AtomicU64,
 }
 
 fn inc(c: &AtomicU64) {
@@ -205,6 +214,9 @@ pub(super) struct Dynamo {
     lock: Mutex<Local>,
     /// Every published state with its table id, for the cache file.
     published: watch::Sender<Published>,
+    /// When the last read-your-writes check began: one check serves every API read that
+    /// arrived before it began and waits on this lock.
+    read_check: Mutex<Option<Instant>>,
     metrics: Metrics,
 }
 
@@ -231,6 +243,7 @@ impl Dynamo {
             handle: tokio::runtime::Handle::current(),
             lock: Mutex::new(Local::default()),
             published: watch::channel((None, Arc::default())).0,
+            read_check: Mutex::new(None),
             metrics: Metrics::default(),
         };
         let loaded = match (store.full_load().await, &store.cache) {
@@ -315,6 +328,47 @@ impl Dynamo {
         } else {
             self.handle.block_on(run)
         }
+    }
+
+    /// The state for an API read: at least as new as every write any agent acknowledged before
+    /// the call (read-your-writes across agents). One consistent `GetItem` of the generation item
+    /// (serializable with write transactions, so it reflects every committed write); a catch-up
+    /// only if the table is ahead (the change-log replay the poll would have made anyway). Reads
+    /// that arrive while a check is under way wait for the next one and share it, so there is at
+    /// most one consistent read per API read, and fewer under load. If the table does not answer,
+    /// the last good state is served (static stability), counted as unconfirmed.
+    pub(super) async fn fresh(&self, tx: &watch::Sender<Arc<State>>) -> Arc<State> {
+        let asked = Instant::now();
+        let mut last = self.read_check.lock().await;
+        if last.is_some_and(|t| t >= asked) {
+            inc(&self.metrics.read_checks_shared);
+            return tx.borrow().clone();
+        }
+        let started = Instant::now();
+        inc(&self.metrics.read_checks);
+        match self.read_meta().await {
+            Ok(meta) => {
+                let behind = {
+                    let (id, state) = &*self.published.borrow();
+                    meta.generation != state.generation || meta.table_id != *id
+                };
+                if behind {
+                    let mut local = self.lock.lock().await;
+                    if let Err(e) = self.sync(tx, &mut local, Some(meta)).await {
+                        inc(&self.metrics.read_checks_unconfirmed);
+                        warn!(table = %self.table, error = %e,
+                            "cannot catch up for a read; answering from the last good state");
+                    }
+                }
+            }
+            Err(e) => {
+                inc(&self.metrics.read_checks_unconfirmed);
+                debug!(table = %self.table, error = %e,
+                    "cannot confirm a read; answering from the last good state");
+            }
+        }
+        *last = Some(started);
+        tx.borrow().clone()
     }
 
     /// Polls the generation item until `cancel`, applying what other agents committed, and keeps
@@ -858,6 +912,15 @@ impl Dynamo {
              # HELP trellis_store_dynamodb_up 1 if the last DynamoDB call succeeded.\n\
              # TYPE trellis_store_dynamodb_up gauge\n\
              trellis_store_dynamodb_up {}\n\
+             # HELP trellis_store_read_checks_total Consistent reads of the generation item made for API reads (read-your-writes).\n\
+             # TYPE trellis_store_read_checks_total counter\n\
+             trellis_store_read_checks_total {}\n\
+             # HELP trellis_store_read_checks_shared_total API reads answered by a check that began after they arrived.\n\
+             # TYPE trellis_store_read_checks_shared_total counter\n\
+             trellis_store_read_checks_shared_total {}\n\
+             # HELP trellis_store_read_checks_unconfirmed_total API reads answered from the last good state because the table did not answer.\n\
+             # TYPE trellis_store_read_checks_unconfirmed_total counter\n\
+             trellis_store_read_checks_unconfirmed_total {}\n\
              # HELP trellis_store_generation The generation this agent publishes.\n\
              # TYPE trellis_store_generation gauge\n\
              trellis_store_generation {generation}\n",
@@ -870,6 +933,9 @@ impl Dynamo {
             get(&m.reloads),
             get(&m.gaps),
             get(&m.up),
+            get(&m.read_checks),
+            get(&m.read_checks_shared),
+            get(&m.read_checks_unconfirmed),
         )
     }
 }

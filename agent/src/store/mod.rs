@@ -236,6 +236,16 @@ impl Store {
         self.tx.borrow().clone()
     }
 
+    /// The state for an API read (describe, list): at least as new as every write acknowledged
+    /// by any agent before the call. The embedded store's current state is; the shared store
+    /// confirms it with at most one consistent read (see `dynamodb::Dynamo::fresh`).
+    pub async fn fresh(&self) -> Arc<State> {
+        match &self.inner {
+            Inner::Embedded(_) | Inner::Scratch => self.current(),
+            Inner::Dynamodb(d) => d.fresh(&self.tx).await,
+        }
+    }
+
     /// A receiver that sees every committed state (only the newest, if it falls behind).
     pub fn subscribe(&self) -> watch::Receiver<Arc<State>> {
         self.tx.subscribe()

@@ -16,12 +16,12 @@ use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
 };
 use envoy_types::util::pack_any;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tonic::{Status, Streaming};
 use tracing::{debug, warn};
 
 use super::Ads;
+use super::service::Outbox;
 use super::session::{self, Holds, Protocol, Warmth};
 use super::snapshot::{
     CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE, Snapshot, TypeSnapshot, is_served_type,
@@ -86,7 +86,7 @@ struct Stream<'a> {
     id: u64,
     next_nonce: u64,
     types: HashMap<String, TypeState>,
-    tx: &'a mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    tx: &'a Outbox<DeltaDiscoveryResponse>,
     /// The commit time of the publication being pushed, while it is new to this stream.
     change: Option<Instant>,
     /// Removals may be due since the last input change (or the reconnect).
@@ -104,7 +104,7 @@ pub(super) async fn run_stream(
     id: u64,
     peer: crate::attest::Peer,
     inbound: Streaming<DeltaDiscoveryRequest>,
-    tx: &mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    tx: &Outbox<DeltaDiscoveryResponse>,
 ) -> Result<(), Status> {
     let stream = Stream {
         ads,
@@ -438,7 +438,7 @@ impl Stream<'_> {
             ..Default::default()
         };
         self.tx
-            .send(Ok(resp))
+            .send(Ok(Box::new(resp)))
             .await
             .map_err(|_| Status::cancelled("envoy went away"))?;
         Ok(nonce)

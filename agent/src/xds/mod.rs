@@ -4,6 +4,7 @@
 mod authority;
 pub mod debounce;
 mod delta;
+mod grpc;
 pub mod metrics;
 mod served;
 mod service;
@@ -17,7 +18,6 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -132,8 +132,8 @@ impl Ads {
         self.connected.subscribe()
     }
 
-    pub fn service(self: &Arc<Self>) -> AggregatedDiscoveryServiceServer<AdsService> {
-        AggregatedDiscoveryServiceServer::new(AdsService(self.clone()))
+    pub fn service(self: &Arc<Self>) -> grpc::AdsServer {
+        grpc::AdsServer::new(AdsService(self.clone()))
     }
 
     /// Takes one of the proxy's connection slots, or says it has none left.

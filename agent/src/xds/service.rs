@@ -3,15 +3,17 @@
 //! `delta.rs`).
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
 
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryService;
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
 };
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, debug, info_span, warn};
 
@@ -26,8 +28,8 @@ pub struct AdsService(pub(super) Arc<Ads>);
 
 #[tonic::async_trait]
 impl AggregatedDiscoveryService for AdsService {
-    type StreamAggregatedResourcesStream = ReceiverStream<Result<DiscoveryResponse, Status>>;
-    type DeltaAggregatedResourcesStream = ReceiverStream<Result<DeltaDiscoveryResponse, Status>>;
+    type StreamAggregatedResourcesStream = Unboxed<DiscoveryResponse>;
+    type DeltaAggregatedResourcesStream = Unboxed<DeltaDiscoveryResponse>;
 
     async fn stream_aggregated_resources(
         &self,
@@ -62,8 +64,8 @@ impl AggregatedDiscoveryService for AdsService {
 fn spawn_stream<R, F>(
     ads: &Ads,
     variant: &'static str,
-    run: impl FnOnce(u64, mpsc::Sender<Result<R, Status>>) -> F,
-) -> ReceiverStream<Result<R, Status>>
+    run: impl FnOnce(u64, Outbox<R>) -> F,
+) -> Unboxed<R>
 where
     R: Send + 'static,
     F: Future<Output = Result<(), Status>> + Send + 'static,
@@ -87,5 +89,24 @@ where
             node = tracing::field::Empty
         )),
     );
-    ReceiverStream::new(rx)
+    Unboxed(rx)
+}
+
+/// Where a stream puts its responses: boxed, because the channel allocates room for 32 of them
+/// up front whatever its bound, and a response is some 150 bytes (5 KiB per stream unboxed).
+pub(super) type Outbox<R> = mpsc::Sender<Result<Box<R>, Status>>;
+
+/// The responses of a stream, as tonic takes them.
+#[derive(Debug)]
+pub struct Unboxed<R>(mpsc::Receiver<Result<Box<R>, Status>>);
+
+impl<R> Stream for Unboxed<R> {
+    type Item = Result<R, Status>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.get_mut()
+            .0
+            .poll_recv(cx)
+            .map(|r| r.map(|r| r.map(|b| *b)))
+    }
 }

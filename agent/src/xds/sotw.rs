@@ -14,13 +14,13 @@ use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, Discovery
 use envoy_types::pb::google::protobuf::Any;
 use envoy_types::util::pack_any;
 use sha2::{Digest, Sha256};
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tonic::{Status, Streaming};
 use tracing::{debug, info, warn};
 
 use super::Ads;
 use super::served::Clusters;
+use super::service::Outbox;
 use super::session::{Holds, Protocol, Warmth, serve};
 use super::snapshot::{
     CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, Packed, ROUTE, Snapshot, TypeSnapshot, is_served_type,
@@ -66,7 +66,7 @@ struct Stream<'a> {
     id: u64,
     next_nonce: u64,
     types: HashMap<String, TypeState>,
-    tx: &'a mpsc::Sender<Result<DiscoveryResponse, Status>>,
+    tx: &'a Outbox<DiscoveryResponse>,
     /// The commit time of the publication being served, while it is new to this stream.
     change: Option<Instant>,
     /// Clusters the client has that the newest snapshot drops: a state-of-the-world CDS push
@@ -109,7 +109,7 @@ pub(super) async fn run_stream(
     id: u64,
     peer: crate::attest::Peer,
     inbound: Streaming<DiscoveryRequest>,
-    tx: &mpsc::Sender<Result<DiscoveryResponse, Status>>,
+    tx: &Outbox<DiscoveryResponse>,
 ) -> Result<(), Status> {
     let stream = Stream {
         ads,
@@ -602,7 +602,7 @@ impl Stream<'_> {
             .metrics
             .pushed(self.id, type_url, &resp.version_info);
         self.tx
-            .send(Ok(resp))
+            .send(Ok(Box::new(resp)))
             .await
             .map_err(|_| Status::cancelled("envoy went away"))
     }
