@@ -35,8 +35,16 @@ impl TempDir {
 }
 
 impl Drop for TempDir {
+    /// Retried: a blocking write the runtime abandoned at shutdown (the cluster-set writer's last
+    /// one) can add a file while the directory is being removed, which then fails as not empty.
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        for _ in 0..50 {
+            match std::fs::remove_dir_all(&self.0) {
+                Ok(()) => return,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
     }
 }
 
