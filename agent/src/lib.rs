@@ -15,6 +15,7 @@ pub mod entrypoint;
 pub mod explain;
 pub mod lrs;
 pub mod probe;
+pub mod sdk;
 pub mod store;
 pub mod tls;
 pub mod ui;

@@ -14,11 +14,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use aws_config::BehaviorVersion;
-use aws_config::timeout::TimeoutConfig;
 use aws_sdk_ecs::Client;
-use aws_sdk_ecs::config::Region;
-use aws_smithy_http_client::tls;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use serde::{Deserialize, Serialize};
@@ -288,7 +284,7 @@ impl Ecs {
         let (Some(path), Ok(bytes)) = (&self.settings.cache_file, bytes) else {
             return;
         };
-        if let Err(e) = write_private(path, &bytes) {
+        if let Err(e) = crate::store::write_private(path, &bytes) {
             warn!(file = %path.display(), error = %e, "cannot keep attested containers; they are asked for again after a restart");
         }
     }
@@ -298,50 +294,13 @@ impl Ecs {
     }
 }
 
-/// Writes `bytes` to `path` through a 0600 temporary file renamed into place.
-fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
-}
-
 async fn connect(s: &EcsSettings) -> Client {
-    let loader = |region: Option<Region>| {
-        let https = aws_smithy_http_client::Builder::new()
-            .tls_provider(tls::Provider::Rustls(
-                tls::rustls_provider::CryptoMode::Ring,
-            ))
-            .build_https();
-        let mut l = aws_config::defaults(BehaviorVersion::latest())
-            .http_client(https)
-            .timeout_config(
-                TimeoutConfig::builder()
-                    .connect_timeout(Duration::from_secs(2))
-                    .operation_attempt_timeout(CALL_TIMEOUT)
-                    .build(),
-            );
-        if let Some(r) = region {
-            l = l.region(r);
-        }
-        if let Some(url) = &s.endpoint {
-            l = l.endpoint_url(url);
-        }
-        l
-    };
-    let mut shared = loader(None).load().await;
-    if shared.region().is_none() {
-        shared = loader(Some(Region::new(s.fallback_region.clone())))
-            .load()
-            .await;
-    }
+    let shared = crate::sdk::load(crate::sdk::Loading {
+        endpoint: s.endpoint.as_deref(),
+        fallback_region: &s.fallback_region,
+        attempt_timeout: CALL_TIMEOUT,
+        sdk_retries: true,
+    })
+    .await;
     Client::new(&shared)
 }

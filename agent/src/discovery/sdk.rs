@@ -10,15 +10,11 @@
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
-use aws_config::BehaviorVersion;
-use aws_config::retry::RetryConfig;
-use aws_config::timeout::TimeoutConfig;
 use aws_sdk_servicediscovery::Client;
 use aws_sdk_servicediscovery::config::interceptors::BeforeTransmitInterceptorContextRef;
-use aws_sdk_servicediscovery::config::{ConfigBag, Intercept, Region, RuntimeComponents};
+use aws_sdk_servicediscovery::config::{ConfigBag, Intercept, RuntimeComponents};
 use aws_sdk_servicediscovery::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_servicediscovery::types::{HealthStatusFilter, HttpInstanceSummary};
-use aws_smithy_http_client::tls;
 use aws_smithy_runtime_api::box_error::BoxError;
 use aws_smithy_runtime_api::client::endpoint::EndpointPrefix;
 use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
@@ -63,37 +59,14 @@ impl SdkCloudMap {
 }
 
 async fn connect(s: &Settings) -> Client {
-    let loader = |region: Option<Region>| {
-        let https = aws_smithy_http_client::Builder::new()
-            .tls_provider(tls::Provider::Rustls(
-                tls::rustls_provider::CryptoMode::Ring,
-            ))
-            .build_https();
-        let mut l = aws_config::defaults(BehaviorVersion::latest())
-            .http_client(https)
-            // The pollers own retrying: they back off, count and log every failure.
-            .retry_config(RetryConfig::disabled())
-            .timeout_config(
-                TimeoutConfig::builder()
-                    .connect_timeout(Duration::from_secs(2))
-                    .operation_attempt_timeout(Duration::from_secs(5))
-                    .build(),
-            );
-        if let Some(r) = region {
-            l = l.region(r);
-        }
-        if let Some(url) = &s.endpoint {
-            l = l.endpoint_url(url);
-        }
-        l
-    };
-    // The default chain's region (environment, profile, instance metadata), else the agent's.
-    let mut shared = loader(None).load().await;
-    if shared.region().is_none() {
-        shared = loader(Some(Region::new(s.fallback_region.clone())))
-            .load()
-            .await;
-    }
+    let shared = crate::sdk::load(crate::sdk::Loading {
+        endpoint: s.endpoint.as_deref(),
+        fallback_region: &s.fallback_region,
+        attempt_timeout: Duration::from_secs(5),
+        // The pollers own retrying: they back off, count and log every failure.
+        sdk_retries: false,
+    })
+    .await;
     let mut conf = aws_sdk_servicediscovery::config::Builder::from(&shared);
     let strip = s.endpoint.as_deref().is_some_and(|u| !is_aws_host(u));
     if strip {

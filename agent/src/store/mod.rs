@@ -307,3 +307,22 @@ pub async fn init(dir: &Path, args: &StoreArgs, region: &str) -> Result<String, 
         Backend::Dynamodb => dynamodb::create_table(args, region).await,
     }
 }
+
+/// Writes one of the agent's own files in its data directory (cluster sets sent, attested
+/// containers): a 0600 temporary file, fsync, rename, so a crash leaves the previous file or the
+/// new one, never half. The directory is not made here: it is the store's, created when it opens,
+/// and one removed under a running agent is not made again.
+pub fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}

@@ -209,6 +209,13 @@ pub fn bind_unix(path: &Path, group: Option<u32>) -> Result<tokio::net::UnixList
     Ok(listener)
 }
 
+/// ADS and, beside it, load reports (attested as ADS streams are), on any transport.
+fn services(ads: &Arc<Ads>, lrs: &Arc<crate::lrs::Lrs>) -> tonic::transport::server::Router {
+    tonic::transport::Server::builder()
+        .add_service(ads.service())
+        .add_service(lrs.service(ads.attestor.clone()))
+}
+
 /// Serves ADS (and `lrs`, load reports, beside it) on the Unix socket.
 pub async fn serve_unix(
     ads: Arc<Ads>,
@@ -216,9 +223,7 @@ pub async fn serve_unix(
     listener: tokio::net::UnixListener,
 ) -> Result<(), Error> {
     let cancel = ads.cancel.clone();
-    tonic::transport::Server::builder()
-        .add_service(ads.service())
-        .add_service(lrs.service(ads.attestor.clone()))
+    services(&ads, &lrs)
         .serve_with_incoming_shutdown(
             // grpc-core and grpc-java clients name the socket path as :authority (authority.rs).
             tokio_stream::StreamExt::map(
@@ -238,9 +243,7 @@ pub async fn serve_tcp(
     listener: tokio::net::TcpListener,
 ) -> Result<(), Error> {
     let cancel = ads.cancel.clone();
-    tonic::transport::Server::builder()
-        .add_service(ads.service())
-        .add_service(lrs.service(ads.attestor.clone()))
+    services(&ads, &lrs)
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
             cancel.cancelled_owned(),
@@ -257,9 +260,7 @@ pub async fn serve_tls(
     listener: crate::tls::TlsListener,
 ) -> Result<(), Error> {
     let cancel = ads.cancel.clone();
-    tonic::transport::Server::builder()
-        .add_service(ads.service())
-        .add_service(lrs.service(ads.attestor.clone()))
+    services(&ads, &lrs)
         .serve_with_incoming_shutdown(
             Box::pin(crate::attest::mtls::incoming(listener)),
             cancel.cancelled_owned(),

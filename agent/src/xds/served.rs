@@ -181,7 +181,8 @@ impl Served {
     async fn write(&self, path: &Path) {
         let bytes = self.encode();
         let path = path.to_path_buf();
-        let written = tokio::task::spawn_blocking(move || write_atomically(&path, &bytes)).await;
+        let written =
+            tokio::task::spawn_blocking(move || crate::store::write_private(&path, &bytes)).await;
         match written {
             Ok(Ok(())) => debug!("cluster sets written"),
             Ok(Err(e)) => {
@@ -227,24 +228,6 @@ fn decode(mut bytes: &[u8]) -> Result<Vec<(String, Clusters)>, prost::DecodeErro
         out.push((msg.version_info, Arc::new(clusters)));
     }
     Ok(out)
-}
-
-/// Temp file, fsync, rename: a crash leaves the previous file or the new one, never half.
-/// The data directory is the store's (created when it opens); one removed under a running
-/// agent is not made again here.
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
 }
 
 #[cfg(test)]
