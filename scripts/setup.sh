@@ -36,6 +36,8 @@ command -v skopeo >/dev/null || missing+=(skopeo)
 command -v umoci >/dev/null || missing+=(umoci)
 # The topology page rendered headless (tests/tests/ui_page.rs): CI installs it, a developer may not.
 if [ -n "${CI:-}" ]; then command -v chromium >/dev/null || missing+=(chromium); fi
+# Real Prometheus scraping a secured agent (tests/tests/metrics_scrape.rs): CI installs it too.
+if [ -n "${CI:-}" ]; then command -v prometheus >/dev/null || missing+=(prometheus); fi
 /usr/bin/python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: apt-get install ${missing[*]} (about a minute)"

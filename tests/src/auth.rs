@@ -60,6 +60,7 @@ pub fn admin_policy() -> Value {
 pub struct AuthFile {
     keys: Vec<Value>,
     roles: Vec<Value>,
+    scrapers: Vec<Value>,
 }
 
 impl AuthFile {
@@ -74,8 +75,22 @@ impl AuthFile {
         self
     }
 
+    /// A metrics scraper whose bearer token is in `token_file` (the auth file holds its SHA-256
+    /// only, taken with `sha256sum` as the operator's guide says).
+    pub fn scraper(mut self, name: &str, token_file: &Path) -> Self {
+        let out = check(Command::new("sha256sum").arg(token_file));
+        let digest = out
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        self.scrapers
+            .push(json!({"name": name, "tokenSha256": digest}));
+        self
+    }
+
     pub fn to_json(&self) -> Value {
-        json!({"keys": self.keys, "roles": self.roles})
+        json!({"keys": self.keys, "roles": self.roles, "scrapers": self.scrapers})
     }
 
     /// Writes it to `path` in one rename, as an operator's config management would.

@@ -1,11 +1,15 @@
-//! The `--api-auth` file: keys (access key id, secret, policy) and IAM roles (ARN, policy). Read
-//! and checked whole; a bad file is refused with the field and the rule, so the caller keeps the
-//! previous one in force.
+//! The `--api-auth` file: keys (access key id, secret, policy), IAM roles (ARN, policy) and
+//! metrics scrapers (name, SHA-256 of a bearer token). Read and checked whole; a bad file is
+//! refused with the field and the rule, so the caller keeps the previous one in force.
 //!
 //! ```json
 //! {"keys":  [{"accessKeyId": "AKIA…", "secretAccessKey": "…", "policy": {"Version": "2012-10-17", "Statement": […]}}],
-//!  "roles": [{"arn": "arn:aws:iam::111122223333:role/ci-deployer", "policy": {…}}]}
+//!  "roles": [{"arn": "arn:aws:iam::111122223333:role/ci-deployer", "policy": {…}}],
+//!  "scrapers": [{"name": "prometheus", "tokenSha256": "64 hex digits"}]}
 //! ```
+//!
+//! Scrapers exist because Prometheus cannot sign SigV4 but can send a bearer token from a file.
+//! The file holds only the token's digest, so reading it does not let anyone scrape.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -46,6 +50,13 @@ pub struct Key {
     pub policy: Policy,
 }
 
+/// A metrics scraper: who may `GET /metrics` with a bearer token, and nothing else.
+#[derive(Debug, Clone)]
+pub struct Scraper {
+    pub name: String,
+    pub token_sha256: [u8; 32],
+}
+
 #[derive(Debug, Clone)]
 pub struct Role {
     pub arn: String,
@@ -58,6 +69,7 @@ pub struct Role {
 pub struct AuthFile {
     keys: HashMap<String, Key>,
     roles: Vec<Role>,
+    scrapers: Vec<Scraper>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -107,8 +119,11 @@ impl AuthFile {
             .as_object()
             .ok_or_else(|| field("(top level)", "must be an object with keys and roles"))?;
         for k in obj.keys() {
-            if k != "keys" && k != "roles" {
-                return Err(field(k, "is not an auth file member (keys, roles)"));
+            if !["keys", "roles", "scrapers"].contains(&k.as_str()) {
+                return Err(field(
+                    k,
+                    "is not an auth file member (keys, roles, scrapers)",
+                ));
             }
         }
         let list = |name: &str| -> Result<Vec<Value>, Error> {
@@ -143,6 +158,27 @@ impl AuthFile {
             }
             out.roles.push(role);
         }
+        for (i, item) in list("scrapers")?.iter().enumerate() {
+            let at = format!("scrapers[{i}]");
+            let scraper = parse_scraper(item, &at).map_err(|(f, r)| field(&f, &r))?;
+            if let Some(j) = out.scrapers.iter().position(|s| s.name == scraper.name) {
+                return Err(field(
+                    &format!("{at}.name"),
+                    &format!("duplicates another scraper's (scrapers[{j}])"),
+                ));
+            }
+            if let Some(j) = out
+                .scrapers
+                .iter()
+                .position(|s| s.token_sha256 == scraper.token_sha256)
+            {
+                return Err(field(
+                    &format!("{at}.tokenSha256"),
+                    &format!("is the same token as scrapers[{j}]'s: give each scraper its own"),
+                ));
+            }
+            out.scrapers.push(scraper);
+        }
         Ok(out)
     }
 
@@ -161,13 +197,26 @@ impl AuthFile {
         self.roles.iter().find(|r| r.arn == arn)
     }
 
+    /// The scraper whose token has this SHA-256 digest. Compares with every scraper's digest in
+    /// constant time, so the answer's timing does not tell how much of a digest matched.
+    pub fn scraper(&self, token_sha256: &[u8; 32]) -> Option<&Scraper> {
+        use subtle::ConstantTimeEq;
+        let mut found = None;
+        for s in &self.scrapers {
+            if bool::from(s.token_sha256.ct_eq(token_sha256)) {
+                found = Some(s);
+            }
+        }
+        found
+    }
+
     pub fn has_roles(&self) -> bool {
         !self.roles.is_empty()
     }
 
-    /// Counts for the log line of a (re)load; never a secret.
-    pub fn summary(&self) -> (usize, usize) {
-        (self.keys.len(), self.roles.len())
+    /// Counts for the log line of a (re)load: keys, roles, scrapers; never a secret.
+    pub fn summary(&self) -> (usize, usize, usize) {
+        (self.keys.len(), self.roles.len(), self.scrapers.len())
     }
 }
 
@@ -267,79 +316,38 @@ fn parse_role(item: &Value, at: &str) -> Result<Role, FieldError> {
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const ALLOW_ALL: &str = r#"{"Statement": {"Effect": "Allow", "Action": "*", "Resource": "*"}}"#;
-
-    fn parse(text: &str) -> Result<AuthFile, String> {
-        AuthFile::parse(text.as_bytes(), "auth.json").map_err(|e| e.to_string())
+fn parse_scraper(item: &Value, at: &str) -> Result<Scraper, FieldError> {
+    let obj = object(item, at, &["name", "tokenSha256", "description"])?;
+    let name = string(obj, at, "name")?;
+    if !(1..=64).contains(&name.len())
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    {
+        return Err((
+            format!("{at}.name"),
+            "must be 1 to 64 letters, digits, '-', '_' or '.'".into(),
+        ));
     }
-
-    #[test]
-    fn a_good_file_names_keys_and_roles() {
-        let f = parse(&format!(
-            r#"{{"keys": [{{"accessKeyId": "AKIAEXAMPLEKEY000001", "secretAccessKey": "s3cr3t-s3cr3t-s3cr3t", "policy": {ALLOW_ALL}}}],
-                "roles": [{{"arn": "arn:aws:iam::111122223333:role/ci/deployer", "policy": {ALLOW_ALL}}}]}}"#
-        ))
-        .unwrap();
-        assert_eq!(f.summary(), (1, 1));
-        assert!(f.key("AKIAEXAMPLEKEY000001").is_some());
-        let role = f
-            .role_for_caller("arn:aws:sts::111122223333:assumed-role/deployer/run-1")
-            .unwrap();
-        assert_eq!(role.arn, "arn:aws:iam::111122223333:role/ci/deployer");
-        assert!(f.role(&role.arn).is_some());
-    }
-
-    #[test]
-    fn a_bad_file_names_the_field_and_never_quotes_a_secret() {
-        let key = |id: &str, secret: &str| {
-            format!(
-                r#"{{"keys": [{{"accessKeyId": "{id}", "secretAccessKey": "{secret}", "policy": {ALLOW_ALL}}}]}}"#
+    let digest = string(obj, at, "tokenSha256")?;
+    let token_sha256 = hex::decode(digest)
+        .ok()
+        .and_then(|b| <[u8; 32]>::try_from(b).ok())
+        .ok_or_else(|| {
+            (
+                format!("{at}.tokenSha256"),
+                "must be the SHA-256 of the token, 64 hex digits (`sha256sum` of a token file without a newline)".to_string(),
             )
-        };
-        let cases = [
-            (key("short", "s3cr3t-s3cr3t-s3cr3t"), "keys[0].accessKeyId: must be 16"),
-            (key("ASIAEXAMPLEKEY000001", "s3cr3t-s3cr3t-s3cr3t"), "must not start with ASIA"),
-            (key("AKIAEXAMPLEKEY000001", "with space s3cr3t s3cr3t"), "keys[0].secretAccessKey"),
-            (r#"{"keys": {}}"#.into(), "keys: must be a list"),
-            (r#"{"users": []}"#.into(), "users: is not an auth file member"),
-            (
-                r#"{"roles": [{"arn": "arn:aws:iam::111122223333:role/x"}]}"#.into(),
-                "roles[0].policy: is required",
-            ),
-            (
-                format!(r#"{{"roles": [{{"arn": "arn:aws:iam::1:role/x", "policy": {ALLOW_ALL}}}]}}"#),
-                "roles[0].arn: must be an IAM role",
-            ),
-            (
-                r#"{"roles": [{"arn": "arn:aws:iam::111122223333:role/x", "policy": {"Statement": {"Effect": "Allow", "Action": "*"}}}]}"#.into(),
-                "roles[0].policy.Statement.Resource: Resource or NotResource is required",
-            ),
-            ("{".into(), "is not JSON"),
-        ];
-        for (text, want) in cases {
-            let got = parse(&text).unwrap_err();
-            assert!(got.contains(want), "{text}: {got:?} lacks {want:?}");
-            assert!(!got.contains("s3cr3t"), "a secret in {got:?}");
-        }
-        let dup = format!(
-            r#"{{"keys": [{{"accessKeyId": "AKIAEXAMPLEKEY000001", "secretAccessKey": "s3cr3t-s3cr3t-s3cr3t", "policy": {ALLOW_ALL}}},
-                          {{"accessKeyId": "AKIAEXAMPLEKEY000001", "secretAccessKey": "s3cr3t-s3cr3t-s3cr3t", "policy": {ALLOW_ALL}}}]}}"#
-        );
-        assert!(
-            parse(&dup)
-                .unwrap_err()
-                .contains("keys[1].accessKeyId: duplicates")
-        );
-        assert!(
-            !format!(
-                "{:?}",
-                parse(&key("AKIAEXAMPLEKEY000001", "s3cr3t-s3cr3t-s3cr3t")).unwrap()
-            )
-            .contains("s3cr3t")
-        );
+        })?;
+    if let Some(d) = obj.get("description") {
+        d.as_str()
+            .ok_or_else(|| (format!("{at}.description"), "must be a string".to_string()))?;
     }
+    Ok(Scraper {
+        name: name.to_string(),
+        token_sha256,
+    })
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,6 +1,9 @@
 //! The HTTP side: a middleware in front of every route (request id, signature, policy, audit),
 //! the credential exchange endpoints, and what a connection tells about its peer.
 //!
+//! A bearer token (a metrics scraper's, from the auth file) authenticates `GET /metrics` and
+//! nothing else, over TLS or from loopback only.
+//!
 //! Open without a signature: `/healthz`, `/readyz` (container and load balancer health checks),
 //! the credential exchange (`/trellis/v1/sts`, `/trellis/v1/credentials`), whose request is its
 //! own proof, and the topology page `/ui` (code only: it signs its own data requests). Trellis's
@@ -64,6 +67,13 @@ impl Connected<axum::serve::IncomingStream<'_, TlsListener>> for Conn {
     }
 }
 
+/// The token of an `Authorization: Bearer …` header (a scraper's); SigV4 uses another scheme.
+fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
 /// The credential exchange's routes.
 pub fn routes(auth: Arc<Auth>) -> Router {
     Router::new()
@@ -100,10 +110,9 @@ pub async fn layer(State(auth): State<Arc<Auth>>, req: Request, next: Next) -> R
 struct RequestId(String);
 
 async fn guard(auth: &Auth, req: Request, next: Next, request_id: &str) -> Response {
-    let source = req
-        .extensions()
-        .get::<ConnectInfo<Conn>>()
-        .map(|c| c.0.peer.ip().to_string());
+    let conn = req.extensions().get::<ConnectInfo<Conn>>().map(|c| c.0);
+    let source = conn.map(|c| c.peer.ip().to_string());
+    let protected = conn.is_some_and(|c| c.tls || c.peer.ip().is_loopback());
     let (parts, body) = req.into_parts();
     let body = match axum::body::to_bytes(body, MAX_BODY).await {
         Ok(b) => b,
@@ -142,7 +151,13 @@ async fn guard(auth: &Auth, req: Request, next: Next, request_id: &str) -> Respo
         error_code,
         source_ip: source.clone(),
     };
-    let who = match auth.authenticate(&sreq, now).await {
+    let authenticated = match bearer(&parts.headers) {
+        Some(token) => auth
+            .authenticate_bearer(token, sreq.method, sreq.path, protected)
+            .map_err(|r| (r, None)),
+        None => auth.authenticate(&sreq, now).await,
+    };
+    let who = match authenticated {
         Ok(who) => who,
         Err((refusal, claimed)) => {
             auth.metrics.refusal(&refusal);

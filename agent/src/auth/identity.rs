@@ -18,6 +18,8 @@ pub enum Principal {
         /// The session credentials' access key id.
         access_key_id: String,
     },
+    /// A metrics scraper of the auth file, by a bearer token: `scraper/NAME`.
+    Scraper { name: String },
     /// Nobody in particular: the API runs without `--api-auth` (loopback, or explicitly open).
     Anonymous,
 }
@@ -28,6 +30,7 @@ impl Principal {
         match self {
             Principal::Key { access_key_id } => access_key_id,
             Principal::Role { arn, .. } => arn,
+            Principal::Scraper { name } => name,
             Principal::Anonymous => "anonymous",
         }
     }

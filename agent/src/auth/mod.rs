@@ -40,6 +40,9 @@ use sts::Sts;
 
 use crate::store::secret::Secrets;
 
+/// The one path a scraper's bearer token opens.
+pub const METRICS_PATH: &str = "/metrics";
+
 /// Why a request is refused: AWS's error codes and statuses, in App Mesh's JSON error shape.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
@@ -197,8 +200,8 @@ impl Auth {
                     source,
                 })?;
                 let f = AuthFile::parse(&bytes, &path.display().to_string())?;
-                let (keys, roles) = f.summary();
-                info!(file = %path.display(), keys, roles, "API authentication on");
+                let (keys, roles, scrapers) = f.summary();
+                info!(file = %path.display(), keys, roles, scrapers, "API authentication on");
                 let (tx, _) = watch::channel((Arc::new(f), digest(&bytes)));
                 Some((path.clone(), tx))
             }
@@ -281,8 +284,9 @@ impl Auth {
             match self.reload() {
                 Ok(true) => {
                     self.metrics.reloads_ok.fetch_add(1, Ordering::Relaxed);
-                    let (keys, roles) = self.current().map(|f| f.summary()).unwrap_or_default();
-                    info!(keys, roles, "auth file reloaded");
+                    let (keys, roles, scrapers) =
+                        self.current().map(|f| f.summary()).unwrap_or_default();
+                    info!(keys, roles, scrapers, "auth file reloaded");
                 }
                 Ok(false) => {}
                 Err(e) => {
@@ -350,7 +354,44 @@ impl Auth {
         })
     }
 
-    /// Checks the principal's policy for every resource of the operation.
+    /// Authenticates a bearer token: a scraper of the auth file, for `GET /metrics` only.
+    /// `protected`: the connection is TLS or from loopback. A bearer token, unlike a signature,
+    /// can be replayed by whoever sees it, so it is refused in the clear off the host.
+    pub fn authenticate_bearer(
+        &self,
+        token: &str,
+        method: &str,
+        path: &str,
+        protected: bool,
+    ) -> Result<Authenticated, Refusal> {
+        let Some(file) = self.current() else {
+            return Ok(Authenticated {
+                principal: Principal::Anonymous,
+                file: None,
+            });
+        };
+        if method != "GET" || path != METRICS_PATH {
+            return Err(Refusal::AccessDenied(format!(
+                "a bearer token is accepted only for GET {METRICS_PATH} (a metrics scrape); sign this request with SigV4"
+            )));
+        }
+        if !protected {
+            return Err(Refusal::AccessDenied(
+                "a bearer token is accepted only over TLS or from loopback: it would travel in the clear".into(),
+            ));
+        }
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let scraper = file.scraper(&digest).ok_or(Refusal::UnrecognizedClient)?;
+        Ok(Authenticated {
+            principal: Principal::Scraper {
+                name: format!("scraper/{}", scraper.name),
+            },
+            file: Some(file),
+        })
+    }
+
+    /// Checks the principal's policy for every resource of the operation. A scraper's only
+    /// permission is `trellis:ReadMetrics`.
     pub fn authorize(&self, who: &Authenticated, op: &Operation) -> Result<(), Refusal> {
         let Some(file) = &who.file else {
             return Ok(());
@@ -358,6 +399,16 @@ impl Auth {
         let policy = match &who.principal {
             Principal::Key { access_key_id } => file.key(access_key_id).map(|k| &k.policy),
             Principal::Role { arn, .. } => file.role(arn).map(|r| &r.policy),
+            Principal::Scraper { name } => {
+                return if op.action == "trellis:ReadMetrics" {
+                    Ok(())
+                } else {
+                    Err(Refusal::AccessDenied(format!(
+                        "User: {name} is not authorized to perform: {}: a scraper may only read metrics",
+                        op.action
+                    )))
+                };
+            }
             Principal::Anonymous => None,
         };
         let user = who.principal.name();
