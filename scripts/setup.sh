@@ -36,13 +36,20 @@ command -v skopeo >/dev/null || missing+=(skopeo)
 command -v umoci >/dev/null || missing+=(umoci)
 # The topology page rendered headless (tests/tests/ui_page.rs): CI installs it, a developer may not.
 if [ -n "${CI:-}" ]; then command -v chromium >/dev/null || missing+=(chromium); fi
-# Real Prometheus scraping a secured agent (tests/tests/metrics_scrape.rs): CI installs it too.
-if [ -n "${CI:-}" ]; then command -v prometheus >/dev/null || missing+=(prometheus); fi
+# Real Prometheus scraping a secured agent (tests/tests/metrics_scrape.rs): CI installs it too,
+# without its recommended exporters; the test runs its own Prometheus, never a system service.
+bare=()
+if [ -n "${CI:-}" ]; then command -v prometheus >/dev/null || bare+=(prometheus); fi
 /usr/bin/python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: apt-get install ${missing[*]} (about a minute)"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+if [ ${#bare[@]} -gt 0 ]; then
+  echo "setup: apt-get install --no-install-recommends ${bare[*]}"
+  [ ${#missing[@]} -gt 0 ] || apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${bare[@]}" >/dev/null
 fi
 
 # /usr/bin/python3, not a shim under a private home: Envoy and test apps run as other uids.
