@@ -22,6 +22,32 @@ fn token_file(work: &Workdir, name: &str) -> (PathBuf, String) {
     (path, token)
 }
 
+/// An agent with its API over HTTPS and an auth file naming the scraper "prometheus": the agent,
+/// the CA its certificate chains to, the token file and the token.
+fn https_agent_with_a_scraper(work: &Workdir) -> (Agent, Pki, PathBuf, String) {
+    let pki = Pki::new(work, "api");
+    let (cert, key) = pki.issue("api");
+    let (file, token) = token_file(work, "prometheus");
+    let mut auth = ApiAuth::admin(
+        work,
+        "agent",
+        AuthFile::default().scraper("prometheus", &file),
+    );
+    auth.tls = Some(Tls {
+        cert,
+        key,
+        ca: pki.ca.clone(),
+    });
+    let agent = Agent::start_with(
+        work,
+        &AgentOpts {
+            auth: Some(auth),
+            ..AgentOpts::default()
+        },
+    );
+    (agent, pki, file, token)
+}
+
 /// `curl -s` of `url` with `Authorization: Bearer TOKEN`: (status, body).
 fn bearer_curl(url: &str, token: &str, ca: &Path, extra: &[&str]) -> (String, String) {
     let out = run(Command::new("curl")
@@ -65,27 +91,8 @@ fn prometheus_scrapes_with_its_bearer_token_and_a_wrong_token_is_refused_and_aud
         return;
     }
     let work = Workdir::new("scrape");
-    let pki = Pki::new(&work, "api");
-    let (cert, key) = pki.issue("api");
-    let (good, token) = token_file(&work, "prometheus");
+    let (agent, pki, good, token) = https_agent_with_a_scraper(&work);
     let (wrong, wrong_token) = token_file(&work, "intruder");
-    let mut auth = ApiAuth::admin(
-        &work,
-        "agent",
-        AuthFile::default().scraper("prometheus", &good),
-    );
-    auth.tls = Some(Tls {
-        cert,
-        key,
-        ca: pki.ca.clone(),
-    });
-    let agent = Agent::start_with(
-        &work,
-        &AgentOpts {
-            auth: Some(auth),
-            ..AgentOpts::default()
-        },
-    );
     agent.appmesh(&["create-mesh", "--mesh-name", "shop"]);
     let target = agent
         .api
@@ -191,26 +198,7 @@ fn prometheus_scrapes_with_its_bearer_token_and_a_wrong_token_is_refused_and_aud
 #[test]
 fn a_bearer_token_opens_nothing_but_get_metrics_and_never_in_the_clear_off_the_host() {
     let work = Workdir::new("scrape-scope");
-    let pki = Pki::new(&work, "api");
-    let (cert, key) = pki.issue("api");
-    let (good, token) = token_file(&work, "prometheus");
-    let mut auth = ApiAuth::admin(
-        &work,
-        "agent",
-        AuthFile::default().scraper("prometheus", &good),
-    );
-    auth.tls = Some(Tls {
-        cert,
-        key,
-        ca: pki.ca.clone(),
-    });
-    let agent = Agent::start_with(
-        &work,
-        &AgentOpts {
-            auth: Some(auth),
-            ..AgentOpts::default()
-        },
-    );
+    let (agent, pki, good, token) = https_agent_with_a_scraper(&work);
     let api = &agent.api;
     let (status, body) = bearer_curl(&format!("{api}/metrics"), &token, &pki.ca, &[]);
     assert_eq!(status, "200", "{body}");
