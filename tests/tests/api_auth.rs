@@ -1,7 +1,7 @@
 //! The API with `--api-auth`: every request SigV4-verified as the AWS CLI, boto3 and the Rust SDK
 //! sign it, refusals with AWS's codes and statuses in App Mesh's error shape, IAM policies
 //! scoping keys (read-only, one mesh, Deny over Allow, wildcard actions, referenced resources), the
-//! 15-minute window, `/metrics` and `/debug/xds` behind their actions, the audit log, the auth file
+//! 15-minute window, `/metrics`, `/debug/xds`, explain and the topology behind their actions, the audit log, the auth file
 //! reloaded under load, HTTPS with `--ca-bundle` and a reloaded certificate, and the refusal to
 //! open the API beyond loopback without a lock.
 
@@ -441,6 +441,110 @@ fn metrics_and_debug_need_their_action_and_health_stays_open() {
     // The helpers sign with the administrator key (`trellis:*`).
     assert!(agent.metric("trellis_api_requests_total{outcome=\"unauthenticated\"}") >= 1.0);
     assert!(agent.debug_xds().is_object());
+}
+
+/// `trellis:Explain` is checked on the explained proxy's ARN and `trellis:ReadTopology` on the
+/// mesh's, end to end: a principal allowed one node and one mesh is refused the others, with the
+/// action and the ARN named, through the `explain` command and the topology endpoint.
+#[test]
+fn explain_and_the_topology_need_their_action_on_the_proxy_and_the_mesh_they_show() {
+    let work = Workdir::new("auth-explain");
+    let arn = |p: &str| format!("arn:aws:appmesh:us-east-1:000000000000:{p}");
+    let viewer = Key::new("viewer");
+    let agent = start(
+        &work,
+        "agent",
+        AuthFile::default().key(
+            &viewer,
+            json!({"Statement": [
+                {"Effect": "Allow", "Action": "trellis:Explain", "Resource": arn("mesh/shop/virtualNode/front")},
+                {"Effect": "Allow", "Action": "trellis:ReadTopology", "Resource": arn("mesh/shop")}]}),
+        ),
+    );
+    for mesh in ["shop", "lab"] {
+        agent.appmesh(&["create-mesh", "--mesh-name", mesh]);
+    }
+    for node in ["front", "back"] {
+        agent.appmesh(&[
+            "create-virtual-node",
+            "--mesh-name",
+            "shop",
+            "--virtual-node-name",
+            node,
+            "--spec",
+            r#"{"listeners": [{"portMapping": {"port": 8080, "protocol": "http"}}], "serviceDiscovery": {"dns": {"hostname": "x.local"}}}"#,
+        ]);
+    }
+    let explain = |node: &str| {
+        run(Command::new(bin("trellis-agent"))
+            .args(["explain", "--mesh", "shop", "--virtual-node", node])
+            .args([
+                "http://back.local:8080/",
+                "--output",
+                "json",
+                "--api-addr",
+                &agent.api,
+            ])
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("AWS_CONFIG_FILE", "/dev/null")
+            .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+            .env_remove("AWS_SESSION_TOKEN")
+            .env_remove("AWS_PROFILE")
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_ACCESS_KEY_ID", &viewer.id)
+            .env("AWS_SECRET_ACCESS_KEY", &viewer.secret))
+    };
+    let allowed = explain("front");
+    assert!(
+        allowed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&allowed.stderr)
+    );
+    let answer: Value = serde_json::from_slice(&allowed.stdout).expect("explain's JSON");
+    assert!(answer.is_object(), "{answer}");
+    let refused_node = explain("back");
+    assert!(!refused_node.status.success());
+    let err = String::from_utf8_lossy(&refused_node.stderr);
+    assert!(
+        err.contains("AccessDenied")
+            && err.contains("trellis:Explain")
+            && err.contains(&arn("mesh/shop/virtualNode/back")),
+        "{err}"
+    );
+    let topology = |mesh: &str| {
+        let out = run(Command::new("curl")
+            .args([
+                "-s",
+                "-w",
+                "\n%{http_code}",
+                "--aws-sigv4",
+                "aws:amz:us-east-1:appmesh",
+            ])
+            .arg("--user")
+            .arg(format!("{}:{}", viewer.id, viewer.secret))
+            .arg(format!("{}/trellis/v1/topology?mesh={mesh}", agent.api)));
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, status) = text.rsplit_once('\n').unwrap_or(("", ""));
+        (status.to_string(), body.to_string())
+    };
+    let (status, body) = topology("shop");
+    assert_eq!(status, "200", "{body}");
+    assert!(body.contains("front") && body.contains("back"), "{body}");
+    let (status, body) = topology("lab");
+    assert_eq!(status, "403", "{body}");
+    assert!(
+        body.contains("trellis:ReadTopology") && body.contains(&arn("mesh/lab")),
+        "{body}"
+    );
+    // What it may see does not include the App Mesh API itself.
+    let a = boto(
+        &agent,
+        &viewer,
+        "describe_mesh",
+        json!({"meshName": "shop"}),
+        json!({}),
+    );
+    assert_eq!(refused(&a), ("AccessDeniedException".into(), 403), "{a}");
 }
 
 #[test]
