@@ -75,6 +75,10 @@ pub struct Endpoints {
     /// What virtual service names resolve to (sorted), for TCP services that share a port: the
     /// app connects to that address, so it tells them apart. See [`shared_tcp_services`].
     pub addresses: BTreeMap<String, Arc<[IpAddr]>>,
+    /// The ACM certificate and ACM PCA authority ARNs the agent holds and serves as secrets
+    /// ([`crate::acm`]); `None` when it serves no ACM at all (no attestation): ACM then fails
+    /// closed everywhere.
+    pub acm: Option<Arc<BTreeSet<String>>>,
 }
 
 impl Endpoints {

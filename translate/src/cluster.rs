@@ -116,6 +116,7 @@ impl Ctx<'_> {
             port_n,
             proto,
             target,
+            self.endpoints.acm.as_deref(),
             &mut out.unserved,
         );
         match (tls, shared) {
@@ -309,7 +310,7 @@ fn upstream_cluster(
     let sni = policy::discovery_name(target);
     if let Some(tls) = listener
         .zip(sni.as_deref())
-        .and_then(|(l, sni)| policy::server_tls(l, sni, proto))
+        .and_then(|(l, sni)| policy::server_tls(l, sni, proto, endpoints.acm.as_deref()))
     {
         envoy::set_transport_socket(&mut c, tls);
     }

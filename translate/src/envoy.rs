@@ -37,8 +37,8 @@ use trellis_envoy_api::pb::envoy::extensions::filters::network::tcp_proxy::v3::{
     TcpProxy, tcp_proxy,
 };
 use trellis_envoy_api::pb::envoy::extensions::transport_sockets::tls::v3::{
-    CertificateValidationContext, CommonTlsContext, DownstreamTlsContext, SdsSecretConfig,
-    SubjectAltNameMatcher, TlsCertificate, UpstreamTlsContext, common_tls_context,
+    CertificateValidationContext, CommonTlsContext, DownstreamTlsContext, SdsSecretConfig, Secret,
+    SubjectAltNameMatcher, TlsCertificate, UpstreamTlsContext, common_tls_context, secret,
     subject_alt_name_matcher::SanType,
 };
 use trellis_envoy_api::pb::envoy::extensions::upstreams::http::v3::{
@@ -437,6 +437,9 @@ pub(super) enum Cert {
     },
     /// A secret of this name from the local SDS server.
     Sds(String),
+    /// An ACM certificate, a secret of this name the agent serves over ADS (only to an attested
+    /// Envoy: `acm::certificate_secret`).
+    Acm(String),
 }
 
 /// Where the trusted CA bundle comes from.
@@ -445,6 +448,8 @@ pub(super) enum Trust {
     File(String),
     /// A validation-context secret of this name from the local SDS server.
     Sds(String),
+    /// ACM PCA certificates, a validation-context secret of this name the agent serves over ADS.
+    Acm(String),
 }
 
 /// Peer validation: a CA bundle and, optionally, names one of the peer's SANs must equal.
@@ -489,6 +494,53 @@ fn sds_secret(name: &str) -> SdsSecretConfig {
     }
 }
 
+/// A secret the agent itself serves on the Envoy's ADS stream (ACM material): no other source
+/// to reach, and it arrives on the stream the agent attested.
+fn ads_secret(name: &str) -> SdsSecretConfig {
+    SdsSecretConfig {
+        name: name.to_string(),
+        sds_config: Some(ConfigSource {
+            resource_api_version: ApiVersion::V3 as i32,
+            config_source_specifier: Some(config_source::ConfigSourceSpecifier::Ads(
+                AggregatedConfigSource {},
+            )),
+            ..Default::default()
+        }),
+    }
+}
+
+fn inline(text: &str) -> Option<DataSource> {
+    Some(DataSource {
+        specifier: Some(data_source::Specifier::InlineString(text.to_string())),
+        ..Default::default()
+    })
+}
+
+/// A certificate secret: the PEM chain (leaf first) and the PEM private key, inline.
+pub(super) fn certificate_secret(name: &str, chain: &str, key: &str) -> Secret {
+    Secret {
+        name: name.to_string(),
+        r#type: Some(secret::Type::TlsCertificate(TlsCertificate {
+            certificate_chain: inline(chain),
+            private_key: inline(key),
+            ..Default::default()
+        })),
+    }
+}
+
+/// A validation-context secret: the trusted CA certificates (PEM), inline.
+pub(super) fn trust_secret(name: &str, cas: &str) -> Secret {
+    Secret {
+        name: name.to_string(),
+        r#type: Some(secret::Type::ValidationContext(
+            CertificateValidationContext {
+                trusted_ca: inline(cas),
+                ..Default::default()
+            },
+        )),
+    }
+}
+
 fn common_tls(
     cert: Option<&Cert>,
     validation: Option<&Validation>,
@@ -520,6 +572,7 @@ fn common_tls(
             vec![],
         ),
         Some(Cert::Sds(name)) => (vec![], vec![sds_secret(name)]),
+        Some(Cert::Acm(name)) => (vec![], vec![ads_secret(name)]),
     };
     // SDS trust keeps the SAN matchers here: the SDS bundle is merged into this default context.
     let validation_context_type = validation.map(|v| match &v.trust {
@@ -537,6 +590,16 @@ fn common_tls(
                     ..Default::default()
                 }),
                 validation_context_sds_secret_config: Some(sds_secret(name)),
+                ..Default::default()
+            },
+        ),
+        Trust::Acm(name) => common_tls_context::ValidationContextType::CombinedValidationContext(
+            common_tls_context::CombinedCertificateValidationContext {
+                default_validation_context: Some(CertificateValidationContext {
+                    match_typed_subject_alt_names: sans,
+                    ..Default::default()
+                }),
+                validation_context_sds_secret_config: Some(ads_secret(name)),
                 ..Default::default()
             },
         ),

@@ -102,6 +102,7 @@ pub(super) fn virtual_gateway(
             tls.as_ref(),
             l.port_mapping.port,
             policy::gateway_proto(proto),
+            endpoints.acm.as_deref(),
             &mut out.unserved,
         );
         // STRICT with a certificate that cannot be served: no listener (never plaintext), and

@@ -11,6 +11,7 @@
 //! ([`cluster`]), router routes ([`routes`]), gateways ([`gateway`]), App Mesh policies
 //! ([`policy`]) and the Envoy protos themselves ([`envoy`]).
 
+mod acm;
 mod cloud_map;
 mod cluster;
 mod envoy;
@@ -25,6 +26,9 @@ mod routes;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
+pub use acm::{
+    AcmSecret, acm_secrets, certificate_item, certificate_secret, trust_item, trust_secret,
+};
 pub use envoy::SDS_CLUSTER;
 pub use memo::Memo;
 pub use output::{Blob, Encoded, Hash, Item};
@@ -109,6 +113,8 @@ pub struct Inputs {
     instances: Vec<Option<Arc<[Instance]>>>,
     addresses: Vec<Option<Arc<[std::net::IpAddr]>>>,
     plans: Vec<Arc<ServicePlan>>,
+    /// The ACM ARNs held (any change re-translates: ACM secrets come and go rarely).
+    acm: Option<Arc<std::collections::BTreeSet<String>>>,
 }
 
 impl PartialEq for Inputs {
@@ -117,6 +123,7 @@ impl PartialEq for Inputs {
         self.resources == other.resources
             && self.instances == other.instances
             && self.addresses == other.addresses
+            && self.acm == other.acm
             && self.plans.len() == other.plans.len()
             && self
                 .plans
@@ -161,6 +168,7 @@ pub fn inputs(
         instances,
         addresses,
         plans,
+        acm: endpoints.acm.clone(),
     })
 }
 

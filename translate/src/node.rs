@@ -24,7 +24,8 @@ pub(super) fn virtual_node<'a>(
     spec: &'a VirtualNodeSpec,
 ) -> Output {
     let mut out = Output::default();
-    ingress(ctx.mesh_name, ctx.mesh, node_name, spec, &mut out);
+    let acm = ctx.endpoints.acm.as_deref();
+    ingress(ctx.mesh_name, ctx.mesh, node_name, spec, acm, &mut out);
     egress(ctx, spec, &mut out);
     out.finish()
 }
@@ -37,6 +38,7 @@ fn ingress(
     mesh: &MeshState,
     node: &str,
     spec: &VirtualNodeSpec,
+    acm: Option<&BTreeSet<String>>,
     out: &mut Output,
 ) {
     let (bind, local) = policy::bind(policy::own_ip_preference(mesh, spec));
@@ -76,6 +78,7 @@ fn ingress(
             l.tls.as_ref(),
             l.port_mapping.port,
             proto,
+            acm,
             &mut out.unserved,
         ) {
             policy::ListenerTlsPlan::Plain => chains.push(envoy::filter_chain(Some(port), filter)),

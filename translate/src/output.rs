@@ -56,7 +56,7 @@ enum Content {
 }
 
 impl Item {
-    fn encoded(name: String, blob: Arc<Blob>) -> Self {
+    pub(super) fn encoded(name: String, blob: Arc<Blob>) -> Self {
         Item {
             name,
             hash: blob.hash,

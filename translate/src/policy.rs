@@ -27,13 +27,18 @@
 //!   SPIRE agent) through the bootstrap cluster `static_cluster_sds_unix_socket`, which
 //!   `trellis-agent bootstrap` adds when `APPMESH_SDS_SOCKET_PATH` is set, as App Mesh's image
 //!   did; SANs are still matched against the SDS-provided bundle;
-//! - what cannot be served (ACM certificates or ACM PCA trust) fails closed and is listed in
-//!   `Resources::unserved`.
+//! - ACM certificates and ACM PCA trust are secrets the agent serves on the Envoy's own ADS
+//!   stream ([`crate::acm`]), only when the agent serves ACM at all (attested streams) and holds
+//!   the ARN; otherwise they fail closed (STRICT port refused, enforced client cluster dropped,
+//!   PERMISSIVE plaintext) and are listed in `Resources::unserved`.
 
 use trellis_envoy_api::pb::envoy::config::accesslog::v3::AccessLog;
 use trellis_envoy_api::pb::envoy::config::core::v3::TransportSocket;
 use trellis_envoy_api::pb::google::protobuf::Duration as PbDuration;
 
+use std::collections::BTreeSet;
+
+use super::acm;
 use super::envoy::{self, Bind, Cert, Check, Checker, Limits, LogFormat, Lookup, Outlier, Trust};
 use super::routes::{DEFAULT_IDLE_S, DEFAULT_PER_REQUEST_S};
 use trellis_model::{
@@ -300,12 +305,14 @@ pub(super) enum ListenerTlsPlan {
 }
 
 /// The listener's TLS. Certificates and trust from files or from the local SDS server are
-/// served; ACM ones are not (no ACM or AWS Private CA here): STRICT then refuses the port rather
-/// than fall back to plaintext, PERMISSIVE serves plaintext only, and `notes` says why.
+/// served; ACM ones only when `acm` (the ARNs the agent holds) has them: otherwise STRICT
+/// refuses the port rather than fall back to plaintext, PERMISSIVE serves plaintext only, and
+/// `notes` says why.
 pub(super) fn listener_tls(
     tls: Option<&ListenerTls>,
     port: i64,
     proto: PortProtocol,
+    acm: Option<&BTreeSet<String>>,
     notes: &mut Vec<String>,
 ) -> ListenerTlsPlan {
     let Some(tls) = tls else {
@@ -332,8 +339,14 @@ pub(super) fn listener_tls(
         }
     } else if let Some(sds) = &tls.certificate.sds {
         Cert::Sds(sds.secret_name.clone())
+    } else if let Some(a) = &tls.certificate.acm {
+        let arn = &a.certificate_arn;
+        if let Err(why) = acm::held(acm, std::slice::from_ref(arn)) {
+            return unserved(&format!("ACM certificate: {why}"));
+        }
+        Cert::Acm(acm::certificate_secret(arn))
     } else {
-        return unserved(ACM_CERTIFICATE);
+        return unserved("no certificate");
     };
     let validation = match &tls.validation {
         None => None,
@@ -358,9 +371,6 @@ pub(super) fn listener_tls(
         ListenerTlsPlan::Permissive(socket)
     }
 }
-
-const ACM_CERTIFICATE: &str = "ACM certificates exist only inside AWS App Mesh";
-const ACM_TRUST: &str = "ACM PCA trust exists only inside AWS App Mesh";
 
 /// The client policy a caller applies to `service`: the backend's own, else its defaults.
 pub(super) fn client_policy<'a>(
@@ -396,6 +406,7 @@ pub(super) fn client_tls(
     port: u32,
     proto: PortProtocol,
     target: Option<&VirtualNodeSpec>,
+    acm: Option<&BTreeSet<String>>,
     notes: &mut Vec<String>,
 ) -> ClientTls {
     let Some(p) = policy else {
@@ -420,8 +431,14 @@ pub(super) fn client_tls(
         Trust::File(f.certificate_chain.clone())
     } else if let Some(sds) = &p.validation.trust.sds {
         Trust::Sds(sds.secret_name.clone())
+    } else if let Some(a) = &p.validation.trust.acm {
+        let arns = &a.certificate_authority_arns;
+        if let Err(why) = acm::held(acm, arns) {
+            return refuse(&format!("ACM PCA trust: {why}"));
+        }
+        Trust::Acm(acm::trust_secret(arns))
     } else {
-        return refuse(ACM_TRUST);
+        return refuse("no trust");
     };
     let cert = p.certificate.as_ref().and_then(|c| {
         c.file
@@ -450,11 +467,23 @@ pub(super) fn client_tls(
 /// PERMISSIVE, the proxies will be configured to negotiate TLS" and, for certificates from files,
 /// "the certificate of the server is not validated"). Certificates from SDS are treated the same
 /// (App Mesh documents none; without a client policy the caller has no trust to validate with).
-/// An ACM certificate is not served here (the listener is plaintext or refused), so plain.
+/// An ACM certificate counts only when `acm` (the ARNs the agent holds) has it: else the
+/// listener is plaintext or refused, so plain.
 /// `sni`: the target's service-discovery name, the name its certificate carries.
-pub(super) fn server_tls(l: &Listener, sni: &str, proto: PortProtocol) -> Option<TransportSocket> {
+pub(super) fn server_tls(
+    l: &Listener,
+    sni: &str,
+    proto: PortProtocol,
+    acm: Option<&BTreeSet<String>>,
+) -> Option<TransportSocket> {
     let tls = l.tls.as_ref()?;
-    let served = tls.certificate.file.is_some() || tls.certificate.sds.is_some();
+    let served = tls.certificate.file.is_some()
+        || tls.certificate.sds.is_some()
+        || tls
+            .certificate
+            .acm
+            .as_ref()
+            .is_some_and(|a| acm::held(acm, std::slice::from_ref(&a.certificate_arn)).is_ok());
     (tls.mode != ListenerTlsMode::Disabled && served)
         .then(|| envoy::upstream_tls_unverified(sni, alpn(proto)))
 }

@@ -1054,6 +1054,40 @@ mod policies {
         assert!(l.filter_chains[0].transport_socket.is_none());
     }
 
+    #[test]
+    fn a_held_acm_certificate_terminates_tls_on_a_gateway_listener_from_an_ads_secret() {
+        let arn = "arn:aws:acm:us-west-2:111122223333:certificate/x";
+        let s = state(
+            with_tls(json!({"mode": "STRICT", "certificate": {"acm": {"certificateArn": arn}}})),
+            &to_a(),
+            &[],
+        );
+        let who = ProxyIdentity::parse("mesh/m/virtualGateway/gw").unwrap();
+        let endpoints = Endpoints {
+            acm: Some(std::sync::Arc::new([arn.to_string()].into())),
+            ..Endpoints::new()
+        };
+        let r = translate(&s, &who, &endpoints).unwrap();
+        assert!(r.unserved.is_empty(), "{:?}", r.unserved);
+        let l = listener(&r, LISTENER).unwrap();
+        let socket = l.filter_chains[0].transport_socket.as_ref().unwrap();
+        let any = match &socket.config_type {
+            Some(trellis_envoy_api::pb::envoy::config::core::v3::transport_socket::ConfigType::TypedConfig(a)) => a,
+            None => panic!("untyped"),
+        };
+        let ctx = <trellis_envoy_api::pb::envoy::extensions::transport_sockets::tls::v3::DownstreamTlsContext as prost::Message>::decode(any.value.as_slice()).unwrap();
+        let sds = &ctx
+            .common_tls_context
+            .unwrap()
+            .tls_certificate_sds_secret_configs;
+        assert_eq!(sds[0].name, format!("acm:{arn}"));
+        let names: Vec<String> = crate::acm_secrets(&s, &who)
+            .iter()
+            .map(crate::AcmSecret::name)
+            .collect();
+        assert_eq!(names, [format!("acm:{arn}")]);
+    }
+
     /// (connections, pending, requests, retries) of a cluster's breakers.
     fn limits(c: &Cluster) -> (u32, u32, u32, u32) {
         let t = &c.circuit_breakers.as_ref().unwrap().thresholds[0];

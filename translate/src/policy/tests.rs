@@ -678,6 +678,11 @@ fn unservable_acm_certificates_refuse_strict_ports_and_say_why() {
         "never plaintext on a STRICT port"
     );
     assert!(strict.unserved[0].contains("ACM"), "{:?}", strict.unserved);
+    assert!(
+        strict.unserved[0].contains("attested"),
+        "says why: {:?}",
+        strict.unserved
+    );
     let permissive = of(&pair(json!({}), acm("PERMISSIVE"), json!({})), "back");
     let l = listener(&permissive, INGRESS);
     assert_eq!(l.filter_chains.len(), 1);
@@ -832,6 +837,146 @@ fn unservable_acm_client_trust_drops_the_cluster_rather_than_talk_plaintext() {
     let r = of(&pair(json!({}), http(8080), acm), "front");
     assert!(r.clusters.iter().all(|c| c.name != BACK_EGRESS));
     assert!(r.unserved[0].contains("ACM PCA trust"), "{:?}", r.unserved);
+}
+
+const CERT_ARN: &str = "arn:aws:acm:us-west-2:111122223333:certificate/back";
+const CA_B: &str = "arn:aws:acm-pca:us-west-2:111122223333:certificate-authority/b";
+const CA_A: &str = "arn:aws:acm-pca:us-west-2:111122223333:certificate-authority/a";
+
+/// `node`'s translation when the agent serves ACM and holds `held`.
+fn of_acm(s: &State, node: &str, held: &[&str]) -> Resources {
+    let who = ProxyIdentity::parse(&format!("mesh/m/virtualNode/{node}")).unwrap();
+    let endpoints = Endpoints {
+        acm: Some(std::sync::Arc::new(
+            held.iter().map(|a| a.to_string()).collect(),
+        )),
+        ..Endpoints::new()
+    };
+    translate(s, &who, &endpoints).unwrap()
+}
+
+/// The secret's name, asserting it is fetched over ADS (the agent's own stream).
+fn over_ads(sds: &SdsSecretConfig) -> &str {
+    use trellis_envoy_api::pb::envoy::config::core::v3::config_source::ConfigSourceSpecifier;
+    let source = sds.sds_config.as_ref().unwrap();
+    assert!(
+        matches!(
+            source.config_source_specifier,
+            Some(ConfigSourceSpecifier::Ads(_))
+        ),
+        "{source:?}"
+    );
+    &sds.name
+}
+
+fn acm_pair(mode: &str, front_extra: Value) -> State {
+    let l = with(
+        http(8080),
+        json!({"tls": {"mode": mode, "certificate": {"acm": {"certificateArn": CERT_ARN}}}}),
+    );
+    pair(json!({}), l, front_extra)
+}
+
+fn acm_trust() -> Value {
+    json!({"backendDefaults": {"clientPolicy": {"tls": {"validation": {
+        "subjectAlternativeNames": {"match": {"exact": ["back.internal"]}},
+        "trust": {"acm": {"certificateAuthorityArns": [CA_B, CA_A]}}}}}}})
+}
+
+#[test]
+fn held_acm_certificates_and_trust_become_secrets_served_on_the_ads_stream() {
+    let s = acm_pair("STRICT", acm_trust());
+    let back = of_acm(&s, "back", &[CERT_ARN, CA_A, CA_B]);
+    assert!(back.unserved.is_empty(), "{:?}", back.unserved);
+    let chain = &listener(&back, INGRESS).filter_chains[0];
+    let ctx: DownstreamTlsContext = unpack(socket_typed(chain.transport_socket.as_ref().unwrap()));
+    let common = ctx.common_tls_context.unwrap();
+    assert!(common.tls_certificates.is_empty(), "no key inline");
+    assert_eq!(
+        over_ads(&common.tls_certificate_sds_secret_configs[0]),
+        format!("acm:{CERT_ARN}")
+    );
+
+    let front = of_acm(&s, "front", &[CERT_ARN, CA_A, CA_B]);
+    assert!(front.unserved.is_empty(), "{:?}", front.unserved);
+    let c = cluster(&front, BACK_EGRESS);
+    let ctx: UpstreamTlsContext = unpack(socket_typed(c.transport_socket.as_ref().unwrap()));
+    match ctx.common_tls_context.unwrap().validation_context_type {
+        Some(common_tls_context::ValidationContextType::CombinedValidationContext(v)) => {
+            // One secret for the set of authorities, whatever their order in the policy.
+            assert_eq!(
+                over_ads(v.validation_context_sds_secret_config.as_ref().unwrap()),
+                format!("acm-pca:{CA_A},{CA_B}")
+            );
+            let sans = &v
+                .default_validation_context
+                .unwrap()
+                .match_typed_subject_alt_names;
+            assert_eq!(sans.len(), 2, "the policy's SAN, as DNS and URI");
+        }
+        other => panic!("{other:?}"),
+    }
+    // The secrets each proxy's own spec entitles it to, by the names its config uses.
+    let who = |n: &str| ProxyIdentity::parse(&format!("mesh/m/virtualNode/{n}")).unwrap();
+    let names = |n: &str| -> Vec<String> {
+        acm_secrets(&s, &who(n))
+            .iter()
+            .map(AcmSecret::name)
+            .collect()
+    };
+    assert_eq!(names("back"), [format!("acm:{CERT_ARN}")]);
+    assert_eq!(names("front"), [format!("acm-pca:{CA_A},{CA_B}")]);
+}
+
+#[test]
+fn acm_not_yet_held_or_not_served_at_all_fails_closed_as_before() {
+    let s = acm_pair("STRICT", acm_trust());
+    for held in [&[CA_A, CA_B][..], &[]] {
+        let back = of_acm(&s, "back", held);
+        assert!(back.listeners.iter().all(|l| l.name != INGRESS));
+        assert!(back.unserved[0].contains(CERT_ARN), "{:?}", back.unserved);
+    }
+    // One authority of two missing: the enforced cluster is dropped, never plaintext.
+    let front = of_acm(&s, "front", &[CERT_ARN, CA_A]);
+    assert!(front.clusters.iter().all(|c| c.name != BACK_EGRESS));
+    assert!(front.unserved[0].contains(CA_B), "{:?}", front.unserved);
+    // Attestation off: the same spec, the same refusal as before ACM was served.
+    let off = of(&s, "front");
+    assert!(off.clusters.iter().all(|c| c.name != BACK_EGRESS));
+    assert!(off.unserved[0].contains("attested"), "{:?}", off.unserved);
+}
+
+#[test]
+fn a_held_acm_listener_certificate_is_negotiated_by_callers_without_a_client_policy() {
+    let s = acm_pair("STRICT", json!({}));
+    let front = of_acm(&s, "front", &[CERT_ARN]);
+    assert!(
+        cluster(&front, BACK_EGRESS).transport_socket.is_some(),
+        "TLS toward a served STRICT listener"
+    );
+    let off = of_acm(&s, "front", &[]);
+    assert!(cluster(&off, BACK_EGRESS).transport_socket.is_none());
+}
+
+#[test]
+fn acm_secret_names_round_trip_and_only_enforced_terminating_settings_count() {
+    for s in [
+        AcmSecret::Certificate(CERT_ARN.into()),
+        AcmSecret::Trust(vec![CA_A.into(), CA_B.into()]),
+    ] {
+        assert_eq!(AcmSecret::parse(&s.name()), Some(s));
+    }
+    assert_eq!(AcmSecret::parse("spiffe://x"), None);
+    let disabled = acm_pair(
+        "DISABLED",
+        json!({"backendDefaults": {"clientPolicy": {"tls": {
+        "enforce": false,
+        "validation": {"trust": {"acm": {"certificateAuthorityArns": [CA_A]}}}}}}}),
+    );
+    for n in ["back", "front"] {
+        let who = ProxyIdentity::parse(&format!("mesh/m/virtualNode/{n}")).unwrap();
+        assert!(acm_secrets(&disabled, &who).is_empty(), "{n}");
+    }
 }
 
 fn family(c: &Cluster) -> DnsLookupFamily {
