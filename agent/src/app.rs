@@ -10,6 +10,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, error, info, info_span, warn};
 
+use crate::acm;
 use crate::admin;
 use crate::api::{self, Account, Ops, Quotas};
 use crate::attest::{self, Attestor};
@@ -298,10 +299,29 @@ pub async fn build(cfg: ServeConfig) -> Result<Bound, Error> {
     });
     let (state, proxies) = (store.subscribe(), ads.connected_proxies());
     let every = Duration::from_millis(cfg.address_poll_ms);
+    let acm_out = endpoints_tx.clone();
     tasks.spawn("service-addresses", |cancel| {
         let resolver = Arc::new(discovery::addresses::SystemResolver);
         discovery::addresses::run(resolver, state, proxies, endpoints_tx, every, cancel)
     });
+    // ACM keys go only to streams that proved their node: without attestation on the socket
+    // nor mTLS on TCP, no stream could be handed one, so none is exported.
+    let attested = xsec.xds_attestation == attest::Mode::Ecs || xds_tls.is_some();
+    if attested {
+        let source = Arc::new(acm::SdkAcm::new(acm::sdk::Settings {
+            endpoint: cfg.acm_endpoint.clone(),
+            fallback_region: cfg.region.clone(),
+        }));
+        let (state, proxies) = (store.subscribe(), ads.connected_proxies());
+        let every = Duration::from_secs(cfg.acm_refresh_interval_s.max(1));
+        tasks.spawn("acm", |cancel| {
+            acm::run(source, state, proxies, acm_out, every, cancel)
+        });
+    } else {
+        info!(
+            "ACM certificates and trust are not served: no stream is attested (--xds-attestation none, no TCP mTLS)"
+        );
+    }
     let unix = xds::bind_unix(&cfg.xds_socket, xsec.xds_socket_group)?;
     let (a, l) = (ads.clone(), lrs.clone());
     tasks.spawn("xds-unix", |_| xds::serve_unix(a, l, unix));

@@ -155,6 +155,15 @@ pub struct ServeConfig {
     /// topology page and `/trellis/v1/load`), in milliseconds; 0 asks for none.
     #[arg(long, env = "TRELLIS_LOAD_REPORT_INTERVAL_MS", default_value_t = 5000)]
     pub load_report_interval_ms: u64,
+    /// ACM and ACM PCA endpoint URL (one for both) instead of the region's (a VPC endpoint,
+    /// tests). ACM certificates and trust are served only with attestation (`--xds-attestation
+    /// ecs`, or TCP ADS with mTLS).
+    #[arg(long, env = "TRELLIS_ACM_ENDPOINT")]
+    pub acm_endpoint: Option<String>,
+    /// How often each ACM certificate is exported again and each ACM PCA certificate fetched
+    /// again (renewals reach Envoy without a restart), in seconds.
+    #[arg(long, env = "TRELLIS_ACM_REFRESH_INTERVAL_S", default_value_t = 3600)]
+    pub acm_refresh_interval_s: u64,
 }
 
 /// Who may use the API and how it is reached: SigV4 with the auth file's keys and roles, TLS, the

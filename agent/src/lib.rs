@@ -3,6 +3,7 @@
 //! Data flows one way: `api` → `store` → `translate` → `xds`; `discovery` feeds translate's
 //! endpoints. See ARCHITECTURE.md.
 
+pub mod acm;
 pub mod admin;
 pub mod api;
 pub mod app;

@@ -324,6 +324,8 @@ pub fn serve_config(dir: &Path) -> crate::config::ServeConfig {
         cloudmap: Default::default(),
         address_poll_ms: 5000,
         load_report_interval_ms: 5000,
+        acm_endpoint: None,
+        acm_refresh_interval_s: 3600,
     }
 }
 
@@ -367,6 +369,7 @@ pub fn publish_one_instance(
         state: state.clone(),
         endpoints: std::sync::Arc::new(e),
         unanswered: Default::default(),
+        secrets: Default::default(),
         changed_at: tokio::time::Instant::now(),
     });
 }

@@ -142,11 +142,20 @@ fn trust_of(p: &ClientPolicy) -> Option<AcmSecret> {
 /// The secret `name` with an exported certificate: `chain` (PEM, leaf first) and `key` (PEM
 /// PKCS#8, decrypted). The bytes hold the key: they go only to the attested Envoy of a node whose
 /// spec names the certificate.
+/// Its version hashes the name and the chain, never the key (versions are logged and shown on
+/// `/metrics`-adjacent pages); a renewal changes the certificate, and with it the version.
 pub fn certificate_item(name: &str, chain: &str, key: &str) -> Item {
-    Item::encoded(
-        name.to_string(),
-        std::sync::Arc::new(Blob::of(&envoy::certificate_secret(name, chain, key))),
-    )
+    use prost::Message;
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(name.as_bytes());
+    h.update([0]);
+    h.update(chain.as_bytes());
+    let blob = Blob {
+        bytes: envoy::certificate_secret(name, chain, key).encode_to_vec(),
+        hash: h.finalize().into(),
+    };
+    Item::encoded(name.to_string(), std::sync::Arc::new(blob))
 }
 
 /// The secret `name` trusting the certificates `cas` (PEM).

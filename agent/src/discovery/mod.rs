@@ -14,7 +14,7 @@ mod metrics;
 mod poller;
 pub mod sdk;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -88,6 +88,9 @@ pub struct Found {
     /// agent: an Envoy that already has their endpoints keeps them, because a failed Cloud Map
     /// call never changes what Envoy has.
     pub unanswered: Arc<BTreeSet<CloudMapKey>>,
+    /// ACM secrets by name ([`crate::acm`]), published with the ARNs they are made of
+    /// (`endpoints.acm`) so a snapshot never pairs one with another moment's other.
+    pub secrets: Arc<BTreeMap<String, trellis_translate::Item>>,
 }
 
 /// A failed Cloud Map call.

@@ -33,6 +33,7 @@ fn lrs() -> std::sync::Arc<Lrs> {
         state: std::sync::Arc::new(state),
         endpoints: Default::default(),
         unanswered: Default::default(),
+        secrets: Default::default(),
         changed_at: Instant::now(),
     };
     let (_tx, rx) = watch::channel(published);

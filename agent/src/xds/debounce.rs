@@ -23,6 +23,8 @@ pub struct Published {
     pub endpoints: Arc<Endpoints>,
     /// The Cloud Map keys in `endpoints` only as known empty, never answered (see [`Found`]).
     pub unanswered: Arc<std::collections::BTreeSet<CloudMapKey>>,
+    /// ACM secrets by name (see [`Found`]).
+    pub secrets: Arc<std::collections::BTreeMap<String, trellis_translate::Item>>,
     pub changed_at: Instant,
 }
 
@@ -47,6 +49,7 @@ pub fn channel(initial: Arc<State>) -> (watch::Sender<Published>, watch::Receive
         state: initial,
         endpoints: Arc::new(Endpoints::new()),
         unanswered: Arc::default(),
+        secrets: Arc::default(),
         changed_at: Instant::now(),
     })
 }
@@ -123,6 +126,7 @@ pub async fn run_with_endpoints(
             state,
             endpoints: found.endpoints,
             unanswered: found.unanswered,
+            secrets: found.secrets,
             changed_at: first,
         });
     }
@@ -214,6 +218,7 @@ mod tests {
                 ..Endpoints::default()
             }),
             unanswered: Arc::default(),
+            secrets: Arc::default(),
         });
         tokio::time::sleep(Duration::from_millis(30)).await;
         assert!(out_rx.has_changed().unwrap());

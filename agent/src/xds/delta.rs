@@ -24,7 +24,7 @@ use super::Ads;
 use super::service::Outbox;
 use super::session::{self, Holds, Protocol, Warmth};
 use super::snapshot::{
-    CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE, Snapshot, TypeSnapshot, is_served_type,
+    CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE, SECRET, Snapshot, TypeSnapshot, is_served_type,
     is_wildcard_type,
 };
 
@@ -174,6 +174,9 @@ impl Stream<'_> {
             return Ok(());
         }
         let type_url = req.type_url.as_str();
+        if type_url == SECRET {
+            session::secrets_withheld(snap, req.resource_names_subscribe.iter());
+        }
         let empty = TypeSnapshot::default();
         let t = snap.get(type_url).unwrap_or(&empty);
         let first = !self.types.contains_key(type_url);
@@ -292,7 +295,8 @@ impl Stream<'_> {
     /// response is ACKed.
     async fn push_changes(&mut self, snap: &Snapshot) -> Result<(), Status> {
         let empty = TypeSnapshot::default();
-        for type_url in [CLUSTER, ENDPOINT] {
+        // Secrets first: a renewed certificate needs nothing else.
+        for type_url in [SECRET, CLUSTER, ENDPOINT] {
             let Some(ts) = self.types.get_mut(type_url) else {
                 continue;
             };

@@ -26,6 +26,9 @@ pub(super) struct Session {
     pub(super) who: ProxyIdentity,
     who_text: String,
     pub(super) snap: Arc<Snapshot>,
+    /// Whether the stream's peer proved its node (ECS attestation of a Unix socket peer, or a
+    /// client certificate on TCP): only then are secrets (ACM keys) in what it is served.
+    attested: bool,
     pub(super) published: watch::Receiver<Published>,
     metrics: Arc<super::Metrics>,
     _slot: Slot,
@@ -63,10 +66,20 @@ impl Session {
         let mut published = ads.published.clone();
         published.mark_unchanged();
         let state = ads.committed.borrow().clone();
+        let attested = match peer {
+            Peer::Tls { .. } => true,
+            Peer::Unix { .. } => ads.attestor.mode() == crate::attest::Mode::Ecs,
+            Peer::Plain => false,
+        };
         let snap = build(ads, &state, &who).map_err(|e| {
             ads.metrics.refused("unknown_proxy");
             unknown_proxy(e)
         })?;
+        let snap = if attested {
+            snap
+        } else {
+            snap.without_secrets()
+        };
         info!(node = %who, "envoy connected");
         let who_text = who.to_string();
         ads.metrics.stream_opened(id, &who_text, variant);
@@ -75,6 +88,7 @@ impl Session {
             who,
             who_text,
             snap,
+            attested,
             published,
             metrics: ads.metrics.clone(),
             _slot: slot,
@@ -90,7 +104,8 @@ impl Session {
             return None;
         }
         self.snap = match build(ads, &p.state, &self.who) {
-            Ok(s) => s,
+            Ok(s) if self.attested => s,
+            Ok(s) => s.without_secrets(),
             Err(e) => {
                 // The proxy's resource went away: it keeps its stream but gets nothing.
                 warn!(node = %self.who, error = %e, "proxy no longer exists; sending empty configuration");
@@ -108,6 +123,18 @@ impl Drop for Session {
     fn drop(&mut self) {
         self.metrics.stream_closed(self.id, &self.who_text);
         info!(node = %self.who_text, "envoy disconnected");
+    }
+}
+
+/// Says (debug, names only) which secrets a stream asked for that it is not served: not this
+/// node's, not exported, or the stream is not attested. It gets nothing for them.
+pub(super) fn secrets_withheld<'n>(snap: &Snapshot, names: impl Iterator<Item = &'n String>) {
+    let have = snap.get(super::snapshot::SECRET);
+    let withheld: Vec<&String> = names
+        .filter(|n| !have.is_some_and(|t| t.resources.contains_key(*n)))
+        .collect();
+    if !withheld.is_empty() {
+        debug!(names = ?withheld, "secrets withheld from this stream");
     }
 }
 

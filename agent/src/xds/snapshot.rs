@@ -16,9 +16,12 @@ pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 pub const ENDPOINT: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
 pub const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
 pub const ROUTE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+/// ACM certificates and trust ([`crate::acm`]): only in snapshots served to attested streams.
+pub const SECRET: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
 
-/// Make-before-break push order: clusters, endpoints, listeners, routes.
-pub const PUSH_ORDER: [&str; 4] = [CLUSTER, ENDPOINT, LISTENER, ROUTE];
+/// Make-before-break push order: clusters, endpoints, listeners, routes; secrets are named
+/// (Envoy asks for those its listeners and clusters use) and their removals come last.
+pub const PUSH_ORDER: [&str; 5] = [CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET];
 
 /// Whether an empty `resource_names` means "everything" for this type (SotW wildcard).
 pub fn is_wildcard_type(type_url: &str) -> bool {
@@ -104,6 +107,20 @@ impl Snapshot {
         self.types.get(type_url)
     }
 
+    /// This snapshot as served to a stream that is not attested: no secrets (its listeners and
+    /// clusters that need one stay unwarmed, never plaintext).
+    pub fn without_secrets(self: &Arc<Self>) -> Arc<Self> {
+        if self.get(SECRET).is_none() {
+            return self.clone();
+        }
+        let mut types = (*self.types).clone();
+        types.remove(SECRET);
+        Arc::new(Snapshot {
+            types: Arc::new(types),
+            ..(**self).clone()
+        })
+    }
+
     /// Whether `cluster` is an EDS cluster of this snapshot (assigned, or waiting on discovery).
     pub fn is_eds(&self, cluster: &str) -> bool {
         self.get(ENDPOINT)
@@ -142,6 +159,39 @@ fn cluster_names_of(
         }
     }
     Arc::new(names)
+}
+
+/// The ACM secrets `who`'s own spec names that are published: nothing else is ever in its
+/// snapshot, so no stream of another node can be handed them.
+fn secrets_of(
+    state: &State,
+    who: &ProxyIdentity,
+    published: &BTreeMap<String, Item>,
+) -> Option<TypeSnapshot> {
+    if published.is_empty() {
+        return None;
+    }
+    let items: Vec<Item> = trellis_translate::acm_secrets(state, who)
+        .iter()
+        .filter_map(|s| published.get(&s.name()).cloned())
+        .collect();
+    (!items.is_empty()).then(|| typed(SECRET, items))
+}
+
+/// `types` with `secrets` as its secret type (shared as it is when they are the same).
+fn with_secrets(
+    types: Arc<BTreeMap<&'static str, TypeSnapshot>>,
+    secrets: Option<TypeSnapshot>,
+) -> Arc<BTreeMap<&'static str, TypeSnapshot>> {
+    if types.get(SECRET) == secrets.as_ref() {
+        return types;
+    }
+    let mut t = (*types).clone();
+    match secrets {
+        Some(s) => t.insert(SECRET, s),
+        None => t.remove(SECRET),
+    };
+    Arc::new(t)
 }
 
 /// Versions are the items' own hashes (computed with the encoding, from parts for route
@@ -218,9 +268,9 @@ impl Snapshots {
         state: &State,
         who: &ProxyIdentity,
     ) -> Result<(Arc<Snapshot>, bool), trellis_translate::Error> {
-        let (endpoints, unanswered) = {
+        let (endpoints, unanswered, secrets) = {
             let p = self.published.borrow();
-            (p.endpoints.clone(), p.unanswered.clone())
+            (p.endpoints.clone(), p.unanswered.clone(), p.secrets.clone())
         };
         if let Some(c) = self.lock().get(who)
             && c.snap.generation == state.generation
@@ -236,11 +286,12 @@ impl Snapshots {
             same.then(|| c.snap.clone())
         });
         let unanswered = cluster_names_of(state, who, &unanswered);
+        let secrets = secrets_of(state, who, &secrets);
         if let Some(old) = kept {
             let snap = Arc::new(Snapshot {
                 generation: state.generation,
                 endpoints_generation: endpoints.generation,
-                types: old.types.clone(),
+                types: with_secrets(old.types.clone(), secrets),
                 unanswered,
             });
             self.keep(who, &snap, inputs);
@@ -254,6 +305,7 @@ impl Snapshots {
         let mut snap = Snapshot::from_encoded(state.generation, resources);
         snap.endpoints_generation = endpoints.generation;
         snap.unanswered = unanswered;
+        snap.types = with_secrets(snap.types, secrets);
         let snap = Arc::new(snap);
         self.keep(who, &snap, inputs);
         Ok((snap, true))

@@ -23,8 +23,8 @@ use super::served::Clusters;
 use super::service::Outbox;
 use super::session::{Holds, Protocol, Warmth, serve};
 use super::snapshot::{
-    CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, Packed, ROUTE, Snapshot, TypeSnapshot, is_served_type,
-    is_wildcard_type,
+    CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, Packed, ROUTE, SECRET, Snapshot, TypeSnapshot,
+    is_served_type, is_wildcard_type,
 };
 
 /// The types whose resources point at clusters: they wait for the clusters to be warm.
@@ -172,6 +172,9 @@ impl Stream<'_> {
             return Ok(());
         }
         let type_url = req.type_url.clone();
+        if type_url == SECRET {
+            super::session::secrets_withheld(snap, req.resource_names.iter());
+        }
         let first = !self.types.contains_key(&type_url);
         let ts = self.types.entry(type_url.clone()).or_default();
         let names: BTreeSet<String> = req.resource_names.iter().cloned().collect();
@@ -349,7 +352,9 @@ impl Stream<'_> {
                 self.kept_from_before = false;
             }
         }
-        for type_url in [CLUSTER, ENDPOINT] {
+        // Secrets first: a renewed certificate needs nothing else, and a new one is in before
+        // what uses it.
+        for type_url in [SECRET, CLUSTER, ENDPOINT] {
             if self.moved(type_url, snap) {
                 self.send(type_url, snap).await?;
             }

@@ -820,6 +820,7 @@ async fn an_endpoint_change_resends_only_the_assignment() {
     h.endpoints.send_replace(crate::discovery::Found {
         endpoints: Arc::new(e),
         unanswered: Arc::default(),
+        secrets: Arc::default(),
     });
     let update = envoy.recv().await.unwrap();
     assert_eq!(update.type_url, ENDPOINT, "only the assignment is pushed");
