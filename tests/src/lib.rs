@@ -12,6 +12,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+pub mod acm;
 pub mod auth;
 pub mod churn;
 pub mod cloudmap;

@@ -1,0 +1,342 @@
+//! ACM certificates and ACM PCA trust, served by the agent over ADS (SDS on the same stream) to
+//! the attested Envoy of the node whose spec names them: real Envoys in ECS container cgroups
+//! (as in xds_attestation.rs), the agent's real AWS SDK client against an ACM / ACM PCA
+//! stand-in (`py/acm_standin.py`: moto's ACM has no usable ExportCertificate nor an ACM PCA to
+//! chain to) that really encrypts each exported key with the passphrase the agent sent.
+
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use trellis_tests::acm::{AcmStandin, serial};
+use trellis_tests::apps::Pki;
+use trellis_tests::dynamo::{Moto, aws_env};
+use trellis_tests::ecs::{Cgroups, Introspection, in_cgroup, register_task_definition};
+use trellis_tests::mesh::{
+    Agent, AgentOpts, Task, Vpc, rewrite, run_route_manager, start_envoy_in,
+};
+use trellis_tests::scenario::{ADMIN_PORT, BACK_BODY, BACK_URL, app_taskdef, resources_file};
+use trellis_tests::{Proc, Workdir, can_run_privileged, eventually, run};
+
+const CERT_ARN: &str =
+    "arn:aws:acm:us-east-1:000000000000:certificate/11111111-2222-3333-4444-555555555555";
+const PCA_ARN: &str = "arn:aws:acm-pca:us-east-1:000000000000:certificate-authority/abcd-ef01";
+const BACK_NODE: &str = "mesh/m/virtualNode/back-vn";
+const EXPORT: &str = "CertificateManager.ExportCertificate";
+
+/// Mesh `m`: `back-vn` provides `back.local` on a STRICT listener with the ACM certificate;
+/// `front-vn` and `wrong-vn` call it trusting the ACM PCA, expecting back's name and another.
+fn items() -> Value {
+    let caller = |name: &str, san: &str| {
+        json!({"meshName": "m", "virtualNodeName": name, "spec": {
+            "backends": [{"virtualService": {"virtualServiceName": "back.local"}}],
+            "backendDefaults": {"clientPolicy": {"tls": {"validation": {
+                "trust": {"acm": {"certificateAuthorityArns": [PCA_ARN]}},
+                "subjectAlternativeNames": {"match": {"exact": [san]}}}}}}}})
+    };
+    json!([
+        {"meshName": "m"},
+        {"meshName": "m", "virtualServiceName": "back.local",
+         "spec": {"provider": {"virtualNode": {"virtualNodeName": "back-vn"}}}},
+        {"meshName": "m", "virtualNodeName": "back-vn", "spec": {
+            "listeners": [{"portMapping": {"port": 8080, "protocol": "http"},
+                "tls": {"mode": "STRICT", "certificate": {"acm": {"certificateArn": CERT_ARN}}}}],
+            "serviceDiscovery": {"dns": {"hostname": "back-vn.trellis.test"}}}},
+        caller("front-vn", "back-vn.trellis.test"),
+        caller("wrong-vn", "other.local"),
+    ])
+}
+
+/// `ads-probe` asking for `names` as `node` over `target`, run as given by `argv_of`: its output.
+fn probe(
+    argv_of: impl FnOnce(&[&str]) -> Vec<String>,
+    target: &str,
+    node: &str,
+    name: &str,
+) -> String {
+    let exe = env!("CARGO_BIN_EXE_ads-probe");
+    let argv = argv_of(&[exe, target, node, name]);
+    let out = run(Command::new(&argv[0]).args(&argv[1..]));
+    assert!(
+        out.status.success(),
+        "ads-probe failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn plain(args: &[&str]) -> Vec<String> {
+    args.iter().map(|a| a.to_string()).collect()
+}
+
+/// The serial of the certificate the TLS server at `ip:8080` presents, seen from the VPC (an
+/// unmeshed client: back's listener asks it for no certificate).
+fn presented_serial(vpc: &Vpc, ip: &str) -> Result<String, String> {
+    let script = format!(
+        "echo | openssl s_client -connect {ip}:8080 -servername back-vn.trellis.test 2>/dev/null \
+         | openssl x509 -noout -serial"
+    );
+    let out = run(Command::new("ip").args(["netns", "exec", &vpc.ns, "sh", "-c", &script]));
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    text.strip_prefix("serial=")
+        .map(str::to_ascii_uppercase)
+        .ok_or_else(|| format!("no certificate presented ({text:?})"))
+}
+
+/// HTTP status of a GET from `task` (0 when the connection fails).
+fn status(task: &Task, url: &str) -> u16 {
+    let out = run(&mut task.cmd(&[
+        "curl",
+        "-s",
+        "-o",
+        "/dev/null",
+        "-m",
+        "10",
+        "-w",
+        "%{http_code}",
+        url,
+    ]));
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0)
+}
+
+#[test]
+fn acm_certificates_reach_only_the_attested_envoy_of_their_node_renew_in_place_and_a_wrong_san_is_refused()
+ {
+    if !can_run_privileged("acm_certificates") {
+        return;
+    }
+    let work = Workdir::new("acm");
+    let cgroups = Cgroups::new("acm");
+    let moto = Moto::start(&work, "moto-ecs");
+    let intro = Introspection::start(&work);
+    let pca = Pki::new(&work, "pca");
+    let (cert1, key1) = pca.issue("back1", &["back-vn.trellis.test"]);
+    let acm = AcmStandin::start(&work);
+    acm.certificate(CERT_ARN, &cert1, &key1, &pca.ca());
+    acm.authority(PCA_ARN, &pca.ca());
+    let resources = resources_file(&work, &items());
+    let agent = Agent::start_with(
+        &work,
+        &AgentOpts {
+            resources: Some(&resources),
+            args: [
+                "--xds-attestation",
+                "ecs",
+                "--ecs-agent-uri",
+                &intro.uri,
+                "--ecs-endpoint",
+                &moto.endpoint,
+                "--acm-endpoint",
+                &acm.endpoint,
+                "--acm-refresh-interval-s",
+                "2",
+                // A door no stream is attested through, to show it is handed no secret.
+                "--xds-addr",
+                "127.0.0.1:0",
+                "--xds-tcp-insecure",
+            ]
+            .map(String::from)
+            .to_vec(),
+            env: aws_env(),
+            ..AgentOpts::default()
+        },
+    );
+    let tcp = {
+        let mut p = agent.proc.log_text();
+        let at = p
+            .find("xds_tcp=Some(")
+            .expect("agent ready names its TCP ADS address");
+        p = p[at + "xds_tcp=Some(".len()..].to_string();
+        p[..p.find(')').expect("closing paren")].to_string()
+    };
+    let socket = agent.socket_dir.join("xds.sock");
+
+    let mut vpc = Vpc::new(&work, 78);
+    let front = vpc.task("front", 2);
+    let back = vpc.task("back", 3);
+    let wrong = vpc.task("wrong", 4);
+    vpc.start_dns(&work, &[(&back.ip, "back.local back-vn.trellis.test")]);
+    let mut procs: Vec<Proc> = Vec::new();
+    let start = |task: &Task, name: &str, node: &str, ports: &[u16], procs: &mut Vec<Proc>| {
+        let def: Value = rewrite(
+            &work,
+            &app_taskdef(name, ports),
+            "m",
+            node,
+            &agent.socket_dir,
+        );
+        let revision = register_task_definition(&work, &moto.endpoint, &def);
+        let container = cgroups.container(name);
+        intro.add(&container, name, revision, "envoy");
+        run_route_manager(task, &def);
+        procs.push(start_envoy_in(&work, task, &def, &[], Some(&container.dir)));
+        container
+    };
+    let back_container = start(&back, "back", "back-vn", &[8080], &mut procs);
+    let back_envoy_pid = procs[0].pid();
+    procs.push(back.start_http_app(&work, 8080, BACK_BODY));
+    let front_container = start(&front, "front", "front-vn", &[], &mut procs);
+    start(&wrong, "wrong", "wrong-vn", &[], &mut procs);
+
+    // Happy path: back presents the exported certificate, front validates it against the PCA.
+    let body = eventually(
+        "front reaches back over TLS with ACM certificate and ACM PCA trust",
+        Duration::from_secs(40),
+        || front.http_get(None, BACK_URL),
+    );
+    assert_eq!(body, BACK_BODY);
+    assert!(
+        front.envoy_stat(
+            ADMIN_PORT,
+            "cluster.cds_egress_m_back-vn_http_8080.ssl.handshake"
+        ) >= 1
+    );
+    assert!(back.envoy_stat(ADMIN_PORT, "listener.0.0.0.0_15000.ssl.handshake") >= 1);
+    assert_eq!(presented_serial(&vpc, &back.ip), Ok(serial(&cert1)));
+    // Plaintext straight at the STRICT port gets nothing.
+    let plain_status = run(Command::new("ip").args([
+        "netns",
+        "exec",
+        &vpc.ns,
+        "curl",
+        "-s",
+        "-o",
+        "/dev/null",
+        "-m",
+        "5",
+        "-w",
+        "%{http_code}",
+        &format!("http://{}:8080/", back.ip),
+    ]));
+    assert_eq!(String::from_utf8_lossy(&plain_status.stdout).trim(), "000");
+
+    // A caller expecting another name refuses back's certificate.
+    let url = "http://back.local:8080/";
+    assert_eq!(
+        status(&wrong, url),
+        503,
+        "back's certificate does not name other.local"
+    );
+    assert!(
+        wrong.envoy_stat(
+            ADMIN_PORT,
+            "cluster.cds_egress_m_back-vn_http_8080.ssl.fail_verify_san"
+        ) >= 1
+    );
+
+    // Who is handed the secret: back's own attested container, by name; nobody else.
+    let sock = format!("unix:{}", socket.display());
+    let name = format!("acm:{CERT_ARN}");
+    let own = probe(
+        |a| in_cgroup(&back_container.dir, a),
+        &sock,
+        BACK_NODE,
+        &name,
+    );
+    assert!(
+        own.contains("secrets=1") && own.contains(&format!("secret {name} certificate")),
+        "{own}"
+    );
+    let other = probe(
+        |a| in_cgroup(&front_container.dir, a),
+        &sock,
+        "mesh/m/virtualNode/front-vn",
+        &name,
+    );
+    assert!(
+        other.contains("secrets=0"),
+        "another node's stream: {other}"
+    );
+    let unattested = probe(plain, &format!("http://{tcp}"), BACK_NODE, &name);
+    assert!(
+        unattested.contains("secrets=0"),
+        "an unattested stream: {unattested}"
+    );
+
+    // Renewal: ACM now exports a new certificate; the agent's refresh pushes it and back's
+    // Envoy presents it without a restart.
+    let (cert2, key2) = pca.issue("back2", &["back-vn.trellis.test"]);
+    assert_ne!(serial(&cert1), serial(&cert2));
+    let exports = acm.calls(EXPORT, CERT_ARN);
+    acm.certificate(CERT_ARN, &cert2, &key2, &pca.ca());
+    let renewed = serial(&cert2);
+    eventually(
+        "back presents the renewed certificate",
+        Duration::from_secs(30),
+        || match presented_serial(&vpc, &back.ip)? {
+            s if s == renewed => Ok(()),
+            s => Err(format!("still {s}")),
+        },
+    );
+    assert!(acm.calls(EXPORT, CERT_ARN) > exports);
+    assert!(
+        procs[0].is_running() && procs[0].pid() == back_envoy_pid,
+        "the same Envoy"
+    );
+    assert_eq!(
+        status(&front, url),
+        200,
+        "front trusts the renewed certificate"
+    );
+
+    // No key material in the agent's log.
+    let log = agent.proc.log_text();
+    let key = std::fs::read_to_string(&key2).expect("key");
+    let key_line = key.lines().nth(1).expect("a base64 line of the key");
+    assert!(!log.contains(key_line), "the agent logged key material");
+    drop(procs);
+}
+
+#[test]
+fn without_attestation_acm_stays_fail_closed_nothing_is_exported_and_the_warning_says_why() {
+    let work = Workdir::new("acm-none");
+    let acm = AcmStandin::start(&work);
+    let pca = Pki::new(&work, "pca");
+    let (cert, key) = pca.issue("back", &["back-vn.trellis.test"]);
+    acm.certificate(CERT_ARN, &cert, &key, &pca.ca());
+    let resources = resources_file(&work, &items());
+    // The helpers start agents with --xds-attestation none unless told otherwise.
+    let agent = Agent::start_with(
+        &work,
+        &AgentOpts {
+            resources: Some(&resources),
+            args: [
+                "--acm-endpoint",
+                &acm.endpoint,
+                "--acm-refresh-interval-s",
+                "1",
+            ]
+            .map(String::from)
+            .to_vec(),
+            env: aws_env(),
+            ..AgentOpts::default()
+        },
+    );
+    let sock = format!("unix:{}", agent.socket_dir.join("xds.sock").display());
+    let name = format!("acm:{CERT_ARN}");
+    let got = probe(plain, &sock, BACK_NODE, &name);
+    assert!(got.contains("secrets=0"), "{got}");
+    let warned = eventually(
+        "the agent says why back's STRICT port is not served",
+        Duration::from_secs(10),
+        || {
+            agent
+                .proc
+                .log_text()
+                .lines()
+                .find(|l| l.contains("configuration not served") && l.contains(BACK_NODE))
+                .map(str::to_string)
+                .ok_or_else(|| "no warning yet".to_string())
+        },
+    );
+    assert!(warned.contains("served only to attested"), "{warned}");
+    assert!(warned.contains("TLS STRICT not served"), "{warned}");
+    assert_eq!(
+        acm.calls(EXPORT, CERT_ARN),
+        0,
+        "no export without attestation"
+    );
+}
