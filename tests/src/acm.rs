@@ -58,6 +58,19 @@ impl AcmStandin {
         self.edit(|v| v["authorities"][arn] = json!({"cert": cert}));
     }
 
+    /// Exporting `arn` is denied (AccessDeniedException, as without the IAM permission) or,
+    /// with `denied` false, allowed again.
+    pub fn deny(&self, arn: &str, denied: bool) {
+        self.edit(|v| {
+            let mut list: Vec<Value> = v["denied"].as_array().cloned().unwrap_or_default();
+            list.retain(|a| a != arn);
+            if denied {
+                list.push(json!(arn));
+            }
+            v["denied"] = Value::Array(list);
+        });
+    }
+
     /// Calls of `target` (e.g. `CertificateManager.ExportCertificate`) for `arn` so far.
     pub fn calls(&self, target: &str, arn: &str) -> usize {
         let line = format!("call {target} {arn}");

@@ -117,6 +117,8 @@ fn acm_certificates_reach_only_the_attested_envoy_of_their_node_renew_in_place_a
     let acm = AcmStandin::start(&work);
     acm.certificate(CERT_ARN, &cert1, &key1, &pca.ca());
     acm.authority(PCA_ARN, &pca.ca());
+    // Until the role may export it, the certificate is not served: back's port stays closed.
+    acm.deny(CERT_ARN, true);
     let resources = resources_file(&work, &items());
     let agent = Agent::start_with(
         &work,
@@ -180,6 +182,32 @@ fn acm_certificates_reach_only_the_attested_envoy_of_their_node_renew_in_place_a
     procs.push(back.start_http_app(&work, 8080, BACK_BODY));
     let front_container = start(&front, "front", "front-vn", &[], &mut procs);
     start(&wrong, "wrong", "wrong-vn", &[], &mut procs);
+
+    // The failed export is named with its ARN and AWS error code, and nothing gets through.
+    let warned = eventually(
+        "the failed export is reported",
+        Duration::from_secs(20),
+        || {
+            agent
+                .proc
+                .log_text()
+                .lines()
+                .find(|l| l.contains("acm export failed") && l.contains(CERT_ARN))
+                .map(str::to_string)
+                .ok_or_else(|| "no warning yet".to_string())
+        },
+    );
+    assert!(warned.contains("AccessDeniedException"), "{warned}");
+    assert_ne!(
+        status(&front, BACK_URL),
+        200,
+        "no TLS certificate, no traffic"
+    );
+    assert!(
+        presented_serial(&vpc, &back.ip).is_err(),
+        "back's STRICT port serves nothing"
+    );
+    acm.deny(CERT_ARN, false);
 
     // Happy path: back presents the exported certificate, front validates it against the PCA.
     let body = eventually(
@@ -334,6 +362,14 @@ fn without_attestation_acm_stays_fail_closed_nothing_is_exported_and_the_warning
     );
     assert!(warned.contains("served only to attested"), "{warned}");
     assert!(warned.contains("TLS STRICT not served"), "{warned}");
+    // No exporter runs at all (said once at start), so no stream's demand can start one.
+    assert!(
+        agent
+            .proc
+            .log_text()
+            .contains("ACM certificates and trust are not served: no stream is attested"),
+        "the agent says it serves no ACM"
+    );
     assert_eq!(
         acm.calls(EXPORT, CERT_ARN),
         0,
