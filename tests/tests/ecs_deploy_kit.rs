@@ -109,6 +109,9 @@ fn the_iam_policy_grants_cloud_map_discovery_the_shared_store_and_attestation() 
         "dynamodb:TransactWriteItems",
         // Envoy attestation reads the task definition of the container that connects.
         "ecs:DescribeTaskDefinition",
+        // ACM certificates and ACM PCA trust for attested Envoys.
+        "acm:ExportCertificate",
+        "acm-pca:GetCertificateAuthorityCertificate",
     ] {
         assert!(actions.iter().any(|a| a == needed), "policy lacks {needed}");
     }
