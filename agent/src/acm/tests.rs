@@ -121,3 +121,68 @@ async fn exports_what_connected_proxies_name_refreshes_it_and_keeps_failures_clo
     assert!(rx.borrow().secrets.contains_key(&format!("acm:{CERT}")));
     cancel.cancel();
 }
+
+/// `openssl` run in `dir`: its stdout.
+fn openssl(dir: &std::path::Path, args: &[&str]) -> String {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn an_exported_pbes2_key_decrypts_in_memory_with_its_passphrase_only() {
+    let dir = std::env::temp_dir().join(format!("trellis-acm-unit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    openssl(
+        &dir,
+        &[
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-out",
+            "k.pem",
+        ],
+    );
+    let plain = openssl(&dir, &["pkcs8", "-topk8", "-nocrypt", "-in", "k.pem"]);
+    // What ACM returns: PKCS#8 PBES2 (PBKDF2-HMAC-SHA256, AES-256-CBC).
+    let encrypted = openssl(
+        &dir,
+        &[
+            "pkcs8",
+            "-topk8",
+            "-v2",
+            "aes-256-cbc",
+            "-v2prf",
+            "hmacWithSHA256",
+            "-in",
+            "k.pem",
+            "-passout",
+            "pass:0123abcd",
+        ],
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(encrypted.starts_with("-----BEGIN ENCRYPTED PRIVATE KEY-----"));
+    let key = sdk::decrypt(&encrypted, "0123abcd").unwrap();
+    assert_eq!(key.as_str(), plain);
+    let wrong = sdk::decrypt(&encrypted, "not-it").unwrap_err();
+    assert_eq!(wrong.code, "UnusablePrivateKey");
+    let body = plain.lines().nth(1).unwrap();
+    assert!(
+        !wrong.to_string().contains(body),
+        "no key material in the error"
+    );
+    assert_eq!(
+        sdk::decrypt(&plain, "x").unwrap_err().code,
+        "UnusablePrivateKey"
+    );
+}
