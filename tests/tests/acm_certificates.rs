@@ -162,7 +162,13 @@ fn acm_certificates_reach_only_the_attested_envoy_of_their_node_renew_in_place_a
     let wrong = vpc.task("wrong", 4);
     vpc.start_dns(&work, &[(&back.ip, "back.local back-vn.trellis.test")]);
     let mut procs: Vec<Proc> = Vec::new();
-    let start = |task: &Task, name: &str, node: &str, ports: &[u16], procs: &mut Vec<Proc>| {
+    // Back speaks incremental ADS, the callers state of the world: both carry the secrets.
+    let start = |task: &Task,
+                 name: &str,
+                 node: &str,
+                 ports: &[u16],
+                 procs: &mut Vec<Proc>,
+                 extra: &[(&str, &str)]| {
         let def: Value = rewrite(
             &work,
             &app_taskdef(name, ports),
@@ -174,14 +180,27 @@ fn acm_certificates_reach_only_the_attested_envoy_of_their_node_renew_in_place_a
         let container = cgroups.container(name);
         intro.add(&container, name, revision, "envoy");
         run_route_manager(task, &def);
-        procs.push(start_envoy_in(&work, task, &def, &[], Some(&container.dir)));
+        procs.push(start_envoy_in(
+            &work,
+            task,
+            &def,
+            extra,
+            Some(&container.dir),
+        ));
         container
     };
-    let back_container = start(&back, "back", "back-vn", &[8080], &mut procs);
+    let back_container = start(
+        &back,
+        "back",
+        "back-vn",
+        &[8080],
+        &mut procs,
+        &[("TRELLIS_XDS_API_TYPE", "DELTA_GRPC")],
+    );
     let back_envoy_pid = procs[0].pid();
     procs.push(back.start_http_app(&work, 8080, BACK_BODY));
-    let front_container = start(&front, "front", "front-vn", &[], &mut procs);
-    start(&wrong, "wrong", "wrong-vn", &[], &mut procs);
+    let front_container = start(&front, "front", "front-vn", &[], &mut procs, &[]);
+    start(&wrong, "wrong", "wrong-vn", &[], &mut procs, &[]);
 
     // The failed export is named with its ARN and AWS error code, and nothing gets through.
     let warned = eventually(
@@ -224,6 +243,26 @@ fn acm_certificates_reach_only_the_attested_envoy_of_their_node_renew_in_place_a
     );
     assert!(back.envoy_stat(ADMIN_PORT, "listener.0.0.0.0_15000.ssl.handshake") >= 1);
     assert_eq!(presented_serial(&vpc, &back.ip), Ok(serial(&cert1)));
+    // Both ADS variants carried (and Envoy accepted) their secrets.
+    let streams = agent.debug_xds();
+    for (node, variant) in [
+        (BACK_NODE, "delta"),
+        ("mesh/m/virtualNode/front-vn", "sotw"),
+    ] {
+        let acked = streams
+            .as_object()
+            .into_iter()
+            .flat_map(|m| m.values())
+            .any(|s| {
+                s["node"] == node
+                    && s["variant"] == variant
+                    && s["types"]["Secret"]["acked_version"].is_string()
+            });
+        assert!(
+            acked,
+            "no {variant} stream of {node} acked a secret: {streams:#}"
+        );
+    }
     // Plaintext straight at the STRICT port gets nothing.
     let plain_status = run(Command::new("ip").args([
         "netns",
