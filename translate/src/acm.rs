@@ -183,3 +183,16 @@ pub(super) fn held(acm: Option<&BTreeSet<String>>, arns: &[String]) -> Result<()
 const NOT_ATTESTED: &str = "ACM certificates and ACM PCA trust are served only to attested \
      Envoys (start the agent with --xds-attestation ecs or serve TCP ADS with mTLS); without \
      attestation any local process could obtain the private key";
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_certificate_secret_debug_print_and_version_hold_no_key() {
+        let key = "-----BEGIN PRIVATE KEY-----\nSECRETKEYMATERIAL\n-----END PRIVATE KEY-----\n";
+        let a = super::certificate_item("acm:x", "CHAIN", key);
+        let b = super::certificate_item("acm:x", "CHAIN", "another key");
+        assert!(!format!("{a:?}").contains("SECRETKEYMATERIAL"));
+        assert!(String::from_utf8_lossy(&a.encode()).contains("SECRETKEYMATERIAL"));
+        assert_eq!(a.hash, b.hash, "the version is the chain's, not the key's");
+    }
+}

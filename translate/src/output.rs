@@ -26,10 +26,21 @@ use super::{Error, Resources};
 pub type Hash = [u8; 32];
 
 /// Encoded bytes and the hash that versions them.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Blob {
     pub bytes: Vec<u8>,
     pub hash: Hash,
+}
+
+impl std::fmt::Debug for Blob {
+    /// The length and the hash, never the bytes: an ACM secret's bytes hold its private key, and
+    /// a debug print of a snapshot or a publication must not.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Blob")
+            .field("len", &self.bytes.len())
+            .field("hash", &&self.hash[..4])
+            .finish()
+    }
 }
 
 impl Blob {
