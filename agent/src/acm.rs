@@ -121,10 +121,17 @@ pub async fn run(
             if !due {
                 continue;
             }
-            let got = if *certificate {
-                source.export(arn).await.map(Material::Certificate)
-            } else {
-                source.authority(arn).await.map(Material::Authority)
+            let fetch = async {
+                if *certificate {
+                    source.export(arn).await.map(Material::Certificate)
+                } else {
+                    source.authority(arn).await.map(Material::Authority)
+                }
+            };
+            // A slow ACM (timeouts, retries) never holds up the agent's shutdown.
+            let got = tokio::select! {
+                got = fetch => got,
+                () = cancel.cancelled() => return,
             };
             match got {
                 Ok(m) => {
