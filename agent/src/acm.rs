@@ -1,5 +1,5 @@
-//! ACM certificates and ACM PCA trust for attested Envoys: exports each certificate a connected
-//! proxy's spec names (`ExportCertificate`, with a random passphrase made per export and the
+//! ACM certificates and ACM PCA trust for attested Envoys: exports each certificate the spec of a
+//! proxy with an attested stream names (`ExportCertificate`, with a random passphrase made per export and the
 //! PKCS#8 key decrypted in memory), fetches the certificates of the authorities its client
 //! policies trust (`GetCertificateAuthorityCertificate`), refreshes both on an interval and
 //! publishes them beside the discovered endpoints: the ARNs held (translation serves only those)

@@ -312,7 +312,7 @@ pub async fn build(cfg: ServeConfig) -> Result<Bound, Error> {
             endpoint: cfg.acm_endpoint.clone(),
             fallback_region: cfg.region.clone(),
         }));
-        let (state, proxies) = (store.subscribe(), ads.connected_proxies());
+        let (state, proxies) = (store.subscribe(), ads.attested_proxies());
         let every = Duration::from_secs(cfg.acm_refresh_interval_s.max(1));
         tasks.spawn("acm", |cancel| {
             acm::run(source, state, proxies, acm_out, every, cancel)

@@ -101,6 +101,10 @@ pub struct Ads {
     per_proxy: Mutex<HashMap<ProxyIdentity, usize>>,
     /// The proxies with at least one stream: what discovery must serve on this agent.
     connected: watch::Sender<BTreeSet<ProxyIdentity>>,
+    /// Attested streams per proxy, and the proxies with at least one: the only ones whose ACM
+    /// certificates are exported (an unattested caller cannot make the agent fetch a key).
+    attested_per_proxy: Mutex<HashMap<ProxyIdentity, usize>>,
+    attested: watch::Sender<BTreeSet<ProxyIdentity>>,
 }
 
 impl Ads {
@@ -124,6 +128,8 @@ impl Ads {
             attestor: settings.attestor,
             per_proxy: Mutex::new(HashMap::new()),
             connected: watch::channel(BTreeSet::new()).0,
+            attested_per_proxy: Mutex::new(HashMap::new()),
+            attested: watch::channel(BTreeSet::new()).0,
         })
     }
 
@@ -132,12 +138,17 @@ impl Ads {
         self.connected.subscribe()
     }
 
+    /// The set of proxies with an attested stream open (see [`Ads::connected_proxies`]).
+    pub fn attested_proxies(&self) -> watch::Receiver<BTreeSet<ProxyIdentity>> {
+        self.attested.subscribe()
+    }
+
     pub fn service(self: &Arc<Self>) -> grpc::AdsServer {
         grpc::AdsServer::new(AdsService(self.clone()))
     }
 
     /// Takes one of the proxy's connection slots, or says it has none left.
-    fn admit(self: &Arc<Self>, who: &ProxyIdentity) -> Option<Slot> {
+    fn admit(self: &Arc<Self>, who: &ProxyIdentity, attested: bool) -> Option<Slot> {
         let mut map = self.per_proxy.lock().unwrap_or_else(|p| p.into_inner());
         let n = map.entry(who.clone()).or_default();
         if *n >= self.max_per_proxy {
@@ -149,10 +160,41 @@ impl Ads {
                 c.insert(who.clone());
             });
         }
+        drop(map);
+        if attested {
+            count(&self.attested_per_proxy, &self.attested, who, true);
+        }
         Some(Slot {
             ads: self.clone(),
             who: who.clone(),
+            attested,
         })
+    }
+}
+
+/// One more (`up`) or one fewer stream of `who` in `counts`; `set` follows which are non-zero.
+fn count(
+    counts: &Mutex<HashMap<ProxyIdentity, usize>>,
+    set: &watch::Sender<BTreeSet<ProxyIdentity>>,
+    who: &ProxyIdentity,
+    up: bool,
+) {
+    let mut map = counts.lock().unwrap_or_else(|p| p.into_inner());
+    let n = map.entry(who.clone()).or_default();
+    if up {
+        *n += 1;
+    } else {
+        *n = n.saturating_sub(1);
+    }
+    if *n == 0 {
+        map.remove(who);
+        set.send_modify(|c| {
+            c.remove(who);
+        });
+    } else if up && *n == 1 {
+        set.send_modify(|c| {
+            c.insert(who.clone());
+        });
     }
 }
 
@@ -160,10 +202,19 @@ impl Ads {
 struct Slot {
     ads: Arc<Ads>,
     who: ProxyIdentity,
+    attested: bool,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
+        if self.attested {
+            count(
+                &self.ads.attested_per_proxy,
+                &self.ads.attested,
+                &self.who,
+                false,
+            );
+        }
         let mut map = self.ads.per_proxy.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(n) = map.get_mut(&self.who) {
             *n = n.saturating_sub(1);

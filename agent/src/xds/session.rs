@@ -55,7 +55,12 @@ impl Session {
             warn!(node = %who, peer = ?peer, reason = refusal.reason(), error = %refusal, "stream refused: the caller may not claim this node");
             return Err(Status::permission_denied(refusal.to_string()));
         }
-        let slot = ads.admit(&who).ok_or_else(|| {
+        let attested = match peer {
+            Peer::Tls { .. } => true,
+            Peer::Unix { .. } => ads.attestor.mode() == crate::attest::Mode::Ecs,
+            Peer::Plain => false,
+        };
+        let slot = ads.admit(&who, attested).ok_or_else(|| {
             ads.metrics.refused("connection_quota");
             Status::resource_exhausted(format!(
                 "{who} already has {} Envoy connections, the limit per virtual node or gateway \
@@ -66,11 +71,6 @@ impl Session {
         let mut published = ads.published.clone();
         published.mark_unchanged();
         let state = ads.committed.borrow().clone();
-        let attested = match peer {
-            Peer::Tls { .. } => true,
-            Peer::Unix { .. } => ads.attestor.mode() == crate::attest::Mode::Ecs,
-            Peer::Plain => false,
-        };
         let snap = build(ads, &state, &who).map_err(|e| {
             ads.metrics.refused("unknown_proxy");
             unknown_proxy(e)

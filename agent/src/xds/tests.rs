@@ -48,6 +48,8 @@ pub(super) struct Harness {
     endpoints: Arc<watch::Sender<crate::discovery::Found>>,
     /// The proxies with a stream open, which is what discovery follows.
     connected: watch::Receiver<BTreeSet<ProxyIdentity>>,
+    /// The proxies with an attested stream open, which is what ACM exports follow.
+    attested: watch::Receiver<BTreeSet<ProxyIdentity>>,
     /// Stops this agent's tasks (a restart makes a new one).
     cancel: CancellationToken,
     debounce: Debounce,
@@ -128,6 +130,7 @@ impl Harness {
         self.metrics = agent.metrics;
         self.endpoints = agent.endpoints;
         self.connected = agent.connected;
+        self.attested = agent.attested;
         self.cancel = agent.cancel;
         self.writer = Some(agent.writer);
     }
@@ -273,6 +276,7 @@ async fn harness_full(
         metrics: agent.metrics,
         endpoints: agent.endpoints,
         connected: agent.connected,
+        attested: agent.attested,
         cancel: agent.cancel,
         debounce: cfg,
         cloud_map,
@@ -286,6 +290,7 @@ struct Agent {
     metrics: Arc<Metrics>,
     endpoints: Arc<watch::Sender<crate::discovery::Found>>,
     connected: watch::Receiver<BTreeSet<ProxyIdentity>>,
+    attested: watch::Receiver<BTreeSet<ProxyIdentity>>,
     cancel: CancellationToken,
     writer: tokio::task::JoinHandle<()>,
 }
@@ -331,6 +336,7 @@ async fn start_agent(
         cancel.clone(),
     );
     let connected = ads.connected_proxies();
+    let attested = ads.attested_proxies();
     if let Some(client) = cloud_map {
         let timing = crate::discovery::Config {
             poll: Duration::from_millis(50),
@@ -359,6 +365,7 @@ async fn start_agent(
         metrics,
         endpoints,
         connected,
+        attested,
         cancel,
         writer,
     }
@@ -857,4 +864,18 @@ async fn the_socket_is_open_to_every_uid_or_to_one_group() {
     let meta = std::fs::metadata(&grouped).unwrap();
     assert_eq!(meta.permissions().mode() & 0o777, 0o660);
     assert_eq!(meta.gid(), gid);
+}
+
+#[tokio::test]
+async fn an_unattested_stream_counts_as_connected_but_never_as_attested() {
+    let h = harness_with(FAST, json!({"dns": {"hostname": "back.local"}})).await;
+    let (mut connected, attested) = (h.connected.clone(), h.attested.clone());
+    let mut envoy = h.front(request(CLUSTER, &[], "", "")).await;
+    envoy.recv().await.unwrap();
+    connected
+        .wait_for(|c| c.iter().any(|p| p.name == "front"))
+        .await
+        .unwrap();
+    // Plain TCP, no attestor: its node's ACM certificates are not exported for it.
+    assert!(attested.borrow().is_empty(), "{:?}", *attested.borrow());
 }
