@@ -143,7 +143,7 @@ pub(super) fn decrypt(pem: &str, passphrase: &str) -> Result<Zeroizing<String>, 
         .map_err(|_| unusable("the private key is not an encrypted PKCS#8 key"))?;
     let plain = info.decrypt(passphrase.as_bytes()).map_err(|_| {
         unusable(
-            "the private key does not decrypt (PBES2 with PBKDF2-HMAC-SHA2 and AES-CBC expected)",
+            "the private key does not decrypt (PBES2: PBKDF2 with HMAC-SHA1 or SHA-2, AES-CBC or 3DES expected)",
         )
     })?;
     plain

@@ -154,22 +154,36 @@ fn an_exported_pbes2_key_decrypts_in_memory_with_its_passphrase_only() {
         ],
     );
     let plain = openssl(&dir, &["pkcs8", "-topk8", "-nocrypt", "-in", "k.pem"]);
-    // What ACM returns: PKCS#8 PBES2 (PBKDF2-HMAC-SHA256, AES-256-CBC).
-    let encrypted = openssl(
-        &dir,
-        &[
-            "pkcs8",
-            "-topk8",
-            "-v2",
-            "aes-256-cbc",
-            "-v2prf",
-            "hmacWithSHA256",
-            "-in",
-            "k.pem",
-            "-passout",
-            "pass:0123abcd",
-        ],
-    );
+    // What ACM returns: PKCS#8 PBES2 (PBKDF2-HMAC-SHA256, AES-256-CBC); and the other PBES2
+    // choices `openssl pkcs8` makes, should an export use one of them.
+    let encrypt = |cipher: &str, prf: &str| {
+        openssl(
+            &dir,
+            &[
+                "pkcs8",
+                "-topk8",
+                "-v2",
+                cipher,
+                "-v2prf",
+                prf,
+                "-in",
+                "k.pem",
+                "-passout",
+                "pass:0123abcd",
+            ],
+        )
+    };
+    let encrypted = encrypt("aes-256-cbc", "hmacWithSHA256");
+    for (cipher, prf) in [
+        ("aes-128-cbc", "hmacWithSHA1"),
+        ("aes-256-cbc", "hmacWithSHA512"),
+        ("des3", "hmacWithSHA1"),
+    ] {
+        let other = encrypt(cipher, prf);
+        let key =
+            sdk::decrypt(&other, "0123abcd").unwrap_or_else(|e| panic!("{cipher} with {prf}: {e}"));
+        assert_eq!(key.as_str(), plain, "{cipher} with {prf}");
+    }
     std::fs::remove_dir_all(&dir).unwrap();
     assert!(encrypted.starts_with("-----BEGIN ENCRYPTED PRIVATE KEY-----"));
     let key = sdk::decrypt(&encrypted, "0123abcd").unwrap();
