@@ -2,7 +2,8 @@
 //! the attested Envoy of the node whose spec names them: real Envoys in ECS container cgroups
 //! (as in xds_attestation.rs), the agent's real AWS SDK client against an ACM / ACM PCA
 //! stand-in (`py/acm_standin.py`: moto's ACM has no usable ExportCertificate nor an ACM PCA to
-//! chain to) that really encrypts each exported key with the passphrase the agent sent.
+//! chain to) that really encrypts each exported key with the passphrase the agent sent. The
+//! callers present client certificates from files, so the TLS is mutual.
 
 use std::process::Command;
 use std::time::Duration;
@@ -24,13 +25,19 @@ const PCA_ARN: &str = "arn:aws:acm-pca:us-east-1:000000000000:certificate-author
 const BACK_NODE: &str = "mesh/m/virtualNode/back-vn";
 const EXPORT: &str = "CertificateManager.ExportCertificate";
 
-/// Mesh `m`: `back-vn` provides `back.local` on a STRICT listener with the ACM certificate;
-/// `front-vn` and `wrong-vn` call it trusting the ACM PCA, expecting back's name and another.
-fn items() -> Value {
+/// Mesh `m`: `back-vn` provides `back.local` on a STRICT listener with the ACM certificate and
+/// requires a client certificate from `clients` naming a caller (mutual TLS; App Mesh takes client
+/// certificates and their validation from files or SDS only, so those are files);
+/// `front-vn` and `wrong-vn` call it with their own client certificates, trusting the ACM PCA and
+/// expecting back's name and another.
+fn items(clients: &Pki) -> Value {
     let caller = |name: &str, san: &str| {
+        let (chain, key) = clients.issue(name, &[&format!("{name}.trellis.test")]);
         json!({"meshName": "m", "virtualNodeName": name, "spec": {
             "backends": [{"virtualService": {"virtualServiceName": "back.local"}}],
-            "backendDefaults": {"clientPolicy": {"tls": {"validation": {
+            "backendDefaults": {"clientPolicy": {"tls": {
+                "certificate": {"file": {"certificateChain": chain, "privateKey": key}},
+                "validation": {
                 "trust": {"acm": {"certificateAuthorityArns": [PCA_ARN]}},
                 "subjectAlternativeNames": {"match": {"exact": [san]}}}}}}}})
     };
@@ -40,7 +47,9 @@ fn items() -> Value {
          "spec": {"provider": {"virtualNode": {"virtualNodeName": "back-vn"}}}},
         {"meshName": "m", "virtualNodeName": "back-vn", "spec": {
             "listeners": [{"portMapping": {"port": 8080, "protocol": "http"},
-                "tls": {"mode": "STRICT", "certificate": {"acm": {"certificateArn": CERT_ARN}}}}],
+                "tls": {"mode": "STRICT", "certificate": {"acm": {"certificateArn": CERT_ARN}},
+                    "validation": {"trust": {"file": {"certificateChain": clients.ca()}},
+                        "subjectAlternativeNames": {"match": {"exact": ["front-vn.trellis.test", "wrong-vn.trellis.test"]}}}}}],
             "serviceDiscovery": {"dns": {"hostname": "back-vn.trellis.test"}}}},
         caller("front-vn", "back-vn.trellis.test"),
         caller("wrong-vn", "other.local"),
@@ -69,8 +78,9 @@ fn plain(args: &[&str]) -> Vec<String> {
     args.iter().map(|a| a.to_string()).collect()
 }
 
-/// The serial of the certificate the TLS server at `ip:8080` presents, seen from the VPC (an
-/// unmeshed client: back's listener asks it for no certificate).
+/// The serial of the certificate the TLS server at `ip:8080` presents, seen from the VPC by an
+/// unmeshed client with no client certificate (the server's certificate comes first; the
+/// handshake then fails, as `unmeshed_tls_status` shows).
 fn presented_serial(vpc: &Vpc, ip: &str) -> Result<String, String> {
     let script = format!(
         "echo | openssl s_client -connect {ip}:8080 -servername back-vn.trellis.test 2>/dev/null \
@@ -81,6 +91,26 @@ fn presented_serial(vpc: &Vpc, ip: &str) -> Result<String, String> {
     text.strip_prefix("serial=")
         .map(str::to_ascii_uppercase)
         .ok_or_else(|| format!("no certificate presented ({text:?})"))
+}
+
+/// The HTTP status an unmeshed HTTPS client without a client certificate gets from back's
+/// STRICT port (`000`: no answer).
+fn unmeshed_tls_status(vpc: &Vpc, ip: &str) -> String {
+    let out = run(Command::new("ip").args([
+        "netns",
+        "exec",
+        &vpc.ns,
+        "curl",
+        "-sk",
+        "-o",
+        "/dev/null",
+        "-m",
+        "5",
+        "-w",
+        "%{http_code}",
+        &format!("https://{ip}:8080/"),
+    ]));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 /// HTTP status of a GET from `task` (0 when the connection fails).
@@ -119,7 +149,8 @@ fn acm_certificates_reach_only_the_attested_envoy_of_their_node_renew_in_place_a
     acm.authority(PCA_ARN, &pca.ca());
     // Until the role may export it, the certificate is not served: back's port stays closed.
     acm.deny(CERT_ARN, true);
-    let resources = resources_file(&work, &items());
+    let clients = Pki::new(&work, "clients");
+    let resources = resources_file(&work, &items(&clients));
     let agent = Agent::start_with(
         &work,
         &AgentOpts {
@@ -279,6 +310,9 @@ fn acm_certificates_reach_only_the_attested_envoy_of_their_node_renew_in_place_a
         &format!("http://{}:8080/", back.ip),
     ]));
     assert_eq!(String::from_utf8_lossy(&plain_status.stdout).trim(), "000");
+    // Mutual: TLS without a client certificate gets nothing either, and back's Envoy counts it.
+    assert_eq!(unmeshed_tls_status(&vpc, &back.ip), "000");
+    assert!(back.envoy_stat(ADMIN_PORT, "listener.0.0.0.0_15000.ssl.fail_verify_no_cert") >= 1);
 
     // A caller expecting another name refuses back's certificate.
     let url = "http://back.local:8080/";
@@ -364,7 +398,8 @@ fn without_attestation_acm_stays_fail_closed_nothing_is_exported_and_the_warning
     let pca = Pki::new(&work, "pca");
     let (cert, key) = pca.issue("back", &["back-vn.trellis.test"]);
     acm.certificate(CERT_ARN, &cert, &key, &pca.ca());
-    let resources = resources_file(&work, &items());
+    let clients = Pki::new(&work, "clients");
+    let resources = resources_file(&work, &items(&clients));
     // The helpers start agents with --xds-attestation none unless told otherwise.
     let agent = Agent::start_with(
         &work,
