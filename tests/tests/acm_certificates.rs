@@ -3,7 +3,8 @@
 //! (as in xds_attestation.rs), the agent's real AWS SDK client against an ACM / ACM PCA
 //! stand-in (`py/acm_standin.py`: moto's ACM has no usable ExportCertificate nor an ACM PCA to
 //! chain to) that really encrypts each exported key with the passphrase the agent sent. The
-//! callers present client certificates from files, so the TLS is mutual.
+//! callers present client certificates from files, so the TLS is mutual. A virtual gateway's
+//! listener terminates TLS with an ACM certificate too.
 
 use std::process::Command;
 use std::time::Duration;
@@ -449,4 +450,162 @@ fn without_attestation_acm_stays_fail_closed_nothing_is_exported_and_the_warning
         0,
         "no export without attestation"
     );
+}
+
+/// A virtual gateway's listener with an ACM certificate: the gateway's own attested Envoy gets it
+/// and terminates TLS for a client outside the mesh, routing to a node behind it.
+#[test]
+fn an_attested_virtual_gateway_terminates_tls_with_its_acm_certificate() {
+    if !can_run_privileged("acm on a gateway") {
+        return;
+    }
+    let work = Workdir::new("acm-gw");
+    let cgroups = Cgroups::new("acm-gw");
+    let moto = Moto::start(&work, "moto-ecs");
+    let intro = Introspection::start(&work);
+    let pca = Pki::new(&work, "pca");
+    let (cert, key) = pca.issue("gw", &["gw.example.com"]);
+    let acm = AcmStandin::start(&work);
+    acm.certificate(CERT_ARN, &cert, &key, &pca.ca());
+    let resources = resources_file(
+        &work,
+        &json!([
+            {"meshName": "m"},
+            {"meshName": "m", "virtualServiceName": "back.local",
+             "spec": {"provider": {"virtualNode": {"virtualNodeName": "back-vn"}}}},
+            {"meshName": "m", "virtualNodeName": "back-vn", "spec": {
+                "listeners": [{"portMapping": {"port": 8080, "protocol": "http"}}],
+                "serviceDiscovery": {"dns": {"hostname": "back-vn.trellis.test"}}}},
+            {"meshName": "m", "virtualGatewayName": "gw", "spec": {
+                "listeners": [{"portMapping": {"port": 8443, "protocol": "http"},
+                    "tls": {"mode": "STRICT", "certificate": {"acm": {"certificateArn": CERT_ARN}}}}]}},
+            {"meshName": "m", "virtualGatewayName": "gw", "gatewayRouteName": "to-back", "spec": {
+                "httpRoute": {"match": {"prefix": "/"},
+                    "action": {"target": {"virtualService": {"virtualServiceName": "back.local"}}}}}},
+        ]),
+    );
+    let agent = Agent::start_with(
+        &work,
+        &AgentOpts {
+            resources: Some(&resources),
+            args: [
+                "--xds-attestation",
+                "ecs",
+                "--ecs-agent-uri",
+                &intro.uri,
+                "--ecs-endpoint",
+                &moto.endpoint,
+                "--acm-endpoint",
+                &acm.endpoint,
+                "--acm-refresh-interval-s",
+                "2",
+            ]
+            .map(String::from)
+            .to_vec(),
+            env: aws_env(),
+            ..AgentOpts::default()
+        },
+    );
+    let mut vpc = Vpc::new(&work, 79);
+    let gw = vpc.task("gw", 2);
+    let back = vpc.task("back", 3);
+    let client = vpc.task("client", 4);
+    vpc.start_dns(&work, &[(&back.ip, "back.local back-vn.trellis.test")]);
+    let mut procs: Vec<Proc> = Vec::new();
+
+    // back-vn: an ordinary meshed task, attested like any other.
+    let def = rewrite(
+        &work,
+        &app_taskdef("back", &[8080]),
+        "m",
+        "back-vn",
+        &agent.socket_dir,
+    );
+    let revision = register_task_definition(&work, &moto.endpoint, &def);
+    let container = cgroups.container("back");
+    intro.add(&container, "back", revision, "envoy");
+    run_route_manager(&back, &def);
+    procs.push(start_envoy_in(
+        &work,
+        &back,
+        &def,
+        &[],
+        Some(&container.dir),
+    ));
+    procs.push(back.start_http_app(&work, 8080, BACK_BODY));
+
+    // The gateway: trellis-rewrite's gateway task (Envoy only), registered and attested.
+    let input = work.join("taskdef-gw.json");
+    std::fs::write(&input, app_taskdef("gw", &[]).to_string()).expect("write taskdef");
+    let out = run(Command::new(trellis_tests::bin("trellis-rewrite"))
+        .args([
+            "--mesh",
+            "m",
+            "--virtual-gateway",
+            "gw",
+            "--socket-host-path",
+        ])
+        .arg(&agent.socket_dir)
+        .arg(&input));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut def: Value =
+        serde_json::from_slice(&out.stdout).expect("the gateway's task definition");
+    // A gateway's Envoy needs no uid of its own (nothing is redirected); the helper runs every
+    // Envoy as one.
+    for c in def["containerDefinitions"]
+        .as_array_mut()
+        .expect("containers")
+    {
+        if c["name"] == "envoy" && c["user"].is_null() {
+            c["user"] = json!("1337");
+        }
+    }
+    let revision = register_task_definition(&work, &moto.endpoint, &def);
+    let container = cgroups.container("gw");
+    intro.add(&container, "gw", revision, "envoy");
+    procs.push(start_envoy_in(&work, &gw, &def, &[], Some(&container.dir)));
+
+    let call = || {
+        let out = run(&mut client.cmd(&[
+            "curl",
+            "-sS",
+            "-m",
+            "10",
+            "--cacert",
+            &pca.ca(),
+            "--resolve",
+            &format!("gw.example.com:8443:{}", gw.ip),
+            "-w",
+            "\n%{http_code}",
+            "https://gw.example.com:8443/",
+        ]));
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, status) = text.rsplit_once('\n').unwrap_or(("", &text));
+        (status.trim().to_string(), body.to_string())
+    };
+    let body = eventually(
+        "the gateway terminates TLS with its ACM certificate",
+        Duration::from_secs(60),
+        || match call() {
+            (s, b) if s == "200" => Ok(b),
+            other => Err(format!("{other:?}")),
+        },
+    );
+    assert_eq!(body, BACK_BODY);
+    assert!(acm.calls(EXPORT, CERT_ARN) >= 1);
+    let streams = agent.debug_xds();
+    let acked = streams
+        .as_object()
+        .into_iter()
+        .flat_map(|m| m.values())
+        .any(|s| {
+            s["node"] == "mesh/m/virtualGateway/gw"
+                && s["types"]["Secret"]["acked_version"].is_string()
+        });
+    assert!(acked, "the gateway's stream acked its secret: {streams:#}");
+    drop(procs);
 }
