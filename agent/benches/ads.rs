@@ -4,8 +4,11 @@
 //! the world, then delta), it reports the time from a route update until each stream has ACKed the
 //! new route configuration (p50/p99/max), the agent's CPU time, resident memory and memory per
 //! stream. The simulated Envoys run in a child process (this binary again, `--clients`), so the
-//! CPU and memory figures are the agent's alone; times are wall-clock on one machine. Figures
-//! depend on the machine: report them with it.
+//! CPU and memory figures are the agent's alone; times are wall-clock on one machine. Each run
+//! gets an agent process of its own (memory an earlier run freed would hide a later one's). The
+//! CPU of the update is also given for the clients, which share the machine's cores with the
+//! agent; `pin` puts the agent on CPU 0 and the clients on CPU 1 (`taskset`) to tell the two
+//! apart. Figures depend on the machine: report them with it.
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
@@ -40,31 +43,39 @@ fn now_us() -> u64 {
 }
 
 fn proc_stat() -> (u64, u64) {
-    // (utime + stime in clock ticks, VmHWM KiB)
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    (cpu_ticks("self"), rss_kib())
+}
+
+/// A process's CPU time (utime + stime) in clock ticks; `pid` is a number or `self`. A child
+/// that exited but is not reaped yet still has its figures.
+fn cpu_ticks(pid: &str) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let fields: Vec<&str> = stat
         .rsplit(')')
         .next()
         .unwrap_or_default()
         .split_whitespace()
         .collect();
-    let ticks = fields
+    fields
         .get(11)
         .and_then(|u| u.parse::<u64>().ok())
         .unwrap_or(0)
         + fields
             .get(12)
             .and_then(|s| s.parse::<u64>().ok())
-            .unwrap_or(0);
-    let hwm = std::fs::read_to_string("/proc/self/status")
+            .unwrap_or(0)
+}
+
+/// This process's resident memory (VmRSS, KiB).
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
                 .find(|l| l.starts_with("VmRSS:"))
                 .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         })
-        .unwrap_or(0);
-    (ticks, hwm)
+        .unwrap_or(0)
 }
 
 fn request(
@@ -279,7 +290,14 @@ async fn run(streams: usize, delta: bool) {
     let addr = bound.xds_addr.expect("xds tcp address");
     let exe = std::env::current_exe().expect("this binary");
     let variant = if delta { "delta" } else { "sotw" };
-    let mut child = Command::new(exe)
+    let mut cmd = if pinned() {
+        let mut c = Command::new("taskset");
+        c.args(["-c", "1"]).arg(exe);
+        c
+    } else {
+        Command::new(exe)
+    };
+    let mut child = cmd
         .args([
             "--clients",
             &addr.to_string(),
@@ -300,7 +318,9 @@ async fn run(streams: usize, delta: bool) {
         .expect("read");
     assert_eq!(ready.trim(), "ready", "clients: {ready}");
     from_child = back;
-    let (_, rss_connected) = proc_stat();
+    let (ticks_connected, rss_connected) = proc_stat();
+    let child_pid = child.id().to_string();
+    let child_connected = cpu_ticks(&child_pid);
     let start = now_us();
     ops.update::<Routes>(
         &store,
@@ -313,6 +333,7 @@ async fn run(streams: usize, delta: bool) {
     let (done, _) = tokio::task::spawn_blocking(move || read_line(from_child))
         .await
         .expect("read");
+    let child_ticks = cpu_ticks(&child_pid).saturating_sub(child_connected);
     let _ = child.wait();
     let mut lat: Vec<Duration> = done
         .split_whitespace()
@@ -323,13 +344,19 @@ async fn run(streams: usize, delta: bool) {
     lat.sort();
     let (ticks1, rss1) = proc_stat();
     let tick = 100.0; // USER_HZ on Linux
+    // The update's CPU: from the update until every stream ACKed it (the clients' process idles
+    // before and after), per stream pushed.
+    let update_cpu = (ticks1 - ticks_connected) as f64 / tick;
     println!(
-        "{variant:<5} streams={streams:>6} nodes={NODES} converged={}/{streams} update->ACK p50={:?} p99={:?} max={:?} | agent CPU {:.2}s | agent RSS {} MiB (+{:.1} KiB per stream)",
+        "{variant:<5} streams={streams:>6} nodes={NODES} converged={}/{streams} update->ACK p50={:?} p99={:?} max={:?} | agent CPU {:.2}s (update {:.2}s, {:.0} µs per stream; clients {:.2}s) | agent RSS {} MiB (+{:.1} KiB per stream)",
         lat.len(),
         pct(&lat, 0.5),
         pct(&lat, 0.99),
         lat.last().copied().unwrap_or_default(),
         (ticks1 - ticks0) as f64 / tick,
+        update_cpu,
+        update_cpu * 1e6 / streams as f64,
+        child_ticks as f64 / tick,
         rss1 / 1024,
         rss_connected.saturating_sub(rss0) as f64 / streams as f64,
     );
@@ -389,6 +416,11 @@ async fn clients(addr: String, streams: usize, delta: bool) {
     std::process::exit(0);
 }
 
+/// Whether `pin` was asked for: the agent on CPU 0, the clients on CPU 1.
+fn pinned() -> bool {
+    std::env::args().any(|a| a == "pin")
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if let [flag, addr, n, variant] = args.as_slice()
@@ -415,13 +447,40 @@ fn main() {
         (false, true) => vec![true],
         _ => vec![false, true],
     };
+    if counts.len() * variants.len() > 1 {
+        // One agent process per run: memory freed by an earlier run would be reused by the
+        // next and hide its cost.
+        println!(
+            "ADS fan-out: one agent, simulated Envoys in a child process (CPU and RSS are the agent's)"
+        );
+        let exe = std::env::current_exe().expect("this binary");
+        for n in counts {
+            for &d in &variants {
+                let variant = if d { "delta" } else { "sotw" };
+                let pin = if pinned() { "pin" } else { "" };
+                let status = Command::new(&exe)
+                    .args([n.to_string().as_str(), variant, pin])
+                    .status()
+                    .expect("run");
+                assert!(status.success(), "{n} {variant}: {status}");
+            }
+        }
+        return;
+    }
+    if pinned() {
+        // Before the runtime starts: its threads inherit the affinity.
+        let me = std::process::id().to_string();
+        let ok = Command::new("taskset")
+            .args(["-p", "-c", "0", &me])
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "taskset -p -c 0 {me}");
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("runtime");
-    println!(
-        "ADS fan-out: one agent, simulated Envoys in a child process (CPU and RSS are the agent's)"
-    );
     for n in counts {
         for &d in &variants {
             rt.block_on(run(n, d));

@@ -21,7 +21,7 @@ use tonic::{Status, Streaming};
 use tracing::{debug, warn};
 
 use super::Ads;
-use super::service::Outbox;
+use super::service::{Outbox, frame};
 use super::session::{self, Holds, Protocol, Warmth};
 use super::snapshot::{
     CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, ROUTE, SECRET, Snapshot, TypeSnapshot, is_served_type,
@@ -86,7 +86,7 @@ struct Stream<'a> {
     id: u64,
     next_nonce: u64,
     types: HashMap<String, TypeState>,
-    tx: &'a Outbox<DeltaDiscoveryResponse>,
+    tx: &'a Outbox,
     /// The commit time of the publication being pushed, while it is new to this stream.
     change: Option<Instant>,
     /// Removals may be due since the last input change (or the reconnect).
@@ -104,7 +104,7 @@ pub(super) async fn run_stream(
     id: u64,
     peer: crate::attest::Peer,
     inbound: Streaming<DeltaDiscoveryRequest>,
-    tx: &Outbox<DeltaDiscoveryResponse>,
+    tx: &Outbox,
 ) -> Result<(), Status> {
     let stream = Stream {
         ads,
@@ -441,8 +441,11 @@ impl Stream<'_> {
             nonce: nonce.to_string(),
             ..Default::default()
         };
+        // Encoded here, so the stream holds only the bytes while it waits to queue them.
+        let message = frame(&resp)?;
+        drop(resp);
         self.tx
-            .send(Ok(Box::new(resp)))
+            .send(Ok(message))
             .await
             .map_err(|_| Status::cancelled("envoy went away"))?;
         Ok(nonce)
@@ -496,6 +499,12 @@ fn on_reply(
         return None;
     };
     let newer = ts.pending.split_off(&(nonce + 1));
+    // All answered (the usual case): no empty node kept per type and stream.
+    let newer = if newer.is_empty() {
+        BTreeMap::new()
+    } else {
+        newer
+    };
     let settled = std::mem::replace(&mut ts.pending, newer);
     let p = settled.get(&nonce)?;
     if let Some(err) = &req.error_detail {

@@ -1,31 +1,35 @@
-//! The gRPC routing of ADS, in place of the generated `AggregatedDiscoveryServiceServer`, for one
-//! reason: memory per stream. tonic allocates a codec buffer of `buffer_size` per stream for each
-//! direction up front (8 KiB by default, so 16 KiB of a stream's cost at 10,000 streams); here it
-//! is [`BUFFER`], and a larger message grows its buffer as it needs. The two methods are served
-//! exactly as the generated server does (same paths, same message types, default limits).
+//! The gRPC routing of ADS, in place of the generated `AggregatedDiscoveryServiceServer`, for
+//! memory and CPU per stream: requests are decoded by tonic with a small starting buffer
+//! ([`BUFFER`]; tonic's default is 8 KiB per stream), and responses, which each stream encodes
+//! into a message of its own exact size (`service::frame`), go to HTTP/2 as they are ([`Frames`])
+//! rather than through tonic's encoder, which copies each into a per-stream buffer that keeps the
+//! size of the largest. The two methods are served as the generated server does (same paths and
+//! message types, default size limits, no compression, the stream's status in its trailers).
 
 use std::convert::Infallible;
-use std::marker::PhantomData;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
-use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryService;
-use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
-};
+use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
 use futures::future::BoxFuture;
+use http::{HeaderMap, HeaderValue};
+use hyper::body::{Bytes, Frame};
+use tonic::Status;
+use tonic::Streaming;
 use tonic::body::Body;
-use tonic::codec::{BufferSettings, Codec};
-use tonic::server::{Grpc, NamedService, StreamingService};
-use tonic::{Request, Response, Status, Streaming};
-use tonic_prost::{ProstDecoder, ProstEncoder};
+use tonic::codec::BufferSettings;
+use tonic::server::NamedService;
+use tonic_prost::ProstDecoder;
 
-use super::service::AdsService;
+use super::service::{Inbox, spawn_stream};
+use super::{Ads, delta, sotw};
+use crate::attest::Peer;
 
-/// A stream's codec buffer in each direction, to start with (a DiscoveryRequest ACK is a few
-/// hundred bytes).
+/// A stream's decoding buffer, to start with (a DiscoveryRequest ACK is a few hundred bytes); a
+/// larger message grows it as it needs.
 const BUFFER: usize = 1024;
-/// tonic's default: an encoded batch this large is flushed before encoding more.
+/// tonic's default (unused when decoding).
 const YIELD: usize = 32 * 1024;
 
 const SOTW: &str =
@@ -33,74 +37,18 @@ const SOTW: &str =
 const DELTA: &str =
     "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
 
-/// Protobuf with small starting buffers: encodes `E`, decodes `D`.
-struct SmallCodec<E, D>(PhantomData<fn(E) -> D>);
-
-impl<E, D> Default for SmallCodec<E, D> {
-    fn default() -> Self {
-        SmallCodec(PhantomData)
-    }
-}
-
-impl<E, D> Codec for SmallCodec<E, D>
-where
-    E: prost::Message + Send + 'static,
-    D: prost::Message + Default + Send + 'static,
-{
-    type Encode = E;
-    type Decode = D;
-    type Encoder = ProstEncoder<E>;
-    type Decoder = ProstDecoder<D>;
-
-    fn encoder(&mut self) -> Self::Encoder {
-        ProstEncoder::new(BufferSettings::new(BUFFER, YIELD))
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        ProstDecoder::new(BufferSettings::new(BUFFER, YIELD))
-    }
-}
-
 /// The ADS gRPC service (both variants) that tonic's router serves.
 #[derive(Clone, Debug)]
-pub struct AdsServer(Arc<AdsService>);
+pub struct AdsServer(Arc<Ads>);
 
 impl AdsServer {
-    pub fn new(service: AdsService) -> Self {
-        AdsServer(Arc::new(service))
+    pub fn new(ads: Arc<Ads>) -> Self {
+        AdsServer(ads)
     }
 }
 
 impl NamedService for AdsServer {
     const NAME: &'static str = "envoy.service.discovery.v3.AggregatedDiscoveryService";
-}
-
-struct Sotw(Arc<AdsService>);
-
-impl StreamingService<DiscoveryRequest> for Sotw {
-    type Response = DiscoveryResponse;
-    type ResponseStream =
-        <AdsService as AggregatedDiscoveryService>::StreamAggregatedResourcesStream;
-    type Future = BoxFuture<'static, Result<Response<Self::ResponseStream>, Status>>;
-
-    fn call(&mut self, request: Request<Streaming<DiscoveryRequest>>) -> Self::Future {
-        let inner = self.0.clone();
-        Box::pin(async move { inner.stream_aggregated_resources(request).await })
-    }
-}
-
-struct Delta(Arc<AdsService>);
-
-impl StreamingService<DeltaDiscoveryRequest> for Delta {
-    type Response = DeltaDiscoveryResponse;
-    type ResponseStream =
-        <AdsService as AggregatedDiscoveryService>::DeltaAggregatedResourcesStream;
-    type Future = BoxFuture<'static, Result<Response<Self::ResponseStream>, Status>>;
-
-    fn call(&mut self, request: Request<Streaming<DeltaDiscoveryRequest>>) -> Self::Future {
-        let inner = self.0.clone();
-        Box::pin(async move { inner.delta_aggregated_resources(request).await })
-    }
 }
 
 impl tower_service::Service<http::Request<Body>> for AdsServer {
@@ -113,23 +61,92 @@ impl tower_service::Service<http::Request<Body>> for AdsServer {
     }
 
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
-        let inner = self.0.clone();
-        match req.uri().path() {
-            SOTW => Box::pin(async move {
-                let mut grpc =
-                    Grpc::new(SmallCodec::<DiscoveryResponse, DiscoveryRequest>::default());
-                Ok(grpc.streaming(Sotw(inner), req).await)
+        let ads = self.0.clone();
+        let response = match req.uri().path() {
+            SOTW => open::<DiscoveryRequest>(req).map(|(peer, inbound)| {
+                spawn_stream(&ads.clone(), "sotw", move |id, tx| async move {
+                    sotw::run_stream(&ads, id, peer, inbound, &tx).await
+                })
             }),
-            DELTA => Box::pin(async move {
-                let mut grpc = Grpc::new(
-                    SmallCodec::<DeltaDiscoveryResponse, DeltaDiscoveryRequest>::default(),
-                );
-                Ok(grpc.streaming(Delta(inner), req).await)
+            DELTA => open::<DeltaDiscoveryRequest>(req).map(|(peer, inbound)| {
+                spawn_stream(&ads.clone(), "delta", move |id, tx| async move {
+                    delta::run_stream(&ads, id, peer, inbound, &tx).await
+                })
             }),
-            other => {
-                let status = Status::unimplemented(format!("no method {other}"));
-                Box::pin(async move { Ok(status.into_http()) })
-            }
+            other => Err(Status::unimplemented(format!("no method {other}"))),
+        };
+        let response = match response {
+            Ok(rx) => respond(rx),
+            Err(status) => status.into_http(),
+        };
+        Box::pin(async move { Ok(response) })
+    }
+}
+
+/// The caller and the decoded requests of a stream; a compressed one is refused as tonic refuses
+/// it when no compression is enabled.
+fn open<R>(req: http::Request<Body>) -> Result<(Peer, Streaming<R>), Status>
+where
+    R: prost::Message + Default + Send + 'static,
+{
+    if let Some(encoding) = req.headers().get("grpc-encoding")
+        && encoding != "identity"
+    {
+        return Err(Status::unimplemented(format!(
+            "Content is compressed with `{}` which isn't supported",
+            encoding.to_str().unwrap_or("?")
+        )));
+    }
+    let peer = Peer::of(req.extensions());
+    let decoder = ProstDecoder::<R>::new(BufferSettings::new(BUFFER, YIELD));
+    let inbound = Streaming::new_request(decoder, req.into_body(), None, None);
+    Ok((peer, inbound))
+}
+
+fn respond(rx: Inbox) -> http::Response<Body> {
+    let mut response = http::Response::new(Body::new(Frames { rx, ended: false }));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    response
+}
+
+/// A stream's response body: its encoded messages as they come, then its status as trailers
+/// (OK once the stream's task is done with it).
+struct Frames {
+    rx: Inbox,
+    ended: bool,
+}
+
+impl hyper::body::Body for Frames {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let this = self.get_mut();
+        if this.ended {
+            return Poll::Ready(None);
         }
+        let status = match ready!(this.rx.poll_recv(cx)) {
+            Some(Ok(message)) => return Poll::Ready(Some(Ok(Frame::data(message)))),
+            Some(Err(status)) => status,
+            None => Status::ok(""),
+        };
+        this.ended = true;
+        let mut trailers = HeaderMap::new();
+        if let Err(unsendable) = status.add_header(&mut trailers) {
+            // A message that cannot be a header value: the status goes without it.
+            trailers = HeaderMap::new();
+            let _ = Status::new(unsendable.code(), "").add_header(&mut trailers);
+        }
+        Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended
     }
 }

@@ -55,21 +55,55 @@ pub struct StreamView {
     pub node: String,
     /// `sotw` or `delta`.
     pub variant: &'static str,
-    pub types: BTreeMap<String, TypeView>,
+    pub types: BTreeMap<&'static str, TypeView>,
+}
+
+/// What is kept of a stream for its [`StreamView`]: a slot per served type rather than a map (a
+/// map's first node alone is about 1 KiB, for every stream).
+#[derive(Debug, Default)]
+struct Tracked {
+    node: String,
+    variant: &'static str,
+    types: [TypeView; SHORT.len()],
+}
+
+impl Tracked {
+    fn view(&self) -> StreamView {
+        let types = SHORT
+            .iter()
+            .zip(&self.types)
+            .filter(|(_, v)| {
+                v.sent_version.is_some() || v.acked_version.is_some() || v.last_nack.is_some()
+            })
+            .map(|(name, v)| (*name, v.clone()))
+            .collect();
+        StreamView {
+            node: self.node.clone(),
+            variant: self.variant,
+            types,
+        }
+    }
+
+    /// The slot of a served type (the streams track no other).
+    fn slot(&mut self, type_url: &str) -> Option<&mut TypeView> {
+        let short = short(type_url);
+        let i = SHORT.iter().position(|s| *s == short)?;
+        self.types.get_mut(i)
+    }
 }
 
 #[derive(Debug, Default)]
 struct Inner {
     streams_by_node: BTreeMap<String, i64>,
-    pushes: BTreeMap<String, u64>,
-    acks: BTreeMap<String, u64>,
-    nacks: BTreeMap<String, u64>,
+    pushes: BTreeMap<&'static str, u64>,
+    acks: BTreeMap<&'static str, u64>,
+    nacks: BTreeMap<&'static str, u64>,
     stale: u64,
     unknown_type: u64,
     refused: BTreeMap<&'static str, u64>,
     push_to_ack: Histogram,
     build: Histogram,
-    streams: BTreeMap<u64, StreamView>,
+    streams: BTreeMap<u64, Tracked>,
 }
 
 /// Shared by every stream; each update takes the lock briefly and never across an await.
@@ -78,8 +112,19 @@ pub struct Metrics {
     inner: Mutex<Inner>,
 }
 
-fn short(type_url: &str) -> String {
-    type_url.rsplit('.').next().unwrap_or(type_url).to_string()
+/// The served types' short names (the last part of their URLs).
+const SHORT: [&str; 4] = [
+    "Cluster",
+    "ClusterLoadAssignment",
+    "Listener",
+    "RouteConfiguration",
+];
+
+/// A served type's short name: a static label, so counting a push or an ACK allocates nothing.
+/// Streams only count the types Trellis serves.
+fn short(type_url: &str) -> &'static str {
+    let last = type_url.rsplit('.').next().unwrap_or(type_url);
+    SHORT.into_iter().find(|s| *s == last).unwrap_or("other")
 }
 
 impl Metrics {
@@ -92,10 +137,10 @@ impl Metrics {
         *m.streams_by_node.entry(node.to_string()).or_default() += 1;
         m.streams.insert(
             id,
-            StreamView {
+            Tracked {
                 node: node.to_string(),
                 variant,
-                types: BTreeMap::new(),
+                ..Tracked::default()
             },
         );
     }
@@ -118,8 +163,10 @@ impl Metrics {
     pub fn pushed(&self, id: u64, type_url: &str, version: &str) {
         let mut m = self.lock();
         *m.pushes.entry(short(type_url)).or_default() += 1;
-        if let Some(s) = m.streams.get_mut(&id) {
-            s.types.entry(short(type_url)).or_default().sent_version = Some(version.to_string());
+        if let Some(s) = m.streams.get_mut(&id)
+            && let Some(t) = s.slot(type_url)
+        {
+            t.sent_version = Some(version.to_string());
         }
     }
 
@@ -130,16 +177,20 @@ impl Metrics {
         if let Some(d) = since_change {
             m.push_to_ack.observe(d);
         }
-        if let Some(s) = m.streams.get_mut(&id) {
-            s.types.entry(short(type_url)).or_default().acked_version = Some(version.to_string());
+        if let Some(s) = m.streams.get_mut(&id)
+            && let Some(t) = s.slot(type_url)
+        {
+            t.acked_version = Some(version.to_string());
         }
     }
 
     pub fn nacked(&self, id: u64, type_url: &str, message: &str) {
         let mut m = self.lock();
         *m.nacks.entry(short(type_url)).or_default() += 1;
-        if let Some(s) = m.streams.get_mut(&id) {
-            s.types.entry(short(type_url)).or_default().last_nack = Some(message.to_string());
+        if let Some(s) = m.streams.get_mut(&id)
+            && let Some(t) = s.slot(type_url)
+        {
+            t.last_nack = Some(message.to_string());
         }
     }
 
@@ -159,7 +210,11 @@ impl Metrics {
 
     /// Per connected Envoy: versions sent and acknowledged, and the last rejection.
     pub fn debug_view(&self) -> BTreeMap<u64, StreamView> {
-        self.lock().streams.clone()
+        self.lock()
+            .streams
+            .iter()
+            .map(|(id, t)| (*id, t.view()))
+            .collect()
     }
 
     pub fn connected(&self) -> i64 {

@@ -25,7 +25,6 @@ use crate::attest::Attestor;
 pub use debounce::{Debounce, Published};
 pub use metrics::Metrics;
 pub use served::Served;
-pub use service::AdsService;
 use snapshot::Snapshots;
 use trellis_model::ProxyIdentity;
 
@@ -144,7 +143,7 @@ impl Ads {
     }
 
     pub fn service(self: &Arc<Self>) -> grpc::AdsServer {
-        grpc::AdsServer::new(AdsService(self.clone()))
+        grpc::AdsServer::new(self.clone())
     }
 
     /// Takes one of the proxy's connection slots, or says it has none left.

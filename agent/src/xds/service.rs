@@ -1,73 +1,35 @@
-//! The gRPC entry of ADS: tonic's `AggregatedDiscoveryService`, which gives each stream its own
-//! task and span and hands it to its protocol variant (state of the world in `sotw.rs`, delta in
-//! `delta.rs`).
+//! The stream side of the ADS entry: each stream gets its own task and span and goes to its
+//! protocol variant (state of the world in `sotw.rs`, delta in `delta.rs`), which encodes each
+//! response itself into a gRPC message ([`frame`]) that `grpc.rs` hands to HTTP/2 as it is.
 
 use std::future::Future;
-use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::task::{Context, Poll};
 
-use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryService;
-use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
-};
+use hyper::body::Bytes;
 use tokio::sync::mpsc;
-use tokio_stream::Stream;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::Status;
 use tracing::{Instrument, debug, info_span, warn};
 
-use super::{Ads, delta, sotw};
-use crate::attest::Peer;
+use super::Ads;
 
 /// Responses a stream may have queued before it waits for Envoy to read (HTTP/2 flow control).
 const STREAM_QUEUE: usize = 8;
+/// The gRPC message prefix: a compression flag and a 4-byte big-endian length.
+const PREFIX: usize = 5;
 
-#[derive(Debug)]
-pub struct AdsService(pub(super) Arc<Ads>);
-
-#[tonic::async_trait]
-impl AggregatedDiscoveryService for AdsService {
-    type StreamAggregatedResourcesStream = Unboxed<DiscoveryResponse>;
-    type DeltaAggregatedResourcesStream = Unboxed<DeltaDiscoveryResponse>;
-
-    async fn stream_aggregated_resources(
-        &self,
-        request: Request<Streaming<DiscoveryRequest>>,
-    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        let ads = self.0.clone();
-        let peer = Peer::of(request.extensions());
-        let inbound = request.into_inner();
-        Ok(Response::new(spawn_stream(
-            &self.0,
-            "sotw",
-            move |id, tx| async move { sotw::run_stream(&ads, id, peer, inbound, &tx).await },
-        )))
-    }
-
-    async fn delta_aggregated_resources(
-        &self,
-        request: Request<Streaming<DeltaDiscoveryRequest>>,
-    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        let ads = self.0.clone();
-        let peer = Peer::of(request.extensions());
-        let inbound = request.into_inner();
-        Ok(Response::new(spawn_stream(
-            &self.0,
-            "delta",
-            move |id, tx| async move { delta::run_stream(&ads, id, peer, inbound, &tx).await },
-        )))
-    }
-}
+/// Where a stream puts its responses, each a whole gRPC message ([`frame`]), or the status
+/// that ends the stream.
+pub(super) type Outbox = mpsc::Sender<Result<Bytes, Status>>;
+/// What `grpc.rs` reads a stream's responses from.
+pub(super) type Inbox = mpsc::Receiver<Result<Bytes, Status>>;
 
 /// Runs one stream in its own task and span; a refusal reaches Envoy as the stream's status.
-fn spawn_stream<R, F>(
+pub(super) fn spawn_stream<F>(
     ads: &Ads,
     variant: &'static str,
-    run: impl FnOnce(u64, Outbox<R>) -> F,
-) -> Unboxed<R>
+    run: impl FnOnce(u64, Outbox) -> F,
+) -> Inbox
 where
-    R: Send + 'static,
     F: Future<Output = Result<(), Status>> + Send + 'static,
 {
     let id = ads.next_stream.fetch_add(1, Ordering::Relaxed);
@@ -89,24 +51,18 @@ where
             node = tracing::field::Empty
         )),
     );
-    Unboxed(rx)
+    rx
 }
 
-/// Where a stream puts its responses: boxed, because the channel allocates room for 32 of them
-/// up front whatever its bound, and a response is some 150 bytes (5 KiB per stream unboxed).
-pub(super) type Outbox<R> = mpsc::Sender<Result<Box<R>, Status>>;
-
-/// The responses of a stream, as tonic takes them.
-#[derive(Debug)]
-pub struct Unboxed<R>(mpsc::Receiver<Result<Box<R>, Status>>);
-
-impl<R> Stream for Unboxed<R> {
-    type Item = Result<R, Status>;
-
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.get_mut()
-            .0
-            .poll_recv(cx)
-            .map(|r| r.map(|r| r.map(|b| *b)))
-    }
+/// `m` as one uncompressed gRPC message, in a buffer of its exact size: nothing stays allocated
+/// per stream between responses (tonic's encoder keeps a buffer as large as the largest one).
+pub(super) fn frame<M: prost::Message>(m: &M) -> Result<Bytes, Status> {
+    let len = m.encoded_len();
+    let prefix = u32::try_from(len)
+        .map_err(|_| Status::resource_exhausted(format!("response of {len} bytes")))?;
+    let mut buf = Vec::with_capacity(PREFIX + len);
+    buf.push(0);
+    buf.extend_from_slice(&prefix.to_be_bytes());
+    m.encode_raw(&mut buf);
+    Ok(Bytes::from(buf))
 }

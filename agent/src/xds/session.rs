@@ -171,12 +171,15 @@ pub(super) async fn serve<P: Protocol>(
     let Some(first) = inbound.message().await? else {
         return Ok(());
     };
-    let mut session = Session::open(ads, id, P::NAME, &peer, P::node(&first)).await?;
-    stream.on_request(first, &session.snap).await?;
+    // The handlers' futures are boxed: a task's future is as large as the largest state it
+    // awaits in, and theirs (nested sends, attestation) would be most of every idle stream's
+    // memory; boxed, they cost memory only while they run.
+    let mut session = Box::pin(Session::open(ads, id, P::NAME, &peer, P::node(&first))).await?;
+    Box::pin(stream.on_request(first, &session.snap)).await?;
     loop {
         tokio::select! {
             req = inbound.message() => match req {
-                Ok(Some(req)) => stream.on_request(req, &session.snap).await?,
+                Ok(Some(req)) => Box::pin(stream.on_request(req, &session.snap)).await?,
                 Ok(None) => break,
                 Err(status) => {
                     debug!(message = status.message(), "stream ended by envoy");
@@ -189,10 +192,10 @@ pub(super) async fn serve<P: Protocol>(
                 }
                 let before = session.snap.clone();
                 if let Some(changed_at) = session.refresh(ads) {
-                    stream.on_change(changed_at, &before, &session.snap).await?;
+                    Box::pin(stream.on_change(changed_at, &before, &session.snap)).await?;
                 }
             }
-            () = sleep_until_opt(stream.wake_at()) => stream.on_wake(&session.snap).await?,
+            () = sleep_until_opt(stream.wake_at()) => Box::pin(stream.on_wake(&session.snap)).await?,
             () = ads.cancel.cancelled() => break,
         }
     }

@@ -20,7 +20,7 @@ use tracing::{debug, info, warn};
 
 use super::Ads;
 use super::served::Clusters;
-use super::service::Outbox;
+use super::service::{Outbox, frame};
 use super::session::{Holds, Protocol, Warmth, serve};
 use super::snapshot::{
     CLUSTER, ENDPOINT, LISTENER, PUSH_ORDER, Packed, ROUTE, SECRET, Snapshot, TypeSnapshot,
@@ -66,7 +66,7 @@ struct Stream<'a> {
     id: u64,
     next_nonce: u64,
     types: HashMap<String, TypeState>,
-    tx: &'a Outbox<DiscoveryResponse>,
+    tx: &'a Outbox,
     /// The commit time of the publication being served, while it is new to this stream.
     change: Option<Instant>,
     /// Clusters the client has that the newest snapshot drops: a state-of-the-world CDS push
@@ -109,7 +109,7 @@ pub(super) async fn run_stream(
     id: u64,
     peer: crate::attest::Peer,
     inbound: Streaming<DiscoveryRequest>,
-    tx: &Outbox<DiscoveryResponse>,
+    tx: &Outbox,
 ) -> Result<(), Status> {
     let stream = Stream {
         ads,
@@ -606,8 +606,11 @@ impl Stream<'_> {
         self.ads
             .metrics
             .pushed(self.id, type_url, &resp.version_info);
+        // Encoded here, so the stream holds only the bytes while it waits to queue them.
+        let message = frame(&resp)?;
+        drop(resp);
         self.tx
-            .send(Ok(Box::new(resp)))
+            .send(Ok(message))
             .await
             .map_err(|_| Status::cancelled("envoy went away"))
     }
