@@ -879,3 +879,47 @@ async fn an_unattested_stream_counts_as_connected_but_never_as_attested() {
     // Plain TCP, no attestor: its node's ACM certificates are not exported for it.
     assert!(attested.borrow().is_empty(), "{:?}", *attested.borrow());
 }
+
+/// Responses bypass tonic's encoder (`grpc.rs`), so its checks are ours: a request stream in a
+/// compression this server does not take is refused as the generated server refuses it, before
+/// anything is decoded; an identity-encoded one is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compressed_request_streams_are_refused_as_unimplemented() {
+    use envoy_types::pb::envoy::config::core::v3::Node;
+    use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+
+    let h = harness().await;
+    let addr = h.addr;
+    let open = move |encoding: &'static str| async move {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut client = AggregatedDiscoveryServiceClient::with_interceptor(
+            channel,
+            move |mut r: tonic::Request<()>| {
+                r.metadata_mut()
+                    .insert("grpc-encoding", encoding.parse().unwrap());
+                Ok(r)
+            },
+        );
+        let first = DiscoveryRequest {
+            node: Some(Node {
+                id: "mesh/m/virtualNode/front".into(),
+                ..Default::default()
+            }),
+            ..request(CLUSTER, &[], "", "")
+        };
+        let mut inbound = client
+            .stream_aggregated_resources(tokio_stream::iter([first]))
+            .await?
+            .into_inner();
+        inbound.message().await
+    };
+    let status = open("gzip").await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unimplemented, "{status:?}");
+    assert!(status.message().contains("gzip"), "{}", status.message());
+    let first = open("identity").await.unwrap().unwrap();
+    assert_eq!(first.type_url, CLUSTER);
+}
