@@ -1,14 +1,15 @@
-//! `cargo bench -p trellis-agent --features testing --bench ads [-- STREAMS... [sotw|delta]]`: a
-//! load generator of lightweight ADS clients against an agent. For each stream count (default
-//! 100, 1,000, 10,000) spread over 100 virtual nodes, and each ADS variant (default both: state of
-//! the world, then delta), it reports the time from a route update until each stream has ACKed the
-//! new route configuration (p50/p99/max), the agent's CPU time, resident memory and memory per
-//! stream. The simulated Envoys run in a child process (this binary again, `--clients`), so the
-//! CPU and memory figures are the agent's alone; times are wall-clock on one machine. Each run
-//! gets an agent process of its own (memory an earlier run freed would hide a later one's). The
-//! CPU of the update is also given for the clients, which share the machine's cores with the
-//! agent; `pin` puts the agent on CPU 0 and the clients on CPU 1 (`taskset`) to tell the two
-//! apart. Figures depend on the machine: report them with it.
+//! `cargo bench -p trellis-agent --features testing --bench ads [-- STREAMS... [sotw|delta]
+//! [pin] [per-conn=N]]`: a load generator of lightweight ADS clients against an agent. For each
+//! stream count (default 100, 1,000, 10,000) spread over 100 virtual nodes, and each ADS variant
+//! (default both: state of the world, then delta), it reports the time from a route update until
+//! each stream has ACKed the new route configuration (p50/p99/max), the agent's CPU time, resident
+//! memory and memory per stream. The simulated Envoys run in a child process (this binary again,
+//! `--clients`), so the CPU and memory figures are the agent's alone; times are wall-clock on one
+//! machine. Each run gets an agent process of its own (memory an earlier run freed would hide a
+//! later one's). The CPU of the update is also given for the clients, which share the machine's
+//! cores with the agent; `pin` puts the agent on CPU 0 and the clients on CPU 1 (`taskset`) to
+//! tell the two apart. Streams share HTTP/2 connections, 20 to one unless `per-conn=N` says
+//! otherwise. Figures depend on the machine: report them with it.
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
@@ -303,6 +304,7 @@ async fn run(streams: usize, delta: bool) {
             &addr.to_string(),
             &streams.to_string(),
             variant,
+            &per_connection_arg(),
         ])
         // A heap profiler preloaded into this process (heaptrack) profiles the agent only.
         .env_remove("LD_PRELOAD")
@@ -367,9 +369,10 @@ async fn run(streams: usize, delta: bool) {
 /// every stream has its routes, waits for a line (the update is made), then prints `done` and
 /// the wall-clock time each stream ACKed the update at (or what arrived within a minute).
 async fn clients(addr: String, streams: usize, delta: bool) {
-    // Streams share a few HTTP/2 connections, as many Envoys would share none: this measures the
-    // agent, not the client's connection setup.
-    let conns = streams.div_ceil(20).max(1);
+    // Streams share a few HTTP/2 connections (`per-conn=N`, 20 by default), though Envoys share
+    // none: this measures the agent's streams, not the clients' connection setup; `per-conn=1`
+    // gives each stream its connection, as in a deployment.
+    let conns = streams.div_ceil(per_connection()).max(1);
     let mut channels = Vec::new();
     for _ in 0..conns {
         let ch = Endpoint::from_shared(format!("http://{addr}"))
@@ -421,9 +424,22 @@ fn pinned() -> bool {
     std::env::args().any(|a| a == "pin")
 }
 
+/// Streams per HTTP/2 connection (`per-conn=N`; 20 unless told).
+fn per_connection() -> usize {
+    std::env::args()
+        .find_map(|a| a.strip_prefix("per-conn=")?.parse().ok())
+        .unwrap_or(20)
+        .max(1)
+}
+
+/// The `per-conn=N` argument as given, to hand on to a child process.
+fn per_connection_arg() -> String {
+    format!("per-conn={}", per_connection())
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    if let [flag, addr, n, variant] = args.as_slice()
+    if let [flag, addr, n, variant, ..] = args.as_slice()
         && flag == "--clients"
     {
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -459,7 +475,7 @@ fn main() {
                 let variant = if d { "delta" } else { "sotw" };
                 let pin = if pinned() { "pin" } else { "" };
                 let status = Command::new(&exe)
-                    .args([n.to_string().as_str(), variant, pin])
+                    .args([n.to_string().as_str(), variant, pin, &per_connection_arg()])
                     .status()
                     .expect("run");
                 assert!(status.success(), "{n} {variant}: {status}");
