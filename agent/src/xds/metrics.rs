@@ -112,12 +112,14 @@ pub struct Metrics {
     inner: Mutex<Inner>,
 }
 
-/// The served types' short names (the last part of their URLs).
-const SHORT: [&str; 4] = [
+/// The served types' short names (the last part of their URLs; a test holds it to
+/// `snapshot::PUSH_ORDER`).
+const SHORT: [&str; 5] = [
     "Cluster",
     "ClusterLoadAssignment",
     "Listener",
     "RouteConfiguration",
+    "Secret",
 ];
 
 /// A served type's short name: a static label, so counting a push or an ACK allocates nothing.
@@ -263,5 +265,33 @@ impl Metrics {
         m.build
             .render("trellis_xds_snapshot_build_seconds", &mut out);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_served_type_has_a_label_and_a_slot_in_the_stream_view() {
+        let m = Metrics::default();
+        m.stream_opened(1, "mesh/m/virtualNode/n", "sotw");
+        for t in super::super::snapshot::PUSH_ORDER {
+            assert_ne!(short(t), "other", "{t}");
+            m.pushed(1, t, "v1");
+        }
+        let view = m.debug_view();
+        let names: Vec<&str> = view[&1].types.keys().copied().collect();
+        assert_eq!(
+            names.len(),
+            super::super::snapshot::PUSH_ORDER.len(),
+            "{names:?}"
+        );
+        assert!(
+            view[&1]
+                .types
+                .values()
+                .all(|v| v.sent_version.as_deref() == Some("v1"))
+        );
     }
 }
