@@ -6,6 +6,7 @@
 //! callers present client certificates from files, so the TLS is mutual. A virtual gateway's
 //! listener terminates TLS with an ACM certificate too.
 
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -13,7 +14,7 @@ use serde_json::{Value, json};
 use trellis_tests::acm::{AcmStandin, serial};
 use trellis_tests::apps::Pki;
 use trellis_tests::dynamo::{Moto, aws_env};
-use trellis_tests::ecs::{Cgroups, Introspection, in_cgroup, register_task_definition};
+use trellis_tests::ecs::{Cgroups, Container, Introspection, in_cgroup, register_task_definition};
 use trellis_tests::mesh::{
     Agent, AgentOpts, Task, Vpc, rewrite, run_route_manager, start_envoy_in,
 };
@@ -75,8 +76,88 @@ fn probe(
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The agent's first log line with `what` about `about`, waited for.
+fn logged(agent: &Agent, what: &str, about: &str, timeout: Duration) -> String {
+    eventually(
+        &format!("the agent logs {what:?} for {about}"),
+        timeout,
+        || {
+            agent
+                .proc
+                .log_text()
+                .lines()
+                .find(|l| l.contains(what) && l.contains(about))
+                .map(str::to_string)
+                .ok_or_else(|| "not yet".to_string())
+        },
+    )
+}
+
 fn plain(args: &[&str]) -> Vec<String> {
     args.iter().map(|a| a.to_string()).collect()
+}
+
+/// ECS as the agent sees it in these tests: container cgroups, moto's ECS for task definitions
+/// and the introspection stand-in. Dropped after the processes in its cgroups.
+struct Ecs {
+    cgroups: Cgroups,
+    moto: Moto,
+    intro: Introspection,
+}
+
+impl Ecs {
+    fn start(work: &Workdir, name: &str) -> Ecs {
+        Ecs {
+            cgroups: Cgroups::new(name),
+            moto: Moto::start(work, "moto-ecs"),
+            intro: Introspection::start(work),
+        }
+    }
+
+    /// An agent attesting through this ECS, exporting from `acm` every 2 s, with `extra` flags.
+    fn agent(&self, work: &Workdir, resources: &Path, acm: &AcmStandin, extra: &[&str]) -> Agent {
+        let mut args: Vec<String> = [
+            "--xds-attestation",
+            "ecs",
+            "--ecs-agent-uri",
+            &self.intro.uri,
+            "--ecs-endpoint",
+            &self.moto.endpoint,
+            "--acm-endpoint",
+            &acm.endpoint,
+            "--acm-refresh-interval-s",
+            "2",
+        ]
+        .map(String::from)
+        .to_vec();
+        args.extend(extra.iter().map(|a| a.to_string()));
+        Agent::start_with(
+            work,
+            &AgentOpts {
+                resources: Some(resources),
+                args,
+                env: aws_env(),
+                ..AgentOpts::default()
+            },
+        )
+    }
+
+    /// Registers `def` (task family `name`), puts a container of it in a cgroup that the
+    /// introspection stand-in knows, and starts its Envoy there with `extra` variables.
+    fn envoy(
+        &self,
+        work: &Workdir,
+        task: &Task,
+        def: &Value,
+        name: &str,
+        extra: &[(&str, &str)],
+    ) -> (Proc, Container) {
+        let revision = register_task_definition(work, &self.moto.endpoint, def);
+        let container = self.cgroups.container(name);
+        self.intro.add(&container, name, revision, "envoy");
+        let envoy = start_envoy_in(work, task, def, extra, Some(&container.dir));
+        (envoy, container)
+    }
 }
 
 /// The serial of the certificate the TLS server at `ip:8080` presents, seen from the VPC by an
@@ -140,9 +221,7 @@ fn acm_certificates_reach_only_the_attested_envoy_of_their_node_renew_in_place_a
         return;
     }
     let work = Workdir::new("acm");
-    let cgroups = Cgroups::new("acm");
-    let moto = Moto::start(&work, "moto-ecs");
-    let intro = Introspection::start(&work);
+    let ecs = Ecs::start(&work, "acm");
     let pca = Pki::new(&work, "pca");
     let (cert1, key1) = pca.issue("back1", &["back-vn.trellis.test"]);
     let acm = AcmStandin::start(&work);
@@ -152,31 +231,12 @@ fn acm_certificates_reach_only_the_attested_envoy_of_their_node_renew_in_place_a
     acm.deny(CERT_ARN, true);
     let clients = Pki::new(&work, "clients");
     let resources = resources_file(&work, &items(&clients));
-    let agent = Agent::start_with(
+    // A door no stream is attested through, to show it is handed no secret.
+    let agent = ecs.agent(
         &work,
-        &AgentOpts {
-            resources: Some(&resources),
-            args: [
-                "--xds-attestation",
-                "ecs",
-                "--ecs-agent-uri",
-                &intro.uri,
-                "--ecs-endpoint",
-                &moto.endpoint,
-                "--acm-endpoint",
-                &acm.endpoint,
-                "--acm-refresh-interval-s",
-                "2",
-                // A door no stream is attested through, to show it is handed no secret.
-                "--xds-addr",
-                "127.0.0.1:0",
-                "--xds-tcp-insecure",
-            ]
-            .map(String::from)
-            .to_vec(),
-            env: aws_env(),
-            ..AgentOpts::default()
-        },
+        &resources,
+        &acm,
+        &["--xds-addr", "127.0.0.1:0", "--xds-tcp-insecure"],
     );
     let tcp = {
         let mut p = agent.proc.log_text();
@@ -208,17 +268,9 @@ fn acm_certificates_reach_only_the_attested_envoy_of_their_node_renew_in_place_a
             node,
             &agent.socket_dir,
         );
-        let revision = register_task_definition(&work, &moto.endpoint, &def);
-        let container = cgroups.container(name);
-        intro.add(&container, name, revision, "envoy");
         run_route_manager(task, &def);
-        procs.push(start_envoy_in(
-            &work,
-            task,
-            &def,
-            extra,
-            Some(&container.dir),
-        ));
+        let (envoy, container) = ecs.envoy(&work, task, &def, name, extra);
+        procs.push(envoy);
         container
     };
     let back_container = start(
@@ -235,18 +287,11 @@ fn acm_certificates_reach_only_the_attested_envoy_of_their_node_renew_in_place_a
     start(&wrong, "wrong", "wrong-vn", &[], &mut procs, &[]);
 
     // The failed export is named with its ARN and AWS error code, and nothing gets through.
-    let warned = eventually(
-        "the failed export is reported",
+    let warned = logged(
+        &agent,
+        "acm export failed",
+        CERT_ARN,
         Duration::from_secs(20),
-        || {
-            agent
-                .proc
-                .log_text()
-                .lines()
-                .find(|l| l.contains("acm export failed") && l.contains(CERT_ARN))
-                .map(str::to_string)
-                .ok_or_else(|| "no warning yet".to_string())
-        },
     );
     assert!(warned.contains("AccessDeniedException"), "{warned}");
     assert_ne!(
@@ -422,18 +467,11 @@ fn without_attestation_acm_stays_fail_closed_nothing_is_exported_and_the_warning
     let name = format!("acm:{CERT_ARN}");
     let got = probe(plain, &sock, BACK_NODE, &name);
     assert!(got.contains("secrets=0"), "{got}");
-    let warned = eventually(
-        "the agent says why back's STRICT port is not served",
+    let warned = logged(
+        &agent,
+        "configuration not served",
+        BACK_NODE,
         Duration::from_secs(10),
-        || {
-            agent
-                .proc
-                .log_text()
-                .lines()
-                .find(|l| l.contains("configuration not served") && l.contains(BACK_NODE))
-                .map(str::to_string)
-                .ok_or_else(|| "no warning yet".to_string())
-        },
     );
     assert!(warned.contains("served only to attested"), "{warned}");
     assert!(warned.contains("TLS STRICT not served"), "{warned}");
@@ -460,9 +498,7 @@ fn an_attested_virtual_gateway_terminates_tls_with_its_acm_certificate() {
         return;
     }
     let work = Workdir::new("acm-gw");
-    let cgroups = Cgroups::new("acm-gw");
-    let moto = Moto::start(&work, "moto-ecs");
-    let intro = Introspection::start(&work);
+    let ecs = Ecs::start(&work, "acm-gw");
     let pca = Pki::new(&work, "pca");
     let (cert, key) = pca.issue("gw", &["gw.example.com"]);
     let acm = AcmStandin::start(&work);
@@ -484,28 +520,7 @@ fn an_attested_virtual_gateway_terminates_tls_with_its_acm_certificate() {
                     "action": {"target": {"virtualService": {"virtualServiceName": "back.local"}}}}}},
         ]),
     );
-    let agent = Agent::start_with(
-        &work,
-        &AgentOpts {
-            resources: Some(&resources),
-            args: [
-                "--xds-attestation",
-                "ecs",
-                "--ecs-agent-uri",
-                &intro.uri,
-                "--ecs-endpoint",
-                &moto.endpoint,
-                "--acm-endpoint",
-                &acm.endpoint,
-                "--acm-refresh-interval-s",
-                "2",
-            ]
-            .map(String::from)
-            .to_vec(),
-            env: aws_env(),
-            ..AgentOpts::default()
-        },
-    );
+    let agent = ecs.agent(&work, &resources, &acm, &[]);
     let mut vpc = Vpc::new(&work, 79);
     let gw = vpc.task("gw", 2);
     let back = vpc.task("back", 3);
@@ -521,17 +536,8 @@ fn an_attested_virtual_gateway_terminates_tls_with_its_acm_certificate() {
         "back-vn",
         &agent.socket_dir,
     );
-    let revision = register_task_definition(&work, &moto.endpoint, &def);
-    let container = cgroups.container("back");
-    intro.add(&container, "back", revision, "envoy");
     run_route_manager(&back, &def);
-    procs.push(start_envoy_in(
-        &work,
-        &back,
-        &def,
-        &[],
-        Some(&container.dir),
-    ));
+    procs.push(ecs.envoy(&work, &back, &def, "back", &[]).0);
     procs.push(back.start_http_app(&work, 8080, BACK_BODY));
 
     // The gateway: trellis-rewrite's gateway task (Envoy only), registered and attested.
@@ -564,10 +570,7 @@ fn an_attested_virtual_gateway_terminates_tls_with_its_acm_certificate() {
             c["user"] = json!("1337");
         }
     }
-    let revision = register_task_definition(&work, &moto.endpoint, &def);
-    let container = cgroups.container("gw");
-    intro.add(&container, "gw", revision, "envoy");
-    procs.push(start_envoy_in(&work, &gw, &def, &[], Some(&container.dir)));
+    procs.push(ecs.envoy(&work, &gw, &def, "gw", &[]).0);
 
     let call = || {
         let out = run(&mut client.cmd(&[
